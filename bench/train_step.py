@@ -1,0 +1,235 @@
+"""Benchmark of the SFT train step on the CPU: step time, tokens/s, GFLOP/s vs matmul peak.
+
+  python bench/train_step.py            (about 1 minute on 2 CPU cores)
+
+What it runs: the real ``jaxopd.train.Trainer.train_step``, jitted by
+``Trainer.compiled_train_step`` (donated state, explicit shardings), built
+from ``experiments/sft.py``'s ``get_config()`` / ``build()`` with these
+overrides: Llama family, 4 layers, d_model 256, 4 heads (head_dim 64),
+n_kv_heads 4 (no GQA), d_ff 704 (the Llama default 8/3*d rounded to 32),
+vocab 256 (tied embeddings), seq_len = max_len = 128, batch 16, float32,
+grad_accum 1, AdamW with clipping (the experiment's optimizer), one CPU
+device (mesh.num_devices=1, mesh.shape=(1,1,1)), sort task with
+max_symbols 62. One batch is drawn from the experiment's ``train_data``
+iterator and reused for every step (the step's cost does not depend on the
+token values: padding is still computed).
+
+Measured (``time.perf_counter``, ``block_until_ready`` on the outputs,
+medians): 5 warm-up + 20 timed steps of the train step; the same for a
+jitted forward-only loss and for loss+grad without the optimizer (a cheap
+breakdown); and the machine's practical peak, the best median GFLOP/s of
+jitted float32 matmuls of a few sizes (the model's own shapes and 1024^3,
+2048^3), measured in the same process.
+
+FLOP count (analytic, matmuls only; backward = 2x forward, so a step is 3x
+the forward):
+
+  flops/step = 3 * [ 2 * N_mm * B*T  +  2*2 * B*T*T * d_model * n_layers ]
+
+with N_mm = matmul parameters = n_layers * (d*(h*dh) + 2*d*(kv*dh) + (h*dh)*d
++ 3*d*d_ff) + d*vocab (the tied output projection; the embedding lookup is a
+gather, not a matmul). The attention term counts the full T x T score and
+value matmuls, which is what the model computes (the causal mask is applied
+to full scores). Norms, softmax, RoPE, the loss and the AdamW update are not
+counted. XLA's own ``cost_analysis()`` flop count of the compiled step is
+printed next to it (it also counts elementwise ops).
+
+The last line printed is one JSON object: tokens_per_s, gflops, peak_gflops,
+fraction_of_peak, and extras.
+
+Findings on the 2-core Xeon (Sapphire Rapids, AVX-512) VM this was written
+on: see FINDINGS below (filled in from measurement).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from jaxopd import config as config_lib  # noqa: E402
+from jaxopd import mesh as mesh_lib  # noqa: E402
+from jaxopd.experiment import DataShard, LossOutput, load_module  # noqa: E402
+from jaxopd.train import Trainer  # noqa: E402
+
+WARMUP, REPEATS = 5, 20
+BATCH, SEQ = 16, 128
+
+
+def make_config():
+  sft = load_module(os.path.join(ROOT, "experiments", "sft.py"))
+  c = sft.get_config()
+  c.batch_size = BATCH
+  c.seq_len = SEQ
+  c.grad_accum = 1
+  c.model.family = "llama"
+  c.model.n_layers = 4
+  c.model.d_model = 256
+  c.model.n_heads = 4
+  c.model.n_kv_heads = 4
+  c.model.d_ff = 0               # Llama default: ceil(8/3 * 256 / 32) * 32 = 704
+  c.model.vocab_size = 256
+  c.model.max_len = SEQ
+  c.model.dtype = "float32"
+  c.data.max_symbols = 62        # (seq_len - 3) // 2 = 62: records up to the full 128 tokens
+  c.data.num_train = 256         # one batch is all the benchmark uses; keep record generation cheap
+  c.data.num_eval = 32
+  c.mesh.num_devices = 1
+  c.mesh.shape = (1, 1, 1)
+  c.progress = False
+  return sft, c
+
+
+def timed(fn, *args, warmup=WARMUP, repeats=REPEATS):
+  """Median seconds of ``fn(*args)`` (outputs blocked on) after ``warmup`` calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def analytic_flops(m, batch, seq):
+  """Forward matmul FLOPs (dense part, attention part) of one forward pass."""
+  d, h, kv, dh, f, L, V = m.d_model, m.n_heads, m.kv_heads, m.head_dim, m.ff_dim, m.n_layers, m.vocab_size
+  n_mm = L * (d * h * dh + 2 * d * kv * dh + h * dh * d + 3 * d * f) + d * V
+  tokens = batch * seq
+  dense = 2 * n_mm * tokens
+  attn = 2 * 2 * batch * seq * seq * (h * dh) * L
+  return n_mm, dense, attn
+
+
+def xla_flops(compiled):
+  try:
+    ca = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - not every backend/version has it
+    return None
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else None
+  if not ca or "flops" not in ca:
+    return None
+  return float(ca["flops"])
+
+
+def matmul_peak():
+  """Best median GFLOP/s of jitted float32 matmuls over a few sizes."""
+  sizes = [(BATCH * SEQ, 256, 704), (BATCH * SEQ, 704, 256), (BATCH * SEQ, 256, 1024),
+           (1024, 1024, 1024), (2048, 2048, 2048)]
+  mm = jax.jit(jnp.matmul)
+  out = {}
+  key = jax.random.PRNGKey(0)
+  for m, k, n in sizes:
+    ka, kb, key = jax.random.split(key, 3)
+    a = jax.random.normal(ka, (m, k), jnp.float32)
+    b = jax.random.normal(kb, (k, n), jnp.float32)
+    reps = 10 if m * k * n >= 2048**3 else 30
+    t = timed(mm, a, b, warmup=3, repeats=reps)
+    out[f"{m}x{k}@{k}x{n}"] = 2 * m * k * n / t / 1e9
+  return out
+
+
+def main():
+  t_start = time.perf_counter()
+  sft, c = make_config()
+  facts = config_lib.validate(c, len(jax.devices()), jax.process_count())
+  mesh = mesh_lib.make_mesh(facts["mesh_shape"], facts["num_devices"])
+  rules = facts["rules"]
+  model = facts["model"]
+  experiment = sft.build(c)
+  trainer = Trainer(c, experiment, mesh, rules)
+
+  shard = DataShard(seed=c.seed, process_index=0, process_count=1, local_batch=facts["local_batch"])
+  local = next(experiment.train_data(shard))
+
+  with jax.set_mesh(mesh), mesh_lib.use_rules(rules):
+    batch = trainer.to_global(local, c.batch_size)
+    state, frozen = trainer.init()
+    step_fn = trainer.compiled_train_step(batch)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    xf = xla_flops(compiled)
+
+    # The train step (state is donated: thread it through).
+    for _ in range(WARMUP):
+      state, metrics = compiled(state, frozen, batch)
+      jax.block_until_ready((state, metrics))
+    ts = []
+    for _ in range(REPEATS):
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, frozen, batch)
+      jax.block_until_ready((state, metrics))
+      ts.append(time.perf_counter() - t0)
+    step_s = statistics.median(ts)
+    loss = float(metrics["loss"])
+
+    # Cheap breakdown: forward-only loss, and loss+grad without the optimizer update.
+    params = state["params"]
+    rng = jax.random.PRNGKey(1)
+
+    def fwd(p, fr, b):
+      out = experiment.loss_fn(nnx.merge(trainer.gd_params, p), nnx.merge(trainer.gd_frozen, fr), b, rng)
+      return LossOutput(*out).loss
+
+    fwd_s = timed(jax.jit(fwd), params, frozen, batch)
+    grad_s = timed(jax.jit(trainer._microbatch_sums), params, frozen, batch, rng)
+
+  peaks = matmul_peak()
+  peak = max(peaks.values())
+
+  n_mm, dense, attn = analytic_flops(model, BATCH, SEQ)
+  flops = 3 * (dense + attn)
+  tokens = BATCH * SEQ
+  gflops = flops / step_s / 1e9
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs); "
+        f"model llama L={model.n_layers} d={model.d_model} heads={model.n_heads} kv={model.kv_heads} "
+        f"d_ff={model.ff_dim} vocab={model.vocab_size}; params {n_params:,} (matmul {n_mm:,})")
+  print(f"batch {BATCH} x seq {SEQ} = {tokens} tokens, float32, one batch reused; "
+        f"compile {compile_s:.1f} s; loss after {WARMUP + REPEATS} steps {loss:.4f}")
+  print(f"train step : {step_s * 1e3:8.1f} ms median of {REPEATS} "
+        f"(min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f})")
+  print(f"  forward  : {fwd_s * 1e3:8.1f} ms   loss+grad (no optimizer): {grad_s * 1e3:.1f} ms   "
+        f"optimizer+rest: {(step_s - grad_s) * 1e3:.1f} ms")
+  print(f"tokens/s   : {tokens / step_s:10.0f}")
+  print(f"flops/step : {flops / 1e9:.2f} GFLOP analytic (dense {3 * dense / 1e9:.2f} + attention "
+        f"{3 * attn / 1e9:.2f})" + (f"; XLA cost_analysis {xf / 1e9:.2f} GFLOP" if xf else ""))
+  print(f"achieved   : {gflops:8.1f} GFLOP/s (train step)   forward alone {dense / 1e9 + attn / 1e9:.2f} "
+        f"GFLOP in {fwd_s * 1e3:.1f} ms = {(dense + attn) / fwd_s / 1e9:.1f} GFLOP/s")
+  for k, v in peaks.items():
+    print(f"matmul     : {k:22s} {v:8.1f} GFLOP/s")
+  print(f"peak       : {peak:8.1f} GFLOP/s -> fraction of peak {gflops / peak:.3f}")
+  print(f"total wall : {time.perf_counter() - t_start:.1f} s")
+  print(json.dumps({
+      "tokens_per_s": round(tokens / step_s, 1),
+      "gflops": round(gflops, 2),
+      "peak_gflops": round(peak, 2),
+      "fraction_of_peak": round(gflops / peak, 4),
+      "step_ms": round(step_s * 1e3, 2),
+      "forward_ms": round(fwd_s * 1e3, 2),
+      "grad_ms": round(grad_s * 1e3, 2),
+      "flops_per_step": flops,
+      "xla_flops_per_step": xf,
+      "batch": BATCH, "seq_len": SEQ, "n_layers": model.n_layers, "d_model": model.d_model,
+      "n_heads": model.n_heads, "n_kv_heads": model.kv_heads, "d_ff": model.ff_dim,
+      "vocab_size": model.vocab_size, "device": jax.devices()[0].platform,
+  }))
+
+
+if __name__ == "__main__":
+  main()

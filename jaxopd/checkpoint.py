@@ -1,0 +1,134 @@
+"""Checkpoints with orbax: train state, step, PRNG key and data-iterator state.
+
+Layout of ``WORKDIR/checkpoints/<step>/``:
+
+* ``params``: the trainable parameters as a flat dict ``"<model>.<path>" -> array``
+  (``policy.blocks.0.attn.wq``), readable on its own by ``init_from``;
+* ``train``: step, optimizer state and PRNG key, flat the same way;
+* ``data``: each process's grain iterator state (``process_<i>-of-<n>.json``).
+
+Arrays are restored straight into the shardings of the target abstract state,
+so no host ever holds a full copy of a sharded parameter.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from jax.tree_util import DictKey, GetAttrKey, SequenceKey
+
+
+def _key_str(path) -> str:
+  parts = []
+  for k in path:
+    if isinstance(k, DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, SequenceKey):
+      parts.append(str(k.idx))
+    elif isinstance(k, GetAttrKey):
+      parts.append(k.name)
+    else:
+      parts.append(str(k))
+  if parts and parts[-1] == "value":     # an nnx.Variable's payload
+    parts.pop()
+  return ".".join(parts)
+
+
+def flatten(tree) -> tuple[dict[str, Any], Any]:
+  """``tree -> ({"a.b.0": leaf}, treedef)``; keys are unique paths."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  flat = {}
+  for path, leaf in leaves:
+    k = _key_str(path) or "_"
+    if k in flat:
+      raise ValueError(f"checkpoint: two leaves share the key {k!r}")
+    flat[k] = leaf
+  return flat, treedef
+
+
+def unflatten(treedef, flat: dict[str, Any], order: list[str]):
+  return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in order])
+
+
+def _restore_args(flat_abstract: dict) -> dict:
+  return {k: ocp.ArrayRestoreArgs(sharding=v.sharding, global_shape=v.shape, dtype=v.dtype)
+          for k, v in flat_abstract.items()}
+
+
+class Checkpointer:
+  """Periodic / final / preemption checkpoints of one run directory."""
+
+  def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             enable_async_checkpointing=async_save),
+        item_handlers={"params": ocp.PyTreeCheckpointHandler(),
+                       "train": ocp.PyTreeCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, state: dict, data_iter, force: bool = False) -> bool:
+    step = int(jax.device_get(state["step"]))
+    params, _ = flatten(state["params"])
+    train, _ = flatten({k: v for k, v in state.items() if k != "params"})
+    return self.manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.PyTreeSave(params), train=ocp.args.PyTreeSave(train),
+        data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
+
+  def restore(self, step: int, abstract_state: dict, data_iter) -> dict:
+    """Restores ``step`` into the shardings of ``abstract_state``; advances ``data_iter`` in place."""
+    params_abs, p_def = flatten(abstract_state["params"])
+    train_abs, t_def = flatten({k: v for k, v in abstract_state.items() if k != "params"})
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.PyTreeRestore(params_abs, restore_args=_restore_args(params_abs)),
+        train=ocp.args.PyTreeRestore(train_abs, restore_args=_restore_args(train_abs)),
+        data=grain.checkpoint.CheckpointRestore(data_iter)))
+    state = unflatten(t_def, out["train"], list(train_abs))
+    state["params"] = unflatten(p_def, out["params"], list(params_abs))
+    return state
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def load_params(workdir: str, source: str, target: str, abstract_params) -> Any:
+  """Reads model ``source`` from the latest checkpoint of run ``workdir`` into
+  the structure and shardings of ``abstract_params`` (one model's state).
+
+  Raises a ValueError naming the tensor when a name or shape does not match.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_handlers={"params": ocp.PyTreeCheckpointHandler()})
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"config.init_from.workdir={workdir!r}: no checkpoint under {directory}")
+  flat_abs, treedef = flatten(abstract_params)
+  meta = mngr.item_metadata(step)["params"]
+  saved = {k: v for k, v in (meta.tree if hasattr(meta, "tree") else meta).items()}
+  src = {f"{source}.{k}": k for k in flat_abs}
+  for sk, k in src.items():
+    if sk not in saved:
+      raise ValueError(f"init_from {directory}/{step}: tensor {sk!r} is missing "
+                       f"(needed for {target}.{k}); the models differ")
+    shape = tuple(saved[sk].shape)
+    if shape != tuple(flat_abs[k].shape):
+      raise ValueError(f"init_from {directory}/{step}: tensor {sk!r} has shape {shape}, "
+                       f"{target}.{k} needs {tuple(flat_abs[k].shape)}")
+  target_tree = {sk: flat_abs[k] for sk, k in src.items()}
+  out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+      target_tree, restore_args=_restore_args(target_tree), partial_restore=True)))["params"]
+  mngr.close()
+  return unflatten(treedef, {k: out[sk] for sk, k in src.items()}, list(flat_abs)), step

@@ -1,0 +1,110 @@
+"""The experiment-module contract: the seam every method plugs into.
+
+An experiment module (``experiments/<method>.py``) defines two functions:
+
+* ``get_config(arg: str | None) -> ml_collections.ConfigDict`` starting from
+  :func:`jaxopd.config.base_config`; ``arg`` is a comma-separated preset list
+  such as ``"smoke"`` or ``"smoke,beta=0.2"`` (see :func:`parse_arg`).
+* ``build(config) -> Experiment``: the method's pieces, below.
+
+The trainer (:mod:`jaxopd.train`) owns everything else: mesh, sharding, jit,
+optimizer, gradient accumulation, checkpoints, logging and eval cadence. A
+method never calls ``jax.jit``, never touches a mesh and never writes a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import sys
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
+
+import jax
+
+Batch = Mapping[str, Any]            # name -> array with a leading batch axis
+
+
+class LossOutput(NamedTuple):
+  """What ``loss_fn`` returns.
+
+  ``loss`` is a *sum* over the examples of the batch it was given and
+  ``weight`` the matching count (tokens for SFT, pairs for DPO); the trainer
+  adds both over microbatches and devices and optimises ``sum(loss) /
+  sum(weight)``, which is the exact global-batch mean however the batch is
+  split. Each metric is either a sum with the same weight as the loss, or a
+  pair ``(sum, count)`` normalised by its own count.
+  """
+  loss: jax.Array
+  weight: jax.Array
+  metrics: Mapping[str, Any]
+
+
+class DataShard(NamedTuple):
+  """Which slice of the data this process reads."""
+  seed: int
+  process_index: int
+  process_count: int
+  local_batch: int                   # examples per step on this process
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A method, as the trainer sees it.
+
+  init_models(rng) -> (trainable, frozen): dicts name -> ``nnx.Module``. The
+    trainer calls it under ``jax.eval_shape`` and again inside a jit with
+    sharded outputs, so it must be a pure function of ``rng``. Each trainable
+    model is one optimizer group, named by its key (``config.optim.groups``).
+  loss_fn(params, frozen, batch, rng) -> LossOutput: pure and jittable;
+    ``params`` and ``frozen`` are the same dicts of modules (rebuilt from
+    arrays inside the step; gradients flow only into ``params``).
+  train_data(shard) -> iterator of local batches (dicts of numpy arrays with
+    leading size ``shard.local_batch``), with ``get_state``/``set_state``
+    (a grain ``DatasetIterator``) so checkpoints can resume it.
+  eval_data(shard) -> a fresh finite iterable of local batches, or None.
+  evaluate(params, frozen, step) -> dict of floats: extra host-side metrics
+    (sampling-based ones), run at eval time; optional.
+  rollout(params, frozen, batch, rng) -> batch: on-policy methods turn a
+    prompt batch into a training batch inside the jitted step; optional.
+  """
+  init_models: Callable[[jax.Array], tuple[dict, dict]]
+  loss_fn: Callable[[dict, dict, Batch, jax.Array], LossOutput]
+  train_data: Callable[[DataShard], Any]
+  eval_data: Callable[[DataShard], Iterable[Batch]] | None = None
+  evaluate: Callable[[dict, dict, int], dict] | None = None
+  rollout: Callable[[dict, dict, Batch, jax.Array], Batch] | None = None
+
+
+def parse_arg(arg: str | None, presets: Iterable[str] = ()) -> dict:
+  """``"smoke,beta=0.2"`` -> ``{"smoke": True, "beta": "0.2"}``; unknown bare words raise."""
+  out: dict[str, Any] = {}
+  presets = set(presets)
+  for part in (arg or "").split(","):
+    part = part.strip()
+    if not part:
+      continue
+    if "=" in part:
+      k, v = part.split("=", 1)
+      out[k.strip()] = v.strip()
+    else:
+      if part not in presets:
+        raise ValueError(f"config preset {part!r} is unknown; known presets: {sorted(presets)}")
+      out[part] = True
+  return out
+
+
+def load_module(path: str):
+  """Imports an experiment module from a file path (``experiments/sft.py``)."""
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--config: experiment module {path} does not exist")
+  name = "jaxopd_experiment_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  for fn in ("get_config", "build"):
+    if not callable(getattr(module, fn, None)):
+      raise AttributeError(f"{path}: an experiment module must define {fn}()")
+  return module

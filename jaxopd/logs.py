@@ -1,0 +1,97 @@
+"""Run outputs: ``metrics.jsonl``, TensorBoard events, ``config.json`` and a
+progress bar. Only process 0 writes; other processes get no-op writers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+
+
+def _clean(v: Any):
+  v = float(v)
+  return v if math.isfinite(v) else str(v)
+
+
+class MetricLogger:
+
+  def __init__(self, workdir: str, enabled: bool, resume_step: int | None = None):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    self.dropped = 0
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if resume_step is not None:
+      self.dropped = truncate_after(self.path, resume_step)
+    elif os.path.exists(self.path):
+      os.remove(self.path)   # a fresh run in a used workdir starts a fresh log
+    from tensorboardX import SummaryWriter
+    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, split: str, metrics: Mapping[str, Any]):
+    if not self.enabled:
+      return
+    rec = {"step": int(step), "split": split, **{k: _clean(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(rec) + "\n")
+    for k, v in metrics.items():
+      if isinstance(rec[k], float):
+        self._tb.add_scalar(f"{split}/{k}", rec[k], step)
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.flush()
+      self._tb.close()
+
+
+def truncate_after(path: str, step: int) -> int:
+  """Drops records with ``step > step`` (re-run after a resume); returns how many."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = [l for l in f if l.strip()]
+  keep = [l for l in lines if json.loads(l)["step"] <= step]
+  with open(path, "w") as f:
+    f.writelines(keep)
+  return len(lines) - len(keep)
+
+
+def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path) as f:
+    recs = [json.loads(l) for l in f if l.strip()]
+  return [r for r in recs if split is None or r["split"] == split]
+
+
+def write_config(workdir: str, config, enabled: bool) -> list[str]:
+  """Writes ``config.json``; returns the fields that differ from a previous one there."""
+  if not enabled:
+    return []
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(config.to_json_best_effort())
+  changed = []
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    changed = sorted(_diff(old, new))
+  with open(path, "w") as f:
+    json.dump(new, f, indent=2, sort_keys=True)
+  return changed
+
+
+def _diff(a, b, prefix=""):
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in set(a) | set(b):
+      yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+  elif a != b:
+    yield prefix[:-1]
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0

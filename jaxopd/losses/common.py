@@ -1,0 +1,49 @@
+"""Token log-probabilities and the SFT loss, with the label shift in one place.
+
+Convention (METHODS.md): ``tokens[B, T]`` and ``loss_mask[B, T]`` are aligned
+(mask 1 on the response tokens themselves); ``logits[:, t]`` scores
+``tokens[:, t + 1]``. :func:`token_logprobs` returns ``[B, T-1]`` values for
+targets ``tokens[:, 1:]`` and :func:`response_mask` the matching ``[B, T-1]``
+mask ``loss_mask[:, 1:]``, so every loss multiplies arrays of one shape.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """``log p(tokens[:, t+1] | tokens[:, :t+1])``: logits ``[B, T, V]``, tokens ``[B, T]`` -> ``[B, T-1]``.
+
+  float32 log-softmax whatever the logits' dtype; the logsumexp is taken once
+  and the target logit gathered, so no ``[B, T, V]`` log-prob array is kept.
+  """
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = tokens[:, 1:]
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def response_mask(loss_mask: jax.Array) -> jax.Array:
+  """The mask of the targets of :func:`token_logprobs`: ``[B, T] -> [B, T-1]`` float32."""
+  return loss_mask[:, 1:].astype(jnp.float32)
+
+
+def masked_sum(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
+  return jnp.sum(x * mask, axis=axis)
+
+
+def sft_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array):
+  """Next-token cross-entropy on the masked tokens.
+
+  Returns ``(nll_sum, n_tokens, correct_sum)``: sums, not means, so the trainer
+  can divide by the token count of the *global* batch (exact under gradient
+  accumulation and sharding).
+  """
+  lp = token_logprobs(logits, tokens)
+  m = response_mask(loss_mask)
+  nll = -masked_sum(lp, m)
+  pred = jnp.argmax(logits[:, :-1], axis=-1)
+  correct = masked_sum((pred == tokens[:, 1:]).astype(jnp.float32), m)
+  return nll, jnp.sum(m), correct

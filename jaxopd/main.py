@@ -1,0 +1,54 @@
+"""CLI: python -m jaxopd.main --config experiments/<method>.py[:preset] --workdir DIR [--config.x=y ...]
+
+Without --config it runs the embedded default, experiments/sft.py, in runs/default.
+Config errors are reported in one line naming the field, before any compile.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(_REPO, "experiments", "sft.py")
+
+config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment module and preset: path.py[:arg]",
+                                lock_config=True)
+flags.DEFINE_string("workdir", "runs/default", "run directory: checkpoints, metrics.jsonl, config.json, tb/")
+
+
+def main(argv):
+  del argv
+  from jaxopd import config as config_lib
+  from jaxopd import train
+  from jaxopd.experiment import load_module
+
+  config = flags.FLAGS.config
+  path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)[0]
+  try:
+    module = load_module(path)
+    experiment = module.build(config)
+    summary = train.run(config, flags.FLAGS.workdir, experiment)
+  except (config_lib.ConfigError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except train.TrainingError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+  if summary["preempted"]:
+    sys.exit(143)
+  ev = summary["eval"]
+  tr = summary["train"]
+  print(f"done: step {summary['step']} | train loss {tr.get('loss', float('nan')):.4f}"
+        + "".join(f" | eval {k} {v:.4f}" for k, v in ev.items()) + f" | {os.path.abspath(flags.FLAGS.workdir)}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

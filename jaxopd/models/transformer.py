@@ -1,0 +1,319 @@
+"""A decoder-only language model in Flax NNX: GPT-2 and Llama (Qwen2) families.
+
+One module, two families chosen by ``ModelConfig.family``:
+
+* ``gpt2``: learned positions, LayerNorm with bias, GELU (tanh), biases on
+  every projection, tied input/output embeddings.
+* ``llama``: RMSNorm, rotary positions (HF "rotate_half" layout), SwiGLU MLP,
+  grouped-query attention, no biases except the optional q/k/v bias of Qwen2.
+
+Every parameter is an ``nnx.Param`` with ``logical_axes`` metadata; the mesh
+rules in :mod:`jaxopd.mesh` turn those into shardings.
+
+The same attention code serves training and decoding: without a cache it is
+plain causal attention over ``T`` tokens; with a :class:`KVCache` the ``T`` new
+tokens are written at ``cache.index`` and attend to every valid slot at or
+before their own, so prefill and one-token decode are the same call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxopd.mesh import constrain
+
+FAMILIES = ("gpt2", "llama")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  family: str = "llama"            # "gpt2" or "llama" (Llama/Qwen2 layout)
+  vocab_size: int = 256            # vocabulary size
+  d_model: int = 64                # residual width
+  n_layers: int = 2                # transformer blocks
+  n_heads: int = 4                 # query heads
+  n_kv_heads: int = 0              # key/value heads (GQA); 0 = n_heads
+  d_ff: int = 0                    # MLP width; 0 = 4*d_model (gpt2) or 8/3*d_model rounded to 32 (llama)
+  max_len: int = 256               # longest sequence (positions table / cache size)
+  qkv_bias: bool = False           # llama only: bias on q/k/v (Qwen2)
+  rope_theta: float = 10000.0      # llama only: rotary base
+  norm_eps: float = 1e-5           # LayerNorm / RMSNorm epsilon
+  tie_embeddings: bool = True      # share input embedding and output projection
+  dtype: str = "float32"           # compute dtype: float32 or bfloat16 (params stay float32)
+  init_std: float = 0.02           # normal init scale of every weight matrix
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def ff_dim(self) -> int:
+    if self.d_ff:
+      return self.d_ff
+    if self.family == "gpt2":
+      return 4 * self.d_model
+    return int(math.ceil(8 * self.d_model / 3 / 32) * 32)
+
+  def validate(self, prefix: str = "config.model") -> "ModelConfig":
+    def bad(field, why):
+      raise ValueError(f"{prefix}.{field}={getattr(self, field)!r}: {why}")
+    if self.family not in FAMILIES:
+      bad("family", f"must be one of {FAMILIES}")
+    for f in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
+      if getattr(self, f) <= 0:
+        bad(f, "must be positive")
+    if self.d_model % self.n_heads:
+      bad("n_heads", f"must divide d_model={self.d_model}")
+    if self.n_kv_heads < 0 or self.n_heads % self.kv_heads:
+      bad("n_kv_heads", f"must divide n_heads={self.n_heads}")
+    if self.family == "gpt2" and self.n_kv_heads not in (0, self.n_heads):
+      bad("n_kv_heads", "gpt2 has no grouped-query attention (use 0)")
+    if self.family == "gpt2" and self.qkv_bias:
+      bad("qkv_bias", "gpt2 always has biases; this option is for llama")
+    if self.family == "llama" and self.head_dim % 2:
+      bad("n_heads", "rotary embeddings need an even head_dim")
+    if self.d_ff < 0:
+      bad("d_ff", "must be >= 0")
+    if self.dtype not in ("float32", "bfloat16"):
+      bad("dtype", "must be float32 or bfloat16")
+    if self.norm_eps <= 0 or self.init_std <= 0:
+      bad("norm_eps" if self.norm_eps <= 0 else "init_std", "must be positive")
+    return self
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> "ModelConfig":
+    d = dict(cfg)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"config.model: unknown fields {sorted(unknown)}")
+    return cls(**d).validate()
+
+
+class KVCache(NamedTuple):
+  """Fixed-size key/value cache. ``k, v: [L, B, S, Hkv, Dh]``; ``valid: [B, S]``
+  marks written, non-padding slots; ``index`` is the next slot to write."""
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int | None = None) -> "KVCache":
+    length = length or cfg.max_len
+    shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
+    dt = jnp.dtype(cfg.dtype)
+    return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, length), bool),
+               jnp.zeros((), jnp.int32))
+
+
+class Output(NamedTuple):
+  logits: jax.Array                      # [B, T, V] in the compute dtype
+  hidden: tuple[jax.Array, ...] | None   # n_layers + 1 arrays [B, T, D] (HF layout), or None
+  cache: KVCache | None                  # the updated cache when one was given
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std) -> nnx.Param:
+  return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) * std, logical_axes=axes)
+
+
+def _zeros(shape, axes) -> nnx.Param:
+  return nnx.Param(jnp.zeros(shape, jnp.float32), logical_axes=axes)
+
+
+def _ones(shape, axes) -> nnx.Param:
+  return nnx.Param(jnp.ones(shape, jnp.float32), logical_axes=axes)
+
+
+class Norm(nnx.Module):
+  """LayerNorm (gpt2) or RMSNorm (llama), statistics in float32."""
+
+  def __init__(self, cfg: ModelConfig):
+    self.rms = cfg.family == "llama"
+    self.eps = cfg.norm_eps
+    self.scale = _ones((cfg.d_model,), ("embed",))
+    self.bias = None if self.rms else _zeros((cfg.d_model,), ("embed",))
+
+  def __call__(self, x):
+    dt = x.dtype
+    x = x.astype(jnp.float32)
+    if self.rms:
+      x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
+      return (x * self.scale[...]).astype(dt)
+    mu = jnp.mean(x, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mu), -1, keepdims=True)
+    x = (x - mu) * jax.lax.rsqrt(var + self.eps)
+    return (x * self.scale[...] + self.bias[...]).astype(dt)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, HF layout (halves rotated). ``x: [B, T, H, Dh]``, ``positions: [B, T]``."""
+  dh = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq           # [B, T, Dh/2]
+  cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, :, None, :]
+  sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], -1)
+  return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, kv, dh, std = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.init_std
+    self.wq = _param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), std)
+    self.wk = _param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), std)
+    self.wv = _param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), std)
+    self.wo = _param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), std / math.sqrt(2 * cfg.n_layers))
+    has_qkv_bias = cfg.family == "gpt2" or cfg.qkv_bias
+    self.bq = _zeros((h, dh), ("heads", "head_dim")) if has_qkv_bias else None
+    self.bk = _zeros((kv, dh), ("kv_heads", "head_dim")) if has_qkv_bias else None
+    self.bv = _zeros((kv, dh), ("kv_heads", "head_dim")) if has_qkv_bias else None
+    self.bo = _zeros((d,), ("embed",)) if cfg.family == "gpt2" else None
+
+  def __call__(self, x, positions, key_mask, cache_kv=None, index=None):
+    """``x: [B, T, D]``; ``key_mask: [B, S]`` valid keys (S = T without cache);
+    ``cache_kv``: this layer's ``(k, v)`` of ``[B, S, Hkv, Dh]``; returns (y, new (k, v))."""
+    cfg = self.cfg
+    dt = x.dtype
+    q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+    if self.bq is not None:
+      q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+    if cfg.family == "llama":
+      q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    t = x.shape[1]
+    if cache_kv is None:
+      keys, values = k, v
+      q_slot = jnp.arange(t)
+    else:
+      ck, cv = cache_kv
+      keys = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
+      values = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
+      q_slot = index + jnp.arange(t)
+    s = keys.shape[1]
+    b, _, h, dh = q.shape
+    g = h // cfg.kv_heads
+    qg = q.reshape(b, t, cfg.kv_heads, g, dh)
+    scores = jnp.einsum("btngk,bsnk->bngts", qg, keys.astype(dt)).astype(jnp.float32) / math.sqrt(dh)
+    allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]   # [B, T, S]
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bngts,bsnk->btngk", probs, values.astype(dt)).reshape(b, t, h, dh)
+    y = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
+    if self.bo is not None:
+      y = y + self.bo[...].astype(dt)
+    return y, (None if cache_kv is None else (keys, values))
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.gpt2 = cfg.family == "gpt2"
+    d, f, std = cfg.d_model, cfg.ff_dim, cfg.init_std
+    out_std = std / math.sqrt(2 * cfg.n_layers)
+    if self.gpt2:
+      self.w_in = _param(rngs, (d, f), ("embed", "mlp"), std)
+      self.b_in = _zeros((f,), ("mlp",))
+      self.w_out = _param(rngs, (f, d), ("mlp", "embed"), out_std)
+      self.b_out = _zeros((d,), ("embed",))
+    else:
+      self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), std)
+      self.w_up = _param(rngs, (d, f), ("embed", "mlp"), std)
+      self.w_down = _param(rngs, (f, d), ("mlp", "embed"), out_std)
+
+  def __call__(self, x):
+    dt = x.dtype
+    if self.gpt2:
+      h = jax.nn.gelu(x @ self.w_in[...].astype(dt) + self.b_in[...].astype(dt), approximate=True)
+      h = constrain(h, ("batch", "length", "mlp"))
+      return h @ self.w_out[...].astype(dt) + self.b_out[...].astype(dt)
+    h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * (x @ self.w_up[...].astype(dt))
+    h = constrain(h, ("batch", "length", "mlp"))
+    return h @ self.w_down[...].astype(dt)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.ln1 = Norm(cfg)
+    self.attn = Attention(cfg, rngs)
+    self.ln2 = Norm(cfg)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, key_mask, cache_kv=None, index=None):
+    a, new_kv = self.attn(self.ln1(x), positions, key_mask, cache_kv, index)
+    x = x + a
+    x = x + self.mlp(self.ln2(x))
+    return constrain(x, ("batch", "length", "embed")), new_kv
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM. ``model(tokens) -> Output(logits [B, T, V], hidden, cache)``."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    cfg.validate()
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+    self.pos_embed = (_param(rngs, (cfg.max_len, cfg.d_model), ("positions", "embed"), cfg.init_std / 2)
+                      if cfg.family == "gpt2" else None)
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    self.ln_f = Norm(cfg)
+    self.lm_head = (None if cfg.tie_embeddings else
+                    _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std))
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
+               attention_mask: jax.Array | None = None, cache: KVCache | None = None,
+               return_hidden: bool = False) -> Output:
+    """``tokens: [B, T]`` int; ``positions: [B, T]`` (default: cache.index + arange(T));
+    ``attention_mask: [B, T]`` 1 for real tokens (keys at 0 are never attended to;
+    default all ones)."""
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    b, t = tokens.shape
+    start = 0 if cache is None else cache.index
+    if positions is None:
+      positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    new_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    if cache is None:
+      key_mask = new_mask
+    else:
+      key_mask = jax.lax.dynamic_update_slice_in_dim(cache.valid, new_mask, cache.index, axis=1)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+    if self.pos_embed is not None:
+      x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+    x = constrain(x, ("batch", "length", "embed"))
+    hidden = [x] if return_hidden else None
+    ks, vs = [], []
+    for i, block in enumerate(self.blocks):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      x, new_kv = block(x, positions, key_mask, kv, start)
+      if cache is not None:
+        ks.append(new_kv[0])
+        vs.append(new_kv[1])
+      if return_hidden:
+        hidden.append(x)
+    x = self.ln_f(x)
+    if return_hidden:
+      hidden[-1] = x   # HF convention: the last hidden state is after the final norm
+    w_out = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+    logits = jnp.einsum("btd,dv->btv", x, w_out.astype(dt))
+    logits = constrain(logits, ("batch", "length", "vocab"))
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(jnp.stack(ks), jnp.stack(vs), key_mask, cache.index + t)
+    return Output(logits, tuple(hidden) if return_hidden else None, new_cache)

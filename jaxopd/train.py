@@ -1,0 +1,405 @@
+"""The one sharded train loop every experiment plugs into.
+
+``run(config, workdir, experiment)``:
+config -> validate -> mesh -> sharded state (eval_shape, then jit with
+out_shardings) -> resume or init_from -> grain iterator -> jitted train step
+(explicit in/out shardings, donated state, gradient accumulation by scan) ->
+metrics / eval / checkpoints (periodic, final, SIGTERM).
+
+Non-finite loss or gradient: the step keeps the previous parameters and the
+run stops with a :class:`TrainingError` naming the step; no checkpoint is
+written after it, so the last good one stays the latest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxopd import checkpoint as ckpt_lib
+from jaxopd import config as config_lib
+from jaxopd import logs
+from jaxopd import mesh as mesh_lib
+from jaxopd import optim
+from jaxopd.experiment import DataShard, Experiment, LossOutput
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (non-finite loss or gradient)."""
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def tree_shardings(tree, mesh, rules):
+  """NamedShardings for a tree whose ``nnx.Variable`` nodes carry ``logical_axes``;
+  every other leaf (step, counts, PRNG key) is replicated."""
+  def f(x):
+    if _is_var(x) and not jax.tree.leaves(x):   # e.g. optax's MaskedNode for another group
+      return x
+    if _is_var(x):
+      return x.replace(mesh_lib.sharding_for(mesh, x.get_metadata().get("logical_axes"), rules))
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(f, tree, is_leaf=_is_var)
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _split_models(models: dict, what: str):
+  graphdef, params, rest = nnx.split(models, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise TypeError(f"{what} models hold non-Param state ({rest}); only nnx.Param is supported")
+  return graphdef, params
+
+
+def _metric_parts(metrics, weight) -> dict:
+  """Every metric as (numerator, denominator) sums (see LossOutput)."""
+  out = {}
+  for k, v in metrics.items():
+    if isinstance(v, (tuple, list)):
+      out[k] = (jnp.asarray(v[0], jnp.float32), jnp.asarray(v[1], jnp.float32))
+    else:
+      out[k] = (jnp.asarray(v, jnp.float32), jnp.asarray(weight, jnp.float32))
+  return out
+
+
+def _ratio(num, den):
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Builds the sharded state and the jitted step for one config and experiment."""
+  config: Any
+  experiment: Experiment
+  mesh: Any
+  rules: tuple
+
+  def __post_init__(self):
+    c = self.config
+    key = jax.random.PRNGKey(c.seed)
+    self.model_key, self.step_key = jax.random.split(key)
+    trainable, frozen = nnx.eval_shape(lambda: self.experiment.init_models(self.model_key))
+    if not isinstance(trainable, dict) or not trainable:
+      raise TypeError("init_models must return (trainable, frozen) dicts with at least one trainable model")
+    self.gd_params, _ = _split_models(trainable, "trainable")
+    self.gd_frozen, _ = _split_models(frozen, "frozen")
+    self.tx, self.schedules = optim.make_optimizer(c.optim, c.total_steps, list(trainable))
+    abstract_state, abstract_frozen = jax.eval_shape(self._init)
+    self.state_shardings = tree_shardings(abstract_state, self.mesh, self.rules)
+    self.frozen_shardings = tree_shardings(abstract_frozen, self.mesh, self.rules)
+    self.abstract_state = _with_shardings(abstract_state, self.state_shardings)
+    self.abstract_frozen = _with_shardings(abstract_frozen, self.frozen_shardings)
+    self._train_step = None
+    self._eval_step = None
+
+  # --- state -----------------------------------------------------------------
+  def _init(self):
+    trainable, frozen = self.experiment.init_models(self.model_key)
+    _, params = _split_models(trainable, "trainable")
+    _, frozen_state = _split_models(frozen, "frozen")
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": self.tx.init(params), "rng": self.step_key}
+    return state, frozen_state
+
+  def init(self):
+    """Sharded state created in place: no full copy on one device first."""
+    with jax.set_mesh(self.mesh), mesh_lib.use_rules(self.rules):
+      return jax.jit(self._init, out_shardings=(self.state_shardings, self.frozen_shardings))()
+
+  def batch_sharding(self, batch):
+    def f(x):
+      spec = mesh_lib.logical_to_spec(("batch",) + (None,) * (np.ndim(x) - 1), self.rules)
+      return NamedSharding(self.mesh, spec)
+    return jax.tree.map(f, batch)
+
+  def to_global(self, local_batch: dict, global_batch_size: int):
+    """Per-process numpy batch -> global arrays sharded over the batch axes."""
+    shardings = self.batch_sharding(local_batch)
+    def f(x, s):
+      x = np.asarray(x)
+      return jax.make_array_from_process_local_data(s, x, (global_batch_size,) + x.shape[1:])
+    return jax.tree.map(f, dict(local_batch), shardings)
+
+  # --- the step ----------------------------------------------------------------
+  def _microbatch_sums(self, params, frozen, batch, rng):
+    """Gradient and metric *sums* over one microbatch."""
+    frozen_models = nnx.merge(self.gd_frozen, frozen)
+    if self.experiment.rollout is not None:
+      rng, r_rng = jax.random.split(rng)
+      batch = self.experiment.rollout(nnx.merge(self.gd_params, jax.lax.stop_gradient(params)),
+                                      frozen_models, batch, r_rng)
+
+    def loss_of(p):
+      out = self.experiment.loss_fn(nnx.merge(self.gd_params, p), frozen_models, batch, rng)
+      if not isinstance(out, LossOutput):
+        out = LossOutput(*out)
+      return out.loss, out
+
+    (_, out), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+    parts = _metric_parts(out.metrics, out.weight)
+    return grads, jnp.asarray(out.loss, jnp.float32), jnp.asarray(out.weight, jnp.float32), parts
+
+  def train_step(self, state, frozen, batch):
+    accum = self.config.grad_accum
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    params = state["params"]
+    if accum == 1:
+      grads, loss, weight, parts = self._microbatch_sums(params, frozen, batch, rng)
+    else:
+      def split(x):   # [B, ...] -> [A, B/A, ...]; microbatch i = rows i, i+A, ... (keeps shards local)
+        x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+        return mesh_lib.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+      micro = jax.tree.map(split, batch)
+
+      def body(carry, i):
+        mb = jax.tree.map(lambda x: x[i], micro)
+        g, l, w, p = self._microbatch_sums(params, frozen, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (g, l, w, p)), None
+
+      zero = jax.eval_shape(self._microbatch_sums, params, frozen, jax.tree.map(lambda x: x[0], micro), rng)
+      zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+      (grads, loss, weight, parts), _ = jax.lax.scan(body, zero, jnp.arange(accum))
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    loss = loss / weight
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                 "opt_state": opt_state, "rng": state["rng"]}
+    new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
+    metrics = {k: _ratio(n, d) for k, (n, d) in parts.items()}
+    metrics.update(loss=loss, grad_norm=grad_norm, weight=weight, finite=finite)
+    return new_state, metrics
+
+  def eval_sums(self, state, frozen, batch):
+    frozen_models = nnx.merge(self.gd_frozen, frozen)
+    out = self.experiment.loss_fn(nnx.merge(self.gd_params, state["params"]), frozen_models, batch,
+                                  jax.random.fold_in(state["rng"], 2**31 - 1))  # a key no train step uses
+    if not isinstance(out, LossOutput):
+      out = LossOutput(*out)
+    parts = _metric_parts(out.metrics, out.weight)
+    parts["loss"] = (jnp.asarray(out.loss, jnp.float32), jnp.asarray(out.weight, jnp.float32))
+    return parts
+
+  def compiled_train_step(self, example_batch):
+    if self._train_step is None:
+      self._train_step = jax.jit(
+          self.train_step,
+          in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding(example_batch)),
+          out_shardings=(self.state_shardings, None),
+          donate_argnums=(0,))
+    return self._train_step
+
+  def compiled_eval_step(self, example_batch):
+    if self._eval_step is None:
+      self._eval_step = jax.jit(
+          self.eval_sums,
+          in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding(example_batch)))
+    return self._eval_step
+
+  def models(self, state, frozen):
+    """The trainable and frozen modules of a state (for host-side evaluation)."""
+    return nnx.merge(self.gd_params, state["params"]), nnx.merge(self.gd_frozen, frozen)
+
+  def apply_init_from(self, state, frozen):
+    """Loads ``config.init_from.source`` of another run into each target model."""
+    c = self.config.init_from
+    targets = list(c.targets)
+    for name in targets:
+      if name in state["params"]:
+        tree = self.abstract_state["params"][name]
+        state["params"][name], step = ckpt_lib.load_params(c.workdir, c.source, name, tree)
+      elif name in frozen:
+        frozen[name], step = ckpt_lib.load_params(c.workdir, c.source, name, self.abstract_frozen[name])
+      else:
+        raise ValueError(f"config.init_from.targets: {name!r} is not a model of this experiment "
+                         f"(trainable {sorted(state['params'])}, frozen {sorted(frozen)})")
+    return state, frozen, step
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop checkpoints and stops at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _host(metrics) -> dict:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def run(config, workdir: str, experiment: Experiment) -> dict:
+  """Trains ``experiment`` under ``config`` in ``workdir``; resumes if a checkpoint is there.
+
+  Returns a summary: final ``step``, last ``train`` and ``eval`` metrics,
+  ``preempted`` (stopped by SIGTERM after checkpointing), ``resumed_from``.
+  """
+  c = config
+  mesh_lib.maybe_initialize_distributed(c.distributed)
+  facts = config_lib.validate(c, len(jax.devices()), jax.process_count())
+  mesh = mesh_lib.make_mesh(facts["mesh_shape"], facts["num_devices"])
+  rules = facts["rules"]
+  main = logs.is_main_process()
+  workdir = os.path.abspath(workdir)
+  trainer = Trainer(c, experiment, mesh, rules)
+
+  shard = DataShard(seed=c.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+                    local_batch=facts["local_batch"])
+  data_iter = experiment.train_data(shard)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), c.checkpoint.max_to_keep,
+                               c.checkpoint.async_save)
+  resumed_from = ckpt.latest_step()
+  changed = logs.write_config(workdir, c, main)
+  if resumed_from is not None:
+    if changed and main:
+      print(f"resuming in {workdir}: config fields changed since the checkpoint: {', '.join(changed)}")
+    state = ckpt.restore(resumed_from, trainer.abstract_state, data_iter)
+    _, frozen = trainer.init()   # frozen models are not checkpointed: re-created / re-loaded
+    if c.init_from.workdir:
+      frozen = _reload_frozen(trainer, frozen)
+  else:
+    state, frozen = trainer.init()
+    if c.init_from.workdir:
+      state, frozen, src_step = trainer.apply_init_from(state, frozen)
+      if main:
+        print(f"init_from: {c.init_from.source} of {c.init_from.workdir} (step {src_step}) "
+              f"-> {', '.join(c.init_from.targets)}")
+  logger = logs.MetricLogger(workdir, main, resume_step=resumed_from)
+  if main and resumed_from is not None:
+    print(f"resumed from step {resumed_from} in {workdir}"
+          + (f" ({logger.dropped} metric records after it dropped)" if logger.dropped else ""))
+
+  start = int(jax.device_get(state["step"]))
+  summary = {"step": start, "train": {}, "eval": {}, "preempted": False, "resumed_from": resumed_from}
+  eval_shard = shard._replace(seed=c.seed + 1)
+  step_fn = None
+  pending = None          # (step, device metrics, tokens, t_dispatch) of the last dispatched step
+  last_log = (time.perf_counter(), 0)
+  tokens_since = 0
+  bar = _progress(c, start, main)
+
+  def flush():
+    nonlocal pending, last_log, tokens_since
+    if pending is None:
+      return
+    step, dev_metrics, ntok = pending
+    pending = None
+    m = _host(dev_metrics)
+    if not m.pop("finite"):
+      ckpt.wait()
+      raise TrainingError(
+          f"step {step}: non-finite loss={m['loss']} or grad_norm={m['grad_norm']}; the update was "
+          f"not applied and the run stops. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+    tokens_since += ntok
+    summary["train"] = m
+    if step % c.log_every == 0 or step == c.total_steps:
+      now = time.perf_counter()
+      dt = now - last_log[0]
+      m["tokens_per_s"] = tokens_since / dt if dt > 0 else float("nan")
+      for name, sched in trainer.schedules.items():
+        m[f"lr/{name}" if len(trainer.schedules) > 1 else "lr"] = float(sched(step - 1))
+      logger.write(step, "train", m)
+      last_log, tokens_since = (now, step), 0
+      if bar is not None:
+        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+
+  with jax.set_mesh(mesh), mesh_lib.use_rules(rules), _Preemption() as preempt:
+    for step in range(start + 1, c.total_steps + 1):
+      local = next(data_iter)
+      batch = trainer.to_global(local, c.batch_size)
+      if step_fn is None:
+        step_fn = trainer.compiled_train_step(batch)
+      state, dev_metrics = step_fn(state, frozen, batch)
+      flush()                               # the previous step's metrics, while this one runs
+      pending = (step, dev_metrics, int(np.prod(batch["tokens"].shape)))
+      if bar is not None:
+        bar.update(1)
+      do_eval = (c.eval_every and step % c.eval_every == 0) or step == c.total_steps
+      do_ckpt = (c.checkpoint.every and step % c.checkpoint.every == 0) or step == c.total_steps
+      if do_eval or do_ckpt or preempt.requested:
+        flush()
+      if do_eval:
+        summary["eval"] = _evaluate(trainer, experiment, state, frozen, eval_shard, c, step, logger)
+      if do_ckpt or preempt.requested:
+        ckpt.save(state, data_iter, force=True)
+      if preempt.requested:
+        summary["preempted"] = True
+        if main:
+          print(f"SIGTERM: checkpoint saved at step {step}; stopping", flush=True)
+        break
+    flush()
+  summary["step"] = int(jax.device_get(state["step"]))
+  if start == c.total_steps and main:
+    print(f"{workdir}: already trained to total_steps={c.total_steps}")
+  ckpt.close()
+  logger.close()
+  if bar is not None:
+    bar.close()
+  summary["state"], summary["frozen"], summary["trainer"] = state, frozen, trainer
+  return summary
+
+
+def _reload_frozen(trainer: Trainer, frozen):
+  c = trainer.config.init_from
+  for name in c.targets:
+    if name in frozen:
+      frozen[name], _ = ckpt_lib.load_params(c.workdir, c.source, name, trainer.abstract_frozen[name])
+  return frozen
+
+
+def _evaluate(trainer, experiment, state, frozen, shard, c, step, logger) -> dict:
+  out: dict[str, float] = {}
+  if experiment.eval_data is not None and c.eval_batches:
+    sums = None
+    n = 0
+    for local in experiment.eval_data(shard):
+      if n == c.eval_batches:
+        break
+      batch = trainer.to_global(local, c.batch_size)
+      parts = trainer.compiled_eval_step(batch)(state, frozen, batch)
+      sums = parts if sums is None else jax.tree.map(jnp.add, sums, parts)
+      n += 1
+    if sums is not None:
+      out.update({k: float(_ratio(*v)) for k, v in jax.device_get(sums).items()})
+  if experiment.evaluate is not None:
+    params, frozen_models = trainer.models(state, frozen)
+    out.update(experiment.evaluate(params, frozen_models, step))
+  if out:
+    logger.write(step, "eval", out)
+  return out
+
+
+def _progress(c, start, main):
+  if not (c.progress and main):
+    return None
+  from tqdm import tqdm
+  return tqdm(total=c.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)

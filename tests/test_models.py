@@ -1,0 +1,120 @@
+"""The decoder LM: KV-cache decode equals the full forward, hidden states,
+padding masks, logical axis names on every parameter."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxopd.models import KVCache, ModelConfig, Transformer
+
+CONFIGS = {
+    "gpt2": ModelConfig(family="gpt2", vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_len=24),
+    "llama_gqa": ModelConfig(family="llama", vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                             max_len=24, tie_embeddings=False),
+    "qwen2_bias": ModelConfig(family="llama", vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=1,
+                              max_len=24, qkv_bias=True, tie_embeddings=False),
+}
+
+
+def _model(cfg, seed=0):
+  m = Transformer(cfg, nnx.Rngs(params=seed))
+  # Non-zero biases so a bias bug cannot hide behind zero init.
+  for path, v in nnx.iter_graph(m):
+    if isinstance(v, nnx.Param) and path[-1].startswith("b"):
+      v[...] = jax.random.normal(jax.random.key(len(path)), v.shape) * 0.1
+  return m
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_kv_cache_decode_matches_full_forward(name):
+  cfg = CONFIGS[name]
+  m = _model(cfg)
+  toks = jax.random.randint(jax.random.key(1), (3, 12), 0, cfg.vocab_size)
+  full = m(toks).logits
+  cache = KVCache.zeros(cfg, 3, 20)
+  out = m(toks[:, :5], cache=cache)         # prefill 5, then decode one at a time
+  logits = [out.logits]
+  cache = out.cache
+  for t in range(5, 12):
+    out = m(toks[:, t:t + 1], cache=cache)
+    cache = out.cache
+    logits.append(out.logits)
+  dec = jnp.concatenate(logits, axis=1)
+  np.testing.assert_allclose(np.asarray(dec), np.asarray(full), atol=2e-5, rtol=1e-5)
+  assert int(cache.index) == 12
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_left_padding_with_positions_matches_unpadded(name):
+  """A left-padded row with explicit positions and attention mask gives the
+  same logits as the same tokens without padding (what a batched sampler needs)."""
+  cfg = CONFIGS[name]
+  m = _model(cfg)
+  toks = jax.random.randint(jax.random.key(2), (1, 7), 0, cfg.vocab_size)
+  ref = m(toks).logits
+  pad = 3
+  padded = jnp.concatenate([jnp.zeros((1, pad), toks.dtype), toks], 1)
+  mask = jnp.concatenate([jnp.zeros((1, pad), bool), jnp.ones((1, 7), bool)], 1)
+  pos = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
+  out = m(padded, pos, attention_mask=mask).logits[:, pad:]
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=1e-5)
+  # The same through the cache: prefill padded prompt, then decode one token.
+  cache = KVCache.zeros(cfg, 1, 16)
+  o = m(padded[:, :-1], pos[:, :-1], attention_mask=mask[:, :-1], cache=cache)
+  o = m(padded[:, -1:], pos[:, -1:], cache=o.cache)
+  np.testing.assert_allclose(np.asarray(o.logits[:, 0]), np.asarray(ref[:, -1]), atol=2e-5, rtol=1e-5)
+
+
+def test_hidden_states_and_causality():
+  cfg = CONFIGS["llama_gqa"]
+  m = _model(cfg)
+  toks = jax.random.randint(jax.random.key(3), (2, 9), 0, cfg.vocab_size)
+  out = m(toks, return_hidden=True)
+  assert len(out.hidden) == cfg.n_layers + 1
+  assert all(h.shape == (2, 9, cfg.d_model) for h in out.hidden)
+  # Changing a later token must not change earlier logits.
+  toks2 = toks.at[:, 6].set((toks[:, 6] + 1) % cfg.vocab_size)
+  out2 = m(toks2)
+  np.testing.assert_allclose(np.asarray(out.logits[:, :6]), np.asarray(out2.logits[:, :6]), atol=1e-6)
+  assert not np.allclose(np.asarray(out.logits[:, 6:]), np.asarray(out2.logits[:, 6:]))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_param_has_logical_axes(name):
+  cfg = CONFIGS[name]
+  m = _model(cfg)
+  known = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "positions"}
+  n = 0
+  for path, v in nnx.iter_graph(m):
+    if isinstance(v, nnx.Param):
+      axes = v.get_metadata().get("logical_axes")
+      assert axes is not None and len(axes) == v.ndim, path
+      assert set(axes) <= known, (path, axes)
+      n += 1
+  assert n > 0
+  if cfg.family == "gpt2":
+    assert m.lm_head is None and m.pos_embed is not None   # tied embeddings, learned positions
+
+
+def test_bfloat16_compute_close_to_float32():
+  cfg = CONFIGS["llama_gqa"]
+  m32 = _model(cfg)
+  m16 = Transformer(ModelConfig(**{**cfg.__dict__, "dtype": "bfloat16"}), nnx.Rngs(params=0))
+  nnx.update(m16, nnx.state(m32))
+  toks = jax.random.randint(jax.random.key(4), (2, 8), 0, cfg.vocab_size)
+  a, b = m32(toks).logits, m16(toks).logits
+  assert b.dtype == jnp.bfloat16
+  assert float(jnp.max(jnp.abs(a - b.astype(jnp.float32)))) < 0.05 * float(jnp.max(jnp.abs(a))) + 0.02
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("family", "gpt3", "config.model.family"),
+    ("n_heads", 5, "config.model.n_heads"),
+    ("n_kv_heads", 3, "config.model.n_kv_heads"),
+    ("dtype", "float16", "config.model.dtype"),
+])
+def test_model_config_errors_name_the_field(field, value, msg):
+  with pytest.raises(ValueError, match=msg):
+    ModelConfig(**{**CONFIGS["llama_gqa"].__dict__, field: value}).validate()
