@@ -4,9 +4,10 @@ Command (the smoke preset runs in well under a minute on 2 CPU cores):
 
   python -m jaxopd.main --config experiments/sft.py:smoke --workdir runs/sft_smoke
 
-Default preset: a 2-layer Llama-style model on the in-code sort task (see
-jaxopd/data/toy.py); 300 steps, about two minutes on 2 CPU cores, ending near
-eval accuracy 1.0 on the response tokens.
+Default preset (``python -m jaxopd.main`` with no flags runs it): a 2-layer
+Llama-style model (d_model 64, GQA 4/2 heads) on the in-code sort task (see
+jaxopd/data/toy.py), 1000 steps of batch 32. Measured on 2 CPU cores: about
+35 s end to end; eval loss 0.13 and response-token accuracy 0.95 at step 1000.
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ from jaxopd.models import ModelConfig, Transformer
 def get_config(arg: str | None = None):
   args = parse_arg(arg, presets=("smoke",))
   c = config_lib.base_config()
-  c.total_steps = 300
+  c.total_steps = 1000
   c.batch_size = 32
   c.seq_len = 32
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 20
   c.optim.schedule = "cosine"
   c.optim.min_lr_ratio = 0.1
-  c.eval_every = 100
-  c.checkpoint.every = 100
+  c.eval_every = 200
+  c.checkpoint.every = 200
   c.model.family = "llama"
   c.model.vocab_size = 32
   c.model.d_model = 64

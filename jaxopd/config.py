@@ -12,11 +12,9 @@ import dataclasses
 import ml_collections
 
 from jaxopd import mesh as mesh_lib
+from jaxopd.errors import ConfigError
 from jaxopd.models import ModelConfig
 
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the field."""
 
 
 def base_config() -> ml_collections.ConfigDict:

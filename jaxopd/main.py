@@ -22,6 +22,8 @@ flags.DEFINE_string("workdir", "runs/default", "run directory: checkpoints, metr
 
 def main(argv):
   del argv
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)   # orbax / jax INFO lines drown the progress bar
   from jaxopd import config as config_lib
   from jaxopd import train
   from jaxopd.experiment import load_module
@@ -46,8 +48,23 @@ def main(argv):
         + "".join(f" | eval {k} {v:.4f}" for k, v in ev.items()) + f" | {os.path.abspath(flags.FLAGS.workdir)}")
 
 
+def _parse_flags(argv):
+  """absl flag parsing, with config overrides' errors on one line (no traceback)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+  except (AttributeError, KeyError) as e:
+    msg = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'").strip("'").replace("' Did", " - did")
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    print(f"error: unknown config field in {' '.join(bad)}: {msg}", file=sys.stderr)
+  except (TypeError, ValueError) as e:
+    print(f"error: bad config override: {e}", file=sys.stderr)
+  sys.exit(2)
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

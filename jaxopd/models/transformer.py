@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxopd.errors import ConfigError
 from jaxopd.mesh import constrain
 
 FAMILIES = ("gpt2", "llama")
@@ -66,7 +67,7 @@ class ModelConfig:
 
   def validate(self, prefix: str = "config.model") -> "ModelConfig":
     def bad(field, why):
-      raise ValueError(f"{prefix}.{field}={getattr(self, field)!r}: {why}")
+      raise ConfigError(f"{prefix}.{field}={getattr(self, field)!r}: {why}")
     if self.family not in FAMILIES:
       bad("family", f"must be one of {FAMILIES}")
     for f in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
@@ -95,7 +96,7 @@ class ModelConfig:
     d = dict(cfg)
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-      raise ValueError(f"config.model: unknown fields {sorted(unknown)}")
+      raise ConfigError(f"config.model: unknown fields {sorted(unknown)}")
     return cls(**d).validate()
 
 

@@ -1,0 +1,82 @@
+"""Bad configs stop before any compile, with one line naming the field."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, SFT, tiny_config
+from jaxopd import config as config_lib
+from jaxopd import train
+from jaxopd.errors import ConfigError
+
+BAD = [
+    ({"mesh.shape": (3, 1, 1)}, r"config.mesh.shape=\(3, 1, 1\): product 3 does not match the 8 devices"),
+    ({"mesh.shape": (2, 2)}, r"config.mesh.shape=\(2, 2\): needs 3 entries"),
+    ({"mesh.num_devices": 16}, r"config.mesh.num_devices=16"),
+    ({"batch_size": 6}, r"config.batch_size=6: the microbatch .* not divisible by the data-parallel size 8"),
+    ({"batch_size": 16, "grad_accum": 4}, r"config.batch_size=16: the microbatch batch_size/grad_accum=4"),
+    ({"grad_accum": 3}, r"config.grad_accum=3: must divide batch_size=8"),
+    ({"optim.lr": -1.0}, r"config.optim.lr=-1.0: must be positive"),
+    ({"optim.name": "sgd"}, r"config.optim.name='sgd'"),
+    ({"optim.schedule": "linear"}, r"config.optim.schedule='linear'"),
+    ({"optim.warmup_steps": 10}, r"config.optim.warmup_steps=10: must be in \[0, total_steps=4\]"),
+    ({"optim.b2": 1.0}, r"config.optim.b2=1.0"),
+    ({"optim.clip_norm": -0.5}, r"config.optim.clip_norm=-0.5"),
+    ({"optim.weight_decay": -0.1}, r"config.optim.weight_decay=-0.1"),
+    ({"total_steps": 0}, r"config.total_steps=0"),
+    ({"seq_len": 64}, r"config.seq_len=64: exceeds config.model.max_len=16"),
+    ({"model.n_heads": 5}, r"config.model.n_heads=5: must divide d_model=32"),
+    ({"model.family": "t5"}, r"config.model.family='t5'"),
+    ({"mesh.rules": [["batch", "pipeline"]]}, r"config.mesh.rules\[0\]: unknown mesh axis 'pipeline'"),
+    ({"checkpoint.every": -1}, r"config.checkpoint.every=-1"),
+    ({"log_every": 0}, r"config.log_every=0"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[next(iter(o)) + str(i) for i, (o, _) in enumerate(BAD)])
+def test_bad_config_names_the_field(overrides, message, tmp_path):
+  cfg = tiny_config()
+  with cfg.unlocked():
+    for k, v in overrides.items():
+      node = cfg
+      *parents, leaf = k.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = v
+  with pytest.raises(ConfigError, match=message):
+    train.run(cfg, str(tmp_path / "w"), SFT.build(tiny_config()))
+  assert not (tmp_path / "w").exists()      # stopped before building anything
+
+
+def test_valid_config_resolves_mesh_and_batch():
+  facts = config_lib.validate(tiny_config(**{"mesh.shape": (2, -1, 2)}), 8)
+  assert facts["mesh_shape"] == (2, 2, 2) and facts["dp"] == 4 and facts["local_batch"] == 8
+
+
+def _cli(*args, workdir):
+  env = dict(os.environ)
+  return subprocess.run([sys.executable, "-m", "jaxopd.main", "--config", "experiments/sft.py:smoke",
+                         "--workdir", str(workdir), *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=120)
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("--config.optim.lrr=1", 'unknown config field in --config.optim.lrr=1: lrr - did you mean "lr"'),
+    ("--config.batch_size=abc", "--config.batch_size=abc: invalid literal for int()"),
+    ("--config.mesh.shape=(3,1,1)", "config.mesh.shape=(3, 1, 1): product 3 does not match"),
+    ("--config.model.n_kv_heads=3", "config.model.n_kv_heads=3: must divide n_heads=4"),
+])
+def test_cli_reports_one_line_and_exits_2(arg, message, tmp_path):
+  p = _cli(arg, workdir=tmp_path / "w")
+  assert p.returncode == 2, p.stderr[-2000:]
+  errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and message in errors[0], p.stderr[-2000:]
+  assert "Traceback" not in p.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_unknown_preset_is_an_error():
+  with pytest.raises(ValueError, match="config preset 'smok' is unknown"):
+    SFT.get_config("smok")
