@@ -91,6 +91,27 @@ def make_config():
   return sft, c
 
 
+def _cpu_snapshot():
+  """(busy CPU seconds of the whole machine, CPU seconds of this process, wall time) or None."""
+  try:
+    with open("/proc/stat") as f:
+      v = [int(x) for x in f.readline().split()[1:]]
+  except OSError:
+    return None
+  tick = os.sysconf("SC_CLK_TCK")
+  busy = (sum(v[:8]) - v[3] - v[4]) / tick    # all but idle and iowait
+  t = os.times()
+  return busy, t.user + t.system, time.perf_counter()
+
+
+def other_load(start):
+  """Average number of CPUs used by *other* processes since ``start`` (contention check)."""
+  end = _cpu_snapshot()
+  if start is None or end is None:
+    return None
+  return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / (end[2] - start[2]))
+
+
 def timed(fn, *args, warmup=WARMUP, repeats=REPEATS):
   """Median seconds of ``fn(*args)`` (outputs blocked on) after ``warmup`` calls."""
   for _ in range(warmup):
@@ -144,6 +165,7 @@ def matmul_peak():
 
 def main():
   t_start = time.perf_counter()
+  snap = _cpu_snapshot()
   sft, c = make_config()
   facts = config_lib.validate(c, len(jax.devices()), jax.process_count())
   mesh = mesh_lib.make_mesh(facts["mesh_shape"], facts["num_devices"])
@@ -214,7 +236,10 @@ def main():
   for k, v in peaks.items():
     print(f"matmul     : {k:22s} {v:8.1f} GFLOP/s")
   print(f"peak       : {peak:8.1f} GFLOP/s -> fraction of peak {gflops / peak:.3f}")
-  print(f"total wall : {time.perf_counter() - t_start:.1f} s")
+  other = other_load(snap)
+  print(f"total wall : {time.perf_counter() - t_start:.1f} s" + (
+      "" if other is None else f"; other processes used {other:.2f} of {os.cpu_count()} CPUs meanwhile"
+      + (" -- CONTENDED, numbers are not trustworthy" if other > 0.25 else "")))
   print(json.dumps({
       "tokens_per_s": round(tokens / step_s, 1),
       "gflops": round(gflops, 2),
@@ -228,6 +253,7 @@ def main():
       "batch": BATCH, "seq_len": SEQ, "n_layers": model.n_layers, "d_model": model.d_model,
       "n_heads": model.n_heads, "n_kv_heads": model.kv_heads, "d_ff": model.ff_dim,
       "vocab_size": model.vocab_size, "device": jax.devices()[0].platform,
+      "other_cpu_load": None if other is None else round(other, 3),
   }))
 
 

@@ -44,16 +44,30 @@ def _is_var(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def tree_shardings(tree, mesh, rules):
+def tree_shardings(tree, mesh, rules, fallbacks: list | None = None):
   """NamedShardings for a tree whose ``nnx.Variable`` nodes carry ``logical_axes``;
-  every other leaf (step, counts, PRNG key) is replicated."""
-  def f(x):
+  every other leaf (step, counts, PRNG key) is replicated.
+
+  A dimension that its mesh axes do not divide (a vocabulary of 50257 over
+  tensor=2) is replicated instead; ``fallbacks`` collects ``(path, shape, spec)``
+  for each such parameter so the caller can report them.
+  """
+  def f(path, x):
     if _is_var(x) and not jax.tree.leaves(x):   # e.g. optax's MaskedNode for another group
       return x
     if _is_var(x):
-      return x.replace(mesh_lib.sharding_for(mesh, x.get_metadata().get("logical_axes"), rules))
+      spec = mesh_lib.logical_to_spec(x.get_metadata().get("logical_axes"), rules)
+      fixed = []
+      for dim, axes in zip(x.shape, tuple(spec) + (None,) * (len(x.shape) - len(spec))):
+        names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+        ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        fixed.append(axes if dim % ways == 0 else None)
+      fixed = PartitionSpec(*fixed)
+      if fixed != spec and fallbacks is not None:
+        fallbacks.append((jax.tree_util.keystr(path), tuple(x.shape), spec))
+      return x.replace(NamedSharding(mesh, fixed))
     return NamedSharding(mesh, PartitionSpec())
-  return jax.tree.map(f, tree, is_leaf=_is_var)
+  return jax.tree_util.tree_map_with_path(f, tree, is_leaf=_is_var)
 
 
 def _with_shardings(abstract, shardings):
@@ -101,8 +115,9 @@ class Trainer:
     self.gd_frozen, _ = _split_models(frozen, "frozen")
     self.tx, self.schedules = optim.make_optimizer(c.optim, c.total_steps, list(trainable))
     abstract_state, abstract_frozen = jax.eval_shape(self._init)
-    self.state_shardings = tree_shardings(abstract_state, self.mesh, self.rules)
-    self.frozen_shardings = tree_shardings(abstract_frozen, self.mesh, self.rules)
+    self.replicated_fallbacks: list = []
+    self.state_shardings = tree_shardings(abstract_state, self.mesh, self.rules, self.replicated_fallbacks)
+    self.frozen_shardings = tree_shardings(abstract_frozen, self.mesh, self.rules, self.replicated_fallbacks)
     self.abstract_state = _with_shardings(abstract_state, self.state_shardings)
     self.abstract_frozen = _with_shardings(abstract_frozen, self.frozen_shardings)
     self._train_step = None
@@ -271,6 +286,11 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
   main = logs.is_main_process()
   workdir = os.path.abspath(workdir)
   trainer = Trainer(c, experiment, mesh, rules)
+  params_fallbacks = [f for f in trainer.replicated_fallbacks if "opt_state" not in f[0]]
+  if params_fallbacks and main:
+    print(f"sharding: {len(params_fallbacks)} parameter(s) have a dimension the mesh does not divide and "
+          f"are replicated on it: " + ", ".join(f"{p} {s}" for p, s, _ in params_fallbacks[:4])
+          + (" ..." if len(params_fallbacks) > 4 else ""))
 
   shard = DataShard(seed=c.seed, process_index=jax.process_index(), process_count=jax.process_count(),
                     local_batch=facts["local_batch"])

@@ -1,0 +1,167 @@
+"""The KV-cache sampler and speculative decoding."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxopd import mesh as mesh_lib
+from jaxopd.losses import token_logprobs
+from jaxopd.models import ModelConfig, Transformer
+from jaxopd.sampling import SamplingConfig, process_logits, sample, speculative_sample
+from jaxopd.train import tree_shardings
+
+V = 11
+EOS = 2
+
+
+def _model(seed, d=32, layers=2, heads=4, kv=2, std=0.3, family="llama", vocab=V):
+  cfg = ModelConfig(family=family, vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads,
+                    n_kv_heads=kv if family == "llama" else 0, max_len=64, init_std=std)
+  return Transformer(cfg, nnx.Rngs(params=seed))
+
+
+PROMPT = jnp.array([[1, 5, 6, 7, 0, 0], [1, 8, 0, 0, 0, 0], [1, 4, 4, 9, 4, 9], [1, 3, 0, 0, 0, 0]])
+PLEN = jnp.array([4, 2, 6, 2])
+
+
+def _check_layout(out, n):
+  toks, mask = np.asarray(out.tokens), np.asarray(out.loss_mask)
+  for b in range(PROMPT.shape[0]):
+    pl = int(PLEN[b])
+    np.testing.assert_array_equal(toks[b, :pl], np.asarray(PROMPT[b, :pl]))   # prompt kept, right-padded
+    assert mask[b, :pl].sum() == 0
+    L = int(out.lengths[b])
+    assert mask[b, pl:pl + L].all() and mask[b].sum() == L and L <= n
+    resp = toks[b, pl:pl + L]
+    assert (resp[:-1] != EOS).all()                     # stops at the first EOS
+    assert L == n or resp[-1] == EOS
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sampler_logprobs_equal_teacher_forced_forward(family):
+  m = _model(0, family=family)
+  cfg = SamplingConfig(max_new_tokens=9, eos_id=EOS, temperature=0.7, top_k=6)
+  out = jax.jit(lambda r: sample(m, PROMPT, PLEN, r, cfg))(jax.random.key(3))
+  _check_layout(out, 9)
+  logits = m(out.tokens).logits                        # right-padded: causal attention suffices
+  mask = np.asarray(out.loss_mask[:, 1:])
+  model_lp = np.asarray(token_logprobs(logits, out.tokens)) * mask
+  np.testing.assert_allclose(np.asarray(out.model_logprobs[:, 1:]), model_lp, atol=2e-5)
+  samp_lp = np.take_along_axis(np.asarray(process_logits(logits[:, :-1], cfg)),
+                               np.asarray(out.tokens[:, 1:, None]), -1)[..., 0] * mask
+  np.testing.assert_allclose(np.asarray(out.logprobs[:, 1:]), samp_lp, atol=2e-5)
+  assert np.all(np.isfinite(samp_lp))                   # sampled tokens are inside the top-k set
+
+
+def test_greedy_equals_stepwise_argmax_of_full_forward():
+  m = _model(1)
+  n = 8
+  out = jax.jit(lambda r: sample(m, PROMPT, PLEN, r, SamplingConfig(max_new_tokens=n, eos_id=EOS, greedy=True)))(
+      jax.random.key(0))
+  _check_layout(out, n)
+  for b in range(PROMPT.shape[0]):
+    seq = list(np.asarray(PROMPT[b, :int(PLEN[b])]))
+    for _ in range(n):
+      nxt = int(jnp.argmax(m(jnp.asarray([seq])).logits[0, -1]))
+      seq.append(nxt)
+      if nxt == EOS:
+        break
+    got = np.asarray(out.tokens[b, :int(PLEN[b]) + int(out.lengths[b])])
+    np.testing.assert_array_equal(got, np.asarray(seq))
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  lp = process_logits(logits, SamplingConfig(max_new_tokens=1, eos_id=0, top_p=0.8))
+  np.testing.assert_allclose(np.exp(np.asarray(lp[0])), [0.625, 0.375, 0, 0], atol=1e-6)
+  lp = process_logits(logits, SamplingConfig(max_new_tokens=1, eos_id=0, top_p=0.81))
+  np.testing.assert_allclose(np.exp(np.asarray(lp[0])), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], atol=1e-6)
+
+
+def test_same_key_same_samples_on_1_and_8_devices():
+  m = _model(2)
+  gd, state = nnx.split(m)
+  cfg = SamplingConfig(max_new_tokens=10, eos_id=EOS)
+  prompt = jnp.tile(PROMPT, (2, 1))
+  plen = jnp.tile(PLEN, 2)
+  fn = lambda st, pr, pl, r: sample(nnx.merge(gd, st), pr, pl, r, cfg).tokens
+  one = jax.jit(fn)(state, prompt, plen, jax.random.key(7))
+  mesh = mesh_lib.make_mesh((2, 2, 2))
+  rules = mesh_lib.DEFAULT_RULES
+  st_sh = tree_shardings(state, mesh, rules)
+  b_sh = mesh_lib.sharding_for(mesh, ("batch", None), rules)
+  with jax.set_mesh(mesh), mesh_lib.use_rules(rules):
+    eight = jax.jit(fn, in_shardings=(st_sh, b_sh, mesh_lib.sharding_for(mesh, ("batch",), rules), None))(
+        jax.device_put(state, st_sh), prompt, plen, jax.random.key(7))
+  assert len(eight.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(eight), np.asarray(one))
+
+
+def test_greedy_speculative_decoding_equals_target_greedy():
+  t, d = _model(3), _model(4, d=16, layers=1, heads=2, kv=1)
+  cfg = SamplingConfig(max_new_tokens=12, eos_id=EOS, greedy=True)
+  ref = jax.jit(lambda r: sample(t, PROMPT, PLEN, r, cfg))(jax.random.key(0))
+  for gamma in (1, 3, 5):
+    sd = jax.jit(lambda r: speculative_sample(t, d, PROMPT, PLEN, r, cfg, gamma=gamma))(jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(sd.tokens), np.asarray(ref.tokens))
+    np.testing.assert_array_equal(np.asarray(sd.loss_mask), np.asarray(ref.loss_mask))
+  assert 0 < float(sd.acceptance_rate) < 1         # a different draft: some, not all, accepted
+
+
+def test_draft_equal_to_target_accepts_every_token():
+  t = _model(5)
+  gamma = 4
+  cfg = SamplingConfig(max_new_tokens=12, eos_id=99)      # no EOS: every row runs the full budget
+  sd = jax.jit(lambda r: speculative_sample(t, t, PROMPT, PLEN, r, cfg, gamma=gamma))(jax.random.key(1))
+  np.testing.assert_array_equal(np.asarray(sd.accepted), np.asarray(sd.proposed))
+  alpha = float(sd.acceptance_rate)
+  assert alpha == 1.0
+  # tau = (1 - alpha^(gamma+1)) / (1 - alpha) -> gamma + 1 as alpha -> 1.
+  assert float(sd.block_efficiency) == gamma + 1
+  assert (np.asarray(sd.blocks) == int(np.ceil(12 / (gamma + 1)))).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_speculative_sampling_is_lossless(temperature):
+  """Empirical distribution of 3-token SD outputs vs the target's exact one
+  (enumerated over a 4-token vocabulary): chi-square below its 99.9% quantile,
+  while the draft's own samples are far from it (the test has power)."""
+  vocab, n, num = 4, 3, 6000
+  t = _model(6, vocab=vocab, std=0.6)
+  d = _model(7, vocab=vocab, d=16, layers=1, heads=2, kv=1, std=0.6)
+  cfg = SamplingConfig(max_new_tokens=n, eos_id=99, temperature=temperature)
+  prompt = jnp.tile(jnp.array([[1, 3]]), (num, 1))
+  plen = jnp.full((num,), 2)
+  sd = jax.jit(lambda r: speculative_sample(t, d, prompt, plen, r, cfg, gamma=2))(jax.random.key(11))
+  own = jax.jit(lambda r: sample(d, prompt, plen, r, cfg))(jax.random.key(12))
+  conts = np.array(list(itertools.product(range(vocab), repeat=n)))
+  seqs = jnp.asarray(np.concatenate([np.tile([[1, 3]], (len(conts), 1)), conts], 1))
+  lp = process_logits(t(seqs).logits[:, :-1], cfg)
+  exact = np.exp(np.asarray(jnp.sum(jnp.take_along_axis(lp, seqs[:, 1:, None], -1)[:, 1:, 0], 1)))
+  assert abs(exact.sum() - 1) < 1e-4
+
+  def chi2(tokens):
+    codes = np.asarray(tokens[:, 2:2 + n]) @ (vocab ** np.arange(n)[::-1])
+    counts = np.bincount(codes, minlength=len(conts))
+    expected = exact * len(codes)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+  # chi-square, 63 degrees of freedom: 99.9% quantile is 103.4.
+  assert chi2(sd.tokens) < 103.4
+  assert chi2(own.tokens) > 500
+  assert 0.2 < float(sd.acceptance_rate) < 0.95
+
+
+def test_lossy_lenience_accepts_more():
+  t, d = _model(8), _model(9, d=16, layers=1, heads=2, kv=1)
+  cfg = SamplingConfig(max_new_tokens=12, eos_id=99)
+  prompt, plen = jnp.tile(PROMPT, (16, 1)), jnp.tile(PLEN, 16)
+  rate = lambda eps: float(jax.jit(lambda r: speculative_sample(t, d, prompt, plen, r, cfg, gamma=3,
+                                                               lenience=eps))(jax.random.key(0)).acceptance_rate)
+  assert rate(0.3) > rate(1.0) + 0.05
+  with pytest.raises(ValueError, match="lenience=0"):
+    speculative_sample(t, d, prompt, plen, jax.random.key(0), cfg, gamma=3, lenience=0.0)
