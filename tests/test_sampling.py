@@ -165,3 +165,20 @@ def test_lossy_lenience_accepts_more():
   assert rate(0.3) > rate(1.0) + 0.05
   with pytest.raises(ValueError, match="lenience=0"):
     speculative_sample(t, d, prompt, plen, jax.random.key(0), cfg, gamma=3, lenience=0.0)
+
+
+def test_acceptance_formulas_and_draft_prefix_estimate():
+  from jaxopd.evaluation import acceptance_on_draft_prefixes, block_efficiency, speedup
+  assert float(block_efficiency(0.0, 4)) == pytest.approx(1.0)
+  assert float(block_efficiency(0.5, 3)) == pytest.approx((1 - 0.5 ** 4) / 0.5)
+  assert float(block_efficiency(1.0, 3)) == pytest.approx(4.0)
+  assert float(speedup(0.5, 3, 0.1)) == pytest.approx((1 - 0.5 ** 4) / 0.5 / 1.3)
+  t, d = _model(3), _model(4, d=16, layers=1, heads=2, kv=1)
+  cfg = SamplingConfig(max_new_tokens=12, eos_id=99)
+  prompt, plen = jnp.tile(PROMPT, (64, 1)), jnp.tile(PLEN, 64)
+  same = acceptance_on_draft_prefixes(t, t, prompt, plen, jax.random.key(0), cfg)
+  assert float(same.sampling) == pytest.approx(1.0, abs=1e-5) and float(same.greedy) == 1.0
+  est = acceptance_on_draft_prefixes(t, d, prompt, plen, jax.random.key(0), cfg)
+  # The per-position expected acceptance agrees with the empirical SD rate (gamma=1: blocks are i.i.d. draws).
+  sd = jax.jit(lambda r: speculative_sample(t, d, prompt, plen, r, cfg, gamma=1))(jax.random.key(5))
+  assert float(sd.acceptance_rate) == pytest.approx(float(est.sampling), abs=0.05)
