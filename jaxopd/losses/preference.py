@@ -1,0 +1,77 @@
+"""Preference losses: DPO and TDPO (token-level DPO), pure functions on arrays.
+
+Math: METHODS.md. Sequences of a pair are scored with the same helpers as SFT
+(``token_logprobs`` / ``response_mask``: position t scores token t+1).
+
+TDPO follows the official code (Vance0124/Token-level-Direct-Preference-
+Optimization, ``tdpo_loss``): the sequential KL is the sum over response
+positions of ``KL(p_ref || p_pi)`` over the whole vocabulary, and TDPO2 puts
+``alpha`` on the KL margin with the chosen side's KL detached.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxopd.losses.common import response_mask, token_logprobs
+
+
+def sequence_logps(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
+  """Summed log-probability of the masked tokens: ``[B, T, V], [B, T], [B, T] -> [B]``."""
+  return jnp.sum(token_logprobs(logits, tokens) * response_mask(loss_mask), axis=-1)
+
+
+def forward_kl_per_token(ref_logits: jax.Array, pi_logits: jax.Array, chunk: int = 128) -> jax.Array:
+  """``k_t = sum_v p_ref(v|s_t) (log p_ref(v|s_t) - log p_pi(v|s_t))`` for t < T-1: ``[B, T, V] x2 -> [B, T-1]``.
+
+  Computed over chunks of ``chunk`` positions with rematerialisation, so at
+  most one chunk of both models' float32 log-softmax is alive in the forward
+  pass and in the backward pass (the logits themselves are the inputs).
+  """
+  ref = ref_logits[:, :-1]
+  pi = pi_logits[:, :-1]
+  b, t, v = ref.shape
+  chunk = max(1, min(chunk, t))
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  if pad:
+    ref = jnp.pad(ref, ((0, 0), (0, pad), (0, 0)))
+    pi = jnp.pad(pi, ((0, 0), (0, pad), (0, 0)))
+
+  @jax.checkpoint
+  def one(r, p):                      # [B, chunk, V] -> [B, chunk]
+    lr = jax.nn.log_softmax(r.astype(jnp.float32), axis=-1)
+    lp = jax.nn.log_softmax(p.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(lr) * (lr - lp), axis=-1)
+
+  def body(_, i):
+    r = jax.lax.dynamic_slice_in_dim(ref, i * chunk, chunk, axis=1)
+    p = jax.lax.dynamic_slice_in_dim(pi, i * chunk, chunk, axis=1)
+    return None, one(r, p)
+
+  _, ks = jax.lax.scan(body, None, jnp.arange(n))          # [n, B, chunk]
+  return jnp.moveaxis(ks, 0, 1).reshape(b, n * chunk)[:, :t]
+
+
+def dpo_loss(chosen_logratio: jax.Array, rejected_logratio: jax.Array, beta: float) -> jax.Array:
+  """``-log sigmoid(beta (R_w - R_l))`` per pair; ``R = log pi(y) - log ref(y)`` summed over the response."""
+  return -jax.nn.log_sigmoid(beta * (chosen_logratio - rejected_logratio))
+
+
+def tdpo_loss(chosen_logratio: jax.Array, rejected_logratio: jax.Array, chosen_kl: jax.Array,
+              rejected_kl: jax.Array, beta: float, alpha: float = 0.5, variant: int = 2) -> jax.Array:
+  """Per-pair TDPO loss.
+
+  TDPO1: ``z = (R_w - R_l) - (K_l - K_w)``;
+  TDPO2: ``z = (R_w - R_l) - alpha (K_l - sg(K_w))``; loss ``-log sigmoid(beta z)``.
+  ``K`` is the sequential forward KL ``sum_t m_t KL(p_ref || p_pi)``.
+  """
+  margin = chosen_logratio - rejected_logratio
+  if variant == 1:
+    z = margin - (rejected_kl - chosen_kl)
+  elif variant == 2:
+    z = margin - alpha * (rejected_kl - jax.lax.stop_gradient(chosen_kl))
+  else:
+    raise ValueError(f"TDPO variant={variant}: must be 1 or 2")
+  return -jax.nn.log_sigmoid(beta * z)
