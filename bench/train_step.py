@@ -1,6 +1,7 @@
 """Benchmark of the SFT train step on the CPU: step time, tokens/s, GFLOP/s vs matmul peak.
 
-  python bench/train_step.py            (about 1 minute on 2 CPU cores)
+  python bench/train_step.py            (about 35 s on 2 idle CPU cores)
+  python bench/train_step.py --batch 64 (a variant; --warmup / --repeats too)
 
 What it runs: the real ``jaxopd.train.Trainer.train_step``, jitted by
 ``Trainer.compiled_train_step`` (donated state, explicit shardings), built
@@ -43,6 +44,7 @@ on: see FINDINGS below (filled in from measurement).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -67,6 +69,16 @@ WARMUP, REPEATS = 5, 20
 BATCH, SEQ = 16, 128
 
 
+def parse_args(argv=None):
+  global WARMUP, REPEATS, BATCH
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--batch", type=int, default=BATCH, help="global batch (default 16)")
+  ap.add_argument("--warmup", type=int, default=WARMUP, help="untimed steps after compiling (default 5)")
+  ap.add_argument("--repeats", type=int, default=REPEATS, help="timed steps (default 20)")
+  a = ap.parse_args(argv)
+  WARMUP, REPEATS, BATCH = a.warmup, a.repeats, a.batch
+
+
 def make_config():
   sft = load_module(os.path.join(ROOT, "experiments", "sft.py"))
   c = sft.get_config()
@@ -83,7 +95,7 @@ def make_config():
   c.model.max_len = SEQ
   c.model.dtype = "float32"
   c.data.max_symbols = 62        # (seq_len - 3) // 2 = 62: records up to the full 128 tokens
-  c.data.num_train = 256         # one batch is all the benchmark uses; keep record generation cheap
+  c.data.num_train = max(256, 4 * BATCH)         # one batch is all the benchmark uses; keep record generation cheap
   c.data.num_eval = 32
   c.mesh.num_devices = 1
   c.mesh.shape = (1, 1, 1)
@@ -112,8 +124,10 @@ def other_load(start):
   return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / (end[2] - start[2]))
 
 
-def timed(fn, *args, warmup=WARMUP, repeats=REPEATS):
+def timed(fn, *args, warmup=None, repeats=None):
   """Median seconds of ``fn(*args)`` (outputs blocked on) after ``warmup`` calls."""
+  warmup = WARMUP if warmup is None else warmup
+  repeats = REPEATS if repeats is None else repeats
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   ts = []
@@ -163,7 +177,8 @@ def matmul_peak():
   return out
 
 
-def main():
+def main(argv=None):
+  parse_args(argv)
   t_start = time.perf_counter()
   snap = _cpu_snapshot()
   sft, c = make_config()

@@ -1,0 +1,216 @@
+"""Real data: JSONL / Parquet files in the TRL formats, validated and encoded
+into the trainer's fixed-shape records.
+
+Formats (one record per line / row; TRL names):
+
+* ``preference``: ``{"prompt": str, "chosen": str, "rejected": str}``;
+* conversational preference: ``"chosen"``/``"rejected"`` are message lists
+  ``[{"role": ..., "content": ...}]`` (``"prompt"`` optional, also a message
+  list), rendered with the tokenizer's chat template;
+* ``prompt``: ``{"prompt": str}`` or a message list, for on-policy methods;
+* ``lm``: ``{"text": str}`` or ``{"prompt": str, "completion": str}`` or
+  ``{"messages": [...]}`` for SFT.
+
+A malformed record stops with ``file:line: field ...``. Examples longer than
+``seq_len`` follow ``policy``: ``"truncate"`` (keep the prompt's end and the
+response's start) or ``"drop"``; :class:`EncodeStats` counts both and callers
+print them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+FORMATS = ("preference", "prompt", "lm")
+POLICIES = ("truncate", "drop")
+
+
+class DataFormatError(ValueError):
+  """A record that does not match its format; the message names file, line and field."""
+
+
+@dataclasses.dataclass
+class EncodeStats:
+  seen: int = 0
+  kept: int = 0
+  truncated: int = 0
+  dropped: int = 0
+
+  def __str__(self):
+    return f"{self.seen} records: {self.kept} kept, {self.truncated} truncated, {self.dropped} dropped (over-long)"
+
+
+def iter_records(path: str) -> Iterator[tuple[int, dict]]:
+  """``(line_number, record)`` from a ``.jsonl`` / ``.json`` (one object per line) or ``.parquet`` file."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  if path.endswith(".parquet"):
+    import pyarrow.parquet as pq
+    for i, rec in enumerate(pq.read_table(path).to_pylist(), start=1):
+      yield i, rec
+    return
+  with open(path, encoding="utf-8") as f:
+    for i, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataFormatError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+      if not isinstance(rec, dict):
+        raise DataFormatError(f"{path}:{i}: a record must be a JSON object, got {type(rec).__name__}")
+      yield i, rec
+
+
+def _is_messages(x) -> bool:
+  return isinstance(x, list) and all(isinstance(m, dict) for m in x)
+
+
+def _check_messages(x, where, field):
+  if not isinstance(x, list) or not x:
+    raise DataFormatError(f"{where}: field {field!r} must be a non-empty list of messages")
+  for j, m in enumerate(x):
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+      raise DataFormatError(f"{where}: field {field!r}[{j}] must be {{'role': str, 'content': str}}")
+
+
+def _text(rec, field, where, allow_messages=False, required=True):
+  if field not in rec or rec[field] is None:
+    if required:
+      raise DataFormatError(f"{where}: missing field {field!r} (has {sorted(rec)})")
+    return None
+  v = rec[field]
+  if isinstance(v, str):
+    return v
+  if allow_messages and _is_messages(v):
+    _check_messages(v, where, field)
+    return v
+  raise DataFormatError(f"{where}: field {field!r} must be a string"
+                        + (" or a list of messages" if allow_messages else "") + f", got {type(v).__name__}")
+
+
+def render(tokenizer, prompt, response) -> tuple[list[int], list[int]]:
+  """Token ids of (prompt, response). Plain strings are tokenized as they are
+  (the prompt gets the tokenizer's BOS if it has one; the response ends with
+  EOS); message lists go through ``apply_chat_template`` and the response is
+  the rendered conversation minus the rendered prompt."""
+  if isinstance(response, list):
+    if tokenizer.chat_template is None:
+      raise DataFormatError("conversational records need a tokenizer with a chat template")
+    prompt_msgs = prompt or []
+    full = tokenizer.apply_chat_template(prompt_msgs + response, tokenize=False)
+    head = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True) if prompt_msgs else ""
+    if not full.startswith(head):
+      raise DataFormatError("the chat template does not render the prompt as a prefix of the conversation")
+    p_ids = tokenizer(head, add_special_tokens=False)["input_ids"] if head else []
+    r_ids = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+    return p_ids, r_ids
+  if isinstance(prompt, list):
+    raise DataFormatError("a message-list prompt needs message-list responses")
+  bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+  p_ids = bos + (tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [])
+  r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+  if tokenizer.eos_token_id is not None:
+    r_ids = r_ids + [tokenizer.eos_token_id]
+  return p_ids, r_ids
+
+
+def _fit(p_ids, r_ids, seq_len, policy, stats, max_prompt_len):
+  """Applies the over-length policy; returns (prompt, response) or None when dropped."""
+  if len(p_ids) + len(r_ids) <= seq_len and len(p_ids) <= max_prompt_len:
+    return p_ids, r_ids, False
+  if policy == "drop":
+    return None
+  p_keep = min(len(p_ids), max_prompt_len)
+  p_ids = p_ids[len(p_ids) - p_keep:]            # keep the prompt's end (nearest the response)
+  r_ids = r_ids[:max(seq_len - len(p_ids), 1)]
+  return p_ids, r_ids, True
+
+
+def _row(p_ids, r_ids, seq_len, pad_id):
+  tokens = np.full(seq_len, pad_id, np.int32)
+  mask = np.zeros(seq_len, np.int32)
+  ids = p_ids + r_ids
+  tokens[:len(ids)] = ids
+  mask[len(p_ids):len(ids)] = 1
+  return tokens, mask
+
+
+def load(path: str, fmt: str, tokenizer, seq_len: int, policy: str = "drop",
+         max_prompt_len: int | None = None) -> tuple[list[dict], EncodeStats]:
+  """Reads and encodes a file into records for the trainer.
+
+  ``preference`` -> ``tokens[2, T], loss_mask[2, T]`` (chosen, rejected);
+  ``prompt`` -> ``prompt[T], prompt_len`` (right-padded, for the sampler);
+  ``lm`` -> ``tokens[T], loss_mask[T]``.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f"format={fmt!r}: must be one of {FORMATS}")
+  if policy not in POLICIES:
+    raise ValueError(f"over-length policy={policy!r}: must be one of {POLICIES}")
+  max_prompt_len = seq_len - 1 if max_prompt_len is None else max_prompt_len
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  stats = EncodeStats()
+  out = []
+  for line, rec in iter_records(path):
+    where = f"{path}:{line}"
+    stats.seen += 1
+    try:
+      if fmt == "preference":
+        prompt = _text(rec, "prompt", where, allow_messages=True, required=False)
+        chosen = _text(rec, "chosen", where, allow_messages=True)
+        rejected = _text(rec, "rejected", where, allow_messages=True)
+        if isinstance(chosen, list) != isinstance(rejected, list):
+          raise DataFormatError(f"{where}: fields 'chosen' and 'rejected' must both be strings or both message lists")
+        sides = [render(tokenizer, prompt, chosen), render(tokenizer, prompt, rejected)]
+        fitted = [_fit(p, r, seq_len, policy, stats, max_prompt_len) for p, r in sides]
+        if any(f is None for f in fitted):
+          stats.dropped += 1
+          continue
+        rows = [_row(p, r, seq_len, pad) for p, r, _ in fitted]
+        out.append({"tokens": np.stack([r[0] for r in rows]), "loss_mask": np.stack([r[1] for r in rows])})
+        stats.truncated += any(t for _, _, t in fitted)
+      elif fmt == "prompt":
+        prompt = _text(rec, "prompt", where, allow_messages=True)
+        if isinstance(prompt, list):
+          if tokenizer.chat_template is None:
+            raise DataFormatError(f"{where}: conversational prompts need a tokenizer with a chat template")
+          text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+          ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+          ids = render(tokenizer, prompt, "")[0]
+        if len(ids) > max_prompt_len:
+          if policy == "drop":
+            stats.dropped += 1
+            continue
+          ids = ids[len(ids) - max_prompt_len:]
+          stats.truncated += 1
+        row = np.full(max_prompt_len, pad, np.int32)
+        row[:len(ids)] = ids
+        out.append({"prompt": row, "prompt_len": np.int32(len(ids))})
+      else:
+        if "messages" in rec:
+          msgs = rec["messages"]
+          _check_messages(msgs, where, "messages")
+          p_ids, r_ids = render(tokenizer, None, msgs)
+        elif "completion" in rec:
+          p_ids, r_ids = render(tokenizer, _text(rec, "prompt", where), _text(rec, "completion", where))
+        else:
+          p_ids, r_ids = render(tokenizer, "", _text(rec, "text", where))
+        fitted = _fit(p_ids, r_ids, seq_len, policy, stats, max_prompt_len)
+        if fitted is None:
+          stats.dropped += 1
+          continue
+        tokens, mask = _row(fitted[0], fitted[1], seq_len, pad)
+        out.append({"tokens": tokens, "loss_mask": mask})
+        stats.truncated += fitted[2]
+    except DataFormatError as e:
+      msg = str(e)
+      raise DataFormatError(msg if msg.startswith(path) else f"{where}: {msg}") from None
+    stats.kept += 1
+  return out, stats

@@ -1,0 +1,116 @@
+"""Real-data import: TRL formats from JSONL / Parquet, validation errors with
+file, line and field, over-length policies with counts."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxopd.data import formats
+
+WORDS = "hello world the movie was good bad great awful plot music why what is it user assistant".split()
+
+
+@pytest.fixture(scope="module")
+def tok():
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"] + WORDS)}
+  t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  fast = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                 unk_token="<unk>")
+  fast.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+  return fast
+
+
+def _write(tmp_path, rows, name="d.jsonl"):
+  p = tmp_path / name
+  p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(p)
+
+
+def test_preference_strings_encode_chosen_and_rejected(tmp_path, tok):
+  path = _write(tmp_path, [{"prompt": "the movie was", "chosen": "great", "rejected": "awful plot"}])
+  recs, stats = formats.load(path, "preference", tok, seq_len=8)
+  assert stats.kept == 1 and stats.dropped == 0
+  ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+  r = recs[0]
+  assert r["tokens"].shape == (2, 8)
+  np.testing.assert_array_equal(r["tokens"][0], [1] + ids("the movie was great") + [2, 0, 0])
+  np.testing.assert_array_equal(r["loss_mask"][0], [0, 0, 0, 0, 1, 1, 0, 0])
+  np.testing.assert_array_equal(r["tokens"][1], [1] + ids("the movie was awful plot") + [2, 0])
+  np.testing.assert_array_equal(r["loss_mask"][1], [0, 0, 0, 0, 1, 1, 1, 0])
+
+
+def test_conversational_preference_uses_chat_template(tmp_path, tok):
+  row = {"prompt": [{"role": "user", "content": "what is it"}],
+         "chosen": [{"role": "assistant", "content": "good"}],
+         "rejected": [{"role": "assistant", "content": "bad movie"}]}
+  recs, _ = formats.load(_write(tmp_path, [row]), "preference", tok, seq_len=10)
+  t, m = recs[0]["tokens"], recs[0]["loss_mask"]
+  words = tok.convert_ids_to_tokens(t[1][m[1] == 1].tolist())
+  assert words == ["bad", "movie"]
+  assert tok.convert_ids_to_tokens(t[1][:5].tolist()) == ["<|user|>", "what", "is", "it", "<|assistant|>"]
+
+
+def test_parquet_reads_like_jsonl(tmp_path, tok):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  rows = [{"prompt": "the", "chosen": "good", "rejected": "bad"}, {"prompt": "it", "chosen": "great", "rejected": "awful"}]
+  pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+  a, _ = formats.load(str(tmp_path / "d.parquet"), "preference", tok, seq_len=6)
+  b, _ = formats.load(_write(tmp_path, rows), "preference", tok, seq_len=6)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["tokens"], y["tokens"])
+
+
+def test_over_length_policies_are_counted(tmp_path, tok):
+  rows = [{"text": "the movie was good"}, {"text": "the movie was good the plot was great music"}]
+  path = _write(tmp_path, rows)
+  recs, stats = formats.load(path, "lm", tok, seq_len=8, policy="drop")
+  assert (stats.seen, stats.kept, stats.dropped, stats.truncated) == (2, 1, 1, 0)
+  assert "1 dropped" in str(stats)
+  recs, stats = formats.load(path, "lm", tok, seq_len=8, policy="truncate")
+  assert (stats.kept, stats.dropped, stats.truncated) == (2, 0, 1)
+  assert recs[1]["tokens"].shape == (8,) and recs[1]["loss_mask"].sum() == 7
+
+
+def test_prompt_only_records(tmp_path, tok):
+  recs, stats = formats.load(_write(tmp_path, [{"prompt": "the movie"}, {"prompt": "the movie was good plot"}]),
+                             "prompt", tok, seq_len=16, max_prompt_len=4, policy="truncate")
+  assert [int(r["prompt_len"]) for r in recs] == [3, 4] and stats.truncated == 1
+  # Truncation keeps the prompt's end (nearest the response).
+  assert tok.convert_ids_to_tokens(recs[1]["prompt"].tolist()) == ["movie", "was", "good", "plot"]
+  assert tok.convert_ids_to_tokens(recs[0]["prompt"].tolist()) == ["<bos>", "the", "movie", "<pad>"]
+
+
+@pytest.mark.parametrize("line,fmt,message", [
+    ('{"prompt": "the", "chosen": "good"}', "preference", r"d.jsonl:2: missing field 'rejected'"),
+    ('{"prompt": "the", "chosen": 3, "rejected": "bad"}', "preference", r"d.jsonl:2: field 'chosen' must be a string"),
+    ('{"prompt": "the", "chosen": "good", "rejected": [{"role": "assistant", "content": "bad"}]}', "preference",
+     r"d.jsonl:2: fields 'chosen' and 'rejected' must both be strings or both message lists"),
+    ('{"chosen": [{"role": "assistant"}], "rejected": [{"role": "assistant", "content": "x"}]}', "preference",
+     r"d.jsonl:2: field 'chosen'\[0\] must be"),
+    ('{"prompt": "the", ', "preference", r"d.jsonl:2: not valid JSON"),
+    ('[1, 2]', "lm", r"d.jsonl:2: a record must be a JSON object"),
+    ('{"txt": "hello"}', "lm", r"d.jsonl:2: missing field 'text'"),
+    ('{"messages": "hello"}', "lm", r"d.jsonl:2: field 'messages' must be a non-empty list of messages"),
+])
+def test_malformed_record_names_file_line_and_field(tmp_path, tok, line, fmt, message):
+  good = {"preference": '{"prompt": "the", "chosen": "good", "rejected": "bad"}', "lm": '{"text": "hello"}'}[fmt]
+  p = tmp_path / "d.jsonl"
+  p.write_text(good + "\n" + line + "\n")
+  with pytest.raises(formats.DataFormatError, match=message):
+    formats.load(str(p), fmt, tok, seq_len=8)
+
+
+def test_missing_file_and_bad_options(tmp_path, tok):
+  with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    formats.load(str(tmp_path / "nope.jsonl"), "lm", tok, seq_len=8)
+  path = _write(tmp_path, [{"text": "hello"}])
+  with pytest.raises(ValueError, match="format='pairs'"):
+    formats.load(path, "pairs", tok, seq_len=8)
+  with pytest.raises(ValueError, match="policy='cut'"):
+    formats.load(path, "lm", tok, seq_len=8, policy="cut")
