@@ -75,7 +75,8 @@ def build(config) -> Experiment:
 
   def loss_fn(params, frozen, batch, rng):
     del frozen, rng
-    logits = params["policy"](batch["tokens"]).logits
+    logits = params["policy"](batch["tokens"], batch.get("positions"),
+                              segment_ids=batch.get("segment_ids")).logits
     nll, n_tokens, correct = sft_loss(logits, batch["tokens"], batch["loss_mask"])
     return LossOutput(nll, n_tokens, {"accuracy": correct})
 

@@ -118,3 +118,21 @@ def test_bfloat16_compute_close_to_float32():
 def test_model_config_errors_name_the_field(field, value, msg):
   with pytest.raises(ValueError, match=msg):
     ModelConfig(**{**CONFIGS["llama_gqa"].__dict__, field: value}).validate()
+
+
+def test_packed_rows_equal_separate_forwards():
+  """Two examples packed in one row with segment ids and per-example positions
+  give the logits of each example alone."""
+  from jaxopd.data.pipeline import pack
+  for name in ("gpt2", "llama_gqa"):
+    cfg = CONFIGS[name]
+    m = _model(cfg)
+    a = np.array([1, 5, 6, 7, 2], np.int32)
+    b = np.array([1, 9, 8, 2], np.int32)
+    rec = lambda t: {"tokens": np.pad(t, (0, 8 - len(t))), "loss_mask": np.pad(np.ones_like(t), (0, 8 - len(t)))}
+    rows, stats = pack([rec(a), rec(b)], seq_len=12)
+    assert stats["rows"] == 1 and stats["fill"] == 9 / 12
+    r = {k: jnp.asarray(v)[None] for k, v in rows[0].items()}
+    out = m(r["tokens"], r["positions"], segment_ids=r["segment_ids"]).logits[0]
+    np.testing.assert_allclose(np.asarray(out[:5]), np.asarray(m(jnp.asarray(a)[None]).logits[0]), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(out[5:9]), np.asarray(m(jnp.asarray(b)[None]).logits[0]), atol=2e-5)

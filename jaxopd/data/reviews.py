@@ -503,6 +503,12 @@ def _bernoulli(p: float) -> _Cat:
   return _Cat((False, True), (1.0 - p, p))
 
 
+_GENRE = ("genre",)   # film_word label: "this <genre word>" instead of "this film"
+# Text the program emits verbatim (World._reachable_words adds the chosen words).
+_LITERALS = ("i", "this", "directed this", "stars", "the", "were", "was", "did not", "never", ",",
+             ", however ,", "and", ".", "not", "as the", "overall ,", "i would", "recommend it",
+             "i give it", "out of ten .", "a", "an")
+
 MAX_CONTENT_SENTENCES = 4
 MAX_INTENSIFIERS = 2
 
@@ -523,8 +529,8 @@ class World:
     u = lambda lo, hi: float(rng.uniform(lo, hi))
 
     # Review-level latent and how strongly the text follows it.
-    self.p_polarity = _Cat((1, -1), (u(0.4, 0.6), 1.0))  # weights; normalised below
-    self.p_polarity = _Cat((1, -1), (self.p_polarity.probs[0], self.p_polarity.probs[1]))
+    q = u(0.4, 0.6)
+    self.p_polarity = _Cat((1, -1), (q, 1.0 - q))
     self.p_follow = _bernoulli(u(0.75, 0.9))      # a clause takes the review's polarity
     self.p_contrast_final = _bernoulli(u(0.85, 0.95))  # "X but Y": Y takes it
     self.p_contrast_flip = _bernoulli(u(0.75, 0.9))    # X opposes Y
@@ -596,7 +602,7 @@ class World:
     self.p_overall = _bernoulli(u(0.2, 0.4))
     self.intro_kind = _dirichlet(rng, ("watched", "directed", "stars"), (0.5, 0.3, 0.2))
     self.watched = _zipf(rng, ("watched", "saw"), 1.0)
-    self.film_word = _zipf(rng, ("film", "movie", "genre"), 1.0)
+    self.film_word = _zipf(rng, ("film", "movie", _GENRE), 1.0)
     self.copula = _zipf(rng, ("is", "was"), 1.0)
     self.p_short_rating = _bernoulli(u(0.2, 0.4))
     # Ratings: a noisy, polarity-dependent score; neutral words, so they
@@ -640,10 +646,11 @@ class World:
       t.emit("i")
       t.word(self.watched)
       t.emit("this")
-      if t.choose(self.film_word) == "genre":
+      what = t.choose(self.film_word)
+      if what is _GENRE:
         t.word(self.genres)
       else:
-        t.emit(t.choose(self.film_word.restrict(lambda w: w != "genre")))
+        t.emit(what)
       t.emit(t.choose(self.when))
     elif kind == "directed":
       self._name(t)
@@ -865,29 +872,16 @@ class World:
 
   def _reachable_words(self) -> tuple[str, ...]:
     """Every word this world can emit, sorted (the tokenizer's vocabulary)."""
-    words = set()
-    for value in vars(self).values():
-      cats = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
-      for c in cats:
-        if isinstance(c, tuple):   # articles: (article cat, consonant half, vowel half)
-          cats_ = c
-        else:
-          cats_ = (c,)
-        for cc in cats_:
-          if isinstance(cc, _Cat):
-            for x in cc.items:
-              if isinstance(x, str):
-                words.update(x.split())
-    # Words the program emits literally.
-    words.update("i this directed stars the were was not did never , however and . is "
-                 "a an as would recommend it give out of ten overall".split())
-    words -= {"genre", "simple", "conj", "contrast", "verdict", "name", "none", "rating", "both",
-              "copula", "verb", "adverb", "watched", "directed", "stars"} - self._literal_ok()
-    return tuple(sorted(words))
-
-  def _literal_ok(self) -> set[str]:
-    # Words that are both choice labels above and emitted text.
-    return {"watched", "directed", "stars"}
+    phrases = set(_LITERALS)
+    cats = [self.openers, self.negations, self.adj_int, self.verb_int, self.adv_int, self.rec_int,
+            self.noun_int, self.contrasts, self.first, self.last, self.roles, self.genres, self.when,
+            self.subjects, self.audience, self.watched, self.film_word, self.copula]
+    for d in (self.adv, self.noun, self.verb_base, self.verb_past, self.topic_nouns, self.topic_verbs,
+              self.topic_mods, self.topic_adj, self.rating):
+      cats.extend(d.values())
+    for c in cats:
+      phrases.update(x for x in c.items if isinstance(x, str))
+    return tuple(sorted({w for p in phrases for w in p.split()}))
 
 
 def _rng(rng_or_seed, fn: str) -> np.random.Generator:

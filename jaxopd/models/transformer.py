@@ -184,8 +184,9 @@ class Attention(nnx.Module):
     self.bv = _zeros((kv, dh), ("kv_heads", "head_dim")) if has_qkv_bias else None
     self.bo = _zeros((d,), ("embed",)) if cfg.family == "gpt2" else None
 
-  def __call__(self, x, positions, key_mask, cache_kv=None, index=None):
+  def __call__(self, x, positions, key_mask, cache_kv=None, index=None, segment_ids=None):
     """``x: [B, T, D]``; ``key_mask: [B, S]`` valid keys (S = T without cache);
+    ``segment_ids: [B, T]`` (packed rows, no cache): attend only within a segment;
     ``cache_kv``: this layer's ``(k, v)`` of ``[B, S, Hkv, Dh]``; returns (y, new (k, v))."""
     cfg = self.cfg
     dt = x.dtype
@@ -212,6 +213,8 @@ class Attention(nnx.Module):
     qg = q.reshape(b, t, cfg.kv_heads, g, dh)
     scores = jnp.einsum("btngk,bsnk->bngts", qg, keys.astype(dt)).astype(jnp.float32) / math.sqrt(dh)
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]   # [B, T, S]
+    if segment_ids is not None:
+      allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bngts,bsnk->btngk", probs, values.astype(dt)).reshape(b, t, h, dh)
@@ -256,8 +259,8 @@ class Block(nnx.Module):
     self.ln2 = Norm(cfg)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, key_mask, cache_kv=None, index=None):
-    a, new_kv = self.attn(self.ln1(x), positions, key_mask, cache_kv, index)
+  def __call__(self, x, positions, key_mask, cache_kv=None, index=None, segment_ids=None):
+    a, new_kv = self.attn(self.ln1(x), positions, key_mask, cache_kv, index, segment_ids)
     x = x + a
     x = x + self.mlp(self.ln2(x))
     return constrain(x, ("batch", "length", "embed")), new_kv
@@ -279,10 +282,13 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                attention_mask: jax.Array | None = None, cache: KVCache | None = None,
-               return_hidden: bool = False) -> Output:
+               segment_ids: jax.Array | None = None, return_hidden: bool = False) -> Output:
     """``tokens: [B, T]`` int; ``positions: [B, T]`` (default: cache.index + arange(T));
     ``attention_mask: [B, T]`` 1 for real tokens (keys at 0 are never attended to;
-    default all ones)."""
+    default all ones); ``segment_ids: [B, T]`` for packed rows (tokens attend
+    within their segment only; pass the per-segment ``positions`` too)."""
+    if segment_ids is not None and cache is not None:
+      raise ValueError("segment_ids (packed rows) are for training forwards, not with a KV cache")
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     b, t = tokens.shape
@@ -302,7 +308,7 @@ class Transformer(nnx.Module):
     ks, vs = [], []
     for i, block in enumerate(self.blocks):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, new_kv = block(x, positions, key_mask, kv, start)
+      x, new_kv = block(x, positions, key_mask, kv, start, segment_ids)
       if cache is not None:
         ks.append(new_kv[0])
         vs.append(new_kv[1])
