@@ -49,3 +49,70 @@ def acceptance_on_draft_prefixes(target: Transformer, draft: Transformer, prompt
   agree = (jnp.argmax(lp, -1) == jnp.argmax(lq, -1)).astype(jnp.float32)
   n = jnp.sum(m)
   return Acceptance(jnp.sum(beta * m) / n, jnp.sum(agree * m) / n, n)
+
+
+def sequence_kl(policy_logps: jax.Array, ref_logps: jax.Array, mask: jax.Array) -> jax.Array:
+  """Monte-Carlo ``KL(pi || ref)`` per sequence from samples of ``pi``:
+  ``sum_t m_t (log pi(y_t) - log ref(y_t))``; inputs ``[B, T]`` -> ``[B]``."""
+  return jnp.sum(mask * (policy_logps - ref_logps), axis=-1)
+
+
+def token_entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean entropy (nats) of the model's next-token distribution over the masked positions."""
+  lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  h = -jnp.sum(jnp.exp(lp) * lp, axis=-1)
+  return jnp.sum(h * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def distinct_n(sequences, n: int) -> float:
+  """Distinct n-grams / total n-grams over a set of token sequences (lists of ids or words)."""
+  total, seen = 0, set()
+  for s in sequences:
+    s = list(s)
+    grams = [tuple(s[i:i + n]) for i in range(len(s) - n + 1)]
+    total += len(grams)
+    seen.update(grams)
+  return len(seen) / total if total else 0.0
+
+
+def self_bleu(sequences, n: int = 4, max_refs: int = 200) -> float:
+  """Mean BLEU-n of each sequence against the others (lower = more diverse).
+
+  Uniform n-gram weights, brevity penalty, add-one smoothing of the higher
+  orders so short samples do not all score 0; references capped at
+  ``max_refs`` others for speed.
+  """
+  import collections
+  import math
+
+  seqs = [list(s) for s in sequences if len(s) > 0]
+  if len(seqs) < 2:
+    return 0.0
+
+  def grams(s, k):
+    return collections.Counter(tuple(s[i:i + k]) for i in range(len(s) - k + 1))
+
+  scores = []
+  for i, hyp in enumerate(seqs):
+    refs = [s for j, s in enumerate(seqs) if j != i][:max_refs]
+    logp = 0.0
+    for k in range(1, n + 1):
+      h = grams(hyp, k)
+      best: dict = collections.Counter()
+      for r in refs:
+        for g, c in grams(r, k).items():
+          if c > best[g]:
+            best[g] = c
+      match = sum(min(c, best[g]) for g, c in h.items())
+      count = max(sum(h.values()), 0)
+      if k == 1:
+        if match == 0:
+          logp = -math.inf
+          break
+        logp += math.log(match / count) / n
+      else:
+        logp += math.log((match + 1) / (count + 1)) / n
+    closest = min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+    bp = 1.0 if len(hyp) > closest else math.exp(1 - closest / max(len(hyp), 1))
+    scores.append(0.0 if logp == -math.inf else bp * math.exp(logp))
+  return float(sum(scores) / len(scores))

@@ -182,3 +182,15 @@ def test_acceptance_formulas_and_draft_prefix_estimate():
   # The per-position expected acceptance agrees with the empirical SD rate (gamma=1: blocks are i.i.d. draws).
   sd = jax.jit(lambda r: speculative_sample(t, d, prompt, plen, r, cfg, gamma=1))(jax.random.key(5))
   assert float(sd.acceptance_rate) == pytest.approx(float(est.sampling), abs=0.05)
+
+
+def test_diversity_and_kl_helpers():
+  from jaxopd.evaluation import distinct_n, self_bleu, sequence_kl, token_entropy
+  assert distinct_n([[1, 2, 3], [1, 2, 4]], 1) == 4 / 6
+  assert distinct_n([[1, 2, 3], [1, 2, 4]], 2) == 3 / 4
+  assert self_bleu([[1, 2, 3, 4, 5]] * 3) == pytest.approx(1.0)
+  assert self_bleu([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]) == 0.0
+  logits = jnp.zeros((1, 3, 8))
+  assert float(token_entropy(logits, jnp.ones((1, 3)))) == pytest.approx(np.log(8), rel=1e-6)
+  lp, lr = jnp.array([[-1.0, -2.0, -3.0]]), jnp.array([[-1.5, -2.0, -1.0]])
+  assert float(sequence_kl(lp, lr, jnp.array([[1.0, 1.0, 0.0]]))[0]) == pytest.approx(0.5)
