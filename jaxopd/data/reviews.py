@@ -75,7 +75,10 @@ pruning a derivation at the first word it could not have produced; word
 choices are read straight off the text, so only structural choices branch.
 ``World.entropy_rate`` is then mean(-log p) / mean(#words + 1) in nats per
 token, the "+1" being the end-of-review token an LM also predicts: the floor
-of an SFT model's per-token loss on this corpus.
+of an SFT model's per-token loss on this corpus. ``World.prefix_log_prob``
+is the exact probability that a review starts with given words, hence the
+true next-word distribution and the true conditional of a continuation given
+a prompt (for divergence-to-target evaluations). Cost: a few ms per review.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ import bisect
 import dataclasses
 import itertools
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -391,7 +394,7 @@ def mentions_topic(words: Sequence[str], topic: str) -> bool:
 
 class _Cat:
   """A categorical over ``items`` (zero weights dropped so every branch is live)."""
-  __slots__ = ("items", "probs", "cum", "prob_of")
+  __slots__ = ("items", "probs", "logs", "cum", "prob_of", "log_of")
 
   def __init__(self, items: Sequence, weights: Sequence[float]):
     pairs = [(x, float(w)) for x, w in zip(items, weights) if w > 0]
@@ -402,9 +405,11 @@ class _Cat:
     self.probs = tuple(w / total for _, w in pairs)
     self.cum = list(itertools.accumulate(self.probs))
     self.cum[-1] = 1.0
+    self.logs = tuple(math.log(p) for p in self.probs)
     self.prob_of = {}
     for x, p in zip(self.items, self.probs):
       self.prob_of[x] = self.prob_of.get(x, 0.0) + p
+    self.log_of = {x: math.log(p) for x, p in self.prob_of.items()}
 
   def restrict(self, keep: Callable) -> "_Cat | None":
     pairs = [(x, p) for x, p in zip(self.items, self.probs) if keep(x)]
@@ -415,14 +420,21 @@ class _Cat:
 
 
 class _Sampler:
-  """Runs the program forward, drawing every choice from ``rng``."""
+  """Runs the program forward, drawing every choice from ``rng``.
+
+  ``logp`` accumulates the probability of the drawn derivation, log p(words, z)
+  when the grammar is unambiguous given z (a cross-check on the scorer).
+  """
 
   def __init__(self, rng: np.random.Generator):
     self.rng = rng
     self.out: list[str] = []
+    self.logp = 0.0
 
   def choose(self, cat: _Cat):
-    return cat.items[bisect.bisect_left(cat.cum, self.rng.random())]
+    i = bisect.bisect_left(cat.cum, self.rng.random())
+    self.logp += cat.logs[i]
+    return cat.items[i]
 
   def word(self, cat: _Cat) -> str:
     w = self.choose(cat)
@@ -431,6 +443,9 @@ class _Sampler:
 
   def emit(self, text: str):
     self.out.extend(text.split())
+
+  def call(self, fn, *args):
+    return fn(self, *args)
 
 
 class _Branch(Exception):
@@ -442,44 +457,110 @@ class _Mismatch(Exception):
   pass
 
 
+class _Done(Exception):
+  """Prefix mode: the words ran out, so every continuation counts."""
+
+
+_DONE = object()   # a sub-program parse that ran past the end of a prefix
+
+
 class _Replay:
-  """Runs the program against fixed words with the first structural choices forced.
+  """Runs (part of) the program against fixed words, first structural choices forced.
 
   A structural choice past the forced prefix raises ``_Branch`` (the driver
   retries each option); a word the program could not emit raises
   ``_Mismatch``. Word choices are not branched: the text says which it was.
+  ``call(fn, *args)`` runs a sub-program (a sentence, a clause) through the
+  shared ``memo``: all its parses from this position are found once, and the
+  caller branches over them like over a choice -- a chart parser's reuse, so
+  a branch does not replay the words before it.
   """
 
-  def __init__(self, target: list[str], forced: tuple[int, ...]):
-    self.target, self.forced = target, forced
+  def __init__(self, target: list[str], forced: tuple[int, ...], start: int, memo: dict,
+               prefix: bool):
+    self.target, self.forced, self.memo, self.prefix = target, forced, memo, prefix
     self.k = 0
-    self.pos = 0
+    self.pos = start
     self.logp = 0.0
+
+  def _next(self, n: int) -> int:
+    if self.k == len(self.forced):
+      raise _Branch(n)
+    self.k += 1
+    return self.forced[self.k - 1]
 
   def choose(self, cat: _Cat):
     if self.k == len(self.forced):
       raise _Branch(len(cat.items))
     i = self.forced[self.k]
     self.k += 1
-    self.logp += math.log(cat.probs[i])
+    self.logp += cat.logs[i]
     return cat.items[i]
+
+  def _past_end(self):
+    raise _Done if self.prefix else _Mismatch
 
   def word(self, cat: _Cat) -> str:
     if self.pos >= len(self.target):
-      raise _Mismatch
+      self._past_end()
     w = self.target[self.pos]
-    p = cat.prob_of.get(w)
-    if p is None:
+    lp = cat.log_of.get(w)
+    if lp is None:
       raise _Mismatch
-    self.logp += math.log(p)
+    self.logp += lp
     self.pos += 1
     return w
 
   def emit(self, text: str):
     for w in text.split():
-      if self.pos >= len(self.target) or self.target[self.pos] != w:
+      if self.pos >= len(self.target):
+        self._past_end()
+      if self.target[self.pos] != w:
         raise _Mismatch
       self.pos += 1
+
+  def call(self, fn, *args):
+    key = (fn.__name__, args, self.pos)
+    parses = self.memo.get(key)
+    if parses is None:
+      parses = self.memo[key] = _parses(self.target, self.pos, self.memo, lambda t: fn(t, *args),
+                                        prefix=self.prefix)
+    if not parses:
+      raise _Mismatch
+    self.pos, logp, result = parses[self._next(len(parses))]
+    self.logp += logp
+    if result is _DONE:
+      raise _Done
+    return result
+
+
+def _parses(target: list[str], start: int, memo: dict, run, root: tuple[int, ...] = (),
+            prefix: bool = False) -> list[tuple[int, float, object]]:
+  """Every derivation of ``run`` reading ``target`` from ``start``: (end, log p, result).
+
+  Depth-first over structural choices; each retry replays ``run`` from
+  ``start`` with one more choice forced (sub-programs come from the memo).
+  ``root`` forces the first choices (only derivations that make them).
+  With ``prefix``, a derivation that wants a word after the last one is
+  complete (result ``_DONE``): the choices made after the end then sum to
+  one, so the total is the probability that the text *starts* with target.
+  """
+  found = []
+  stack: list[tuple[int, ...]] = [root]
+  while stack:
+    forced = stack.pop()
+    replay = _Replay(target, forced, start, memo, prefix)
+    try:
+      result = run(replay)
+    except _Branch as b:
+      stack.extend(forced + (i,) for i in range(b.n))
+      continue
+    except _Mismatch:
+      continue
+    except _Done:
+      result = _DONE
+    found.append((replay.pos, replay.logp, result))
+  return found
 
 
 def _zipf(rng: np.random.Generator, items: Sequence, keep_frac: float, min_keep: int = 2) -> _Cat:
@@ -503,11 +584,21 @@ def _bernoulli(p: float) -> _Cat:
   return _Cat((False, True), (1.0 - p, p))
 
 
+_ALWAYS = _Cat((True,), (1.0,))   # a choice with one outcome (log-prob 0)
+
+
 _GENRE = ("genre",)   # film_word label: "this <genre word>" instead of "this film"
 # Text the program emits verbatim (World._reachable_words adds the chosen words).
 _LITERALS = ("i", "this", "directed this", "stars", "the", "were", "was", "did not", "never", ",",
              ", however ,", "and", ".", "not", "as the", "overall ,", "i would", "recommend it",
              "i give it", "out of ten .", "a", "an")
+
+class Sample(NamedTuple):
+  """One draw: the words, the latent review polarity z, and log p(words, z)."""
+  words: list[str]
+  polarity: int
+  joint_log_prob: float
+
 
 MAX_CONTENT_SENTENCES = 4
 MAX_INTENSIFIERS = 2
@@ -533,7 +624,7 @@ class World:
     self.p_polarity = _Cat((1, -1), (q, 1.0 - q))
     self.p_follow = _bernoulli(u(0.75, 0.9))      # a clause takes the review's polarity
     self.p_contrast_final = _bernoulli(u(0.85, 0.95))  # "X but Y": Y takes it
-    self.p_contrast_flip = _bernoulli(u(0.75, 0.9))    # X opposes Y
+    self.p_contrast_same = _bernoulli(1.0 - u(0.75, 0.9))  # X agrees with Y (usually opposes)
     self.p_conj_same = _bernoulli(u(0.75, 0.9))        # "X and Y": same polarity
     self.p_rec_follow = _bernoulli(u(0.85, 0.97))
 
@@ -555,6 +646,10 @@ class World:
     self.p_did_not = _bernoulli(u(0.5, 0.8))      # "did not like" vs "never liked"
     self.adj_int = _zipf(rng, _ADJ_INT, keep)
     self.verb_int = _zipf(rng, _VERB_INT, keep)
+    # After a negation only amplifiers ("not very good"; "not somewhat good" reads badly).
+    amplifier = lambda w: INTENSIFIERS[w] > 1
+    self.adj_amp = self.adj_int.restrict(amplifier)
+    self.verb_amp = self.verb_int.restrict(amplifier)
     self.adv_int = _zipf(rng, _ADV_INT, keep)
     self.rec_int = _zipf(rng, _REC_INT, 1.0)
     self.noun_int = _zipf(rng, _NOUN_INT, keep)
@@ -620,6 +715,7 @@ class World:
       self.article[key] = (_Cat(("a", "an"), (1 - m, m)), cat.restrict(lambda w: not vowel(w)),
                            cat.restrict(vowel))
 
+    self._topic_cats: dict = {}
     self.vocabulary = self._reachable_words()
 
   # -- the program -----------------------------------------------------------
@@ -627,17 +723,17 @@ class World:
   def _review(self, t) -> int:
     z = t.choose(self.p_polarity)
     if t.choose(self.p_intro):
-      self._intro(t)
-    used: list[str] = []
+      t.call(self._intro)
+    used: tuple[str, ...] = ()
     for k in range(MAX_CONTENT_SENTENCES):
-      self._content(t, z, used)
+      used = t.call(self._content, z, used)
       if k == MAX_CONTENT_SENTENCES - 1 or not t.choose(self.p_more[k]):
         break
     closing = t.choose(self.p_closing)
     if closing in ("recommend", "both"):
-      self._recommend(t, z)
+      t.call(self._recommend, z)
     if closing in ("rating", "both"):
-      self._rating(t, z)
+      t.call(self._rating, z)
     return z
 
   def _intro(self, t):
@@ -668,31 +764,38 @@ class World:
     t.word(self.last)
 
   def _topic(self, t, used: list[str]) -> str:
-    free = [x for x in TOPIC_NAMES if x not in used]
-    topic = t.choose(_Cat(free, [self.p_topic_weight[x] for x in free]))
+    """A topic not yet used in this review (appended to ``used``)."""
+    key = tuple(sorted(used))
+    cat = self._topic_cats.get(key)
+    if cat is None:
+      free = [x for x in TOPIC_NAMES if x not in used]
+      cat = self._topic_cats[key] = _Cat(free, [self.p_topic_weight[x] for x in free])
+    topic = t.choose(cat)
     used.append(topic)
     return topic
 
   def _polarity(self, t, follow: _Cat, z: int) -> int:
     return z if t.choose(follow) else -z
 
-  def _content(self, t, z: int, used: list[str]):
+  def _content(self, t, z: int, used: tuple[str, ...]) -> tuple[str, ...]:
+    """One content sentence; returns the topics used so far (a pure function for the memo).
+
+    Choices that only the next words can tell apart (opener, polarity,
+    topic) live in sub-programs so that scoring does not multiply them.
+    """
     kind = t.choose(self.p_sentence)
     if kind in ("conj", "contrast") and len(TOPIC_NAMES) - len(used) < 2:
       kind = "simple"
-    if t.choose(self.p_opener):
-      t.emit(t.choose(self.openers))
+    t.call(self._opener)
     if kind == "simple":
-      self._clause(t, self._polarity(t, self.p_follow, z), self._topic(t, used))
+      _, used = t.call(self._topic_clause, self.p_follow, z, used)
     elif kind == "conj":
-      p1 = self._polarity(t, self.p_follow, z)
-      self._clause(t, p1, self._topic(t, used))
+      p1, used = t.call(self._topic_clause, self.p_follow, z, used)
       t.emit("and")
-      self._clause(t, p1 if t.choose(self.p_conj_same) else -p1, self._topic(t, used))
+      _, used = t.call(self._topic_clause, self.p_conj_same, p1, used)
     elif kind == "contrast":
       p2 = self._polarity(t, self.p_contrast_final, z)
-      p1 = -p2 if t.choose(self.p_contrast_flip) else p2
-      self._clause(t, p1, self._topic(t, used))
+      _, used = t.call(self._topic_clause, self.p_contrast_same, p2, used)
       word = t.choose(self.contrasts)
       if word == "however":
         t.emit(", however ,")
@@ -700,12 +803,25 @@ class World:
         if t.choose(self.p_comma):
           t.emit(",")
         t.emit(word)
-      self._clause(t, p2, self._topic(t, used))
+      _, used = t.call(self._topic_clause, _ALWAYS, p2, used)
     elif kind == "verdict":
-      self._verdict(t, self._polarity(t, self.p_follow, z))
+      t.call(self._verdict, self._polarity(t, self.p_follow, z))
     else:
-      self._name_clause(t, self._polarity(t, self.p_follow, z))
+      t.call(self._name_clause, self._polarity(t, self.p_follow, z))
     t.emit(".")
+    return used
+
+  def _opener(self, t):
+    if t.choose(self.p_opener):
+      t.emit(t.choose(self.openers))
+
+  def _topic_clause(self, t, same: _Cat, ref: int, used: tuple[str, ...]) -> tuple[int, tuple[str, ...]]:
+    """A clause on a fresh topic with polarity ``ref`` (if ``same`` says so) or ``-ref``."""
+    pol = self._polarity(t, same, ref)
+    topics = list(used)
+    topic = self._topic(t, topics)
+    t.call(self._clause, pol, topic)
+    return pol, tuple(topics)
 
   def _negation(self, t, pol: int) -> int:
     """Maybe emits a negation; returns the polarity the sentiment word must have."""
@@ -732,18 +848,18 @@ class World:
       noun = self._noun_phrase(t, topic)
       t.emit("were" if self.plural[noun] else "was")
       s = self._negation(t, pol)
-      self._intensifiers(t, self.adj_int)
+      self._intensifiers(t, self.adj_int if s == pol else self.adj_amp)
       t.word(self.topic_adj[topic, s])
     elif form == "verb":
       t.emit("i")
       if t.choose(self.p_negate):
         if t.choose(self.p_did_not):
           t.emit("did not")
-          self._intensifiers(t, self.verb_int)
+          self._intensifiers(t, self.verb_amp)
           t.word(self.verb_base[-pol])
         else:
           t.emit("never")
-          self._intensifiers(t, self.verb_int)
+          self._intensifiers(t, self.verb_amp)
           t.word(self.verb_past[-pol])
       else:
         self._intensifiers(t, self.verb_int)
@@ -775,7 +891,7 @@ class World:
     self._name(t)
     t.emit("was")
     s = self._negation(t, pol)
-    self._intensifiers(t, self.adj_int)
+    self._intensifiers(t, self.adj_int if s == pol else self.adj_amp)
     t.word(self.topic_adj["acting", s])
     t.emit("as the")
     t.word(self.roles)
@@ -802,21 +918,20 @@ class World:
 
   # -- public API --------------------------------------------------------------
 
-  def sample_one(self, rng: np.random.Generator) -> tuple[list[str], int]:
-    """One review and its latent polarity z (+1/-1)."""
-    s = _Sampler(rng)
-    z = self._review(s)
-    return s.out, z
-
-  def sample_with_polarity(self, rng_or_seed, n: int) -> list[tuple[list[str], int]]:
-    """``n`` (review words, latent polarity) pairs."""
-    rng = _rng(rng_or_seed, "sample")
+  def sample_detailed(self, rng_or_seed, n: int) -> list[Sample]:
+    """``n`` reviews with their latent polarity and derivation log-probability."""
+    rng = _rng(rng_or_seed, "sample_detailed")
     _check_count(n, "n")
-    return [self.sample_one(rng) for _ in range(n)]
+    out = []
+    for _ in range(n):
+      s = _Sampler(rng)
+      z = self._review(s)
+      out.append(Sample(s.out, z, s.logp))
+    return out
 
   def sample(self, rng_or_seed, n: int) -> list[list[str]]:
     """``n`` reviews, each a list of words ending with "."."""
-    return [w for w, _ in self.sample_with_polarity(rng_or_seed, n)]
+    return [x.words for x in self.sample_detailed(rng_or_seed, n)]
 
   def prompts(self, rng_or_seed, n: int, min_words: int = 2, max_words: int = 8) -> list[list[str]]:
     """``n`` review prefixes of ``min_words..max_words`` words (uniform length).
@@ -830,30 +945,40 @@ class World:
       raise ValueError(f"prompts: need 1 <= min_words <= max_words, got {min_words}, {max_words}")
     out = []
     for _ in range(n):
-      words, _ = self.sample_one(rng)
-      hi = min(max_words, len(words) - 1)
+      s = _Sampler(rng)
+      self._review(s)
+      hi = min(max_words, len(s.out) - 1)
       lo = min(min_words, hi)
-      out.append(words[:int(rng.integers(lo, hi + 1))])
+      out.append(s.out[:int(rng.integers(lo, hi + 1))])
     return out
 
-  def log_prob(self, words: Sequence[str]) -> float:
-    """Exact log p(review) in nats (with the end of review); -inf off support."""
+  def log_prob(self, words: Sequence[str], polarity: int | None = None) -> float:
+    """Exact log p(review) in nats, end of review included; -inf off support.
+
+    With ``polarity`` (+1/-1): the joint log p(review, z=polarity). Sums over
+    every derivation, so it is exact even where two derivations give the
+    same words.
+    """
     words = _as_words(words, "log_prob")
-    total = -math.inf
-    stack: list[tuple[int, ...]] = [()]
-    while stack:
-      forced = stack.pop()
-      replay = _Replay(words, forced)
-      try:
-        self._review(replay)
-      except _Branch as b:
-        stack.extend(forced + (i,) for i in range(b.n))
-        continue
-      except _Mismatch:
-        continue
-      if replay.pos == len(words):
-        total = np.logaddexp(total, replay.logp)
-    return float(total)
+    if polarity not in (None, 1, -1):
+      raise ValueError(f"log_prob: polarity must be None, 1 or -1, got {polarity!r}")
+    # z is the program's first choice: forcing it skips the other half of the search.
+    root = () if polarity is None else (self.p_polarity.items.index(polarity),)
+    parses = _parses(words, 0, {}, self._review, root)
+    logps = [lp for end, lp, z in parses if end == len(words) and polarity in (None, z)]
+    return float(np.logaddexp.reduce(logps)) if logps else -math.inf
+
+  def prefix_log_prob(self, words: Sequence[str]) -> float:
+    """Exact log P(a review starts with ``words``); 0 for no words, -inf if impossible.
+
+    Gives the true conditional of a continuation,
+    ``log_prob(prompt + rest) - prefix_log_prob(prompt)``, and the true
+    next-word distribution, ``prefix_log_prob(prefix + [w]) - prefix_log_prob(prefix)``.
+    """
+    words = _as_words(words, "prefix_log_prob")
+    parses = _parses(words, 0, {}, self._review, prefix=True)
+    logps = [lp for end, lp, _ in parses if end == len(words)]
+    return float(np.logaddexp.reduce(logps)) if logps else -math.inf
 
   def entropy_rate(self, rng_or_seed, n: int = 1000) -> tuple[float, float]:
     """(nats per token, its standard error) from ``n`` samples.
@@ -862,12 +987,15 @@ class World:
     predicts them; the estimate is mean(-log p) / mean(#words + 1) (a ratio
     estimator; its standard error comes from the delta method).
     """
+    _check_count(n, "n")
+    if n < 2:
+      raise ValueError(f"entropy_rate: n={n}; need at least 2 samples for a standard error")
     samples = self.sample(rng_or_seed, n)
     nll = np.array([-self.log_prob(w) for w in samples])
     toks = np.array([len(w) + 1 for w in samples], float)
     rate = nll.mean() / toks.mean()
     resid = nll - rate * toks
-    stderr = resid.std(ddof=1) / math.sqrt(n) / toks.mean() if n > 1 else float("nan")
+    stderr = resid.std(ddof=1) / math.sqrt(n) / toks.mean()
     return float(rate), float(stderr)
 
   def _reachable_words(self) -> tuple[str, ...]:

@@ -1,0 +1,122 @@
+"""A real Hugging Face tokenizer for the reviews world (one token per word).
+
+Why word level: the gold reward and its reward-bearing positions are defined
+on words, so a tokenizer that maps each word to exactly one token makes token
+position = word index + 1 (the +1 is the BOS the tokenizer prepends), and
+SparsePO-style token masks can be scored against the truth without alignment
+guesswork. It is still an ordinary HF tokenizer dir (``tokenizer.json`` +
+``tokenizer_config.json``) loaded with ``AutoTokenizer``, so a real model's
+tokenizer goes through the same code path (``load_tokenizer``), and
+``word_token_positions`` handles tokenizers that split words.
+
+Ids: ``<pad>`` 0 (the trainer right-pads with 0), ``<bos>`` 1, ``<eos>`` 2,
+``<unk>`` 3, then the vocabulary in sorted order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)      # ids 0, 1, 2, 3
+
+
+def build_tokenizer(vocab, out_dir: str | os.PathLike):
+  """Writes a word-level tokenizer to ``out_dir`` and returns it (loaded back).
+
+  vocab: a ``reviews.World`` (its ``vocabulary``) or a sequence of words;
+    words must be unique, non-empty and free of whitespace.
+  The returned object is what ``load_tokenizer(out_dir)`` gives, so callers
+  never hold a tokenizer that differs from the one on disk.
+  """
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+  from transformers import PreTrainedTokenizerFast
+
+  words = list(getattr(vocab, "vocabulary", vocab))
+  seen = set()
+  for i, w in enumerate(words):
+    if not isinstance(w, str) or not w or w.split() != [w]:
+      raise ValueError(f"build_tokenizer: vocabulary entry {i} ({w!r}) must be a non-empty word "
+                       f"without whitespace")
+    if w in SPECIAL_TOKENS:
+      raise ValueError(f"build_tokenizer: vocabulary entry {i} ({w!r}) is a reserved special token")
+    if w in seen:
+      raise ValueError(f"build_tokenizer: vocabulary entry {i} ({w!r}) is a duplicate")
+    seen.add(w)
+  ids = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+  for w in sorted(words):
+    ids[w] = len(ids)
+
+  tok = Tokenizer(models.WordLevel(ids, unk_token=UNK))
+  # Split on whitespace only: "," and "." are words of their own in the
+  # reviews text, and nothing else may split a word into two tokens.
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  # Like Llama's tokenizers: encoding prepends BOS (add_special_tokens=True).
+  tok.post_processor = processors.TemplateProcessing(
+      single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, ids[BOS])])
+  fast = PreTrainedTokenizerFast(
+      tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+      clean_up_tokenization_spaces=False, padding_side="right")
+  os.makedirs(out_dir, exist_ok=True)
+  fast.save_pretrained(str(out_dir))
+  return load_tokenizer(out_dir)
+
+
+def load_tokenizer(path: str | os.PathLike):
+  """Any HF tokenizer dir (ours or a real model's) via ``AutoTokenizer``.
+
+  Needs BOS and EOS tokens (the SFT record format is ``[bos] text [eos]``). A
+  tokenizer without a pad token (GPT-2) gets EOS as pad, with a warning: the
+  trainer masks padding through ``loss_mask``, so the pad id only has to exist.
+  """
+  from transformers import AutoTokenizer
+
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"load_tokenizer: {path} is not a directory (expected an HF tokenizer "
+                            f"dir with tokenizer.json or vocab files)")
+  tok = AutoTokenizer.from_pretrained(path)
+  for name in ("bos_token_id", "eos_token_id"):
+    if getattr(tok, name) is None:
+      raise ValueError(f"load_tokenizer: tokenizer in {path} has no {name[:-3]}; records need "
+                       f"[bos] text [eos]")
+  if tok.pad_token_id is None:
+    logging.warning("load_tokenizer: %s has no pad token; using eos (%r) as pad", path, tok.eos_token)
+    tok.pad_token = tok.eos_token
+  return tok
+
+
+def encode_words(tokenizer, words: Sequence[str]) -> tuple[list[int], list[int]]:
+  """Token ids of ``words`` (no special tokens) and, per token, its word index.
+
+  Shapes: both lists have one entry per token; with the reviews tokenizer that
+  is one per word and ``word_ids == list(range(len(words)))``.
+  """
+  if isinstance(words, (str, bytes)):
+    raise TypeError("encode_words: expected a list of words, got a string; split it first")
+  words = list(words)
+  if not words:
+    return [], []
+  enc = tokenizer(words, is_split_into_words=True, add_special_tokens=False)
+  word_ids = enc.word_ids()
+  if any(w is None for w in word_ids):
+    raise ValueError("encode_words: tokenizer produced tokens that belong to no word")
+  return list(enc["input_ids"]), list(word_ids)
+
+
+def word_token_positions(tokenizer, words: Sequence[str], word_positions: Sequence[int],
+                         offset: int = 1) -> list[int]:
+  """Token positions of the given word indices, shifted by ``offset`` (1 = after BOS).
+
+  A word split into several tokens contributes all of them; with the reviews
+  tokenizer this is ``[p + offset for p in word_positions]``.
+  """
+  _, word_ids = encode_words(tokenizer, words)
+  wanted = set()
+  for p in word_positions:
+    if not 0 <= p < len(words):
+      raise IndexError(f"word_token_positions: word index {p} outside 0..{len(words) - 1}")
+    wanted.add(int(p))
+  return [t + offset for t, w in enumerate(word_ids) if w in wanted]
