@@ -116,3 +116,49 @@ def self_bleu(sequences, n: int = 4, max_refs: int = 200) -> float:
     bp = 1.0 if len(hyp) > closest else math.exp(1 - closest / max(len(hyp), 1))
     scores.append(0.0 if logp == -math.inf else bp * math.exp(logp))
   return float(sum(scores) / len(scores))
+
+
+def evaluate_policy(policy: Transformer, reference: Transformer | None, prompt, prompt_len, rng,
+                    cfg: SamplingConfig, reward_fn=None) -> dict:
+  """Samples responses from ``policy`` and reports, over the batch:
+
+  ``reward`` (mean of ``reward_fn(list of response id lists)``), ``kl_ref``
+  (sequence ``KL(policy || reference)`` estimated from the samples under the
+  untempered models), ``entropy`` (per-token, policy), ``distinct1/2``,
+  ``length`` (response tokens). Jit-compiles once per (model structure, cfg).
+  """
+  from flax import nnx
+  import numpy as np
+
+  gd, state = nnx.split(policy)
+  ref_parts = nnx.split(reference) if reference is not None else None
+  key = (gd, None if ref_parts is None else ref_parts[0], cfg)
+  fn = _EVAL_CACHE.get(key)
+  if fn is None:
+    def run(state, ref_state, prompt, prompt_len, rng):
+      pol = nnx.merge(gd, state)
+      out = sample(pol, prompt, prompt_len, rng, cfg)
+      logits = pol(out.tokens).logits
+      m = out.loss_mask[:, 1:].astype(jnp.float32)
+      from jaxopd.losses import token_logprobs
+      lp = token_logprobs(logits, out.tokens)
+      res = {"entropy": token_entropy(logits[:, :-1], m)}
+      if ref_state is not None:
+        ref = nnx.merge(ref_parts[0], ref_state)
+        lr = token_logprobs(ref(out.tokens).logits, out.tokens)
+        res["kl_ref"] = jnp.mean(sequence_kl(lp, lr, m))
+      return out, res
+    fn = _EVAL_CACHE[key] = jax.jit(run)
+  out, res = fn(state, None if ref_parts is None else ref_parts[1], jnp.asarray(prompt), jnp.asarray(prompt_len), rng)
+  out, res = jax.device_get((out, res))
+  toks, mask = np.asarray(out.tokens), np.asarray(out.loss_mask)
+  responses = [t[m == 1].tolist() for t, m in zip(toks, mask)]
+  metrics = {k: float(v) for k, v in res.items()}
+  metrics.update(distinct1=distinct_n(responses, 1), distinct2=distinct_n(responses, 2),
+                 length=float(np.mean([len(r) for r in responses])))
+  if reward_fn is not None:
+    metrics["reward"] = float(np.mean(reward_fn(toks, mask)))
+  return metrics
+
+
+_EVAL_CACHE: dict = {}

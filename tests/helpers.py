@@ -17,7 +17,7 @@ SFT = load_module(os.path.join(REPO, "experiments", "sft.py"))
 
 def tiny_config(**overrides):
   """The SFT smoke config, quiet, with no periodic eval or checkpoint."""
-  c = SFT.get_config("smoke")
+  c = SFT.get_config("smoke,sort")
   c.progress = False
   c.log_every = 1
   c.eval_every = 0

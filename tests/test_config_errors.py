@@ -57,7 +57,7 @@ def test_valid_config_resolves_mesh_and_batch():
 
 def _cli(*args, workdir):
   env = dict(os.environ)
-  return subprocess.run([sys.executable, "-m", "jaxopd.main", "--config", "experiments/sft.py:smoke",
+  return subprocess.run([sys.executable, "-m", "jaxopd.main", "--config", "experiments/sft.py:smoke,sort",
                          "--workdir", str(workdir), *args], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=120)
 

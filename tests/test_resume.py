@@ -15,7 +15,7 @@ import pytest
 from helpers import REPO
 
 STEPS = 120
-ARGS = ["--config", "experiments/sft.py:smoke", f"--config.total_steps={STEPS}", "--config.log_every=1",
+ARGS = ["--config", "experiments/sft.py:smoke,sort", f"--config.total_steps={STEPS}", "--config.log_every=1",
         "--config.eval_every=40", "--config.checkpoint.every=10", "--config.progress=False"]
 
 

@@ -143,7 +143,15 @@ def _row(p_ids, r_ids, seq_len, pad_id):
 
 def load(path: str, fmt: str, tokenizer, seq_len: int, policy: str = "drop",
          max_prompt_len: int | None = None) -> tuple[list[dict], EncodeStats]:
-  """Reads and encodes a file into records for the trainer.
+  """Reads and encodes a file into records for the trainer (see :func:`encode`)."""
+  return encode(((f"{path}:{line}", rec) for line, rec in iter_records(path)), fmt, tokenizer, seq_len,
+                policy, max_prompt_len)
+
+
+def encode(records, fmt: str, tokenizer, seq_len: int, policy: str = "drop",
+           max_prompt_len: int | None = None) -> tuple[list[dict], EncodeStats]:
+  """Encodes ``(where, record)`` pairs (``where`` names file and line, or dataset
+  and index, for errors) into records for the trainer:
 
   ``preference`` -> ``tokens[2, T], loss_mask[2, T]`` (chosen, rejected);
   ``prompt`` -> ``prompt[T], prompt_len`` (right-padded, for the sampler);
@@ -157,8 +165,7 @@ def load(path: str, fmt: str, tokenizer, seq_len: int, policy: str = "drop",
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   stats = EncodeStats()
   out = []
-  for line, rec in iter_records(path):
-    where = f"{path}:{line}"
+  for where, rec in records:
     stats.seen += 1
     try:
       if fmt == "preference":
@@ -211,6 +218,6 @@ def load(path: str, fmt: str, tokenizer, seq_len: int, policy: str = "drop",
         stats.truncated += fitted[2]
     except DataFormatError as e:
       msg = str(e)
-      raise DataFormatError(msg if msg.startswith(path) else f"{where}: {msg}") from None
+      raise DataFormatError(msg if msg.startswith(where) else f"{where}: {msg}") from None
     stats.kept += 1
   return out, stats

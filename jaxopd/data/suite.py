@@ -1,0 +1,123 @@
+"""The controlled reviews suite as experiments use it: one config block, built
+on first use into ``data_dir`` (cached afterwards), read as trainer records.
+
+Experiments call :func:`data_config` in ``get_config`` and :func:`ensure` /
+:func:`sft_records` / :func:`prompt_records` in ``build``. The same data dir
+and world seed always give the same tokenizer and datasets.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import ml_collections
+import numpy as np
+
+from jaxopd.data import reviews, tfds_builders
+from jaxopd.data.build import ensure_tokenizer, tokenizer_dir
+from jaxopd.errors import ConfigError
+
+
+def data_config() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.task = "reviews"             # reviews (the controlled suite) | sort (tiny in-code task)
+  d.data_dir = "data"            # built datasets and tokenizer (cached across runs)
+  d.world_seed = 0               # the reviews world (grammar, lexicon)
+  d.num_train = 20000            # corpus reviews for SFT
+  d.num_validation = 2000        # held-out corpus reviews
+  d.num_test = 2000              # test corpus reviews
+  d.num_prompts_train = 10000    # prompts for preference construction / on-policy training
+  d.num_prompts_test = 1000      # held-out prompts for evaluation
+  d.prompt_min_words = 2         # shortest prompt
+  d.prompt_max_words = 8         # longest prompt
+  d.over_length = "drop"         # reviews longer than seq_len: drop | truncate (counts are printed)
+  return d
+
+
+class Suite(NamedTuple):
+  tokenizer: object
+  world: reviews.World
+  corpus: tfds_builders.CorpusConfig
+  prompts: tfds_builders.PromptsConfig
+  data_dir: str
+
+
+def ensure(d: ml_collections.ConfigDict, verbose: bool = True) -> Suite:
+  """Builds (or finds) the tokenizer, corpus and prompt datasets of ``d``."""
+  try:
+    corpus = tfds_builders.corpus_config(d.world_seed, d.num_train, d.num_validation, d.num_test)
+    prompts = tfds_builders.prompts_config(d.world_seed, d.num_prompts_train, d.num_prompts_test,
+                                           d.prompt_min_words, d.prompt_max_words)
+  except ValueError as e:
+    raise ConfigError(f"config.data: {e}") from None
+  if d.over_length not in tfds_builders.OVER_LENGTH_POLICIES:
+    raise ConfigError(f"config.data.over_length={d.over_length!r}: must be one of "
+                      f"{tfds_builders.OVER_LENGTH_POLICIES}")
+  data_dir = os.path.abspath(d.data_dir)
+  os.makedirs(data_dir, exist_ok=True)
+  world = reviews.World(d.world_seed)
+  tok, _ = ensure_tokenizer(data_dir, world)
+  for name, cfg in (("reviews_corpus", corpus), ("reviews_prompts", prompts)):
+    if not tfds_builders.is_prepared(name, cfg, data_dir):
+      if verbose:
+        print(f"building {name}/{cfg.name} into {data_dir} (once; cached afterwards)", flush=True)
+      tfds_builders.prepare(name, cfg, data_dir)
+  return Suite(tok, world, corpus, prompts, data_dir)
+
+
+def corpus_source(suite: Suite, split: str):
+  return tfds_builders.load("reviews_corpus", split, suite.corpus, suite.data_dir)
+
+
+def sft_records(suite: Suite, split: str, seq_len: int, over_length: str, verbose: bool = True):
+  """``[bos] review [eos]`` records of a corpus split; prints what was dropped or truncated."""
+  source = corpus_source(suite, split)
+  records, stats = tfds_builders.records_for_sft((source[i] for i in range(len(source))), suite.tokenizer,
+                                                 seq_len, over_length=over_length)
+  if verbose and (stats.dropped or stats.truncated or stats.unknown_tokens):
+    print(f"reviews_corpus/{split}: {stats.examples} reviews, {stats.dropped} dropped and {stats.truncated} "
+          f"truncated as longer than seq_len={seq_len} tokens, {stats.unknown_tokens} unknown tokens")
+  return records, stats
+
+
+def prompt_records(suite: Suite, split: str, prompt_len: int, verbose: bool = True) -> list[dict]:
+  """Right-padded prompts ``[bos] words`` for the sampler: ``{"prompt": [P], "prompt_len": ()}``."""
+  source = tfds_builders.load("reviews_prompts", split, suite.prompts, suite.data_dir)
+  tok = suite.tokenizer
+  out, dropped = [], 0
+  for i in range(len(source)):
+    text = source[i]["prompt"]
+    text = text.decode() if isinstance(text, bytes) else text
+    ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+    if len(ids) > prompt_len:
+      dropped += 1
+      continue
+    row = np.full(prompt_len, tok.pad_token_id, np.int32)
+    row[:len(ids)] = ids
+    out.append({"prompt": row, "prompt_len": np.int32(len(ids))})
+  if verbose and dropped:
+    print(f"reviews_prompts/{split}: {dropped} of {len(source)} prompts longer than {prompt_len} tokens dropped")
+  return out
+
+
+def decode_words(suite: Suite, ids) -> list[str]:
+  """Token ids -> words, dropping special tokens (for the gold reward)."""
+  tok = suite.tokenizer
+  special = {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}
+  return [w for i, w in zip(ids, tok.convert_ids_to_tokens([int(i) for i in ids])) if int(i) not in special]
+
+
+def gold_reward_fn(suite: Suite):
+  """``(tokens [B, T], loss_mask [B, T]) -> gold rewards [B]`` of the full text (prompt + response)."""
+  tok = suite.tokenizer
+  special = {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}
+  vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
+
+  def fn(tokens, loss_mask):
+    out = []
+    for row in np.asarray(tokens):
+      words = [vocab[i] for i in row.tolist() if i not in special]
+      out.append(reviews.gold_reward(words))
+    return np.asarray(out)
+  return fn
