@@ -32,8 +32,15 @@ def main(argv):
   path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)[0]
   try:
     module = load_module(path)
+    workdir = flags.FLAGS.workdir
+    import jax
+    config_lib.validate(config, len(jax.devices()), jax.process_count())   # before any stage compiles
+    if hasattr(module, "prepare"):     # earlier pipeline stages (data, base model), cached
+      config = module.prepare(config, workdir)
     experiment = module.build(config)
-    summary = train.run(config, flags.FLAGS.workdir, experiment)
+    summary = train.run(config, workdir, experiment)
+    if hasattr(module, "report") and not summary["preempted"]:
+      module.report(config, workdir, summary)
   except (config_lib.ConfigError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
 from jaxopd.data import reviews, tfds_builders
 from jaxopd.data.build import ensure_tokenizer, tokenizer_dir
@@ -56,6 +57,7 @@ def ensure(d: ml_collections.ConfigDict, verbose: bool = True) -> Suite:
                       f"{tfds_builders.OVER_LENGTH_POLICIES}")
   data_dir = os.path.abspath(d.data_dir)
   os.makedirs(data_dir, exist_ok=True)
+  tfds.disable_progress_bar()     # our own one-line messages say what is built
   world = reviews.World(d.world_seed)
   tok, _ = ensure_tokenizer(data_dir, world)
   for name, cfg in (("reviews_corpus", corpus), ("reviews_prompts", prompts)):
