@@ -1,6 +1,6 @@
 """CLI: python -m jaxopd.main --config experiments/<method>.py[:preset] --workdir DIR [--config.x=y ...]
 
-Without --config it runs the embedded default, experiments/sft.py, in runs/default.
+Without --config it runs the main job, experiments/tdpo.py (the whole TDPO pipeline), in runs/default.
 Config errors are reported in one line naming the field, before any compile.
 """
 
@@ -13,7 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(_REPO, "experiments", "sft.py")
+DEFAULT_CONFIG = os.path.join(_REPO, "experiments", "tdpo.py")
 
 config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment module and preset: path.py[:arg]",
                                 lock_config=True)

@@ -1,0 +1,63 @@
+"""The TDPO/DPO pipeline end to end on the smoke preset: data, SFT base,
+preferences, training, report; stages are cached on re-run."""
+
+import json
+import os
+
+import pytest
+
+from helpers import REPO
+from jaxopd import train
+from jaxopd.experiment import load_module
+
+TDPO = load_module(os.path.join(REPO, "experiments", "tdpo.py"))
+DPO = load_module(os.path.join(REPO, "experiments", "dpo.py"))
+
+
+def _config(module, root, arg="smoke"):
+  c = module.get_config(arg)
+  c.data.data_dir = str(root / "data")
+  c.sft.workdir = str(root / "sft_base")
+  c.progress = False
+  return c
+
+
+def _run(module, cfg, workdir):
+  cfg = module.prepare(cfg, str(workdir))
+  summary = train.run(cfg, str(workdir), module.build(cfg))
+  module.report(cfg, str(workdir), summary)
+  return summary
+
+
+def test_tdpo_then_dpo_pipeline(tmp_path, capsys):
+  s = _run(TDPO, _config(TDPO, tmp_path), tmp_path / "tdpo")
+  out = capsys.readouterr().out
+  assert "[stage] SFT base" in out and "[stage] preferences" in out
+  ev = s["eval"]
+  for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "kl/chosen", "kl/rejected", "kl/margin", "sample/reward", "sample/kl_ref",
+            "sample/entropy", "sample/distinct2"):
+    assert k in ev, k
+  assert 0.0 <= ev["sample/reward"] <= 1.0 and ev["rewards/accuracies"] <= 1.0
+  summ = json.load(open(tmp_path / "tdpo" / "summary.json"))
+  assert summ["loss"] == "tdpo2" and summ["before"]["sample/kl_ref"] == pytest.approx(0.0, abs=1e-5)
+  assert os.path.getsize(tmp_path / "tdpo" / "summary.png") > 1000
+
+  # DPO reuses the cached SFT base and pairs, and the report compares with TDPO.
+  cfg = _config(DPO, tmp_path)
+  cfg.compare_with = str(tmp_path / "tdpo")
+  s2 = _run(DPO, cfg, tmp_path / "dpo")
+  out = capsys.readouterr().out
+  assert "[stage] SFT base" not in out
+  assert "tdpo2 (" in out and "dpo (after)" in out
+  assert "kl/rejected" in s2["eval"]          # DPO logs the (detached) sequential KL too
+
+
+def test_bad_method_fields_are_config_errors(tmp_path):
+  from jaxopd.errors import ConfigError
+  for field, value, msg in [("loss", "ipo", "config.method.loss='ipo'"), ("beta", 0.0, "config.method.beta=0.0"),
+                            ("alpha", 0.3, "only tdpo2 uses alpha")]:
+    c = _config(TDPO, tmp_path, "smoke,tdpo1" if field == "alpha" else "smoke")
+    c.method[field] = value
+    with pytest.raises(ConfigError, match=msg):
+      TDPO.prepare(c, str(tmp_path / "w"))
