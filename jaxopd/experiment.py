@@ -7,6 +7,14 @@ An experiment module (``experiments/<method>.py``) defines two functions:
   such as ``"smoke"`` or ``"smoke,beta=0.2"`` (see :func:`parse_arg`).
 * ``build(config) -> Experiment``: the method's pieces, below.
 
+and optionally, for multi-stage pipelines run by ``jaxopd.main``:
+
+* ``prepare(config, workdir) -> config``: earlier stages (build data, train a
+  base model with the same trainer, construct preference pairs), each cached
+  so a re-run skips it; returns the config with e.g. ``init_from`` filled in;
+* ``report(config, workdir, summary)``: after training, a summary table,
+  ``summary.json`` and plots in ``workdir``.
+
 The trainer (:mod:`jaxopd.train`) owns everything else: mesh, sharding, jit,
 optimizer, gradient accumulation, checkpoints, logging and eval cadence. A
 method never calls ``jax.jit``, never touches a mesh and never writes a file.
