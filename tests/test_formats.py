@@ -114,3 +114,34 @@ def test_missing_file_and_bad_options(tmp_path, tok):
     formats.load(path, "pairs", tok, seq_len=8)
   with pytest.raises(ValueError, match="policy='cut'"):
     formats.load(path, "lm", tok, seq_len=8, policy="cut")
+
+
+def test_tfds_dataset_by_name_from_a_local_data_dir(tmp_path, tok):
+  """A TFDS dataset written to a local data_dir is read by name through the same encoder."""
+  from jaxopd.data import preferences
+  # Reuse the preference builder's format: any array_record TFDS dataset with prompt/chosen/rejected works.
+  import tensorflow_datasets as tfds
+
+  class TinyPrefs(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = preferences._code_path_override
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"prompt": tfds.features.Text(), "chosen": tfds.features.Text(), "rejected": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      yield 0, {"prompt": "the movie", "chosen": "good", "rejected": "bad"}
+      yield 1, {"prompt": "the plot", "chosen": "great music", "rejected": "awful"}
+
+  TinyPrefs(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  recs, stats = formats.load_tfds("tiny_prefs", "train", str(tmp_path), "preference", tok, seq_len=8)
+  assert stats.kept == 2
+  ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+  assert sorted(r["tokens"][0][r["loss_mask"][0] == 1].tolist() for r in recs) == sorted(
+      [ids("good") + [2], ids("great music") + [2]])
+  with pytest.raises(FileNotFoundError, match="nope"):
+    formats.load_tfds("nope", "train", str(tmp_path), "preference", tok, seq_len=8)

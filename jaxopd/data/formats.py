@@ -221,3 +221,21 @@ def encode(records, fmt: str, tokenizer, seq_len: int, policy: str = "drop",
       raise DataFormatError(msg if msg.startswith(where) else f"{where}: {msg}") from None
     stats.kept += 1
   return out, stats
+
+
+def load_tfds(name: str, split: str, data_dir: str, fmt: str, tokenizer, seq_len: int, policy: str = "drop",
+              max_prompt_len: int | None = None) -> tuple[list[dict], EncodeStats]:
+  """A TFDS dataset by name from a local ``data_dir`` (``name`` may carry a
+  config, ``"my_prefs/default:1.0.0"``), read with ``tfds.data_source`` (no
+  TensorFlow), with the fields of ``fmt`` as for JSONL files."""
+  import tensorflow_datasets as tfds
+  try:
+    src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:   # tfds raises several types for "not found"
+    raise FileNotFoundError(f"TFDS dataset {name!r} split {split!r} not found under {data_dir}: {e}") from None
+
+  def rec(i):
+    ex = src[i]
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in ex.items()}
+  return encode(((f"tfds:{name}/{split}[{i}]", rec(i)) for i in range(len(src))), fmt, tokenizer, seq_len,
+                policy, max_prompt_len)
