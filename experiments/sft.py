@@ -142,8 +142,16 @@ def build(config) -> Experiment:
         rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
         m = evaluate_policy(params["policy"], None, prompt, plen, rng, scfg, reward_fn)
         return {f"sample/{k}": v for k, v in m.items()}
+  elif config.data.task == "files":
+    tok, train_records, eval_records = suite_lib.file_records(config.data, "lm", config.seq_len)
+    if len(tok) > model_cfg.vocab_size:
+      raise ConfigError(f"config.model.vocab_size={model_cfg.vocab_size}: the tokenizer has {len(tok)} tokens")
+    if config.eval.num_prompts:
+      raise ConfigError("config.eval.num_prompts: sampled evaluation needs the reviews task's gold reward; "
+                        "set it to 0 with task=files")
+    eval_records = eval_records or []
   else:
-    raise ConfigError(f"config.data.task={config.data.task!r}: must be reviews or sort")
+    raise ConfigError(f"config.data.task={config.data.task!r}: must be reviews, files or sort")
 
   def init_models(rng):
     return {"policy": Transformer(model_cfg, nnx.Rngs(params=rng))}, {}
@@ -159,6 +167,7 @@ def build(config) -> Experiment:
       init_models=init_models,
       loss_fn=loss_fn,
       train_data=lambda shard: batched_iterator(train_records, shard),
-      eval_data=lambda shard: batched_iterator(eval_records, shard, shuffle=False, repeat=False),
+      eval_data=(lambda shard: batched_iterator(eval_records, shard, shuffle=False, repeat=False))
+      if eval_records else None,
       evaluate=evaluate,
   )

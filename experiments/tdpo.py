@@ -153,8 +153,21 @@ def _prefs_config(c):
 
 
 def prepare(config, workdir: str):
-  """Stages 1-3: data, SFT base, preference pairs (each cached); points init_from at the SFT base."""
+  """Stages 1-3: data, SFT base, preference pairs (each cached); points init_from at the SFT base.
+
+  With ``config.data.task = "files"`` (your own preference data) nothing is
+  built: ``config.sft.workdir`` must be an existing SFT run of this model.
+  """
   _check(config)
+  if config.data.task == "files":
+    if not os.path.isdir(os.path.join(config.sft.workdir, "checkpoints")):
+      raise ConfigError(f"config.sft.workdir={config.sft.workdir!r}: with task=files it must be a finished "
+                        f"SFT run of this model (it is not trained here)")
+    config.init_from.workdir = os.path.abspath(config.sft.workdir)
+    config.init_from.targets = ("policy", "reference")
+    return config
+  if config.data.task != "reviews":
+    raise ConfigError(f"config.data.task={config.data.task!r}: must be reviews or files")
   suite_lib.ensure(config.data)
   sft, s = _sft_config(config)
   if not os.path.exists(os.path.join(config.sft.workdir, "checkpoints")) or _unfinished(config.sft.workdir, s):
@@ -182,16 +195,22 @@ def _unfinished(workdir, s) -> bool:
 def build(config) -> Experiment:
   _check(config)
   model_cfg = ModelConfig.from_config(config.model)
-  suite = suite_lib.ensure(config.data, verbose=False)
   if not config.init_from.workdir:
     raise ConfigError("config.init_from.workdir is empty: run through jaxopd.main (which calls prepare()) "
                       "or point it at an SFT run")
-  pc = _prefs_config(config)
-  train_recs, st = preferences.records(pc, "train", config.data.data_dir, suite.tokenizer, config.seq_len,
+  if config.data.task == "files":
+    _, train_recs, test_recs = suite_lib.file_records(config.data, "preference", config.seq_len,
+                                                      config.prefs.prompt_len)
+    evaluate = None       # no gold reward for your data: eval = held-out pair metrics only
+  else:
+    suite = suite_lib.ensure(config.data, verbose=False)
+    pc = _prefs_config(config)
+    train_recs, st = preferences.records(pc, "train", config.data.data_dir, suite.tokenizer, config.seq_len,
+                                         config.data.over_length, config.prefs.prompt_len)
+    test_recs, _ = preferences.records(pc, "test", config.data.data_dir, suite.tokenizer, config.seq_len,
                                        config.data.over_length, config.prefs.prompt_len)
-  test_recs, _ = preferences.records(pc, "test", config.data.data_dir, suite.tokenizer, config.seq_len,
-                                     config.data.over_length, config.prefs.prompt_len)
-  print(f"preference pairs: {st}")
+    print(f"preference pairs: {st}")
+    evaluate = make_evaluate(config, suite)
   m = config.method
   loss_fn = make_loss_fn(m.loss, m.beta, m.alpha, m.log_kl, m.kl_chunk)
 
@@ -200,10 +219,10 @@ def build(config) -> Experiment:
     return ({"policy": Transformer(model_cfg, nnx.Rngs(params=a))},
             {"reference": Transformer(model_cfg, nnx.Rngs(params=b))})
 
-  evaluate = make_evaluate(config, suite)
   return Experiment(init_models=init_models, loss_fn=loss_fn,
                     train_data=lambda shard: batched_iterator(train_recs, shard),
-                    eval_data=lambda shard: batched_iterator(test_recs, shard, shuffle=False, repeat=False),
+                    eval_data=(lambda shard: batched_iterator(test_recs, shard, shuffle=False, repeat=False))
+                    if test_recs else None,
                     evaluate=evaluate)
 
 
@@ -227,6 +246,11 @@ def make_evaluate(config, suite):
 def report(config, workdir: str, summary: dict):
   """Before/after table (and DPO if cached), summary.json and summary.png in ``workdir``."""
   from jaxopd import logs
+  if config.data.task == "files":
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump({"loss": config.method.loss, "beta": config.method.beta, "after": summary["eval"]}, f, indent=2)
+    print(f"wrote {os.path.join(workdir, 'summary.json')} (task=files: no sampled before/after evaluation)")
+    return
   suite = suite_lib.ensure(config.data, verbose=False)
   evaluate = make_evaluate(config, suite)
   _, frozen = summary["trainer"].models(summary["state"], summary["frozen"])

@@ -61,3 +61,34 @@ def test_bad_method_fields_are_config_errors(tmp_path):
     c.method[field] = value
     with pytest.raises(ConfigError, match=msg):
       TDPO.prepare(c, str(tmp_path / "w"))
+
+
+def test_tdpo_on_your_own_preference_file(tmp_path):
+  """task=files: TRL-format JSONL pairs and an HF tokenizer dir, from an existing SFT run."""
+  from jaxopd.data import reviews
+  from jaxopd.data.tokenizer import build_tokenizer
+  sft = load_module(os.path.join(REPO, "experiments", "sft.py"))
+  tok_dir = str(tmp_path / "tok")
+  build_tokenizer(reviews.World(0), tok_dir)
+  rows = [{"prompt": "the movie was", "chosen": "great .", "rejected": "awful ."},
+          {"prompt": "i", "chosen": "loved it .", "rejected": "hated it ."}] * 8
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  s = sft.get_config("smoke")
+  s.data.task = "files"
+  s.data.files.train = str(tmp_path / "lm.jsonl")
+  (tmp_path / "lm.jsonl").write_text("".join(json.dumps({"text": r["prompt"] + " " + r["chosen"]}) + "\n"
+                                             for r in rows))
+  s.data.files.tokenizer = tok_dir
+  s.eval.num_prompts = 0
+  s.progress = False
+  train.run(s, str(tmp_path / "sft"), sft.build(s))
+  c = TDPO.get_config("smoke")
+  c.data.task = "files"
+  c.data.files.train = str(path)
+  c.data.files.eval = str(path)
+  c.data.files.tokenizer = tok_dir
+  c.sft.workdir = str(tmp_path / "sft")
+  c.progress = False
+  summary = _run(TDPO, c, tmp_path / "tdpo")
+  assert "rewards/accuracies" in summary["eval"] and "sample/reward" not in summary["eval"]

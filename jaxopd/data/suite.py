@@ -22,7 +22,7 @@ from jaxopd.errors import ConfigError
 
 def data_config() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
-  d.task = "reviews"             # reviews (the controlled suite) | sort (tiny in-code task)
+  d.task = "reviews"             # reviews (the controlled suite) | files (your data, below) | sort (SFT only)
   d.data_dir = "data"            # built datasets and tokenizer (cached across runs)
   d.world_seed = 0               # the reviews world (grammar, lexicon)
   d.num_train = 20000            # corpus reviews for SFT
@@ -32,8 +32,47 @@ def data_config() -> ml_collections.ConfigDict:
   d.num_prompts_test = 1000      # held-out prompts for evaluation
   d.prompt_min_words = 2         # shortest prompt
   d.prompt_max_words = 8         # longest prompt
-  d.over_length = "drop"         # reviews longer than seq_len: drop | truncate (counts are printed)
+  d.over_length = "drop"         # examples longer than seq_len: drop | truncate (counts are printed)
+  d.files = ml_collections.ConfigDict()
+  d.files.train = ""             # task=files: .jsonl / .parquet path, or tfds:NAME[/CONFIG][:VERSION]
+  d.files.eval = ""              # held-out file, same forms ("" = none)
+  d.files.tokenizer = ""         # HF tokenizer directory (AutoTokenizer.from_pretrained)
+  d.files.tfds_data_dir = ""     # data_dir of tfds:NAME datasets (default: data_dir)
   return d
+
+
+def file_records(d: ml_collections.ConfigDict, fmt: str, seq_len: int, max_prompt_len: int | None = None):
+  """``(tokenizer, train_records, eval_records)`` from ``config.data.files`` in TRL format ``fmt``
+  (see jaxopd.data.formats); prints what was dropped or truncated."""
+  from jaxopd.data import formats
+  from jaxopd.data.tokenizer import load_tokenizer
+  f = d.files
+  if not f.train:
+    raise ConfigError("config.data.files.train is empty (config.data.task='files')")
+  if not f.tokenizer:
+    raise ConfigError("config.data.files.tokenizer is empty (config.data.task='files'): an HF tokenizer directory")
+  if not os.path.isdir(f.tokenizer):
+    raise ConfigError(f"config.data.files.tokenizer={f.tokenizer!r}: not a directory")
+  tok = load_tokenizer(f.tokenizer)
+  out = []
+  for field in ("train", "eval"):
+    path = f[field]
+    if not path:
+      out.append(None)
+      continue
+    if path.startswith("tfds:"):
+      name, split = path[5:], ("train" if field == "train" else "test")
+      if "@" in name:
+        name, split = name.split("@", 1)
+      recs, stats = formats.load_tfds(name, split, f.tfds_data_dir or d.data_dir, fmt, tok, seq_len,
+                                      d.over_length, max_prompt_len)
+    else:
+      recs, stats = formats.load(path, fmt, tok, seq_len, d.over_length, max_prompt_len)
+    print(f"config.data.files.{field} {path}: {stats}")
+    if not recs:
+      raise ConfigError(f"config.data.files.{field}={path!r}: no usable records ({stats})")
+    out.append(recs)
+  return tok, out[0], out[1]
 
 
 class Suite(NamedTuple):
