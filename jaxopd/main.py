@@ -26,6 +26,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)   # orbax / jax INFO lines drown the progress bar
   from jaxopd import config as config_lib
   from jaxopd import train
+  from jaxopd.data.formats import DataFormatError
   from jaxopd.experiment import load_module
 
   config = flags.FLAGS.config
@@ -41,7 +42,7 @@ def main(argv):
     summary = train.run(config, workdir, experiment)
     if hasattr(module, "report") and not summary["preempted"]:
       module.report(config, workdir, summary)
-  except (config_lib.ConfigError, FileNotFoundError) as e:
+  except (config_lib.ConfigError, DataFormatError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except train.TrainingError as e:
@@ -51,8 +52,9 @@ def main(argv):
     sys.exit(143)
   ev = summary["eval"]
   tr = summary["train"]
-  print(f"done: step {summary['step']} | train loss {tr.get('loss', float('nan')):.4f}"
-        + "".join(f" | eval {k} {v:.4f}" for k, v in ev.items()) + f" | {os.path.abspath(flags.FLAGS.workdir)}")
+  shown = [k for k in ("loss", "accuracy", "rewards/accuracies", "sample/reward", "sample/kl_ref") if k in ev]
+  print(f"done: step {summary['step']}" + (f" | train loss {tr['loss']:.4f}" if "loss" in tr else "")
+        + "".join(f" | eval {k} {ev[k]:.4f}" for k in shown) + f" | {os.path.abspath(flags.FLAGS.workdir)}")
 
 
 def _parse_flags(argv):

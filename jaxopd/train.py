@@ -378,8 +378,11 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
         break
     flush()
   summary["step"] = int(jax.device_get(state["step"]))
-  if start == c.total_steps and main:
-    print(f"{workdir}: already trained to total_steps={c.total_steps}")
+  if start == c.total_steps:
+    if main:
+      print(f"{workdir}: already trained to total_steps={c.total_steps}; evaluating the final state")
+    with jax.set_mesh(mesh), mesh_lib.use_rules(rules):
+      summary["eval"] = _evaluate(trainer, experiment, state, frozen, eval_shard, c, start, None)
   ckpt.close()
   logger.close()
   if bar is not None:
@@ -413,7 +416,7 @@ def _evaluate(trainer, experiment, state, frozen, shard, c, step, logger) -> dic
   if experiment.evaluate is not None:
     params, frozen_models = trainer.models(state, frozen)
     out.update(experiment.evaluate(params, frozen_models, step))
-  if out:
+  if out and logger is not None:
     logger.write(step, "eval", out)
   return out
 
