@@ -38,7 +38,7 @@ def tiny_config(**overrides):
 def two_model_experiment(config):
   """SFT on a policy plus an 'aux' model whose logits are added: two optimizer groups."""
   mcfg = ModelConfig.from_config(config.model)
-  recs = toy.sort_task(256, config.seq_len, mcfg.vocab_size, config.seed, max_len=config.data.max_symbols)
+  recs = toy.sort_task(256, config.seq_len, mcfg.vocab_size, config.seed, max_len=config.data.sort.max_symbols)
 
   def init_models(rng):
     a, b = jax.random.split(rng)

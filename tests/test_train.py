@@ -84,7 +84,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tm
   base = SFT.build(cfg)
   poison_at = 5
 
-  recs = toy.sort_task(64, cfg.seq_len, cfg.model.vocab_size, 0, max_len=cfg.data.max_symbols)
+  recs = toy.sort_task(64, cfg.seq_len, cfg.model.vocab_size, 0, max_len=cfg.data.sort.max_symbols)
 
   def train_data(shard):   # batch number poison_at (1-based) carries a poison flag
     ds = grain.MapDataset.source(recs).repeat(None).batch(shard.local_batch).map_with_index(
