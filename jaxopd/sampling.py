@@ -84,7 +84,12 @@ def process_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
 def _draw(rng, logp: jax.Array, cfg: SamplingConfig) -> jax.Array:
   if cfg.greedy:
     return jnp.argmax(logp, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, logp, axis=-1).astype(jnp.int32)
+  # = jax.random.categorical(rng, logp) (same Gumbel noise, same draws), with the argmax
+  # written as max + first index of the max: two plain reductions, which XLA:CPU
+  # vectorizes (its variadic (value, index) argmax reduction is not).
+  z = logp + jax.random.gumbel(rng, logp.shape, logp.dtype)
+  hit = z == jnp.max(z, axis=-1, keepdims=True)
+  return jnp.min(jnp.where(hit, jnp.arange(z.shape[-1], dtype=jnp.int32), z.shape[-1]), axis=-1)
 
 
 def _left_pad(prompt, prompt_len):

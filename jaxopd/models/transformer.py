@@ -101,20 +101,24 @@ class ModelConfig:
 
 
 class KVCache(NamedTuple):
-  """Fixed-size key/value cache. ``k, v: [L, B, S, Hkv, Dh]``; ``valid: [B, S]``
-  marks written, non-padding slots; ``index`` is the next slot to write."""
-  k: jax.Array
-  v: jax.Array
+  """Fixed-size key/value cache, one buffer per layer so that decoding updates
+  each in place: ``k``: L arrays ``[B, Hkv, S, Dh]``, ``v``: L arrays ``[B, Hkv, S, Dh]``
+  (head-major: the attention matmuls read them without a transpose);
+  ``valid: [B, S]`` marks written, non-padding slots; ``index`` is the next slot to write."""
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
   valid: jax.Array
   index: jax.Array
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, length: int | None = None) -> "KVCache":
     length = length or cfg.max_len
-    shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
+    k_shape = (batch, cfg.kv_heads, length, cfg.head_dim)
+    v_shape = (batch, cfg.kv_heads, length, cfg.head_dim)
     dt = jnp.dtype(cfg.dtype)
-    return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, length), bool),
-               jnp.zeros((), jnp.int32))
+    return cls(tuple(jnp.zeros(k_shape, dt) for _ in range(cfg.n_layers)),
+               tuple(jnp.zeros(v_shape, dt) for _ in range(cfg.n_layers)),
+               jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
 
 class Output(NamedTuple):
@@ -187,7 +191,7 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, key_mask, cache_kv=None, index=None, segment_ids=None):
     """``x: [B, T, D]``; ``key_mask: [B, S]`` valid keys (S = T without cache);
     ``segment_ids: [B, T]`` (packed rows, no cache): attend only within a segment;
-    ``cache_kv``: this layer's ``(k, v)`` of ``[B, S, Hkv, Dh]``; returns (y, new (k, v))."""
+    ``cache_kv``: this layer's ``(k, v)`` (layouts in :class:`KVCache`); returns (y, new (k, v))."""
     cfg = self.cfg
     dt = x.dtype
     q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
@@ -201,23 +205,33 @@ class Attention(nnx.Module):
     t = x.shape[1]
     if cache_kv is None:
       keys, values = k, v
+      k_spec, v_spec = "bsnk", "bsnk"
       q_slot = jnp.arange(t)
     else:
       ck, cv = cache_kv
-      keys = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
-      values = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
+      keys = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), (0, 0, index, 0))
+      values = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), (0, 0, index, 0))
+      k_spec, v_spec = "bnsk", "bnsk"
       q_slot = index + jnp.arange(t)
-    s = keys.shape[1]
+    s = values.shape[v_spec.index("s")]
     b, _, h, dh = q.shape
     g = h // cfg.kv_heads
     qg = q.reshape(b, t, cfg.kv_heads, g, dh)
-    scores = jnp.einsum("btngk,bsnk->bngts", qg, keys.astype(dt)).astype(jnp.float32) / math.sqrt(dh)
+    scores = jnp.einsum(f"btngk,{k_spec}->bngts", qg, keys.astype(dt)).astype(jnp.float32) / math.sqrt(dh)
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]   # [B, T, S]
     if segment_ids is not None:
       allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bngts,bsnk->btngk", probs, values.astype(dt)).reshape(b, t, h, dh)
+    if cache_kv is None:
+      out = jnp.einsum("bngts,bsnk->btngk", probs, values.astype(dt)).reshape(b, t, h, dh)
+    else:
+      # [B, n, g*T, S] @ [B, n, S, Dh] written as a plain batched matmul: XLA:CPU then hands
+      # it to its fast (YNNPACK) kernel; the einsum form lowers to a transposed dot that
+      # runs on the slow generic emitter.
+      out = jax.lax.dot_general(probs.reshape(b, cfg.kv_heads, g * t, s), values.astype(dt),
+                                (((3,), (2,)), ((0, 1), (0, 1))))
+      out = out.reshape(b, cfg.kv_heads, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
     y = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
     if self.bo is not None:
       y = y + self.bo[...].astype(dt)
@@ -322,5 +336,5 @@ class Transformer(nnx.Module):
     logits = constrain(logits, ("batch", "length", "vocab"))
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(jnp.stack(ks), jnp.stack(vs), key_mask, cache.index + t)
+      new_cache = KVCache(tuple(ks), tuple(vs), key_mask, cache.index + t)
     return Output(logits, tuple(hidden) if return_hidden else None, new_cache)
