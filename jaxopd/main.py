@@ -13,7 +13,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(_REPO, "experiments", "tdpo.py")
+# The repository's experiments/ (editable install, or run from a checkout); else the working directory's.
+DEFAULT_CONFIG = next((p for p in (os.path.join(_REPO, "experiments", "tdpo.py"),
+                                   os.path.join(os.getcwd(), "experiments", "tdpo.py")) if os.path.exists(p)),
+                      os.path.join(_REPO, "experiments", "tdpo.py"))
 
 config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment module and preset: path.py[:arg]",
                                 lock_config=True)
