@@ -127,6 +127,15 @@ class Output(NamedTuple):
   cache: KVCache | None                  # the updated cache when one was given
 
 
+def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
+  """``x[B, T, D] @ w[D, ...]`` as one 2-D matmul on ``[B*T, D]``: XLA:CPU otherwise
+  materialises transposed copies for the weight gradients of 3-D activations
+  (bench/train_step.py: the backward was ~4.5x the forward; 446 -> 324 ms/step)."""
+  b, t, d = x.shape
+  out = x.reshape(b * t, d) @ w.reshape(d, -1)
+  return out.reshape((b, t) + w.shape[1:])
+
+
 def _param(rngs: nnx.Rngs, shape, axes, std) -> nnx.Param:
   return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) * std, logical_axes=axes)
 
@@ -194,9 +203,7 @@ class Attention(nnx.Module):
     ``cache_kv``: this layer's ``(k, v)`` (layouts in :class:`KVCache`); returns (y, new (k, v))."""
     cfg = self.cfg
     dt = x.dtype
-    q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+    q, k, v = (_dense(x, w[...].astype(dt)) for w in (self.wq, self.wk, self.wv))
     if self.bq is not None:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if cfg.family == "llama":
@@ -232,7 +239,7 @@ class Attention(nnx.Module):
       out = jax.lax.dot_general(probs.reshape(b, cfg.kv_heads, g * t, s), values.astype(dt),
                                 (((3,), (2,)), ((0, 1), (0, 1))))
       out = out.reshape(b, cfg.kv_heads, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
-    y = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
+    y = _dense(out.reshape(b, t, h * dh), self.wo[...].reshape(h * dh, -1).astype(dt))
     if self.bo is not None:
       y = y + self.bo[...].astype(dt)
     return y, (None if cache_kv is None else (keys, values))
@@ -257,12 +264,12 @@ class MLP(nnx.Module):
   def __call__(self, x):
     dt = x.dtype
     if self.gpt2:
-      h = jax.nn.gelu(x @ self.w_in[...].astype(dt) + self.b_in[...].astype(dt), approximate=True)
+      h = jax.nn.gelu(_dense(x, self.w_in[...].astype(dt)) + self.b_in[...].astype(dt), approximate=True)
       h = constrain(h, ("batch", "length", "mlp"))
-      return h @ self.w_out[...].astype(dt) + self.b_out[...].astype(dt)
-    h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * (x @ self.w_up[...].astype(dt))
+      return _dense(h, self.w_out[...].astype(dt)) + self.b_out[...].astype(dt)
+    h = jax.nn.silu(_dense(x, self.w_gate[...].astype(dt))) * _dense(x, self.w_up[...].astype(dt))
     h = constrain(h, ("batch", "length", "mlp"))
-    return h @ self.w_down[...].astype(dt)
+    return _dense(h, self.w_down[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -332,7 +339,7 @@ class Transformer(nnx.Module):
     if return_hidden:
       hidden[-1] = x   # HF convention: the last hidden state is after the final norm
     w_out = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-    logits = jnp.einsum("btd,dv->btv", x, w_out.astype(dt))
+    logits = _dense(x, w_out.astype(dt))
     logits = constrain(logits, ("batch", "length", "vocab"))
     new_cache = None
     if cache is not None:
