@@ -4,6 +4,7 @@ preferences, training, report; stages are cached on re-run."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from helpers import REPO
@@ -39,6 +40,10 @@ def test_tdpo_then_dpo_pipeline(tmp_path, capsys):
             "sample/entropy", "sample/distinct2"):
     assert k in ev, k
   assert 0.0 <= ev["sample/reward"] <= 1.0 and ev["rewards/accuracies"] <= 1.0
+  # Policy == reference at step 0, so the loss starts at exactly log 2; training lowers it.
+  from jaxopd import logs
+  losses = [r["loss"] for r in logs.read_metrics(str(tmp_path / "tdpo"), "train")]
+  assert losses[-1] < np.log(2) - 1e-3, losses
   summ = json.load(open(tmp_path / "tdpo" / "summary.json"))
   assert summ["loss"] == "tdpo2" and summ["before"]["sample/kl_ref"] == pytest.approx(0.0, abs=1e-5)
   assert os.path.getsize(tmp_path / "tdpo" / "summary.png") > 1000
