@@ -168,24 +168,7 @@ DRAFT = ModelConfig(family="llama", vocab_size=1024, d_model=128, n_layers=1, n_
 
 # ----------------------------------------------------------------------------- utilities
 
-def _cpu_snapshot():
-  try:
-    with open("/proc/stat") as f:
-      v = [int(x) for x in f.readline().split()[1:]]
-  except OSError:
-    return None
-  tick = os.sysconf("SC_CLK_TCK")
-  busy = (sum(v[:8]) - v[3] - v[4]) / tick
-  t = os.times()
-  return busy, t.user + t.system, time.perf_counter()
-
-
-def other_load(start):
-  """Average number of CPUs used by *other* processes since ``start``."""
-  end = _cpu_snapshot()
-  if start is None or end is None:
-    return None
-  return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / (end[2] - start[2]))
+from contention import cpu_snapshot as _cpu_snapshot, other_load  # noqa: E402
 
 
 def make_model(cfg: ModelConfig, seed: int) -> Transformer:

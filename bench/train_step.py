@@ -128,25 +128,7 @@ def make_config():
   return sft, c
 
 
-def _cpu_snapshot():
-  """(busy CPU seconds of the whole machine, CPU seconds of this process, wall time) or None."""
-  try:
-    with open("/proc/stat") as f:
-      v = [int(x) for x in f.readline().split()[1:]]
-  except OSError:
-    return None
-  tick = os.sysconf("SC_CLK_TCK")
-  busy = (sum(v[:8]) - v[3] - v[4]) / tick    # all but idle and iowait
-  t = os.times()
-  return busy, t.user + t.system, time.perf_counter()
-
-
-def other_load(start):
-  """Average number of CPUs used by *other* processes since ``start`` (contention check)."""
-  end = _cpu_snapshot()
-  if start is None or end is None:
-    return None
-  return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / (end[2] - start[2]))
+from contention import cpu_snapshot as _cpu_snapshot, other_load  # noqa: E402
 
 
 def timed(fn, *args, warmup=None, repeats=None):
