@@ -107,8 +107,8 @@ def model_cfg() -> ModelConfig:
                      n_kv_heads=HEADS, d_ff=FF, max_len=SEQ, tie_embeddings=False)
 
 
-# --- contention check (as in bench/train_step.py) -------------------------------------------------
-from contention import cpu_snapshot as _cpu_snapshot, other_load  # noqa: E402
+# --- contention check and step timing: bench/common.py
+from common import cpu_snapshot as _cpu_snapshot, other_load, time_donated_step  # noqa: E402
 
 
 # --- jaxopd ---------------------------------------------------------------------------------------
@@ -158,16 +158,8 @@ def jax_step_time(loss_name, warmup, repeats):
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-      state, metrics = compiled(state, frozen, batch)
-      jax.block_until_ready((state, metrics))
-    ts = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      state, metrics = compiled(state, frozen, batch)
-      jax.block_until_ready((state, metrics))
-      ts.append(time.perf_counter() - t0)
-  return statistics.median(ts), ts, compile_s, float(metrics["loss"])
+    step_s, ts, state, metrics = time_donated_step(compiled, state, frozen, batch, warmup, repeats)
+  return step_s, ts, compile_s, float(metrics["loss"])
 
 
 # --- TRL ------------------------------------------------------------------------------------------

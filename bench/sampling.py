@@ -168,7 +168,7 @@ DRAFT = ModelConfig(family="llama", vocab_size=1024, d_model=128, n_layers=1, n_
 
 # ----------------------------------------------------------------------------- utilities
 
-from contention import cpu_snapshot as _cpu_snapshot, other_load  # noqa: E402
+from common import cpu_snapshot as _cpu_snapshot, other_load  # noqa: E402
 
 
 def make_model(cfg: ModelConfig, seed: int) -> Transformer:

@@ -128,7 +128,7 @@ def make_config():
   return sft, c
 
 
-from contention import cpu_snapshot as _cpu_snapshot, other_load  # noqa: E402
+from common import cpu_snapshot as _cpu_snapshot, other_load, time_donated_step  # noqa: E402
 
 
 def timed(fn, *args, warmup=None, repeats=None):
@@ -209,16 +209,7 @@ def main(argv=None):
     xf = xla_flops(compiled)
 
     # The train step (state is donated: thread it through).
-    for _ in range(WARMUP):
-      state, metrics = compiled(state, frozen, batch)
-      jax.block_until_ready((state, metrics))
-    ts = []
-    for _ in range(REPEATS):
-      t0 = time.perf_counter()
-      state, metrics = compiled(state, frozen, batch)
-      jax.block_until_ready((state, metrics))
-      ts.append(time.perf_counter() - t0)
-    step_s = statistics.median(ts)
+    step_s, ts, state, metrics = time_donated_step(compiled, state, frozen, batch, WARMUP, REPEATS)
     loss = float(metrics["loss"])
 
     # Cheap breakdown: forward-only loss, and loss+grad without the optimizer update.
