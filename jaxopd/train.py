@@ -233,15 +233,23 @@ class Trainer:
     return nnx.merge(self.gd_params, state["params"]), nnx.merge(self.gd_frozen, frozen)
 
   def apply_init_from(self, state, frozen):
-    """Loads ``config.init_from.source`` of another run into each target model."""
+    """Loads ``config.init_from.source`` of another run into each target model; when
+    ``config.init_from.workdir`` is a Hugging Face directory (config.json + safetensors,
+    no checkpoints/), that checkpoint instead (``source`` unused, step ``"hf"``)."""
+    from jaxopd.models import hf   # not at the top: hf imports this module
     c = self.config.init_from
     targets = list(c.targets)
+    load = lambda name, tree: ckpt_lib.load_params(c.workdir, c.source, name, tree)
+    if hf.is_hf_dir(c.workdir):
+      modules = {**nnx.merge(self.gd_params, self.abstract_state["params"]),
+                 **nnx.merge(self.gd_frozen, self.abstract_frozen)}
+      load = lambda name, tree: (hf.load_params(c.workdir, tree, getattr(modules[name], "cfg", None),
+                                                f"config.init_from.workdir={c.workdir!r}: model {name!r}"), "hf")
     for name in targets:
       if name in state["params"]:
-        tree = self.abstract_state["params"][name]
-        state["params"][name], step = ckpt_lib.load_params(c.workdir, c.source, name, tree)
+        state["params"][name], step = load(name, self.abstract_state["params"][name])
       elif name in frozen:
-        frozen[name], step = ckpt_lib.load_params(c.workdir, c.source, name, self.abstract_frozen[name])
+        frozen[name], step = load(name, self.abstract_frozen[name])
       else:
         raise ValueError(f"config.init_from.targets: {name!r} is not a model of this experiment "
                          f"(trainable {sorted(state['params'])}, frozen {sorted(frozen)})")
