@@ -1,0 +1,142 @@
+"""Benchmark: SparsePO train-step throughput against TDPO on the same workload.
+
+  python bench/sparsepo_step.py   (a few minutes on 2 CPU cores; --warmup / --repeats / --rounds)
+
+Workload: bench/preference_step.py's (Llama-style policy and frozen reference,
+vocab 1024, d_model 256, 4 layers, 8 pairs of 32 prompt + 96 response tokens,
+AdamW, one CPU device, one synthetic batch reused), through
+``Trainer.compiled_train_step`` with the loss of:
+
+* ``tdpo1`` / ``tdpo2``: ``jaxopd.preference.make_loss_fn`` (beta 0.1, alpha 0.5);
+* ``sparsepo_shared`` / ``sparsepo_indep``: ``jaxopd.sparsepo.make_loss_fn("learned", ...)``
+  with the mask model (one or two heads on the reference's 4 hidden states)
+  as a second trainable model, L1 0.001 on both masks;
+* ``mapo``: ``make_loss_fn("mapo", True, ...)`` (activation mask, no extra model).
+
+SparsePO's reference forward also returns its hidden states. All steps are
+compiled first; then ``--rounds`` rounds each time ``--repeats`` steps of every
+variant in turn (after ``--warmup`` steps per variant), so that drifting load
+hits all variants alike. Reported: the median step time per variant over all
+rounds, tokens/s (8 * 2 * 128 / step time), and the overhead of each SparsePO
+variant over TDPO1 (the objective it reduces to with all-ones masks).
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+from flax import nnx
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for p in (ROOT, HERE):
+  if p not in sys.path:
+    sys.path.insert(0, p)
+
+from common import cpu_snapshot, other_load  # noqa: E402
+from preference_step import ALPHA, BETA, LR, PAIRS, SEQ, TOKENS, model_cfg, synthetic_batch  # noqa: E402
+
+from jaxopd import config as config_lib  # noqa: E402
+from jaxopd import mesh as mesh_lib  # noqa: E402
+from jaxopd import preference, sparsepo  # noqa: E402
+from jaxopd.experiment import Experiment  # noqa: E402
+from jaxopd.models import Transformer  # noqa: E402
+from jaxopd.train import Trainer  # noqa: E402
+
+VARIANTS = ("tdpo1", "tdpo2", "sparsepo_shared", "sparsepo_indep", "mapo")
+
+
+def build_step(name):
+  """(compiled step, state, frozen, batch, compile seconds) of one variant."""
+  mc = model_cfg()
+  c = config_lib.base_config()
+  c.batch_size, c.seq_len, c.grad_accum, c.total_steps = PAIRS, SEQ, 1, 1_000_000
+  for k, v in vars(mc).items():
+    setattr(c.model, k, v)
+  c.optim.lr = LR
+  c.mesh.shape = (1, 1, 1)
+  c.mesh.num_devices = 1
+  c.progress = False
+  facts = config_lib.validate(c, len(jax.devices()), jax.process_count())
+  mesh = mesh_lib.make_mesh(facts["mesh_shape"], facts["num_devices"])
+  rules = facts["rules"]
+  learned = name.startswith("sparsepo")
+  shared = name != "sparsepo_indep"
+  if name in ("tdpo1", "tdpo2"):
+    loss_fn = preference.make_loss_fn(name, BETA, ALPHA if name == "tdpo2" else 0.5)
+  elif learned:
+    loss_fn = sparsepo.make_loss_fn("learned", shared, BETA, 1e-3, 1e-3)
+  else:
+    loss_fn = sparsepo.make_loss_fn("mapo", True, BETA)
+
+  def init_models(rng):
+    a, b, m = jax.random.split(rng, 3)
+    trainable = {"policy": Transformer(mc, nnx.Rngs(params=a))}
+    if learned:
+      trainable["mask"] = sparsepo.SparseMask(mc.n_layers, mc.d_model, shared, nnx.Rngs(params=m), "ones")
+    return trainable, {"reference": Transformer(mc, nnx.Rngs(params=b))}
+
+  if learned:
+    c.optim.groups.mask = {"weight_decay": 0.01}
+  local = synthetic_batch()
+  trainer = Trainer(c, Experiment(init_models=init_models, loss_fn=loss_fn, train_data=lambda s: iter([local])),
+                    mesh, rules)
+  with jax.set_mesh(mesh), mesh_lib.use_rules(rules):
+    batch = trainer.to_global(local, c.batch_size)
+    state, frozen = trainer.init()
+    t0 = time.perf_counter()
+    compiled = trainer.compiled_train_step(batch).lower(state, frozen, batch).compile()
+  return compiled, state, frozen, batch, time.perf_counter() - t0
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--rounds", type=int, default=3)
+  a = ap.parse_args(argv)
+  snap = cpu_snapshot()
+  t_start = time.perf_counter()
+  steps, times = {}, {n: [] for n in VARIANTS}
+  for n in VARIANTS:
+    compiled, state, frozen, batch, comp = build_step(n)
+    for _ in range(a.warmup):
+      state, metrics = compiled(state, frozen, batch)
+    jax.block_until_ready(state)
+    steps[n] = [compiled, state, frozen, batch]
+    print(f"{n:16s} compiled in {comp:.1f} s", flush=True)
+  for _ in range(a.rounds):
+    for n in VARIANTS:
+      compiled, state, frozen, batch = steps[n]
+      for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, frozen, batch)
+        jax.block_until_ready((state, metrics))
+        times[n].append(time.perf_counter() - t0)
+      steps[n][1] = state
+  med = {n: statistics.median(ts) for n, ts in times.items()}
+  for n in VARIANTS:
+    print(f"{n:16s} {med[n] * 1e3:8.1f} ms median of {len(times[n])} (min {min(times[n]) * 1e3:.1f}, max "
+          f"{max(times[n]) * 1e3:.1f}); {TOKENS / med[n]:7.0f} tokens/s; vs tdpo1 {med[n] / med['tdpo1'] - 1:+.1%}")
+  other = other_load(snap)
+  print(f"total wall {time.perf_counter() - t_start:.1f} s" + (
+      "" if other is None else f"; other processes used {other:.2f} of {os.cpu_count()} CPUs meanwhile"
+      + (" -- CONTENDED, numbers are not trustworthy" if other > 0.25 else "")))
+  print(json.dumps({
+      **{f"{n}_step_ms": round(med[n] * 1e3, 2) for n in VARIANTS},
+      **{f"{n}_tokens_per_s": round(TOKENS / med[n], 1) for n in VARIANTS},
+      **{f"{n}_overhead_vs_tdpo1": round(med[n] / med["tdpo1"] - 1, 3) for n in VARIANTS if n != "tdpo1"},
+      "tokens_per_step": TOKENS, "samples_per_variant": a.rounds * a.repeats,
+      "other_cpu_load": None if other is None else round(other, 3)}))
+
+
+if __name__ == "__main__":
+  main()
