@@ -101,6 +101,7 @@ def get_config(arg: str | None = None):
     c.log_every = 2
     c.checkpoint.every = 4
     c.sft.total_steps = 20
+    c.sft.workdir = "runs/sft_smoke"   # the smoke model is not the default architecture
     c.prefs.num_train, c.prefs.num_test, c.prefs.k = 32, 8, 2
     c.prefs.max_new_tokens = 12
     c.eval.num_prompts = 8

@@ -75,13 +75,26 @@ class Experiment:
     (sampling-based ones), run at eval time; optional.
   rollout(params, frozen, batch, rng) -> batch: on-policy methods turn a
     prompt batch into a training batch inside the jitted step; optional.
+  init_aux() -> pytree: method state that persists across steps (f-DPG's
+    running log Z, baseline, offline proposal); optional. It lives in the
+    train state as ``state["aux"]`` (checkpointed; ``nnx.Variable`` leaves are
+    sharded by their ``logical_axes``, the rest replicated) and is threaded
+    through the rollout, whose signature becomes
+    ``rollout(params, frozen, batch, rng, aux) -> (batch, aux)``; with
+    gradient accumulation the microbatches see it in order. A step whose
+    loss or gradient is non-finite keeps the old state, ``aux`` included.
   """
   init_models: Callable[[jax.Array], tuple[dict, dict]]
   loss_fn: Callable[[dict, dict, Batch, jax.Array], LossOutput]
   train_data: Callable[[DataShard], Any]
   eval_data: Callable[[DataShard], Iterable[Batch]] | None = None
   evaluate: Callable[[dict, dict, int], dict] | None = None
-  rollout: Callable[[dict, dict, Batch, jax.Array], Batch] | None = None
+  rollout: Callable[..., Any] | None = None
+  init_aux: Callable[[], Any] | None = None
+
+  def __post_init__(self):
+    if self.init_aux is not None and self.rollout is None:
+      raise TypeError("Experiment.init_aux needs a rollout: the rollout is where the method state is updated")
 
 
 def parse_arg(arg: str | None, presets: Iterable[str] = ()) -> dict:

@@ -130,6 +130,8 @@ class Trainer:
     _, frozen_state = _split_models(frozen, "frozen")
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
              "opt_state": self.tx.init(params), "rng": self.step_key}
+    if self.experiment.init_aux is not None:
+      state["aux"] = self.experiment.init_aux()
     return state, frozen_state
 
   def init(self):
@@ -152,13 +154,16 @@ class Trainer:
     return jax.tree.map(f, dict(local_batch), shardings)
 
   # --- the step ----------------------------------------------------------------
-  def _microbatch_sums(self, params, frozen, batch, rng):
-    """Gradient and metric *sums* over one microbatch."""
+  def _microbatch_sums(self, params, frozen, batch, rng, aux=None):
+    """Gradient and metric *sums* over one microbatch (and the method state after it)."""
     frozen_models = nnx.merge(self.gd_frozen, frozen)
     if self.experiment.rollout is not None:
       rng, r_rng = jax.random.split(rng)
-      batch = self.experiment.rollout(nnx.merge(self.gd_params, jax.lax.stop_gradient(params)),
-                                      frozen_models, batch, r_rng)
+      policy = nnx.merge(self.gd_params, jax.lax.stop_gradient(params))
+      if self.experiment.init_aux is not None:
+        batch, aux = self.experiment.rollout(policy, frozen_models, batch, r_rng, aux)
+      else:
+        batch = self.experiment.rollout(policy, frozen_models, batch, r_rng)
 
     def loss_of(p):
       out = self.experiment.loss_fn(nnx.merge(self.gd_params, p), frozen_models, batch, rng)
@@ -168,14 +173,15 @@ class Trainer:
 
     (_, out), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     parts = _metric_parts(out.metrics, out.weight)
-    return grads, jnp.asarray(out.loss, jnp.float32), jnp.asarray(out.weight, jnp.float32), parts
+    return grads, jnp.asarray(out.loss, jnp.float32), jnp.asarray(out.weight, jnp.float32), parts, aux
 
   def train_step(self, state, frozen, batch):
     accum = self.config.grad_accum
     rng = jax.random.fold_in(state["rng"], state["step"])
     params = state["params"]
+    aux = state.get("aux")
     if accum == 1:
-      grads, loss, weight, parts = self._microbatch_sums(params, frozen, batch, rng)
+      grads, loss, weight, parts, aux = self._microbatch_sums(params, frozen, batch, rng, aux)
     else:
       def split(x):   # [B, ...] -> [A, B/A, ...]; microbatch i = rows i, i+A, ... (keeps shards local)
         x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
@@ -183,13 +189,14 @@ class Trainer:
       micro = jax.tree.map(split, batch)
 
       def body(carry, i):
+        sums, aux = carry       # the method state passes through the microbatches in order
         mb = jax.tree.map(lambda x: x[i], micro)
-        g, l, w, p = self._microbatch_sums(params, frozen, mb, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (g, l, w, p)), None
+        *out, aux = self._microbatch_sums(params, frozen, mb, jax.random.fold_in(rng, i), aux)
+        return (jax.tree.map(jnp.add, sums, tuple(out)), aux), None
 
-      zero = jax.eval_shape(self._microbatch_sums, params, frozen, jax.tree.map(lambda x: x[0], micro), rng)
-      zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
-      (grads, loss, weight, parts), _ = jax.lax.scan(body, zero, jnp.arange(accum))
+      shapes = jax.eval_shape(self._microbatch_sums, params, frozen, jax.tree.map(lambda x: x[0], micro), rng, aux)
+      zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tuple(shapes[:4]))
+      ((grads, loss, weight, parts), aux), _ = jax.lax.scan(body, (zero, aux), jnp.arange(accum))
     grads = jax.tree.map(lambda g: g / weight, grads)
     loss = loss / weight
     grad_norm = optax.tree.norm(grads)
@@ -197,6 +204,8 @@ class Trainer:
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state, "rng": state["rng"]}
+    if "aux" in state:
+      new_state["aux"] = aux
     new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
     metrics = {k: _ratio(n, d) for k, (n, d) in parts.items()}
     metrics.update(loss=loss, grad_norm=grad_norm, weight=weight, finite=finite)
@@ -257,16 +266,29 @@ class Trainer:
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop checkpoints and stops at the next step boundary."""
+  """SIGTERM sets a flag; the loop checkpoints and stops at the next step boundary.
+
+  With several processes they must stop at the same step (the checkpoint is a
+  collective), so jax's preemption sync point decides: jax.distributed catches
+  SIGTERM on any host and names the first step every host can stop after.
+  """
 
   def __init__(self):
     self.requested = False
     self._old = None
+    self._multi = jax.process_count() > 1 and jax.distributed.is_initialized()
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread() and not self._multi:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     return self
+
+  def check(self, step: int) -> bool:
+    """Whether to checkpoint and stop after ``step``; called once per step on every process."""
+    if self._multi and not self.requested:
+      from jax.experimental import multihost_utils
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def _handle(self, signum, frame):
     self.requested = True
@@ -333,10 +355,11 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
   pending = None          # (step, device metrics, tokens, t_dispatch) of the last dispatched step
   last_log = (time.perf_counter(), 0)
   tokens_since = 0
+  rate_name = "tokens_per_s"
   bar = _progress(c, start, main)
 
   def flush():
-    nonlocal pending, last_log, tokens_since
+    nonlocal pending, last_log, tokens_since, rate_name
     if pending is None:
       return
     step, dev_metrics, ntok = pending
@@ -352,13 +375,13 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
     if step % c.log_every == 0 or step == c.total_steps:
       now = time.perf_counter()
       dt = now - last_log[0]
-      m["tokens_per_s"] = tokens_since / dt if dt > 0 else float("nan")
+      m[rate_name] = tokens_since / dt if dt > 0 else float("nan")
       for name, sched in trainer.schedules.items():
         m[f"lr/{name}" if len(trainer.schedules) > 1 else "lr"] = float(sched(step - 1))
       logger.write(step, "train", m)
       last_log, tokens_since = (now, step), 0
       if bar is not None:
-        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+        bar.set_postfix({"loss": f"{m['loss']:.4f}", rate_name: f"{m[rate_name]:.1f}"})
 
   with jax.set_mesh(mesh), mesh_lib.use_rules(rules), _Preemption() as preempt:
     for step in range(start + 1, c.total_steps + 1):
@@ -368,18 +391,24 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
         step_fn = trainer.compiled_train_step(batch)
       state, dev_metrics = step_fn(state, frozen, batch)
       flush()                               # the previous step's metrics, while this one runs
-      pending = (step, dev_metrics, int(np.prod(batch["tokens"].shape)))
+      # Throughput in input tokens; a rollout method's host batch holds prompts, so examples/s.
+      if "tokens" in local and experiment.rollout is None:
+        rate_name, count = "tokens_per_s", int(np.prod(batch["tokens"].shape))
+      else:
+        rate_name, count = "examples_per_s", c.batch_size
+      pending = (step, dev_metrics, count)
       if bar is not None:
         bar.update(1)
       do_eval = (c.eval_every and step % c.eval_every == 0) or step == c.total_steps
       do_ckpt = (c.checkpoint.every and step % c.checkpoint.every == 0) or step == c.total_steps
-      if do_eval or do_ckpt or preempt.requested:
+      stop = preempt.check(step)
+      if do_eval or do_ckpt or stop:
         flush()
       if do_eval:
         summary["eval"] = _evaluate(trainer, experiment, state, frozen, eval_shard, c, step, logger)
-      if do_ckpt or preempt.requested:
+      if do_ckpt or stop:
         ckpt.save(state, data_iter, force=True)
-      if preempt.requested:
+      if stop:
         summary["preempted"] = True
         if main:
           print(f"SIGTERM: checkpoint saved at step {step}; stopping", flush=True)

@@ -115,10 +115,15 @@ def surrogate_loss(policy_logp: jax.Array, proposal_logp: jax.Array, log_score: 
   """Returns ``(loss_sum, n, pseudo_rewards)`` for samples ``[N]``:
   ``sum_x w (-(R - b)) log pi(x)``, so the trainer's ``loss_sum / n`` is the
   mean of METHODS.md. ``policy_logp`` is the summed response log-probability
-  (with gradient); everything else is detached here."""
-  log_t = jax.lax.stop_gradient(policy_logp) - (log_score - log_z)
+  (with gradient); everything else is detached here.
+
+  As in disco, a sample contributes nothing while its context's ``log Z`` is
+  still ``-inf`` (no sample with ``P > 0`` seen yet): ``t`` is undefined there.
+  """
+  valid = jnp.isfinite(log_z)
+  log_t = jax.lax.stop_gradient(policy_logp) - (log_score - jnp.where(valid, log_z, 0.0))
   r = jax.lax.stop_gradient(pseudo_reward(log_t, f))
-  adv = jax.lax.stop_gradient(r - baseline)
+  adv = jax.lax.stop_gradient(jnp.where(valid, r - baseline, 0.0))
   w = importance_weights(policy_logp, proposal_logp)
   return jnp.sum(w * -adv * policy_logp), jnp.float32(policy_logp.shape[0]), r
 
