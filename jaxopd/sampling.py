@@ -9,9 +9,9 @@ shifted back: ``tokens[B, P + N]`` right-padded, prompt then response, with
 the train step consumes.
 
 ``sample`` runs a ``lax.while_loop`` over a fixed-size cache and stops early
-when every row has emitted EOS. ``speculative_sample`` is written for one
-sequence and ``jax.vmap``-ed over the batch, so each row keeps its own
-acceptance count and cache index.
+when every row has emitted EOS. ``speculative_sample`` runs one
+``lax.while_loop`` over draft-then-verify rounds for the whole batch; each row
+keeps its own token count (its own cache write position) and acceptance count.
 """
 
 from __future__ import annotations
@@ -87,7 +87,11 @@ def _draw(rng, logp: jax.Array, cfg: SamplingConfig) -> jax.Array:
   # = jax.random.categorical(rng, logp) (same Gumbel noise, same draws), with the argmax
   # written as max + first index of the max: two plain reductions, which XLA:CPU
   # vectorizes (its variadic (value, index) argmax reduction is not).
-  z = logp + jax.random.gumbel(rng, logp.shape, logp.dtype)
+  return _first_argmax(logp + jax.random.gumbel(rng, logp.shape, logp.dtype))
+
+
+def _first_argmax(z: jax.Array) -> jax.Array:
+  """``argmax`` over the last axis as max + first index of the max (see :func:`_draw`)."""
   hit = z == jnp.max(z, axis=-1, keepdims=True)
   return jnp.min(jnp.where(hit, jnp.arange(z.shape[-1], dtype=jnp.int32), z.shape[-1]), axis=-1)
 
@@ -198,6 +202,14 @@ def speculative_sample(target: Transformer, draft: Transformer, prompt: jax.Arra
   With ``cfg.greedy`` the draft proposes argmaxes and a token is accepted
   while it equals the target's argmax: the output equals the target's greedy
   decoding.
+
+  Batched: one ``lax.while_loop`` over rounds for the whole batch, until every
+  row is done (finished rows run on, masked). Rows advance by different
+  amounts, so row b's token at buffer slot s sits at cache slot s of a
+  per-row *main* region, committed with a per-row window write; each model
+  call of a round writes its new keys/values to a shared *scratch* region
+  after the main one (an in-place update at a common index) and attends to
+  the valid main slots plus the scratch slots so far. One PRNG draw per round.
   """
   cfg.validate()
   if gamma < 1:
@@ -206,107 +218,117 @@ def speculative_sample(target: Transformer, draft: Transformer, prompt: jax.Arra
     raise ValueError(f"lenience={lenience}: must be in (0, 1]")
   if cfg.greedy and lenience != 1.0:
     raise ValueError("lenience applies to speculative sampling, not greedy verification")
-  _, p = prompt.shape
-  n = cfg.max_new_tokens
-  size = 1 + p + n + gamma + 1          # one extra leading pad: every row has >= 2 tokens
-  keys = jax.random.split(rng, prompt.shape[0])
-  one = lambda pr, pl, key: _speculative_one(target, draft, pr, pl, key, cfg, gamma, lenience, size)
-  buf, resp_len, accepted, blocks = jax.vmap(one)(prompt.astype(jnp.int32), prompt_len.astype(jnp.int32), keys)
-  # buf: [B, size] left-padded (1 + P slots of prompt), then the response.
-  tokens = buf[:, 1:1 + p + n]
+  b, p = prompt.shape
+  n, g1, vocab = cfg.max_new_tokens, gamma + 1, target.cfg.vocab_size
+  start = 1 + p                   # first response slot; one extra leading pad: every row has >= 2 tokens
+  size = start + n + gamma        # main slots; a live row's writes stay below
+  plen = prompt_len.astype(jnp.int32)
+  shift = start - plen            # left pads per row (incl. the extra one)
+  slots = jnp.arange(size)[None, :]
+  src = jnp.clip(slots - shift[:, None], 0, p - 1)
+  prompt_slot = (slots >= shift[:, None]) & (slots < start)
+  buf = jnp.where(prompt_slot, jnp.take_along_axis(prompt.astype(jnp.int32), src, axis=1), cfg.pad_id)
+  pos = lambda s: jnp.maximum(s - shift[:, None], 0)
+  main_valid = lambda fed: (slots >= shift[:, None]) & (slots < fed[:, None])   # [B, size]
+  j = jnp.arange(g1)[None, :]
+
+  def call(model, cache, toks, s, index, mask=None):
+    """Feeds ``toks[B, T]`` (buffer slots ``s``) at cache slot ``index``; returns f32 logits, cache."""
+    o = model(toks, pos(s), attention_mask=mask, cache=cache._replace(index=jnp.int32(index)))
+    return o.logits.astype(jnp.float32), o.cache
+
+  def commit(cache, first):
+    """Copies the scratch slots to main slots ``first[b] + j`` of each row (clamped to the scratch itself)."""
+    put = jax.vmap(lambda x, u, i: jax.lax.dynamic_update_slice_in_dim(x, u, i, axis=1))
+    ks, vs = ([put(x, x[:, :, size:], first) for x in kv] for kv in (cache.k, cache.v))
+    return cache._replace(k=tuple(ks), v=tuple(vs))
+
+  def with_valid(cache, fed):
+    return cache._replace(valid=jnp.concatenate([main_valid(fed), jnp.zeros((b, g1), bool)], axis=1))
+
+  def pick(logp, noise):
+    return jnp.argmax(logp, axis=-1).astype(jnp.int32) if noise is None else _first_argmax(logp + noise)
+
+  # Prefill both models' main regions with all prompt slots but the last.
+  pre = (buf[:, :start - 1], jnp.broadcast_to(slots[:, :start - 1], (b, start - 1)), 0, prompt_slot[:, :start - 1])
+  _, t_cache = call(target, KVCache.zeros(target.cfg, b, size + g1), *pre)
+  _, d_cache = call(draft, KVCache.zeros(draft.cfg, b, size + g1), *pre)
+
+  def body(c):
+    cur, live = c["cur"], ~c["done"]   # cur: tokens in the buffer; slot cur-1 not yet fed to the target
+    rng = c["rng"]
+    if cfg.greedy:
+      noise, acc_u = [None] * g1, None
+    else:
+      rng, key = jax.random.split(rng)
+      # One draw per round: Gumbel noise for gamma draft tokens and the correction, acceptance uniforms.
+      u = jax.random.uniform(key, (g1, b, vocab + 1), minval=jnp.finfo(jnp.float32).tiny, maxval=1.0)
+      noise, acc_u = -jnp.log(-jnp.log(u[..., :vocab])), u[:gamma, :, vocab].T
+
+    # Last round's scratch slot j held buffer slot first+j; the accepted ones become valid main slots.
+    tc, dc = commit(c["t_cache"], c["t_first"]), commit(c["d_cache"], c["d_first"])
+    # Draft: refeed slots cur-2, cur-1 (cur-2 is missing after a fully accepted round), then gamma-1 own tokens.
+    s2 = cur[:, None] - 2 + jnp.arange(2)[None, :]
+    logits, dc = call(draft, with_valid(dc, cur - 2), jnp.take_along_axis(c["buf"], s2, axis=1), s2, size,
+                      s2 >= shift[:, None])
+    logits = logits[:, -1]
+    xs, logqs = [], []
+    for i in range(gamma):
+      logq = process_logits(logits, cfg)
+      x = pick(logq, noise[i])
+      xs.append(x)
+      logqs.append(logq)
+      if i < gamma - 1:
+        logits, dc = call(draft, dc, x[:, None], cur[:, None] + i, size + 2 + i)
+        logits = logits[:, 0]
+    xs, logq = jnp.stack(xs, axis=1), jnp.stack(logqs, axis=1)          # [B, gamma], [B, gamma, V]
+
+    # Target: scores slots cur-1 .. cur-1+gamma in one call.
+    block = jnp.concatenate([jnp.take_along_axis(c["buf"], cur[:, None] - 1, axis=1), xs], axis=1)
+    logits, tc = call(target, with_valid(tc, cur - 1), block, cur[:, None] - 1 + j, size)
+    logp = process_logits(logits, cfg)                                  # [B, gamma + 1, V]
+    if cfg.greedy:
+      ok = jnp.argmax(logp[:, :gamma], axis=-1) == xs
+    else:
+      lp_x = jnp.take_along_axis(logp[:, :gamma], xs[..., None], axis=-1)[..., 0]
+      lq_x = jnp.take_along_axis(logq, xs[..., None], axis=-1)[..., 0]
+      ok = acc_u < jnp.minimum(1.0, jnp.exp(lp_x - lq_x) / lenience)
+    n_acc = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # [B]
+    p_next = jnp.take_along_axis(logp, n_acc[:, None, None], axis=1)[:, 0]
+    if cfg.greedy:
+      fix = pick(p_next, None)
+    else:
+      q_all = jnp.concatenate([logq, jnp.full((b, 1, vocab), NEG_INF)], axis=1)
+      q_next = jnp.take_along_axis(q_all, n_acc[:, None, None], axis=1)[:, 0]
+      resid = jnp.maximum(jnp.exp(p_next) - jnp.exp(q_next), 0.0)
+      mass = jnp.sum(resid, axis=-1, keepdims=True)
+      resid_logp = jnp.where(mass > 0, jnp.log(resid / jnp.where(mass > 0, mass, 1.0)), p_next)
+      fix = pick(jnp.where(jnp.isfinite(resid_logp), resid_logp, NEG_INF), noise[gamma])
+    written = n_acc + 1
+    keep = j < written[:, None]
+    new = jnp.where(j < n_acc[:, None], jnp.concatenate([xs, xs[:, -1:]], axis=1), fix[:, None])
+    new = jnp.where(keep, new, cfg.pad_id)
+    at = jnp.where(live[:, None], cur[:, None] + j, size)                 # finished rows: dropped
+    buf = c["buf"].at[jnp.arange(b)[:, None], at].set(new, mode="drop")
+    new_cur = jnp.where(live, cur + written, cur)
+    hit_eos = jnp.any((new == cfg.eos_id) & keep, axis=1)
+    return dict(buf=buf, cur=new_cur, t_cache=tc, d_cache=dc, t_first=cur - 1, d_first=cur - 2, rng=rng,
+                done=c["done"] | hit_eos | (new_cur - start >= n),
+                accepted=c["accepted"] + jnp.where(live, n_acc, 0), blocks=c["blocks"] + live)
+
+  zeros = jnp.zeros((b,), jnp.int32)
+  nowhere = jnp.full((b,), size, jnp.int32)       # the scratch onto itself
+  c = dict(buf=buf, cur=jnp.full((b,), start, jnp.int32), t_cache=t_cache, d_cache=d_cache, t_first=nowhere,
+           d_first=nowhere, rng=rng, done=jnp.zeros((b,), bool), accepted=zeros, blocks=zeros)
+  c = jax.lax.while_loop(lambda c: ~jnp.all(c["done"]), body, c)
+  resp = c["buf"][:, start:start + n]
+  is_eos = resp == cfg.eos_id
+  first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, n)
+  resp_len = jnp.minimum(jnp.minimum(first_eos, c["cur"] - start), n).astype(jnp.int32)
+  tokens = c["buf"][:, 1:1 + p + n]
   gen = jnp.arange(p + n)[None, :] >= p
   resp = gen & (jnp.arange(p + n)[None, :] < p + resp_len[:, None])
   tokens = jnp.where(gen & ~resp, cfg.pad_id, tokens)
-  shift = p - prompt_len.astype(jnp.int32)
+  shift = p - plen
   return SpecOutput(_right_align(tokens, shift), _right_align(resp.astype(jnp.int32), shift), resp_len,
-                    accepted, blocks, gamma * blocks)
-
-
-def _speculative_one(target, draft, prompt, plen, rng, cfg, gamma, lenience, size):
-  """One sequence (vmapped over the batch). Returns (buffer, response length, accepted, blocks)."""
-  p = prompt.shape[0]
-  n = cfg.max_new_tokens
-  start = 1 + p                                   # first response slot
-  shift = start - plen                            # left pads (incl. the extra one)
-  slots = jnp.arange(size)
-  idx = jnp.clip(slots - shift, 0, p - 1)
-  buf = jnp.where((slots >= shift) & (slots < start), prompt[idx], cfg.pad_id).astype(jnp.int32)
-  valid = slots >= shift
-  pos_of = lambda s: jnp.maximum(s - shift, 0)
-
-  def feed(model, cache, buf, first_slot, length):
-    toks = jax.lax.dynamic_slice_in_dim(buf, first_slot, length)[None]
-    s = first_slot + jnp.arange(length)
-    cache = cache._replace(index=first_slot)
-    o = model(toks, pos_of(s)[None], attention_mask=valid[s][None], cache=cache)
-    return o.logits[0].astype(jnp.float32), o.cache
-
-  # Prefill both models with all prompt slots but the last.
-  t_cache = KVCache.zeros(target.cfg, 1, size)
-  d_cache = KVCache.zeros(draft.cfg, 1, size)
-  _, t_cache = feed(target, t_cache, buf, 0, start - 1)
-  _, d_cache = feed(draft, d_cache, buf, 0, start - 1)
-
-  def logp_of(logits):
-    return process_logits(logits, cfg)
-
-  def cond(c):
-    return ~c["done"]
-
-  def body(c):
-    cur = c["cur"]                                # tokens in the buffer; slot cur-1 not yet fed to the target
-    rng, k_draft, k_acc, k_fix = jax.random.split(c["rng"], 4)
-    # Draft: refeed slots cur-2, cur-1 (idempotent for an already-cached one), then gamma-1 of its own tokens.
-    d_logits, d_cache = feed(draft, c["d_cache"], c["buf"], cur - 2, 2)
-
-    def draft_step(carry, key):
-      d_cache, logits, slot = carry
-      logq = logp_of(logits)
-      x = _draw(key, logq, cfg)
-      o = draft(x[None, None], pos_of(slot)[None, None], cache=d_cache._replace(index=slot))
-      return (o.cache, o.logits[0, 0].astype(jnp.float32), slot + 1), (x, logq)
-
-    (d_cache, _, _), (xs, logqs) = jax.lax.scan(draft_step, (d_cache, d_logits[-1], cur),
-                                                jax.random.split(k_draft, gamma))
-    block = jnp.concatenate([c["buf"][cur - 1][None], xs])               # [gamma + 1]
-    bslots = cur - 1 + jnp.arange(gamma + 1)
-    o = target(block[None], pos_of(bslots)[None], cache=c["t_cache"]._replace(index=cur - 1))
-    logps = logp_of(o.logits[0].astype(jnp.float32))                     # [gamma + 1, V]
-    t_cache = o.cache
-    if cfg.greedy:
-      ok = jnp.argmax(logps[:gamma], -1) == xs
-    else:
-      lp_x = jnp.take_along_axis(logps[:gamma], xs[:, None], -1)[:, 0]
-      lq_x = jnp.take_along_axis(logqs, xs[:, None], -1)[:, 0]
-      ratio = jnp.exp(lp_x - lq_x) / lenience
-      ok = jax.random.uniform(k_acc, (gamma,)) < jnp.minimum(1.0, ratio)
-    n_acc = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
-    p_next = logps[n_acc]
-    if cfg.greedy:
-      fix = jnp.argmax(p_next).astype(jnp.int32)
-    else:
-      q_next = jnp.concatenate([logqs, jnp.full((1, logqs.shape[1]), NEG_INF)])[n_acc]
-      resid = jnp.maximum(jnp.exp(p_next) - jnp.exp(q_next), 0.0)
-      mass = jnp.sum(resid)
-      resid_logp = jnp.where(mass > 0, jnp.log(resid / jnp.where(mass > 0, mass, 1.0)), p_next)
-      resid_logp = jnp.where(jnp.isfinite(resid_logp), resid_logp, NEG_INF)
-      fix = jax.random.categorical(k_fix, resid_logp).astype(jnp.int32)
-    j = jnp.arange(gamma + 1)
-    new = jnp.where(j < n_acc, jnp.concatenate([xs, xs[-1:]]), fix)
-    buf = jax.lax.dynamic_update_slice_in_dim(c["buf"], new, cur, axis=0)
-    written = n_acc + 1
-    new_cur = cur + written
-    hit_eos = jnp.any((new == cfg.eos_id) & (j < written))
-    done = hit_eos | (new_cur - start >= n)
-    return dict(buf=buf, cur=new_cur, t_cache=t_cache, d_cache=d_cache, rng=rng, done=done,
-                accepted=c["accepted"] + n_acc, blocks=c["blocks"] + 1)
-
-  c = dict(buf=buf, cur=jnp.int32(start), t_cache=t_cache, d_cache=d_cache, rng=rng, done=jnp.bool_(False),
-           accepted=jnp.int32(0), blocks=jnp.int32(0))
-  c = jax.lax.while_loop(cond, body, c)
-  buf = c["buf"]
-  resp = jax.lax.dynamic_slice_in_dim(buf, start, n + gamma + 1)[:n]
-  is_eos = resp == cfg.eos_id
-  first_eos = jnp.where(jnp.any(is_eos), jnp.argmax(is_eos) + 1, n)
-  resp_len = jnp.minimum(jnp.minimum(first_eos, c["cur"] - start), n).astype(jnp.int32)
-  return buf, resp_len, c["accepted"], c["blocks"]
+                    c["accepted"], c["blocks"], gamma * c["blocks"])

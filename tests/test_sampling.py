@@ -28,7 +28,7 @@ PROMPT = jnp.array([[1, 5, 6, 7, 0, 0], [1, 8, 0, 0, 0, 0], [1, 4, 4, 9, 4, 9], 
 PLEN = jnp.array([4, 2, 6, 2])
 
 
-def _check_layout(out, n):
+def _check_layout(out, n, eos=EOS):
   toks, mask = np.asarray(out.tokens), np.asarray(out.loss_mask)
   for b in range(PROMPT.shape[0]):
     pl = int(PLEN[b])
@@ -37,8 +37,8 @@ def _check_layout(out, n):
     L = int(out.lengths[b])
     assert mask[b, pl:pl + L].all() and mask[b].sum() == L and L <= n
     resp = toks[b, pl:pl + L]
-    assert (resp[:-1] != EOS).all()                     # stops at the first EOS
-    assert L == n or resp[-1] == EOS
+    assert (resp[:-1] != eos).all()                     # stops at the first EOS
+    assert L == n or resp[-1] == eos
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -123,6 +123,52 @@ def test_draft_equal_to_target_accepts_every_token():
   # tau = (1 - alpha^(gamma+1)) / (1 - alpha) -> gamma + 1 as alpha -> 1.
   assert float(sd.block_efficiency) == gamma + 1
   assert (np.asarray(sd.blocks) == int(np.ceil(12 / (gamma + 1)))).all()
+
+
+def test_speculative_rows_stop_at_their_own_eos_at_different_rounds():
+  """Rows of different prompt lengths hit EOS inside an accepted block at different rounds;
+  each stops there (counts frozen) while the others run on."""
+  t, d = _model(3), _model(4, d=16, layers=1, heads=2, kv=1)
+  cfg = SamplingConfig(max_new_tokens=12, eos_id=0, pad_id=10, greedy=True)
+  ref = jax.jit(lambda r: sample(t, PROMPT, PLEN, r, cfg))(jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(ref.lengths), [2, 12, 3, 7])
+  for draft, gamma in ((d, 2), (t, 3)):
+    sd = jax.jit(lambda r: speculative_sample(t, draft, PROMPT, PLEN, r, cfg, gamma=gamma))(jax.random.key(0))
+    _check_layout(sd, 12, eos=0)
+    for f in ("loss_mask", "lengths"):
+      np.testing.assert_array_equal(np.asarray(getattr(sd, f)), np.asarray(getattr(ref, f)))
+    # (sample's tail after the response holds the prompt's own pads, not cfg.pad_id)
+    used = np.arange(PROMPT.shape[1] + 12)[None, :] < np.asarray(PLEN + ref.lengths)[:, None]
+    np.testing.assert_array_equal(np.where(used, sd.tokens, -1), np.where(used, ref.tokens, -1))
+  # draft == target (the last): all accepted; EOS at block positions 2, 3, 3 (of 4) ends rows 0, 2 in
+  # round 1, row 3 in round 2.
+  np.testing.assert_array_equal(np.asarray(sd.blocks), [1, 3, 1, 2])
+  np.testing.assert_array_equal(np.asarray(sd.accepted), 3 * np.asarray(sd.blocks))
+  # Sampling: the same layout with rows of different lengths and rounds.
+  cfg = SamplingConfig(max_new_tokens=12, eos_id=EOS, temperature=0.8)
+  prompt, plen = jnp.tile(PROMPT, (4, 1)), jnp.tile(PLEN, 4)
+  sd = jax.jit(lambda r: speculative_sample(t, d, prompt, plen, r, cfg, gamma=3))(jax.random.key(2))
+  for i in range(4):
+    _check_layout(jax.tree.map(lambda x: x[4 * i:4 * i + 4], sd), 12)
+  assert len(set(np.asarray(sd.lengths).tolist())) > 2 and len(set(np.asarray(sd.blocks).tolist())) > 2
+
+
+def test_speculative_same_key_same_samples_on_1_and_8_devices():
+  t, d = _model(3), _model(4, d=16, layers=1, heads=2, kv=1)
+  (gt, st), (gd, sd) = nnx.split(t), nnx.split(d)
+  cfg = SamplingConfig(max_new_tokens=10, eos_id=EOS)
+  prompt, plen = jnp.tile(PROMPT, (2, 1)), jnp.tile(PLEN, 2)
+  fn = lambda a, b, pr, pl, r: speculative_sample(nnx.merge(gt, a), nnx.merge(gd, b), pr, pl, r, cfg, gamma=3).tokens
+  one = jax.jit(fn)(st, sd, prompt, plen, jax.random.key(7))
+  mesh = mesh_lib.make_mesh((2, 2, 2))
+  rules = mesh_lib.DEFAULT_RULES
+  t_sh, d_sh = tree_shardings(st, mesh, rules), tree_shardings(sd, mesh, rules)
+  b_sh = mesh_lib.sharding_for(mesh, ("batch", None), rules)
+  with jax.set_mesh(mesh), mesh_lib.use_rules(rules):
+    eight = jax.jit(fn, in_shardings=(t_sh, d_sh, b_sh, mesh_lib.sharding_for(mesh, ("batch",), rules), None))(
+        jax.device_put(st, t_sh), jax.device_put(sd, d_sh), prompt, plen, jax.random.key(7))
+  assert len(eight.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(eight), np.asarray(one))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
