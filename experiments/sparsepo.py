@@ -274,7 +274,7 @@ def heatmap(panels: dict, path: str, key: str = "w_u"):
   cmap = matplotlib.colormaps["YlOrRd"]
   for title, lines, vmax in layouts:
     norm = colors.Normalize(0.0, vmax)
-    ax.text(0, y + 0.8, f"{title}   (colour: {key}, 0 white -> {vmax:.2f} red; underlined: gold reward-bearing)",
+    ax.text(0, y + 0.8, f"{title}   (colour: {key}, 0 pale yellow -> {vmax:.2f} red; underlined: gold reward-bearing)",
             fontsize=9, fontweight="bold", family="monospace")
     y += 1.6
     for line in lines:

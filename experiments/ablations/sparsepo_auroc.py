@@ -32,8 +32,9 @@ RESULTS = "auroc_results.jsonl"
 def curves(out, results):
   by = collections.defaultdict(list)
   for r in results:
-    if r.get("exit") == 0:
-      by[r["method"]].append(frontier.evals(out, r, "mask/auroc_u"))
+    ev = frontier.evals(out, r, "mask/auroc_u") if r.get("exit") == 0 else []
+    if ev:
+      by[r["method"]].append(ev)
   return by
 
 
