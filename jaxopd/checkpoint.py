@@ -13,6 +13,7 @@ so no host ever holds a full copy of a sharded parameter.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -84,13 +85,24 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
 
   def restore(self, step: int, abstract_state: dict, data_iter) -> dict:
-    """Restores ``step`` into the shardings of ``abstract_state``; advances ``data_iter`` in place."""
+    """Restores ``step`` into the shardings of ``abstract_state``; advances ``data_iter`` in place.
+
+    A checkpoint written by another number of processes restores too (arrays
+    are resharded by orbax) when every process saved the same iterator state,
+    as ``jaxopd.data.batched_iterator``'s step counts are.
+    """
     params_abs, p_def = flatten(abstract_state["params"])
     train_abs, t_def = flatten({k: v for k, v in abstract_state.items() if k != "params"})
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.PyTreeRestore(params_abs, restore_args=_restore_args(params_abs)),
-        train=ocp.args.PyTreeRestore(train_abs, restore_args=_restore_args(train_abs)),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
+    data_dir = os.path.join(self.directory, str(step), "data")
+    mine = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    same_topology = os.path.exists(mine) or not os.path.isdir(data_dir)
+    items = dict(params=ocp.args.PyTreeRestore(params_abs, restore_args=_restore_args(params_abs)),
+                 train=ocp.args.PyTreeRestore(train_abs, restore_args=_restore_args(train_abs)))
+    if same_topology:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    else:
+      data_iter.set_state(_shared_data_state(data_dir))
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
     state = unflatten(t_def, out["train"], list(train_abs))
     state["params"] = unflatten(p_def, out["params"], list(params_abs))
     return state
@@ -101,6 +113,20 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _shared_data_state(data_dir: str):
+  """The one iterator state that every process of another topology saved in ``data_dir``."""
+  states = {}
+  for name in sorted(os.listdir(data_dir)):
+    if name.startswith("process_") and name.endswith(".json"):
+      with open(os.path.join(data_dir, name)) as f:
+        states[name] = json.load(f)
+  if not states or any(s != next(iter(states.values())) for s in states.values()):
+    raise ValueError(f"{data_dir}: the data iterator states of {sorted(states)} differ, so this checkpoint "
+                     f"cannot resume with {jax.process_count()} process(es); resume with the process count it "
+                     f"was written with, or start from its parameters with config.init_from")
+  return next(iter(states.values()))
 
 
 def load_params(workdir: str, source: str, target: str, abstract_params) -> Any:

@@ -48,10 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.rules = [list(r) for r in mesh_lib.DEFAULT_RULES]  # logical axis -> mesh axes
 
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.enabled = False            # call jax.distributed.initialize
-  c.distributed.coordinator_address = ""   # host:port; empty = auto-detect (TPU pod, SLURM)
-  c.distributed.num_processes = 1          # with coordinator_address
-  c.distributed.process_id = 0             # with coordinator_address
+  # jax.distributed.initialize, called by jaxopd.main before any device is used (jaxopd.mesh.distributed_args):
+  c.distributed.enabled = "auto"           # auto (when config/env name several processes) | true | false
+  c.distributed.coordinator_address = ""   # host:port of process 0; "" = $JAX_COORDINATOR_ADDRESS or auto-detect
+  c.distributed.num_processes = 0          # 0 = $JAX_NUM_PROCESSES or auto-detect (TPU pod, SLURM)
+  c.distributed.process_id = -1            # -1 = $JAX_PROCESS_ID or auto-detect
 
   c.eval_every = 50              # steps between evaluations; 0 = only at the end
   c.eval_batches = 4             # batches of the eval split per evaluation
@@ -130,6 +131,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
          f"(mesh {dict(zip(mesh_lib.MESH_AXES, shape))}, batch over {batch_axes})")
   _check(c.batch_size % process_count == 0, "batch_size", c.batch_size,
          f"must divide over {process_count} processes")
+  _check(dp % process_count == 0, "mesh.shape", tuple(c.mesh.shape),
+         f"the data-parallel size {dp} must be a multiple of the {process_count} processes "
+         f"(each process feeds its own rows of the batch)")
 
   _check(c.eval_every >= 0, "eval_every", c.eval_every, "must be >= 0")
   _check(c.eval_batches >= 0, "eval_batches", c.eval_batches, "must be >= 0")

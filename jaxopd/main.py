@@ -38,6 +38,10 @@ def main(argv):
     module = load_module(path)
     workdir = flags.FLAGS.workdir
     import jax
+    from jaxopd import mesh as mesh_lib
+    if mesh_lib.maybe_initialize_distributed(config.distributed) and jax.process_index() == 0:   # first device use
+      print(f"distributed: {jax.process_count()} processes, {len(jax.devices())} devices "
+            f"({jax.local_device_count()} per process)", flush=True)
     config_lib.validate(config, len(jax.devices()), jax.process_count())   # before any stage compiles
     if hasattr(module, "prepare"):     # earlier pipeline stages (data, base model), cached
       config = module.prepare(config, workdir)
@@ -45,7 +49,7 @@ def main(argv):
     summary = train.run(config, workdir, experiment)
     if hasattr(module, "report") and not summary["preempted"]:
       module.report(config, workdir, summary)
-  except (config_lib.ConfigError, DataFormatError, FileNotFoundError) as e:
+  except (config_lib.ConfigError, config_lib.mesh_lib.MeshError, DataFormatError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except train.TrainingError as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 from typing import Any, Sequence
 
 import jax
@@ -148,15 +149,53 @@ def data_parallel_size(mesh: Mesh, rules: tuple) -> int:
   return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
-def maybe_initialize_distributed(cfg: Any) -> None:
-  """``jax.distributed.initialize`` from config, or auto-detected (TPU pods, SLURM).
+# Set by launch/local.py (and usable by any launcher): one process of a multi-process run.
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
-  ``cfg.coordinator_address`` empty and ``cfg.enabled`` False: single process.
+
+def distributed_args(cfg: Any, environ=None) -> dict | None:
+  """The ``jax.distributed.initialize`` arguments for ``config.distributed``, or None (one process).
+
+  ``cfg.enabled``: ``"auto"`` initialises when the config or the environment
+  names a multi-process run: a coordinator address (config or
+  ``JAX_COORDINATOR_ADDRESS``, with ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``),
+  a SLURM step with more than one task, or a TPU VM slice whose
+  ``TPU_WORKER_HOSTNAMES`` lists several workers; ``"true"`` always
+  initialises (jax auto-detects what is unset: TPU pods, SLURM, Open MPI);
+  ``"false"`` never. Unset fields (``""``, ``0``, ``-1``) are left to jax.
   """
-  if not cfg.enabled:
-    return
-  kwargs = {}
-  if cfg.coordinator_address:
-    kwargs = dict(coordinator_address=cfg.coordinator_address,
-                  num_processes=cfg.num_processes, process_id=cfg.process_id)
-  jax.distributed.initialize(**kwargs)
+  env = os.environ if environ is None else environ
+  mode = str(cfg.enabled).lower()
+  if mode not in ("auto", "true", "false"):
+    raise MeshError(f"config.distributed.enabled={cfg.enabled!r}: must be auto, true or false")
+  if mode == "false":
+    return None
+  args = {}
+  address = cfg.coordinator_address or env.get(ENV_COORDINATOR, "")
+  num = int(cfg.num_processes) or int(env.get(ENV_NUM_PROCESSES, 0))
+  pid = int(cfg.process_id) if int(cfg.process_id) >= 0 else int(env.get(ENV_PROCESS_ID, -1))
+  if address:
+    args["coordinator_address"] = address
+  if num > 0:
+    args["num_processes"] = num
+  if pid >= 0:
+    args["process_id"] = pid
+  if mode == "true":
+    return args
+  slurm = "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1"))) > 1
+  tpu = "," in env.get("TPU_WORKER_HOSTNAMES", "")
+  if (address and num != 1) or slurm or tpu:
+    return args
+  return None
+
+
+def maybe_initialize_distributed(cfg: Any) -> bool:
+  """Calls ``jax.distributed.initialize`` as :func:`distributed_args` says, once,
+  before any device is used; returns whether the run is multi-process."""
+  if jax.distributed.is_initialized():
+    return True
+  args = distributed_args(cfg)
+  if args is None:
+    return False
+  jax.distributed.initialize(**args)
+  return True

@@ -42,7 +42,16 @@ def test_hosts_read_disjoint_shards():
     it = batched_iterator(RECORDS, DataShard(0, p, 3, 4), shuffle=False, repeat=False)
     seen.append(sum((ids(b) for b in it), []))
   assert all(set(seen[i]).isdisjoint(seen[j]) for i in range(3) for j in range(i))
-  assert seen[1][:3] == [1, 4, 7]
+  assert seen[1][:5] == [4, 5, 6, 7, 16]     # local batches 1, 4, 7 of the one sequence
+  assert sorted(sum(seen, [])) == list(range(36))   # 9 batches of 4: none left to one process only
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+  one = batched_iterator(RECORDS, DataShard(5, 0, 1, 12))
+  two = [batched_iterator(RECORDS, DataShard(5, p, 2, 6)) for p in range(2)]
+  for _ in range(7):
+    assert ids(next(one)) == ids(next(two[0])) + ids(next(two[1]))
+  assert two[0].get_state() == two[1].get_state() == one.get_state()
 
 
 def test_too_small_shard_is_an_error():

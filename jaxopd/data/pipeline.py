@@ -18,19 +18,24 @@ def batched_iterator(records: Sequence, shard: DataShard, *, shuffle: bool = Tru
                      repeat: bool = True, drop_remainder: bool = True):
   """Batches of ``shard.local_batch`` records (dicts of equal-shape numpy arrays).
 
-  Process ``i`` of ``n`` reads records ``i, i+n, ...``; shuffling is reseeded
-  every epoch from ``shard.seed``, so the order is a function of the seed only.
+  The records are shuffled as one dataset (reseeded every epoch from
+  ``shard.seed``) and cut into local batches; process ``i`` of ``n`` reads
+  local batches ``i, i+n, ...``. So the global batch of every step (the ``n``
+  local batches together) is the same whatever the process count, and every
+  process's iterator state is the same step count.
   """
-  if len(records) < shard.process_count:
-    raise ValueError(f"dataset of {len(records)} records cannot be split over {shard.process_count} processes")
-  ds = grain.MapDataset.source(records)[shard.process_index::shard.process_count]
-  if not repeat and drop_remainder and len(ds) < shard.local_batch:
-    raise ValueError(f"dataset shard of {len(ds)} records is smaller than one batch of {shard.local_batch}")
+  n, i = shard.process_count, shard.process_index
+  ds = grain.MapDataset.source(records)
+  if not repeat and drop_remainder and len(ds) < shard.local_batch * n:
+    raise ValueError(f"dataset of {len(ds)} records is smaller than one batch ({n} x {shard.local_batch})")
   if shuffle:
     ds = ds.shuffle(seed=shard.seed)
   if repeat:
     ds = ds.repeat(None)
   ds = ds.batch(shard.local_batch, drop_remainder=drop_remainder)
+  if not repeat:
+    ds = ds[:len(ds) - len(ds) % n]     # every process gets the same number of batches
+  ds = ds[i::n]
   return iter(ds.to_iter_dataset())
 
 

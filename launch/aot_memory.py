@@ -1,0 +1,157 @@
+"""Ahead-of-time memory check: does a config's train step fit a mesh, before renting it?
+
+  python launch/aot_memory.py --config experiments/sft.py:smoke --devices 8 --config.mesh.shape='(1,8,1)'
+  python launch/aot_memory.py --config experiments/sft.py --devices 64 --config.mesh.shape='(8,8,1)' \\
+      --config.model.d_model=2048 --config.model.n_layers=24 --hbm_gib 16
+
+Builds the trainer's abstract state (shapes and ``NamedSharding``s, nothing
+allocated), lowers and compiles the jitted train step for the mesh with
+``jax.jit(...).lower(abstract sharded inputs).compile()``, and prints per-device
+bytes: parameters, optimizer state and other train state (exact, from the
+shardings), frozen models and the batch, XLA's temporaries (activations,
+gradients, collective buffers) and the total XLA reports (arguments + outputs
+- donated + temporaries). ``--devices N`` simulates N CPU devices; the sharding
+arithmetic is exact, the temporaries are the CPU compiler's (the TPU/GPU
+compilers fuse and rematerialise differently, so treat them as an estimate;
+run without ``--devices`` on one host of the target to use its compiler).
+``--json`` prints one JSON object instead of the table.
+
+The experiment's ``build(config)`` runs (its first batch gives the batch
+shapes), but not ``prepare``: a pipeline stage's outputs must already exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+
+def override(config, key: str, value: str):
+  """``config.<key> = value`` parsed to the field's type (as ``--config.<key>=<value>`` in jaxopd.main)."""
+  node = config
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  old = node[leaf]
+  if isinstance(old, bool):
+    if value.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"--config.{key}={value}: expected true or false")
+    v = value.lower() in ("true", "1")
+  elif isinstance(old, (int, float)):
+    v = type(old)(ast.literal_eval(value))
+  elif isinstance(old, (tuple, list)):
+    v = type(old)(ast.literal_eval(value))
+  elif isinstance(old, str):
+    v = value
+  else:
+    v = ast.literal_eval(value)
+  node[leaf] = v
+
+
+def _bytes_per_device(tree) -> int:
+  """Bytes of the largest shard of every leaf (``ShapeDtypeStruct`` with a sharding)."""
+  import jax
+  import numpy as np
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def report(config, experiment) -> dict:
+  """Per-device bytes of one compiled train step of ``experiment`` under ``config``."""
+  import jax
+  from jaxopd import config as config_lib, mesh as mesh_lib
+  from jaxopd.experiment import DataShard
+  from jaxopd.train import Trainer
+
+  facts = config_lib.validate(config, len(jax.devices()), jax.process_count())
+  mesh = mesh_lib.make_mesh(facts["mesh_shape"], facts["num_devices"])
+  trainer = Trainer(config, experiment, mesh, facts["rules"])
+  shard = DataShard(seed=config.seed, process_index=0, process_count=1, local_batch=config.batch_size)
+  first = next(iter(experiment.train_data(shard)))
+  batch_shardings = trainer.batch_sharding(first)
+  batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), dict(first),
+                       dict(batch_shardings))
+  state, frozen = trainer.abstract_state, trainer.abstract_frozen
+  with jax.set_mesh(mesh), mesh_lib.use_rules(facts["rules"]):
+    compiled = trainer.compiled_train_step(batch).lower(state, frozen, batch).compile()
+  mem = compiled.memory_analysis()
+  xla = dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
+             aliased=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes,
+             code=mem.generated_code_size_in_bytes)
+  other = {k: v for k, v in state.items() if k not in ("params", "opt_state")}
+  out = dict(
+      mesh=dict(zip(mesh_lib.MESH_AXES, facts["mesh_shape"])), devices=facts["num_devices"],
+      platform=jax.devices()[0].platform,
+      params=_bytes_per_device(state["params"]), opt_state=_bytes_per_device(state["opt_state"]),
+      other_state=_bytes_per_device(other), frozen=_bytes_per_device(frozen), batch=_bytes_per_device(batch),
+      temp=xla["temp"], xla=xla)
+  out["total"] = xla["arguments"] + xla["outputs"] - xla["aliased"] + xla["temp"]
+  return out
+
+
+def _fmt(n: int) -> str:
+  return f"{n:>15,d} B {n / 2**20:>11.2f} MiB"
+
+
+def format_report(r: dict, hbm_bytes: int | None = None) -> str:
+  mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  lines = [f"mesh ({mesh}) over {r['devices']} {r['platform']} devices; per device:",
+           f"  parameters          {_fmt(r['params'])}",
+           f"  optimizer state     {_fmt(r['opt_state'])}",
+           f"  other train state   {_fmt(r['other_state'])}",
+           f"  frozen models       {_fmt(r['frozen'])}",
+           f"  batch               {_fmt(r['batch'])}",
+           f"  activations/temp    {_fmt(r['temp'])}   (XLA temporaries: activations, gradients, buffers)",
+           f"  total               {_fmt(r['total'])}   (XLA: arguments + outputs - donated + temp)"]
+  if hbm_bytes:
+    verdict = "fits" if r["total"] <= hbm_bytes else "does NOT fit"
+    lines.append(f"  {verdict} in {hbm_bytes / 2**30:.1f} GiB per device ({100 * r['total'] / hbm_bytes:.1f}% used)")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  overrides = [a for a in argv if a.startswith("--config.")]
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="--config.<field>=<value> overrides any config field")
+  p.add_argument("--config", required=True, help="experiment module[:preset], e.g. experiments/sft.py:smoke")
+  p.add_argument("--devices", type=int, default=0, help="simulate N CPU devices (0: the devices present)")
+  p.add_argument("--hbm_gib", type=float, default=0, help="device memory to compare with (0: the device's own)")
+  p.add_argument("--json", action="store_true", help="print one JSON object")
+  a = p.parse_args([x for x in argv if not x.startswith("--config.")])
+  import jax
+  if a.devices:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", a.devices)
+  from jaxopd.errors import ConfigError
+  from jaxopd.experiment import load_module
+  from jaxopd.mesh import MeshError
+  path, _, arg = a.config.partition(":")
+  try:
+    module = load_module(path)
+    config = module.get_config(arg or None)
+    for o in overrides:
+      key, _, value = o[len("--config."):].partition("=")
+      override(config, key, value)
+    config.checkpoint.async_save = False
+    r = report(config, module.build(config))
+  except (ConfigError, MeshError, FileNotFoundError, KeyError, AttributeError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  hbm = int(a.hbm_gib * 2**30) or (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  print(json.dumps(r) if a.json else format_report(r, hbm))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
