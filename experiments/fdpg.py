@@ -82,13 +82,14 @@ def get_config(arg: str | None = None):
   c.method = ml_collections.ConfigDict()
   c.method.target = "pointwise"  # pointwise | distributional | rlhf
   c.method.divergence = "js"     # fkl (= DPG) | rkl | tv | js
-  c.method.eps = 0.0             # floor of a pointwise b in the training target (rkl needs > 0)
+  c.method.eps = -1.0            # pointwise: floor of b in the training target; -1 = auto (1e-3 for rkl, else 0)
   c.method.words = "wonderful"   # pointwise: "|"-separated words, any of which satisfies b
   c.method.topic = "music"       # distributional: phi = the review names one of this topic's nouns
   c.method.topic_mean = 0.5      # distributional: target E_p[phi]
   c.method.lambdas = ()          # distributional: filled by the fit in prepare() (or set by hand)
   c.method.reward_beta = 0.1     # rlhf: P = a exp(r / beta)
   c.method.conditional = False   # per-prompt targets (one log Z per training prompt)
+  c.method.samples_per_context = 8  # conditional: samples per prompt in a step (batch_size / 8 prompts)
   c.method.offline = False       # sample from a proposal, replaced when the policy is closer
   c.method.proposal_every = 16   # offline: steps between proposal checks (disco's default)
   c.method.baseline_window = 1024  # pseudo-rewards in the moving-average baseline (disco's default)
@@ -113,8 +114,6 @@ def get_config(arg: str | None = None):
   for name in F_DIVERGENCES:
     if args.get(name):
       c.method.divergence = name
-  if c.method.divergence == "rkl" and c.method.target == "pointwise":
-    c.method.eps = 1e-3
   c.method.offline = bool(args.get("offline"))
   c.method.conditional = bool(args.get("conditional"))
   if smoke:
@@ -132,6 +131,7 @@ def get_config(arg: str | None = None):
     c.eval.num_samples = 16
     c.eval.contexts = 2
     c.eval.bleu_samples = 16
+    c.method.samples_per_context = 4
   c.seq_len = _prompt_len(c) + c.rollout.max_new_tokens
   return c
 
@@ -152,15 +152,18 @@ def _check(c):
     raise ConfigError(f"config.method.target={m.target!r}: must be one of {fdpg.TARGETS}")
   if m.divergence not in F_DIVERGENCES:
     raise ConfigError(f"config.method.divergence={m.divergence!r}: must be one of {F_DIVERGENCES}")
-  if m.target != "pointwise" and m.eps != 0.0:
-    raise ConfigError(f"config.method.eps={m.eps}: the floor applies to pointwise targets only")
+  if m.target != "pointwise" and m.eps != -1.0:
+    raise ConfigError(f"config.method.eps={m.eps}: the floor applies to pointwise targets only (leave it at -1)")
   if m.target == "rlhf" and m.reward_beta <= 0:
     raise ConfigError(f"config.method.reward_beta={m.reward_beta}: must be positive")
   if m.target == "distributional" and not 0.0 < m.topic_mean < 1.0:
     raise ConfigError(f"config.method.topic_mean={m.topic_mean}: must be in (0, 1)")
   if m.topic not in reviews.TOPIC_NAMES:
     raise ConfigError(f"config.method.topic={m.topic!r}: must be one of {reviews.TOPIC_NAMES}")
-  for f in ("proposal_every", "baseline_window", "fit_samples"):
+  if m.conditional and (c.batch_size // c.grad_accum) % m.samples_per_context:
+    raise ConfigError(f"config.method.samples_per_context={m.samples_per_context}: must divide the microbatch "
+                      f"config.batch_size / config.grad_accum = {c.batch_size // c.grad_accum}")
+  for f in ("proposal_every", "baseline_window", "fit_samples", "samples_per_context"):
     if m[f] <= 0:
       raise ConfigError(f"config.method.{f}={m[f]}: must be positive")
   if c.seq_len != _prompt_len(c) + c.rollout.max_new_tokens:
@@ -174,6 +177,13 @@ def _check(c):
                       f"{_eval_contexts(c)} evaluation contexts")
   fdpg.check_sampling(SamplingConfig(max_new_tokens=1, eos_id=0, temperature=c.rollout.temperature,
                                      top_k=c.rollout.top_k, top_p=c.rollout.top_p))
+
+
+def _eps(c) -> float:
+  """The pointwise floor actually used (reverse KL needs one: log P = -inf where b = 0)."""
+  if c.method.eps != -1.0:
+    return float(c.method.eps)
+  return 1e-3 if (c.method.target == "pointwise" and c.method.divergence == "rkl") else 0.0
 
 
 def _eval_contexts(c) -> int:
@@ -338,8 +348,9 @@ def build(config) -> Experiment:
     bos = np.array([suite.tokenizer.bos_token_id], np.int32)
     records = [{"prompt": bos, "prompt_len": np.int32(1), "context": np.int32(0)}] * max(config.batch_size, 64)
   num_contexts = len(records) if m.conditional else 1
-  rollout = fdpg.make_rollout(target, m.divergence, scfg, eps=float(m.eps), offline=bool(m.offline),
-                              proposal_every=int(m.proposal_every) * config.grad_accum)
+  rollout = fdpg.make_rollout(target, m.divergence, scfg, eps=_eps(config), offline=bool(m.offline),
+                              proposal_every=int(m.proposal_every) * config.grad_accum,
+                              samples_per_context=int(m.samples_per_context) if m.conditional else 1)
 
   def init_models(rng):
     a, b = jax.random.split(rng)

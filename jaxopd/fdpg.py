@@ -131,13 +131,18 @@ def _sequence_logp(model, tokens, loss_mask):
 
 
 def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: float = 0.0,
-                 offline: bool = False, proposal_every: int = 16):
+                 offline: bool = False, proposal_every: int = 16, samples_per_context: int = 1):
   """``rollout(policy, frozen, batch, rng, aux) -> (batch, aux)`` for the trainer.
 
   ``batch``: ``prompt [B, P]``, ``prompt_len [B]``, ``context [B]`` (index of
   the context's log Z; all 0 when unconditional). ``eps`` floors a pointwise
   ``b`` in the *training* target; the metrics use the true target (``eps=0``).
   ``proposal_every``: rollouts between proposal checks (offline).
+  ``samples_per_context`` = k > 1: rows ``0, 0, .., 1, 1, ..`` (each of the
+  first ``B / k`` prompts k times) are sampled instead of one per prompt, as
+  disco samples several continuations per context: a context's running log Z
+  then has k samples at its first visit (with one, ``t = pi / q = 1`` on-policy
+  and the pseudo-reward carries no signal).
   """
   check_sampling(scfg)
   if divergence not in F_DIVERGENCES:
@@ -150,6 +155,13 @@ def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: flo
 
   def rollout(params, frozen, batch, rng, aux):
     policy = params["policy"]
+    if samples_per_context > 1:
+      b = batch["context"].shape[0]
+      if b % samples_per_context:
+        raise ConfigError(f"config.method.samples_per_context={samples_per_context}: must divide the "
+                          f"(micro)batch of {b} samples")
+      rows = jnp.arange(b) // samples_per_context
+      batch = {k: v[rows] for k, v in batch.items()}
     ctx = batch["context"].astype(jnp.int32)
     if offline:
       gd, pol_state = nnx.split(policy)

@@ -241,10 +241,11 @@ class Trainer:
     """The trainable and frozen modules of a state (for host-side evaluation)."""
     return nnx.merge(self.gd_params, state["params"]), nnx.merge(self.gd_frozen, frozen)
 
-  def apply_init_from(self, state, frozen):
+  def apply_init_from(self, state, frozen, frozen_only: bool = False):
     """Loads ``config.init_from.source`` of another run into each target model; when
     ``config.init_from.workdir`` is a Hugging Face directory (config.json + safetensors,
-    no checkpoints/), that checkpoint instead (``source`` unused, step ``"hf"``)."""
+    no checkpoints/), that checkpoint instead (``source`` unused, step ``"hf"``).
+    ``frozen_only``: reload just the frozen targets (on resume: they are not checkpointed)."""
     from jaxopd.models import hf   # not at the top: hf imports this module
     c = self.config.init_from
     targets = list(c.targets)
@@ -254,9 +255,11 @@ class Trainer:
                  **nnx.merge(self.gd_frozen, self.abstract_frozen)}
       load = lambda name, tree: (hf.load_params(c.workdir, tree, getattr(modules[name], "cfg", None),
                                                 f"config.init_from.workdir={c.workdir!r}: model {name!r}"), "hf")
+    step = None
     for name in targets:
       if name in state["params"]:
-        state["params"][name], step = load(name, self.abstract_state["params"][name])
+        if not frozen_only:
+          state["params"][name], step = load(name, self.abstract_state["params"][name])
       elif name in frozen:
         frozen[name], step = load(name, self.abstract_frozen[name])
       else:
@@ -335,14 +338,15 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
     state = ckpt.restore(resumed_from, trainer.abstract_state, data_iter)
     _, frozen = trainer.init()   # frozen models are not checkpointed: re-created / re-loaded
     if c.init_from.workdir:
-      frozen = _reload_frozen(trainer, frozen)
+      _, frozen, _ = trainer.apply_init_from(state, frozen, frozen_only=True)
   else:
     state, frozen = trainer.init()
     if c.init_from.workdir:
       state, frozen, src_step = trainer.apply_init_from(state, frozen)
       if main:
-        print(f"init_from: {c.init_from.source} of {c.init_from.workdir} (step {src_step}) "
-              f"-> {', '.join(c.init_from.targets)}")
+        what = ("Hugging Face checkpoint" if src_step == "hf" else
+                f"{c.init_from.source} of") + f" {c.init_from.workdir}" + ("" if src_step == "hf" else f" (step {src_step})")
+        print(f"init_from: {what} -> {', '.join(c.init_from.targets)}")
   logger = logs.MetricLogger(workdir, main, resume_step=resumed_from)
   if main and resumed_from is not None:
     print(f"resumed from step {resumed_from} in {workdir}"
@@ -426,14 +430,6 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
     bar.close()
   summary["state"], summary["frozen"], summary["trainer"] = state, frozen, trainer
   return summary
-
-
-def _reload_frozen(trainer: Trainer, frozen):
-  c = trainer.config.init_from
-  for name in c.targets:
-    if name in frozen:
-      frozen[name], _ = ckpt_lib.load_params(c.workdir, c.source, name, trainer.abstract_frozen[name])
-  return frozen
 
 
 def _evaluate(trainer, experiment, state, frozen, shard, c, step, logger) -> dict:
