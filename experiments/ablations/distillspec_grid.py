@@ -1,0 +1,183 @@
+"""DistillSpec ablation: divergence (FKL, RKL, JSD(0.5), TVD) x data source
+(fixed, teacher, student, mixed) -> acceptance (greedy, sampling), block
+efficiency and measured speed-up (DistillSpec paper, its divergence x data
+figures).
+
+  python experiments/ablations/distillspec_grid.py --out runs/ablations/distillspec \\
+      [--design cross|full] [--steps 300] [--seeds 0] [--set eval.sd_gammas=(3,)]
+
+``full`` runs all 16 cells; ``cross`` (default, what fits a shared 2-core CPU)
+runs every divergence on student (on-policy) data and every data source with
+TVD: 7 cells. Each run is ``experiments/distillspec.py`` through jaxopd.main
+(shared cached target and draft SFT stages; a finished run, one with a
+``summary.json``, is skipped). Writes ``results.jsonl`` (one line per run),
+``grid.md`` (table) and ``grid.png`` (acceptance per cell; measured vs
+predicted speed-up) in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(REPO, "launch"))
+
+import sweep  # noqa: E402
+
+DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
+DATA = ("fixed", "teacher", "student", "mixed")
+
+
+def cells(design, divergences, data):
+  if design == "full":
+    return [(d, s) for d in divergences for s in data]
+  div = [("tvd", "student")] + [(d, "student") for d in divergences if d != "tvd"]
+  src = [("tvd", s) for s in data if s != "student"]
+  out = [div[0]]          # interleaved, so a partial grid still covers both axes
+  for i in range(max(len(div), len(src) + 1)):
+    out += [x for x in (src[i] if i < len(src) else None, div[i + 1] if i + 1 < len(div) else None) if x]
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out", default="runs/ablations/distillspec")
+  p.add_argument("--design", default="cross", choices=("cross", "full"))
+  p.add_argument("--divergences", default=",".join(DIVERGENCES))
+  p.add_argument("--data", default=",".join(DATA))
+  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--seeds", default="0")
+  p.add_argument("--set", action="append", default=["eval.sd_gammas=(3,)"], help="field=value for every run")
+  p.add_argument("--skip_runs", action="store_true", help="only re-make the table and plot")
+  a = p.parse_args(argv)
+  config = os.path.join(REPO, "experiments", "distillspec.py")
+  todo = [({"method.divergence": d, "method.data": s}, int(seed))
+          for d, s in cells(a.design, a.divergences.split(","), a.data.split(",")) for seed in a.seeds.split(",")]
+  os.makedirs(a.out, exist_ok=True)
+  results = []
+  for i, (values, seed) in enumerate(todo):
+    name = sweep.run_name(values, seed)
+    workdir = os.path.join(a.out, name)
+    rc = 0
+    if not a.skip_runs and not os.path.exists(os.path.join(workdir, "summary.json")):
+      cmd = sweep.command(config, a.out, values, seed, [f"total_steps={a.steps}"] + a.set)
+      with open(workdir + ".log", "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+      print(f"[{i + 1}/{len(todo)}] {name}: exit {rc}", flush=True)
+    results.append({"name": name, "seed": seed, "exit": rc, **values, **collect(workdir)})
+  with open(os.path.join(a.out, "results.jsonl"), "w") as f:
+    for r in results:
+      f.write(json.dumps(r) + "\n")
+  table(results, os.path.join(a.out, "grid.md"))
+  plot(results, os.path.join(a.out, "grid.png"))
+
+
+def collect(workdir) -> dict:
+  """Flat numbers of a run's summary.json: distilled and undistilled ('sft_') drafts."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    s = json.load(f)
+  out = {"cost_ratio": s["timing"]["cost_ratio"]}
+  for mode, ms in s["timing"]["target_ms_per_token"].items():
+    out[f"target_ms/{mode}"] = ms
+  for draft, prefix in (("distilled", ""), ("draft_sft", "sft_")):
+    q = s["quality"][draft]
+    out.update({f"{prefix}reward": q["reward"], f"{prefix}nll": q["nll"], f"{prefix}kl_target": q["kl_ref"]})
+    for mode, r in s["drafts"][draft].items():
+      out[f"{prefix}alpha/{mode}"] = r["alpha_prefix"]
+      for g, sd in r["sd"].items():
+        for k in ("tau", "tau_formula", "alpha", "speedup", "speedup_formula", "ms_per_token"):
+          out[f"{prefix}{k}/{mode}/g{g}"] = sd[k]
+  out["target_reward"] = s["quality"]["target"]["reward"]
+  out["target_nll"] = s["quality"]["target"]["nll"]
+  return out
+
+
+def _gamma(r):
+  return next(k.split("/g")[-1] for k in r if k.startswith("tau/greedy/g"))
+
+
+def table(results, path):
+  ok = [r for r in results if "alpha/greedy" in r]
+  if not ok:
+    print("no finished runs")
+    return
+  g = _gamma(ok[0])
+  lines = [f"| divergence | data | alpha greedy | alpha sampling | tau greedy (formula) | tau sampling (formula) | "
+           f"speed-up greedy: measured (formula) | speed-up sampling: measured (formula) | "
+           f"SD time vs undistilled draft (greedy / sampling) | draft gold reward | draft held-out NLL |",
+           "|" + " --- |" * 11]
+  f = lambda x: f"{x:.3f}"
+  for r in ok:
+    lines.append(
+        f"| {r['method.divergence']} | {r['method.data']} | {f(r['alpha/greedy'])} | {f(r['alpha/sampling'])} | "
+        f"{r[f'tau/greedy/g{g}']:.2f} ({r[f'tau_formula/greedy/g{g}']:.2f}) | "
+        f"{r[f'tau/sampling/g{g}']:.2f} ({r[f'tau_formula/sampling/g{g}']:.2f}) | "
+        f"{r[f'speedup/greedy/g{g}']:.2f} ({r[f'speedup_formula/greedy/g{g}']:.2f}) | "
+        f"{r[f'speedup/sampling/g{g}']:.2f} ({r[f'speedup_formula/sampling/g{g}']:.2f}) | "
+        f"{r[f'sft_ms_per_token/greedy/g{g}'] / r[f'ms_per_token/greedy/g{g}']:.2f}x / "
+        f"{r[f'sft_ms_per_token/sampling/g{g}'] / r[f'ms_per_token/sampling/g{g}']:.2f}x | "
+        f"{f(r['reward'])} | {f(r['nll'])} |")
+  r = ok[0]
+  lines.append(f"| undistilled draft | - | {f(r['sft_alpha/greedy'])} | {f(r['sft_alpha/sampling'])} | "
+               f"{r[f'sft_tau/greedy/g{g}']:.2f} ({r[f'sft_tau_formula/greedy/g{g}']:.2f}) | "
+               f"{r[f'sft_tau/sampling/g{g}']:.2f} ({r[f'sft_tau_formula/sampling/g{g}']:.2f}) | "
+               f"{r[f'sft_speedup/greedy/g{g}']:.2f} ({r[f'sft_speedup_formula/greedy/g{g}']:.2f}) | "
+               f"{r[f'sft_speedup/sampling/g{g}']:.2f} ({r[f'sft_speedup_formula/sampling/g{g}']:.2f}) | 1 | "
+               f"{f(r['sft_reward'])} | {f(r['sft_nll'])} |")
+  lines.append(f"| target | - | - | - | - | - | 1 | 1 | - | {f(r['target_reward'])} | {f(r['target_nll'])} |")
+  lines.append("")
+  lines.append(f"gamma = {g}; speed-up = plain target decoding time per token / SD time per token, batch 1, "
+               f"median of timing rounds; formula = tau(alpha) / (gamma c + 1) with the run's measured c "
+               f"(mean over runs {sum(x['cost_ratio'] for x in ok) / len(ok):.3f}). The undistilled row is the "
+               f"first run's measurement of the shared undistilled draft.")
+  with open(path, "w") as fh:
+    fh.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+def plot(results, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  ok = [r for r in results if "alpha/greedy" in r]
+  if not ok:
+    return
+  g = _gamma(ok[0])
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+  labels = [f"{r['method.divergence']}\n{r['method.data']}" for r in ok]
+  x = range(len(ok))
+  for ax, mode in zip(axes[:2], ("greedy", "sampling")):
+    ax.bar(x, [r[f"alpha/{mode}"] for r in ok], color="tab:blue", label="distilled")
+    ax.axhline(ok[0][f"sft_alpha/{mode}"], color="k", ls="--", label="undistilled draft")
+    lo = min(min(r[f"alpha/{mode}"] for r in ok), ok[0][f"sft_alpha/{mode}"])
+    ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set(title=f"acceptance alpha, {mode} (draft prefixes)")
+    ax.legend(fontsize=7)
+  ax = axes[2]
+  for mode, marker in (("greedy", "o"), ("sampling", "s")):
+    ax.scatter([r[f"speedup_formula/{mode}/g{g}"] for r in ok], [r[f"speedup/{mode}/g{g}"] for r in ok],
+               marker=marker, label=f"distilled, {mode}")
+    ax.scatter([ok[0][f"sft_speedup_formula/{mode}/g{g}"]], [ok[0][f"sft_speedup/{mode}/g{g}"]], marker=marker,
+               color="k", label=f"undistilled, {mode}")
+  lim = ax.get_xlim()
+  ax.plot(lim, lim, "k:", lw=0.8)
+  ax.set(xlabel="predicted speed-up tau/(gamma c + 1)", ylabel="measured speed-up", title=f"speed-up, gamma={g}")
+  ax.legend(fontsize=7)
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,182 @@
+"""DistillSpec: the rollout's data sources, the loss, on-policy TVD training on a
+toy pair raising the measured acceptance, and the pipeline on smoke sizes."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import REPO, tiny_config
+from jaxopd import train
+from jaxopd.data import batched_iterator
+from jaxopd.experiment import Experiment, load_module
+from jaxopd.models import ModelConfig, Transformer
+from jaxopd.sampling import SamplingConfig, sample
+
+DS = load_module(os.path.join(REPO, "experiments", "distillspec.py"))
+
+V, P, N = 24, 4, 8
+SCFG = SamplingConfig(max_new_tokens=N, eos_id=2, pad_id=0)
+TARGET = ModelConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=2, max_len=32, init_std=1.0)
+DRAFT = ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, max_len=32)
+
+
+def _records(n, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    k = int(rng.integers(1, P + 1))
+    prompt = np.zeros(P, np.int32)
+    prompt[0] = 1
+    prompt[1:k] = rng.integers(4, V, k - 1)
+    tokens = rng.integers(4, V, P + N).astype(np.int32)
+    mask = np.zeros(P + N, np.int32)
+    mask[P:] = 1
+    out.append({"prompt": prompt, "prompt_len": np.int32(k), "tokens": tokens, "loss_mask": mask})
+  return out
+
+
+def _models(seed=0):
+  a, b = jax.random.split(jax.random.PRNGKey(seed))
+  return {"draft": Transformer(DRAFT, nnx.Rngs(params=a))}, {"target": Transformer(TARGET, nnx.Rngs(params=b))}
+
+
+def _batch(n=4):
+  recs = _records(n)
+  return {k: jnp.asarray(np.stack([r[k] for r in recs])) for k in recs[0]}
+
+
+def _rollout_fn(data, **kw):
+  params, frozen = _models()
+  return jax.jit(lambda b, k: DS.make_rollout(data, SCFG, **kw)(params, frozen, b, k))
+
+
+def test_each_data_source():
+  batch, key = _batch(), jax.random.PRNGKey(3)
+  params, frozen = _models()
+  draw = jax.jit(lambda model, k: sample(model, batch["prompt"], batch["prompt_len"], k, SCFG).tokens,
+                 static_argnums=0)
+  out = _rollout_fn("fixed")(batch, key)
+  np.testing.assert_array_equal(out["tokens"], batch["tokens"])
+  assert float(out["student"].sum()) == 0
+  teacher = _rollout_fn("teacher")
+  np.testing.assert_array_equal(teacher(batch, key)["tokens"], draw(frozen["target"], key))
+  student = _rollout_fn("student")
+  out = student(batch, key)
+  np.testing.assert_array_equal(out["tokens"], draw(params["draft"], key))
+  assert float(out["student"].min()) == 1 and out["loss_mask"][:, P:].sum() > 0
+  # mixed: a coin per batch from the key (reproducible): the draft's samples with the generation
+  # half of the key, or the other source.
+  for other, ref in (("fixed", lambda k: batch["tokens"]), ("teacher", lambda k: teacher(batch, k)["tokens"])):
+    mixed = _rollout_fn("mixed", mix_lambda=0.5, mix_with=other)
+    coins = []
+    for i in range(40 if other == "fixed" else 4):
+      k = jax.random.PRNGKey(i)
+      out = mixed(batch, k)
+      coins.append(float(out["student"][0]))
+      want = student(batch, jax.random.split(k)[1])["tokens"] if coins[-1] else ref(jax.random.split(k)[1])
+      np.testing.assert_array_equal(out["tokens"], want)
+    assert other == "teacher" or 8 <= sum(coins) <= 32
+
+
+def test_loss_is_token_mean_of_divergence_and_zero_at_equal_models():
+  from jaxopd.losses import divergence
+  params, frozen = _models()
+  batch = _batch()
+  for name in ("fkl", "rkl", "jsd", "tvd"):
+    out = DS.make_loss_fn(name, 0.5, 2.0)(params, frozen, batch, None)
+    p = frozen["target"](batch["tokens"]).logits[:, :-1]
+    q = params["draft"](batch["tokens"]).logits[:, :-1]
+    m = batch["loss_mask"][:, 1:]
+    d = divergence(name, p, q, beta=0.5, temperature=2.0)
+    np.testing.assert_allclose(out.loss, jnp.sum(d * m), rtol=1e-5)
+    assert float(out.weight) == float(m.sum())
+  same = {"draft": frozen["target"]}
+  for name in ("fkl", "rkl", "jsd", "tvd"):
+    out = DS.make_loss_fn(name)(same, frozen, batch, None)
+    assert abs(float(out.loss)) < 1e-5
+    assert float(out.metrics["acceptance/sampling"]) == pytest.approx(float(out.weight), rel=1e-5)
+
+
+def test_on_policy_tvd_raises_measured_acceptance(tmp_path):
+  """A random peaked target and a small random draft; 60 steps of on-policy TVD."""
+  from jaxopd.sampling import speculative_sample
+  c = tiny_config(total_steps=60, batch_size=16, seq_len=P + N, **{"optim.lr": 1e-2, "optim.warmup_steps": 5})
+  c.model = ml_collections.ConfigDict(dataclasses.asdict(DRAFT))
+  recs = _records(256)
+  exp = Experiment(init_models=lambda rng: _models(), loss_fn=DS.make_loss_fn("tvd"),
+                   train_data=lambda shard: batched_iterator(recs, shard),
+                   rollout=DS.make_rollout("student", SCFG))
+  eval_b = {k: jnp.asarray(np.stack([r[k] for r in _records(64, 1)])) for k in recs[0]}
+  key = jax.random.PRNGKey(7)
+
+  def measured(draft, target):
+    draft, target = DS.on_one_device(draft), DS.on_one_device(target)
+    prefix = DS.prefix_acceptance(target, draft, eval_b["prompt"], eval_b["prompt_len"], key, SCFG)
+    sd = jax.jit(lambda: speculative_sample(target, draft, eval_b["prompt"], eval_b["prompt_len"], key, SCFG, 3))()
+    return prefix, float(sd.acceptance_rate)
+
+  params, frozen = _models()
+  before = measured(params["draft"], frozen["target"])
+  s = train.run(c, str(tmp_path / "toy"), exp)
+  params, frozen = s["trainer"].models(s["state"], s["frozen"])
+  after = measured(params["draft"], frozen["target"])
+  print("acceptance before", before, "after", after)
+  assert after[0] > before[0] + 0.1, (before, after)      # 1 - TVD on draft prefixes
+  assert after[1] > before[1] + 0.1, (before, after)      # speculative sampling's acceptance rate
+
+
+def test_smoke_pipeline_and_report(tmp_path, capsys):
+  c = DS.get_config("smoke,mixed")
+  c.data.data_dir = str(tmp_path / "data")
+  c.target.workdir = str(tmp_path / "target")
+  c.draft_sft.workdir = str(tmp_path / "draft")
+  c.progress = False
+  c = DS.prepare(c, str(tmp_path / "run"))
+  s = train.run(c, str(tmp_path / "run"), DS.build(c))
+  DS.report(c, str(tmp_path / "run"), s)
+  out = capsys.readouterr().out
+  assert "[stage] target SFT" in out and "[stage] draft SFT" in out
+  ev = s["eval"]
+  for k in ("loss", "acceptance/greedy", "acceptance/sampling", "nll/draft", "nll/target", "alpha/greedy",
+            "alpha/sampling", "sample/reward", "sample/kl_ref"):
+    assert k in ev, k
+  assert 0 <= ev["alpha/sampling"] <= 1 and 0 <= s["train"]["data/student"] <= 1
+  summ = json.load(open(tmp_path / "run" / "summary.json"))
+  assert set(summ["quality"]) == {"target", "draft_sft", "distilled"}
+  assert summ["quality"]["target"]["kl_ref"] == pytest.approx(0.0, abs=1e-5)
+  sd = summ["drafts"]["distilled"]["greedy"]
+  assert len(sd["tau_formula"]) == c.eval.max_gamma and set(sd["sd"]) == {"2"}
+  run = sd["sd"]["2"]
+  assert 1.0 <= run["tau"] <= 3.0 and run["ms_per_token"] > 0 and summ["timing"]["cost_ratio"] > 0
+  assert os.path.getsize(tmp_path / "run" / "summary.png") > 1000
+
+  # The GKD baseline's switch: quality evaluation only (no acceptance, SD runs or timings).
+  g = DS.get_config("smoke,gkd")
+  assert (g.method.divergence, g.method.data, g.eval.mode) == ("jsd", "mixed", "quality")
+  c.eval.mode = "quality"
+  params, frozen = s["trainer"].models(s["state"], s["frozen"])
+  ev = DS.make_evaluate(c, DS.suite_lib.ensure(c.data, verbose=False))(params, frozen, 0)
+  assert "sample/reward" in ev and "alpha/greedy" not in ev
+  DS.report(c, str(tmp_path / "run"), s)
+  summ = json.load(open(tmp_path / "run" / "summary.json"))
+  assert "drafts" not in summ and set(summ["quality"]) == {"target", "draft_sft", "distilled"}
+
+
+def test_bad_fields_are_config_errors(tmp_path):
+  from jaxopd.errors import ConfigError
+  for field, value, msg in [("divergence", "kl", "config.method.divergence='kl'"),
+                            ("data", "web", "config.method.data='web'"),
+                            ("beta", 0.3, "only divergence=jsd uses beta"),
+                            ("mix_lambda", 0.2, "only data=mixed"),
+                            ("max_new_tokens", 10, "must equal seq_len")]:
+    c = DS.get_config("smoke")
+    c.method[field] = value
+    with pytest.raises(ConfigError, match=msg):
+      DS.prepare(c, str(tmp_path / "w"))
