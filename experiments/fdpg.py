@@ -51,7 +51,7 @@ from jaxopd import config as config_lib
 from jaxopd import fdpg, train
 from jaxopd.data import batched_iterator, reviews, suite as suite_lib
 from jaxopd.errors import ConfigError
-from jaxopd.evaluation import distinct_n, self_bleu, token_entropy
+from jaxopd.evaluation import distinct_n, self_bleu, to_host, token_entropy
 from jaxopd.experiment import Experiment, load_module, parse_arg
 from jaxopd.losses import response_mask, token_logprobs
 from jaxopd.losses.fdpg import F_DIVERGENCES, divergence_estimates
@@ -93,7 +93,7 @@ def get_config(arg: str | None = None):
   c.method.offline = False       # sample from a proposal, replaced when the policy is closer
   c.method.proposal_every = 16   # offline: steps between proposal checks (disco's default)
   c.method.baseline_window = 1024  # pseudo-rewards in the moving-average baseline (disco's default)
-  c.method.fit_samples = 8192    # base samples for lambda and the evaluation log Z (per eval context)
+  c.method.fit_samples = 4096    # base samples for lambda and the evaluation log Z (per eval context)
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.max_new_tokens = 64  # response budget (base samples average ~30 tokens)
@@ -103,7 +103,7 @@ def get_config(arg: str | None = None):
   c.rollout.top_p = 1.0
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.num_samples = 512       # policy samples per evaluation (spread over the contexts)
+  c.eval.num_samples = 256       # policy samples per evaluation (spread over the contexts)
   c.eval.contexts = 16           # conditional: held-out prompts evaluated
   c.eval.log_z = ()              # filled by prepare(): log Z of the true target per eval context
   c.eval.bleu_samples = 200      # samples in the self-BLEU estimate
@@ -251,18 +251,29 @@ def prepare(config, workdir: str):
 
 
 def _fit_target(config, workdir: str) -> dict:
-  """lambda (distributional) and the true target's log Z per evaluation context, from base samples."""
+  """lambda (distributional) and the true target's log Z per evaluation context, from base samples.
+
+  Cached by its inputs under ``config.data.data_dir/fdpg_targets/`` (runs of a
+  sweep share one fit) and copied to ``workdir/target.json``."""
   m = config.method
   key = {"sft": os.path.abspath(config.sft.workdir), "target": m.target, "words": m.words, "topic": m.topic,
          "topic_mean": m.topic_mean, "lambdas": list(m.lambdas), "reward_beta": m.reward_beta,
          "conditional": m.conditional, "fit_samples": m.fit_samples, "contexts": _eval_contexts(config),
          "max_new_tokens": config.rollout.max_new_tokens, "seed": config.seed}
+  import hashlib
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+  shared = os.path.join(config.data.data_dir, "fdpg_targets", f"{digest}.json")
   path = os.path.join(workdir, "target.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      cached = json.load(f)
-    if cached["key"] == key:
-      return cached
+  for p in (path, shared):
+    if os.path.exists(p):
+      with open(p) as f:
+        cached = json.load(f)
+      if cached["key"] == key:
+        if p == shared:
+          os.makedirs(workdir, exist_ok=True)
+          with open(path, "w") as f:
+            json.dump(cached, f, indent=2)
+        return cached
   from jaxopd.data.preferences import load_policy
   suite = suite_lib.ensure(config.data, verbose=False)
   base, _ = load_policy(config.sft.workdir)
@@ -321,9 +332,10 @@ def _fit_target(config, workdir: str) -> dict:
         + (f", lambda {out['lambdas']}" if "lambdas" in out else "")
         + f", log Z {np.round(log_z[:4], 4).tolist()}{' ...' if k > 4 else ''} "
         f"({m.fit_samples} base samples per context)", flush=True)
-  os.makedirs(workdir, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(out, f, indent=2)
+  for p in (path, shared):
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    with open(p, "w") as f:
+      json.dump(out, f, indent=2)
   return out
 
 
@@ -399,7 +411,7 @@ def make_evaluate(config, suite, target: fdpg.Target):
                     "kl_base": jnp.mean(pi - a), "entropy": token_entropy(logits[:, :-1], m)})
         return out.tokens, out.loss_mask, res
       fn = cache[(gd, bgd)] = jax.jit(run)
-    toks, mask, res = jax.device_get(fn(st, bst, prompt, plen, log_z, rng))
+    toks, mask, res = to_host(fn(st, bst, prompt, plen, log_z, rng))
     resp = [t[mm == 1].tolist() for t, mm in zip(np.asarray(toks), np.asarray(mask))]
     out = {f"sample/{n}": float(v) for n, v in res.items()}
     out.update({"sample/distinct1": distinct_n(resp, 1), "sample/distinct2": distinct_n(resp, 2),

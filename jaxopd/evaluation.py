@@ -118,6 +118,15 @@ def self_bleu(sequences, n: int = 4, max_refs: int = 200) -> float:
   return float(sum(scores) / len(scores))
 
 
+def to_host(tree):
+  """``jax.device_get`` that also fetches arrays spanning other processes' devices
+  (a batch-sharded sample in a multi-host run): gathered to every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def evaluate_policy(policy: Transformer, reference: Transformer | None, prompt, prompt_len, rng,
                     cfg: SamplingConfig, reward_fn=None) -> dict:
   """Samples responses from ``policy`` and reports, over the batch:
@@ -150,7 +159,7 @@ def evaluate_policy(policy: Transformer, reference: Transformer | None, prompt, 
       return out, res
     fn = _EVAL_CACHE[key] = jax.jit(run)
   out, res = fn(state, None if ref_parts is None else ref_parts[1], jnp.asarray(prompt), jnp.asarray(prompt_len), rng)
-  out, res = jax.device_get((out, res))
+  out, res = to_host((out, res))
   toks, mask = np.asarray(out.tokens), np.asarray(out.loss_mask)
   responses = [t[m == 1].tolist() for t, m in zip(toks, mask)]
   metrics = {k: float(v) for k, v in res.items()}
