@@ -106,20 +106,24 @@ def plot(results, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
   colors = {"draft_sft": "tab:gray", "distilled": "tab:blue"}
-  for ax, key, label in ((axes[0], "target_nll", "target NLL of the output (nats/token)"),
-                         (axes[1], "reward", "gold reward of the output")):
+  for ax, x, key, xlabel, label in (
+      (axes[0], "tau", "target_nll", "tokens per target call", "target NLL of the output (nats/token)"),
+      (axes[1], "ms_per_token", "target_nll", "ms per token (batch 1)", "target NLL of the output (nats/token)"),
+      (axes[2], "ms_per_token", "reward", "ms per token (batch 1)", "gold reward of the output")):
     for draft, color in colors.items():
       rs = [r for r in results if r["draft"] == draft and r["lenience"] is not None]
-      ax.plot([r["ms_per_token"] for r in rs], [r[key] for r in rs], "-o", color=color, label=f"SD, {draft}")
+      ax.plot([r[x] for r in rs], [r[key] for r in rs], "-o", color=color, label=f"SD, {draft}")
       for r in rs:
-        ax.annotate(f"ε={r['lenience']:g}", (r["ms_per_token"], r[key]), fontsize=7)
-      plain = next(r for r in results if r["decoder"] == draft)
-      ax.scatter([plain["ms_per_token"]], [plain[key]], marker="x", color=color, s=60, label=f"{draft} alone")
+        ax.annotate(f"ε={r['lenience']:g}", (r[x], r[key]), fontsize=7)
+      if x == "ms_per_token":
+        plain = next(r for r in results if r["decoder"] == draft)
+        ax.scatter([plain[x]], [plain[key]], marker="x", color=color, s=60, label=f"{draft} alone")
     t = next(r for r in results if r["decoder"] == "target")
-    ax.scatter([t["ms_per_token"]], [t[key]], marker="*", color="tab:red", s=120, label="target alone")
-    ax.set(xlabel="ms per token (batch 1)", ylabel=label)
+    ax.scatter([t[x] if x == "ms_per_token" else 1.0], [t[key]], marker="*", color="tab:red", s=120,
+               label="target alone")
+    ax.set(xlabel=xlabel, ylabel=label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.suptitle("lossy speculative sampling: quality vs latency as the lenience ε varies")
