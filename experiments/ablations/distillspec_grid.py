@@ -10,7 +10,10 @@ figures).
 runs every divergence on student (on-policy) data and every data source with
 TVD: 7 cells. Each run is ``experiments/distillspec.py`` through jaxopd.main
 (shared cached target and draft SFT stages; a finished run, one with a
-``summary.json``, is skipped). Writes ``results.jsonl`` (one line per run),
+``summary.json``, is skipped). Then re-times SD with every finished run's draft,
+the undistilled draft and the target in one process, interleaved
+(``--retime_rounds``; per-run timings come from different moments of a
+shared machine's load). Writes ``results.jsonl`` (one line per run),
 ``grid.md`` (table) and ``grid.png`` (acceptance per cell; measured vs
 predicted speed-up) in ``--out``.
 """
