@@ -54,18 +54,18 @@ def main(argv=None):
 def table(results, path):
   groups = collections.defaultdict(list)
   for r in results:
-    if r.get("exit") == 0 and "sample/alignment" in r:
+    if r.get("exit", 0) == 0 and "sample/alignment" in r:
       groups[(r["method.target"], r["method.divergence"])].append(r)
   lines = ["| target | divergence | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |",
            "|" + " --- |" * (3 + len(COLUMNS))]
-  mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
+  mean = lambda rs, k: sum(float(r[k]) for r in rs) / len(rs)   # KL(pi||p) may be "inf" (pointwise)
   done = set()
   for (target, div), rs in sorted(groups.items()):
     if target not in done:       # the base model's row, from the report's "before"
       done.add(target)
       b = rs[0].get("before")
       if b:
-        lines.append(f"| {target} | base a | - | " + " | ".join(f"{b[k]:.{d}f}" for k, _, d in COLUMNS) + " |")
+        lines.append(f"| {target} | base a | - | " + " | ".join(f"{float(b[k]):.{d}f}" for k, _, d in COLUMNS) + " |")
     lines.append(f"| {target} | {div} | {len(rs)} | " + " | ".join(f"{mean(rs, k):.{d}f}" for k, _, d in COLUMNS) + " |")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -80,7 +80,7 @@ def plots(results, out, targets, divergences):
   fig, axes = plt.subplots(len(targets), len(keys), figsize=(4.2 * len(keys), 3.2 * len(targets)), squeeze=False)
   for i, target in enumerate(targets):
     for r in results:
-      if r.get("exit") != 0 or r["method.target"] != target:
+      if r.get("exit", 0) != 0 or r["method.target"] != target:
         continue
       with open(os.path.join(out, r["name"], "metrics.jsonl")) as f:
         ev = [json.loads(l) for l in f if '"split": "eval"' in l and "sample/alignment" in l]
