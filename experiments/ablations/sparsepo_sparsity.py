@@ -2,7 +2,7 @@
 paper: mask sparsity analysis), shared and independent masks.
 
   python experiments/ablations/sparsepo_sparsity.py --out runs/ablations/sparsepo_frontier \\
-      [--betas 0.05,0.1,0.3,0.8] [--seeds 0] [--steps 400] [--set method.lambda_u=0.001 ...]
+      [--betas 0.05,0.1,0.3,0.8] [--seeds 0] [--steps 400] [--shared True,False] [--set ...]
 
 Runs the learned-mask sweep of experiments/ablations/sparsepo_frontier.py
 (the same run names, so an ``--out`` shared with the frontier reuses its
@@ -81,12 +81,13 @@ def main(argv=None):
   p.add_argument("--betas", default="0.05,0.1,0.3,0.8")
   p.add_argument("--seeds", default="0")
   p.add_argument("--steps", type=int, default=400)
+  p.add_argument("--shared", default="True,False", help="learned-mask variants: True (shared), False (independent)")
   p.add_argument("--set", action="append", default=[], help="field=value for every run (repeatable)")
   p.add_argument("--smoke", action="store_true", help="the :smoke presets (tiny; for tests)")
   p.add_argument("--skip_runs", action="store_true", help="only re-make the table and plot")
   a = p.parse_args(argv)
   results = (frontier.load(a.out, RESULTS) if a.skip_runs else
-             frontier.run_sweeps(a.out, a.betas, a.seeds, a.steps, "", a.set, smoke=a.smoke, mapo=False,
+             frontier.run_sweeps(a.out, a.betas, a.seeds, a.steps, "", a.set, shared=a.shared, smoke=a.smoke, mapo=False,
                                  results_name=RESULTS))
   groups = table(results, os.path.join(a.out, "sparsity.md"))
   plot(groups, os.path.join(a.out, "sparsity.png"))
