@@ -9,8 +9,9 @@ AdamW, one CPU device, one synthetic batch reused), through
 
 * ``tdpo1`` / ``tdpo2``: ``jaxopd.preference.make_loss_fn`` (beta 0.1, alpha 0.5);
 * ``sparsepo_shared`` / ``sparsepo_indep``: ``jaxopd.sparsepo.make_loss_fn("learned", ...)``
-  with the mask model (one or two heads on the reference's 4 hidden states)
-  as a second trainable model, L1 0.001 on both masks;
+  with the mask model (one or two heads on the reference's 4 hidden states,
+  ``init="ones"`` so no ReLU is dead) as a second trainable model (weight
+  decay 0.01), L1 0.001 on both masks;
 * ``mapo``: ``make_loss_fn("mapo", True, ...)`` (activation mask, no extra model).
 
 SparsePO's reference forward also returns its hidden states. All steps are
