@@ -355,8 +355,8 @@ def test_mask_of_token_t_plus_1_comes_from_states_at_t():
   changing token t moves it (learned and MaPO)."""
   cfg, _, ref = _models()
   head = sparsepo.SparseMask(cfg.n_layers, cfg.d_model, True, nnx.Rngs(params=3))
-  head.u.a.value = jnp.abs(head.u.a[...])        # positive mixer and biases: no ReLU cuts the weight to 0
-  head.u.b.value = jnp.abs(head.u.b[...]) + 1.0
+  head.u.a[...] = jnp.abs(head.u.a[...])        # positive mixer and biases: no ReLU cuts the weight to 0
+  head.u.b[...] = jnp.abs(head.u.b[...]) + 1.0
   tokens = jnp.asarray(np.random.default_rng(0).integers(1, 23, size=(1, 10)), jnp.int32)
   m = jnp.ones((1, 9))
   for mask, model in (("learned", head), ("mapo", None)):
