@@ -390,13 +390,13 @@ def make_evaluate(config, suite, target: fdpg.Target):
   log_z = np.repeat(np.asarray(e.log_z, np.float32), per)
   scfg = _scfg(config, suite.tokenizer)
   rng = jax.random.PRNGKey(config.seed + 1)
-  cache = {}
 
   def evaluate(params, frozen, step):
     policy, base = params["policy"], frozen["base"]
     gd, st = nnx.split(policy)
     bgd, bst = nnx.split(base)
-    fn = cache.get((gd, bgd))
+    key = (gd, bgd, scfg, target)          # module-level: report() reuses training's compiled evaluation
+    fn = _EVAL_FNS.get(key)
     if fn is None:
       def run(st, bst, prompt, plen, log_z, rng):
         pol, b = nnx.merge(gd, st), nnx.merge(bgd, bst)
@@ -410,7 +410,7 @@ def make_evaluate(config, suite, target: fdpg.Target):
         res.update({"alignment": jnp.mean(target.alignment(out.tokens, out.loss_mask)),
                     "kl_base": jnp.mean(pi - a), "entropy": token_entropy(logits[:, :-1], m)})
         return out.tokens, out.loss_mask, res
-      fn = cache[(gd, bgd)] = jax.jit(run)
+      fn = _EVAL_FNS[key] = jax.jit(run)
     toks, mask, res = to_host(fn(st, bst, prompt, plen, log_z, rng))
     resp = [t[mm == 1].tolist() for t, mm in zip(np.asarray(toks), np.asarray(mask))]
     out = {f"sample/{n}": float(v) for n, v in res.items()}
@@ -420,6 +420,8 @@ def make_evaluate(config, suite, target: fdpg.Target):
     return out
   return evaluate
 
+
+_EVAL_FNS: dict = {}
 
 KEYS = ("sample/alignment", "sample/target/kl_target_policy", "sample/target/kl_policy_target", "sample/target/tv",
         "sample/target/js", "sample/kl_base", "sample/entropy", "sample/distinct2", "sample/self_bleu")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import REPO
+from helpers import REPO, shared_smoke_stages
 from jaxopd import sparsepo, train
 from jaxopd.experiment import load_module
 from jaxopd.losses import forward_kl_per_token, response_mask, tdpo_loss, dpo_loss, token_logprobs
@@ -408,11 +408,10 @@ SPARSEPO = load_module(os.path.join(REPO, "experiments", "sparsepo.py"))
 def test_sparsepo_smoke_pipeline(tmp_path, capsys):
   from jaxopd import logs
   c = SPARSEPO.get_config("smoke,independent")
-  c.data.data_dir = str(tmp_path / "data")
-  c.sft.workdir = str(tmp_path / "sft_base")
   c.progress = False
   assert c.optim.groups.mask.weight_decay == 0.01
-  c = SPARSEPO.prepare(c, str(tmp_path / "sp"))
+  with shared_smoke_stages(c):
+    c = SPARSEPO.prepare(c, str(tmp_path / "sp"))
   summary = train.run(c, str(tmp_path / "sp"), SPARSEPO.build(c))
   SPARSEPO.report(c, str(tmp_path / "sp"), summary)
   out = capsys.readouterr().out

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import REPO
+from helpers import REPO, shared_smoke_stages
 from jaxopd import train
 from jaxopd.experiment import load_module
 
@@ -24,7 +24,8 @@ def _config(module, root, arg="smoke"):
 
 
 def _run(module, cfg, workdir):
-  cfg = module.prepare(cfg, str(workdir))
+  with shared_smoke_stages(cfg):
+    cfg = module.prepare(cfg, str(workdir))
   summary = train.run(cfg, str(workdir), module.build(cfg))
   module.report(cfg, str(workdir), summary)
   return summary
@@ -33,7 +34,7 @@ def _run(module, cfg, workdir):
 def test_tdpo_then_dpo_pipeline(tmp_path, capsys):
   s = _run(TDPO, _config(TDPO, tmp_path), tmp_path / "tdpo")
   out = capsys.readouterr().out
-  assert "[stage] SFT base" in out and "[stage] preferences" in out
+  assert "[stage] preferences" in out   # the SFT base may come from another smoke test of this session
   ev = s["eval"]
   for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "logps/rejected", "kl/chosen", "kl/rejected", "kl/margin", "sample/reward", "sample/kl_ref",
