@@ -11,9 +11,9 @@ The base model ``a`` is the SFT base (frozen, ``frozen["base"]``); the policy
 starts from it. Targets (``config.method.target``):
 
 * ``pointwise``: ``P(x) = a(x) b(x)``, ``b`` = the response uses one of
-  ``config.method.words`` (default "wonderful", ~3% of base samples);
+  ``config.method.words`` (default "wonderful", ~2% of base samples);
 * ``distributional``: ``P(x) = a(x) exp(lambda phi(x))``, ``phi`` = the review
-  mentions ``config.method.topic`` (music: ~21% of base samples), ``lambda``
+  mentions ``config.method.topic`` (music: ~20% of base samples), ``lambda``
   fitted on ``config.method.fit_samples`` base samples so that
   ``E_p[phi] = config.method.topic_mean`` (0.5, the GDC "half of the
   biographies" setting);
