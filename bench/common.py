@@ -1,6 +1,8 @@
 """Helpers shared by the benchmarks: the contention check (how many CPUs other
 processes used while a benchmark ran: the machine is shared, so timings taken
-under load are flagged, not trusted) and timing of a donated train step."""
+under load are flagged, not trusted), the single-device preference-step config
+and compiled train step the step benchmarks share, and timing of a donated
+train step."""
 
 import os
 import time
@@ -44,3 +46,35 @@ def time_donated_step(compiled, state, frozen, batch, warmup: int, repeats: int)
     jax.block_until_ready((state, metrics))
     ts.append(time.perf_counter() - t0)
   return statistics.median(ts), ts, state, metrics
+
+
+def single_device_config(model_cfg, batch_size: int, seq_len: int, lr: float):
+  """A base config for one device running ``model_cfg`` (a jaxopd ModelConfig)."""
+  from jaxopd import config as config_lib
+  c = config_lib.base_config()
+  c.batch_size, c.seq_len, c.grad_accum, c.total_steps = batch_size, seq_len, 1, 1_000_000
+  for k, v in vars(model_cfg).items():
+    setattr(c.model, k, v)
+  c.optim.lr = lr
+  c.mesh.shape = (1, 1, 1)
+  c.mesh.num_devices = 1
+  c.progress = False
+  return c
+
+
+def compile_train_step(config, experiment, local_batch):
+  """The trainer's jitted step for ``config``'s mesh, compiled ahead of time:
+  ``(compiled, state, frozen, global batch, compile seconds, facts)``."""
+  import jax
+  from jaxopd import config as config_lib
+  from jaxopd import mesh as mesh_lib
+  from jaxopd.train import Trainer
+  facts = config_lib.validate(config, len(jax.devices()), jax.process_count())
+  mesh = mesh_lib.make_mesh(facts["mesh_shape"], facts["num_devices"])
+  trainer = Trainer(config, experiment, mesh, facts["rules"])
+  with jax.set_mesh(mesh), mesh_lib.use_rules(facts["rules"]):
+    batch = trainer.to_global(local_batch, config.batch_size)
+    state, frozen = trainer.init()
+    t0 = time.perf_counter()
+    compiled = trainer.compiled_train_step(batch).lower(state, frozen, batch).compile()
+  return compiled, state, frozen, batch, time.perf_counter() - t0, facts

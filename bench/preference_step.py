@@ -88,12 +88,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from jaxopd import config as config_lib  # noqa: E402
-from jaxopd import mesh as mesh_lib  # noqa: E402
 from jaxopd.experiment import Experiment  # noqa: E402
 from jaxopd.models import ModelConfig, Transformer  # noqa: E402
 from jaxopd.preference import make_loss_fn  # noqa: E402
-from jaxopd.train import Trainer  # noqa: E402
 
 PAIRS, PROMPT, RESPONSE = 8, 32, 96
 SEQ = PROMPT + RESPONSE
@@ -109,6 +106,7 @@ def model_cfg() -> ModelConfig:
 
 # --- contention check and step timing: bench/common.py
 from common import cpu_snapshot as _cpu_snapshot, other_load, time_donated_step  # noqa: E402
+from common import compile_train_step, single_device_config  # noqa: E402
 
 
 # --- jaxopd ---------------------------------------------------------------------------------------
@@ -123,21 +121,7 @@ def synthetic_batch(seed=0):
 
 def jax_step_time(loss_name, warmup, repeats):
   mc = model_cfg()
-  c = config_lib.base_config()
-  c.batch_size = PAIRS
-  c.seq_len = SEQ
-  c.grad_accum = 1
-  c.total_steps = 1_000_000
-  for k, v in vars(mc).items():
-    setattr(c.model, k, v)
-  c.optim.lr = LR
-  c.mesh.shape = (1, 1, 1)
-  c.mesh.num_devices = 1
-  c.progress = False
-  facts = config_lib.validate(c, len(jax.devices()), jax.process_count())
-  mesh = mesh_lib.make_mesh(facts["mesh_shape"], facts["num_devices"])
-  rules = facts["rules"]
-
+  c = single_device_config(mc, PAIRS, SEQ, LR)
   if loss_name == "dpo":
     loss_fn = make_loss_fn("dpo", BETA, log_kl=False)
   else:
@@ -150,15 +134,8 @@ def jax_step_time(loss_name, warmup, repeats):
 
   local = synthetic_batch()
   exp = Experiment(init_models=init_models, loss_fn=loss_fn, train_data=lambda shard: iter([local]))
-  trainer = Trainer(c, exp, mesh, rules)
-  with jax.set_mesh(mesh), mesh_lib.use_rules(rules):
-    batch = trainer.to_global(local, c.batch_size)
-    state, frozen = trainer.init()
-    step_fn = trainer.compiled_train_step(batch)
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(state, frozen, batch).compile()
-    compile_s = time.perf_counter() - t0
-    step_s, ts, state, metrics = time_donated_step(compiled, state, frozen, batch, warmup, repeats)
+  compiled, state, frozen, batch, compile_s, _ = compile_train_step(c, exp, local)
+  step_s, ts, state, metrics = time_donated_step(compiled, state, frozen, batch, warmup, repeats)
   return step_s, ts, compile_s, float(metrics["loss"])
 
 

@@ -42,15 +42,12 @@ for p in (ROOT, HERE):
   if p not in sys.path:
     sys.path.insert(0, p)
 
-from common import cpu_snapshot, other_load  # noqa: E402
+from common import compile_train_step, cpu_snapshot, other_load, single_device_config  # noqa: E402
 from preference_step import ALPHA, BETA, LR, PAIRS, SEQ, TOKENS, model_cfg, synthetic_batch  # noqa: E402
 
-from jaxopd import config as config_lib  # noqa: E402
-from jaxopd import mesh as mesh_lib  # noqa: E402
 from jaxopd import preference, sparsepo  # noqa: E402
 from jaxopd.experiment import Experiment  # noqa: E402
 from jaxopd.models import Transformer  # noqa: E402
-from jaxopd.train import Trainer  # noqa: E402
 
 VARIANTS = ("tdpo1", "tdpo2", "sparsepo_shared", "sparsepo_indep", "mapo")
 
@@ -58,17 +55,7 @@ VARIANTS = ("tdpo1", "tdpo2", "sparsepo_shared", "sparsepo_indep", "mapo")
 def build_step(name):
   """(compiled step, state, frozen, batch, compile seconds) of one variant."""
   mc = model_cfg()
-  c = config_lib.base_config()
-  c.batch_size, c.seq_len, c.grad_accum, c.total_steps = PAIRS, SEQ, 1, 1_000_000
-  for k, v in vars(mc).items():
-    setattr(c.model, k, v)
-  c.optim.lr = LR
-  c.mesh.shape = (1, 1, 1)
-  c.mesh.num_devices = 1
-  c.progress = False
-  facts = config_lib.validate(c, len(jax.devices()), jax.process_count())
-  mesh = mesh_lib.make_mesh(facts["mesh_shape"], facts["num_devices"])
-  rules = facts["rules"]
+  c = single_device_config(mc, PAIRS, SEQ, LR)
   learned = name.startswith("sparsepo")
   shared = name != "sparsepo_indep"
   if name in ("tdpo1", "tdpo2"):
@@ -88,14 +75,8 @@ def build_step(name):
   if learned:
     c.optim.groups.mask = {"weight_decay": 0.01}
   local = synthetic_batch()
-  trainer = Trainer(c, Experiment(init_models=init_models, loss_fn=loss_fn, train_data=lambda s: iter([local])),
-                    mesh, rules)
-  with jax.set_mesh(mesh), mesh_lib.use_rules(rules):
-    batch = trainer.to_global(local, c.batch_size)
-    state, frozen = trainer.init()
-    t0 = time.perf_counter()
-    compiled = trainer.compiled_train_step(batch).lower(state, frozen, batch).compile()
-  return compiled, state, frozen, batch, time.perf_counter() - t0
+  exp = Experiment(init_models=init_models, loss_fn=loss_fn, train_data=lambda s: iter([local]))
+  return compile_train_step(c, exp, local)[:5]
 
 
 def main(argv=None):
