@@ -138,9 +138,10 @@ def np_div_grad_q(name, p_logits, q_logits, beta=0.5):
   return q * (g - (q * g).sum(-1, keepdims=True))
 
 
-def rand_batch(seed, b, t, v, scale=2.0):
-  """Random logits for pi and ref, tokens, and a prompt/response/padding loss mask."""
-  rng = np.random.default_rng(seed)
+def rand_batch(seed, b, t, v, scale=2.0, rng=None):
+  """Random logits for pi and ref, tokens, and a prompt/response/padding loss mask
+  (drawn from ``rng`` when given, so a caller can draw more from the same stream)."""
+  rng = np.random.default_rng(seed) if rng is None else rng
   pi = (rng.normal(size=(b, t, v)) * scale).astype(np.float32)
   ref = (pi + rng.normal(size=(b, t, v)) * 0.7 * scale).astype(np.float32)
   tokens = rng.integers(0, v, size=(b, t)).astype(np.int32)

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from helpers import REPO, shared_smoke_stages
+from test_loss_references import rand_batch
 from jaxopd import sparsepo, train
 from jaxopd.experiment import load_module
 from jaxopd.losses import forward_kl_per_token, response_mask, tdpo_loss, dpo_loss, token_logprobs
@@ -82,14 +83,9 @@ def np_sparsepo(sw, sl, beta, lu, ld, shared, wu_w, wu_l, wd_w, wd_l):
 
 
 def rand_side(seed, b, t, v, scale=2.0):
+  """test_loss_references.rand_batch plus random token weights from the same stream."""
   rng = np.random.default_rng(seed)
-  pi = (rng.normal(size=(b, t, v)) * scale).astype(np.float32)
-  ref = (pi + rng.normal(size=(b, t, v)) * 0.7 * scale).astype(np.float32)
-  tokens = rng.integers(0, v, size=(b, t)).astype(np.int32)
-  mask = np.zeros((b, t), np.float32)
-  for i in range(b):
-    start = rng.integers(1, max(2, t // 2))
-    mask[i, start:rng.integers(start + 1, t + 1)] = 1.0
+  pi, ref, tokens, mask = rand_batch(seed, b, t, v, scale, rng=rng)
   w_u = rng.uniform(0.05, 2.0, size=(b, t - 1)).astype(np.float32)
   w_d = rng.uniform(0.05, 2.0, size=(b, t - 1)).astype(np.float32)
   return pi, ref, tokens, mask, w_u, w_d
