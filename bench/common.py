@@ -78,3 +78,49 @@ def compile_train_step(config, experiment, local_batch):
     t0 = time.perf_counter()
     compiled = trainer.compiled_train_step(batch).lower(state, frozen, batch).compile()
   return compiled, state, frozen, batch, time.perf_counter() - t0, facts
+
+
+def timed(fn, *args, warmup: int, repeats: int) -> float:
+  """Median seconds of ``fn(*args)`` (outputs blocked on) after ``warmup`` calls."""
+  import statistics
+
+  import jax
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def xla_flops(compiled):
+  """FLOPs of a compiled computation by XLA's cost analysis, or None."""
+  try:
+    ca = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - not every backend/version has it
+    return None
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else None
+  if not ca or "flops" not in ca:
+    return None
+  return float(ca["flops"])
+
+
+def matmul_peak(rows: int) -> dict:
+  """The machine's practical float32 peak: median GFLOP/s of jitted matmuls, the
+  model-shaped ``[rows, 256] @ [256, F]`` ones and two large square ones."""
+  import jax
+  import jax.numpy as jnp
+  sizes = [(rows, 256, 704), (rows, 704, 256), (rows, 256, 1024), (1024, 1024, 1024), (2048, 2048, 2048)]
+  mm = jax.jit(jnp.matmul)
+  out = {}
+  key = jax.random.PRNGKey(0)
+  for m, k, n in sizes:
+    ka, kb, key = jax.random.split(key, 3)
+    a = jax.random.normal(ka, (m, k), jnp.float32)
+    b = jax.random.normal(kb, (k, n), jnp.float32)
+    t = timed(mm, a, b, warmup=3, repeats=10 if m * k * n >= 2048**3 else 30)
+    out[f"{m}x{k}@{k}x{n}"] = 2 * m * k * n / t / 1e9
+  return out

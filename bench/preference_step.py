@@ -106,7 +106,7 @@ def model_cfg() -> ModelConfig:
 
 # --- contention check and step timing: bench/common.py
 from common import cpu_snapshot as _cpu_snapshot, other_load, time_donated_step  # noqa: E402
-from common import compile_train_step, single_device_config  # noqa: E402
+from common import compile_train_step, matmul_peak, single_device_config, timed, xla_flops  # noqa: E402
 
 
 # --- jaxopd ---------------------------------------------------------------------------------------
@@ -135,8 +135,25 @@ def jax_step_time(loss_name, warmup, repeats):
   local = synthetic_batch()
   exp = Experiment(init_models=init_models, loss_fn=loss_fn, train_data=lambda shard: iter([local]))
   compiled, state, frozen, batch, compile_s, _ = compile_train_step(c, exp, local)
+  flops = xla_flops(compiled)
   step_s, ts, state, metrics = time_donated_step(compiled, state, frozen, batch, warmup, repeats)
-  return step_s, ts, compile_s, float(metrics["loss"])
+  return step_s, ts, compile_s, float(metrics["loss"]), flops
+
+
+def jax_parts_time(warmup, repeats):
+  """The model compute inside a step, timed alone on the same 16 x 128 tokens: the
+  policy's forward + backward (gradient of the summed token log-probs) and the
+  reference's forward (its log-probs). Returns (policy s, reference s)."""
+  from jaxopd.losses import token_logprobs
+  model = Transformer(model_cfg(), nnx.Rngs(params=0))
+  gd, params = nnx.split(model, nnx.Param)
+  tokens = jax.numpy.asarray(synthetic_batch()["tokens"].reshape(PAIRS * 2, SEQ))
+
+  def logp(p, t):
+    return token_logprobs(nnx.merge(gd, p)(t).logits, t).sum()
+  policy = timed(jax.jit(jax.grad(logp)), params, tokens, warmup=warmup, repeats=repeats)
+  reference = timed(jax.jit(logp), params, tokens, warmup=warmup, repeats=repeats)
+  return policy, reference
 
 
 # --- TRL ------------------------------------------------------------------------------------------
@@ -209,13 +226,20 @@ def main(argv=None):
   t_start = time.perf_counter()
   snap = _cpu_snapshot()
 
-  res = {}
+  res, flops = {}, {}
   for name in ("dpo", "tdpo"):
-    med, ts, comp, loss = jax_step_time(name, a.warmup, a.repeats)
+    med, ts, comp, loss, flops[name] = jax_step_time(name, a.warmup, a.repeats)
     res[name] = med
     print(f"jaxopd {name:4s}: {med * 1e3:8.1f} ms median of {a.repeats} (min {min(ts) * 1e3:.1f}, "
           f"max {max(ts) * 1e3:.1f}); compile {comp:.1f} s; loss {loss:.4f}; "
           f"{TOKENS / med:8.0f} tokens/s, {PAIRS / med:6.2f} pairs/s", flush=True)
+
+  pol_s, ref_s = jax_parts_time(a.warmup, a.repeats)
+  peaks = matmul_peak(TOKENS)
+  peak = max(peaks.values())
+  print(f"inside the DPO step: policy forward+backward alone {pol_s * 1e3:.1f} ms, reference forward alone "
+        f"{ref_s * 1e3:.1f} ms, sum {(pol_s + ref_s) * 1e3:.1f} ms = {(pol_s + ref_s) / res['dpo']:.2f} of the step",
+        flush=True)
 
   trl_res = {}
   versions = {}
@@ -237,6 +261,13 @@ def main(argv=None):
   overhead = res["tdpo"] / res["dpo"] - 1
   print(f"DPO vs TRL  : {ratio:.2f}x (aim >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'})")
   print(f"TDPO vs DPO : {overhead * 100:+.1f}% (aim <= +25%: {'met' if overhead <= 0.25 else 'NOT met'})")
+  frac = need = None
+  if flops["dpo"]:
+    gf = flops["dpo"] / res["dpo"] / 1e9
+    frac, need = gf / peak, flops["dpo"] / (trl_s / 1.5) / 1e9 / peak
+    print(f"DPO step    : {flops['dpo'] / 1e9:.1f} GFLOP (XLA cost analysis) at {gf:.0f} GFLOP/s = {frac:.2f} of the "
+          f"float32 matmul peak {peak:.0f} GFLOP/s (" + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+          + f"); 1.5x TRL would need {need:.2f} of that peak")
   other = other_load(snap)
   print(f"total wall : {time.perf_counter() - t_start:.1f} s" + (
       "" if other is None else f"; other processes used {other:.2f} of {os.cpu_count()} CPUs meanwhile"
@@ -253,6 +284,12 @@ def main(argv=None):
       "trl_step_ms_by_threads": {str(k): round(v * 1e3, 2) for k, v in trl_res.items()},
       "trl_threads": best_th,
       "tokens_per_step": TOKENS,
+      "policy_fwd_bwd_ms": round(pol_s * 1e3, 2),
+      "reference_fwd_ms": round(ref_s * 1e3, 2),
+      "dpo_gflop_per_step": None if not flops["dpo"] else round(flops["dpo"] / 1e9, 2),
+      "peak_gflops": round(peak, 1),
+      "dpo_fraction_of_peak": None if frac is None else round(frac, 3),
+      "fraction_of_peak_needed_for_1p5x": None if need is None else round(need, 3),
       "other_cpu_load": None if other is None else round(other, 3),
   }))
 

@@ -70,12 +70,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -129,20 +127,7 @@ def make_config():
 
 
 from common import cpu_snapshot as _cpu_snapshot, other_load, time_donated_step  # noqa: E402
-
-
-def timed(fn, *args, warmup=None, repeats=None):
-  """Median seconds of ``fn(*args)`` (outputs blocked on) after ``warmup`` calls."""
-  warmup = WARMUP if warmup is None else warmup
-  repeats = REPEATS if repeats is None else repeats
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
+from common import matmul_peak, timed, xla_flops  # noqa: E402
 
 
 def analytic_flops(m, batch, seq):
@@ -153,35 +138,6 @@ def analytic_flops(m, batch, seq):
   dense = 2 * n_mm * tokens
   attn = 2 * 2 * batch * seq * seq * (h * dh) * L
   return n_mm, dense, attn
-
-
-def xla_flops(compiled):
-  try:
-    ca = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001 - not every backend/version has it
-    return None
-  if isinstance(ca, (list, tuple)):
-    ca = ca[0] if ca else None
-  if not ca or "flops" not in ca:
-    return None
-  return float(ca["flops"])
-
-
-def matmul_peak():
-  """Best median GFLOP/s of jitted float32 matmuls over a few sizes."""
-  sizes = [(BATCH * SEQ, 256, 704), (BATCH * SEQ, 704, 256), (BATCH * SEQ, 256, 1024),
-           (1024, 1024, 1024), (2048, 2048, 2048)]
-  mm = jax.jit(jnp.matmul)
-  out = {}
-  key = jax.random.PRNGKey(0)
-  for m, k, n in sizes:
-    ka, kb, key = jax.random.split(key, 3)
-    a = jax.random.normal(ka, (m, k), jnp.float32)
-    b = jax.random.normal(kb, (k, n), jnp.float32)
-    reps = 10 if m * k * n >= 2048**3 else 30
-    t = timed(mm, a, b, warmup=3, repeats=reps)
-    out[f"{m}x{k}@{k}x{n}"] = 2 * m * k * n / t / 1e9
-  return out
 
 
 def main(argv=None):
@@ -220,10 +176,10 @@ def main(argv=None):
       out = experiment.loss_fn(nnx.merge(trainer.gd_params, p), nnx.merge(trainer.gd_frozen, fr), b, rng)
       return LossOutput(*out).loss
 
-    fwd_s = timed(jax.jit(fwd), params, frozen, batch)
-    grad_s = timed(jax.jit(trainer._microbatch_sums), params, frozen, batch, rng)
+    fwd_s = timed(jax.jit(fwd), params, frozen, batch, warmup=WARMUP, repeats=REPEATS)
+    grad_s = timed(jax.jit(trainer._microbatch_sums), params, frozen, batch, rng, warmup=WARMUP, repeats=REPEATS)
 
-  peaks = matmul_peak()
+  peaks = matmul_peak(BATCH * SEQ)
   peak = max(peaks.values())
 
   n_mm, dense, attn = analytic_flops(model, BATCH, SEQ)

@@ -9,7 +9,10 @@ target for speculative decoding; with ``eval.mode = "quality"`` (preset
 Pipeline, each stage cached:
 1. data: the reviews suite (``config.data``);
 2. target: the main job's SFT base (``config.target.workdir``, trained here
-   with experiments/sft.py's defaults if missing: Llama 4 layers, d128);
+   with experiments/sft.py's defaults if missing: Llama 4 layers, d128); or,
+   with ``config.target.source = "draft"``, the distilled model of a finished
+   run of this module (distil the target first, then the draft:
+   experiments/ablations/distillspec_target_first.py);
 3. draft: the same SFT recipe on ``config.model`` (1 layer, d32, same
    tokenizer), ``config.draft_sft.total_steps`` (300) steps, in
    ``config.draft_sft.workdir``: the undistilled draft;
@@ -92,6 +95,9 @@ def get_config(arg: str | None = None):
 
   c.target = ml_collections.ConfigDict()
   c.target.workdir = "runs/sft_base"   # the frozen target: the main job's SFT base (trained here if missing)
+  c.target.source = "policy"     # the model of target.workdir's checkpoint: "policy" (an SFT run, trained here if
+                                 # missing) or "draft" (a distilled model of a run of this module, which must exist:
+                                 # the "distil the target first, then the draft" setting)
   c.target.total_steps = 1500    # its SFT length when trained here (as experiments/tdpo.py)
   c.target.model = sft.model     # its architecture (experiments/sft.py's default)
 
@@ -185,6 +191,9 @@ def _check(c):
     if e.prompt_len + e.max_new_tokens + max(e.sd_gammas) + 2 > mc.max_len or c.seq_len > mc.max_len:
       raise ConfigError(f"{name}.max_len={mc.max_len}: too short for eval.prompt_len + eval.max_new_tokens + "
                         f"gamma + 2 and seq_len")
+  if c.target.source not in ("policy", "draft"):
+    raise ConfigError(f"config.target.source={c.target.source!r}: must be policy (an SFT run) or draft "
+                      f"(a run of this module)")
   if c.model.vocab_size != c.target.model.vocab_size:
     raise ConfigError(f"config.model.vocab_size={c.model.vocab_size}: the draft must share the target's "
                       f"vocabulary ({c.target.model.vocab_size})")
@@ -216,9 +225,15 @@ def _unfinished(workdir, steps) -> bool:
 def prepare(config, workdir: str):
   """Stages 1-3 (data, target SFT, draft SFT), each cached; the draft starts from stage 3."""
   _check(config)
+  stages = [("draft", config.draft_sft, config.model)]
+  if config.target.source == "policy":
+    stages.insert(0, ("target", config.target, config.target.model))
+  elif (not os.path.isdir(os.path.join(config.target.workdir, "checkpoints"))
+        or ckpt_lib.Checkpointer(os.path.join(config.target.workdir, "checkpoints")).latest_step() is None):
+    raise ConfigError(f"config.target.workdir={config.target.workdir!r}: no checkpoint; with target.source=draft "
+                      f"the target is a finished run of this module (train it first)")
   suite_lib.ensure(config.data)
-  for what, node, model in (("target", config.target, config.target.model),
-                            ("draft", config.draft_sft, config.model)):
+  for what, node, model in stages:
     sft, s = _sft_config(config, model, node.total_steps)
     if not os.path.exists(os.path.join(node.workdir, "checkpoints")) or _unfinished(node.workdir, s.total_steps):
       print(f"[stage] {what} SFT -> {node.workdir} ({s.total_steps} steps)", flush=True)
@@ -337,7 +352,8 @@ def build(config) -> Experiment:
     raise ConfigError(f"config.model.vocab_size={draft_cfg.vocab_size}: the reviews tokenizer has "
                       f"{len(suite.tokenizer)} tokens")
   # The frozen target enters as fixed arrays (init_from loads one run; it loads the draft).
-  target_params = jax.device_get(nnx.state(load_model(config.target.workdir, target_cfg), nnx.Param))
+  target_params = jax.device_get(nnx.state(load_model(config.target.workdir, target_cfg, config.target.source),
+                                           nnx.Param))
   m = config.method
   train_recs = _records(suite, config, "train", "train")
   eval_recs = _records(suite, config, "validation", "test", verbose=False)

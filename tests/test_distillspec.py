@@ -165,6 +165,19 @@ def test_smoke_pipeline_and_report(tmp_path, capsys):
   ev = DS.make_evaluate(c, DS.suite_lib.ensure(c.data, verbose=False))(params, frozen, 0)
   assert "sample/reward" in ev and "alpha/greedy" not in ev
 
+  # Distil the target first: this run's distilled draft is the next run's frozen target (no SFT stage).
+  t = DS.get_config("smoke")
+  t.data.data_dir, t.draft_sft.workdir, t.progress = c.data.data_dir, c.draft_sft.workdir, False
+  t.target.workdir, t.target.source = str(tmp_path / "run"), "draft"
+  for k, v in c.model.items():
+    t.target.model[k] = v
+  t = DS.prepare(t, str(tmp_path / "run2"))
+  assert "[stage] target SFT" not in capsys.readouterr().out
+  _, frozen2 = DS.build(t).init_models(jax.random.PRNGKey(0))
+  got = jax.tree.leaves(nnx.state(frozen2["target"], nnx.Param))
+  want = jax.tree.leaves(nnx.state(params["draft"], nnx.Param))
+  assert len(got) == len(want) and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, want))
+
 
 def test_bad_fields_are_config_errors(tmp_path):
   from jaxopd.errors import ConfigError
@@ -177,3 +190,10 @@ def test_bad_fields_are_config_errors(tmp_path):
     c.method[field] = value
     with pytest.raises(ConfigError, match=msg):
       DS.prepare(c, str(tmp_path / "w"))
+  c = DS.get_config("smoke")
+  c.target.source = "teacher"
+  with pytest.raises(ConfigError, match="config.target.source='teacher'"):
+    DS.prepare(c, str(tmp_path / "w"))
+  c.target.source, c.target.workdir = "draft", str(tmp_path / "none")
+  with pytest.raises(ConfigError, match="config.target.workdir=.*no checkpoint"):
+    DS.prepare(c, str(tmp_path / "w"))

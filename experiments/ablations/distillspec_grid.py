@@ -50,7 +50,8 @@ def cells(design, divergences, data):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="runs/ablations/distillspec")
-  p.add_argument("--design", default="cross", choices=("cross", "full"))
+  p.add_argument("--design", default="cross",
+                 help="cross | full, or one per seed (--seeds 0,1 --design full,cross: seed 0 full, seed 1 cross)")
   p.add_argument("--divergences", default=",".join(DIVERGENCES))
   p.add_argument("--data", default=",".join(DATA))
   p.add_argument("--steps", type=int, default=300)
@@ -60,8 +61,14 @@ def main(argv=None):
   p.add_argument("--retime_rounds", type=int, default=7, help="rounds of the joint re-timing (0 = none)")
   a = p.parse_args(argv)
   config = os.path.join(REPO, "experiments", "distillspec.py")
-  todo = [({"method.divergence": d, "method.data": s}, int(seed))
-          for d, s in cells(a.design, a.divergences.split(","), a.data.split(",")) for seed in a.seeds.split(",")]
+  seeds = [int(x) for x in a.seeds.split(",")]
+  designs = a.design.split(",")
+  if len(designs) == 1:
+    designs *= len(seeds)
+  if len(designs) != len(seeds) or any(d not in ("cross", "full") for d in designs):
+    raise SystemExit(f"--design {a.design!r}: cross or full, once or once per seed ({len(seeds)} seeds)")
+  todo = [({"method.divergence": d, "method.data": s}, seed) for seed, design in zip(seeds, designs)
+          for d, s in cells(design, a.divergences.split(","), a.data.split(","))]
   os.makedirs(a.out, exist_ok=True)
   results = []
   for i, (values, seed) in enumerate(todo):
@@ -124,7 +131,8 @@ def retime(results, out, rounds):
     config = ml_collections.ConfigDict(json.load(f))
   g = int(_gamma(ok[0]))
   suite = suite_lib.ensure(config.data, verbose=False)
-  target = ds.on_one_device(ds.load_model(config.target.workdir, config.target.model))
+  target = ds.on_one_device(ds.load_model(config.target.workdir, config.target.model,
+                                          config.target.get("source", "policy")))
   drafts = {"draft_sft": ds.on_one_device(ds.load_model(config.init_from.workdir, config.model))}
   drafts.update({r["name"]: ds.on_one_device(ds.load_model(os.path.join(out, r["name"]), config.model, "draft"))
                  for r in ok})
@@ -147,19 +155,51 @@ def _gamma(r):
   return next(k.split("/g")[-1] for k in r if k.startswith("tau/greedy/g"))
 
 
+def by_cell(results):
+  """Finished runs averaged per (divergence, data) cell over seeds; ``seeds`` = how many."""
+  cells_ = {}
+  for r in results:
+    if "alpha/greedy" in r:
+      cells_.setdefault((r["method.divergence"], r["method.data"]), []).append(r)
+  out = []
+  for runs in cells_.values():
+    m = dict(runs[0])
+    for k, v in m.items():
+      if isinstance(v, float):
+        m[k] = sum(x[k] for x in runs) / len(runs)
+    m["seeds"] = len(runs)
+    out.append(m)
+  return out
+
+
+def matrix(ok, g) -> list[str]:
+  """Divergence x data source: alpha greedy / alpha sampling / tau sampling, mean over seeds."""
+  divs = [d for d in DIVERGENCES if any(r["method.divergence"] == d for r in ok)]
+  data = [s for s in DATA if any(r["method.data"] == s for r in ok)]
+  cell = {(r["method.divergence"], r["method.data"]): r for r in ok}
+  lines = ["| divergence \\ data | " + " | ".join(data) + " |", "|" + " --- |" * (len(data) + 1)]
+  for d in divs:
+    row = [f"{cell[d, s]['alpha/greedy']:.3f} / {cell[d, s]['alpha/sampling']:.3f} / "
+           f"{cell[d, s][f'tau/sampling/g{g}']:.2f} (n={cell[d, s]['seeds']})" if (d, s) in cell else "-"
+           for s in data]
+    lines.append(f"| {d} | " + " | ".join(row) + " |")
+  return lines + ["", "Cells: alpha greedy / alpha sampling (draft prefixes) / tau sampling (SD runs), mean over n "
+                  "seeds.", ""]
+
+
 def table(results, path):
-  ok = [r for r in results if "alpha/greedy" in r]
+  ok = by_cell(results)
   if not ok:
     print("no finished runs")
     return
   g = _gamma(ok[0])
-  lines = [f"| divergence | data | alpha greedy | alpha sampling | tau greedy (formula) | tau sampling (formula) | "
+  lines = matrix(ok, g) + [f"| divergence | data | seeds | alpha greedy | alpha sampling | tau greedy (formula) | tau sampling (formula) | "
            f"speed-up greedy: measured (formula) | speed-up sampling: measured (formula) | "
            f"SD time vs undistilled draft (greedy / sampling) | draft gold reward | draft held-out NLL |",
-           "|" + " --- |" * 11]
+           "|" + " --- |" * 12]
   rt = "rt_speedup/greedy" in ok[0]
   if rt:     # the joint re-timing replaces the per-run timings
-    lines[0] = lines[0].replace("speed-up greedy: measured", "speed-up greedy: measured jointly").replace(
+    lines[-2] = lines[-2].replace("speed-up greedy: measured", "speed-up greedy: measured jointly").replace(
         "speed-up sampling: measured", "speed-up sampling: measured jointly")
   sp = (lambda r, m: r[f"rt_speedup/{m}"]) if rt else (lambda r, m: r[f"speedup/{m}/g{g}"])
   vs = (lambda r, m: r[f"rt_vs_sft/{m}"]) if rt else (
@@ -168,7 +208,7 @@ def table(results, path):
   f = lambda x: f"{x:.3f}"
   for r in ok:
     lines.append(
-        f"| {r['method.divergence']} | {r['method.data']} | {f(r['alpha/greedy'])} | {f(r['alpha/sampling'])} | "
+        f"| {r['method.divergence']} | {r['method.data']} | {r['seeds']} | {f(r['alpha/greedy'])} | {f(r['alpha/sampling'])} | "
         f"{r[f'tau/greedy/g{g}']:.2f} ({r[f'tau_formula/greedy/g{g}']:.2f}) | "
         f"{r[f'tau/sampling/g{g}']:.2f} ({r[f'tau_formula/sampling/g{g}']:.2f}) | "
         f"{sp(r, 'greedy'):.2f} ({r[f'speedup_formula/greedy/g{g}']:.2f}) | "
@@ -176,13 +216,13 @@ def table(results, path):
         f"{vs(r, 'greedy'):.2f}x / {vs(r, 'sampling'):.2f}x | "
         f"{f(r['reward'])} | {f(r['nll'])} |")
   r = ok[0]
-  lines.append(f"| undistilled draft | - | {f(r['sft_alpha/greedy'])} | {f(r['sft_alpha/sampling'])} | "
+  lines.append(f"| undistilled draft | - | - | {f(r['sft_alpha/greedy'])} | {f(r['sft_alpha/sampling'])} | "
                f"{r[f'sft_tau/greedy/g{g}']:.2f} ({r[f'sft_tau_formula/greedy/g{g}']:.2f}) | "
                f"{r[f'sft_tau/sampling/g{g}']:.2f} ({r[f'sft_tau_formula/sampling/g{g}']:.2f}) | "
                f"{sft_sp(r, 'greedy'):.2f} ({r[f'sft_speedup_formula/greedy/g{g}']:.2f}) | "
                f"{sft_sp(r, 'sampling'):.2f} ({r[f'sft_speedup_formula/sampling/g{g}']:.2f}) | 1 | "
                f"{f(r['sft_reward'])} | {f(r['sft_nll'])} |")
-  lines.append(f"| target | - | - | - | - | - | 1 | 1 | - | {f(r['target_reward'])} | {f(r['target_nll'])} |")
+  lines.append(f"| target | - | - | - | - | - | - | 1 | 1 | - | {f(r['target_reward'])} | {f(r['target_nll'])} |")
   lines.append("")
   lines.append(f"gamma = {g}; alpha on draft-generated prefixes (greedy: argmax agreement; sampling: 1 - TVD); "
                f"tau = tokens per target call of SD runs at batch 1. Speed-up = plain target decoding time per "
@@ -190,8 +230,9 @@ def table(results, path):
                + (f" ({ok[0]['rt_rounds']} rounds timing all drafts in one process, interleaved)" if rt else
                   " (each run's own report)")
                + f"; formula = tau(alpha) / (gamma c + 1) with each run's measured c (mean "
-               f"{sum(x['cost_ratio'] for x in ok) / len(ok):.3f}). The undistilled row's alpha/tau are the "
-               f"first run's measurement of the shared undistilled draft.")
+               f"{sum(x['cost_ratio'] for x in ok) / len(ok):.3f}). Rows with seeds > 1 are means over seeds. "
+               f"The undistilled row's alpha/tau are the first cell's measurement of the shared undistilled "
+               f"draft.")
   with open(path, "w") as fh:
     fh.write("\n".join(lines) + "\n")
   print("\n".join(lines))
@@ -201,7 +242,7 @@ def plot(results, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  ok = [r for r in results if "alpha/greedy" in r]
+  ok = by_cell(results)
   if not ok:
     return
   g = _gamma(ok[0])
