@@ -48,23 +48,45 @@ Throughput: tokens/s = 8 pairs * 2 * 128 / step time; pairs/s = 8 / step time.
 Aims: jaxopd DPO >= 1.5x TRL's tokens/s; TDPO's extra KL term costs <= 25% over
 jaxopd DPO (tdpo_overhead_vs_dpo = TDPO time / DPO time - 1 <= 0.25).
 
-Measured (2-core VM, jax 0.10.2, torch 2.13.0+cpu, transformers 5.23.0,
-trl 1.16.0, default 3 warm-up + 10 timed steps; the machine was CONTENDED: other
-processes used ~1.06 of the 2 CPUs during the run, so treat the numbers as rough):
+Measured (2-core Sapphire Rapids VM, jax 0.10.2, torch 2.13.0+cpu,
+transformers 5.23.0, trl 1.16.0, 3 warm-up + 10 timed steps, idle machine:
+other processes used 0.00 of the 2 CPUs; 66 s in all):
 
-  jaxopd DPO   1017 ms/step  ~2010 tokens/s  7.9 pairs/s
-  jaxopd TDPO   972 ms/step  ~2110 tokens/s  8.2 pairs/s
-  TRL DPO      1057 ms/step  ~1940 tokens/s  7.6 pairs/s  (torch threads=1;
-               threads=2 was 3715 ms, i.e. badly hurt by the other load)
+  jaxopd DPO    473 ms/step  4328 tokens/s  16.9 pairs/s
+  jaxopd TDPO   488 ms/step  4200 tokens/s  16.4 pairs/s
+  TRL DPO       559 ms/step  3664 tokens/s  14.3 pairs/s  (torch threads=2;
+                threads=1: 1004 ms)
 
-  -> dpo_ratio_vs_trl 1.04 (aim >= 1.5x NOT met); tdpo_overhead_vs_dpo -0.04
-     (aim <= +25% met; negative only because of noise: DPO's max step was
-     1.6 s; a smoke run gave +4.5%).
+  -> dpo_ratio_vs_trl 1.18 (aim >= 1.5x NOT met; an earlier idle run gave
+     1.11: TRL 3814, DPO 4223 tokens/s); tdpo_overhead_vs_dpo +3.0% (aim
+     <= +25% met).
 
-Caveats: XLA:CPU's own thread pool was not limited (it may use both cores),
-while TRL's best was 1 torch thread; on a contended machine that comparison
-favours neither side reliably. Rerun on an idle machine before drawing
-conclusions about the 1.5x aim.
+What limits the step (profiled with jax.profiler and by timing the parts):
+
+* It is the model compute: the policy's forward + backward alone takes 398 ms
+  and the reference's forward 99 ms (printed by this script; their sum is
+  1.05x the step, which overlaps them). The loss, the token-level KL and
+  AdamW together are a few percent. XLA's cost analysis counts 77.9 GFLOP
+  per step, run at 165 GFLOP/s = 0.58 of the same process's float32 matmul
+  peak (281 GFLOP/s); 1.5x TRL would need 0.74 of that peak.
+* Threads are not the gap: pinned to one core (taskset -c 0) the step takes
+  920 ms, 1.95x the two-core time.
+* Within the step, ~70% of the op time (summed over XLA's two worker
+  threads) is the matmuls (YNNPACK fusions); the rest is many small fusions:
+  the attention's layout copies, SiLU, RMSNorm and RoPE, AdamW's updates.
+* Tried without gain (DPO step, same process, idle): XLA:CPU flags
+  ``--xla_cpu_enable_concurrency_optimized_scheduler`` true/false (479 / 489
+  ms vs 486 default), ``--xla_cpu_use_onednn=true`` (496),
+  ``--xla_cpu_use_xnnpack=false`` (509), ``--xla_cpu_enable_fast_math=true``
+  (499); bfloat16 compute (496 vs 466: XLA:CPU does not use the AMX units
+  here); one fused q/k/v matmul and one fused gate/up matmul instead of
+  separate ones (fwd+bwd 10.3 vs 9.8 ms and 35.2 vs 34.7 ms: no gain).
+* Not done: computing the shared prompt once for chosen and rejected (32 of
+  the 128 tokens of each row: at most ~12% of the FLOPs, less than the ~21%
+  the aim needs, and a different packed batch layout for every preference
+  method) and precomputing the reference's log-probs (TRL's
+  ``precompute_ref_log_probs``; excluded here because the workload includes
+  the reference forward, and TDPO needs the reference's full distribution).
 
 The last line printed is one JSON object: dpo_tokens_per_s, tdpo_tokens_per_s,
 trl_tokens_per_s, dpo_ratio_vs_trl, tdpo_overhead_vs_dpo, other_cpu_load and
