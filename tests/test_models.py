@@ -34,11 +34,12 @@ def test_kv_cache_decode_matches_full_forward(name):
   toks = jax.random.randint(jax.random.key(1), (3, 12), 0, cfg.vocab_size)
   full = m(toks).logits
   cache = KVCache.zeros(cfg, 3, 20)
-  out = m(toks[:, :5], cache=cache)         # prefill 5, then decode one at a time
+  call = jax.jit(lambda t, c: m(t, cache=c))   # one compile per shape: prefill, then the decode step
+  out = call(toks[:, :5], cache)         # prefill 5, then decode one at a time
   logits = [out.logits]
   cache = out.cache
   for t in range(5, 12):
-    out = m(toks[:, t:t + 1], cache=cache)
+    out = call(toks[:, t:t + 1], cache)
     cache = out.cache
     logits.append(out.logits)
   dec = jnp.concatenate(logits, axis=1)

@@ -63,10 +63,12 @@ def test_greedy_equals_stepwise_argmax_of_full_forward():
   out = jax.jit(lambda r: sample(m, PROMPT, PLEN, r, SamplingConfig(max_new_tokens=n, eos_id=EOS, greedy=True)))(
       jax.random.key(0))
   _check_layout(out, n)
+  width = PROMPT.shape[1] + n
+  full = jax.jit(lambda t: m(t).logits[0])   # one compiled full forward; causal, so right padding is inert
   for b in range(PROMPT.shape[0]):
     seq = list(np.asarray(PROMPT[b, :int(PLEN[b])]))
     for _ in range(n):
-      nxt = int(jnp.argmax(m(jnp.asarray([seq])).logits[0, -1]))
+      nxt = int(jnp.argmax(full(jnp.asarray([seq + [0] * (width - len(seq))]))[len(seq) - 1]))
       seq.append(nxt)
       if nxt == EOS:
         break
@@ -222,9 +224,9 @@ def test_acceptance_formulas_and_draft_prefix_estimate():
   t, d = _model(3), _model(4, d=16, layers=1, heads=2, kv=1)
   cfg = SamplingConfig(max_new_tokens=12, eos_id=99)
   prompt, plen = jnp.tile(PROMPT, (64, 1)), jnp.tile(PLEN, 64)
-  same = acceptance_on_draft_prefixes(t, t, prompt, plen, jax.random.key(0), cfg)
+  same = jax.jit(lambda r: acceptance_on_draft_prefixes(t, t, prompt, plen, r, cfg))(jax.random.key(0))
   assert float(same.sampling) == pytest.approx(1.0, abs=1e-5) and float(same.greedy) == 1.0
-  est = acceptance_on_draft_prefixes(t, d, prompt, plen, jax.random.key(0), cfg)
+  est = jax.jit(lambda r: acceptance_on_draft_prefixes(t, d, prompt, plen, r, cfg))(jax.random.key(0))
   # The per-position expected acceptance agrees with the empirical SD rate (gamma=1: blocks are i.i.d. draws).
   sd = jax.jit(lambda r: speculative_sample(t, d, prompt, plen, r, cfg, gamma=1))(jax.random.key(5))
   assert float(sd.acceptance_rate) == pytest.approx(float(est.sampling), abs=0.05)
