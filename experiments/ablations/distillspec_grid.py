@@ -5,10 +5,12 @@ figures).
 
   python experiments/ablations/distillspec_grid.py --out runs/ablations/distillspec \\
       [--design cross|full] [--steps 300] [--seeds 0] [--set eval.sd_gammas=(3,)]
+  # the committed results: --seeds 0,1,2 --design full,full,cross
 
 ``full`` runs all 16 cells; ``cross`` (default, what fits a shared 2-core CPU)
 runs every divergence on student (on-policy) data and every data source with
-TVD: 7 cells. Each run is ``experiments/distillspec.py`` through jaxopd.main
+TVD: 7 cells. ``--design`` is one design for every seed or one per seed. The
+table averages each cell over its seeds. Each run is ``experiments/distillspec.py`` through jaxopd.main
 (shared cached target and draft SFT stages; a finished run, one with a
 ``summary.json``, is skipped). Then re-times SD with every finished run's draft,
 the undistilled draft and the target in one process, interleaved
