@@ -1,8 +1,8 @@
 """Helpers shared by the benchmarks: the contention check (how many CPUs other
 processes used while a benchmark ran: the machine is shared, so timings taken
-under load are flagged, not trusted), the single-device preference-step config
-and compiled train step the step benchmarks share, and timing of a donated
-train step."""
+under load are flagged, not trusted), the single-device config and compiled
+train step the step benchmarks share, timing (a function; a donated train
+step), XLA's FLOP count and the machine's float32 matmul peak."""
 
 import os
 import time

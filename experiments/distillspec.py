@@ -217,25 +217,19 @@ def _sft_config(c, model, steps):
   return sft, s
 
 
-def _unfinished(workdir, steps) -> bool:
-  step = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step()
-  return step is None or step < steps
-
-
 def prepare(config, workdir: str):
   """Stages 1-3 (data, target SFT, draft SFT), each cached; the draft starts from stage 3."""
   _check(config)
   stages = [("draft", config.draft_sft, config.model)]
   if config.target.source == "policy":
     stages.insert(0, ("target", config.target, config.target.model))
-  elif (not os.path.isdir(os.path.join(config.target.workdir, "checkpoints"))
-        or ckpt_lib.Checkpointer(os.path.join(config.target.workdir, "checkpoints")).latest_step() is None):
+  elif not ckpt_lib.finished(config.target.workdir, 0):
     raise ConfigError(f"config.target.workdir={config.target.workdir!r}: no checkpoint; with target.source=draft "
                       f"the target is a finished run of this module (train it first)")
   suite_lib.ensure(config.data)
   for what, node, model in stages:
     sft, s = _sft_config(config, model, node.total_steps)
-    if not os.path.exists(os.path.join(node.workdir, "checkpoints")) or _unfinished(node.workdir, s.total_steps):
+    if not ckpt_lib.finished(node.workdir, s.total_steps):
       print(f"[stage] {what} SFT -> {node.workdir} ({s.total_steps} steps)", flush=True)
       train.run(s, node.workdir, sft.build(s))
   config.target.workdir = os.path.abspath(config.target.workdir)

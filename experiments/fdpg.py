@@ -47,6 +47,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from jaxopd import checkpoint as ckpt_lib
 from jaxopd import config as config_lib
 from jaxopd import fdpg, train
 from jaxopd.data import batched_iterator, reviews, suite as suite_lib
@@ -236,7 +237,7 @@ def prepare(config, workdir: str):
     raise ConfigError(f"config.data.task={config.data.task!r}: f-DPG's targets are defined on the reviews task")
   suite_lib.ensure(config.data)
   sft, s = TDPO._sft_config(config)
-  if not os.path.exists(os.path.join(config.sft.workdir, "checkpoints")) or TDPO._unfinished(config.sft.workdir, s):
+  if not ckpt_lib.finished(config.sft.workdir, s.total_steps):
     print(f"[stage] SFT base -> {config.sft.workdir} ({s.total_steps} steps)", flush=True)
     train.run(s, config.sft.workdir, sft.build(s))
   config.init_from.workdir = os.path.abspath(config.sft.workdir)

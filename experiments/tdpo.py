@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from jaxopd import checkpoint as ckpt_lib
 from jaxopd import config as config_lib
 from jaxopd import train
 from jaxopd.data import batched_iterator, preferences, suite as suite_lib
@@ -171,7 +172,7 @@ def prepare(config, workdir: str):
     raise ConfigError(f"config.data.task={config.data.task!r}: must be reviews or files")
   suite_lib.ensure(config.data)
   sft, s = _sft_config(config)
-  if not os.path.exists(os.path.join(config.sft.workdir, "checkpoints")) or _unfinished(config.sft.workdir, s):
+  if not ckpt_lib.finished(config.sft.workdir, s.total_steps):
     print(f"[stage] SFT base -> {config.sft.workdir} ({s.total_steps} steps)", flush=True)
     train.run(s, config.sft.workdir, sft.build(s))
   pc = _prefs_config(config)
@@ -185,12 +186,6 @@ def prepare(config, workdir: str):
   config.init_from.source = "policy"
   config.init_from.targets = ("policy", "reference")
   return config
-
-
-def _unfinished(workdir, s) -> bool:
-  from jaxopd.checkpoint import Checkpointer
-  step = Checkpointer(os.path.join(workdir, "checkpoints")).latest_step()
-  return step is None or step < s.total_steps
 
 
 def build(config) -> Experiment:

@@ -60,6 +60,16 @@ def _restore_args(flat_abstract: dict) -> dict:
           for k, v in flat_abstract.items()}
 
 
+def finished(workdir: str, steps: int) -> bool:
+  """Whether run ``workdir`` has a checkpoint at step ``steps`` or later (a
+  cached pipeline stage is done); False, creating nothing, when it has none."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return False
+  step = Checkpointer(directory).latest_step()
+  return step is not None and step >= steps
+
+
 class Checkpointer:
   """Periodic / final / preemption checkpoints of one run directory."""
 
