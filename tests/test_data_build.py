@@ -8,6 +8,7 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from jaxopd.data import build, reviews as R, tfds_builders as B, tokenizer as T
+from jaxopd.errors import ConfigError
 
 SEED = 3
 SIZES = dict(num_train=24, num_validation=6, num_test=5)
@@ -79,7 +80,7 @@ def test_tokenizer_bad_inputs(tmp_path):
     T.build_tokenizer(["not good"], tmp_path / "b")
   with pytest.raises(ValueError, match="entry 0 .*reserved"):
     T.build_tokenizer(["<pad>"], tmp_path / "c")
-  with pytest.raises(FileNotFoundError, match="not a directory"):
+  with pytest.raises(ConfigError, match="not a directory"):
     T.load_tokenizer(tmp_path / "missing")
   with pytest.raises(IndexError, match="word index 5"):
     T.word_token_positions(T.build_tokenizer(["a"], tmp_path / "d"), ["a"], [5])

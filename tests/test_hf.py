@@ -233,3 +233,97 @@ def test_init_from_hf_dir_and_export_cli(tmp_path):
   trainer = train.Trainer(cfg, SFT.build(cfg), mesh_lib.make_mesh((8, 1, 1)), mesh_lib.DEFAULT_RULES)
   with pytest.raises(ConfigError, match=r"config\.init_from\.workdir=.*'policy': norm_eps=1e-06 but .*config\.json"):
     trainer.apply_init_from({"params": dict(trainer.abstract_state["params"])}, {})
+
+
+# --- real-family checkpoints: bfloat16 safetensors, family tokenizers ---------------------------
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+  import hf_fixtures
+  return hf_fixtures.family_dirs(str(tmp_path_factory.mktemp("families")))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2"])
+def test_bf16_checkpoint_loads_keeps_dtype_and_exports(families, name, tmp_path):
+  """A bfloat16 checkpoint loads (float32 parameters: the bf16 values exactly, logits within
+  1e-4 of transformers'); with param_dtype=bfloat16 the parameters stay bf16 at half the
+  bytes per device on a 2x2x2 mesh; exporting them writes bf16 safetensors that transformers
+  reloads to the same logits (exact: the same weights)."""
+  import hf_fixtures
+  path = families[name]
+  header, _ = hf.st_io.read_header(os.path.join(path, hf.SINGLE))
+  assert {t["dtype"] for t in header.values()} == {"BF16"}
+  tokens = np.random.RandomState(1).randint(0, 320, (2, 12))
+  want = hf_fixtures.torch_logits(path, tokens)
+  f32, _ = hf.load(path)
+  diff = np.abs(_logits(f32, tokens=tokens) - want).max()
+  print(f"{name} bf16 file, float32 params: max |logits diff| {diff:.2e}")
+  assert diff < ATOL
+
+  mesh = mesh_lib.make_mesh((2, 2, 2))
+  bf16, _ = hf.load(path, mesh, mesh_lib.DEFAULT_RULES, param_dtype="bfloat16")
+  p16, p32 = jax.tree.leaves(nnx.state(bf16, nnx.Param)), jax.tree.leaves(nnx.state(f32, nnx.Param))
+  assert {x.dtype for x in p16} == {np.dtype("bfloat16")}
+  per_device = lambda leaves: sum(x.addressable_shards[0].data.nbytes for x in leaves)
+  full = lambda leaves: sum(x.nbytes for x in leaves)
+  assert full(p16) * 2 == full(p32)
+  assert per_device(p16) < full(p16)         # sharded: a device holds part of it
+  for a, b in zip(p16, p32):                 # the bf16 values of the file, unchanged
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b))
+
+  out = hf.export(bf16, bf16.cfg, str(tmp_path / "out"))
+  header, _ = hf.st_io.read_header(os.path.join(out, hf.SINGLE))
+  assert {t["dtype"] for t in header.values()} == {"BF16"}
+  assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
+  np.testing.assert_array_equal(hf_fixtures.torch_logits(out, tokens), want)
+  out32 = hf.export(bf16, bf16.cfg, str(tmp_path / "out32"), dtype="float32")
+  header, _ = hf.st_io.read_header(os.path.join(out32, hf.SINGLE))
+  assert {t["dtype"] for t in header.values()} == {"F32"}
+
+
+def test_family_tokenizers_and_records(families):
+  """Qwen2 (no BOS, eos <|im_end|>, pad <|endoftext|>, ChatML), Llama (BOS, no pad -> eos) and
+  GPT-2 (bos = eos = pad) tokenizers load; string records get the BOS only where the family
+  has one, end their responses with the family's EOS inside the loss mask; conversational
+  records are rendered by the chat template with the assistant's <|im_end|> trained."""
+  from jaxopd.data import formats
+  from jaxopd.data.tokenizer import load_tokenizer
+  want = {"qwen2": (None, "<|im_end|>", "<|endoftext|>"), "llama": ("<s>", "</s>", "</s>"),
+          "gpt2": ("<|endoftext|>",) * 3}
+  rec = {"prompt": "the movie was", "chosen": " great fun", "rejected": " boring"}
+  for name, path in families.items():
+    tok = load_tokenizer(path)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == want[name], name
+    (out,), stats = formats.encode([("x:1", rec)], "preference", tok, 24)
+    assert stats.kept == 1
+    for side, text in ((0, rec["chosen"]), (1, rec["rejected"])):
+      ids = out["tokens"][side][out["loss_mask"][side] == 1].tolist()
+      assert ids == tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], name
+      first = int(out["tokens"][side][0])
+      prompt_ids = tok(rec["prompt"], add_special_tokens=False)["input_ids"]
+      assert first == (prompt_ids[0] if tok.bos_token_id is None else tok.bos_token_id), name
+  tok = load_tokenizer(families["qwen2"])
+  conv = {"prompt": [{"role": "user", "content": "the plot"}], "chosen": [{"role": "assistant", "content": "fun"}],
+          "rejected": [{"role": "assistant", "content": "bad"}]}
+  (out,), _ = formats.encode([("x:1", conv)], "preference", tok, 32)
+  trained = tok.decode(out["tokens"][0][out["loss_mask"][0] == 1])
+  assert trained == "fun<|im_end|>\n"
+  prompt = tok.decode(out["tokens"][0][:int(np.argmax(out["loss_mask"][0]))])
+  assert prompt == "<|im_start|>user\nthe plot<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_tokenizer_mistakes_are_one_line(tmp_path):
+  from jaxopd.data.tokenizer import load_tokenizer
+  with pytest.raises(ConfigError, match=r"tokenizer .*nope: not a directory"):
+    load_tokenizer(str(tmp_path / "nope"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ConfigError, match=r"tokenizer .*empty: transformers cannot load it"):
+    load_tokenizer(str(tmp_path / "empty"))
+
+
+def test_truncated_safetensors_is_named(families, tmp_path):
+  path = _copy(families["qwen2"], tmp_path / "q")
+  f = os.path.join(path, hf.SINGLE)
+  data = open(f, "rb").read()
+  open(f, "wb").write(data[:len(data) // 2])
+  with pytest.raises(ValueError, match=r"model\.safetensors: tensor .* past the end of the file .*truncated"):
+    hf.load(path)

@@ -67,21 +67,27 @@ def build_tokenizer(vocab, out_dir: str | os.PathLike):
 def load_tokenizer(path: str | os.PathLike):
   """Any HF tokenizer dir (ours or a real model's) via ``AutoTokenizer``.
 
-  Needs BOS and EOS tokens (the SFT record format is ``[bos] text [eos]``). A
-  tokenizer without a pad token (GPT-2) gets EOS as pad, with a warning: the
-  trainer masks padding through ``loss_mask``, so the pad id only has to exist.
+  Needs an EOS token (it ends every trained response). BOS is optional: Qwen2
+  tokenizers have none, and records then start with the prompt's first token.
+  A tokenizer without a pad token (GPT-2, Llama) gets EOS as pad, with a
+  warning: the trainer masks padding through ``loss_mask``, so pad == eos is
+  safe and the EOS that ends a response is still trained. A path that is not
+  a tokenizer is a one-line ``ConfigError``.
   """
   from transformers import AutoTokenizer
 
+  from jaxopd.errors import ConfigError
   path = os.fspath(path)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"load_tokenizer: {path} is not a directory (expected an HF tokenizer "
-                            f"dir with tokenizer.json or vocab files)")
-  tok = AutoTokenizer.from_pretrained(path)
-  for name in ("bos_token_id", "eos_token_id"):
-    if getattr(tok, name) is None:
-      raise ValueError(f"load_tokenizer: tokenizer in {path} has no {name[:-3]}; records need "
-                       f"[bos] text [eos]")
+    raise ConfigError(f"tokenizer {path}: not a directory (expected an HF tokenizer dir with tokenizer.json "
+                      f"or vocab files)")
+  try:
+    tok = AutoTokenizer.from_pretrained(path)
+  except (OSError, ValueError, KeyError) as e:
+    raise ConfigError(f"tokenizer {path}: transformers cannot load it: {str(e).splitlines()[0]}") from None
+  if tok.eos_token_id is None:
+    raise ConfigError(f"tokenizer {path}: has no eos token (set eos_token in tokenizer_config.json); every "
+                      f"trained response ends with it")
   if tok.pad_token_id is None:
     logging.warning("load_tokenizer: %s has no pad token; using eos (%r) as pad", path, tok.eos_token)
     tok.pad_token = tok.eos_token

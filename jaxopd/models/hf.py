@@ -22,7 +22,6 @@ prints the ``--config.model.*`` flags that match a checkpoint (for
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import glob
 import json
@@ -38,11 +37,13 @@ from flax import nnx
 from jaxopd import checkpoint as ckpt_lib
 from jaxopd import mesh as mesh_lib
 from jaxopd.errors import ConfigError
+from jaxopd.models import safetensors_io as st_io
 from jaxopd.models.transformer import ModelConfig, Transformer
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # Fields compared between a target model and a checkpoint (HF name of each, for messages).
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": st_io.DTYPES["BF16"], "float16": np.float16}
 ARCH_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ff_dim", "qkv_bias",
                "rope_theta", "norm_eps", "tie_embeddings", "max_len")
 
@@ -53,8 +54,9 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def config_from_hf(hf_dir: str, dtype: str = "float32") -> ModelConfig:
-  """The :class:`ModelConfig` of ``hf_dir/config.json`` (``dtype``: compute dtype)."""
+def config_from_hf(hf_dir: str, dtype: str = "float32", param_dtype: str = "float32") -> ModelConfig:
+  """The :class:`ModelConfig` of ``hf_dir/config.json`` (``dtype``: compute dtype,
+  ``param_dtype``: the dtype parameters are kept in, whatever the file's)."""
   path = os.path.join(hf_dir, "config.json")
   hc = _read_json(path)
 
@@ -74,7 +76,8 @@ def config_from_hf(hf_dir: str, dtype: str = "float32") -> ModelConfig:
     cfg = ModelConfig(family="gpt2", vocab_size=hc.get("vocab_size", 50257), d_model=hc.get("n_embd", 768),
                       n_layers=hc.get("n_layer", 12), n_heads=hc.get("n_head", 12), d_ff=hc.get("n_inner") or 0,
                       max_len=hc.get("n_positions", 1024), norm_eps=hc.get("layer_norm_epsilon", 1e-5),
-                      tie_embeddings=hc.get("tie_word_embeddings", True), dtype=dtype)
+                      tie_embeddings=hc.get("tie_word_embeddings", True), dtype=dtype,
+                      param_dtype=param_dtype)
   elif mt in ("llama", "qwen2"):
     need("hidden_act", lambda v: v == "silu", "only silu (SwiGLU) is supported")
     need("attention_bias", lambda v: not v, "an o_proj bias is not supported (q/k/v bias only: qwen2)")
@@ -98,7 +101,8 @@ def config_from_hf(hf_dir: str, dtype: str = "float32") -> ModelConfig:
                       n_heads=h, n_kv_heads=hc.get("num_key_value_heads") or h, d_ff=hc["intermediate_size"],
                       max_len=hc.get("max_position_embeddings", 2048), qkv_bias=mt == "qwen2",
                       rope_theta=float(theta), norm_eps=hc.get("rms_norm_eps", 1e-6),
-                      tie_embeddings=hc.get("tie_word_embeddings", False), dtype=dtype)
+                      tie_embeddings=hc.get("tie_word_embeddings", False), dtype=dtype,
+                      param_dtype=param_dtype)
   else:
     bad("model_type", "supported: gpt2, llama, qwen2")
   return cfg.validate(prefix=f"{path} (as jaxopd ModelConfig)")
@@ -209,9 +213,7 @@ def _tensor_files(hf_dir: str) -> tuple[dict[str, str], str]:
   single = os.path.join(hf_dir, SINGLE)
   if not os.path.isfile(single):
     raise FileNotFoundError(f"{hf_dir}: neither {SINGLE} nor {INDEX}")
-  from safetensors import safe_open
-  with safe_open(single, "np") as f:
-    return {k: single for k in f.keys()}, single
+  return {k: single for k in st_io.read_header(single)[0]}, single
 
 
 def _resolve(layout: dict[str, _Src], ignore: set[str], files: dict[str, str], listing: str) -> dict[str, _Src]:
@@ -264,39 +266,39 @@ def load_params(hf_dir: str, abstract_params, model_cfg: ModelConfig | None = No
   :func:`check_compatible`). A missing, unexpected or mis-shaped tensor is a
   ValueError naming the tensor and the file.
   """
-  from safetensors import safe_open
   cfg = check_compatible(hf_dir, model_cfg, where) if model_cfg is not None else config_from_hf(hf_dir)
   files, listing = _tensor_files(hf_dir)
   srcs = _resolve(*_layout(cfg), files, listing)
   flat, treedef = ckpt_lib.flatten(abstract_params)
   out = {}
-  with contextlib.ExitStack() as stack:
-    handles = {}
-    for key, sds in flat.items():
-      if key not in srcs:
-        raise ValueError(f"{listing}: no HF tensor for jaxopd parameter {key!r} (is the target a {cfg.family} "
-                         f"Transformer?)")
-      src = srcs[key]
-      path = files[src.name]
-      if path not in handles:
-        handles[path] = stack.enter_context(safe_open(path, "np"))
-      sl = handles[path].get_slice(src.name)
-      shape = tuple(sl.get_shape())
-      if shape != src.shape:
-        raise ValueError(f"{path}: tensor {src.name!r} has shape {shape}, the config expects {src.shape} "
-                         f"(jaxopd parameter {key} {src.param_shape})")
-      if tuple(sds.shape) != src.param_shape:
-        raise ValueError(f"{path}: tensor {src.name!r} gives {key} the shape {src.param_shape}, "
-                         f"the target model has {tuple(sds.shape)}")
-      cache = {}
+  handles = {}
+  for key, sds in flat.items():
+    if key not in srcs:
+      raise ValueError(f"{listing}: no HF tensor for jaxopd parameter {key!r} (is the target a {cfg.family} "
+                       f"Transformer?)")
+    src = srcs[key]
+    path = files[src.name]
+    if path not in handles:
+      handles[path] = st_io.open_tensors(path)
+    if src.name not in handles[path].keys():
+      raise ValueError(f"{listing}: tensor {src.name!r} is listed in {path}, which does not hold it")
+    sl = handles[path][src.name]
+    shape = tuple(sl.shape)
+    if shape != src.shape:
+      raise ValueError(f"{path}: tensor {src.name!r} has shape {shape}, the config expects {src.shape} "
+                       f"(jaxopd parameter {key} {src.param_shape})")
+    if tuple(sds.shape) != src.param_shape:
+      raise ValueError(f"{path}: tensor {src.name!r} gives {key} the shape {src.param_shape}, "
+                       f"the target model has {tuple(sds.shape)}")
+    cache = {}
 
-      def read(idx, sl=sl, src=src, dtype=sds.dtype, cache=cache):
-        k = tuple(s.indices(n)[:2] for s, n in zip(idx, src.param_shape))
-        if k not in cache:   # replicas of one block are read once
-          cache[k] = _read_block(sl, src, idx).astype(dtype)
-        return cache[k]
+    def read(idx, sl=sl, src=src, dtype=sds.dtype, cache=cache):
+      k = tuple(s.indices(n)[:2] for s, n in zip(idx, src.param_shape))
+      if k not in cache:   # replicas of one block are read once
+        cache[k] = _read_block(sl, src, idx).astype(dtype)
+      return cache[k]
 
-      out[key] = jax.make_array_from_callback(tuple(sds.shape), sds.sharding, read)
+    out[key] = jax.make_array_from_callback(tuple(sds.shape), sds.sharding, read)
   return ckpt_lib.unflatten(treedef, out, list(flat))
 
 
@@ -310,18 +312,20 @@ def abstract_model(cfg: ModelConfig, mesh, rules) -> tuple[Any, Any]:
 
 
 def load_tokenizer(hf_dir: str):
-  """``AutoTokenizer.from_pretrained(hf_dir)`` when tokenizer files are there, else None."""
+  """The tokenizer of ``hf_dir`` (:func:`jaxopd.data.tokenizer.load_tokenizer`) when tokenizer
+  files are there, else None."""
   if not any(os.path.isfile(os.path.join(hf_dir, f)) for f in TOKENIZER_FILES):
     return None
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(hf_dir)
+  from jaxopd.data.tokenizer import load_tokenizer as load_tok
+  return load_tok(hf_dir)
 
 
-def load(hf_dir: str, mesh=None, rules=None, dtype: str = "float32") -> tuple[Transformer, Any]:
-  """``(Transformer, tokenizer or None)`` from ``hf_dir``; parameters (float32) created in
-  their shardings on ``mesh`` (default: the first device) under ``rules`` (default:
-  :data:`jaxopd.mesh.DEFAULT_RULES`); ``dtype`` is the compute dtype."""
-  cfg = config_from_hf(hf_dir, dtype)
+def load(hf_dir: str, mesh=None, rules=None, dtype: str = "float32",
+         param_dtype: str = "float32") -> tuple[Transformer, Any]:
+  """``(Transformer, tokenizer or None)`` from ``hf_dir``; parameters (in ``param_dtype``)
+  created in their shardings on ``mesh`` (default: the first device) under ``rules``
+  (default: :data:`jaxopd.mesh.DEFAULT_RULES`); ``dtype`` is the compute dtype."""
+  cfg = config_from_hf(hf_dir, dtype, param_dtype)
   mesh = mesh_lib.make_mesh((1, 1, 1), 1) if mesh is None else mesh
   rules = mesh_lib.rules_from_config(mesh_lib.DEFAULT_RULES if rules is None else rules)
   graphdef, abstract = abstract_model(cfg, mesh, rules)
@@ -352,11 +356,12 @@ def hf_config(cfg: ModelConfig, tokenizer=None):
   return transformers.LlamaConfig(head_dim=cfg.head_dim, **common)
 
 
-def export(model_or_params, model_config: ModelConfig, out_dir: str, tokenizer=None) -> str:
-  """Writes ``out_dir/config.json`` and ``out_dir/model.safetensors`` (float32), and the
-  tokenizer if given. ``model_or_params``: a Transformer, its ``nnx.Param`` state, or the
-  pure dict of that state. Returns ``out_dir``."""
-  from safetensors.numpy import save_file
+def export(model_or_params, model_config: ModelConfig, out_dir: str, tokenizer=None,
+           dtype: str | None = None) -> str:
+  """Writes ``out_dir/config.json`` and ``out_dir/model.safetensors``, and the tokenizer if
+  given. ``model_or_params``: a Transformer, its ``nnx.Param`` state, or the pure dict of
+  that state. ``dtype``: ``float32``, ``bfloat16`` or ``float16`` for every tensor; None
+  keeps the parameters' dtype (``model_config.param_dtype``). Returns ``out_dir``."""
   params = nnx.state(model_or_params, nnx.Param) if isinstance(model_or_params, nnx.Module) else model_or_params
   flat, _ = ckpt_lib.flatten(params)
   layout, _ = _layout(model_config)
@@ -364,21 +369,24 @@ def export(model_or_params, model_config: ModelConfig, out_dir: str, tokenizer=N
     diff = sorted(set(flat) ^ set(layout))
     raise ValueError(f"export: parameter {diff[0]!r} is in only one of the model and the {model_config.family} "
                      f"layout of model_config")
+  if dtype is not None and dtype not in EXPORT_DTYPES:
+    raise ValueError(f"export: dtype={dtype!r}: must be one of {sorted(EXPORT_DTYPES)}")
   tensors = {}
   for key, src in layout.items():
-    x = np.asarray(jax.device_get(flat[key]), np.float32)
+    x = np.asarray(jax.device_get(flat[key]))
+    out_dtype = EXPORT_DTYPES[dtype] if dtype is not None else x.dtype
     if x.shape != src.param_shape:
       raise ValueError(f"export: parameter {key} has shape {x.shape}, model_config gives {src.param_shape}")
     window = x.transpose(np.argsort(src.perm)).reshape([math.prod(fs) for fs in src.split])
-    full = tensors.setdefault(src.name, np.zeros(src.shape, np.float32))
-    full[..., src.offset:src.offset + window.shape[-1]] = window
+    full = tensors.setdefault(src.name, np.zeros(src.shape, out_dtype))
+    full[..., src.offset:src.offset + window.shape[-1]] = window.astype(out_dtype)
   os.makedirs(out_dir, exist_ok=True)
   hcfg = hf_config(model_config, tokenizer)
   hcfg.architectures = [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
                          "qwen2": "Qwen2ForCausalLM"}[hcfg.model_type]]
+  hcfg.dtype = {np.dtype(v): k for k, v in EXPORT_DTYPES.items()}[next(iter(tensors.values())).dtype]
   hcfg.save_pretrained(out_dir)
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(out_dir, SINGLE),
-            metadata={"format": "pt"})
+  st_io.save(tensors, os.path.join(out_dir, SINGLE), metadata={"format": "pt"})
   if tokenizer is not None:
     tokenizer.save_pretrained(out_dir)
   return out_dir

@@ -46,7 +46,8 @@ class ModelConfig:
   rope_theta: float = 10000.0      # llama only: rotary base
   norm_eps: float = 1e-5           # LayerNorm / RMSNorm epsilon
   tie_embeddings: bool = True      # share input embedding and output projection
-  dtype: str = "float32"           # compute dtype: float32 or bfloat16 (params stay float32)
+  dtype: str = "float32"           # compute dtype: float32 or bfloat16
+  param_dtype: str = "float32"     # parameter storage dtype: float32 or bfloat16 (norm and softmax math stay float32)
   init_std: float = 0.02           # normal init scale of every weight matrix
 
   @property
@@ -85,8 +86,9 @@ class ModelConfig:
       bad("n_heads", "rotary embeddings need an even head_dim")
     if self.d_ff < 0:
       bad("d_ff", "must be >= 0")
-    if self.dtype not in ("float32", "bfloat16"):
-      bad("dtype", "must be float32 or bfloat16")
+    for f in ("dtype", "param_dtype"):
+      if getattr(self, f) not in ("float32", "bfloat16"):
+        bad(f, "must be float32 or bfloat16")
     if self.norm_eps <= 0 or self.init_std <= 0:
       bad("norm_eps" if self.norm_eps <= 0 else "init_std", "must be positive")
     return self
@@ -136,26 +138,27 @@ def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
   return out.reshape((b, t) + w.shape[1:])
 
 
-def _param(rngs: nnx.Rngs, shape, axes, std) -> nnx.Param:
-  return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) * std, logical_axes=axes)
+def _param(rngs: nnx.Rngs, shape, axes, std, dtype) -> nnx.Param:
+  return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype), logical_axes=axes)
 
 
-def _zeros(shape, axes) -> nnx.Param:
-  return nnx.Param(jnp.zeros(shape, jnp.float32), logical_axes=axes)
+def _zeros(shape, axes, dtype) -> nnx.Param:
+  return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
 
 
-def _ones(shape, axes) -> nnx.Param:
-  return nnx.Param(jnp.ones(shape, jnp.float32), logical_axes=axes)
+def _ones(shape, axes, dtype) -> nnx.Param:
+  return nnx.Param(jnp.ones(shape, dtype), logical_axes=axes)
 
 
 class Norm(nnx.Module):
   """LayerNorm (gpt2) or RMSNorm (llama), statistics in float32."""
 
   def __init__(self, cfg: ModelConfig):
+    pd = jnp.dtype(cfg.param_dtype)
     self.rms = cfg.family == "llama"
     self.eps = cfg.norm_eps
-    self.scale = _ones((cfg.d_model,), ("embed",))
-    self.bias = None if self.rms else _zeros((cfg.d_model,), ("embed",))
+    self.scale = _ones((cfg.d_model,), ("embed",), pd)
+    self.bias = None if self.rms else _zeros((cfg.d_model,), ("embed",), pd)
 
   def __call__(self, x):
     dt = x.dtype
@@ -185,17 +188,18 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
     self.cfg = cfg
     d, h, kv, dh, std = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.init_std
-    self.wq = _param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), std)
-    self.wk = _param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), std)
-    self.wv = _param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), std)
-    self.wo = _param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), std / math.sqrt(2 * cfg.n_layers))
+    self.wq = _param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), std, pd)
+    self.wk = _param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), std, pd)
+    self.wv = _param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), std, pd)
+    self.wo = _param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), std / math.sqrt(2 * cfg.n_layers), pd)
     has_qkv_bias = cfg.family == "gpt2" or cfg.qkv_bias
-    self.bq = _zeros((h, dh), ("heads", "head_dim")) if has_qkv_bias else None
-    self.bk = _zeros((kv, dh), ("kv_heads", "head_dim")) if has_qkv_bias else None
-    self.bv = _zeros((kv, dh), ("kv_heads", "head_dim")) if has_qkv_bias else None
-    self.bo = _zeros((d,), ("embed",)) if cfg.family == "gpt2" else None
+    self.bq = _zeros((h, dh), ("heads", "head_dim"), pd) if has_qkv_bias else None
+    self.bk = _zeros((kv, dh), ("kv_heads", "head_dim"), pd) if has_qkv_bias else None
+    self.bv = _zeros((kv, dh), ("kv_heads", "head_dim"), pd) if has_qkv_bias else None
+    self.bo = _zeros((d,), ("embed",), pd) if cfg.family == "gpt2" else None
 
   def __call__(self, x, positions, key_mask, cache_kv=None, index=None, segment_ids=None):
     """``x: [B, T, D]``; ``key_mask: [B, S]`` valid keys (S = T without cache);
@@ -248,18 +252,19 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
     self.gpt2 = cfg.family == "gpt2"
     d, f, std = cfg.d_model, cfg.ff_dim, cfg.init_std
     out_std = std / math.sqrt(2 * cfg.n_layers)
     if self.gpt2:
-      self.w_in = _param(rngs, (d, f), ("embed", "mlp"), std)
-      self.b_in = _zeros((f,), ("mlp",))
-      self.w_out = _param(rngs, (f, d), ("mlp", "embed"), out_std)
-      self.b_out = _zeros((d,), ("embed",))
+      self.w_in = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
+      self.b_in = _zeros((f,), ("mlp",), pd)
+      self.w_out = _param(rngs, (f, d), ("mlp", "embed"), out_std, pd)
+      self.b_out = _zeros((d,), ("embed",), pd)
     else:
-      self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), std)
-      self.w_up = _param(rngs, (d, f), ("embed", "mlp"), std)
-      self.w_down = _param(rngs, (f, d), ("mlp", "embed"), out_std)
+      self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
+      self.w_up = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
+      self.w_down = _param(rngs, (f, d), ("mlp", "embed"), out_std, pd)
 
   def __call__(self, x):
     dt = x.dtype
@@ -275,6 +280,7 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
     self.ln1 = Norm(cfg)
     self.attn = Attention(cfg, rngs)
     self.ln2 = Norm(cfg)
@@ -291,15 +297,16 @@ class Transformer(nnx.Module):
   """Decoder-only LM. ``model(tokens) -> Output(logits [B, T, V], hidden, cache)``."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
     cfg.validate()
     self.cfg = cfg
-    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
-    self.pos_embed = (_param(rngs, (cfg.max_len, cfg.d_model), ("positions", "embed"), cfg.init_std / 2)
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
+    self.pos_embed = (_param(rngs, (cfg.max_len, cfg.d_model), ("positions", "embed"), cfg.init_std / 2, pd)
                       if cfg.family == "gpt2" else None)
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
     self.ln_f = Norm(cfg)
     self.lm_head = (None if cfg.tie_embeddings else
-                    _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std))
+                    _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pd))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                attention_mask: jax.Array | None = None, cache: KVCache | None = None,
