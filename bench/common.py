@@ -48,13 +48,18 @@ def time_donated_step(compiled, state, frozen, batch, warmup: int, repeats: int)
   return statistics.median(ts), ts, state, metrics
 
 
-def single_device_config(model_cfg, batch_size: int, seq_len: int, lr: float):
-  """A base config for one device running ``model_cfg`` (a jaxopd ModelConfig)."""
+def single_device_config(model_cfg, batch_size: int, seq_len: int, lr: float, roles=None):
+  """A base config for one device running ``model_cfg`` (a jaxopd ModelConfig) in each of
+  ``roles`` (``name -> trainable``; default a trainable policy), random-initialised."""
+  import ml_collections
   from jaxopd import config as config_lib
+  from jaxopd.models import table
   c = config_lib.base_config()
   c.batch_size, c.seq_len, c.grad_accum, c.total_steps = batch_size, seq_len, 1, 1_000_000
-  for k, v in vars(model_cfg).items():
-    setattr(c.model, k, v)
+  c.model = table.arch_block(model_cfg)
+  c.models = ml_collections.ConfigDict({
+      n: table.role(trainable=t, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
+      for n, t in (roles or {"policy": True}).items()})
   c.optim.lr = lr
   c.mesh.shape = (1, 1, 1)
   c.mesh.num_devices = 1

@@ -12,8 +12,8 @@ policy (forward + backward) and the reference (forward) per step; AdamW
 clipping 1.0). One synthetic batch is reused every step.
 
 jaxopd: ``Trainer.compiled_train_step`` (jitted, donated state, one CPU device,
-mesh (1,1,1)) of an ``Experiment`` whose ``init_models`` returns
-``({"policy": Transformer}, {"reference": Transformer})`` and whose loss is
+mesh (1,1,1)) of an ``Experiment`` with the roles ``policy`` (trained) and
+``reference`` (frozen), both random-initialised, and whose loss is
 ``jaxopd.preference.make_loss_fn("dpo", 0.1, log_kl=False)`` (DPO) or
 ``make_loss_fn("tdpo2", 0.1, 0.5)`` (TDPO2, with the token-level forward KL of
 the reference against the policy). The batch has random tokens and loss_mask 1
@@ -143,19 +143,15 @@ def synthetic_batch(seed=0):
 
 def jax_step_time(loss_name, warmup, repeats):
   mc = model_cfg()
-  c = single_device_config(mc, PAIRS, SEQ, LR)
+  roles = {"policy": True, "reference": False}
+  c = single_device_config(mc, PAIRS, SEQ, LR, roles)
   if loss_name == "dpo":
     loss_fn = make_loss_fn("dpo", BETA, log_kl=False)
   else:
     loss_fn = make_loss_fn("tdpo2", BETA, ALPHA)
 
-  def init_models(rng):
-    a, b = jax.random.split(rng)
-    return ({"policy": Transformer(mc, nnx.Rngs(params=a))},
-            {"reference": Transformer(mc, nnx.Rngs(params=b))})
-
   local = synthetic_batch()
-  exp = Experiment(init_models=init_models, loss_fn=loss_fn, train_data=lambda shard: iter([local]))
+  exp = Experiment(roles=roles, loss_fn=loss_fn, train_data=lambda shard: iter([local]))
   compiled, state, frozen, batch, compile_s, _ = compile_train_step(c, exp, local)
   flops = xla_flops(compiled)
   step_s, ts, state, metrics = time_donated_step(compiled, state, frozen, batch, warmup, repeats)

@@ -47,7 +47,6 @@ from preference_step import ALPHA, BETA, LR, PAIRS, SEQ, TOKENS, model_cfg, synt
 
 from jaxopd import preference, sparsepo  # noqa: E402
 from jaxopd.experiment import Experiment  # noqa: E402
-from jaxopd.models import Transformer  # noqa: E402
 
 VARIANTS = ("tdpo1", "tdpo2", "sparsepo_shared", "sparsepo_indep", "mapo")
 
@@ -55,7 +54,8 @@ VARIANTS = ("tdpo1", "tdpo2", "sparsepo_shared", "sparsepo_indep", "mapo")
 def build_step(name):
   """(compiled step, state, frozen, batch, compile seconds) of one variant."""
   mc = model_cfg()
-  c = single_device_config(mc, PAIRS, SEQ, LR)
+  roles = {"policy": True, "reference": False}
+  c = single_device_config(mc, PAIRS, SEQ, LR, roles)
   learned = name.startswith("sparsepo")
   shared = name != "sparsepo_indep"
   if name in ("tdpo1", "tdpo2"):
@@ -65,17 +65,14 @@ def build_step(name):
   else:
     loss_fn = sparsepo.make_loss_fn("mapo", True, BETA)
 
-  def init_models(rng):
-    a, b, m = jax.random.split(rng, 3)
-    trainable = {"policy": Transformer(mc, nnx.Rngs(params=a))}
-    if learned:
-      trainable["mask"] = sparsepo.SparseMask(mc.n_layers, mc.d_model, shared, nnx.Rngs(params=m), "ones")
-    return trainable, {"reference": Transformer(mc, nnx.Rngs(params=b))}
+  def init_heads(rng):
+    return {"mask": sparsepo.SparseMask(mc.n_layers, mc.d_model, shared, nnx.Rngs(params=rng), "ones")}
 
   if learned:
     c.optim.groups.mask = {"weight_decay": 0.01}
   local = synthetic_batch()
-  exp = Experiment(init_models=init_models, loss_fn=loss_fn, train_data=lambda s: iter([local]))
+  exp = Experiment(roles=roles, init_heads=init_heads if learned else None, loss_fn=loss_fn,
+                   train_data=lambda s: iter([local]))
   return compile_train_step(c, exp, local)[:5]
 
 

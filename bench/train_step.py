@@ -114,7 +114,7 @@ def make_config():
   c.model.d_ff = 0               # Llama default: ceil(8/3 * 256 / 32) * 32 = 704
   c.model.vocab_size = 256
   c.model.max_len = SEQ
-  c.model.dtype = "float32"
+  c.models.policy.dtype = "float32"
   c.data.task = "sort"
   s = c.data.sort
   s.max_symbols = (SEQ - 3) // 2  # 62: records up to the full 128 tokens

@@ -65,7 +65,7 @@ from jaxopd.errors import ConfigError
 from jaxopd.evaluation import acceptance_on_draft_prefixes, block_efficiency, evaluate_policy, speedup
 from jaxopd.experiment import Experiment, LossOutput, load_module, parse_arg
 from jaxopd.losses import DIVERGENCES, sft_loss, token_divergence_loss
-from jaxopd.models import ModelConfig, Transformer
+from jaxopd.models import Transformer, table
 from jaxopd.sampling import SamplingConfig, sample, speculative_sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -100,6 +100,12 @@ def get_config(arg: str | None = None):
                                  # the "distil the target first, then the draft" setting)
   c.target.total_steps = 1500    # its SFT length when trained here (as experiments/tdpo.py)
   c.target.model = sft.model     # its architecture (experiments/sft.py's default)
+
+  # The draft starts from the draft SFT stage, the target is the target stage's run; give
+  # either an hf:DIR or run:WORKDIR init to use your own model (that stage is then not run).
+  c.models.draft = table.role(init="stage:draft_sft")
+  c.models.target = table.role(init="stage:target", trainable=False)
+  del c.models["policy"]
 
   c.draft_sft = ml_collections.ConfigDict()
   c.draft_sft.workdir = "runs/draft_sft_base"   # the undistilled draft (SFT of config.model; trained here if missing)
@@ -220,34 +226,31 @@ def _sft_config(c, model, steps):
 def prepare(config, workdir: str):
   """Stages 1-3 (data, target SFT, draft SFT), each cached; the draft starts from stage 3."""
   _check(config)
-  stages = [("draft", config.draft_sft, config.model)]
-  if config.target.source == "policy":
-    stages.insert(0, ("target", config.target, config.target.model))
-  elif not ckpt_lib.finished(config.target.workdir, 0):
-    raise ConfigError(f"config.target.workdir={config.target.workdir!r}: no checkpoint; with target.source=draft "
-                      f"the target is a finished run of this module (train it first)")
+  stages = []
+  if table.uses_stage(config, "draft_sft"):
+    stages.append(("draft", config.draft_sft, config.model))
+  if table.uses_stage(config, "target"):
+    if config.target.source == "policy":
+      stages.insert(0, ("target", config.target, config.target.model))
+    elif not ckpt_lib.finished(config.target.workdir, 0):
+      raise ConfigError(f"config.target.workdir={config.target.workdir!r}: no checkpoint; with "
+                        f"target.source=draft the target is a finished run of this module (train it first)")
   suite_lib.ensure(config.data)
   for what, node, model in stages:
     sft, s = _sft_config(config, model, node.total_steps)
     if not ckpt_lib.finished(node.workdir, s.total_steps):
       print(f"[stage] {what} SFT -> {node.workdir} ({s.total_steps} steps)", flush=True)
       train.run(s, node.workdir, sft.build(s))
-  config.target.workdir = os.path.abspath(config.target.workdir)
-  config.init_from.workdir = os.path.abspath(config.draft_sft.workdir)
-  config.init_from.source = "policy"
-  config.init_from.targets = ("draft",)
+  steps = f"@{config.target.total_steps}" if config.target.source == "policy" else ""
+  table.fill_stage(config, "target", f"run:{os.path.abspath(config.target.workdir)}:{config.target.source}{steps}")
+  table.fill_stage(config, "draft_sft",
+                   f"run:{os.path.abspath(config.draft_sft.workdir)}:policy@{config.draft_sft.total_steps}")
   return config
 
 
-def load_model(workdir: str, model_config, source: str = "policy") -> Transformer:
+def load_model(workdir: str, source: str = "policy") -> Transformer:
   """Model ``source`` of run ``workdir``'s latest checkpoint, on the first device."""
-  mcfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_config(model_config)
-  abstract = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(params=0)))
-  gd, params = nnx.split(abstract, nnx.Param)
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), params)
-  loaded, _ = ckpt_lib.load_params(workdir, source, source, params)
-  return nnx.merge(gd, loaded)
+  return table.load_model(f"run:{workdir}:{source}", source)[0]
 
 
 # --- the method's pure pieces -------------------------------------------------------
@@ -336,30 +339,21 @@ def _scfg(c, suite, greedy, temperature=None, max_new_tokens=None):
 
 def build(config) -> Experiment:
   _check(config)
-  if not config.init_from.workdir:
-    raise ConfigError("config.init_from.workdir is empty: run through jaxopd.main (which calls prepare()) "
-                      "or point it at the draft's SFT run")
   suite = suite_lib.ensure(config.data, verbose=False)
-  draft_cfg = ModelConfig.from_config(config.model)
-  target_cfg = ModelConfig.from_config(config.target.model)
+  draft_cfg, target_cfg = table.arch(config, "draft"), table.arch(config, "target")
+  if draft_cfg.vocab_size != target_cfg.vocab_size:
+    raise ConfigError(f"config.models.draft: its vocab_size={draft_cfg.vocab_size} differs from the target's "
+                      f"{target_cfg.vocab_size}; the draft must share the target's vocabulary")
   if len(suite.tokenizer) != draft_cfg.vocab_size:
-    raise ConfigError(f"config.model.vocab_size={draft_cfg.vocab_size}: the reviews tokenizer has "
-                      f"{len(suite.tokenizer)} tokens")
-  # The frozen target enters as fixed arrays (init_from loads one run; it loads the draft).
-  target_params = jax.device_get(nnx.state(load_model(config.target.workdir, target_cfg, config.target.source),
-                                           nnx.Param))
+    raise ConfigError(f"config.models.draft: its vocab_size={draft_cfg.vocab_size} differs from the reviews "
+                      f"tokenizer's {len(suite.tokenizer)} tokens")
   m = config.method
   train_recs = _records(suite, config, "train", "train")
   eval_recs = _records(suite, config, "validation", "test", verbose=False)
   scfg = SamplingConfig(max_new_tokens=m.max_new_tokens, eos_id=suite.tokenizer.eos_token_id,
                         pad_id=suite.tokenizer.pad_token_id, temperature=m.temperature)
 
-  def init_models(rng):
-    target = Transformer(target_cfg, nnx.Rngs(params=0))
-    nnx.update(target, jax.tree.map(jnp.asarray, target_params))
-    return {"draft": Transformer(draft_cfg, nnx.Rngs(params=rng))}, {"target": target}
-
-  return Experiment(init_models=init_models, loss_fn=make_loss_fn(m.divergence, m.beta, m.temperature),
+  return Experiment(roles={"draft": True, "target": False}, loss_fn=make_loss_fn(m.divergence, m.beta, m.temperature),
                     train_data=lambda shard: batched_iterator(train_recs, shard),
                     eval_data=lambda shard: batched_iterator(eval_recs, shard, shuffle=False, repeat=False),
                     evaluate=make_evaluate(config, suite),
@@ -545,8 +539,9 @@ def report(config, workdir: str, summary: dict):
   suite = suite_lib.ensure(config.data, verbose=False)
   params, frozen = summary["trainer"].models(summary["state"], summary["frozen"])
   target, distilled = frozen["target"], params["draft"]
-  undistilled = load_model(config.init_from.workdir, config.model)
-  drafts = {"draft_sft": undistilled, "distilled": distilled}
+  drafts = {"distilled": distilled}
+  if not config.models.draft.init.startswith("random"):
+    drafts = {"draft_sft": table.load_model(config.models.draft.init, "draft")[0], **drafts}
   m = config.method
   res = {"method": {k: m[k] for k in ("divergence", "beta", "temperature", "data", "mix_lambda", "mix_with")},
          "steps": summary["step"], "eval_mode": config.eval.mode,

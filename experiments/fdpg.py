@@ -56,7 +56,7 @@ from jaxopd.evaluation import distinct_n, self_bleu, to_host, token_entropy
 from jaxopd.experiment import Experiment, load_module, parse_arg
 from jaxopd.losses import response_mask, token_logprobs
 from jaxopd.losses.fdpg import F_DIVERGENCES, divergence_estimates
-from jaxopd.models import ModelConfig, Transformer
+from jaxopd.models import Transformer, table
 from jaxopd.sampling import SamplingConfig, sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -79,6 +79,8 @@ def get_config(arg: str | None = None):
   c.model = t.model              # the SFT base's architecture
   c.data = t.data
   c.sft = t.sft                  # the SFT base run (shared with TDPO)
+  c.models.policy = table.role(init="stage:sft")
+  c.models.base = table.role(init="stage:sft", trainable=False)   # the base (proposal, target's a(x))
 
   c.method = ml_collections.ConfigDict()
   c.method.target = "pointwise"  # pointwise | distributional | rlhf
@@ -240,9 +242,7 @@ def prepare(config, workdir: str):
   if not ckpt_lib.finished(config.sft.workdir, s.total_steps):
     print(f"[stage] SFT base -> {config.sft.workdir} ({s.total_steps} steps)", flush=True)
     train.run(s, config.sft.workdir, sft.build(s))
-  config.init_from.workdir = os.path.abspath(config.sft.workdir)
-  config.init_from.source = "policy"
-  config.init_from.targets = ("policy", "base")
+  table.fill_stage(config, "sft", TDPO.sft_init(config))
   fit = _fit_target(config, workdir)
   with config.unlocked():
     if config.method.target == "distributional" and not config.method.lambdas:
@@ -257,7 +257,7 @@ def _fit_target(config, workdir: str) -> dict:
   Cached by its inputs under ``config.data.data_dir/fdpg_targets/`` (runs of a
   sweep share one fit) and copied to ``workdir/target.json``."""
   m = config.method
-  key = {"sft": os.path.abspath(config.sft.workdir), "target": m.target, "words": m.words, "topic": m.topic,
+  key = {"sft": config.models.base.init, "target": m.target, "words": m.words, "topic": m.topic,
          "topic_mean": m.topic_mean, "lambdas": list(m.lambdas), "reward_beta": m.reward_beta,
          "conditional": m.conditional, "fit_samples": m.fit_samples, "contexts": _eval_contexts(config),
          "max_new_tokens": config.rollout.max_new_tokens, "seed": config.seed}
@@ -275,9 +275,8 @@ def _fit_target(config, workdir: str) -> dict:
           with open(path, "w") as f:
             json.dump(cached, f, indent=2)
         return cached
-  from jaxopd.data.preferences import load_policy
   suite = suite_lib.ensure(config.data, verbose=False)
-  base, _ = load_policy(config.sft.workdir)
+  base, _ = table.load_model(config.models.base.init, "base")
   k = _eval_contexts(config)
   prompt, plen = _prompts(config, suite, "test", k)
   gd, state = nnx.split(base)
@@ -342,8 +341,6 @@ def _fit_target(config, workdir: str) -> dict:
 
 def build(config) -> Experiment:
   _check(config)
-  if not config.init_from.workdir:
-    raise ConfigError("config.init_from.workdir is empty: run through jaxopd.main (which calls prepare())")
   if len(config.eval.log_z) != _eval_contexts(config):
     raise ConfigError(f"config.eval.log_z has {len(config.eval.log_z)} values for {_eval_contexts(config)} "
                       f"evaluation contexts: run through jaxopd.main (prepare() fits them)")
@@ -351,7 +348,7 @@ def build(config) -> Experiment:
     raise ConfigError("config.method.lambdas is empty: run through jaxopd.main (prepare() fits them)")
   m = config.method
   suite = suite_lib.ensure(config.data, verbose=False)
-  model_cfg = ModelConfig.from_config(config.model)
+  model_cfg = table.arch(config, "policy")
   target = make_target(config, suite)
   scfg = _scfg(config, suite.tokenizer)
   if m.conditional:
@@ -365,18 +362,13 @@ def build(config) -> Experiment:
                               proposal_every=int(m.proposal_every) * config.grad_accum,
                               samples_per_context=int(m.samples_per_context) if m.conditional else 1)
 
-  def init_models(rng):
-    a, b = jax.random.split(rng)
-    return ({"policy": Transformer(model_cfg, nnx.Rngs(params=a))},
-            {"base": Transformer(model_cfg, nnx.Rngs(params=b))})
-
   def init_aux():
     proposal = None
     if m.offline:   # overwritten by the policy (= the base) at the first rollout
       proposal = nnx.state(Transformer(model_cfg, nnx.Rngs(params=0)), nnx.Param)
     return fdpg.init_aux(num_contexts, int(m.baseline_window), proposal)
 
-  return Experiment(init_models=init_models, loss_fn=fdpg.make_loss_fn(m.divergence),
+  return Experiment(roles={"policy": True, "base": False}, loss_fn=fdpg.make_loss_fn(m.divergence),
                     train_data=lambda shard: batched_iterator(records, shard),
                     rollout=rollout, init_aux=init_aux, evaluate=make_evaluate(config, suite, target))
 

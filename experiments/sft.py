@@ -22,7 +22,6 @@ from __future__ import annotations
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from jaxopd import config as config_lib
 from jaxopd.data import batched_iterator, suite as suite_lib, toy
@@ -30,7 +29,7 @@ from jaxopd.errors import ConfigError
 from jaxopd.evaluation import evaluate_policy
 from jaxopd.experiment import Experiment, LossOutput, parse_arg
 from jaxopd.losses import sft_loss
-from jaxopd.models import ModelConfig, Transformer
+from jaxopd.models import table
 from jaxopd.sampling import SamplingConfig
 
 
@@ -115,7 +114,7 @@ def _sort_data(config, vocab_size):
 
 
 def build(config) -> Experiment:
-  model_cfg = ModelConfig.from_config(config.model)
+  model_cfg = table.arch(config, "policy")
   evaluate = None
   if config.data.task == "sort":
     train_records, eval_records = _sort_data(config, model_cfg.vocab_size)
@@ -143,18 +142,17 @@ def build(config) -> Experiment:
         m = evaluate_policy(params["policy"], None, prompt, plen, rng, scfg, reward_fn)
         return {f"sample/{k}": v for k, v in m.items()}
   elif config.data.task == "files":
-    tok, train_records, eval_records = suite_lib.file_records(config.data, "lm", config.seq_len)
+    tok, train_records, eval_records = suite_lib.file_records(config.data, "lm", config.seq_len,
+                                                              default_tokenizer=table.tokenizer_dir(config))
     if len(tok) > model_cfg.vocab_size:
-      raise ConfigError(f"config.model.vocab_size={model_cfg.vocab_size}: the tokenizer has {len(tok)} tokens")
+      raise ConfigError(f"config.models.policy: its vocab_size={model_cfg.vocab_size} is smaller than the "
+                        f"tokenizer's {len(tok)} tokens")
     if config.eval.num_prompts:
       raise ConfigError("config.eval.num_prompts: sampled evaluation needs the reviews task's gold reward; "
                         "set it to 0 with task=files")
     eval_records = eval_records or []
   else:
     raise ConfigError(f"config.data.task={config.data.task!r}: must be reviews, files or sort")
-
-  def init_models(rng):
-    return {"policy": Transformer(model_cfg, nnx.Rngs(params=rng))}, {}
 
   def loss_fn(params, frozen, batch, rng):
     del frozen, rng
@@ -164,7 +162,7 @@ def build(config) -> Experiment:
     return LossOutput(nll, n_tokens, {"accuracy": correct})
 
   return Experiment(
-      init_models=init_models,
+      roles={"policy": True},
       loss_fn=loss_fn,
       train_data=lambda shard: batched_iterator(train_records, shard),
       eval_data=(lambda shard: batched_iterator(eval_records, shard, shuffle=False, repeat=False))

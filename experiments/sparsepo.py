@@ -39,7 +39,7 @@ from jaxopd import sparsepo
 from jaxopd.data import batched_iterator, preferences, reviews, suite as suite_lib
 from jaxopd.errors import ConfigError
 from jaxopd.experiment import Experiment, load_module, parse_arg
-from jaxopd.models import ModelConfig, Transformer
+from jaxopd.models import table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _tdpo = load_module(os.path.join(HERE, "tdpo.py"))
@@ -113,9 +113,7 @@ def prepare(config, workdir: str):
     del config.optim.groups["mask"]        # --config.method.mask=mapo on the default config
   _check(config)
   view = _tdpo.prepare(_tdpo_view(config), workdir)
-  config.init_from.workdir = view.init_from.workdir
-  config.init_from.source = view.init_from.source
-  config.init_from.targets = tuple(view.init_from.targets)
+  config.models = view.models
   return config
 
 
@@ -136,15 +134,12 @@ def gold_tokens(suite, tokens: np.ndarray) -> np.ndarray:
 
 def build(config) -> Experiment:
   _check(config)
-  model_cfg = ModelConfig.from_config(config.model)
-  if not config.init_from.workdir:
-    raise ConfigError("config.init_from.workdir is empty: run through jaxopd.main (which calls prepare()) "
-                      "or point it at an SFT run")
+  model_cfg = table.arch(config, "policy")
   m = config.method
   suite = None
   if config.data.task == "files":
     _, train_recs, test_recs = suite_lib.file_records(config.data, "preference", config.seq_len,
-                                                      config.prefs.prompt_len)
+                                                      default_tokenizer=table.tokenizer_dir(config))
   else:
     suite = suite_lib.ensure(config.data, verbose=False)
     pc = _tdpo._prefs_config(config)
@@ -157,15 +152,13 @@ def build(config) -> Experiment:
     test_recs = [dict(r, gold=gold_tokens(suite, r["tokens"])) for r in test_recs]
   loss_fn = sparsepo.make_loss_fn(m.mask, m.shared, m.beta, m.lambda_u, m.lambda_d, m.kl_chunk)
 
-  def init_models(rng):
-    a, b, c = jax.random.split(rng, 3)
-    trainable = {"policy": Transformer(model_cfg, nnx.Rngs(params=a))}
-    if m.mask == "learned":
-      trainable["mask"] = sparsepo.SparseMask(model_cfg.n_layers, model_cfg.d_model, m.shared,
-                                              nnx.Rngs(params=c), m.mask_init)
-    return trainable, {"reference": Transformer(model_cfg, nnx.Rngs(params=b))}
+  init_heads = None
+  if m.mask == "learned":
+    def init_heads(rng):
+      return {"mask": sparsepo.SparseMask(model_cfg.n_layers, model_cfg.d_model, m.shared, nnx.Rngs(params=rng),
+                                          m.mask_init)}
 
-  return Experiment(init_models=init_models, loss_fn=loss_fn,
+  return Experiment(roles={"policy": True, "reference": False}, init_heads=init_heads, loss_fn=loss_fn,
                     train_data=lambda shard: batched_iterator(train_recs, shard),
                     eval_data=(lambda shard: batched_iterator(test_recs, shard, shuffle=False, repeat=False))
                     if test_recs else None,

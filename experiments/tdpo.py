@@ -28,7 +28,6 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from jaxopd import checkpoint as ckpt_lib
 from jaxopd import config as config_lib
@@ -37,7 +36,7 @@ from jaxopd.data import batched_iterator, preferences, suite as suite_lib
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import evaluate_policy
 from jaxopd.experiment import Experiment, load_module, parse_arg
-from jaxopd.models import ModelConfig, Transformer
+from jaxopd.models import table
 from jaxopd.preference import LOSSES, make_loss_fn
 from jaxopd.sampling import SamplingConfig
 
@@ -59,6 +58,10 @@ def get_config(arg: str | None = None):
   c.checkpoint.every = 200
   c.model = sft.model            # the SFT base's architecture
   c.data = sft.data              # the reviews suite
+  # Both start from the SFT stage (trained in config.sft.workdir); give both an
+  # hf:DIR or run:WORKDIR init to start from your own model instead (no SFT stage).
+  c.models.policy = table.role(init="stage:sft")
+  c.models.reference = table.role(init="stage:sft", trainable=False)
 
   c.method = ml_collections.ConfigDict()
   c.method.loss = "tdpo2"        # dpo | tdpo1 | tdpo2
@@ -122,7 +125,7 @@ def _check(c):
     raise ConfigError(f"config.method.alpha={c.method.alpha}: only tdpo2 uses alpha")
   if c.method.kl_chunk <= 0:
     raise ConfigError(f"config.method.kl_chunk={c.method.kl_chunk}: must be positive")
-  for f in ("prefs", "eval"):
+  for f in ("prefs", "eval") if c.data.task == "reviews" else ():
     if c[f].prompt_len + c[f].max_new_tokens > c.model.max_len:
       raise ConfigError(f"config.{f}.max_new_tokens={c[f].max_new_tokens}: prompt_len + max_new_tokens "
                         f"exceeds config.model.max_len={c.model.max_len}")
@@ -155,18 +158,17 @@ def _prefs_config(c):
 
 
 def prepare(config, workdir: str):
-  """Stages 1-3: data, SFT base, preference pairs (each cached); points init_from at the SFT base.
+  """Stages 1-3: data, SFT base, preference pairs (each cached); the ``stage:sft`` roles
+  start from the SFT base.
 
   With ``config.data.task = "files"`` (your own preference data) nothing is
-  built: ``config.sft.workdir`` must be an existing SFT run of this model.
+  built: every role needs an ``hf:DIR`` or ``run:WORKDIR`` init.
   """
   _check(config)
   if config.data.task == "files":
-    if not os.path.isdir(os.path.join(config.sft.workdir, "checkpoints")):
-      raise ConfigError(f"config.sft.workdir={config.sft.workdir!r}: with task=files it must be a finished "
-                        f"SFT run of this model (it is not trained here)")
-    config.init_from.workdir = os.path.abspath(config.sft.workdir)
-    config.init_from.targets = ("policy", "reference")
+    for name in table.uses_stage(config, "sft"):
+      raise ConfigError(f"config.models.{name}.init='stage:sft': with task=files no SFT stage is trained here; "
+                        f"start it from your model (hf:DIR) or a run (run:WORKDIR)")
     return config
   if config.data.task != "reviews":
     raise ConfigError(f"config.data.task={config.data.task!r}: must be reviews or files")
@@ -182,21 +184,20 @@ def prepare(config, workdir: str):
     st = preferences.statistics(pc, split, config.data.data_dir)
     print(f"  {split}: {st['pairs']} pairs, chosen reward {st['chosen_reward']:.3f}, "
           f"rejected {st['rejected_reward']:.3f}, label accuracy {st['label_accuracy']:.3f}")
-  config.init_from.workdir = os.path.abspath(config.sft.workdir)
-  config.init_from.source = "policy"
-  config.init_from.targets = ("policy", "reference")
+  table.fill_stage(config, "sft", sft_init(config))
   return config
+
+
+def sft_init(config) -> str:
+  """The ``run:`` init of the SFT stage's policy, pinned at its final step."""
+  return f"run:{os.path.abspath(config.sft.workdir)}:policy@{config.sft.total_steps}"
 
 
 def build(config) -> Experiment:
   _check(config)
-  model_cfg = ModelConfig.from_config(config.model)
-  if not config.init_from.workdir:
-    raise ConfigError("config.init_from.workdir is empty: run through jaxopd.main (which calls prepare()) "
-                      "or point it at an SFT run")
   if config.data.task == "files":
     _, train_recs, test_recs = suite_lib.file_records(config.data, "preference", config.seq_len,
-                                                      config.prefs.prompt_len)
+                                                      default_tokenizer=table.tokenizer_dir(config))
     evaluate = None       # no gold reward for your data: eval = held-out pair metrics only
   else:
     suite = suite_lib.ensure(config.data, verbose=False)
@@ -210,12 +211,7 @@ def build(config) -> Experiment:
   m = config.method
   loss_fn = make_loss_fn(m.loss, m.beta, m.alpha, m.log_kl, m.kl_chunk)
 
-  def init_models(rng):
-    a, b = jax.random.split(rng)
-    return ({"policy": Transformer(model_cfg, nnx.Rngs(params=a))},
-            {"reference": Transformer(model_cfg, nnx.Rngs(params=b))})
-
-  return Experiment(init_models=init_models, loss_fn=loss_fn,
+  return Experiment(roles={"policy": True, "reference": False}, loss_fn=loss_fn,
                     train_data=lambda shard: batched_iterator(train_recs, shard),
                     eval_data=(lambda shard: batched_iterator(test_recs, shard, shuffle=False, repeat=False))
                     if test_recs else None,

@@ -3,7 +3,7 @@
 Layout of ``WORKDIR/checkpoints/<step>/``:
 
 * ``params``: the trainable parameters as a flat dict ``"<model>.<path>" -> array``
-  (``policy.blocks.0.attn.wq``), readable on its own by ``init_from``;
+  (``policy.blocks.0.attn.wq``), readable on its own by a ``run:`` model source (jaxopd.models.table);
 * ``train``: step, optimizer state and PRNG key, flat the same way;
 * ``data``: each process's grain iterator state (``process_<i>-of-<n>.json``).
 
@@ -60,13 +60,21 @@ def _restore_args(flat_abstract: dict) -> dict:
           for k, v in flat_abstract.items()}
 
 
-def finished(workdir: str, steps: int) -> bool:
-  """Whether run ``workdir`` has a checkpoint at step ``steps`` or later (a
-  cached pipeline stage is done); False, creating nothing, when it has none."""
+def latest_step(workdir: str) -> int | None:
+  """The latest checkpoint step of run ``workdir``; None, creating nothing, when it has none."""
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
-    return False
-  step = Checkpointer(directory).latest_step()
+    return None
+  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  step = mngr.latest_step()
+  mngr.close()
+  return step
+
+
+def finished(workdir: str, steps: int) -> bool:
+  """Whether run ``workdir`` has a checkpoint at step ``steps`` or later (a
+  cached pipeline stage is done)."""
+  step = latest_step(workdir)
   return step is not None and step >= steps
 
 
@@ -135,33 +143,34 @@ def _shared_data_state(data_dir: str):
   if not states or any(s != next(iter(states.values())) for s in states.values()):
     raise ValueError(f"{data_dir}: the data iterator states of {sorted(states)} differ, so this checkpoint "
                      f"cannot resume with {jax.process_count()} process(es); resume with the process count it "
-                     f"was written with, or start from its parameters with config.init_from")
+                     f"was written with, or start from its parameters with config.models.<role>.init=run:WORKDIR")
   return next(iter(states.values()))
 
 
-def load_params(workdir: str, source: str, target: str, abstract_params) -> Any:
-  """Reads model ``source`` from the latest checkpoint of run ``workdir`` into
-  the structure and shardings of ``abstract_params`` (one model's state).
+def load_params(workdir: str, source: str, target: str, abstract_params, step: int | None = None) -> Any:
+  """Reads model ``source`` from checkpoint ``step`` (default: the latest) of run ``workdir``
+  into the structure, shardings and dtypes of ``abstract_params`` (one model's state);
+  returns ``(params, step)``.
 
   Raises a ValueError naming the tensor when a name or shape does not match.
   """
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
                                item_handlers={"params": ocp.PyTreeCheckpointHandler()})
-  step = mngr.latest_step()
+  step = mngr.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"config.init_from.workdir={workdir!r}: no checkpoint under {directory}")
+    raise FileNotFoundError(f"run {workdir}: no checkpoint under {directory}")
   flat_abs, treedef = flatten(abstract_params)
   meta = mngr.item_metadata(step)["params"]
   saved = {k: v for k, v in (meta.tree if hasattr(meta, "tree") else meta).items()}
   src = {f"{source}.{k}": k for k in flat_abs}
   for sk, k in src.items():
     if sk not in saved:
-      raise ValueError(f"init_from {directory}/{step}: tensor {sk!r} is missing "
+      raise ValueError(f"{directory}/{step}: tensor {sk!r} is missing "
                        f"(needed for {target}.{k}); the models differ")
     shape = tuple(saved[sk].shape)
     if shape != tuple(flat_abs[k].shape):
-      raise ValueError(f"init_from {directory}/{step}: tensor {sk!r} has shape {shape}, "
+      raise ValueError(f"{directory}/{step}: tensor {sk!r} has shape {shape}, "
                        f"{target}.{k} needs {tuple(flat_abs[k].shape)}")
   target_tree = {sk: flat_abs[k] for sk, k in src.items()}
   out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(

@@ -7,13 +7,11 @@ compiled; each problem stops the run with one line naming the field.
 
 from __future__ import annotations
 
-import dataclasses
-
 import ml_collections
 
 from jaxopd import mesh as mesh_lib
 from jaxopd.errors import ConfigError
-from jaxopd.models import ModelConfig
+from jaxopd.models import ModelConfig, table
 
 
 
@@ -25,7 +23,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_accum = 1               # microbatches per step; batch_size must divide into them
   c.seq_len = 64                 # padded sequence length of every batch
 
-  c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))  # see jaxopd.models.ModelConfig
+  # The default architecture (jaxopd.models.ModelConfig fields; dtypes are per role): the
+  # architecture of every random-init role with arch "auto".
+  c.model = table.arch_block()
+  # The model table: role -> table.role(init, trainable, arch, param_dtype, dtype); each
+  # experiment declares its roles (jaxopd/models/table.py).
+  c.models = ml_collections.ConfigDict()
+  c.models.policy = table.role()
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"         # adamw | rmsprop
@@ -63,11 +67,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 100       # steps between checkpoints; 0 = only final / on SIGTERM
   c.checkpoint.max_to_keep = 3   # checkpoints kept
   c.checkpoint.async_save = True # write in the background while training goes on
-
-  c.init_from = ml_collections.ConfigDict()
-  c.init_from.workdir = ""       # a run whose latest checkpoint provides initial parameters
-  c.init_from.source = "policy"  # which model of that run to read
-  c.init_from.targets = ("policy",)  # models of this run that start from it (trainable or frozen)
   return c
 
 
@@ -86,10 +85,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
          f"must divide batch_size={c.batch_size}")
   _check(c.seq_len > 1, "seq_len", c.seq_len, "must be at least 2")
   try:
+    for f in ("dtype", "param_dtype"):
+      _check(f not in c.model, f"model.{f}", c.model.get(f), f"dtypes are per role: config.models.<role>.{f}")
     model = ModelConfig.from_config(c.model)
   except (ValueError, TypeError) as e:
     raise ConfigError(str(e)) from None
-  _check(c.seq_len <= model.max_len, "seq_len", c.seq_len, f"exceeds config.model.max_len={model.max_len}")
+  table.check_fields(c)
 
   o = c.optim
   _check(o.name in ("adamw", "rmsprop"), "optim.name", o.name, "must be adamw or rmsprop")
@@ -119,8 +120,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     shape = mesh_lib.resolve_mesh_shape(c.mesh.shape, n)
   except mesh_lib.MeshError as e:
     raise ConfigError(str(e)) from None
-  table = dict(rules)
-  batch_axes = table.get("batch")
+  rule_table = dict(rules)
+  batch_axes = rule_table.get("batch")
   batch_axes = () if batch_axes is None else (batch_axes if isinstance(batch_axes, tuple) else (batch_axes,))
   dp = 1
   for a in batch_axes:
@@ -140,7 +141,5 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   _check(c.log_every > 0, "log_every", c.log_every, "must be positive")
   _check(c.checkpoint.every >= 0, "checkpoint.every", c.checkpoint.every, "must be >= 0")
   _check(c.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", c.checkpoint.max_to_keep, "must be positive")
-  if c.init_from.workdir:
-    _check(len(c.init_from.targets) > 0, "init_from.targets", c.init_from.targets, "names no model")
   return dict(model=model, rules=rules, mesh_shape=shape, num_devices=n, dp=dp,
               local_batch=c.batch_size // process_count)

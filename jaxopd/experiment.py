@@ -11,7 +11,8 @@ and optionally, for multi-stage pipelines run by ``jaxopd.main``:
 
 * ``prepare(config, workdir) -> config``: earlier stages (build data, train a
   base model with the same trainer, construct preference pairs), each cached
-  so a re-run skips it; returns the config with e.g. ``init_from`` filled in;
+  so a re-run skips it; returns the config with the ``stage:NAME`` inits of
+  ``config.models`` replaced by the stages' runs (``table.fill_stage``);
 * ``report(config, workdir, summary)``: after training, a summary table,
   ``summary.json`` and plots in ``workdir``.
 
@@ -60,10 +61,15 @@ class DataShard(NamedTuple):
 class Experiment:
   """A method, as the trainer sees it.
 
-  init_models(rng) -> (trainable, frozen): dicts name -> ``nnx.Module``. The
-    trainer calls it under ``jax.eval_shape`` and again inside a jit with
-    sharded outputs, so it must be a pure function of ``rng``. Each trainable
-    model is one optimizer group, named by its key (``config.optim.groups``).
+  roles: the model roles the method uses, ``name -> trainable`` (``{"policy":
+    True, "reference": False}``). The trainer builds them from ``config.models``
+    (:mod:`jaxopd.models.table`: architecture, source, dtypes) and refuses a
+    table with a missing or extra role. Each trainable model is one optimizer
+    group, named by its key (``config.optim.groups``).
+  init_heads(rng) -> dict name -> ``nnx.Module``: trainable modules that are not
+    language models (SparsePO's mask head); optional. Called under
+    ``jax.eval_shape`` and inside a jit with sharded outputs, so it must be a
+    pure function of ``rng``.
   loss_fn(params, frozen, batch, rng) -> LossOutput: pure and jittable;
     ``params`` and ``frozen`` are the same dicts of modules (rebuilt from
     arrays inside the step; gradients flow only into ``params``).
@@ -84,15 +90,18 @@ class Experiment:
     gradient accumulation the microbatches see it in order. A step whose
     loss or gradient is non-finite keeps the old state, ``aux`` included.
   """
-  init_models: Callable[[jax.Array], tuple[dict, dict]]
+  roles: Mapping[str, bool]
   loss_fn: Callable[[dict, dict, Batch, jax.Array], LossOutput]
   train_data: Callable[[DataShard], Any]
+  init_heads: Callable[[jax.Array], dict] | None = None
   eval_data: Callable[[DataShard], Iterable[Batch]] | None = None
   evaluate: Callable[[dict, dict, int], dict] | None = None
   rollout: Callable[..., Any] | None = None
   init_aux: Callable[[], Any] | None = None
 
   def __post_init__(self):
+    if not self.roles or not any(self.roles.values()) and self.init_heads is None:
+      raise TypeError("Experiment.roles must name at least one model, and something must be trainable")
     if self.init_aux is not None and self.rollout is None:
       raise TypeError("Experiment.init_aux needs a rollout: the rollout is where the method state is updated")
 

@@ -71,6 +71,12 @@ def _parse_flags(argv):
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)
   except (AttributeError, KeyError) as e:
+    old = [a for a in argv[1:] if a.startswith("--config.init_from")]
+    if old:
+      print(f"error: {old[0].split('=')[0]}: config.init_from was replaced by the model table: start a role from "
+            f"a checkpoint with --config.models.<role>.init=hf:DIR or run:WORKDIR[:MODEL][@STEP] "
+            f"(jaxopd/models/table.py)", file=sys.stderr)
+      sys.exit(2)
     msg = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'").strip("'").replace("' Did", " - did")
     bad = [a for a in argv[1:] if a.startswith("--config.")]
     print(f"error: unknown config field in {' '.join(bad)}: {msg}", file=sys.stderr)

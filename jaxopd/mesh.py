@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -199,3 +200,33 @@ def maybe_initialize_distributed(cfg: Any) -> bool:
     return False
   jax.distributed.initialize(**args)
   return True
+
+
+def is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def tree_shardings(tree, mesh, rules, fallbacks: list | None = None):
+  """NamedShardings for a tree whose ``nnx.Variable`` nodes carry ``logical_axes``;
+  every other leaf (step, counts, PRNG key) is replicated.
+
+  A dimension that its mesh axes do not divide (a vocabulary of 50257 over
+  tensor=2) is replicated instead; ``fallbacks`` collects ``(path, shape, spec)``
+  for each such parameter so the caller can report them.
+  """
+  def f(path, x):
+    if is_variable(x) and not jax.tree.leaves(x):   # e.g. optax's MaskedNode for another group
+      return x
+    if is_variable(x):
+      spec = logical_to_spec(x.get_metadata().get("logical_axes"), rules)
+      fixed = []
+      for dim, axes in zip(x.shape, tuple(spec) + (None,) * (len(x.shape) - len(spec))):
+        names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+        ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        fixed.append(axes if dim % ways == 0 else None)
+      fixed = PartitionSpec(*fixed)
+      if fixed != spec and fallbacks is not None:
+        fallbacks.append((jax.tree_util.keystr(path), tuple(x.shape), spec))
+      return x.replace(NamedSharding(mesh, fixed))
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree_util.tree_map_with_path(f, tree, is_leaf=is_variable)

@@ -2,7 +2,7 @@
 
 ``run(config, workdir, experiment)``:
 config -> validate -> mesh -> sharded state (eval_shape, then jit with
-out_shardings) -> resume or init_from -> grain iterator -> jitted train step
+out_shardings) -> resume (or load the model table's sources) -> grain iterator -> jitted train step
 (explicit in/out shardings, donated state, gradient accumulation by scan) ->
 metrics / eval / checkpoints (periodic, final, SIGTERM).
 
@@ -34,40 +34,11 @@ from jaxopd import logs
 from jaxopd import mesh as mesh_lib
 from jaxopd import optim
 from jaxopd.experiment import DataShard, Experiment, LossOutput
+from jaxopd.models import Transformer, table
 
 
 class TrainingError(RuntimeError):
   """The run cannot go on (non-finite loss or gradient)."""
-
-
-def _is_var(x) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def tree_shardings(tree, mesh, rules, fallbacks: list | None = None):
-  """NamedShardings for a tree whose ``nnx.Variable`` nodes carry ``logical_axes``;
-  every other leaf (step, counts, PRNG key) is replicated.
-
-  A dimension that its mesh axes do not divide (a vocabulary of 50257 over
-  tensor=2) is replicated instead; ``fallbacks`` collects ``(path, shape, spec)``
-  for each such parameter so the caller can report them.
-  """
-  def f(path, x):
-    if _is_var(x) and not jax.tree.leaves(x):   # e.g. optax's MaskedNode for another group
-      return x
-    if _is_var(x):
-      spec = mesh_lib.logical_to_spec(x.get_metadata().get("logical_axes"), rules)
-      fixed = []
-      for dim, axes in zip(x.shape, tuple(spec) + (None,) * (len(x.shape) - len(spec))):
-        names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-        ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-        fixed.append(axes if dim % ways == 0 else None)
-      fixed = PartitionSpec(*fixed)
-      if fixed != spec and fallbacks is not None:
-        fallbacks.append((jax.tree_util.keystr(path), tuple(x.shape), spec))
-      return x.replace(NamedSharding(mesh, fixed))
-    return NamedSharding(mesh, PartitionSpec())
-  return jax.tree_util.tree_map_with_path(f, tree, is_leaf=_is_var)
 
 
 def _with_shardings(abstract, shardings):
@@ -98,34 +69,70 @@ def _ratio(num, den):
 
 @dataclasses.dataclass
 class Trainer:
-  """Builds the sharded state and the jitted step for one config and experiment."""
+  """Builds the sharded state and the jitted step for one config and experiment.
+
+  The models are the config's table (``config.models``, :mod:`jaxopd.models.table`),
+  resolved once (``roles``; pass the run's pinned resolution on resume) and
+  checked against the roles the experiment declares; trainable roles and the
+  experiment's heads form ``state["params"]``, frozen roles ``frozen``.
+  """
   config: Any
   experiment: Experiment
   mesh: Any
   rules: tuple
+  roles: dict | None = None
 
   def __post_init__(self):
     c = self.config
+    if self.roles is None:
+      self.roles = table.resolve(c)
+    table.check_roles(self.roles, self.experiment.roles)
+    for name, r in self.roles.items():
+      if c.seq_len > r.arch.max_len:
+        raise config_lib.ConfigError(f"config.seq_len={c.seq_len}: exceeds the max_len={r.arch.max_len} of "
+                                     f"config.models.{name} ({r.source.spec()})")
     key = jax.random.PRNGKey(c.seed)
     self.model_key, self.step_key = jax.random.split(key)
-    trainable, frozen = nnx.eval_shape(lambda: self.experiment.init_models(self.model_key))
-    if not isinstance(trainable, dict) or not trainable:
-      raise TypeError("init_models must return (trainable, frozen) dicts with at least one trainable model")
+    trainable, frozen = nnx.eval_shape(lambda: self.make_models(self.model_key))
+    self.heads = sorted(set(trainable) - set(self.roles))
     self.gd_params, _ = _split_models(trainable, "trainable")
     self.gd_frozen, _ = _split_models(frozen, "frozen")
     self.tx, self.schedules = optim.make_optimizer(c.optim, c.total_steps, list(trainable))
     abstract_state, abstract_frozen = jax.eval_shape(self._init)
     self.replicated_fallbacks: list = []
-    self.state_shardings = tree_shardings(abstract_state, self.mesh, self.rules, self.replicated_fallbacks)
-    self.frozen_shardings = tree_shardings(abstract_frozen, self.mesh, self.rules, self.replicated_fallbacks)
+    self.state_shardings = mesh_lib.tree_shardings(abstract_state, self.mesh, self.rules, self.replicated_fallbacks)
+    self.frozen_shardings = mesh_lib.tree_shardings(abstract_frozen, self.mesh, self.rules, self.replicated_fallbacks)
     self.abstract_state = _with_shardings(abstract_state, self.state_shardings)
     self.abstract_frozen = _with_shardings(abstract_frozen, self.frozen_shardings)
     self._train_step = None
     self._eval_step = None
 
+  def make_models(self, rng):
+    """``(trainable, frozen)`` dicts of modules: each role a Transformer of its architecture
+    (random weights; sources are loaded afterwards), plus the experiment's heads.
+
+    One role and no heads: the role is initialised with ``rng`` itself; otherwise
+    ``split(rng, n_roles + 1)``: role i (the experiment's order) gets key i, the heads
+    the last one."""
+    names = list(self.experiment.roles)
+    single = len(names) == 1 and self.experiment.init_heads is None
+    keys = [rng] if single else list(jax.random.split(rng, len(names) + 1))
+    models = {n: Transformer(self.roles[n].arch, nnx.Rngs(params=k)) for n, k in zip(names, keys)}
+    trainable = {n: m for n, m in models.items() if self.roles[n].trainable}
+    frozen = {n: m for n, m in models.items() if not self.roles[n].trainable}
+    if self.experiment.init_heads is not None:
+      heads = self.experiment.init_heads(keys[-1])
+      clash = sorted(set(heads) & set(models))
+      if clash:
+        raise TypeError(f"init_heads: {clash[0]!r} is also a model role")
+      trainable.update(heads)
+    if not trainable:
+      raise config_lib.ConfigError(f"config.models: no role is trainable ({sorted(models)})")
+    return trainable, frozen
+
   # --- state -----------------------------------------------------------------
   def _init(self):
-    trainable, frozen = self.experiment.init_models(self.model_key)
+    trainable, frozen = self.make_models(self.model_key)
     _, params = _split_models(trainable, "trainable")
     _, frozen_state = _split_models(frozen, "frozen")
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
@@ -241,31 +248,17 @@ class Trainer:
     """The trainable and frozen modules of a state (for host-side evaluation)."""
     return nnx.merge(self.gd_params, state["params"]), nnx.merge(self.gd_frozen, frozen)
 
-  def apply_init_from(self, state, frozen, frozen_only: bool = False):
-    """Loads ``config.init_from.source`` of another run into each target model; when
-    ``config.init_from.workdir`` is a Hugging Face directory (config.json + safetensors,
-    no checkpoints/), that checkpoint instead (``source`` unused, step ``"hf"``).
-    ``frozen_only``: reload just the frozen targets (on resume: they are not checkpointed)."""
-    from jaxopd.models import hf   # not at the top: hf imports this module
-    c = self.config.init_from
-    targets = list(c.targets)
-    load = lambda name, tree: ckpt_lib.load_params(c.workdir, c.source, name, tree)
-    if hf.is_hf_dir(c.workdir):
-      modules = {**nnx.merge(self.gd_params, self.abstract_state["params"]),
-                 **nnx.merge(self.gd_frozen, self.abstract_frozen)}
-      load = lambda name, tree: (hf.load_params(c.workdir, tree, getattr(modules[name], "cfg", None),
-                                                f"config.init_from.workdir={c.workdir!r}: model {name!r}"), "hf")
-    step = None
-    for name in targets:
-      if name in state["params"]:
-        if not frozen_only:
-          state["params"][name], step = load(name, self.abstract_state["params"][name])
-      elif name in frozen:
-        frozen[name], step = load(name, self.abstract_frozen[name])
-      else:
-        raise ValueError(f"config.init_from.targets: {name!r} is not a model of this experiment "
-                         f"(trainable {sorted(state['params'])}, frozen {sorted(frozen)})")
-    return state, frozen, step
+  def load_sources(self, state, frozen, frozen_only: bool = False):
+    """Loads every role whose source is ``hf:`` or ``run:`` into the state, each device
+    reading its own slices; ``frozen_only`` (on resume): just the frozen roles, which are
+    not checkpointed. Returns ``(state, frozen)``."""
+    for name, r in self.roles.items():
+      if r.source.kind == "random" or (frozen_only and r.trainable):
+        continue
+      tree = state["params"] if r.trainable else frozen
+      abstract = (self.abstract_state["params"] if r.trainable else self.abstract_frozen)[name]
+      tree[name] = table.load(r, abstract)
+    return state, frozen
 
 
 class _Preemption:
@@ -318,7 +311,15 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
   rules = facts["rules"]
   main = logs.is_main_process()
   workdir = os.path.abspath(workdir)
-  trainer = Trainer(c, experiment, mesh, rules)
+  resumed_from = ckpt_lib.latest_step(workdir)      # reads only: nothing is written before the checks
+  recorded = table.run_record(workdir) if resumed_from is not None else {}
+  roles = table.resolve(c, pinned=recorded)
+  trainer = Trainer(c, experiment, mesh, rules, roles)
+  rec = table.add_heads(table.record(c, roles), trainer.heads)
+  if resumed_from is not None:
+    table.check_resume(recorded, rec, workdir)     # before anything is written
+  if main:
+    print(table.describe(roles), flush=True)
   params_fallbacks = [f for f in trainer.replicated_fallbacks if "opt_state" not in f[0]]
   if params_fallbacks and main:
     print(f"sharding: {len(params_fallbacks)} parameter(s) have a dimension the mesh does not divide and "
@@ -330,23 +331,18 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
   data_iter = experiment.train_data(shard)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), c.checkpoint.max_to_keep,
                                c.checkpoint.async_save)
-  resumed_from = ckpt.latest_step()
   changed = logs.write_config(workdir, c, main)
   if resumed_from is not None:
     if changed and main:
       print(f"resuming in {workdir}: config fields changed since the checkpoint: {', '.join(changed)}")
     state = ckpt.restore(resumed_from, trainer.abstract_state, data_iter)
-    _, frozen = trainer.init()   # frozen models are not checkpointed: re-created / re-loaded
-    if c.init_from.workdir:
-      _, frozen, _ = trainer.apply_init_from(state, frozen, frozen_only=True)
+    _, frozen = trainer.init()   # frozen models are not checkpointed: re-loaded from their pinned sources
+    state, frozen = trainer.load_sources(state, frozen, frozen_only=True)
   else:
+    if main:
+      table.write_record(workdir, rec)
     state, frozen = trainer.init()
-    if c.init_from.workdir:
-      state, frozen, src_step = trainer.apply_init_from(state, frozen)
-      if main:
-        what = ("Hugging Face checkpoint" if src_step == "hf" else
-                f"{c.init_from.source} of") + f" {c.init_from.workdir}" + ("" if src_step == "hf" else f" (step {src_step})")
-        print(f"init_from: {what} -> {', '.join(c.init_from.targets)}")
+    state, frozen = trainer.load_sources(state, frozen)
   logger = logs.MetricLogger(workdir, main, resume_step=resumed_from)
   if main and resumed_from is not None:
     print(f"resumed from step {resumed_from} in {workdir}"

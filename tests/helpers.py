@@ -12,7 +12,7 @@ from flax import nnx
 from jaxopd.data import batched_iterator, toy
 from jaxopd.experiment import Experiment, LossOutput, load_module
 from jaxopd.losses import sft_loss
-from jaxopd.models import ModelConfig, Transformer
+from jaxopd.models import table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT = load_module(os.path.join(REPO, "experiments", "sft.py"))
@@ -39,20 +39,18 @@ def tiny_config(**overrides):
 
 
 def two_model_experiment(config):
-  """SFT on a policy plus an 'aux' model whose logits are added: two optimizer groups."""
-  mcfg = ModelConfig.from_config(config.model)
+  """SFT on a policy plus an 'aux' model whose logits are added: two optimizer groups
+  (adds the role ``aux`` to ``config.models``)."""
+  config.models.aux = table.role()
+  mcfg = table.arch(config, "policy")
   recs = toy.sort_task(256, config.seq_len, mcfg.vocab_size, config.seed, max_len=config.data.sort.max_symbols)
-
-  def init_models(rng):
-    a, b = jax.random.split(rng)
-    return {"policy": Transformer(mcfg, nnx.Rngs(params=a)), "aux": Transformer(mcfg, nnx.Rngs(params=b))}, {}
 
   def loss_fn(params, frozen, batch, rng):
     logits = params["policy"](batch["tokens"]).logits + params["aux"](batch["tokens"]).logits
     nll, n, _ = sft_loss(logits, batch["tokens"], batch["loss_mask"])
     return LossOutput(nll, n, {})
 
-  return Experiment(init_models=init_models, loss_fn=loss_fn,
+  return Experiment(roles={"policy": True, "aux": True}, loss_fn=loss_fn,
                     train_data=lambda shard: batched_iterator(recs, shard))
 
 

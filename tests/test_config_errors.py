@@ -26,7 +26,12 @@ BAD = [
     ({"optim.clip_norm": -0.5}, r"config.optim.clip_norm=-0.5"),
     ({"optim.weight_decay": -0.1}, r"config.optim.weight_decay=-0.1"),
     ({"total_steps": 0}, r"config.total_steps=0"),
-    ({"seq_len": 64}, r"config.seq_len=64: exceeds config.model.max_len=16"),
+    ({"seq_len": 64}, r"config.seq_len=64: exceeds the max_len=16 of config.models.policy \(random\)"),
+    ({"models.policy.init": "hf:/nonexistent"}, r"config.models.policy.init='hf:/nonexistent': /nonexistent is not a "
+                                                 r"Hugging Face model directory"),
+    ({"models.policy.init": "checkpoint.pt"}, r"config.models.policy.init='checkpoint.pt': must be random, hf:DIR"),
+    ({"models.policy.trainable": False}, r"config.models.policy.trainable=False: this experiment's policy is trained"),
+    ({"model.dtype": "bfloat16"}, r"config.model.dtype='bfloat16': dtypes are per role: config.models.<role>.dtype"),
     ({"model.n_heads": 5}, r"config.model.n_heads=5: must divide d_model=32"),
     ({"model.family": "t5"}, r"config.model.family='t5'"),
     ({"mesh.rules": [["batch", "pipeline"]]}, r"config.mesh.rules\[0\]: unknown mesh axis 'pipeline'"),
@@ -67,6 +72,10 @@ def _cli(*args, workdir):
     ("--config.batch_size=abc", "--config.batch_size=abc: invalid literal for int()"),
     ("--config.mesh.shape=(3,1,1)", "config.mesh.shape=(3, 1, 1): product 3 does not match"),
     ("--config.model.n_kv_heads=3", "config.model.n_kv_heads=3: must divide n_heads=4"),
+    ("--config.init_from.workdir=runs/x", "--config.init_from.workdir: config.init_from was replaced by the model "
+                                          "table: start a role from a checkpoint with --config.models.<role>.init"),
+    ("--config.models.policy.init=run:/nowhere", "config.models.policy.init='run:/nowhere': /nowhere has no "
+                                                 "checkpoints/"),
 ])
 def test_cli_reports_one_line_and_exits_2(arg, message, tmp_path):
   p = _cli(arg, workdir=tmp_path / "w")

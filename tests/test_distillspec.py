@@ -16,7 +16,8 @@ from helpers import REPO, tiny_config
 from jaxopd import train
 from jaxopd.data import batched_iterator
 from jaxopd.experiment import Experiment, load_module
-from jaxopd.models import ModelConfig, Transformer
+from jaxopd import mesh as mesh_lib
+from jaxopd.models import ModelConfig, Transformer, hf, table
 from jaxopd.sampling import SamplingConfig, sample
 
 DS = load_module(os.path.join(REPO, "experiments", "distillspec.py"))
@@ -108,9 +109,13 @@ def test_on_policy_tvd_raises_measured_acceptance(tmp_path):
   """A random peaked target and a small random draft; 60 steps of on-policy TVD."""
   from jaxopd.sampling import speculative_sample
   c = tiny_config(total_steps=60, batch_size=16, seq_len=P + N, **{"optim.lr": 1e-2, "optim.warmup_steps": 5})
-  c.model = ml_collections.ConfigDict(dataclasses.asdict(DRAFT))
+  params, frozen = _models()      # a random peaked target (init_std 1) and a small draft, as HF dirs
+  hf.export(params["draft"], DRAFT, str(tmp_path / "draft"))
+  hf.export(frozen["target"], TARGET, str(tmp_path / "target"))
+  c.models = ml_collections.ConfigDict({"draft": table.role(init=f"hf:{tmp_path / 'draft'}"),
+                                        "target": table.role(init=f"hf:{tmp_path / 'target'}", trainable=False)})
   recs = _records(256)
-  exp = Experiment(init_models=lambda rng: _models(), loss_fn=DS.make_loss_fn("tvd"),
+  exp = Experiment(roles={"draft": True, "target": False}, loss_fn=DS.make_loss_fn("tvd"),
                    train_data=lambda shard: batched_iterator(recs, shard),
                    rollout=DS.make_rollout("student", SCFG))
   eval_b = {k: jnp.asarray(np.stack([r[k] for r in _records(64, 1)])) for k in recs[0]}
@@ -122,7 +127,6 @@ def test_on_policy_tvd_raises_measured_acceptance(tmp_path):
     sd = jax.jit(lambda: speculative_sample(target, draft, eval_b["prompt"], eval_b["prompt_len"], key, SCFG, 3))()
     return prefix, float(sd.acceptance_rate)
 
-  params, frozen = _models()
   before = measured(params["draft"], frozen["target"])
   s = train.run(c, str(tmp_path / "toy"), exp)
   params, frozen = s["trainer"].models(s["state"], s["frozen"])
@@ -173,8 +177,11 @@ def test_smoke_pipeline_and_report(tmp_path, capsys):
     t.target.model[k] = v
   t = DS.prepare(t, str(tmp_path / "run2"))
   assert "[stage] target SFT" not in capsys.readouterr().out
-  _, frozen2 = DS.build(t).init_models(jax.random.PRNGKey(0))
-  got = jax.tree.leaves(nnx.state(frozen2["target"], nnx.Param))
+  assert t.models.target.init == f"run:{tmp_path / 'run'}:draft"
+  tr = train.Trainer(t, DS.build(t), mesh_lib.make_mesh((8, 1, 1)), mesh_lib.DEFAULT_RULES)
+  with jax.set_mesh(tr.mesh):
+    state, frozen2 = tr.load_sources(*tr.init())
+  got = jax.tree.leaves(frozen2["target"])
   want = jax.tree.leaves(nnx.state(params["draft"], nnx.Param))
   assert len(got) == len(want) and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, want))
 

@@ -1,7 +1,7 @@
 """Hugging Face interop: tiny random GPT-2 / Llama (GQA) / Qwen2 checkpoints made with
 transformers load into jaxopd with the same logits (float32, max abs diff < 1e-4), on
 one device and sharded over data=2, fsdp=2, tensor=2; export reloads in transformers;
-errors name the tensor / field and the file; init_from and the export CLI."""
+errors name the tensor / field and the file; a run from an HF directory and the export CLI."""
 
 import json
 import os
@@ -205,13 +205,13 @@ def _tiny_llama_dir(path):
   return model
 
 
-def test_init_from_hf_dir_and_export_cli(tmp_path):
+def test_run_from_hf_dir_and_export_cli(tmp_path):
   """A run starts from an HF directory (lr ~0: its weights stay); the export CLI writes its
   checkpoint back out as an HF directory with the same logits; a mismatched model field is a
   ConfigError naming it."""
   ref = _tiny_llama_dir(tmp_path / "hf")
   assert hf.is_hf_dir(str(tmp_path / "hf"))
-  cfg = tiny_config(total_steps=1, **{"init_from.workdir": str(tmp_path / "hf"), "optim.lr": 1e-12})
+  cfg = tiny_config(total_steps=1, **{"models.policy.init": f"hf:{tmp_path / 'hf'}", "optim.lr": 1e-12})
   out = train.run(cfg, tmp_path / "run", SFT.build(cfg))
   assert not hf.is_hf_dir(str(tmp_path / "run"))
   want, _ = hf.load(str(tmp_path / "hf"))
@@ -225,14 +225,15 @@ def test_init_from_hf_dir_and_export_cli(tmp_path):
   tokens = TOKENS[:, :16] % 32
   policy = out["trainer"].models(out["state"], out["frozen"])[0]["policy"]
   diff = np.abs(_torch_logits(back.eval(), tokens) - np.asarray(policy(tokens).logits)).max()
-  print(f"init_from HF -> run -> export CLI: max |logits diff| {diff:.2e}")
+  print(f"hf: init -> run -> export CLI: max |logits diff| {diff:.2e}")
   assert diff < ATOL
   assert np.abs(_torch_logits(ref, tokens) - _torch_logits(back, tokens)).max() < ATOL
 
-  cfg.model.norm_eps = 1e-6   # checked before any state is touched: no init needed
-  trainer = train.Trainer(cfg, SFT.build(cfg), mesh_lib.make_mesh((8, 1, 1)), mesh_lib.DEFAULT_RULES)
-  with pytest.raises(ConfigError, match=r"config\.init_from\.workdir=.*'policy': norm_eps=1e-06 but .*config\.json"):
-    trainer.apply_init_from({"params": dict(trainer.abstract_state["params"])}, {})
+  cfg.model.norm_eps = 1e-6   # arch=model: config.model is checked against the checkpoint, before any build
+  cfg.models.policy.arch = "model"
+  with pytest.raises(ConfigError, match=r"config\.model\.norm_eps=1e-06 \(arch of config\.models\.policy\) but "
+                                        r".*config\.json has 1e-05"):
+    SFT.build(cfg)
 
 
 # --- real-family checkpoints: bfloat16 safetensors, family tokenizers ---------------------------

@@ -12,7 +12,7 @@ from jaxopd import mesh as mesh_lib
 from jaxopd.losses import token_logprobs
 from jaxopd.models import ModelConfig, Transformer
 from jaxopd.sampling import SamplingConfig, process_logits, sample, speculative_sample
-from jaxopd.train import tree_shardings
+from jaxopd.mesh import tree_shardings
 
 V = 11
 EOS = 2

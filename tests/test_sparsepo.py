@@ -426,7 +426,7 @@ def test_sparsepo_smoke_pipeline(tmp_path, capsys):
   assert os.path.getsize(tmp_path / "sp" / "heatmap.png") > 1000
   # the mask trained in its own group: its parameters moved from their initial values
   tr = summary["trainer"]
-  init = nnx.to_pure_dict(nnx.state(tr.experiment.init_models(tr.model_key)[0]["mask"], nnx.Param))
+  init = nnx.to_pure_dict(nnx.state(tr.make_models(tr.model_key)[0]["mask"], nnx.Param))
   now = nnx.to_pure_dict(summary["state"]["params"]["mask"])
   assert max(float(jnp.abs(jnp.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(now),
                                                                       jax.tree.leaves(init))) > 0
@@ -437,8 +437,8 @@ def test_sparsepo_smoke_pipeline(tmp_path, capsys):
   assert "mask" not in m.optim.groups
   m = SPARSEPO.prepare(m, str(tmp_path / "mapo"))
   assert "[stage] SFT base" not in capsys.readouterr().out
-  trainable, frozen = SPARSEPO.build(m).init_models(jax.random.PRNGKey(0))
-  assert set(trainable) == {"policy"} and set(frozen) == {"reference"}
+  exp = SPARSEPO.build(m)
+  assert exp.roles == {"policy": True, "reference": False} and exp.init_heads is None
 
 
 def test_bad_sparsepo_fields_are_config_errors(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from helpers import REPO, shared_smoke_stages
 from jaxopd import train
 from jaxopd.experiment import load_module
+from jaxopd.errors import ConfigError
 
 TDPO = load_module(os.path.join(REPO, "experiments", "tdpo.py"))
 DPO = load_module(os.path.join(REPO, "experiments", "dpo.py"))
@@ -70,7 +71,8 @@ def test_bad_method_fields_are_config_errors(tmp_path):
 
 
 def test_tdpo_on_your_own_preference_file(tmp_path):
-  """task=files: TRL-format JSONL pairs and an HF tokenizer dir, from an existing SFT run."""
+  """task=files: TRL-format JSONL pairs and an HF tokenizer dir, policy and reference from an
+  existing SFT run (run:WORKDIR); without an init for them the SFT stage is refused."""
   from jaxopd.data import reviews
   from jaxopd.data.tokenizer import build_tokenizer
   sft = load_module(os.path.join(REPO, "experiments", "sft.py"))
@@ -94,7 +96,9 @@ def test_tdpo_on_your_own_preference_file(tmp_path):
   c.data.files.train = str(path)
   c.data.files.eval = str(path)
   c.data.files.tokenizer = tok_dir
-  c.sft.workdir = str(tmp_path / "sft")
   c.progress = False
+  with pytest.raises(ConfigError, match=r"config\.models\.policy\.init='stage:sft': with task=files no SFT stage"):
+    TDPO.prepare(c, str(tmp_path / "tdpo"))
+  c.models.policy.init = c.models.reference.init = f"run:{tmp_path / 'sft'}"
   summary = _run(TDPO, c, tmp_path / "tdpo")
   assert "rewards/accuracies" in summary["eval"] and "sample/reward" not in summary["eval"]

@@ -1,6 +1,8 @@
 """The one sharded train step: mesh invariance, gradient accumulation,
-parameter groups, non-finite stop, init_from, the rollout hook."""
+parameter groups, non-finite stop, the model table (sources, pinning, dtypes), the rollout hook."""
 
+import dataclasses
+import json
 import os
 
 import grain
@@ -13,6 +15,9 @@ from flax import nnx
 from helpers import SFT, params_of, tiny_config, two_model_experiment
 from jaxopd import checkpoint as ckpt_lib
 from jaxopd import logs, train
+from jaxopd import mesh as mesh_lib
+from jaxopd.errors import ConfigError
+from jaxopd.models import table
 from jaxopd.data import batched_iterator, toy
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import sft_loss
@@ -95,7 +100,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tm
     out = base.loss_fn(params, frozen, batch, rng)
     return out._replace(loss=jnp.where(jnp.sum(batch["poison"]) > 0, jnp.nan, out.loss))
 
-  exp = Experiment(init_models=base.init_models, loss_fn=loss_fn, train_data=train_data)
+  exp = Experiment(roles=base.roles, loss_fn=loss_fn, train_data=train_data)
   with pytest.raises(train.TrainingError, match=f"step {poison_at}: non-finite loss"):
     train.run(cfg, tmp_path / "nan", exp)
   c = ckpt_lib.Checkpointer(str(tmp_path / "nan" / "checkpoints"))
@@ -103,14 +108,81 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tm
   assert [r["step"] for r in logs.read_metrics(str(tmp_path / "nan"), "train")] == [1, 2, 3, 4]
 
 
-def test_init_from_loads_another_runs_policy(tmp_path):
-  src = train.run(tiny_config(), tmp_path / "src", SFT.build(tiny_config()))
-  cfg = tiny_config(total_steps=1, **{"init_from.workdir": str(tmp_path / "src"), "optim.lr": 1e-12})
+def test_model_table_run_source_pinned_and_resume_checks(tmp_path):
+  """config.models: a role starts from another run's checkpoint (run:WORKDIR:MODEL@STEP); the
+  step of an unpinned source is pinned in models.json, so a resume reloads that step even
+  after the source trained on; a resume whose source changed is refused in one line naming
+  the role; a missing or extra role is a ConfigError before compile."""
+  src_cfg = tiny_config(total_steps=4, **{"checkpoint.every": 2})
+  src = train.run(src_cfg, tmp_path / "src", SFT.build(src_cfg))
+  rec = json.load(open(tmp_path / "src" / "models.json"))
+  assert rec["policy"]["source"] == "random" and rec["policy"]["arch"]["vocab_size"] == 32
+  cfg = tiny_config(total_steps=1, **{"optim.lr": 1e-12})
+  cfg.models.policy.init = f"run:{tmp_path / 'src'}"
   dst = train.run(cfg, tmp_path / "dst", SFT.build(cfg))
   _assert_trees_close(params_of(dst), params_of(src), rtol=0, atol=1e-8)
-  cfg.init_from.targets = ("reference",)
-  with pytest.raises(ValueError, match="init_from.targets.*reference"):
-    train.run(cfg, tmp_path / "dst2", SFT.build(cfg))
+  rec = json.load(open(tmp_path / "dst" / "models.json"))["policy"]
+  assert rec["source"] == f"run:{tmp_path / 'src'}:policy@4" and rec["init"] == cfg.models.policy.init
+
+  # An explicit older step.
+  cfg2 = tiny_config(total_steps=1, **{"optim.lr": 1e-12})
+  cfg2.models.policy.init = f"run:{tmp_path / 'src'}:policy@2"
+  at2 = train.run(cfg2, tmp_path / "at2", SFT.build(cfg2))
+  assert not np.allclose(jax.tree.leaves(params_of(at2))[0], jax.tree.leaves(params_of(src))[0])
+
+  # Resume with a different source: refused before anything is written.
+  cfg.total_steps = 2
+  cfg.models.policy.init = f"run:{tmp_path / 'src'}:policy@2"
+  with pytest.raises(ConfigError, match=r"config\.models\.policy: cannot resume .*dst: its source differs"):
+    train.run(cfg, tmp_path / "dst", SFT.build(cfg))
+  # The source's weights rewritten at the pinned step: refused too.
+  cfg.models.policy.init = f"run:{tmp_path / 'src'}"
+  victim = next(p for p in (tmp_path / "src" / "checkpoints" / "4" / "params").rglob("*") if p.is_file()
+                and p.stat().st_size > 100)
+  victim.write_bytes(b"x" * victim.stat().st_size)
+  with pytest.raises(ConfigError, match=r"config\.models\.policy: cannot resume .*its weight files changed"):
+    train.run(cfg, tmp_path / "dst", SFT.build(cfg))
+
+  bad = tiny_config()
+  bad.models.reference = table.role(trainable=False)
+  with pytest.raises(ConfigError, match=r"config\.models\.reference: this experiment uses no role 'reference'"):
+    train.run(bad, tmp_path / "x", SFT.build(bad))
+  bad = tiny_config()
+  bad.models.policy.init = f"run:{tmp_path / 'nowhere'}"
+  with pytest.raises(ConfigError, match=r"config\.models\.policy\.init=.*nowhere.*has no checkpoints"):
+    SFT.build(bad)
+  bad.models.policy.init = "stage:sft"
+  with pytest.raises(ConfigError, match=r"config\.models\.policy\.init='stage:sft': a pipeline stage not filled"):
+    SFT.build(bad)
+  bad.models.policy.init = "random"
+  bad.models.policy.param_dtype = "float16"
+  with pytest.raises(ConfigError, match=r"config\.models\.policy\.param_dtype='float16': must be one of"):
+    SFT.build(bad)
+
+
+def test_frozen_role_in_bfloat16_halves_its_bytes(tmp_path):
+  """A frozen role with param_dtype=bfloat16 is held in bf16 (half the bytes per device of
+  float32) and loads the float32 source rounded to bf16."""
+  src_cfg = tiny_config(total_steps=1)
+  train.run(src_cfg, tmp_path / "src", SFT.build(src_cfg))
+  cfg = tiny_config(total_steps=1, **{"mesh.shape": (2, 4, 1)})
+  exp = two_model_experiment(cfg)
+  for dt in ("float32", "bfloat16"):
+    cfg.models.aux = table.role(init=f"run:{tmp_path / 'src'}", trainable=False, param_dtype=dt)
+    trainer = train.Trainer(cfg, dataclasses.replace(exp, roles={"policy": True, "aux": False}),
+                            mesh_lib.make_mesh((2, 4, 1)), mesh_lib.DEFAULT_RULES)
+    with jax.set_mesh(trainer.mesh):
+      state, frozen = trainer.init()
+      state, frozen = trainer.load_sources(state, frozen)
+    leaves = jax.tree.leaves(frozen["aux"])
+    assert {x.dtype for x in leaves} == {np.dtype(dt)}
+    per_device = sum(x.addressable_shards[0].data.nbytes for x in leaves)
+    if dt == "float32":
+      f32_bytes, f32 = per_device, [np.asarray(x) for x in leaves]
+    else:
+      assert per_device * 2 == f32_bytes
+      for a, b in zip(leaves, f32):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), b.astype("bfloat16").astype(np.float32))
 
 
 def test_rollout_hook_feeds_the_loss(tmp_path):
@@ -122,7 +194,7 @@ def test_rollout_hook_feeds_the_loss(tmp_path):
     assert isinstance(params["policy"], nnx.Module)
     return {**batch, "loss_mask": jnp.ones_like(batch["loss_mask"])}
 
-  exp = Experiment(init_models=base.init_models, loss_fn=base.loss_fn, train_data=base.train_data,
+  exp = Experiment(roles=base.roles, loss_fn=base.loss_fn, train_data=base.train_data,
                    rollout=rollout)
   out = train.run(cfg, tmp_path / "r", exp)
   assert out["train"]["weight"] == cfg.batch_size * (cfg.seq_len - 1)

@@ -133,10 +133,10 @@ def retime(results, out, rounds):
     config = ml_collections.ConfigDict(json.load(f))
   g = int(_gamma(ok[0]))
   suite = suite_lib.ensure(config.data, verbose=False)
-  target = ds.on_one_device(ds.load_model(config.target.workdir, config.target.model,
+  target = ds.on_one_device(ds.load_model(config.target.workdir,
                                           config.target.get("source", "policy")))
-  drafts = {"draft_sft": ds.on_one_device(ds.load_model(config.init_from.workdir, config.model))}
-  drafts.update({r["name"]: ds.on_one_device(ds.load_model(os.path.join(out, r["name"]), config.model, "draft"))
+  drafts = {"draft_sft": ds.on_one_device(ds.load_model(config.draft_sft.workdir))}
+  drafts.update({r["name"]: ds.on_one_device(ds.load_model(os.path.join(out, r["name"]), "draft"))
                  for r in ok})
   prompt, plen = ds._eval_prompts(suite, config)
   n = config.eval.timing_prompts

@@ -50,9 +50,9 @@ def main(argv=None):
   with open(os.path.join(a.run, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   suite = suite_lib.ensure(config.data, verbose=False)
-  target = ds.on_one_device(ds.load_model(config.target.workdir, config.target.model))
-  drafts = {"draft_sft": ds.load_model(config.init_from.workdir, config.model),
-            "distilled": ds.load_model(a.run, config.model, source="draft")}
+  target = ds.on_one_device(ds.load_model(config.target.workdir))
+  drafts = {"draft_sft": ds.load_model(config.draft_sft.workdir),
+            "distilled": ds.load_model(a.run, source="draft")}
   config.eval.num_prompts = a.prompts
   prompt, plen = ds._eval_prompts(suite, config)
   cfg = ds._scfg(config, suite, False)

@@ -101,12 +101,12 @@ def compare(out, small_target, small_draft, teacher_draft, rounds) -> dict:
     with open(os.path.join(workdir, "config.json")) as f:
       return ml_collections.ConfigDict(json.load(f))
   c_small, c_draft, c_tdraft = cfg(small_target), cfg(small_draft), cfg(teacher_draft)
-  load = lambda workdir, model, source: ds.on_one_device(ds.load_model(workdir, model, source))
-  teacher = load(c_small.target.workdir, c_small.target.model, "policy")
-  small = load(small_target, c_small.model, "draft")
-  small_sft = load(c_small.init_from.workdir, c_small.model, "policy")
-  d_small = load(small_draft, c_draft.model, "draft")
-  d_teacher = load(teacher_draft, c_tdraft.model, "draft")
+  load = lambda workdir, source: ds.on_one_device(ds.load_model(workdir, source))
+  teacher = load(c_small.target.workdir, "policy")
+  small = load(small_target, "draft")
+  small_sft = load(c_small.draft_sft.workdir, "policy")
+  d_small = load(small_draft, "draft")
+  d_teacher = load(teacher_draft, "draft")
   config = c_draft      # eval settings (prompts, budgets, temperature): every stage shares them
   suite = suite_lib.ensure(config.data, verbose=False)
   res = {"quality": ds.quality(config, suite, {"target": teacher, "small_sft": small_sft, "small": small}),

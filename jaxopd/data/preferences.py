@@ -89,18 +89,11 @@ class ReviewsPreferences(tfds.core.GeneratorBasedBuilder):
       yield i, ex
 
 
-def load_policy(workdir: str):
-  """The ``policy`` model of a run (its config.json and latest checkpoint), on one device."""
-  from jaxopd.checkpoint import load_params
-  from jaxopd.models import ModelConfig, Transformer
-  with open(os.path.join(workdir, "config.json")) as f:
-    cfg = ModelConfig.from_config(json.load(f)["model"])
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))
-  gd, state = nnx.split(abstract)
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), state)
-  params, step = load_params(workdir, "policy", "policy", state)
-  return nnx.merge(gd, params), step
+def load_policy(workdir: str, step: int | None = None):
+  """The ``policy`` model of a run (checkpoint ``step``, default the latest), on one device."""
+  from jaxopd.models import table
+  model, r = table.load_model(f"run:{workdir}:policy" + ("" if step is None else f"@{step}"), "policy")
+  return model, r.source.step
 
 
 def generate(c: PreferencesConfig, split: str, n: int, data_dir: str):
@@ -110,7 +103,7 @@ def generate(c: PreferencesConfig, split: str, n: int, data_dir: str):
   from jaxopd.data.tokenizer import load_tokenizer
   from jaxopd.sampling import SamplingConfig, sample
 
-  policy, _ = load_policy(c.policy_workdir)
+  policy, _ = load_policy(c.policy_workdir, c.policy_step)
   prompts_cfg = tfds_builders.prompts_config(c.world_seed, c.prompts_num_train, c.prompts_num_test,
                                              c.prompt_min_words, c.prompt_max_words)
   src = tfds_builders.load("reviews_prompts", split, prompts_cfg, data_dir)

@@ -38,22 +38,32 @@ def data_config() -> ml_collections.ConfigDict:
   d.files.eval = ""              # held-out file, same forms ("" = none)
   d.files.tokenizer = ""         # HF tokenizer directory (AutoTokenizer.from_pretrained)
   d.files.tfds_data_dir = ""     # data_dir of tfds:NAME datasets (default: data_dir)
+  d.files.max_prompt_len = 0     # prompt tokens kept (a longer prompt keeps its end, or is dropped with
+                                 # over_length=drop); 0 = up to seq_len - 1
   return d
 
 
-def file_records(d: ml_collections.ConfigDict, fmt: str, seq_len: int, max_prompt_len: int | None = None):
+def file_records(d: ml_collections.ConfigDict, fmt: str, seq_len: int, max_prompt_len: int | None = None,
+                 default_tokenizer: str = ""):
   """``(tokenizer, train_records, eval_records)`` from ``config.data.files`` in TRL format ``fmt``
-  (see jaxopd.data.formats); prints what was dropped or truncated."""
+  (see jaxopd.data.formats); prints what was dropped or truncated. ``default_tokenizer``
+  (the policy's Hugging Face directory) serves when ``files.tokenizer`` is empty."""
   from jaxopd.data import formats
   from jaxopd.data.tokenizer import load_tokenizer
   f = d.files
   if not f.train:
     raise ConfigError("config.data.files.train is empty (config.data.task='files')")
-  if not f.tokenizer:
-    raise ConfigError("config.data.files.tokenizer is empty (config.data.task='files'): an HF tokenizer directory")
-  if not os.path.isdir(f.tokenizer):
-    raise ConfigError(f"config.data.files.tokenizer={f.tokenizer!r}: not a directory")
-  tok = load_tokenizer(f.tokenizer)
+  if max_prompt_len is None and f.get("max_prompt_len", 0):
+    max_prompt_len = int(f.max_prompt_len)
+  tok_dir = f.tokenizer or default_tokenizer
+  if not tok_dir:
+    raise ConfigError("config.data.files.tokenizer is empty (config.data.task='files'): an HF tokenizer directory "
+                      "(default: the policy's hf: directory when it holds a tokenizer)")
+  if not os.path.isdir(tok_dir):
+    raise ConfigError(f"config.data.files.tokenizer={tok_dir!r}: not a directory")
+  tok = load_tokenizer(tok_dir)
+  print(f"tokenizer: {tok_dir} (bos {tok.bos_token!r}, eos {tok.eos_token!r}, pad {tok.pad_token!r}, "
+        f"{len(tok)} tokens)")
   out = []
   for field in ("train", "eval"):
     path = f[field]

@@ -14,9 +14,9 @@ bias). HF is the weight format only; the model is always jaxopd's.
   ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
 CLI: ``python -m jaxopd.models.hf export --workdir runs/X --model policy --out DIR``
-(the latest checkpoint of a run); ``python -m jaxopd.models.hf flags --hf_dir DIR``
-prints the ``--config.model.*`` flags that match a checkpoint (for
-``--config.init_from.workdir=DIR``).
+(the latest checkpoint of a run). A run starts a model from an HF directory with
+``--config.models.<role>.init=hf:DIR`` (:mod:`jaxopd.models.table`), its
+architecture read from ``config.json``.
 """
 
 from __future__ import annotations
@@ -42,10 +42,7 @@ from jaxopd.models.transformer import ModelConfig, Transformer
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-# Fields compared between a target model and a checkpoint (HF name of each, for messages).
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": st_io.DTYPES["BF16"], "float16": np.float16}
-ARCH_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ff_dim", "qkv_bias",
-               "rope_theta", "norm_eps", "tie_embeddings", "max_len")
 
 
 # --- config -------------------------------------------------------------------
@@ -109,16 +106,11 @@ def config_from_hf(hf_dir: str, dtype: str = "float32", param_dtype: str = "floa
 
 
 def check_compatible(hf_dir: str, cfg: ModelConfig, where: str = "config.model") -> ModelConfig:
-  """The checkpoint's config; ConfigError ``"{where}: {field}=..."`` where it differs from ``cfg``
-  (``max_len`` only for gpt2, whose positions table depends on it)."""
+  """The checkpoint's config; ConfigError ``"{where}.{field}=..."`` where it differs from ``cfg``
+  (:func:`jaxopd.models.table.compare`)."""
+  from jaxopd.models import table
   theirs = config_from_hf(hf_dir)
-  for f in ARCH_FIELDS:
-    if f == "max_len" and cfg.family != "gpt2" or f == "rope_theta" and cfg.family == "gpt2":
-      continue
-    a, b = getattr(cfg, f), getattr(theirs, f)
-    if a != b:
-      name = {"kv_heads": "n_kv_heads", "ff_dim": "d_ff"}.get(f, f)
-      raise ConfigError(f"{where}: {name}={a!r} but {os.path.join(hf_dir, 'config.json')} has {b!r}")
+  table.compare(cfg, theirs, where, os.path.join(hf_dir, "config.json"))
   return theirs
 
 
@@ -305,9 +297,8 @@ def load_params(hf_dir: str, abstract_params, model_cfg: ModelConfig | None = No
 def abstract_model(cfg: ModelConfig, mesh, rules) -> tuple[Any, Any]:
   """``(graphdef, abstract params)`` of a Transformer, each parameter a ShapeDtypeStruct in
   the NamedSharding its ``logical_axes`` get from ``rules`` (as the trainer shards it)."""
-  from jaxopd.train import tree_shardings   # not at the top: train imports models
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
-  shardings = tree_shardings(state, mesh, rules)
+  shardings = mesh_lib.tree_shardings(state, mesh, rules)
   return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
 
 
@@ -393,43 +384,29 @@ def export(model_or_params, model_config: ModelConfig, out_dir: str, tokenizer=N
 
 
 # --- CLI ----------------------------------------------------------------------
-def export_run(workdir: str, model: str, out_dir: str, model_field: str = "model", tokenizer_dir: str = "") -> int:
-  """Exports model ``model`` of the latest checkpoint of run ``workdir``, its ModelConfig
-  read from ``config.<model_field>`` of the run's config.json; returns the checkpoint step."""
-  rc = _read_json(os.path.join(workdir, "config.json"))
-  node = rc
-  for part in model_field.split("."):
-    if not isinstance(node, dict) or part not in node:
-      raise ConfigError(f"--model_field={model_field!r}: {workdir}/config.json has no config.{model_field}")
-    node = node[part]
-  cfg = ModelConfig.from_config(node)
-  rules = mesh_lib.rules_from_config(rc.get("mesh", {}).get("rules", mesh_lib.DEFAULT_RULES))
-  _, abstract = abstract_model(cfg, mesh_lib.make_mesh((1, -1, 1)), rules)
-  params, step = ckpt_lib.load_params(workdir, model, model, abstract)
-  export(params, cfg, out_dir, load_tokenizer(tokenizer_dir) if tokenizer_dir else None)
-  return step
+def export_run(workdir: str, model: str, out_dir: str, tokenizer_dir: str = "", dtype: str | None = None) -> int:
+  """Exports model ``model`` of the latest checkpoint of run ``workdir`` (its architecture
+  from the run's ``models.json``); returns the checkpoint step."""
+  from jaxopd.models import table
+  params, r = table.load_model(f"run:{os.path.abspath(workdir)}:{model}", model)
+  export(params, r.arch, out_dir, load_tokenizer(tokenizer_dir) if tokenizer_dir else None, dtype)
+  return r.source.step
 
 
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m jaxopd.models.hf", description=__doc__.split("\n")[0])
   sub = ap.add_subparsers(dest="cmd", required=True)
   ex = sub.add_parser("export", help="a run's latest checkpoint -> an HF directory")
-  ex.add_argument("--workdir", required=True, help="the run directory (config.json, checkpoints/)")
-  ex.add_argument("--model", default="policy", help="which model of the run")
+  ex.add_argument("--workdir", required=True, help="the run directory (models.json, checkpoints/)")
+  ex.add_argument("--model", default="policy", help="which model (role) of the run")
   ex.add_argument("--out", required=True, help="output directory")
-  ex.add_argument("--model_field", default="model", help="config field holding that model's ModelConfig")
   ex.add_argument("--tokenizer", default="", help="a tokenizer directory to save alongside (optional)")
-  fl = sub.add_parser("flags", help="the --config.model.* flags matching an HF checkpoint")
-  fl.add_argument("--hf_dir", required=True)
+  ex.add_argument("--dtype", default=None, choices=sorted(EXPORT_DTYPES),
+                  help="dtype of the written tensors (default: the parameters')")
   args = ap.parse_args(argv)
   try:
-    if args.cmd == "export":
-      step = export_run(args.workdir, args.model, args.out, args.model_field, args.tokenizer)
-      print(f"exported {args.model} of {args.workdir} (step {step}) to {args.out}")
-    else:
-      cfg = config_from_hf(args.hf_dir)
-      print(" ".join(f"--config.model.{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-                     if f.name not in ("dtype", "init_std")))
+    step = export_run(args.workdir, args.model, args.out, args.tokenizer, args.dtype)
+    print(f"exported {args.model} of {args.workdir} (step {step}) to {args.out}")
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,0 +1,383 @@
+"""The model table: ``config.models.<role>``, the models a run builds, owned by the trainer.
+
+Each role a method needs (``policy``, ``reference``, ``base``, ``draft``,
+``target`` ...) is one entry, made by :func:`role`:
+
+* ``init``: where its parameters come from:
+  ``random`` (initialised from the seed), ``hf:DIR`` (a Hugging Face directory:
+  ``config.json`` + safetensors, bf16/fp16/fp32, sharded index files included),
+  ``run:WORKDIR[:MODEL][@STEP]`` (model ``MODEL``, default ``policy``, of a
+  jaxopd run's checkpoint at ``STEP``, default its latest), or ``stage:NAME``
+  (the output of the experiment's pipeline stage ``NAME``; its ``prepare``
+  trains the stage and replaces this by ``run:...``. Give a role another init
+  and the stage is not run);
+* ``trainable``: an optimizer group (its key names the group in
+  ``config.optim.groups``) or frozen (no gradient, not checkpointed, reloaded
+  from its source on resume);
+* ``arch``: ``auto`` (the source's architecture: ``config.json`` of ``hf:``,
+  the recorded one of ``run:``; for ``random``, the ``config.model`` block) or
+  the name of a ModelConfig block of this config (``model``, ``target_model``):
+  with ``hf:`` / ``run:`` every field is then checked against the source;
+* ``param_dtype`` (storage: ``float32`` | ``bfloat16``) and ``dtype``
+  (compute). A bf16 frozen reference takes half the memory of a float32 one.
+
+:func:`resolve` turns the table into :class:`Role` s (architecture + pinned
+source) and is the one place that reads sources' metadata; the trainer records
+the resolved table in ``WORKDIR/models.json`` (init as written, the source with
+its step pinned, a fingerprint of its files) and, on resume, reloads frozen
+roles from the recorded step and refuses to go on when a source changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Mapping
+
+import ml_collections
+
+from jaxopd.errors import ConfigError
+from jaxopd.models.transformer import ModelConfig
+
+DTYPES = ("float32", "bfloat16")
+ROLE_FIELDS = ("init", "trainable", "arch", "param_dtype", "dtype")
+RECORD = "models.json"
+_NOT_ARCH = ("dtype", "param_dtype")      # per role, not per architecture
+
+
+def role(init: str = "random", trainable: bool = True, arch: str = "auto", param_dtype: str = "float32",
+         dtype: str = "float32") -> ml_collections.ConfigDict:
+  """One entry of ``config.models`` (fields in the module docstring)."""
+  return ml_collections.ConfigDict(dict(init=init, trainable=trainable, arch=arch, param_dtype=param_dtype,
+                                        dtype=dtype))
+
+
+def arch_block(cfg: ModelConfig | None = None) -> ml_collections.ConfigDict:
+  """A ModelConfig block for a config (``config.model``): the architecture fields only."""
+  d = dataclasses.asdict(cfg or ModelConfig())
+  return ml_collections.ConfigDict({k: v for k, v in d.items() if k not in _NOT_ARCH})
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  kind: str                  # random | hf | run
+  path: str = ""             # absolute
+  model: str = ""            # run: the model of that run
+  step: int | None = None    # run: the checkpoint step (None until resolved)
+
+  def spec(self) -> str:
+    if self.kind == "random":
+      return "random"
+    if self.kind == "hf":
+      return f"hf:{self.path}"
+    return f"run:{self.path}:{self.model}" + ("" if self.step is None else f"@{self.step}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+  name: str
+  arch: ModelConfig          # with the role's dtype and param_dtype
+  trainable: bool
+  source: Source
+
+
+def _bad(name: str, field: str, value, why: str):
+  raise ConfigError(f"config.models.{name}.{field}={value!r}: {why}")
+
+
+def parse_init(name: str, value: str) -> Source:
+  """The :class:`Source` an ``init`` string names (step None = latest); syntax only."""
+  if not isinstance(value, str) or not value:
+    _bad(name, "init", value, "must be random, hf:DIR, run:WORKDIR[:MODEL][@STEP] or stage:NAME")
+  if value == "random":
+    return Source("random")
+  kind, _, rest = value.partition(":")
+  if kind == "stage":
+    _bad(name, "init", value, "a pipeline stage not filled in: run through jaxopd.main (the experiment's prepare "
+                              "trains the stage), or give hf:DIR / run:WORKDIR")
+  if kind == "hf" and rest:
+    return Source("hf", os.path.abspath(rest))
+  if kind == "run" and rest:
+    step = None
+    if "@" in rest:
+      rest, s = rest.rsplit("@", 1)
+      if not s.isdigit():
+        _bad(name, "init", value, f"the step after @ must be an integer, got {s!r}")
+      step = int(s)
+    path, model = rest, "policy"
+    if ":" in rest:
+      path, model = rest.rsplit(":", 1)
+    return Source("run", os.path.abspath(path), model, step)
+  _bad(name, "init", value, "must be random, hf:DIR, run:WORKDIR[:MODEL][@STEP] or stage:NAME")
+
+
+def check_fields(config) -> None:
+  """Syntax of every ``config.models`` entry (no files read); ConfigError naming the field."""
+  if "models" not in config or not len(config.models):
+    raise ConfigError("config.models is empty: the experiment's get_config declares its model roles")
+  for name, r in config.models.items():
+    if not isinstance(r, ml_collections.ConfigDict):
+      raise ConfigError(f"config.models.{name}: must be a role (jaxopd.models.table.role(...)), got {r!r}")
+    extra = sorted(set(r.keys()) - set(ROLE_FIELDS))
+    if extra:
+      _bad(name, extra[0], r[extra[0]], f"unknown field (a role has {', '.join(ROLE_FIELDS)})")
+    for f in ("param_dtype", "dtype"):
+      if r[f] not in DTYPES:
+        _bad(name, f, r[f], f"must be one of {DTYPES}")
+    if r.arch != "auto" and (r.arch not in config or not isinstance(config[r.arch], ml_collections.ConfigDict)):
+      _bad(name, "arch", r.arch, "must be auto or the name of a ModelConfig block of this config (e.g. model)")
+    if isinstance(r.init, str) and r.init.startswith("stage:"):
+      continue
+    parse_init(name, r.init)
+
+
+def uses_stage(config, stage: str) -> list[str]:
+  """The roles whose init is ``stage:<stage>``."""
+  return [n for n, r in config.models.items() if r.init == f"stage:{stage}"]
+
+
+def fill_stage(config, stage: str, init: str) -> list[str]:
+  """Replaces ``stage:<stage>`` by ``init`` (a ``run:`` source) in every role; returns those roles."""
+  names = uses_stage(config, stage)
+  for n in names:
+    config.models[n].init = init
+  return names
+
+
+def _block(config, name: str, block: str) -> ModelConfig:
+  try:
+    d = {k: v for k, v in dict(config[block]).items() if k not in _NOT_ARCH}
+    unknown = set(d) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+      raise ConfigError(f"config.{block}: unknown fields {sorted(unknown)}")
+    return ModelConfig(**d).validate(prefix=f"config.{block}")
+  except TypeError as e:
+    raise ConfigError(f"config.{block} (arch of config.models.{name}): {e}") from None
+
+
+def run_record(workdir: str) -> dict:
+  """``WORKDIR/models.json`` of a jaxopd run ({} when absent)."""
+  path = os.path.join(workdir, RECORD)
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+# Architecture fields compared between a block and a source (derived sizes: d_ff=0 means the default width).
+ARCH_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ff_dim", "qkv_bias",
+               "rope_theta", "norm_eps", "tie_embeddings", "max_len")
+
+
+def compare(ours: ModelConfig, theirs: ModelConfig, ours_name: str, where: str, note: str = ""):
+  """ConfigError ``"{ours_name}.{field}=... but {where} has ..."`` at the first architecture
+  field that differs (``max_len`` only for gpt2, whose positions table depends on it)."""
+  for f in ARCH_FIELDS:
+    if f == "max_len" and ours.family != "gpt2" or f == "rope_theta" and ours.family == "gpt2":
+      continue
+    a, b = getattr(ours, f), getattr(theirs, f)
+    if a != b:
+      field = {"kv_heads": "n_kv_heads", "ff_dim": "d_ff"}.get(f, f)
+      raise ConfigError(f"{ours_name}.{field}={a!r}{note} but {where} has {b!r}")
+
+
+def _compare(name: str, ours: ModelConfig, theirs: ModelConfig, block: str, where: str):
+  compare(ours, theirs, f"config.{block}", where, f" (arch of config.models.{name})")
+
+
+def latest_step(workdir: str) -> int | None:
+  from jaxopd import checkpoint as ckpt_lib
+  return ckpt_lib.latest_step(workdir)
+
+
+def resolve(config, pinned: Mapping[str, dict] | None = None) -> dict[str, Role]:
+  """``config.models`` -> ``{role: Role}``: architectures read, ``run:`` steps pinned.
+
+  ``pinned``: a run's recorded table (:func:`record`); a role whose ``init``
+  is unchanged keeps the recorded step instead of the source's latest.
+  """
+  from jaxopd.models import hf
+  check_fields(config)
+  out = {}
+  for name, r in config.models.items():
+    src = parse_init(name, r.init)
+    dtypes = dict(dtype=r.dtype, param_dtype=r.param_dtype)
+    if src.kind == "random":
+      arch = _block(config, name, "model" if r.arch == "auto" else r.arch)
+    elif src.kind == "hf":
+      if not hf.is_hf_dir(src.path):
+        _bad(name, "init", r.init, f"{src.path} is not a Hugging Face model directory (config.json and "
+                                   f"*.safetensors)")
+      arch = hf.config_from_hf(src.path)
+      if r.arch != "auto":
+        _compare(name, _block(config, name, r.arch), arch, r.arch, os.path.join(src.path, "config.json"))
+    else:
+      rec = run_record(src.path)
+      if not os.path.isdir(os.path.join(src.path, "checkpoints")):
+        _bad(name, "init", r.init, f"{src.path} has no checkpoints/ (not a jaxopd run, or not trained yet)")
+      if src.model not in rec:
+        _bad(name, "init", r.init, f"{os.path.join(src.path, RECORD)} has no model {src.model!r}"
+                                   + (f" (it has {sorted(rec)})" if rec else " (no such file: not a jaxopd run "
+                                                                              "of this version)"))
+      step = src.step
+      if step is None and pinned and name in pinned and pinned[name].get("init") == r.init:
+        step = pinned[name]["step"]
+      if step is None:
+        step = latest_step(src.path)
+      if step is None or not os.path.isdir(os.path.join(src.path, "checkpoints", str(step))):
+        _bad(name, "init", r.init, f"{src.path} has no checkpoint at step {step}")
+      src = dataclasses.replace(src, step=int(step))
+      arch = ModelConfig(**{k: v for k, v in rec[src.model]["arch"].items() if k not in _NOT_ARCH})
+      if r.arch != "auto":
+        _compare(name, _block(config, name, r.arch), arch, r.arch, f"{src.spec()} ({RECORD})")
+    arch = dataclasses.replace(arch, **dtypes).validate(prefix=f"config.models.{name} architecture")
+    out[name] = Role(name, arch, bool(r.trainable), src)
+  return out
+
+
+def check_roles(roles: Mapping[str, Role], declared: Mapping[str, bool], method: str = "this experiment"):
+  """The table against the roles a method declares (``name -> trainable``): a missing or
+  extra role, or one whose trainability the method cannot use, is a ConfigError."""
+  missing = [n for n in declared if n not in roles]
+  if missing:
+    raise ConfigError(f"config.models.{missing[0]}: {method} needs the roles {sorted(declared)}; "
+                      f"config.models has {sorted(roles)}")
+  extra = [n for n in roles if n not in declared]
+  if extra:
+    raise ConfigError(f"config.models.{extra[0]}: {method} uses no role {extra[0]!r} (its roles: "
+                      f"{sorted(declared)}); remove it")
+  for n, trainable in declared.items():
+    if roles[n].trainable != trainable:
+      raise ConfigError(f"config.models.{n}.trainable={roles[n].trainable}: {method}'s {n} is "
+                        f"{'trained' if trainable else 'frozen'}")
+
+
+# --- records --------------------------------------------------------------------------------
+def _files(src: Source) -> list[str]:
+  if src.kind == "hf":
+    names = [n for n in sorted(os.listdir(src.path)) if n.endswith((".safetensors", ".json"))
+             and not n.startswith(("tokenizer", "special_tokens", "generation_config"))]
+    return [os.path.join(src.path, n) for n in names]
+  if src.kind == "run":
+    root = os.path.join(src.path, "checkpoints", str(src.step), "params")
+    out = []
+    for d, _, files in os.walk(root):
+      out += [os.path.join(d, f) for f in files]
+    return sorted(out)
+  return []
+
+
+def fingerprint(src: Source, window: int = 1 << 16) -> str:
+  """A hash of a source's weight files: each file's name, size and three 64 KiB windows
+  (start, middle, end); cheap at any size, and any rewrite of the weights changes it."""
+  h = hashlib.sha256()
+  for path in _files(src):
+    size = os.path.getsize(path)
+    h.update(f"{os.path.relpath(path, src.path)}:{size}".encode())
+    with open(path, "rb") as f:
+      for at in sorted({0, max(size // 2 - window // 2, 0), max(size - window, 0)}):
+        f.seek(at)
+        h.update(f.read(window))
+  return h.hexdigest()[:16]
+
+
+def record(config, roles: Mapping[str, Role]) -> dict:
+  """The table as ``models.json`` holds it."""
+  out = {}
+  for name, r in roles.items():
+    out[name] = {"init": config.models[name].init, "source": r.source.spec(), "step": r.source.step,
+                 "fingerprint": fingerprint(r.source), "trainable": r.trainable,
+                 "arch": dataclasses.asdict(r.arch)}
+  return out
+
+
+def add_heads(rec: dict, heads: Mapping[str, object]) -> dict:
+  """Trainable modules that are not LMs (a mask head) are listed too, without an architecture."""
+  return {**rec, **{n: {"init": "random", "source": "random", "step": None, "fingerprint": fingerprint(Source("random")),
+                        "trainable": True, "arch": None} for n in heads}}
+
+
+def check_resume(recorded: Mapping[str, dict], now: Mapping[str, dict], workdir: str):
+  """Refuses a resume whose model sources differ from the recorded ones (one line naming the role)."""
+  for name in sorted(set(recorded) | set(now)):
+    if name not in now or name not in recorded:
+      raise ConfigError(f"config.models.{name}: this run ({workdir}) was started with the roles "
+                        f"{sorted(recorded)}; the config now has {sorted(now)}")
+    a, b = recorded[name], now[name]
+    for field in ("source", "fingerprint", "arch", "trainable"):
+      if a.get(field) != b.get(field):
+        what = {"fingerprint": "its weight files changed since this run started",
+                "arch": "its architecture differs from the one this run started with",
+                "trainable": "its trainability differs from the one this run started with",
+                "source": "its source differs from the one this run started with"}[field]
+        raise ConfigError(f"config.models.{name}: cannot resume {workdir}: {what} (recorded {a.get(field)!r}, "
+                          f"now {b.get(field)!r}); use a new workdir")
+
+
+def write_record(workdir: str, rec: dict) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, RECORD + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(rec, f, indent=2)
+  os.replace(tmp, os.path.join(workdir, RECORD))
+
+
+def describe(roles: Mapping[str, Role]) -> str:
+  parts = []
+  for n, r in roles.items():
+    a = r.arch
+    parts.append(f"{n} ({'trained' if r.trainable else 'frozen'}, {a.family} d{a.d_model} L{a.n_layers} "
+                 f"V{a.vocab_size}, params {a.param_dtype}) <- {r.source.spec()}")
+  return "models: " + "; ".join(parts)
+
+
+# --- loading ----------------------------------------------------------------------------------
+def load(r: Role, abstract_params):
+  """Role ``r``'s parameters from its source, into the shardings and dtypes of
+  ``abstract_params`` (each device reads its own slices)."""
+  from jaxopd import checkpoint as ckpt_lib
+  from jaxopd.models import hf
+  if r.source.kind == "hf":
+    return hf.load_params(r.source.path, abstract_params, r.arch, where=f"config.models.{r.name}")
+  if r.source.kind == "run":
+    params, _ = ckpt_lib.load_params(r.source.path, r.source.model, r.name, abstract_params, r.source.step)
+    return params
+  raise ValueError(f"config.models.{r.name}: a random role has no source to load")
+
+
+def load_model(init: str, name: str = "model", dtype: str = "float32", param_dtype: str = "float32", mesh=None,
+               rules=None):
+  """A Transformer from an ``init`` string (``hf:DIR`` or ``run:WORKDIR[:MODEL][@STEP]``), on
+  ``mesh`` (default: the first device); for host-side work outside a run (preference
+  construction, reports). Returns ``(model, Role)``."""
+  from flax import nnx
+
+  from jaxopd import mesh as mesh_lib
+  from jaxopd.models import hf
+  c = ml_collections.ConfigDict({"models": {name: role(init, False, "auto", param_dtype, dtype)}})
+  r = resolve(c)[name]
+  mesh = mesh_lib.make_mesh((1, 1, 1), 1) if mesh is None else mesh
+  rules = mesh_lib.rules_from_config(mesh_lib.DEFAULT_RULES if rules is None else rules)
+  graphdef, abstract = hf.abstract_model(r.arch, mesh, rules)
+  return nnx.merge(graphdef, load(r, abstract)), r
+
+
+def arch(config, name: str) -> ModelConfig:
+  """The resolved architecture of role ``name`` (for an experiment's build: vocabulary checks,
+  sampler sizes)."""
+  if name not in config.models:
+    raise ConfigError(f"config.models.{name}: missing (this experiment uses it); config.models has "
+                      f"{sorted(config.models)}")
+  return resolve(config)[name].arch
+
+
+def tokenizer_dir(config, name: str = "policy") -> str:
+  """Role ``name``'s ``hf:`` directory when it holds a tokenizer, else ""."""
+  from jaxopd.models import hf
+  r = config.models.get(name)
+  if r is None or not isinstance(r.init, str) or not r.init.startswith("hf:"):
+    return ""
+  path = os.path.abspath(r.init[3:])
+  return path if any(os.path.isfile(os.path.join(path, f)) for f in hf.TOKENIZER_FILES) else ""
