@@ -107,7 +107,8 @@ class Experiment:
 
 
 def parse_arg(arg: str | None, presets: Iterable[str] = ()) -> dict:
-  """``"smoke,beta=0.2"`` -> ``{"smoke": True, "beta": "0.2"}``; unknown bare words raise."""
+  """``"smoke,tdpo1"`` -> ``{"smoke": True, "tdpo1": True}``; an unknown word raises, and so does
+  ``key=value`` (set fields with ``--config.key=value``: one way to override, never ignored)."""
   out: dict[str, Any] = {}
   presets = set(presets)
   for part in (arg or "").split(","):
@@ -116,11 +117,11 @@ def parse_arg(arg: str | None, presets: Iterable[str] = ()) -> dict:
       continue
     if "=" in part:
       k, v = part.split("=", 1)
-      out[k.strip()] = v.strip()
-    else:
-      if part not in presets:
-        raise ValueError(f"config preset {part!r} is unknown; known presets: {sorted(presets)}")
-      out[part] = True
+      raise ValueError(f"config preset {part!r}: presets are names only; set the field with "
+                       f"--config.{k.strip()}={v.strip()}")
+    if part not in presets:
+      raise ValueError(f"config preset {part!r} is unknown; known presets: {sorted(presets)}")
+    out[part] = True
   return out
 
 
