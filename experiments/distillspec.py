@@ -540,7 +540,7 @@ def report(config, workdir: str, summary: dict):
   params, frozen = summary["trainer"].models(summary["state"], summary["frozen"])
   target, distilled = frozen["target"], params["draft"]
   drafts = {"distilled": distilled}
-  if not config.models.draft.init.startswith("random"):
+  if config.models.draft.init != "random":
     drafts = {"draft_sft": table.load_model(config.models.draft.init, "draft")[0], **drafts}
   m = config.method
   res = {"method": {k: m[k] for k in ("divergence", "beta", "temperature", "data", "mix_lambda", "mix_with")},

@@ -152,13 +152,12 @@ def build(config) -> Experiment:
     test_recs = [dict(r, gold=gold_tokens(suite, r["tokens"])) for r in test_recs]
   loss_fn = sparsepo.make_loss_fn(m.mask, m.shared, m.beta, m.lambda_u, m.lambda_d, m.kl_chunk)
 
-  init_heads = None
-  if m.mask == "learned":
-    def init_heads(rng):
-      return {"mask": sparsepo.SparseMask(model_cfg.n_layers, model_cfg.d_model, m.shared, nnx.Rngs(params=rng),
-                                          m.mask_init)}
+  def init_heads(rng):
+    return {"mask": sparsepo.SparseMask(model_cfg.n_layers, model_cfg.d_model, m.shared, nnx.Rngs(params=rng),
+                                        m.mask_init)}
 
-  return Experiment(roles={"policy": True, "reference": False}, init_heads=init_heads, loss_fn=loss_fn,
+  return Experiment(roles={"policy": True, "reference": False},
+                    init_heads=init_heads if m.mask == "learned" else None, loss_fn=loss_fn,
                     train_data=lambda shard: batched_iterator(train_recs, shard),
                     eval_data=(lambda shard: batched_iterator(test_recs, shard, shuffle=False, repeat=False))
                     if test_recs else None,

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from jaxopd import checkpoint as ckpt_lib
 from jaxopd import config as config_lib
@@ -126,8 +126,6 @@ class Trainer:
       if clash:
         raise TypeError(f"init_heads: {clash[0]!r} is also a model role")
       trainable.update(heads)
-    if not trainable:
-      raise config_lib.ConfigError(f"config.models: no role is trainable ({sorted(models)})")
     return trainable, frozen
 
   # --- state -----------------------------------------------------------------

@@ -1,7 +1,6 @@
 """DistillSpec: the rollout's data sources, the loss, on-policy TVD training on a
 toy pair raising the measured acceptance, and the pipeline on smoke sizes."""
 
-import dataclasses
 import json
 import os
 

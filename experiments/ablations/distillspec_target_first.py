@@ -100,7 +100,7 @@ def compare(out, small_target, small_draft, teacher_draft, rounds) -> dict:
   def cfg(workdir):
     with open(os.path.join(workdir, "config.json")) as f:
       return ml_collections.ConfigDict(json.load(f))
-  c_small, c_draft, c_tdraft = cfg(small_target), cfg(small_draft), cfg(teacher_draft)
+  c_small, c_draft = cfg(small_target), cfg(small_draft)
   load = lambda workdir, source: ds.on_one_device(ds.load_model(workdir, source))
   teacher = load(c_small.target.workdir, "policy")
   small = load(small_target, "draft")

@@ -89,13 +89,6 @@ class ReviewsPreferences(tfds.core.GeneratorBasedBuilder):
       yield i, ex
 
 
-def load_policy(workdir: str, step: int | None = None):
-  """The ``policy`` model of a run (checkpoint ``step``, default the latest), on one device."""
-  from jaxopd.models import table
-  model, r = table.load_model(f"run:{workdir}:policy" + ("" if step is None else f"@{step}"), "policy")
-  return model, r.source.step
-
-
 def generate(c: PreferencesConfig, split: str, n: int, data_dir: str):
   """Yields ``{"prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"}`` texts
   for the first ``n`` prompts of ``split``."""
@@ -103,7 +96,8 @@ def generate(c: PreferencesConfig, split: str, n: int, data_dir: str):
   from jaxopd.data.tokenizer import load_tokenizer
   from jaxopd.sampling import SamplingConfig, sample
 
-  policy, _ = load_policy(c.policy_workdir, c.policy_step)
+  from jaxopd.models import table
+  policy, _ = table.load_model(f"run:{c.policy_workdir}:policy@{c.policy_step}", "policy")
   prompts_cfg = tfds_builders.prompts_config(c.world_seed, c.prompts_num_train, c.prompts_num_test,
                                              c.prompt_min_words, c.prompt_max_words)
   src = tfds_builders.load("reviews_prompts", split, prompts_cfg, data_dir)

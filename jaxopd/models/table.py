@@ -183,13 +183,44 @@ def compare(ours: ModelConfig, theirs: ModelConfig, ours_name: str, where: str, 
       raise ConfigError(f"{ours_name}.{field}={a!r}{note} but {where} has {b!r}")
 
 
-def _compare(name: str, ours: ModelConfig, theirs: ModelConfig, block: str, where: str):
-  compare(ours, theirs, f"config.{block}", where, f" (arch of config.models.{name})")
-
-
-def latest_step(workdir: str) -> int | None:
+def _resolve_role(config, name: str, pinned: Mapping[str, dict] | None = None) -> Role:
+  """Role ``name`` of ``config.models`` with its architecture read and a ``run:`` step pinned
+  (see :func:`resolve`)."""
   from jaxopd import checkpoint as ckpt_lib
-  return ckpt_lib.latest_step(workdir)
+  from jaxopd.models import hf
+  r = config.models[name]
+  src = parse_init(name, r.init)
+  note = f" (arch of config.models.{name})"
+  if src.kind == "random":
+    arch = _block(config, name, "model" if r.arch == "auto" else r.arch)
+  elif src.kind == "hf":
+    if not hf.is_hf_dir(src.path):
+      _bad(name, "init", r.init, f"{src.path} is not a Hugging Face model directory (config.json and "
+                                 f"*.safetensors)")
+    arch = hf.config_from_hf(src.path)
+    if r.arch != "auto":
+      compare(_block(config, name, r.arch), arch, f"config.{r.arch}", os.path.join(src.path, "config.json"), note)
+  else:
+    rec = run_record(src.path)
+    if not os.path.isdir(os.path.join(src.path, "checkpoints")):
+      _bad(name, "init", r.init, f"{src.path} has no checkpoints/ (not a jaxopd run, or not trained yet)")
+    if src.model not in rec:
+      _bad(name, "init", r.init, f"{os.path.join(src.path, RECORD)} has no model {src.model!r}"
+                                 + (f" (it has {sorted(rec)})" if rec else " (no such file: not a jaxopd run "
+                                                                            "of this version)"))
+    step = src.step
+    if step is None and pinned and name in pinned and pinned[name].get("init") == r.init:
+      step = pinned[name]["step"]
+    if step is None:
+      step = ckpt_lib.latest_step(src.path)
+    if step is None or not os.path.isdir(os.path.join(src.path, "checkpoints", str(step))):
+      _bad(name, "init", r.init, f"{src.path} has no checkpoint at step {step}")
+    src = dataclasses.replace(src, step=int(step))
+    arch = ModelConfig(**{k: v for k, v in rec[src.model]["arch"].items() if k not in _NOT_ARCH})
+    if r.arch != "auto":
+      compare(_block(config, name, r.arch), arch, f"config.{r.arch}", f"{src.spec()} ({RECORD})", note)
+  arch = dataclasses.replace(arch, dtype=r.dtype, param_dtype=r.param_dtype)
+  return Role(name, arch.validate(prefix=f"config.models.{name} architecture"), bool(r.trainable), src)
 
 
 def resolve(config, pinned: Mapping[str, dict] | None = None) -> dict[str, Role]:
@@ -198,43 +229,8 @@ def resolve(config, pinned: Mapping[str, dict] | None = None) -> dict[str, Role]
   ``pinned``: a run's recorded table (:func:`record`); a role whose ``init``
   is unchanged keeps the recorded step instead of the source's latest.
   """
-  from jaxopd.models import hf
   check_fields(config)
-  out = {}
-  for name, r in config.models.items():
-    src = parse_init(name, r.init)
-    dtypes = dict(dtype=r.dtype, param_dtype=r.param_dtype)
-    if src.kind == "random":
-      arch = _block(config, name, "model" if r.arch == "auto" else r.arch)
-    elif src.kind == "hf":
-      if not hf.is_hf_dir(src.path):
-        _bad(name, "init", r.init, f"{src.path} is not a Hugging Face model directory (config.json and "
-                                   f"*.safetensors)")
-      arch = hf.config_from_hf(src.path)
-      if r.arch != "auto":
-        _compare(name, _block(config, name, r.arch), arch, r.arch, os.path.join(src.path, "config.json"))
-    else:
-      rec = run_record(src.path)
-      if not os.path.isdir(os.path.join(src.path, "checkpoints")):
-        _bad(name, "init", r.init, f"{src.path} has no checkpoints/ (not a jaxopd run, or not trained yet)")
-      if src.model not in rec:
-        _bad(name, "init", r.init, f"{os.path.join(src.path, RECORD)} has no model {src.model!r}"
-                                   + (f" (it has {sorted(rec)})" if rec else " (no such file: not a jaxopd run "
-                                                                              "of this version)"))
-      step = src.step
-      if step is None and pinned and name in pinned and pinned[name].get("init") == r.init:
-        step = pinned[name]["step"]
-      if step is None:
-        step = latest_step(src.path)
-      if step is None or not os.path.isdir(os.path.join(src.path, "checkpoints", str(step))):
-        _bad(name, "init", r.init, f"{src.path} has no checkpoint at step {step}")
-      src = dataclasses.replace(src, step=int(step))
-      arch = ModelConfig(**{k: v for k, v in rec[src.model]["arch"].items() if k not in _NOT_ARCH})
-      if r.arch != "auto":
-        _compare(name, _block(config, name, r.arch), arch, r.arch, f"{src.spec()} ({RECORD})")
-    arch = dataclasses.replace(arch, **dtypes).validate(prefix=f"config.models.{name} architecture")
-    out[name] = Role(name, arch, bool(r.trainable), src)
-  return out
+  return {name: _resolve_role(config, name, pinned) for name in config.models}
 
 
 def check_roles(roles: Mapping[str, Role], declared: Mapping[str, bool], method: str = "this experiment"):
@@ -370,7 +366,8 @@ def arch(config, name: str) -> ModelConfig:
   if name not in config.models:
     raise ConfigError(f"config.models.{name}: missing (this experiment uses it); config.models has "
                       f"{sorted(config.models)}")
-  return resolve(config)[name].arch
+  check_fields(config)
+  return _resolve_role(config, name).arch
 
 
 def tokenizer_dir(config, name: str = "policy") -> str:

@@ -280,7 +280,6 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    pd = jnp.dtype(cfg.param_dtype)
     self.ln1 = Norm(cfg)
     self.attn = Attention(cfg, rngs)
     self.ln2 = Norm(cfg)
@@ -297,8 +296,8 @@ class Transformer(nnx.Module):
   """Decoder-only LM. ``model(tokens) -> Output(logits [B, T, V], hidden, cache)``."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    pd = jnp.dtype(cfg.param_dtype)
     cfg.validate()
+    pd = jnp.dtype(cfg.param_dtype)
     self.cfg = cfg
     self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
     self.pos_embed = (_param(rngs, (cfg.max_len, cfg.d_model), ("positions", "embed"), cfg.init_std / 2, pd)
