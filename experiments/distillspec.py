@@ -62,7 +62,8 @@ from jaxopd import config as config_lib
 from jaxopd import train
 from jaxopd.data import batched_iterator, suite as suite_lib
 from jaxopd.errors import ConfigError
-from jaxopd.evaluation import acceptance_on_draft_prefixes, block_efficiency, evaluate_policy, speedup
+from jaxopd.evaluation import acceptance_on_draft_prefixes, block_efficiency, compiled, evaluate_policy, speedup
+from jaxopd.evaluation import sampler as sample_call
 from jaxopd.experiment import Experiment, LossOutput, load_module, parse_arg
 from jaxopd.losses import DIVERGENCES, sft_loss, token_divergence_loss
 from jaxopd.models import Transformer, table
@@ -380,51 +381,40 @@ def make_evaluate(config, suite):
   return evaluate
 
 
-# --- measurements (host side, jitted once per model structure and config) --------------
+# --- measurements (host side, compiled once per model structure and config) --------------
 
-_JIT: dict = {}
+def _prefix_acceptance(cfg, target, draft, prompt, plen, rng):
+  return acceptance_on_draft_prefixes(target, draft, prompt, plen, rng, cfg)
 
 
-def _jitted(key, make):
-  fn = _JIT.get(key)
-  if fn is None:
-    fn = _JIT[key] = jax.jit(make())
-  return fn
+def _speculative(cfg, gamma, lenience, target, draft, prompt, plen, rng):
+  return speculative_sample(target, draft, prompt, plen, rng, cfg, gamma, lenience)
+
+
+def nll_sums(model, tokens, loss_mask):
+  """``(NLL sum, token count)`` of ``model`` on the masked tokens (for :func:`compiled`)."""
+  return sft_loss(model(tokens).logits, tokens, loss_mask)[:2]
 
 
 def prefix_acceptance(target, draft, prompt, plen, rng, cfg: SamplingConfig) -> float:
   """alpha on draft-generated prefixes: argmax agreement if ``cfg.greedy``, else ``1 - TVD``."""
-  (gt, st), (gd, sd) = nnx.split(target), nnx.split(draft)
-  fn = _jitted(("prefix", gt, gd, cfg), lambda: lambda st, sd, p, l, r: acceptance_on_draft_prefixes(
-      nnx.merge(gt, st), nnx.merge(gd, sd), p, l, r, cfg))
-  acc = fn(st, sd, jnp.asarray(prompt), jnp.asarray(plen), rng)
+  acc = compiled(_prefix_acceptance, (cfg,), target, draft)(jnp.asarray(prompt), jnp.asarray(plen), rng)
   return float(acc.greedy if cfg.greedy else acc.sampling)
 
 
 def sd_call(target, draft, cfg: SamplingConfig, gamma: int, lenience: float = 1.0):
-  """``f(prompt, prompt_len, rng) -> SpecOutput``: jitted speculative decoding with these models."""
-  (gt, st), (gd, sd) = nnx.split(target), nnx.split(draft)
-  fn = _jitted(("sd", gt, gd, cfg, gamma, lenience), lambda: lambda st, sd, p, l, r: speculative_sample(
-      nnx.merge(gt, st), nnx.merge(gd, sd), p, l, r, cfg, gamma, lenience))
-  return lambda p, l, r: fn(st, sd, jnp.asarray(p), jnp.asarray(l), r)
-
-
-def sample_call(model, cfg: SamplingConfig):
-  """``f(prompt, prompt_len, rng) -> SampleOutput``: the jitted plain sampler."""
-  g, s = nnx.split(model)
-  fn = _jitted(("sample", g, cfg), lambda: lambda s, p, l, r: sample(nnx.merge(g, s), p, l, r, cfg))
-  return lambda p, l, r: fn(s, jnp.asarray(p), jnp.asarray(l), r)
+  """``f(prompt, prompt_len, rng) -> SpecOutput``: compiled speculative decoding with these models."""
+  fn = compiled(_speculative, (cfg, gamma, lenience), target, draft)
+  return lambda p, l, r: fn(jnp.asarray(p), jnp.asarray(l), r)
 
 
 def heldout_nll(model, records, batch: int = 64) -> float:
   """Per-token NLL (nats) of ``model`` on SFT records (held-out corpus reviews)."""
-  g, s = nnx.split(model)
-  fn = _jitted(("nll", g), lambda: lambda s, t, m: sft_loss(nnx.merge(g, s)(t).logits, t, m)[:2])
+  fn = compiled(nll_sums, (), model)
   nll = n = 0.0
   for i in range(0, len(records) - batch + 1, batch):    # whole batches: one compiled shape
     rows = records[i:i + batch]
-    a, b = fn(s, jnp.asarray(np.stack([r["tokens"] for r in rows])),
-              jnp.asarray(np.stack([r["loss_mask"] for r in rows])))
+    a, b = fn(jnp.asarray(np.stack([r["tokens"] for r in rows])), jnp.asarray(np.stack([r["loss_mask"] for r in rows])))
     nll, n = nll + float(a), n + float(b)
   return nll / max(n, 1.0)
 

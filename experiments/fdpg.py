@@ -52,7 +52,7 @@ from jaxopd import config as config_lib
 from jaxopd import fdpg, train
 from jaxopd.data import batched_iterator, reviews, suite as suite_lib
 from jaxopd.errors import ConfigError
-from jaxopd.evaluation import distinct_n, self_bleu, to_host, token_entropy
+from jaxopd.evaluation import compiled, distinct_n, self_bleu, to_host, token_entropy
 from jaxopd.experiment import Experiment, load_module, parse_arg
 from jaxopd.losses import response_mask, token_logprobs
 from jaxopd.losses.fdpg import F_DIVERGENCES, divergence_estimates
@@ -251,6 +251,13 @@ def prepare(config, workdir: str):
   return config
 
 
+def _draw_with_features(scfg, target, with_features, model, prompt, plen, rng):
+  """Samples of ``model`` and the target's features of them (zeros when it has none)."""
+  out = sample(model, prompt, plen, rng, scfg)
+  feats = target.features(out.tokens, out.loss_mask) if with_features else jnp.zeros((prompt.shape[0], 1))
+  return out.tokens, out.loss_mask, feats
+
+
 def _fit_target(config, workdir: str) -> dict:
   """lambda (distributional) and the true target's log Z per evaluation context, from base samples.
 
@@ -279,16 +286,9 @@ def _fit_target(config, workdir: str) -> dict:
   base, _ = table.load_model(config.models.base.init, "base")
   k = _eval_contexts(config)
   prompt, plen = _prompts(config, suite, "test", k)
-  gd, state = nnx.split(base)
   scfg = _scfg(config, suite.tokenizer)
   target0 = make_target(config, suite, lambdas=(0.0,))
-
-  @jax.jit
-  def draw(state, prompt, plen, rng):
-    model = nnx.merge(gd, state)
-    out = sample(model, prompt, plen, rng, scfg)
-    feats = target0.features(out.tokens, out.loss_mask) if m.target != "rlhf" else jnp.zeros((prompt.shape[0], 1))
-    return out.tokens, out.loss_mask, feats
+  draw = compiled(_draw_with_features, (scfg, target0, m.target != "rlhf"), base)
 
   chunk = 512
   feats, log_phi_extra, ctx_ids = [], [], []
@@ -298,8 +298,7 @@ def _fit_target(config, workdir: str) -> dict:
     while done < m.fit_samples:
       n = min(chunk, m.fit_samples - done)
       rng, sub = jax.random.split(rng)
-      toks, mask, f = jax.device_get(draw(state, np.repeat(prompt[ci:ci + 1], n, 0), np.repeat(plen[ci:ci + 1], n),
-                                          sub))
+      toks, mask, f = jax.device_get(draw(np.repeat(prompt[ci:ci + 1], n, 0), np.repeat(plen[ci:ci + 1], n), sub))
       feats.append(np.asarray(f, np.float64))
       if m.target == "rlhf":
         log_phi_extra.append(np.asarray(target0.reward_fn(toks, mask), np.float64) / m.reward_beta)
@@ -385,26 +384,8 @@ def make_evaluate(config, suite, target: fdpg.Target):
   rng = jax.random.PRNGKey(config.seed + 1)
 
   def evaluate(params, frozen, step):
-    policy, base = params["policy"], frozen["base"]
-    gd, st = nnx.split(policy)
-    bgd, bst = nnx.split(base)
-    key = (gd, bgd, scfg, target)          # module-level: report() reuses training's compiled evaluation
-    fn = _EVAL_FNS.get(key)
-    if fn is None:
-      def run(st, bst, prompt, plen, log_z, rng):
-        pol, b = nnx.merge(gd, st), nnx.merge(bgd, bst)
-        out = sample(pol, prompt, plen, rng, scfg)
-        m = response_mask(out.loss_mask)
-        logits = pol(out.tokens).logits
-        pi = jnp.sum(token_logprobs(logits, out.tokens) * m, 1)
-        a = jnp.sum(token_logprobs(b(out.tokens).logits, out.tokens) * m, 1)
-        log_p_score = a + target.log_phi(out.tokens, out.loss_mask)
-        res = {f"target/{n}": v for n, v in divergence_estimates(pi, pi, log_p_score, log_z).items()}
-        res.update({"alignment": jnp.mean(target.alignment(out.tokens, out.loss_mask)),
-                    "kl_base": jnp.mean(pi - a), "entropy": token_entropy(logits[:, :-1], m)})
-        return out.tokens, out.loss_mask, res
-      fn = _EVAL_FNS[key] = jax.jit(run)
-    toks, mask, res = to_host(fn(st, bst, prompt, plen, log_z, rng))
+    fn = compiled(_sample_and_score, (scfg, target), params["policy"], frozen["base"])
+    toks, mask, res = to_host(fn(prompt, plen, log_z, rng))
     resp = [t[mm == 1].tolist() for t, mm in zip(np.asarray(toks), np.asarray(mask))]
     out = {f"sample/{n}": float(v) for n, v in res.items()}
     out.update({"sample/distinct1": distinct_n(resp, 1), "sample/distinct2": distinct_n(resp, 2),
@@ -414,7 +395,19 @@ def make_evaluate(config, suite, target: fdpg.Target):
   return evaluate
 
 
-_EVAL_FNS: dict = {}
+def _sample_and_score(scfg, target, policy, base, prompt, plen, log_z, rng):
+  """Samples of the policy scored against the true target: IS divergence estimates, alignment,
+  KL to the base, entropy (one compiled call; report() reuses training's through jax's cache)."""
+  out = sample(policy, prompt, plen, rng, scfg)
+  m = response_mask(out.loss_mask)
+  logits = policy(out.tokens).logits
+  pi = jnp.sum(token_logprobs(logits, out.tokens) * m, 1)
+  a = jnp.sum(token_logprobs(base(out.tokens).logits, out.tokens) * m, 1)
+  log_p_score = a + target.log_phi(out.tokens, out.loss_mask)
+  res = {f"target/{n}": v for n, v in divergence_estimates(pi, pi, log_p_score, log_z).items()}
+  res.update({"alignment": jnp.mean(target.alignment(out.tokens, out.loss_mask)),
+              "kl_base": jnp.mean(pi - a), "entropy": token_entropy(logits[:, :-1], m)})
+  return out.tokens, out.loss_mask, res
 
 KEYS = ("sample/alignment", "sample/target/kl_target_policy", "sample/target/kl_policy_target", "sample/target/tv",
         "sample/target/js", "sample/kl_base", "sample/entropy", "sample/distinct2", "sample/self_bleu")

@@ -38,6 +38,7 @@ from flax import nnx
 from jaxopd import sparsepo
 from jaxopd.data import batched_iterator, preferences, reviews, suite as suite_lib
 from jaxopd.errors import ConfigError
+from jaxopd.evaluation import compiled
 from jaxopd.experiment import Experiment, load_module, parse_arg
 from jaxopd.models import table
 
@@ -164,27 +165,18 @@ def build(config) -> Experiment:
                     evaluate=make_evaluate(config, suite, test_recs) if suite is not None else None)
 
 
-_WEIGHTS_CACHE: dict = {}
+def _token_weights(mask, reference, mask_model, tokens, loss_mask):
+  from jaxopd.losses import response_mask
+  ref_logits, hidden = sparsepo.reference_outputs(reference, tokens)
+  m = response_mask(loss_mask)
+  w_u, w_d = sparsepo.token_weights(mask, mask_model, hidden, ref_logits, m)
+  return w_u, w_d, m
 
 
 def mask_weights(config, mask_model, reference, tokens, loss_mask):
   """Token weights on ``tokens[N, T]``: ``(w_u, w_d, m)`` numpy ``[N, T-1]`` (entry t weights token t+1)."""
-  mask = config.method.mask
-  ref_gd, ref_state = nnx.split(reference)
-  mask_gd, mask_state = nnx.split(mask_model) if mask_model is not None else (None, None)
-  key = (mask, ref_gd, mask_gd)
-  fn = _WEIGHTS_CACHE.get(key)
-  if fn is None:
-    from jaxopd.losses import response_mask
-
-    def run(ref_state, mask_state, tokens, loss_mask):
-      ref_logits, hidden = sparsepo.reference_outputs(nnx.merge(ref_gd, ref_state), tokens)
-      m = response_mask(loss_mask)
-      model = nnx.merge(mask_gd, mask_state) if mask_gd is not None else None
-      w_u, w_d = sparsepo.token_weights(mask, model, hidden, ref_logits, m)
-      return w_u, w_d, m
-    fn = _WEIGHTS_CACHE[key] = jax.jit(run)
-  out = fn(ref_state, mask_state, jnp.asarray(tokens), jnp.asarray(loss_mask))
+  fn = compiled(_token_weights, (config.method.mask,), reference, mask_model)
+  out = fn(jnp.asarray(tokens), jnp.asarray(loss_mask))
   return tuple(np.asarray(x) for x in jax.device_get(out))
 
 

@@ -18,7 +18,9 @@ and optionally, for multi-stage pipelines run by ``jaxopd.main``:
 
 The trainer (:mod:`jaxopd.train`) owns everything else: mesh, sharding, jit,
 optimizer, gradient accumulation, checkpoints, logging and eval cadence. A
-method never calls ``jax.jit``, never touches a mesh and never writes a file.
+method never calls ``jax.jit``, never touches a mesh and never writes a file;
+host-side evaluation compiles its sampling and scoring through
+:func:`jaxopd.evaluation.compiled` (module-level functions, cached by jax).
 """
 
 from __future__ import annotations

@@ -39,12 +39,11 @@ def main(argv=None):
   a = p.parse_args(argv)
 
   import jax
-  import jax.numpy as jnp
   import ml_collections
   import numpy as np
-  from flax import nnx
 
   from jaxopd.data import suite as suite_lib
+  from jaxopd.evaluation import compiled
   from jaxopd.experiment import load_module
   ds = load_module(os.path.join(REPO, "experiments", "distillspec.py"))
   with open(os.path.join(a.run, "config.json")) as f:
@@ -65,16 +64,14 @@ def main(argv=None):
   timed = ds.time_per_token(calls, prompt, plen, jax.random.PRNGKey(config.seed + 3), a.repeats)
 
   reward_fn = suite_lib.gold_reward_fn(suite)
-  gt, st = nnx.split(target)
-  nll_fn = jax.jit(lambda st, t, m: -jnp.sum(m[:, 1:] * jnp.take_along_axis(
-      jax.nn.log_softmax(nnx.merge(gt, st)(t).logits[:, :-1].astype(jnp.float32), -1), t[:, 1:, None], -1)[..., 0]))
+  nll_fn = compiled(ds.nll_sums, (), target)   # the target's NLL of each decoder's samples
   t_ms = timed[("target",)][0]
   results = []
   for key, (ms, outs) in timed.items():
     reward, nll, n = [], 0.0, 0
     for o in outs:
       reward.append(float(reward_fn(np.asarray(o.tokens), np.asarray(o.loss_mask))[0]))
-      nll += float(nll_fn(st, o.tokens, o.loss_mask.astype(jnp.float32)))
+      nll += float(nll_fn(o.tokens, o.loss_mask)[0])
       n += int(np.sum(o.loss_mask))
     r = {"decoder": key[0] if len(key) == 1 else f"SD {key[0]}", "draft": key[0] if key[0] != "target" else None,
          "lenience": key[1] if len(key) > 1 else None, "ms_per_token": ms, "speedup": t_ms / ms,

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
-from flax import nnx
 
 from jaxopd.data import reviews, tfds_builders
 from jaxopd.data.tfds_builders import _code_path_override
@@ -94,7 +93,8 @@ def generate(c: PreferencesConfig, split: str, n: int, data_dir: str):
   for the first ``n`` prompts of ``split``."""
   from jaxopd.data.build import tokenizer_dir
   from jaxopd.data.tokenizer import load_tokenizer
-  from jaxopd.sampling import SamplingConfig, sample
+  from jaxopd.evaluation import sampler
+  from jaxopd.sampling import SamplingConfig
 
   from jaxopd.models import table
   policy, _ = table.load_model(f"run:{c.policy_workdir}:policy@{c.policy_step}", "policy")
@@ -110,8 +110,7 @@ def generate(c: PreferencesConfig, split: str, n: int, data_dir: str):
     rows.append(ids[:c.prompt_len])
   scfg = SamplingConfig(max_new_tokens=c.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                         temperature=c.temperature)
-  gd, state = nnx.split(policy)
-  fn = jax.jit(lambda st, p, pl, r: sample(nnx.merge(gd, st), p, pl, r, scfg))
+  fn = sampler(policy, scfg)
   vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
   special = {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}
   flat = [r for r in rows for _ in range(c.k)]
@@ -125,7 +124,7 @@ def generate(c: PreferencesConfig, split: str, n: int, data_dir: str):
     for j, r in enumerate(chunk):
       prompt[j, :len(r)] = r
       plen[j] = len(r)
-    out = jax.device_get(fn(state, prompt, plen, jax.random.fold_in(rng, start)))
+    out = jax.device_get(fn(prompt, plen, jax.random.fold_in(rng, start)))
     for j in range(b):
       resp = out.tokens[j][out.loss_mask[j] == 1]
       words_out.append([vocab[i] for i in resp.tolist() if i not in special])
