@@ -14,7 +14,7 @@ clipping 1.0). One synthetic batch is reused every step.
 jaxopd: ``Trainer.compiled_train_step`` (jitted, donated state, one CPU device,
 mesh (1,1,1)) of an ``Experiment`` with the roles ``policy`` (trained) and
 ``reference`` (frozen), both random-initialised, and whose loss is
-``jaxopd.preference.make_loss_fn("dpo", 0.1, log_kl=False)`` (DPO) or
+``jaxopd.methods.tdpo.make_loss_fn("dpo", 0.1, log_kl=False)`` (DPO) or
 ``make_loss_fn("tdpo2", 0.1, 0.5)`` (TDPO2, with the token-level forward KL of
 the reference against the policy). The batch has random tokens and loss_mask 1
 on positions 32..127. Timed: median of ``--repeats`` (10) steps after
@@ -112,7 +112,7 @@ if ROOT not in sys.path:
 
 from jaxopd.experiment import Experiment  # noqa: E402
 from jaxopd.models import ModelConfig, Transformer  # noqa: E402
-from jaxopd.preference import make_loss_fn  # noqa: E402
+from jaxopd.methods.tdpo import make_loss_fn  # noqa: E402
 
 PAIRS, PROMPT, RESPONSE = 8, 32, 96
 SEQ = PROMPT + RESPONSE

@@ -7,8 +7,8 @@ vocab 1024, d_model 256, 4 layers, 8 pairs of 32 prompt + 96 response tokens,
 AdamW, one CPU device, one synthetic batch reused), through
 ``Trainer.compiled_train_step`` with the loss of:
 
-* ``tdpo1`` / ``tdpo2``: ``jaxopd.preference.make_loss_fn`` (beta 0.1, alpha 0.5);
-* ``sparsepo_shared`` / ``sparsepo_indep``: ``jaxopd.sparsepo.make_loss_fn("learned", ...)``
+* ``tdpo1`` / ``tdpo2``: ``jaxopd.methods.tdpo.make_loss_fn`` (beta 0.1, alpha 0.5);
+* ``sparsepo_shared`` / ``sparsepo_indep``: ``jaxopd.methods.sparsepo.make_loss_fn("learned", ...)``
   with the mask model (one or two heads on the reference's 4 hidden states,
   ``init="ones"`` so no ReLU is dead) as a second trainable model (weight
   decay 0.01), L1 0.001 on both masks;
@@ -45,7 +45,7 @@ for p in (ROOT, HERE):
 from common import compile_train_step, cpu_snapshot, other_load, single_device_config  # noqa: E402
 from preference_step import ALPHA, BETA, LR, PAIRS, SEQ, TOKENS, model_cfg, synthetic_batch  # noqa: E402
 
-from jaxopd import preference, sparsepo  # noqa: E402
+from jaxopd.methods import sparsepo, tdpo as preference  # noqa: E402
 from jaxopd.experiment import Experiment  # noqa: E402
 
 VARIANTS = ("tdpo1", "tdpo2", "sparsepo_shared", "sparsepo_indep", "mapo")

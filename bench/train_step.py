@@ -83,7 +83,8 @@ if ROOT not in sys.path:
 
 from jaxopd import config as config_lib  # noqa: E402
 from jaxopd import mesh as mesh_lib  # noqa: E402
-from jaxopd.experiment import DataShard, LossOutput, load_module  # noqa: E402
+from jaxopd.experiment import DataShard, LossOutput, load_config  # noqa: E402
+from jaxopd.methods import sft  # noqa: E402
 from jaxopd.train import Trainer  # noqa: E402
 
 WARMUP, REPEATS = 5, 20
@@ -101,8 +102,8 @@ def parse_args(argv=None):
 
 
 def make_config():
-  sft = load_module(os.path.join(ROOT, "experiments", "sft.py"))
-  c = sft.get_config("sort")     # the in-code sort task (no corpus to build, no sampled eval)
+  # the in-code sort task (no corpus to build, no sampled eval)
+  c = load_config(os.path.join(ROOT, "experiments", "sft.py:sort"))
   c.batch_size = BATCH
   c.seq_len = SEQ
   c.grad_accum = 1

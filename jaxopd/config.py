@@ -23,6 +23,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_accum = 1               # microbatches per step; batch_size must divide into them
   c.seq_len = 64                 # padded sequence length of every batch
 
+  # The method (jaxopd/methods/<name>.py) and its fields; each experiment names its method.
+  c.method = ml_collections.ConfigDict()
+  c.method.name = ""             # sft | tdpo | sparsepo | fdpg | distillspec
+
   # The default architecture (jaxopd.models.ModelConfig fields; dtypes are per role): the
   # architecture of every random-init role with arch "auto".
   c.model = table.arch_block()

@@ -1,11 +1,13 @@
 """The experiment-module contract: the seam every method plugs into.
 
-An experiment module (``experiments/<method>.py``) defines two functions:
+A method is a library module ``jaxopd/methods/<name>.py``; an experiment is a
+config module ``experiments/<name>.py`` that defines only
+``get_config(arg: str | None) -> ml_collections.ConfigDict``, starting from
+:func:`jaxopd.config.base_config` and naming its method in
+``config.method.name``; ``arg`` is a comma-separated preset list such as
+``"smoke,tdpo1"`` (see :func:`parse_arg`). The method module defines
 
-* ``get_config(arg: str | None) -> ml_collections.ConfigDict`` starting from
-  :func:`jaxopd.config.base_config`; ``arg`` is a comma-separated preset list
-  such as ``"smoke"`` or ``"smoke,beta=0.2"`` (see :func:`parse_arg`).
-* ``build(config) -> Experiment``: the method's pieces, below.
+* ``build(config) -> Experiment``: the method's pieces, below;
 
 and optionally, for multi-stage pipelines run by ``jaxopd.main``:
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import sys
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
@@ -127,17 +128,34 @@ def parse_arg(arg: str | None, presets: Iterable[str] = ()) -> dict:
   return out
 
 
-def load_module(path: str):
-  """Imports an experiment module from a file path (``experiments/sft.py``)."""
-  path = os.path.abspath(path)
+def experiments_dir() -> str:
+  """The repository's ``experiments/`` (editable install or checkout), else the working directory's."""
+  repo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+  return repo if os.path.isdir(repo) else os.path.join(os.getcwd(), "experiments")
+
+
+def config_path(spec: str) -> tuple[str, str | None]:
+  """``"tdpo.py:smoke"`` -> (the file's path, ``"smoke"``): a path that does not exist as given is
+  looked up in :func:`experiments_dir` (so stages name ``"sft.py"``)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path) and os.path.exists(os.path.join(experiments_dir(), path)):
+    path = os.path.join(experiments_dir(), path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"--config: experiment module {path} does not exist")
-  name = "jaxopd_experiment_" + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module
-  spec.loader.exec_module(module)
-  for fn in ("get_config", "build"):
-    if not callable(getattr(module, fn, None)):
-      raise AttributeError(f"{path}: an experiment module must define {fn}()")
-  return module
+    raise FileNotFoundError(f"config module {spec!r}: {path} does not exist")
+  return os.path.abspath(path), (arg or None)
+
+
+def load_config(spec: str):
+  """The config of an experiment config module, ``"path.py[:preset,...]"`` (``get_config(preset)``).
+
+  The CLI loads ``--config`` the same way (ml_collections' config flag); pipeline
+  stages use this to build the config of an earlier stage (``sft.py``).
+  """
+  path, arg = config_path(spec)
+  name = "jaxopd_config_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not callable(getattr(module, "get_config", None)):
+    raise AttributeError(f"{path}: a config module must define get_config(arg)")
+  return module.get_config(arg)

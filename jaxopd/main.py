@@ -1,5 +1,6 @@
-"""CLI: python -m jaxopd.main --config experiments/<method>.py[:preset] --workdir DIR [--config.x=y ...]
+"""CLI: python -m jaxopd.main --config experiments/<name>.py[:preset] --workdir DIR [--config.x=y ...]
 
+The config module gives the config; its ``method.name`` the method (jaxopd/methods/<name>.py).
 Without --config it runs the main job, experiments/tdpo.py (the whole TDPO pipeline), in runs/default.
 Config errors are reported in one line naming the field, before any compile.
 """
@@ -12,11 +13,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The repository's experiments/ (editable install, or run from a checkout); else the working directory's.
-DEFAULT_CONFIG = next((p for p in (os.path.join(_REPO, "experiments", "tdpo.py"),
-                                   os.path.join(os.getcwd(), "experiments", "tdpo.py")) if os.path.exists(p)),
-                      os.path.join(_REPO, "experiments", "tdpo.py"))
+from jaxopd.experiment import experiments_dir
+
+DEFAULT_CONFIG = os.path.join(experiments_dir(), "tdpo.py")
 
 config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment module and preset: path.py[:arg]",
                                 lock_config=True)
@@ -29,13 +28,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)   # orbax / jax INFO lines drown the progress bar
   from jaxopd import config as config_lib
   from jaxopd import train
+  from jaxopd import methods
   from jaxopd.data.formats import DataFormatError
-  from jaxopd.experiment import load_module
 
   config = flags.FLAGS.config
-  path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)[0]
   try:
-    module = load_module(path)
+    module = methods.get(config.method.name)
     workdir = flags.FLAGS.workdir
     import jax
     from jaxopd import mesh as mesh_lib

@@ -14,7 +14,6 @@ written after it, so the last good one stays the latest.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import signal
 import threading
@@ -357,7 +356,7 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
   bar = _progress(c, start, main)
 
   def flush():
-    nonlocal pending, last_log, tokens_since, rate_name
+    nonlocal pending, last_log, tokens_since
     if pending is None:
       return
     step, dev_metrics, ntok = pending

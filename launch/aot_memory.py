@@ -134,12 +134,12 @@ def main(argv=None) -> int:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", a.devices)
   from jaxopd.errors import ConfigError
-  from jaxopd.experiment import load_module
+  from jaxopd import methods
+  from jaxopd.experiment import load_config
   from jaxopd.mesh import MeshError
-  path, _, arg = a.config.partition(":")
   try:
-    module = load_module(path)
-    config = module.get_config(arg or None)
+    config = load_config(a.config)
+    module = methods.get(config.method.name)
     for o in overrides:
       key, _, value = o[len("--config."):].partition("=")
       override(config, key, value)

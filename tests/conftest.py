@@ -6,14 +6,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import sys
 
-import pytest
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
-
-
-@pytest.fixture
-def sft_module():
-  from jaxopd.experiment import load_module
-  return load_module(os.path.join(REPO, "experiments", "sft.py"))

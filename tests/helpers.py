@@ -6,21 +6,20 @@ import os
 import tempfile
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxopd.data import batched_iterator, toy
-from jaxopd.experiment import Experiment, LossOutput, load_module
+from jaxopd.experiment import Experiment, LossOutput, load_config
 from jaxopd.losses import sft_loss
+from jaxopd.methods import sft as SFT  # noqa: F401  (shared by the tests)
 from jaxopd.models import table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SFT = load_module(os.path.join(REPO, "experiments", "sft.py"))
 
 
 def tiny_config(**overrides):
   """The SFT smoke config, quiet, with no periodic eval or checkpoint."""
-  c = SFT.get_config("smoke,sort")
+  c = load_config("sft.py:smoke,sort")
   c.progress = False
   c.log_every = 1
   c.eval_every = 0

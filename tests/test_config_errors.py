@@ -9,6 +9,7 @@ import pytest
 from helpers import REPO, SFT, tiny_config
 from jaxopd import config as config_lib
 from jaxopd import train
+from jaxopd.experiment import load_config
 from jaxopd.errors import ConfigError
 
 BAD = [
@@ -88,8 +89,8 @@ def test_cli_reports_one_line_and_exits_2(arg, message, tmp_path):
 
 def test_unknown_preset_is_an_error():
   with pytest.raises(ValueError, match="config preset 'smok' is unknown"):
-    SFT.get_config("smok")
+    load_config("sft.py:smok")
   # key=value in the preset list is refused, not ignored (it once was: total_steps stayed 20).
   with pytest.raises(ValueError, match=r"config preset 'total_steps=3': presets are names only; set the field "
                                        r"with --config.total_steps=3"):
-    SFT.get_config("smoke,total_steps=3")
+    load_config("sft.py:smoke,total_steps=3")

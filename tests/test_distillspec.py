@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import REPO, tiny_config
+from helpers import tiny_config
 from jaxopd import train
 from jaxopd.data import batched_iterator
-from jaxopd.experiment import Experiment, load_module
+from jaxopd.experiment import Experiment, load_config
 from jaxopd import mesh as mesh_lib
+from jaxopd.methods import distillspec as DS
 from jaxopd.models import ModelConfig, Transformer, hf, table
 from jaxopd.sampling import SamplingConfig, sample
 
-DS = load_module(os.path.join(REPO, "experiments", "distillspec.py"))
 
 V, P, N = 24, 4, 8
 SCFG = SamplingConfig(max_new_tokens=N, eos_id=2, pad_id=0)
@@ -136,7 +136,7 @@ def test_on_policy_tvd_raises_measured_acceptance(tmp_path):
 
 
 def test_smoke_pipeline_and_report(tmp_path, capsys):
-  c = DS.get_config("smoke,mixed")
+  c = load_config("distillspec.py:smoke,mixed")
   c.data.data_dir = str(tmp_path / "data")
   c.target.workdir = str(tmp_path / "target")
   c.draft_sft.workdir = str(tmp_path / "draft")
@@ -161,7 +161,7 @@ def test_smoke_pipeline_and_report(tmp_path, capsys):
   assert os.path.getsize(tmp_path / "run" / "summary.png") > 1000
 
   # The GKD baseline's switch: quality evaluation only (no acceptance, SD runs or timings).
-  g = DS.get_config("smoke,gkd")
+  g = load_config("distillspec.py:smoke,gkd")
   assert (g.method.divergence, g.method.data, g.eval.mode) == ("jsd", "mixed", "quality")
   c.eval.mode = "quality"
   params, frozen = s["trainer"].models(s["state"], s["frozen"])
@@ -169,7 +169,7 @@ def test_smoke_pipeline_and_report(tmp_path, capsys):
   assert "sample/reward" in ev and "alpha/greedy" not in ev
 
   # Distil the target first: this run's distilled draft is the next run's frozen target (no SFT stage).
-  t = DS.get_config("smoke")
+  t = load_config("distillspec.py:smoke")
   t.data.data_dir, t.draft_sft.workdir, t.progress = c.data.data_dir, c.draft_sft.workdir, False
   t.target.workdir, t.target.source = str(tmp_path / "run"), "draft"
   for k, v in c.model.items():
@@ -192,11 +192,11 @@ def test_bad_fields_are_config_errors(tmp_path):
                             ("beta", 0.3, "only divergence=jsd uses beta"),
                             ("mix_lambda", 0.2, "only data=mixed"),
                             ("max_new_tokens", 10, "must equal seq_len")]:
-    c = DS.get_config("smoke")
+    c = load_config("distillspec.py:smoke")
     c.method[field] = value
     with pytest.raises(ConfigError, match=msg):
       DS.prepare(c, str(tmp_path / "w"))
-  c = DS.get_config("smoke")
+  c = load_config("distillspec.py:smoke")
   c.target.source = "teacher"
   with pytest.raises(ConfigError, match="config.target.source='teacher'"):
     DS.prepare(c, str(tmp_path / "w"))

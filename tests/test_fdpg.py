@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from jaxopd.errors import ConfigError
-from jaxopd.fdpg import Target, check_sampling, fit_lambdas, init_aux, make_loss_fn, make_rollout
+from jaxopd.methods.fdpg import Target, check_sampling, fit_lambdas, init_aux, make_loss_fn, make_rollout
 from jaxopd.losses import token_logprobs
 from jaxopd.models import ModelConfig, Transformer
 from jaxopd.sampling import SamplingConfig
@@ -191,13 +191,13 @@ def test_fdpg_smoke_pipeline_resumes_its_method_state(tmp_path):
   import json
   import os
 
-  from helpers import REPO, shared_smoke_stages
+  from helpers import shared_smoke_stages
   from jaxopd import train
-  from jaxopd.experiment import load_module
-  fd = load_module(os.path.join(REPO, "experiments", "fdpg.py"))
+  from jaxopd.experiment import load_config
+  from jaxopd.methods import fdpg as fd
 
   def config(steps):
-    c = fd.get_config("smoke,distributional,offline")
+    c = load_config("fdpg.py:smoke,distributional,offline")
     c.progress = False
     c.total_steps = steps
     c.checkpoint.async_save = False

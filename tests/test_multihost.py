@@ -16,6 +16,7 @@ import pytest
 from helpers import REPO, SFT, tiny_config
 from jaxopd import checkpoint as ckpt_lib
 from jaxopd import logs, train
+from jaxopd.experiment import load_config
 from jaxopd.mesh import distributed_args
 
 sys.path.insert(0, os.path.join(REPO, "launch"))
@@ -45,7 +46,7 @@ def test_two_processes_match_one_stop_together_and_resume_in_one(tmp_path, monke
   devices. SIGTERM to process 1 alone stops both at one step with one
   checkpoint (exit 143), and one process resumes it to the uninterrupted curve."""
   monkeypatch.chdir(REPO)
-  flags = _flags(tiny_config(total_steps=500, **OVERRIDES), SFT.get_config("smoke,sort"))
+  flags = _flags(tiny_config(total_steps=500, **OVERRIDES), load_config("sft.py:smoke,sort"))
   cmd = [sys.executable, "-m", "jaxopd.main", "--config", "experiments/sft.py:smoke,sort",
          "--workdir", str(tmp_path / "two")] + flags
   metrics = tmp_path / "two" / "metrics.jsonl"

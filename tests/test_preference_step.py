@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from jaxopd.models import ModelConfig, Transformer
-from jaxopd.preference import make_loss_fn
+from jaxopd.methods.tdpo import make_loss_fn
 
 CFG = ModelConfig(family="llama", vocab_size=17, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=16,
                   init_std=0.2)

@@ -1,17 +1,17 @@
 """Preference construction from a (tiny) SFT policy on the reviews suite."""
 
-import numpy as np
 import pytest
 
 from helpers import SFT
 from jaxopd import train
+from jaxopd.experiment import load_config
 from jaxopd.data import preferences, reviews, suite as suite_lib
 
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("prefs")
-  cfg = SFT.get_config("smoke")
+  cfg = load_config("sft.py:smoke")
   cfg.data.data_dir = str(root / "data")
   cfg.progress = False
   cfg.eval.num_prompts = 0

@@ -4,7 +4,6 @@ TDPO and SparsePO by config fields alone (no jaxopd SFT stage), on 8 simulated d
 trained policy exports to a directory transformers loads with the same logits."""
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -13,12 +12,12 @@ import pytest
 pytest.importorskip("torch")
 
 import hf_fixtures  # noqa: E402
-from helpers import REPO  # noqa: E402
 from jaxopd import logs, train  # noqa: E402
-from jaxopd.experiment import load_module  # noqa: E402
+from jaxopd import methods  # noqa: E402
+from jaxopd.experiment import load_config  # noqa: E402
 from jaxopd.models import hf  # noqa: E402
 
-EXP = {n: load_module(os.path.join(REPO, "experiments", f"{n}.py")) for n in ("sft", "tdpo", "sparsepo")}
+EXP = {n: methods.get(n) for n in ("sft", "tdpo", "sparsepo")}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +68,7 @@ def test_tdpo_from_hf_dir_and_jsonl_then_export(families, files, family, tmp_pat
   directory. The first step's loss is log 2 (policy == reference), training moves it; the
   exported policy reloads in transformers with logits within 1e-4 of jaxopd's."""
   path = families[family]
-  c = _quiet(EXP["tdpo"].get_config("tdpo2"))
+  c = _quiet(load_config("tdpo.py:tdpo2"))
   c.data.task = "files"
   c.data.files.train = files["chat_pairs" if family == "qwen2" else "pairs"]
   c.data.files.eval = files["pairs_eval"] if family == "llama" else ""
@@ -107,7 +106,7 @@ def test_sft_and_sparsepo_from_hf_dirs(families, files, tmp_path):
   """SFT (prompt/completion JSONL) from the bf16 GPT-2 directory (bos = eos = pad) and
   SparsePO (learned masks, initialised at 1) from the Qwen2 one, by fields only; each trains (its loss
   leaves the starting value)."""
-  c = _quiet(EXP["sft"].get_config())
+  c = _quiet(load_config("sft.py"))
   c.data.task = "files"
   c.data.files.train = files["sft"]
   c.eval.num_prompts = 0
@@ -116,7 +115,7 @@ def test_sft_and_sparsepo_from_hf_dirs(families, files, tmp_path):
   losses = [r["loss"] for r in logs.read_metrics(str(tmp_path / "sft"), "train")]
   assert losses[-1] < losses[0] - 1e-3, losses
 
-  s = _quiet(EXP["sparsepo"].get_config())
+  s = _quiet(load_config("sparsepo.py"))
   s.data.task = "files"
   s.data.files.train = files["pairs"]
   s.models.policy.init = s.models.reference.init = f"hf:{families['qwen2']}"

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import REPO, shared_smoke_stages
+from helpers import shared_smoke_stages
 from test_loss_references import rand_batch
-from jaxopd import sparsepo, train
-from jaxopd.experiment import load_module
+from jaxopd import train
+from jaxopd.experiment import load_config
+from jaxopd.methods import sparsepo
 from jaxopd.losses import forward_kl_per_token, response_mask, tdpo_loss, dpo_loss, token_logprobs
 from jaxopd.losses.sparsepo import (activation_mask, l1_penalty, mask_l1, sequence_terms, sparsepo_loss,
                                     znorm_minmax)
@@ -398,12 +399,12 @@ def test_auroc_matches_pairwise_count():
 # The experiment end to end (smoke)
 # ----------------------------------------------------------------------------------------------
 
-SPARSEPO = load_module(os.path.join(REPO, "experiments", "sparsepo.py"))
+SPARSEPO = sparsepo
 
 
 def test_sparsepo_smoke_pipeline(tmp_path, capsys):
   from jaxopd import logs
-  c = SPARSEPO.get_config("smoke,independent")
+  c = load_config("sparsepo.py:smoke,independent")
   c.progress = False
   assert c.optim.groups.mask.weight_decay == 0.01
   with shared_smoke_stages(c):
@@ -432,7 +433,7 @@ def test_sparsepo_smoke_pipeline(tmp_path, capsys):
                                                                       jax.tree.leaves(init))) > 0
 
   # MaPO reuses the cached stages; no mask model, no mask group (its step: the unit tests above).
-  m = SPARSEPO.get_config("smoke,mapo")
+  m = load_config("sparsepo.py:smoke,mapo")
   m.data.data_dir, m.sft.workdir, m.progress = c.data.data_dir, c.sft.workdir, False
   assert "mask" not in m.optim.groups
   m = SPARSEPO.prepare(m, str(tmp_path / "mapo"))
@@ -450,7 +451,7 @@ def test_bad_sparsepo_fields_are_config_errors(tmp_path):
            ("smoke,mapo", "lambda_d", 0.1, "detached"),
            ("smoke", "mask_init", "zeros", "config.method.mask_init='zeros'")]
   for preset, field, value, msg in cases:
-    c = SPARSEPO.get_config(preset)
+    c = load_config("sparsepo.py:" + preset)
     c.data.data_dir = str(tmp_path / "data")
     c.method[field] = value
     with pytest.raises(ConfigError, match=msg):

@@ -7,17 +7,15 @@ import os
 import numpy as np
 import pytest
 
-from helpers import REPO, shared_smoke_stages
+from helpers import shared_smoke_stages
 from jaxopd import train
-from jaxopd.experiment import load_module
 from jaxopd.errors import ConfigError
+from jaxopd.experiment import load_config
+from jaxopd.methods import sft, tdpo as TDPO
 
-TDPO = load_module(os.path.join(REPO, "experiments", "tdpo.py"))
-DPO = load_module(os.path.join(REPO, "experiments", "dpo.py"))
 
-
-def _config(module, root, arg="smoke"):
-  c = module.get_config(arg)
+def _config(root, arg="smoke"):
+  c = load_config(f"tdpo.py:{arg}")
   c.data.data_dir = str(root / "data")
   c.sft.workdir = str(root / "sft_base")
   c.progress = False
@@ -33,7 +31,7 @@ def _run(module, cfg, workdir):
 
 
 def test_tdpo_then_dpo_pipeline(tmp_path, capsys):
-  s = _run(TDPO, _config(TDPO, tmp_path), tmp_path / "tdpo")
+  s = _run(TDPO, _config(tmp_path), tmp_path / "tdpo")
   out = capsys.readouterr().out
   assert "[stage] preferences" in out   # the SFT base may come from another smoke test of this session
   ev = s["eval"]
@@ -51,9 +49,9 @@ def test_tdpo_then_dpo_pipeline(tmp_path, capsys):
   assert os.path.getsize(tmp_path / "tdpo" / "summary.png") > 1000
 
   # DPO reuses the cached SFT base and pairs, and the report compares with TDPO.
-  cfg = _config(DPO, tmp_path)
+  cfg = _config(tmp_path, "smoke,dpo")
   cfg.compare_with = str(tmp_path / "tdpo")
-  s2 = _run(DPO, cfg, tmp_path / "dpo")
+  s2 = _run(TDPO, cfg, tmp_path / "dpo")
   out = capsys.readouterr().out
   assert "[stage] SFT base" not in out
   assert "tdpo2 (" in out and "dpo (after)" in out
@@ -64,7 +62,7 @@ def test_bad_method_fields_are_config_errors(tmp_path):
   from jaxopd.errors import ConfigError
   for field, value, msg in [("loss", "ipo", "config.method.loss='ipo'"), ("beta", 0.0, "config.method.beta=0.0"),
                             ("alpha", 0.3, "only tdpo2 uses alpha")]:
-    c = _config(TDPO, tmp_path, "smoke,tdpo1" if field == "alpha" else "smoke")
+    c = _config(tmp_path, "smoke,tdpo1" if field == "alpha" else "smoke")
     c.method[field] = value
     with pytest.raises(ConfigError, match=msg):
       TDPO.prepare(c, str(tmp_path / "w"))
@@ -75,14 +73,13 @@ def test_tdpo_on_your_own_preference_file(tmp_path):
   existing SFT run (run:WORKDIR); without an init for them the SFT stage is refused."""
   from jaxopd.data import reviews
   from jaxopd.data.tokenizer import build_tokenizer
-  sft = load_module(os.path.join(REPO, "experiments", "sft.py"))
   tok_dir = str(tmp_path / "tok")
   build_tokenizer(reviews.World(0), tok_dir)
   rows = [{"prompt": "the movie was", "chosen": "great .", "rejected": "awful ."},
           {"prompt": "i", "chosen": "loved it .", "rejected": "hated it ."}] * 8
   path = tmp_path / "pairs.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  s = sft.get_config("smoke")
+  s = load_config("sft.py:smoke")
   s.data.task = "files"
   s.data.files.train = str(tmp_path / "lm.jsonl")
   (tmp_path / "lm.jsonl").write_text("".join(json.dumps({"text": r["prompt"] + " " + r["chosen"]}) + "\n"
@@ -91,7 +88,7 @@ def test_tdpo_on_your_own_preference_file(tmp_path):
   s.eval.num_prompts = 0
   s.progress = False
   train.run(s, str(tmp_path / "sft"), sft.build(s))
-  c = TDPO.get_config("smoke")
+  c = load_config("tdpo.py:smoke")
   c.data.task = "files"
   c.data.files.train = str(path)
   c.data.files.eval = str(path)

@@ -3,7 +3,6 @@ parameter groups, non-finite stop, the model table (sources, pinning, dtypes), t
 
 import dataclasses
 import json
-import os
 
 import grain
 import jax
@@ -18,9 +17,8 @@ from jaxopd import logs, train
 from jaxopd import mesh as mesh_lib
 from jaxopd.errors import ConfigError
 from jaxopd.models import table
-from jaxopd.data import batched_iterator, toy
-from jaxopd.experiment import Experiment, LossOutput
-from jaxopd.losses import sft_loss
+from jaxopd.data import toy
+from jaxopd.experiment import Experiment
 
 
 def _losses(workdir):

@@ -123,12 +123,11 @@ def retime(results, out, rounds):
   import ml_collections
   sys.path.insert(0, REPO)
   from jaxopd.data import suite as suite_lib
-  from jaxopd.experiment import load_module
   import jax
   ok = [r for r in results if "alpha/greedy" in r]
   if not ok:
     return
-  ds = load_module(os.path.join(REPO, "experiments", "distillspec.py"))
+  from jaxopd.methods import distillspec as ds
   with open(os.path.join(out, ok[0]["name"], "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   g = int(_gamma(ok[0]))

@@ -44,8 +44,7 @@ def main(argv=None):
 
   from jaxopd.data import suite as suite_lib
   from jaxopd.evaluation import compiled
-  from jaxopd.experiment import load_module
-  ds = load_module(os.path.join(REPO, "experiments", "distillspec.py"))
+  from jaxopd.methods import distillspec as ds
   with open(os.path.join(a.run, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   suite = suite_lib.ensure(config.data, verbose=False)

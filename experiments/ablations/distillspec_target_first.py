@@ -93,9 +93,9 @@ def compare(out, small_target, small_draft, teacher_draft, rounds) -> dict:
   import jax
   import ml_collections
   import numpy as np
+  from flax import nnx
   from jaxopd.data import suite as suite_lib
-  from jaxopd.experiment import load_module
-  ds = load_module(CONFIG)
+  from jaxopd.methods import distillspec as ds
 
   def cfg(workdir):
     with open(os.path.join(workdir, "config.json")) as f:
@@ -110,7 +110,7 @@ def compare(out, small_target, small_draft, teacher_draft, rounds) -> dict:
   config = c_draft      # eval settings (prompts, budgets, temperature): every stage shares them
   suite = suite_lib.ensure(config.data, verbose=False)
   res = {"quality": ds.quality(config, suite, {"target": teacher, "small_sft": small_sft, "small": small}),
-         "params": {k: int(sum(x.size for x in jax.tree.leaves(ds.nnx.state(m, ds.nnx.Param))))
+         "params": {k: int(sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param))))
                     for k, m in (("teacher", teacher), ("small", small), ("draft", d_small))}}
   prompt, plen = ds._eval_prompts(suite, config)
   n = config.eval.timing_prompts

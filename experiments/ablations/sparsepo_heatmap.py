@@ -30,8 +30,7 @@ def main(argv=None):
   p.add_argument("--key", default="w_u", choices=("w_u", "w_d"))
   p.add_argument("--examples", type=int, default=0, help="at most this many responses per run (0 = all)")
   a = p.parse_args(argv)
-  from jaxopd.experiment import load_module
-  sp = load_module(os.path.join(REPO, "experiments", "sparsepo.py"))
+  from jaxopd.methods import sparsepo as sp
   panels = {}
   for run in a.runs:
     with open(os.path.join(run, "mask_examples.json")) as f:

@@ -21,7 +21,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 

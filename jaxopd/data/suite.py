@@ -16,11 +16,27 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxopd.data import reviews, tfds_builders
-from jaxopd.data.build import ensure_tokenizer, tokenizer_dir
+from jaxopd.data.build import ensure_tokenizer
 from jaxopd.errors import ConfigError
 
 
-def data_config() -> ml_collections.ConfigDict:
+def default_model(smoke: bool = False) -> ml_collections.ConfigDict:
+  """The controlled task's default architecture (``config.model``): a 4-layer Llama-style model,
+  d_model 128, over the reviews tokenizer's 385 tokens; ``smoke``: 2 layers, d_model 32."""
+  from jaxopd.models import table
+  m = table.arch_block()
+  m.family = "llama"
+  m.vocab_size = 385             # the reviews tokenizer (checked against it when a method builds)
+  m.d_model = 32 if smoke else 128
+  m.n_layers = 2 if smoke else 4
+  m.n_heads = 4
+  m.n_kv_heads = 2
+  m.max_len = 128
+  return m
+
+
+def data_config(smoke: bool = False) -> ml_collections.ConfigDict:
+  """``config.data``: the reviews suite by default (``smoke``: small splits), or your files."""
   d = ml_collections.ConfigDict()
   d.task = "reviews"             # reviews (the controlled suite) | files (your data, below) | sort (SFT only)
   d.data_dir = "data"            # built datasets and tokenizer (cached across runs)
@@ -40,6 +56,9 @@ def data_config() -> ml_collections.ConfigDict:
   d.files.tfds_data_dir = ""     # data_dir of tfds:NAME datasets (default: data_dir)
   d.files.max_prompt_len = 0     # prompt tokens kept (a longer prompt keeps its end, or is dropped with
                                  # over_length=drop); 0 = up to seq_len - 1
+  if smoke:
+    d.num_train, d.num_validation, d.num_test = 256, 64, 64
+    d.num_prompts_train, d.num_prompts_test = 64, 32
   return d
 
 

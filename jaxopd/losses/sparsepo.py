@@ -8,7 +8,7 @@ weights ``w_u``, ``w_d`` use the same layout, so ``w[:, t]`` multiplies the
 log-ratio and the KL of token t+1. In the official code (huawei-noah/HEBO,
 SparsePO) the weight of token t+1 is computed from the reference model's
 states at position t (``reference_states[:, :-1]``), the states that score it;
-:mod:`jaxopd.sparsepo` does the same.
+:mod:`jaxopd.methods.sparsepo` does the same.
 
 Signs follow the official code: ``D(y) = sum_t m_t w_d,t sum_v p_ref (lp_pi -
 lp_ref)`` is minus the weighted forward KL, and the logit is ``(U_w - U_l) -

@@ -1,0 +1,477 @@
+"""DistillSpec (Zhou et al., ICLR 2024): distil a small draft toward a frozen
+target for speculative decoding; with ``eval.mode = "quality"`` (preset
+``gkd``) the same module is the GKD baseline (Agarwal et al., ICLR 2024).
+
+Config and commands: experiments/distillspec.py.
+
+Pipeline, each stage cached:
+1. data: the reviews suite (``config.data``);
+2. target: the main job's SFT base (``config.target.workdir``, trained here
+   with experiments/sft.py's recipe if missing: Llama 4 layers, d128); or,
+   with ``config.target.source = "draft"``, the distilled model of a finished
+   run of this module (distil the target first, then the draft:
+   experiments/ablations/distillspec_target_first.py);
+3. draft: the same SFT recipe on ``config.model`` (1 layer, d32, same
+   tokenizer), ``config.draft_sft.total_steps`` (300) steps, in
+   ``config.draft_sft.workdir``: the undistilled draft;
+4. distillation: the draft starts from stage 3 and minimises the token-averaged
+   divergence ``sum m D(p_target || q_draft) / sum m`` (``method.divergence``
+   at ``method.temperature``) over the response tokens of batches from
+   ``method.data``: ``fixed`` (corpus reviews), ``teacher`` (sampled from the
+   target), ``student`` (sampled from the draft, on-policy, no gradient
+   through sampling) or ``mixed`` (each microbatch student-generated with
+   probability ``method.mix_lambda``, else ``method.mix_with``; the coin is
+   drawn with the step's PRNG key inside the jitted rollout). Generated
+   responses use ``method.temperature`` too, as the paper samples and scores
+   at the same temperature.
+5. report: for the target, the undistilled and the distilled draft: acceptance
+   under greedy and temperature-``eval.temperature`` decoding, both as
+   ``1 - TVD`` / argmax agreement on draft-generated prefixes and from actual
+   speculative-decoding runs (``eval.sd_gammas``); block efficiency for gamma
+   1..``eval.max_gamma`` (i.i.d. formula) next to the measured one; wall-clock
+   time per token at batch 1 of plain target decoding and of SD with each
+   draft (median of ``eval.timing_repeats``), the measured cost ratio c and
+   the formula's speed-up ``tau / (gamma c + 1)``; draft quality (gold reward
+   of samples, held-out NLL, sequence KL to the target). ``summary.json`` and
+   ``summary.png`` in the workdir. With ``eval.mode = "quality"`` only the
+   quality part is measured.
+
+Measured numbers: experiments/README.md (DistillSpec section).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxopd import checkpoint as ckpt_lib
+from jaxopd.data import batched_iterator, suite as suite_lib
+from jaxopd.errors import ConfigError
+from jaxopd.evaluation import acceptance_on_draft_prefixes, block_efficiency, compiled, evaluate_policy, speedup
+from jaxopd.evaluation import sampler as sample_call
+from jaxopd.experiment import Experiment, LossOutput
+from jaxopd.losses import DIVERGENCES, sft_loss, token_divergence_loss
+from jaxopd.methods import sft
+from jaxopd.models import Transformer, table
+from jaxopd.sampling import SamplingConfig, sample, speculative_sample
+
+DATA_SOURCES = ("fixed", "teacher", "student", "mixed")
+EVAL_MODES = ("spec", "quality")
+
+
+def _check(c):
+  m, e = c.method, c.eval
+  if m.divergence not in DIVERGENCES:
+    raise ConfigError(f"config.method.divergence={m.divergence!r}: must be one of {DIVERGENCES}")
+  if not 0.0 <= m.beta <= 1.0:
+    raise ConfigError(f"config.method.beta={m.beta}: must be in [0, 1]")
+  if m.divergence != "jsd" and m.beta != 0.5:
+    raise ConfigError(f"config.method.beta={m.beta}: only divergence=jsd uses beta")
+  if m.temperature <= 0:
+    raise ConfigError(f"config.method.temperature={m.temperature}: must be > 0")
+  if m.data not in DATA_SOURCES:
+    raise ConfigError(f"config.method.data={m.data!r}: must be one of {DATA_SOURCES}")
+  if m.mix_with not in ("fixed", "teacher"):
+    raise ConfigError(f"config.method.mix_with={m.mix_with!r}: must be fixed or teacher")
+  if not 0.0 <= m.mix_lambda <= 1.0:
+    raise ConfigError(f"config.method.mix_lambda={m.mix_lambda}: must be in [0, 1]")
+  if m.data != "mixed" and (m.mix_lambda != 0.5 or m.mix_with != "fixed"):
+    raise ConfigError("config.method.mix_lambda / mix_with: only data=mixed uses them")
+  if m.prompt_len + m.max_new_tokens != c.seq_len:
+    raise ConfigError(f"config.method.max_new_tokens={m.max_new_tokens}: prompt_len + max_new_tokens must equal "
+                      f"seq_len={c.seq_len} (generated and corpus batches share one shape)")
+  if c.data.task != "reviews":
+    raise ConfigError(f"config.data.task={c.data.task!r}: distillspec runs on the reviews task")
+  if e.mode not in EVAL_MODES:
+    raise ConfigError(f"config.eval.mode={e.mode!r}: must be one of {EVAL_MODES}")
+  if e.max_gamma < 1 or any(g < 1 for g in e.sd_gammas):
+    raise ConfigError(f"config.eval.sd_gammas={tuple(e.sd_gammas)} / max_gamma={e.max_gamma}: gammas must be >= 1")
+  for name, mc in (("config.model", c.model), ("config.target.model", c.target.model)):
+    if e.prompt_len + e.max_new_tokens + max(e.sd_gammas) + 2 > mc.max_len or c.seq_len > mc.max_len:
+      raise ConfigError(f"{name}.max_len={mc.max_len}: too short for eval.prompt_len + eval.max_new_tokens + "
+                        f"gamma + 2 and seq_len")
+  if c.target.source not in ("policy", "draft"):
+    raise ConfigError(f"config.target.source={c.target.source!r}: must be policy (an SFT run) or draft "
+                      f"(a run of this module)")
+  if c.model.vocab_size != c.target.model.vocab_size:
+    raise ConfigError(f"config.model.vocab_size={c.model.vocab_size}: the draft must share the target's "
+                      f"vocabulary ({c.target.model.vocab_size})")
+
+
+# --- stages ----------------------------------------------------------------------
+
+def prepare(config, workdir: str):
+  """Stages 1-3 (data, target SFT, draft SFT), each cached; the draft starts from stage 3."""
+  _check(config)
+  stages = []
+  if table.uses_stage(config, "draft_sft"):
+    stages.append(("draft", config.draft_sft, config.model))
+  if table.uses_stage(config, "target"):
+    if config.target.source == "policy":
+      stages.insert(0, ("target", config.target, config.target.model))
+    elif not ckpt_lib.finished(config.target.workdir, 0):
+      raise ConfigError(f"config.target.workdir={config.target.workdir!r}: no checkpoint; with "
+                        f"target.source=draft the target is a finished run of this module (train it first)")
+  suite_lib.ensure(config.data)
+  for what, node, model in stages:
+    sft.run_stage(config, node, model, f"{what} SFT")
+  steps = f"@{config.target.total_steps}" if config.target.source == "policy" else ""
+  table.fill_stage(config, "target", f"run:{os.path.abspath(config.target.workdir)}:{config.target.source}{steps}")
+  table.fill_stage(config, "draft_sft", sft.stage_init(config.draft_sft))
+  return config
+
+
+def load_model(workdir: str, source: str = "policy") -> Transformer:
+  """Model ``source`` of run ``workdir``'s latest checkpoint, on the first device."""
+  return table.load_model(f"run:{workdir}:{source}", source)[0]
+
+
+# --- the method's pure pieces -------------------------------------------------------
+
+def make_rollout(data: str, scfg: SamplingConfig, mix_lambda: float = 0.5, mix_with: str = "fixed"):
+  """``rollout(params, frozen, batch, rng)``: the training batch of data source ``data``.
+
+  ``batch`` holds corpus rows (``tokens``, ``loss_mask`` ``[B, T]``) and prompts
+  (``prompt [B, P]``, ``prompt_len [B]``); generated rows are ``P + N = T``
+  tokens. Adds ``student [B]``: 1 where the rows were sampled from the draft.
+  """
+  def fixed(batch):
+    return batch["tokens"].astype(jnp.int32), batch["loss_mask"].astype(jnp.int32)
+
+  def generate(model, batch, rng):
+    out = sample(model, batch["prompt"], batch["prompt_len"], rng, scfg)
+    return out.tokens, out.loss_mask
+
+  def rollout(params, frozen, batch, rng):
+    draft, target = params["draft"], frozen["target"]
+    b = batch["tokens"].shape[0]
+    if data == "fixed":
+      (tokens, mask), student = fixed(batch), jnp.zeros(())
+    elif data == "teacher":
+      (tokens, mask), student = generate(target, batch, rng), jnp.zeros(())
+    elif data == "student":
+      (tokens, mask), student = generate(draft, batch, rng), jnp.ones(())
+    else:
+      k_coin, k_gen = jax.random.split(rng)
+      coin = jax.random.uniform(k_coin) < mix_lambda
+      other = (lambda: fixed(batch)) if mix_with == "fixed" else (lambda: generate(target, batch, k_gen))
+      tokens, mask = jax.lax.cond(coin, lambda: generate(draft, batch, k_gen), other)
+      student = coin.astype(jnp.float32)
+    return {"tokens": tokens, "loss_mask": mask, "student": jnp.full((b,), student, jnp.float32)}
+  return rollout
+
+
+def make_loss_fn(divergence: str, beta: float = 0.5, temperature: float = 1.0):
+  """``loss_fn``: ``(sum m D(p_target || q_draft), sum m)`` over the response tokens.
+
+  Metrics (token means unless said): ``acceptance/sampling`` (``1 - TVD`` at
+  ``temperature``), ``acceptance/greedy`` (argmax agreement), ``nll/draft``,
+  ``nll/target`` (untempered), ``data/student`` (fraction of rows).
+  """
+  def loss_fn(params, frozen, batch, rng):
+    del rng
+    tokens = batch["tokens"]
+    m = batch["loss_mask"][:, 1:].astype(jnp.float32)      # position t predicts token t+1
+    q_logits = params["draft"](tokens).logits[:, :-1]
+    p_logits = jax.lax.stop_gradient(frozen["target"](tokens).logits[:, :-1])
+    loss, n = token_divergence_loss(divergence, p_logits, q_logits, m, beta=beta, temperature=temperature)
+    lp, lq = (jax.nn.log_softmax(x.astype(jnp.float32) / temperature, -1)
+              for x in (p_logits, jax.lax.stop_gradient(q_logits)))
+    accept = jnp.sum(jnp.minimum(jnp.exp(lp), jnp.exp(lq)), -1)
+    agree = (jnp.argmax(p_logits, -1) == jnp.argmax(q_logits, -1)).astype(jnp.float32)
+    nll = lambda logits: -jnp.sum(m * jnp.take_along_axis(
+        jax.nn.log_softmax(jax.lax.stop_gradient(logits).astype(jnp.float32), -1), tokens[:, 1:, None], -1)[..., 0])
+    metrics = {"acceptance/sampling": jnp.sum(accept * m), "acceptance/greedy": jnp.sum(agree * m),
+               "nll/draft": nll(q_logits), "nll/target": nll(p_logits)}
+    if "student" in batch:
+      metrics["data/student"] = (jnp.sum(batch["student"]), jnp.asarray(tokens.shape[0], jnp.float32))
+    return LossOutput(loss, n, metrics)
+  return loss_fn
+
+
+# --- build ---------------------------------------------------------------------------
+
+def _records(suite, c, corpus_split, prompt_split, verbose=True):
+  corpus, _ = suite_lib.sft_records(suite, corpus_split, c.seq_len, c.data.over_length, verbose=verbose)
+  prompts = suite_lib.prompt_records(suite, prompt_split, c.method.prompt_len, verbose=verbose)
+  return [{**corpus[i], **prompts[i % len(prompts)]} for i in range(len(corpus))]
+
+
+def _eval_prompts(suite, c):
+  e = c.eval
+  prompts = suite_lib.prompt_records(suite, "test", e.prompt_len, verbose=False)[:e.num_prompts]
+  return np.stack([p["prompt"] for p in prompts]), np.stack([p["prompt_len"] for p in prompts])
+
+
+def _scfg(c, suite, greedy, temperature=None, max_new_tokens=None):
+  tok = suite.tokenizer
+  return SamplingConfig(max_new_tokens=max_new_tokens or c.eval.max_new_tokens, eos_id=tok.eos_token_id,
+                        pad_id=tok.pad_token_id, greedy=greedy,
+                        temperature=c.eval.temperature if temperature is None else temperature)
+
+
+def build(config) -> Experiment:
+  _check(config)
+  suite = suite_lib.ensure(config.data, verbose=False)
+  draft_cfg, target_cfg = table.arch(config, "draft"), table.arch(config, "target")
+  if draft_cfg.vocab_size != target_cfg.vocab_size:
+    raise ConfigError(f"config.models.draft: its vocab_size={draft_cfg.vocab_size} differs from the target's "
+                      f"{target_cfg.vocab_size}; the draft must share the target's vocabulary")
+  if len(suite.tokenizer) != draft_cfg.vocab_size:
+    raise ConfigError(f"config.models.draft: its vocab_size={draft_cfg.vocab_size} differs from the reviews "
+                      f"tokenizer's {len(suite.tokenizer)} tokens")
+  m = config.method
+  train_recs = _records(suite, config, "train", "train")
+  eval_recs = _records(suite, config, "validation", "test", verbose=False)
+  scfg = SamplingConfig(max_new_tokens=m.max_new_tokens, eos_id=suite.tokenizer.eos_token_id,
+                        pad_id=suite.tokenizer.pad_token_id, temperature=m.temperature)
+
+  return Experiment(roles={"draft": True, "target": False}, loss_fn=make_loss_fn(m.divergence, m.beta, m.temperature),
+                    train_data=lambda shard: batched_iterator(train_recs, shard),
+                    eval_data=lambda shard: batched_iterator(eval_recs, shard, shuffle=False, repeat=False),
+                    evaluate=make_evaluate(config, suite),
+                    rollout=make_rollout(m.data, scfg, m.mix_lambda, m.mix_with))
+
+
+def make_evaluate(config, suite):
+  """Host-side eval: acceptance on draft prefixes (greedy, sampling; spec mode) and
+  the draft's sampled quality (gold reward, sequence KL to the target, entropy)."""
+  prompt, plen = _eval_prompts(suite, config)
+  greedy, sampling = _scfg(config, suite, True), _scfg(config, suite, False)
+  reward_fn = suite_lib.gold_reward_fn(suite)
+  rng = jax.random.PRNGKey(config.seed + 1)
+
+  def evaluate(params, frozen, step):
+    draft, target = params["draft"], frozen["target"]
+    out = {}
+    if config.eval.mode == "spec":
+      out["alpha/greedy"] = prefix_acceptance(target, draft, prompt, plen, rng, greedy)
+      out["alpha/sampling"] = prefix_acceptance(target, draft, prompt, plen, rng, sampling)
+    q = evaluate_policy(draft, target, prompt, plen, rng, sampling, reward_fn)
+    out.update({f"sample/{k}": v for k, v in q.items()})
+    return out
+  return evaluate
+
+
+# --- measurements (host side, compiled once per model structure and config) --------------
+
+def _prefix_acceptance(cfg, target, draft, prompt, plen, rng):
+  return acceptance_on_draft_prefixes(target, draft, prompt, plen, rng, cfg)
+
+
+def _speculative(cfg, gamma, lenience, target, draft, prompt, plen, rng):
+  return speculative_sample(target, draft, prompt, plen, rng, cfg, gamma, lenience)
+
+
+def nll_sums(model, tokens, loss_mask):
+  """``(NLL sum, token count)`` of ``model`` on the masked tokens (for :func:`compiled`)."""
+  return sft_loss(model(tokens).logits, tokens, loss_mask)[:2]
+
+
+def prefix_acceptance(target, draft, prompt, plen, rng, cfg: SamplingConfig) -> float:
+  """alpha on draft-generated prefixes: argmax agreement if ``cfg.greedy``, else ``1 - TVD``."""
+  acc = compiled(_prefix_acceptance, (cfg,), target, draft)(jnp.asarray(prompt), jnp.asarray(plen), rng)
+  return float(acc.greedy if cfg.greedy else acc.sampling)
+
+
+def sd_call(target, draft, cfg: SamplingConfig, gamma: int, lenience: float = 1.0):
+  """``f(prompt, prompt_len, rng) -> SpecOutput``: compiled speculative decoding with these models."""
+  fn = compiled(_speculative, (cfg, gamma, lenience), target, draft)
+  return lambda p, l, r: fn(jnp.asarray(p), jnp.asarray(l), r)
+
+
+def heldout_nll(model, records, batch: int = 64) -> float:
+  """Per-token NLL (nats) of ``model`` on SFT records (held-out corpus reviews)."""
+  fn = compiled(nll_sums, (), model)
+  nll = n = 0.0
+  for i in range(0, len(records) - batch + 1, batch):    # whole batches: one compiled shape
+    rows = records[i:i + batch]
+    a, b = fn(jnp.asarray(np.stack([r["tokens"] for r in rows])), jnp.asarray(np.stack([r["loss_mask"] for r in rows])))
+    nll, n = nll + float(a), n + float(b)
+  return nll / max(n, 1.0)
+
+
+def time_per_token(calls: dict, prompt, plen, rng, repeats: int) -> dict:
+  """Wall time per generated token of each ``calls[name](prompt, prompt_len, rng)``,
+  decoding each prompt alone (batch 1). One untimed warm-up (compile), then
+  ``repeats`` rounds that time every call in turn, so load changes on a shared
+  machine hit all of them alike. Returns ``name -> (median ms per token, last outputs)``."""
+  rows = [(prompt[i:i + 1], plen[i:i + 1], jax.random.fold_in(rng, i)) for i in range(len(prompt))]
+  for call in calls.values():
+    jax.block_until_ready(call(*rows[0]))
+  times = {k: [] for k in calls}
+  outs = {}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      t0, outs[name] = time.perf_counter(), []
+      for p, l, r in rows:
+        o = call(p, l, r)
+        jax.block_until_ready(o)
+        outs[name].append(o)
+      times[name].append(time.perf_counter() - t0)
+  return {k: (1e3 * statistics.median(times[k]) / max(sum(int(np.sum(o.lengths)) for o in outs[k]), 1), outs[k])
+          for k in calls}
+
+
+def alpha_from_tau(tau: float, gamma: int) -> float:
+  """The i.i.d. acceptance alpha whose block efficiency is ``tau`` (bisection)."""
+  lo, hi = 0.0, 1.0
+  for _ in range(60):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if float(block_efficiency(mid, gamma)) < tau else (lo, mid)
+  return (lo + hi) / 2
+
+
+def on_one_device(model):
+  """``model`` with its arrays on the first device: models from the trainer's mesh and
+  from a checkpoint then share one compiled evaluation (jit keys on input shardings)."""
+  g, s = nnx.split(model)
+  return nnx.merge(g, jax.device_put(s, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+
+
+def measure(config, suite, target, drafts: dict) -> dict:
+  """The report's speculative-decoding numbers for each draft in ``drafts`` (name -> model).
+
+  Per decoding mode (greedy, sampling at ``eval.temperature``): alpha on draft
+  prefixes of the ``eval.num_prompts`` held-out prompts and the formula's
+  block efficiency / speed-up for gamma 1..``eval.max_gamma``; for each gamma
+  in ``eval.sd_gammas``, SD at batch 1 on the first ``eval.timing_prompts``
+  prompts: acceptance rate (accepted / proposed), tokens per target call tau,
+  the alpha that gives this tau under the i.i.d. formula, and time per token
+  against plain target decoding of the same prompts. The cost ratio c is a
+  draft's time per token over the target's, both decoding greedily alone.
+  """
+  e = config.eval
+  target = on_one_device(target)
+  drafts = {k: on_one_device(v) for k, v in drafts.items()}
+  prompt, plen = _eval_prompts(suite, config)
+  tp, tl = prompt[:e.timing_prompts], plen[:e.timing_prompts]
+  rng = jax.random.PRNGKey(config.seed + 2)
+  gammas = list(range(1, e.max_gamma + 1))
+  modes = {"greedy": _scfg(config, suite, True), "sampling": _scfg(config, suite, False)}
+  calls = {("target", mode): sample_call(target, cfg) for mode, cfg in modes.items()}
+  calls.update({(name, "alone"): sample_call(d, modes["greedy"]) for name, d in drafts.items()})
+  calls.update({(name, mode, g): sd_call(target, d, cfg, g) for name, d in drafts.items()
+                for mode, cfg in modes.items() for g in e.sd_gammas})
+  timed = time_per_token(calls, tp, tl, rng, e.timing_repeats)
+  t_ms = {mode: timed[("target", mode)][0] for mode in modes}
+  cost = {name: timed[(name, "alone")][0] / t_ms["greedy"] for name in drafts}
+  c = float(np.mean(list(cost.values())))     # the drafts share one architecture
+  out = {"timing": {"target_ms_per_token": t_ms, "cost_ratio": c, "cost_ratio_per_draft": cost}, "drafts": {}}
+  for mode, cfg in modes.items():
+    for name, d in drafts.items():
+      r = out["drafts"].setdefault(name, {}).setdefault(mode, {})
+      r["alpha_prefix"] = alpha = prefix_acceptance(target, d, prompt, plen, rng, cfg)
+      r["tau_formula"] = [float(block_efficiency(alpha, g)) for g in gammas]
+      r["speedup_formula"] = [float(speedup(alpha, g, c)) for g in gammas]
+      r["sd"] = {}
+      for g in e.sd_gammas:
+        ms, outs = timed[(name, mode, g)]
+        acc, blocks, prop = (sum(int(np.sum(getattr(o, f))) for o in outs) for f in ("accepted", "blocks", "proposed"))
+        tau = (acc + blocks) / max(blocks, 1)
+        r["sd"][str(g)] = {"acceptance_rate": acc / max(prop, 1), "tau": tau, "alpha": alpha_from_tau(tau, g),
+                           "tau_formula": float(block_efficiency(alpha, g)),
+                           "ms_per_token": ms, "speedup": t_ms[mode] / ms,
+                           "speedup_formula": float(speedup(alpha, g, c))}
+  return out
+
+
+def quality(config, suite, models: dict) -> dict:
+  """Gold reward, sequence KL to the target, entropy, distinct-2 of samples; held-out NLL."""
+  prompt, plen = _eval_prompts(suite, config)
+  recs, _ = suite_lib.sft_records(suite, "test", config.seq_len, config.data.over_length, verbose=False)
+  recs = recs[:config.eval.nll_examples]
+  reward_fn = suite_lib.gold_reward_fn(suite)
+  rng = jax.random.PRNGKey(config.seed + 1)
+  models = {k: on_one_device(v) for k, v in models.items()}
+  target = models["target"]
+  out = {}
+  for name, mdl in models.items():
+    q = evaluate_policy(mdl, target, prompt, plen, rng, _scfg(config, suite, False), reward_fn)
+    q["nll"] = heldout_nll(mdl, recs, min(64, len(recs)))
+    out[name] = q
+  return out
+
+
+# --- report --------------------------------------------------------------------------
+
+def report(config, workdir: str, summary: dict):
+  """Undistilled vs distilled draft (and the target): table, summary.json, summary.png."""
+  from jaxopd import logs
+  suite = suite_lib.ensure(config.data, verbose=False)
+  params, frozen = summary["trainer"].models(summary["state"], summary["frozen"])
+  target, distilled = frozen["target"], params["draft"]
+  drafts = {"distilled": distilled}
+  if config.models.draft.init != "random":
+    drafts = {"draft_sft": table.load_model(config.models.draft.init, "draft")[0], **drafts}
+  m = config.method
+  res = {"method": {k: m[k] for k in ("divergence", "beta", "temperature", "data", "mix_lambda", "mix_with")},
+         "steps": summary["step"], "eval_mode": config.eval.mode,
+         "quality": quality(config, suite, {"target": target, **drafts})}
+  q = res["quality"]
+  print(f"\n{'model':<12}{'gold reward':>12}{'held-out NLL':>14}{'KL to target':>14}{'entropy':>10}")
+  for name, r in q.items():
+    print(f"{name:<12}{r['reward']:>12.4f}{r['nll']:>14.4f}{r['kl_ref']:>14.3f}{r['entropy']:>10.4f}")
+  if config.eval.mode == "spec":
+    res.update(measure(config, suite, target, drafts))
+    t = res["timing"]
+    print(f"\ncost ratio c = {t['cost_ratio']:.3f}; target "
+          + ", ".join(f"{k} {v:.3f} ms/token" for k, v in t["target_ms_per_token"].items()))
+    print(f"{'draft':<12}{'mode':<10}{'alpha':>7}{'gamma':>6}{'SD alpha':>9}{'tau':>7}{'tau(f)':>7}"
+          f"{'speedup':>8}{'pred.':>7}   (alpha: 1-TVD / argmax agreement on draft prefixes; SD alpha: "
+          f"from the measured tau)")
+    for name, modes in res["drafts"].items():
+      for mode, r in modes.items():
+        for g, s in r["sd"].items():
+          print(f"{name:<12}{mode:<10}{r['alpha_prefix']:>7.3f}{g:>6}{s['alpha']:>9.3f}{s['tau']:>7.2f}"
+                f"{s['tau_formula']:>7.2f}{s['speedup']:>8.2f}{s['speedup_formula']:>7.2f}")
+  res["curves"] = logs.read_metrics(workdir, "eval")
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(res, f, indent=2)
+  _plot(res, os.path.join(workdir, "summary.png"))
+  print(f"wrote {os.path.join(workdir, 'summary.json')} and summary.png")
+
+
+def _plot(res, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  spec = "drafts" in res
+  fig, axes = plt.subplots(1, 3 if spec else 1, figsize=(15 if spec else 5, 4), squeeze=False)
+  axes = axes[0]
+  curves = [r for r in res["curves"] if "sample/reward" in r]
+  ax = axes[0]
+  steps = [r["step"] for r in curves]
+  for k, style in (("alpha/greedy", "-o"), ("alpha/sampling", "-s"), ("sample/reward", "--^")):
+    if curves and k in curves[0]:
+      ax.plot(steps, [r[k] for r in curves], style, label=k)
+  ax.set(xlabel="distillation step", title="draft during distillation (held-out prompts)")
+  if spec:
+    colors = {"draft_sft": "tab:gray", "distilled": "tab:blue"}
+    for name, modes in res["drafts"].items():
+      for mode, r in modes.items():
+        ls = "-" if mode == "greedy" else "--"
+        gam = list(range(1, len(r["tau_formula"]) + 1))
+        axes[1].plot(gam, r["tau_formula"], ls, color=colors.get(name), label=f"{name} {mode} (formula)")
+        axes[1].scatter([int(g) for g in r["sd"]], [s["tau"] for s in r["sd"].values()], color=colors.get(name),
+                        marker="o" if mode == "greedy" else "s")
+        axes[2].plot(gam, r["speedup_formula"], ls, color=colors.get(name), label=f"{name} {mode} (formula)")
+        axes[2].scatter([int(g) for g in r["sd"]], [s["speedup"] for s in r["sd"].values()],
+                        color=colors.get(name), marker="o" if mode == "greedy" else "s")
+    axes[1].set(xlabel="gamma", ylabel="tokens per target call", title="block efficiency (markers: SD runs)")
+    axes[2].axhline(1.0, color="k", lw=0.8)
+    axes[2].set(xlabel="gamma", ylabel="speed-up over target decoding",
+                title=f"speed-up, c = {res['timing']['cost_ratio']:.2f} (markers: measured)")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,552 @@
+"""f-DPG (Go et al., ICML 2023) as an on-policy method of the one trainer: targets,
+the rollout (sample, score, update log Z and the baseline), the loss, the
+pipeline (the SFT base of :mod:`jaxopd.methods.tdpo`, the target fit),
+evaluation against the true target and the report. Config: experiments/fdpg.py.
+
+A target is ``p(x) = P(x) / Z`` with ``log P(x) = log a(x) + log phi(x)``: ``a``
+is the frozen base model (``frozen["base"]``), ``phi`` a scorer of the sampled
+sequence (:class:`Target`). Each step the rollout samples from the proposal
+(the policy itself, or in offline mode a frozen copy that is replaced by the
+policy when the policy gets closer to the target, as disco's
+``_update_proposal_if_better`` does), scores the samples, adds them to the
+running estimate of ``Z`` (per context) *before* they are used (disco's
+order), and hands the batch to the loss with the baseline taken before this
+batch's pseudo-rewards are added. The method state (log Z, baseline, offline
+proposal and its bookkeeping) lives in the trainer's ``state["aux"]``.
+
+Importance weights are valid only under pure ancestral sampling: any other
+sampling setting is refused (:func:`check_sampling`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxopd.data import batched_iterator, reviews, suite as suite_lib
+from jaxopd.errors import ConfigError
+from jaxopd.evaluation import compiled, distinct_n, self_bleu, to_host, token_entropy
+from jaxopd.experiment import Experiment, LossOutput
+from jaxopd.losses import token_logprobs, response_mask
+from jaxopd.losses.fdpg import (F_DIVERGENCES, Baseline, LogZ, divergence_estimates, pseudo_reward,
+                                surrogate_loss)
+from jaxopd.methods import sft
+from jaxopd.models import Transformer, table
+from jaxopd.sampling import SamplingConfig, sample
+
+TARGETS = ("pointwise", "distributional", "rlhf")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """``log phi(x)`` of a sequence, jittable: ``phi`` is
+
+  * pointwise: ``b(x) in {0, 1}``: the response contains one of ``token_ids``;
+    ``log b = -inf`` where it does not (``eps > 0`` floors ``b`` at ``eps``,
+    needed for reverse KL);
+  * distributional: ``exp(lambda . features(x))`` with ``features[k] = 1`` if the
+    response contains one of ``feature_ids[k]`` (e.g. a topic's nouns);
+  * rlhf: ``exp(r(x) / beta)`` with a host-side reward (``jax.pure_callback``).
+  """
+  kind: str
+  token_ids: tuple = ()                   # pointwise
+  feature_ids: tuple = ()                 # distributional: tuple of tuples of ids
+  lambdas: tuple = ()                     # distributional coefficients
+  reward_fn: Callable | None = None       # rlhf: (tokens [B, T], mask [B, T]) -> [B] numpy
+  beta: float = 1.0                       # rlhf temperature
+
+  def features(self, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """``[B, K]`` float32: 1 where the response contains one of ``feature_ids[k]``."""
+    ids = self.feature_ids if self.kind == "distributional" else (self.token_ids,)
+    resp = loss_mask.astype(bool)
+    cols = [jnp.any(jnp.isin(tokens, jnp.asarray(group, jnp.int32)) & resp, axis=1) for group in ids]
+    return jnp.stack(cols, axis=1).astype(jnp.float32)
+
+  def reward(self, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    shape = jax.ShapeDtypeStruct((tokens.shape[0],), jnp.float32)
+    fn = lambda t, m: np.asarray(self.reward_fn(t, m), np.float32)
+    return jax.pure_callback(fn, shape, tokens, loss_mask)
+
+  def alignment(self, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """``[B]``: ``b(x)`` (pointwise), the first feature (distributional), ``r(x)`` (rlhf)."""
+    if self.kind == "rlhf":
+      return self.reward(tokens, loss_mask)
+    return self.features(tokens, loss_mask)[:, 0]
+
+  def log_phi(self, tokens: jax.Array, loss_mask: jax.Array, eps: float = 0.0) -> jax.Array:
+    if self.kind == "pointwise":
+      b = jnp.maximum(self.features(tokens, loss_mask)[:, 0], eps)
+      return jnp.where(b > 0, jnp.log(jnp.where(b > 0, b, 1.0)), -jnp.inf)
+    if self.kind == "distributional":
+      return self.features(tokens, loss_mask) @ jnp.asarray(self.lambdas, jnp.float32)
+    if self.kind == "rlhf":
+      return self.reward(tokens, loss_mask) / self.beta
+    raise ValueError(f"config.method.target={self.kind!r}: must be one of {TARGETS}")
+
+
+def check_sampling(cfg: SamplingConfig, field: str = "config.rollout"):
+  """f-DPG's importance weights and log Z need samples from the model itself."""
+  if not cfg.is_ancestral:
+    raise ConfigError(
+        f"{field}: f-DPG needs pure ancestral sampling (temperature 1, top_k 0, top_p 1, not greedy); got "
+        f"temperature={cfg.temperature}, top_k={cfg.top_k}, top_p={cfg.top_p}, greedy={cfg.greedy}")
+
+
+def fit_lambdas(features: np.ndarray, targets: np.ndarray, iters: int = 100) -> np.ndarray:
+  """GDC moment matching: ``lambda`` with ``E_p[features] = targets`` for
+  ``p ~ a(x) exp(lambda . features)``, from samples of ``a`` (self-normalised
+  importance sampling). Newton's method on the convex dual
+  ``log E_a[exp(lambda . f)] - lambda . targets``; float64 numpy."""
+  f = np.asarray(features, np.float64)
+  mu = np.asarray(targets, np.float64)
+  lo, hi = f.min(0), f.max(0)
+  bad = (mu <= lo) | (mu >= hi)
+  if np.any(bad):
+    raise ValueError(f"moment targets {mu[bad].tolist()} are outside the range the base samples reach "
+                     f"({lo[bad].tolist()}..{hi[bad].tolist()}): no finite lambda matches them")
+  lam = np.zeros(f.shape[1])
+  for _ in range(iters):
+    s = f @ lam
+    w = np.exp(s - s.max())
+    w /= w.sum()
+    m = w @ f
+    cov = (f - m).T @ ((f - m) * w[:, None]) + 1e-12 * np.eye(f.shape[1])
+    step = np.linalg.solve(cov, m - mu)
+    lam -= step
+    if np.max(np.abs(step)) < 1e-10:
+      break
+  return lam
+
+
+def init_aux(num_contexts: int, baseline_window: int, proposal_state=None) -> dict:
+  """The method state: log Z per context, baseline, and (offline) the proposal."""
+  aux = {"log_z": LogZ.init(num_contexts), "baseline": Baseline.init(baseline_window)}
+  if proposal_state is not None:
+    aux.update(proposal=proposal_state, proposal_set=jnp.bool_(False), swaps=jnp.int32(0),
+               rollouts=jnp.int32(0), kl_policy=jnp.float32(0), kl_proposal=jnp.float32(0))
+  return aux
+
+
+def _sequence_logp(model, tokens, loss_mask):
+  return jnp.sum(token_logprobs(model(tokens).logits, tokens) * response_mask(loss_mask), axis=1)
+
+
+def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: float = 0.0,
+                 offline: bool = False, proposal_every: int = 16, samples_per_context: int = 1):
+  """``rollout(policy, frozen, batch, rng, aux) -> (batch, aux)`` for the trainer.
+
+  ``batch``: ``prompt [B, P]``, ``prompt_len [B]``, ``context [B]`` (index of
+  the context's log Z; all 0 when unconditional). ``eps`` floors a pointwise
+  ``b`` in the *training* target; the metrics use the true target (``eps=0``).
+  ``proposal_every``: rollouts between proposal checks (offline).
+  ``samples_per_context`` = k > 1: rows ``0, 0, .., 1, 1, ..`` (each of the
+  first ``B / k`` prompts k times) are sampled instead of one per prompt, as
+  disco samples several continuations per context: a context's running log Z
+  then has k samples at its first visit (with one, ``t = pi / q = 1`` on-policy
+  and the pseudo-reward carries no signal).
+  """
+  check_sampling(scfg)
+  if divergence not in F_DIVERGENCES:
+    raise ConfigError(f"config.method.divergence={divergence!r}: must be one of {F_DIVERGENCES}")
+  if not 0.0 <= eps < 1.0:
+    raise ConfigError(f"config.method.eps={eps}: must be in [0, 1)")
+  if target.kind == "pointwise" and divergence == "rkl" and eps <= 0:
+    raise ConfigError("config.method.eps=0: reverse KL on a pointwise target needs the epsilon floor "
+                      "b_eps = max(b, eps) > 0 (log P = -inf where the constraint fails); set e.g. eps=1e-3")
+
+  def rollout(params, frozen, batch, rng, aux):
+    policy = params["policy"]
+    if samples_per_context > 1:
+      b = batch["context"].shape[0]
+      if b % samples_per_context:
+        raise ConfigError(f"config.method.samples_per_context={samples_per_context}: must divide the "
+                          f"(micro)batch of {b} samples")
+      rows = jnp.arange(b) // samples_per_context
+      batch = {k: v[rows] for k, v in batch.items()}
+    ctx = batch["context"].astype(jnp.int32)
+    if offline:
+      gd, pol_state = nnx.split(policy)
+      prop_state = jax.tree.map(lambda q, p: jnp.where(aux["proposal_set"], q, p), aux["proposal"], pol_state)
+      proposal = nnx.merge(gd, prop_state)
+    else:
+      proposal = policy
+    out = sample(proposal, batch["prompt"], batch["prompt_len"], rng, scfg)
+    tokens, mask = out.tokens, out.loss_mask
+    q_logp = jnp.sum(out.logprobs, axis=1)
+    a_logp = _sequence_logp(frozen["base"], tokens, mask)
+    pi_logp = _sequence_logp(policy, tokens, mask) if offline else q_logp
+    log_score = a_logp + target.log_phi(tokens, mask, eps)
+    true_score = a_logp + target.log_phi(tokens, mask, 0.0) if eps > 0 else log_score
+    log_z = aux["log_z"].update(log_score, q_logp, ctx)
+    lz = log_z.value[ctx]
+    valid = jnp.isfinite(lz)
+    r = pseudo_reward(pi_logp - (log_score - jnp.where(valid, lz, 0.0)), divergence)
+    b = aux["baseline"].value
+    # Rows whose context has no log Z yet enter the window with the current baseline value.
+    new = dict(aux, log_z=log_z, baseline=aux["baseline"].update(jnp.where(valid, r, b)))
+    if offline:
+      # disco: accumulate KL(p||pi) and KL(p||q) estimates; every `proposal_every`
+      # rollouts, replace q by pi if pi is closer, then reset the estimates.
+      kl_pi = divergence_estimates(pi_logp, q_logp, log_score, jnp.where(valid, lz, 0.0))["kl_target_policy"]
+      kl_q = divergence_estimates(q_logp, q_logp, log_score, jnp.where(valid, lz, 0.0))["kl_target_policy"]
+      n = aux["rollouts"] + 1
+      kp, kq = aux["kl_policy"] + kl_pi, aux["kl_proposal"] + kl_q
+      check = n % proposal_every == 0
+      swap = check & (kp < kq)
+      new.update(proposal=jax.tree.map(lambda q, p: jnp.where(swap | ~aux["proposal_set"], p, q),
+                                       prop_state, pol_state),
+                 proposal_set=jnp.bool_(True), swaps=aux["swaps"] + swap.astype(jnp.int32), rollouts=n,
+                 kl_policy=jnp.where(check, 0.0, kp), kl_proposal=jnp.where(check, 0.0, kq))
+    train = {"tokens": tokens, "loss_mask": mask, "proposal_logp": q_logp, "log_score": log_score,
+             "log_z": lz, "baseline": jnp.broadcast_to(b, q_logp.shape), "true_score": true_score,
+             "base_logp": a_logp, "alignment": target.alignment(tokens, mask)}
+    if offline:
+      train["swaps"] = jnp.broadcast_to(new["swaps"].astype(jnp.float32), q_logp.shape)
+    return train, new
+  return rollout
+
+
+def make_loss_fn(divergence: str):
+  """The surrogate loss of :func:`jaxopd.losses.fdpg.surrogate_loss` plus metrics:
+  importance-sampled divergences to the (true) target with the running log Z,
+  alignment, ``KL(pi || a)`` and the pseudo-reward."""
+  def loss_fn(params, frozen, batch, rng):
+    del frozen, rng
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    pi_logp = _sequence_logp(params["policy"], tokens, mask)
+    loss, n, r = surrogate_loss(pi_logp, batch["proposal_logp"], batch["log_score"], batch["log_z"],
+                                batch["baseline"], divergence)
+    sg = jax.lax.stop_gradient(pi_logp)
+    w = jnp.exp(sg - batch["proposal_logp"])      # pi / q (1 on-policy)
+    lz = jnp.where(jnp.isfinite(batch["log_z"]), batch["log_z"], 0.0)
+    div = divergence_estimates(sg, batch["proposal_logp"], batch["true_score"], lz)
+    metrics = {f"target/{k}": v * n for k, v in div.items()}
+    metrics.update({
+        "alignment": jnp.sum(w * batch["alignment"]),
+        "kl_base": jnp.sum(w * (sg - batch["base_logp"])),
+        "pseudo_reward": jnp.sum(r),
+        "baseline": jnp.sum(batch["baseline"]),
+        "log_z": jnp.sum(lz),
+        "length": jnp.sum(mask.astype(jnp.float32)),
+    })
+    if "swaps" in batch:
+      metrics["proposal_swaps"] = jnp.sum(batch["swaps"])
+    return LossOutput(loss, n, metrics)
+  return loss_fn
+
+
+# --- the pipeline on the reviews task ---------------------------------------------
+
+def prompt_len(c) -> int:
+  """Prompt tokens of a training sequence: the padded prompt (conditional) or BOS alone."""
+  return c.rollout.prompt_len if c.method.conditional else 1
+
+
+def _scfg(c, tok) -> SamplingConfig:
+  return SamplingConfig(max_new_tokens=c.rollout.max_new_tokens, eos_id=tok.eos_token_id,
+                        pad_id=tok.pad_token_id, temperature=c.rollout.temperature, top_k=c.rollout.top_k,
+                        top_p=c.rollout.top_p)
+
+
+def _check(c):
+  m = c.method
+  if m.target not in TARGETS:
+    raise ConfigError(f"config.method.target={m.target!r}: must be one of {TARGETS}")
+  if m.divergence not in F_DIVERGENCES:
+    raise ConfigError(f"config.method.divergence={m.divergence!r}: must be one of {F_DIVERGENCES}")
+  if m.target != "pointwise" and m.eps != -1.0:
+    raise ConfigError(f"config.method.eps={m.eps}: the floor applies to pointwise targets only (leave it at -1)")
+  if m.target == "rlhf" and m.reward_beta <= 0:
+    raise ConfigError(f"config.method.reward_beta={m.reward_beta}: must be positive")
+  if m.target == "distributional" and not 0.0 < m.topic_mean < 1.0:
+    raise ConfigError(f"config.method.topic_mean={m.topic_mean}: must be in (0, 1)")
+  if m.topic not in reviews.TOPIC_NAMES:
+    raise ConfigError(f"config.method.topic={m.topic!r}: must be one of {reviews.TOPIC_NAMES}")
+  if m.conditional and (c.batch_size // c.grad_accum) % m.samples_per_context:
+    raise ConfigError(f"config.method.samples_per_context={m.samples_per_context}: must divide the microbatch "
+                      f"config.batch_size / config.grad_accum = {c.batch_size // c.grad_accum}")
+  for f in ("proposal_every", "baseline_window", "fit_samples", "samples_per_context"):
+    if m[f] <= 0:
+      raise ConfigError(f"config.method.{f}={m[f]}: must be positive")
+  if c.seq_len != prompt_len(c) + c.rollout.max_new_tokens:
+    raise ConfigError(f"config.seq_len={c.seq_len}: f-DPG's sequences are prompt + response, so it must equal "
+                      f"{prompt_len(c)} + config.rollout.max_new_tokens={c.rollout.max_new_tokens}")
+  if c.seq_len > c.model.max_len:
+    raise ConfigError(f"config.rollout.max_new_tokens={c.rollout.max_new_tokens}: prompt + response exceeds "
+                      f"config.model.max_len={c.model.max_len}")
+  if c.eval.num_samples % _eval_contexts(c) != 0:
+    raise ConfigError(f"config.eval.num_samples={c.eval.num_samples}: must be a multiple of the "
+                      f"{_eval_contexts(c)} evaluation contexts")
+  check_sampling(SamplingConfig(max_new_tokens=1, eos_id=0, temperature=c.rollout.temperature,
+                                     top_k=c.rollout.top_k, top_p=c.rollout.top_p))
+
+
+def _eps(c) -> float:
+  """The pointwise floor actually used (reverse KL needs one: log P = -inf where b = 0)."""
+  if c.method.eps != -1.0:
+    return float(c.method.eps)
+  return 1e-3 if (c.method.target == "pointwise" and c.method.divergence == "rkl") else 0.0
+
+
+def _eval_contexts(c) -> int:
+  return c.eval.contexts if c.method.conditional else 1
+
+
+def _word_ids(tok, words: str, field: str, skip_unknown: bool = False) -> tuple:
+  """Token ids of ``"w1|w2"``; a word outside the vocabulary (this world's
+  corpus never uses it) is an error, or skipped for a topic's noun list."""
+  ids = []
+  for w in [w.strip() for w in words.split("|") if w.strip()]:
+    i = tok.convert_tokens_to_ids(w)
+    if i is None or i == tok.unk_token_id:
+      if skip_unknown:
+        continue
+      raise ConfigError(f"{field}={words!r}: {w!r} is not a word of the reviews vocabulary")
+    ids.append(int(i))
+  if not ids:
+    raise ConfigError(f"{field}={words!r}: none of these words is in the reviews vocabulary")
+  return tuple(ids)
+
+
+def make_target(c, suite, lambdas=None) -> Target:
+  m, tok = c.method, suite.tokenizer
+  if m.target == "pointwise":
+    return Target("pointwise", token_ids=_word_ids(tok, m.words, "config.method.words"))
+  if m.target == "distributional":
+    ids = _word_ids(tok, "|".join(reviews.TOPIC_NOUNS[m.topic]), "config.method.topic", skip_unknown=True)
+    lam = tuple(float(x) for x in (m.lambdas if lambdas is None else lambdas)) or (0.0,)
+    return Target("distributional", feature_ids=(ids,), lambdas=lam)
+  return Target("rlhf", reward_fn=suite_lib.gold_reward_fn(suite), beta=float(m.reward_beta))
+
+
+def _prompts(c, suite, split: str, n: int | None = None):
+  """(prompt [N, P], prompt_len [N]); unconditional: N rows of BOS."""
+  tok = suite.tokenizer
+  if not c.method.conditional:
+    n = n or 1
+    return np.full((n, 1), tok.bos_token_id, np.int32), np.ones((n,), np.int32)
+  recs = suite_lib.prompt_records(suite, split, c.rollout.prompt_len, verbose=False)[:n]
+  return np.stack([r["prompt"] for r in recs]), np.stack([r["prompt_len"] for r in recs])
+
+
+# --- stages --------------------------------------------------------------------
+
+def prepare(config, workdir: str):
+  """Data and SFT base (TDPO's cached stages), then the target fit (cached in workdir/target.json)."""
+  _check(config)
+  if config.data.task != "reviews":
+    raise ConfigError(f"config.data.task={config.data.task!r}: f-DPG's targets are defined on the reviews task")
+  suite_lib.ensure(config.data)
+  table.fill_stage(config, "sft", sft.run_stage(config, config.sft, config.model))
+  fit = _fit_target(config, workdir)
+  with config.unlocked():
+    if config.method.target == "distributional" and not config.method.lambdas:
+      config.method.lambdas = tuple(fit["lambdas"])
+    config.eval.log_z = tuple(fit["log_z"])
+  return config
+
+
+def _draw_with_features(scfg, target, with_features, model, prompt, plen, rng):
+  """Samples of ``model`` and the target's features of them (zeros when it has none)."""
+  out = sample(model, prompt, plen, rng, scfg)
+  feats = target.features(out.tokens, out.loss_mask) if with_features else jnp.zeros((prompt.shape[0], 1))
+  return out.tokens, out.loss_mask, feats
+
+
+def _fit_target(config, workdir: str) -> dict:
+  """lambda (distributional) and the true target's log Z per evaluation context, from base samples.
+
+  Cached by its inputs under ``config.data.data_dir/fdpg_targets/`` (runs of a
+  sweep share one fit) and copied to ``workdir/target.json``."""
+  m = config.method
+  key = {"sft": config.models.base.init, "target": m.target, "words": m.words, "topic": m.topic,
+         "topic_mean": m.topic_mean, "lambdas": list(m.lambdas), "reward_beta": m.reward_beta,
+         "conditional": m.conditional, "fit_samples": m.fit_samples, "contexts": _eval_contexts(config),
+         "max_new_tokens": config.rollout.max_new_tokens, "seed": config.seed}
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+  shared = os.path.join(config.data.data_dir, "fdpg_targets", f"{digest}.json")
+  path = os.path.join(workdir, "target.json")
+  for p in (path, shared):
+    if os.path.exists(p):
+      with open(p) as f:
+        cached = json.load(f)
+      if cached["key"] == key:
+        if p == shared:
+          os.makedirs(workdir, exist_ok=True)
+          with open(path, "w") as f:
+            json.dump(cached, f, indent=2)
+        return cached
+  suite = suite_lib.ensure(config.data, verbose=False)
+  base, _ = table.load_model(config.models.base.init, "base")
+  k = _eval_contexts(config)
+  prompt, plen = _prompts(config, suite, "test", k)
+  scfg = _scfg(config, suite.tokenizer)
+  target0 = make_target(config, suite, lambdas=(0.0,))
+  draw = compiled(_draw_with_features, (scfg, target0, m.target != "rlhf"), base)
+
+  chunk = 512
+  feats, log_phi_extra, ctx_ids = [], [], []
+  rng = jax.random.PRNGKey(config.seed + 7)
+  for ci in range(k):
+    done = 0
+    while done < m.fit_samples:
+      n = min(chunk, m.fit_samples - done)
+      rng, sub = jax.random.split(rng)
+      toks, mask, f = jax.device_get(draw(np.repeat(prompt[ci:ci + 1], n, 0), np.repeat(plen[ci:ci + 1], n), sub))
+      feats.append(np.asarray(f, np.float64))
+      if m.target == "rlhf":
+        log_phi_extra.append(np.asarray(target0.reward_fn(toks, mask), np.float64) / m.reward_beta)
+      ctx_ids.append(np.full(n, ci))
+      done += n
+  feats, ctx_ids = np.concatenate(feats), np.concatenate(ctx_ids)
+  out = {"key": key, "base_rate": float(feats[:, 0].mean())}
+  if m.target == "pointwise":
+    log_phi = np.where(feats[:, 0] > 0, 0.0, -np.inf)
+  elif m.target == "distributional":
+    lam = np.asarray(m.lambdas, np.float64) if m.lambdas else fit_lambdas(feats, np.array([m.topic_mean]))
+    out["lambdas"] = lam.tolist()
+    log_phi = feats @ lam
+  else:
+    log_phi = np.concatenate(log_phi_extra)
+    out["base_reward"] = float(np.mean(log_phi) * m.reward_beta)
+  # Samples are from a, so Z = E_a[P / a] = E_a[phi] per context.
+  log_z = []
+  for ci in range(k):
+    lp = log_phi[ctx_ids == ci]
+    if not np.any(np.isfinite(lp)):
+      raise ValueError(f"target fit: none of {len(lp)} base samples of context {ci} satisfies "
+                       f"config.method.words={m.words!r}; Z cannot be estimated (choose a more frequent word "
+                       f"or raise config.method.fit_samples)")
+    mx = lp[np.isfinite(lp)].max()
+    log_z.append(float(mx + np.log(np.mean(np.exp(lp - mx)))))
+  out["log_z"] = log_z
+  rate = f"base reward {out['base_reward']:.4f}" if m.target == "rlhf" else f"base rate {out['base_rate']:.4f}"
+  print(f"[stage] target {m.target}: {rate}"
+        + (f", lambda {out['lambdas']}" if "lambdas" in out else "")
+        + f", log Z {np.round(log_z[:4], 4).tolist()}{' ...' if k > 4 else ''} "
+        f"({m.fit_samples} base samples per context)", flush=True)
+  for p in (path, shared):
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    with open(p, "w") as f:
+      json.dump(out, f, indent=2)
+  return out
+
+
+def build(config) -> Experiment:
+  _check(config)
+  if len(config.eval.log_z) != _eval_contexts(config):
+    raise ConfigError(f"config.eval.log_z has {len(config.eval.log_z)} values for {_eval_contexts(config)} "
+                      f"evaluation contexts: run through jaxopd.main (prepare() fits them)")
+  if config.method.target == "distributional" and not config.method.lambdas:
+    raise ConfigError("config.method.lambdas is empty: run through jaxopd.main (prepare() fits them)")
+  m = config.method
+  suite = suite_lib.ensure(config.data, verbose=False)
+  model_cfg = table.arch(config, "policy")
+  target = make_target(config, suite)
+  scfg = _scfg(config, suite.tokenizer)
+  if m.conditional:
+    prompt, plen = _prompts(config, suite, "train")
+    records = [{"prompt": p, "prompt_len": l, "context": np.int32(i)} for i, (p, l) in enumerate(zip(prompt, plen))]
+  else:
+    bos = np.array([suite.tokenizer.bos_token_id], np.int32)
+    records = [{"prompt": bos, "prompt_len": np.int32(1), "context": np.int32(0)}] * max(config.batch_size, 64)
+  num_contexts = len(records) if m.conditional else 1
+  rollout = make_rollout(target, m.divergence, scfg, eps=_eps(config), offline=bool(m.offline),
+                              proposal_every=int(m.proposal_every) * config.grad_accum,
+                              samples_per_context=int(m.samples_per_context) if m.conditional else 1)
+
+  def method_init():
+    proposal = None
+    if m.offline:   # overwritten by the policy (= the base) at the first rollout
+      proposal = nnx.state(Transformer(model_cfg, nnx.Rngs(params=0)), nnx.Param)
+    return init_aux(num_contexts, int(m.baseline_window), proposal)
+
+  return Experiment(roles={"policy": True, "base": False}, loss_fn=make_loss_fn(m.divergence),
+                    train_data=lambda shard: batched_iterator(records, shard),
+                    rollout=rollout, init_aux=method_init, evaluate=make_evaluate(config, suite, target))
+
+
+def make_evaluate(config, suite, target: Target):
+  """Held-out samples from the policy, scored against the true target (no eps floor)."""
+  e = config.eval
+  k = _eval_contexts(config)
+  prompt, plen = _prompts(config, suite, "test", k)
+  per = e.num_samples // k
+  prompt, plen = np.repeat(prompt, per, 0), np.repeat(plen, per)
+  log_z = np.repeat(np.asarray(e.log_z, np.float32), per)
+  scfg = _scfg(config, suite.tokenizer)
+  rng = jax.random.PRNGKey(config.seed + 1)
+
+  def evaluate(params, frozen, step):
+    fn = compiled(_sample_and_score, (scfg, target), params["policy"], frozen["base"])
+    toks, mask, res = to_host(fn(prompt, plen, log_z, rng))
+    resp = [t[mm == 1].tolist() for t, mm in zip(np.asarray(toks), np.asarray(mask))]
+    out = {f"sample/{n}": float(v) for n, v in res.items()}
+    out.update({"sample/distinct1": distinct_n(resp, 1), "sample/distinct2": distinct_n(resp, 2),
+                "sample/self_bleu": self_bleu(resp[:e.bleu_samples]),
+                "sample/length": float(np.mean([len(r) for r in resp]))})
+    return out
+  return evaluate
+
+
+def _sample_and_score(scfg, target, policy, base, prompt, plen, log_z, rng):
+  """Samples of the policy scored against the true target: IS divergence estimates, alignment,
+  KL to the base, entropy (one compiled call; report() reuses training's through jax's cache)."""
+  out = sample(policy, prompt, plen, rng, scfg)
+  m = response_mask(out.loss_mask)
+  logits = policy(out.tokens).logits
+  pi = jnp.sum(token_logprobs(logits, out.tokens) * m, 1)
+  a = jnp.sum(token_logprobs(base(out.tokens).logits, out.tokens) * m, 1)
+  log_p_score = a + target.log_phi(out.tokens, out.loss_mask)
+  res = {f"target/{n}": v for n, v in divergence_estimates(pi, pi, log_p_score, log_z).items()}
+  res.update({"alignment": jnp.mean(target.alignment(out.tokens, out.loss_mask)),
+              "kl_base": jnp.mean(pi - a), "entropy": token_entropy(logits[:, :-1], m)})
+  return out.tokens, out.loss_mask, res
+
+KEYS = ("sample/alignment", "sample/target/kl_target_policy", "sample/target/kl_policy_target", "sample/target/tv",
+        "sample/target/js", "sample/kl_base", "sample/entropy", "sample/distinct2", "sample/self_bleu")
+
+
+def report(config, workdir: str, summary: dict):
+  """Before (the base) / after table, summary.json and summary.png in ``workdir``."""
+  from jaxopd import logs
+  suite = suite_lib.ensure(config.data, verbose=False)
+  evaluate = make_evaluate(config, suite, make_target(config, suite))
+  _, frozen = summary["trainer"].models(summary["state"], summary["frozen"])
+  before = evaluate({"policy": frozen["base"]}, frozen, 0)
+  after = summary["eval"]
+  print("\n" + f"{'':<12}" + "".join(f"{k.split('/')[-1]:>18}" for k in KEYS))
+  for name, r in (("base", before), (f"{config.method.divergence} (after)", after)):
+    print(f"{name:<12}" + "".join(f"{r.get(k, float('nan')):>18.4f}" for k in KEYS))
+  m = config.method
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump({"target": m.target, "divergence": m.divergence, "offline": bool(m.offline),
+               "conditional": bool(m.conditional), "before": before, "after": after}, f, indent=2)
+  _plot(logs.read_metrics(workdir, "eval"), before, os.path.join(workdir, "summary.png"), config)
+  print(f"wrote {os.path.join(workdir, 'summary.json')} and summary.png")
+
+
+def _plot(recs, before, path, config):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  recs = [r for r in recs if "sample/alignment" in r]
+  steps = [0] + [r["step"] for r in recs]
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  for ax, key, label in ((axes[0], "sample/alignment", "alignment"),
+                         (axes[1], "sample/target/tv", "TV(p, pi)"),
+                         (axes[2], "sample/distinct2", "distinct-2")):
+    ax.plot(steps, [before[key]] + [r[key] for r in recs], marker="o")
+    ax.set(xlabel="step", ylabel=label, title=f"{config.method.target}, {config.method.divergence}: {label}")
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,138 @@
+"""SFT: next-token cross-entropy on the response tokens (loss mask); also the SFT
+stage of the other pipelines (:func:`stage`, :func:`run_stage`).
+
+Data (``config.data.task``): the reviews corpus of the controlled suite
+(jaxopd/data/reviews.py, built into ``config.data.data_dir`` on first use),
+your own files (``files``: TRL ``text`` / prompt-completion / messages
+records), or the in-code sort task (``sort``, jaxopd/data/toy.py). Eval:
+held-out per-token loss and, on the reviews task, the gold reward, per-token
+entropy and distinct-n of samples on held-out prompts (``config.eval``).
+Config: experiments/sft.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxopd import checkpoint as ckpt_lib
+from jaxopd import train
+from jaxopd.data import batched_iterator, suite as suite_lib, toy
+from jaxopd.errors import ConfigError
+from jaxopd.evaluation import evaluate_policy
+from jaxopd.experiment import Experiment, LossOutput, load_config
+from jaxopd.losses import sft_loss
+from jaxopd.models import table
+from jaxopd.sampling import SamplingConfig
+
+
+def _sort_data(config, vocab_size):
+  s = config.data.sort
+  make = lambda num, seed: toy.sort_task(num, config.seq_len, vocab_size, seed, min_len=s.min_symbols,
+                                         max_len=s.max_symbols)
+  return make(s.num_train, config.seed), make(s.num_eval, config.seed + 10_000)
+
+
+def build(config) -> Experiment:
+  model_cfg = table.arch(config, "policy")
+  evaluate = None
+  if config.data.task == "sort":
+    train_records, eval_records = _sort_data(config, model_cfg.vocab_size)
+  elif config.data.task == "reviews":
+    suite = suite_lib.ensure(config.data)
+    if len(suite.tokenizer) != model_cfg.vocab_size:
+      raise ConfigError(f"config.model.vocab_size={model_cfg.vocab_size}: the reviews tokenizer has "
+                        f"{len(suite.tokenizer)} tokens")
+    train_records, _ = suite_lib.sft_records(suite, "train", config.seq_len, config.data.over_length)
+    eval_records, _ = suite_lib.sft_records(suite, "validation", config.seq_len, config.data.over_length)
+    e = config.eval
+    if e.num_prompts:
+      prompts = suite_lib.prompt_records(suite, "test", e.prompt_len)[:e.num_prompts]
+      prompt = np.stack([p["prompt"] for p in prompts])
+      plen = np.stack([p["prompt_len"] for p in prompts])
+      if e.prompt_len + e.max_new_tokens > model_cfg.max_len:
+        raise ConfigError(f"config.eval.max_new_tokens={e.max_new_tokens}: prompt_len + max_new_tokens exceeds "
+                          f"config.model.max_len={model_cfg.max_len}")
+      scfg = SamplingConfig(max_new_tokens=e.max_new_tokens, eos_id=suite.tokenizer.eos_token_id,
+                            pad_id=suite.tokenizer.pad_token_id, temperature=e.temperature)
+      reward_fn = suite_lib.gold_reward_fn(suite)
+
+      def evaluate(params, frozen, step):
+        rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
+        m = evaluate_policy(params["policy"], None, prompt, plen, rng, scfg, reward_fn)
+        return {f"sample/{k}": v for k, v in m.items()}
+  elif config.data.task == "files":
+    tok, train_records, eval_records = suite_lib.file_records(config.data, "lm", config.seq_len,
+                                                              default_tokenizer=table.tokenizer_dir(config))
+    if len(tok) > model_cfg.vocab_size:
+      raise ConfigError(f"config.models.policy: its vocab_size={model_cfg.vocab_size} is smaller than the "
+                        f"tokenizer's {len(tok)} tokens")
+    if config.eval.num_prompts:
+      raise ConfigError("config.eval.num_prompts: sampled evaluation needs the reviews task's gold reward; "
+                        "set it to 0 with task=files")
+    eval_records = eval_records or []
+  else:
+    raise ConfigError(f"config.data.task={config.data.task!r}: must be reviews, files or sort")
+
+  def loss_fn(params, frozen, batch, rng):
+    del frozen, rng
+    logits = params["policy"](batch["tokens"], batch.get("positions"),
+                              segment_ids=batch.get("segment_ids")).logits
+    nll, n_tokens, correct = sft_loss(logits, batch["tokens"], batch["loss_mask"])
+    return LossOutput(nll, n_tokens, {"accuracy": correct})
+
+  return Experiment(
+      roles={"policy": True},
+      loss_fn=loss_fn,
+      train_data=lambda shard: batched_iterator(train_records, shard),
+      eval_data=(lambda shard: batched_iterator(eval_records, shard, shuffle=False, repeat=False))
+      if eval_records else None,
+      evaluate=evaluate,
+  )
+
+
+# --- the SFT stage of other pipelines ------------------------------------------------
+
+def stage(workdir: str, total_steps: int, config: str = "sft.py") -> ml_collections.ConfigDict:
+  """The config block of an SFT stage: its run directory, its length, and the config module
+  whose recipe it follows (``"sft.py[:preset]"``, looked up in experiments/); the model,
+  data, seed and mesh come from the pipeline's config (:func:`run_stage`)."""
+  b = ml_collections.ConfigDict()
+  b.workdir = workdir            # the stage's run (trained here if unfinished, reused otherwise)
+  b.total_steps = total_steps    # its length
+  b.config = config              # its recipe: a config module of experiments/ ("sft.py[:preset]")
+  return b
+
+
+def stage_config(config, node, model):
+  """The SFT config of stage ``node`` of pipeline ``config``, for architecture ``model``."""
+  s = load_config(node.config)
+  if s.method.name != "sft":
+    raise ConfigError(f"{node.config!r}: an SFT stage needs an SFT config (its method is {s.method.name!r})")
+  s.model = model
+  s.data = config.data
+  s.seed = config.seed
+  s.mesh = config.mesh
+  s.progress = config.progress
+  s.total_steps = node.total_steps
+  s.optim.warmup_steps = min(s.optim.warmup_steps, s.total_steps)
+  s.checkpoint.every = min(s.checkpoint.every, s.total_steps)
+  return s
+
+
+def run_stage(config, node, model, what: str = "SFT base") -> str:
+  """Trains SFT stage ``node`` unless its run is finished; returns the pinned ``run:`` init of
+  its policy (for :func:`jaxopd.models.table.fill_stage`)."""
+  s = stage_config(config, node, model)
+  if not ckpt_lib.finished(node.workdir, s.total_steps):
+    print(f"[stage] {what} -> {node.workdir} ({s.total_steps} steps)", flush=True)
+    train.run(s, node.workdir, build(s))
+  return stage_init(node)
+
+
+def stage_init(node) -> str:
+  """The ``run:`` init of SFT stage ``node``'s policy, pinned at its final step."""
+  return f"run:{os.path.abspath(node.workdir)}:policy@{node.total_steps}"

@@ -1,0 +1,433 @@
+"""SparsePO (Christopoulou et al., Findings EMNLP 2025; official code
+huawei-noah/HEBO, folder SparsePO) on TDPO's preference pipeline (its stages,
+sampled evaluation and report, :mod:`jaxopd.methods.tdpo`). Config:
+experiments/sparsepo.py.
+
+The step: token masks from the frozen reference model, then the pure loss of
+:mod:`jaxopd.losses.sparsepo`. Batch as in :mod:`jaxopd.methods.tdpo`: ``tokens[B, 2, T]``, ``loss_mask[B, 2, T]``
+(0 = chosen, 1 = rejected), and optionally ``gold[B, 2, T]`` (1 on the tokens
+that carry the gold reward, for the mask statistics only). The reference runs
+once with ``return_hidden=True``; its logits and hidden states are detached
+where they are produced, so the policy gets no gradient through the mask input.
+
+Masks (``w[:, t]`` weights target token t+1 and is computed from the reference
+states at position t, as the official ``reference_states[:, :-1]``):
+
+* ``learned``: :class:`SparseMask`, a trainable model ("mask", its own optimizer
+  group) with one head shared by ``w_u`` and ``w_d`` or one head each;
+* ``mapo``: :func:`jaxopd.losses.sparsepo.activation_mask` of the reference's
+  residual stream (the embeddings, every block's output, the final-norm
+  output: what ``Transformer(return_hidden=True)`` exposes) and its logits. The
+  official MaPO also hooks MLP post-activations, q/k/v and the intra-block
+  residual points, which this model does not expose. One mask for both terms.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from jaxopd.data import batched_iterator, preferences, reviews, suite as suite_lib
+from jaxopd.errors import ConfigError
+from jaxopd.evaluation import compiled
+from jaxopd.experiment import Experiment, LossOutput
+from jaxopd.losses import forward_kl_per_token, response_mask, token_logprobs
+from jaxopd.losses.sparsepo import activation_mask, l1_penalty, sequence_terms, sparsepo_loss
+from jaxopd.methods import tdpo
+from jaxopd.models import table
+
+MASKS = ("learned", "mapo")
+INITS = ("uniform", "ones")
+
+
+def _uniform(rngs: nnx.Rngs, shape, bound) -> nnx.Param:
+  return nnx.Param(jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound),
+                   logical_axes=(None,) * len(shape))
+
+
+class MaskHead(nnx.Module):
+  """``w = relu(sum_l a_l relu(W_l LN(h^l) + b_l))``: hidden ``[L, N, T, D]`` -> weights ``[N, T]``.
+
+  One LayerNorm (with scale and bias) shared by the layers, as the official
+  ``SimpleMaskAllLayers``; no dropout (the official default is 0.01).
+  ``init="uniform"``: PyTorch's ``nn.Linear`` default, ``U(+-1/sqrt(fan_in))``
+  for ``W``, ``b`` and ``a`` (the official code); ``init="ones"``: ``W = 0``,
+  ``b = 1``, ``a = 1/L``, so the mask starts at exactly 1 (TDPO1).
+  """
+
+  def __init__(self, n_layers: int, d_model: int, rngs: nnx.Rngs, init: str = "uniform", eps: float = 1e-5):
+    if init not in INITS:
+      raise ValueError(f"mask init={init!r}: must be one of {INITS}")
+    self.eps = eps
+    self.ln_scale = nnx.Param(jnp.ones((d_model,), jnp.float32), logical_axes=(None,))
+    self.ln_bias = nnx.Param(jnp.zeros((d_model,), jnp.float32), logical_axes=(None,))
+    if init == "uniform":
+      self.w = _uniform(rngs, (n_layers, d_model), 1 / math.sqrt(d_model))
+      self.b = _uniform(rngs, (n_layers,), 1 / math.sqrt(d_model))
+      self.a = _uniform(rngs, (n_layers, 1), 1 / math.sqrt(n_layers))   # 2-D: weight-decayed like a matrix
+    else:
+      self.w = nnx.Param(jnp.zeros((n_layers, d_model), jnp.float32), logical_axes=(None, None))
+      self.b = nnx.Param(jnp.ones((n_layers,), jnp.float32), logical_axes=(None,))
+      self.a = nnx.Param(jnp.full((n_layers, 1), 1.0 / n_layers, jnp.float32), logical_axes=(None, None))
+
+  def __call__(self, hidden: jax.Array) -> jax.Array:
+    h = hidden.astype(jnp.float32)
+    mu = jnp.mean(h, -1, keepdims=True)
+    var = jnp.mean(jnp.square(h - mu), -1, keepdims=True)
+    h = (h - mu) * jax.lax.rsqrt(var + self.eps) * self.ln_scale[...] + self.ln_bias[...]
+    per_layer = jax.nn.relu(jnp.einsum("lntd,ld->lnt", h, self.w[...]) + self.b[...][:, None, None])
+    return jax.nn.relu(jnp.einsum("lnt,l->nt", per_layer, self.a[...][:, 0]))
+
+
+class SparseMask(nnx.Module):
+  """The learned mask model: ``hidden [L, N, T, D] -> (w_u, w_d)``, each ``[N, T]``.
+
+  ``shared``: one head serves both; otherwise ``u`` and ``d`` are independent heads.
+  """
+
+  def __init__(self, n_layers: int, d_model: int, shared: bool, rngs: nnx.Rngs, init: str = "uniform"):
+    self.shared = shared
+    self.u = MaskHead(n_layers, d_model, rngs, init)
+    self.d = None if shared else MaskHead(n_layers, d_model, rngs, init)
+
+  def __call__(self, hidden: jax.Array):
+    w_u = self.u(hidden)
+    return w_u, (w_u if self.d is None else self.d(hidden))
+
+
+def token_weights(mask: str, mask_model, hidden, ref_logits, m):
+  """``(w_u, w_d)``, each ``[N, T-1]`` aligned with ``token_logprobs``, from the reference's
+  detached outputs: ``hidden`` (``n_layers + 1`` arrays ``[N, T, D]``), ``ref_logits [N, T, V]``."""
+  if mask == "learned":
+    stacked = jnp.stack([h[:, :-1] for h in hidden[1:]])      # the states after each block, as the official
+    return mask_model(jax.lax.stop_gradient(stacked))
+  if mask == "mapo":
+    w = activation_mask({"resid": [h[:, :-1] for h in hidden], "logits": [ref_logits[:, :-1]]}, m)
+    return w, w
+  raise ValueError(f"config.method.mask={mask!r}: must be one of {MASKS}")
+
+
+def reference_outputs(reference, tokens):
+  """The reference's logits and hidden states, detached: ``[N, T]`` -> ``([N, T, V], tuple of [N, T, D])``."""
+  out = reference(tokens, return_hidden=True)
+  return jax.lax.stop_gradient(out.logits), tuple(jax.lax.stop_gradient(h) for h in out.hidden)
+
+
+def make_loss_fn(mask: str, shared: bool, beta: float, lambda_u: float = 0.0, lambda_d: float = 0.0,
+                 kl_chunk: int = 128):
+  """``loss_fn(params, frozen, batch, rng)`` for SparsePO with ``mask`` in ``learned | mapo``.
+
+  Metrics: TRL's ``rewards/*`` with the official SparsePO reward ``beta (U + D)``
+  (detached), ``logps/*``, the unweighted sequential KL ``kl/chosen``,
+  ``kl/rejected``, ``kl/margin`` (= K_l - K_w, comparable with TDPO's), the
+  weighted one ``kl_weighted/*`` (= -D), and over response tokens
+  ``mask/u_mean``, ``mask/u_zero`` (fraction of exact zeros), with ``gold`` in
+  the batch ``mask/u_gold`` and ``mask/u_other`` (mean weight on reward-bearing
+  tokens and on the others); the same ``mask/d_*`` for independent masks.
+  """
+  if mask not in MASKS:
+    raise ValueError(f"config.method.mask={mask!r}: must be one of {MASKS}")
+  independent = mask == "learned" and not shared
+
+  def loss_fn(params, frozen, batch, rng):
+    del rng
+    tokens, lmask = batch["tokens"], batch["loss_mask"]
+    b, _, t = tokens.shape
+    flat, flat_mask = tokens.reshape(b * 2, t), lmask.reshape(b * 2, t)
+    pi_logits = params["policy"](flat).logits
+    ref_logits, hidden = reference_outputs(frozen["reference"], flat)
+    m = response_mask(flat_mask)
+    w_u, w_d = token_weights(mask, params.get("mask"), hidden, ref_logits, m)
+    lp_pi = token_logprobs(pi_logits, flat)
+    lp_ref = token_logprobs(ref_logits, flat)
+    k = forward_kl_per_token(ref_logits, pi_logits, kl_chunk)
+    u, d = sequence_terms(lp_pi, lp_ref, k, m, w_u, w_d)
+    u, d = u.reshape(b, 2), d.reshape(b, 2)
+    losses = sparsepo_loss(u[:, 0], u[:, 1], d[:, 0], d[:, 1], beta)
+    if lambda_u or lambda_d:
+      pair = lambda x: x.reshape(b, 2, t - 1)
+      losses = losses + l1_penalty(pair(w_u), pair(w_d), pair(m), lambda_u, lambda_d, shared)
+    reward = beta * jax.lax.stop_gradient(u + d)
+    logps = jax.lax.stop_gradient(jnp.sum(m * lp_pi, axis=-1).reshape(b, 2))
+    kl = jax.lax.stop_gradient(jnp.sum(m * k, axis=-1).reshape(b, 2))
+    wkl = jax.lax.stop_gradient(-d)
+    metrics = {
+        "rewards/chosen": jnp.sum(reward[:, 0]),
+        "rewards/rejected": jnp.sum(reward[:, 1]),
+        "rewards/margins": jnp.sum(reward[:, 0] - reward[:, 1]),
+        "rewards/accuracies": jnp.sum((reward[:, 0] > reward[:, 1]).astype(jnp.float32)),
+        "logps/chosen": jnp.sum(logps[:, 0]),
+        "logps/rejected": jnp.sum(logps[:, 1]),
+        "kl/chosen": jnp.sum(kl[:, 0]), "kl/rejected": jnp.sum(kl[:, 1]),
+        "kl/margin": jnp.sum(kl[:, 1] - kl[:, 0]),
+        "kl_weighted/chosen": jnp.sum(wkl[:, 0]), "kl_weighted/rejected": jnp.sum(wkl[:, 1]),
+    }
+    gold = batch["gold"].reshape(b * 2, t)[:, 1:].astype(jnp.float32) if "gold" in batch else None
+    for name, w in (("u", w_u), ("d", w_d)) if independent else (("u", w_u),):
+      metrics.update(mask_stats(name, jax.lax.stop_gradient(w), m, gold))
+    return LossOutput(jnp.sum(losses), jnp.float32(b), metrics)
+
+  return loss_fn
+
+
+def mask_stats(name: str, w, m, gold=None) -> dict:
+  """``(sum, count)`` metrics of a mask over response tokens (see :func:`make_loss_fn`)."""
+  n = jnp.sum(m)
+  out = {f"mask/{name}_mean": (jnp.sum(w * m), n),
+         f"mask/{name}_zero": (jnp.sum((w == 0).astype(jnp.float32) * m), n)}
+  if gold is not None:
+    out[f"mask/{name}_gold"] = (jnp.sum(w * m * gold), jnp.sum(m * gold))
+    out[f"mask/{name}_other"] = (jnp.sum(w * m * (1 - gold)), jnp.sum(m * (1 - gold)))
+  return out
+
+
+def auroc(scores, labels) -> float:
+  """Area under the ROC curve of ``scores`` as a detector of ``labels`` (ties count one half); NaN
+  without both classes."""
+  s = np.asarray(scores, np.float64).ravel()
+  y = np.asarray(labels).ravel().astype(bool)
+  npos, nneg = int(y.sum()), int((~y).sum())
+  if npos == 0 or nneg == 0:
+    return float("nan")
+  _, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
+  mid_rank = np.cumsum(counts) - (counts - 1) / 2.0        # 1-based average rank of each distinct value
+  ranks = mid_rank[inv]
+  return float((ranks[y].sum() - npos * (npos + 1) / 2.0) / (npos * nneg))
+
+
+# --- the method on the preference pipeline ---------------------------------------
+
+def label(config) -> str:
+  m = config.method
+  return "mapo" if m.mask == "mapo" else f"sparsepo-{'shared' if m.shared else 'indep'}"
+
+
+def _check(c):
+  m = c.method
+  if m.mask not in MASKS:
+    raise ConfigError(f"config.method.mask={m.mask!r}: must be one of {MASKS}")
+  if m.beta <= 0:
+    raise ConfigError(f"config.method.beta={m.beta}: must be positive")
+  for f in ("lambda_u", "lambda_d"):
+    if m[f] < 0:
+      raise ConfigError(f"config.method.{f}={m[f]}: must be >= 0")
+  if m.mask_init not in INITS:
+    raise ConfigError(f"config.method.mask_init={m.mask_init!r}: must be one of {INITS}")
+  if m.kl_chunk <= 0:
+    raise ConfigError(f"config.method.kl_chunk={m.kl_chunk}: must be positive")
+  if m.mask == "mapo":
+    if not m.shared:
+      raise ConfigError("config.method.shared=False: MaPO has one mask for both terms (use mask=learned)")
+    if m.lambda_u or m.lambda_d:
+      raise ConfigError(f"config.method.lambda_u={m.lambda_u}, lambda_d={m.lambda_d}: the MaPO mask is "
+                        f"detached, an L1 penalty on it does nothing (use 0)")
+    if m.mask_init != "uniform":
+      raise ConfigError(f"config.method.mask_init={m.mask_init!r}: only the learned mask is initialised")
+    if "mask" in c.optim.groups:
+      raise ConfigError("config.optim.groups.mask: MaPO has no mask model to train (the preset ':mapo' "
+                        "drops this group)")
+
+
+def _tdpo_view(config, loss="tdpo1"):
+  """The config as jaxopd.methods.tdpo reads it (data, SFT base, pairs, evaluation)."""
+  v = config.copy_and_resolve_references()
+  v.method = ml_collections.ConfigDict(dict(name="tdpo", loss=loss, beta=config.method.beta, alpha=0.5,
+                                            log_kl=True, kl_chunk=config.method.kl_chunk))
+  return v
+
+
+def prepare(config, workdir: str):
+  """TDPO's stages 1-3 (data, SFT base, pairs; cached); policy and reference start from the SFT base,
+  the mask head from its initialiser."""
+  if config.method.mask == "mapo" and "mask" in config.optim.groups:
+    del config.optim.groups["mask"]        # --config.method.mask=mapo on the default config
+  _check(config)
+  view = tdpo.prepare(_tdpo_view(config), workdir)
+  config.models = view.models
+  return config
+
+
+def gold_tokens(suite, tokens: np.ndarray) -> np.ndarray:
+  """``tokens[..., T]`` -> 1.0 where the token is a word that carries the gold reward of its full text
+  (``reviews.reward_positions``), same shape."""
+  tok = suite.tokenizer
+  special = {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}
+  vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
+  flat = tokens.reshape(-1, tokens.shape[-1])
+  out = np.zeros(flat.shape, np.float32)
+  for r, row in enumerate(flat.tolist()):
+    idx = [i for i, t in enumerate(row) if t not in special]
+    for p in reviews.reward_positions([vocab[row[i]] for i in idx]):
+      out[r, idx[p]] = 1.0
+  return out.reshape(tokens.shape)
+
+
+def build(config) -> Experiment:
+  _check(config)
+  model_cfg = table.arch(config, "policy")
+  m = config.method
+  suite = None
+  if config.data.task == "files":
+    _, train_recs, test_recs = suite_lib.file_records(config.data, "preference", config.seq_len,
+                                                      default_tokenizer=table.tokenizer_dir(config))
+  else:
+    suite = suite_lib.ensure(config.data, verbose=False)
+    pc = tdpo._prefs_config(config)
+    train_recs, st = preferences.records(pc, "train", config.data.data_dir, suite.tokenizer, config.seq_len,
+                                         config.data.over_length, config.prefs.prompt_len)
+    test_recs, _ = preferences.records(pc, "test", config.data.data_dir, suite.tokenizer, config.seq_len,
+                                       config.data.over_length, config.prefs.prompt_len)
+    print(f"preference pairs: {st}")
+    train_recs = [dict(r, gold=gold_tokens(suite, r["tokens"])) for r in train_recs]
+    test_recs = [dict(r, gold=gold_tokens(suite, r["tokens"])) for r in test_recs]
+  loss_fn = make_loss_fn(m.mask, m.shared, m.beta, m.lambda_u, m.lambda_d, m.kl_chunk)
+
+  def init_heads(rng):
+    return {"mask": SparseMask(model_cfg.n_layers, model_cfg.d_model, m.shared, nnx.Rngs(params=rng),
+                                        m.mask_init)}
+
+  return Experiment(roles={"policy": True, "reference": False},
+                    init_heads=init_heads if m.mask == "learned" else None, loss_fn=loss_fn,
+                    train_data=lambda shard: batched_iterator(train_recs, shard),
+                    eval_data=(lambda shard: batched_iterator(test_recs, shard, shuffle=False, repeat=False))
+                    if test_recs else None,
+                    evaluate=make_evaluate(config, suite, test_recs) if suite is not None else None)
+
+
+def _token_weights(mask, reference, mask_model, tokens, loss_mask):
+  ref_logits, hidden = reference_outputs(reference, tokens)
+  m = response_mask(loss_mask)
+  w_u, w_d = token_weights(mask, mask_model, hidden, ref_logits, m)
+  return w_u, w_d, m
+
+
+def mask_weights(config, mask_model, reference, tokens, loss_mask):
+  """Token weights on ``tokens[N, T]``: ``(w_u, w_d, m)`` numpy ``[N, T-1]`` (entry t weights token t+1)."""
+  fn = compiled(_token_weights, (config.method.mask,), reference, mask_model)
+  out = fn(jnp.asarray(tokens), jnp.asarray(loss_mask))
+  return tuple(np.asarray(x) for x in jax.device_get(out))
+
+
+def make_evaluate(config, suite, test_recs):
+  """TDPO's sampled evaluation plus the mask's AUROC on the held-out pairs' reward-bearing tokens."""
+  sample_eval = tdpo.make_evaluate(config, suite)
+  tokens = np.stack([r["tokens"] for r in test_recs]).reshape(-1, config.seq_len)
+  lmask = np.stack([r["loss_mask"] for r in test_recs]).reshape(-1, config.seq_len)
+  gold = np.stack([r["gold"] for r in test_recs]).reshape(-1, config.seq_len)[:, 1:]
+  independent = config.method.mask == "learned" and not config.method.shared
+
+  def evaluate(params, frozen, step):
+    out = sample_eval(params, frozen, step)
+    w_u, w_d, m = mask_weights(config, params.get("mask"), frozen["reference"], tokens, lmask)
+    valid = m > 0
+    out["mask/auroc_u"] = auroc(w_u[valid], gold[valid])
+    if independent:
+      out["mask/auroc_d"] = auroc(w_d[valid], gold[valid])
+    return out
+  return evaluate
+
+
+def examples(config, suite, params, frozen, n: int, split: str = "test") -> list[dict]:
+  """The first ``n`` held-out pairs' responses (chosen, then rejected) with their per-token weights."""
+  pc = tdpo._prefs_config(config)
+  recs, _ = preferences.records(pc, split, config.data.data_dir, suite.tokenizer, config.seq_len,
+                                config.data.over_length, config.prefs.prompt_len)
+  recs = recs[:max(1, (n + 1) // 2)]
+  tokens = np.stack([r["tokens"] for r in recs]).reshape(-1, config.seq_len)
+  lmask = np.stack([r["loss_mask"] for r in recs]).reshape(-1, config.seq_len)
+  gold = gold_tokens(suite, tokens)
+  w_u, w_d, _ = mask_weights(config, params.get("mask"), frozen["reference"], tokens, lmask)
+  vocab = suite.tokenizer.convert_ids_to_tokens(list(range(len(suite.tokenizer))))
+  special = {suite.tokenizer.pad_token_id, suite.tokenizer.bos_token_id}
+  out = []
+  for i in range(min(n, len(tokens))):
+    resp = [t for t in range(1, config.seq_len) if lmask[i, t]]
+    prompt = [t for t in range(config.seq_len) if not lmask[i, t] and tokens[i, t] not in special
+              and (not resp or t < resp[0])]
+    out.append({"side": "chosen" if i % 2 == 0 else "rejected",
+                "prompt": [vocab[tokens[i, t]] for t in prompt],
+                "words": [vocab[tokens[i, t]] for t in resp],
+                "w_u": [float(w_u[i, t - 1]) for t in resp],      # w[:, t-1] weights token t
+                "w_d": [float(w_d[i, t - 1]) for t in resp],
+                "gold": [int(gold[i, t]) for t in resp]})
+  return out
+
+
+def heatmap(panels: dict, path: str, key: str = "w_u"):
+  """One panel per mask (``{title: examples}``): each response's words on a background coloured by
+  its token weight (``key``), the prompt in grey, reward-bearing words underlined."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib import colors
+  width, char_w, line_h = 118, 1.0, 1.0
+  layouts, total = [], 0
+  for title, exs in panels.items():
+    lines = []
+    for ex in exs:
+      row, col = [], 0
+      items = [(w, None, 0) for w in ex["prompt"]] + list(zip(ex["words"], ex[key], ex["gold"]))
+      for word, weight, g in items:
+        if col + len(word) + 1 > width and row:
+          lines.append(row)
+          row, col = [], 0
+        row.append((col, word, weight, g))
+        col += len(word) + 1
+      lines.append(row)
+      lines.append([(0, f"({ex['side']})", None, 0)])
+    vmax = max([max(ex[key], default=0.0) for ex in exs] + [1e-6])
+    layouts.append((title, lines, vmax))
+    total += len(lines) + 2
+  fig, ax = plt.subplots(figsize=(width * 0.105, total * 0.26 + 0.6))
+  ax.set_xlim(0, width)
+  ax.set_ylim(total, 0)
+  ax.axis("off")
+  y = 0
+  cmap = matplotlib.colormaps["YlOrRd"]
+  for title, lines, vmax in layouts:
+    norm = colors.Normalize(0.0, vmax)
+    ax.text(0, y + 0.8, f"{title}   (colour: {key}, 0 pale yellow -> {vmax:.2f} red; underlined: gold reward-bearing)",
+            fontsize=9, fontweight="bold", family="monospace")
+    y += 1.6
+    for line in lines:
+      for col, word, weight, g in line:
+        kw = dict(fontsize=8, family="monospace", va="center")
+        if weight is None:
+          ax.text(col * char_w, y + 0.5, word, color="grey", **kw)
+        else:
+          ax.text(col * char_w, y + 0.5, word, bbox=dict(boxstyle="square,pad=0.1", lw=0,
+                  facecolor=cmap(norm(weight))), **kw)
+          if g:
+            ax.plot([col * char_w, (col + len(word)) * char_w], [y + 0.9, y + 0.9], color="black", lw=0.8)
+      y += line_h
+    y += 0.4
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+
+
+def report(config, workdir: str, summary: dict):
+  """TDPO's before/after table and summary files, the mask statistics, mask_examples.json and heatmap.png."""
+  tdpo.report(_tdpo_view(config, loss=label(config)), workdir, summary)
+  ev = summary["eval"]
+  names = ("u", "d") if config.method.mask == "learned" and not config.method.shared else ("u",)
+  for n in names:
+    print(f"mask w_{n}: zero fraction {ev.get(f'mask/{n}_zero', float('nan')):.3f}, mean "
+          f"{ev.get(f'mask/{n}_mean', float('nan')):.3f}, on gold reward-bearing tokens "
+          f"{ev.get(f'mask/{n}_gold', float('nan')):.3f} vs others {ev.get(f'mask/{n}_other', float('nan')):.3f}, "
+          f"AUROC {ev.get(f'mask/auroc_{n}', float('nan')):.3f}")
+  if config.data.task == "files":
+    return
+  suite = suite_lib.ensure(config.data, verbose=False)
+  params, frozen = summary["trainer"].models(summary["state"], summary["frozen"])
+  exs = examples(config, suite, params, frozen, config.heatmap_examples)
+  with open(os.path.join(workdir, "mask_examples.json"), "w") as f:
+    json.dump({"label": label(config), "examples": exs}, f)
+  heatmap({label(config): exs}, os.path.join(workdir, "heatmap.png"))
+  print(f"wrote {os.path.join(workdir, 'mask_examples.json')} and heatmap.png")

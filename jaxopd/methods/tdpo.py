@@ -1,0 +1,289 @@
+"""DPO (Rafailov et al., 2023) and TDPO (Zeng et al., ICML 2024): the preference
+step (shared with SparsePO), the preference pipeline (data, SFT base, sampled
+pairs labelled by the gold reward), sampled evaluation and the before/after
+report. Config: experiments/tdpo.py (``:dpo`` for DPO).
+
+The step runs policy and frozen reference on chosen and rejected sequences,
+then the pure losses of :mod:`jaxopd.losses.preference`.
+
+Batch: ``tokens[B, 2, T]``, ``loss_mask[B, 2, T]`` (pair axis: 0 = chosen,
+1 = rejected). The pair axis is folded into the batch for one forward per
+model; the reference's logits are detached where they are produced.
+
+Metrics use TRL's names: ``rewards/chosen`` (``beta R(y_w)`` for DPO, ``beta (R
++ K)`` for TDPO as in the official code), ``rewards/rejected``,
+``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
+``logps/rejected``; plus the sequential KL ``kl/chosen``, ``kl/rejected``,
+``kl/margin`` (= K_l - K_w).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxopd.data import batched_iterator, preferences, suite as suite_lib
+from jaxopd.errors import ConfigError
+from jaxopd.evaluation import evaluate_policy
+from jaxopd.experiment import Experiment, LossOutput
+from jaxopd.losses import dpo_loss, forward_kl_per_token, response_mask, tdpo_loss, token_logprobs
+
+from jaxopd.methods import sft
+from jaxopd.models import table
+from jaxopd.sampling import SamplingConfig
+
+LOSSES = ("dpo", "tdpo1", "tdpo2")
+
+
+def pair_terms(policy_logits, ref_logits, tokens, loss_mask, with_kl: bool, kl_chunk: int):
+  """Per-sequence sums over the response: logratio R, policy log-prob, sequential KL K. ``[N] each``."""
+  m = response_mask(loss_mask)
+  lp_pi = token_logprobs(policy_logits, tokens)
+  lp_ref = token_logprobs(ref_logits, tokens)
+  logratio = jnp.sum(m * (lp_pi - lp_ref), axis=-1)
+  logps = jnp.sum(m * lp_pi, axis=-1)
+  kl = jnp.sum(m * forward_kl_per_token(ref_logits, policy_logits, kl_chunk), axis=-1) if with_kl else None
+  return logratio, logps, kl
+
+
+def make_loss_fn(loss: str, beta: float, alpha: float = 0.5, log_kl: bool = True, kl_chunk: int = 128):
+  """``loss_fn(params, frozen, batch, rng)`` for ``loss`` in ``dpo | tdpo1 | tdpo2``.
+
+  ``log_kl``: DPO also computes the sequential KL, detached, for the metrics
+  (TDPO needs it for the loss anyway).
+  """
+  if loss not in LOSSES:
+    raise ValueError(f"config.method.loss={loss!r}: must be one of {LOSSES}")
+
+  def loss_fn(params, frozen, batch, rng):
+    del rng
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    b, _, t = tokens.shape
+    flat, flat_mask = tokens.reshape(b * 2, t), mask.reshape(b * 2, t)
+    pi_logits = params["policy"](flat).logits
+    ref_logits = jax.lax.stop_gradient(frozen["reference"](flat).logits)
+    tdpo = loss != "dpo"
+    logratio, logps, kl = pair_terms(pi_logits, ref_logits, flat, flat_mask, tdpo or log_kl, kl_chunk)
+    if kl is not None and not tdpo:
+      kl = jax.lax.stop_gradient(kl)
+    r = logratio.reshape(b, 2)
+    lps = logps.reshape(b, 2)
+    if tdpo:
+      k = kl.reshape(b, 2)
+      losses = tdpo_loss(r[:, 0], r[:, 1], k[:, 0], k[:, 1], beta, alpha, variant=int(loss[-1]))
+      reward = beta * jax.lax.stop_gradient(r + k)
+    else:
+      losses = dpo_loss(r[:, 0], r[:, 1], beta)
+      reward = beta * jax.lax.stop_gradient(r)
+    metrics = {
+        "rewards/chosen": jnp.sum(reward[:, 0]),
+        "rewards/rejected": jnp.sum(reward[:, 1]),
+        "rewards/margins": jnp.sum(reward[:, 0] - reward[:, 1]),
+        "rewards/accuracies": jnp.sum((reward[:, 0] > reward[:, 1]).astype(jnp.float32)),
+        "logps/chosen": jnp.sum(jax.lax.stop_gradient(lps[:, 0])),
+        "logps/rejected": jnp.sum(jax.lax.stop_gradient(lps[:, 1])),
+    }
+    if kl is not None:
+      k = jax.lax.stop_gradient(kl.reshape(b, 2))
+      metrics.update({"kl/chosen": jnp.sum(k[:, 0]), "kl/rejected": jnp.sum(k[:, 1]),
+                      "kl/margin": jnp.sum(k[:, 1] - k[:, 0])})
+    return LossOutput(jnp.sum(losses), jnp.float32(b), metrics)
+
+  return loss_fn
+
+
+# --- the preference pipeline ------------------------------------------------------
+
+def pipeline(c, smoke: bool = False):
+  """Adds the preference pipeline's fields to config ``c`` (TDPO, DPO, SparsePO): the controlled
+  task's model and data, the SFT stage, preference construction, sampled evaluation, and
+  policy and reference starting from the SFT stage."""
+  c.model = suite_lib.default_model(smoke)   # the SFT base's architecture
+  c.data = suite_lib.data_config(smoke)      # the reviews suite
+  # Both start from the SFT stage (trained in config.sft.workdir); give both an
+  # hf:DIR or run:WORKDIR init to start from your own model instead (no SFT stage).
+  c.models.policy = table.role(init="stage:sft")
+  c.models.reference = table.role(init="stage:sft", trainable=False)
+  # The smoke model is not the default architecture: its own SFT run (experiments/sft.py's recipe).
+  c.sft = sft.stage("runs/sft_smoke" if smoke else "runs/sft_base", 20 if smoke else 1500)
+
+  c.prefs = ml_collections.ConfigDict()
+  c.prefs.num_train = 2000       # prompts -> train pairs
+  c.prefs.num_test = 200         # held-out prompts -> eval pairs
+  c.prefs.k = 4                  # samples per prompt
+  c.prefs.mode = "best_worst"    # best_worst | bradley_terry
+  c.prefs.bt_temperature = 0.1   # bradley_terry label noise
+  c.prefs.temperature = 1.0      # sampling temperature
+  c.prefs.max_new_tokens = 48    # response budget
+  c.prefs.prompt_len = 16        # padded prompt tokens
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_prompts = 256       # held-out prompts sampled at each eval
+  c.eval.max_new_tokens = 48     # response budget
+  c.eval.temperature = 1.0       # sampling temperature
+  c.eval.prompt_len = 16         # padded prompt tokens
+  if smoke:
+    c.prefs.num_train, c.prefs.num_test, c.prefs.k = 32, 8, 2
+    c.prefs.max_new_tokens = 12
+    c.eval.num_prompts = 8
+    c.eval.max_new_tokens = 12
+  return c
+
+
+def _check(c):
+  if c.method.loss not in LOSSES:
+    raise ConfigError(f"config.method.loss={c.method.loss!r}: must be one of {LOSSES}")
+  if c.method.beta <= 0:
+    raise ConfigError(f"config.method.beta={c.method.beta}: must be positive")
+  if c.method.alpha < 0:
+    raise ConfigError(f"config.method.alpha={c.method.alpha}: must be >= 0")
+  if c.method.loss != "tdpo2" and c.method.alpha != 0.5:
+    raise ConfigError(f"config.method.alpha={c.method.alpha}: only tdpo2 uses alpha")
+  if c.method.kl_chunk <= 0:
+    raise ConfigError(f"config.method.kl_chunk={c.method.kl_chunk}: must be positive")
+  for f in ("prefs", "eval") if c.data.task == "reviews" else ():
+    if c[f].prompt_len + c[f].max_new_tokens > c.model.max_len:
+      raise ConfigError(f"config.{f}.max_new_tokens={c[f].max_new_tokens}: prompt_len + max_new_tokens "
+                        f"exceeds config.model.max_len={c.model.max_len}")
+
+
+def _prefs_config(c):
+  d, p = c.data, c.prefs
+  with open(os.path.join(c.sft.workdir, "config.json")) as f:
+    steps = json.load(f)["total_steps"]
+  return preferences.make_config(
+      policy_workdir=os.path.abspath(c.sft.workdir), policy_step=int(steps), world_seed=d.world_seed,
+      prompts_num_train=d.num_prompts_train, prompts_num_test=d.num_prompts_test,
+      prompt_min_words=d.prompt_min_words, prompt_max_words=d.prompt_max_words, num_train=p.num_train,
+      num_test=p.num_test, k=p.k, mode=p.mode, bt_temperature=p.bt_temperature, temperature=p.temperature,
+      max_new_tokens=p.max_new_tokens, prompt_len=p.prompt_len, seed=c.seed)
+
+
+def prepare(config, workdir: str):
+  """Stages 1-3: data, SFT base, preference pairs (each cached); the ``stage:sft`` roles
+  start from the SFT base.
+
+  With ``config.data.task = "files"`` (your own preference data) nothing is
+  built: every role needs an ``hf:DIR`` or ``run:WORKDIR`` init.
+  """
+  _check(config)
+  if config.data.task == "files":
+    staged = table.uses_stage(config, "sft")
+    if staged:
+      raise ConfigError(f"config.models.{staged[0]}.init='stage:sft': with task=files no SFT stage is trained "
+                        f"here; start it from your model (hf:DIR) or a run (run:WORKDIR)")
+    return config
+  if config.data.task != "reviews":
+    raise ConfigError(f"config.data.task={config.data.task!r}: must be reviews or files")
+  suite_lib.ensure(config.data)
+  sft_init = sft.run_stage(config, config.sft, config.model)
+  pc = _prefs_config(config)
+  print(f"[stage] preferences {pc.name} (k={pc.k}, {pc.mode}) in {config.data.data_dir}", flush=True)
+  preferences.prepare(pc, config.data.data_dir)
+  for split in ("train", "test"):
+    st = preferences.statistics(pc, split, config.data.data_dir)
+    print(f"  {split}: {st['pairs']} pairs, chosen reward {st['chosen_reward']:.3f}, "
+          f"rejected {st['rejected_reward']:.3f}, label accuracy {st['label_accuracy']:.3f}")
+  table.fill_stage(config, "sft", sft_init)
+  return config
+
+
+def build(config) -> Experiment:
+  _check(config)
+  if config.data.task == "files":
+    _, train_recs, test_recs = suite_lib.file_records(config.data, "preference", config.seq_len,
+                                                      default_tokenizer=table.tokenizer_dir(config))
+    evaluate = None       # no gold reward for your data: eval = held-out pair metrics only
+  else:
+    suite = suite_lib.ensure(config.data, verbose=False)
+    pc = _prefs_config(config)
+    train_recs, st = preferences.records(pc, "train", config.data.data_dir, suite.tokenizer, config.seq_len,
+                                         config.data.over_length, config.prefs.prompt_len)
+    test_recs, _ = preferences.records(pc, "test", config.data.data_dir, suite.tokenizer, config.seq_len,
+                                       config.data.over_length, config.prefs.prompt_len)
+    print(f"preference pairs: {st}")
+    evaluate = make_evaluate(config, suite)
+  m = config.method
+  loss_fn = make_loss_fn(m.loss, m.beta, m.alpha, m.log_kl, m.kl_chunk)
+
+  return Experiment(roles={"policy": True, "reference": False}, loss_fn=loss_fn,
+                    train_data=lambda shard: batched_iterator(train_recs, shard),
+                    eval_data=(lambda shard: batched_iterator(test_recs, shard, shuffle=False, repeat=False))
+                    if test_recs else None,
+                    evaluate=evaluate)
+
+
+def make_evaluate(config, suite):
+  """Sampled held-out evaluation: gold reward, KL to reference, entropy, distinct-n."""
+  e = config.eval
+  prompts = suite_lib.prompt_records(suite, "test", e.prompt_len, verbose=False)[:e.num_prompts]
+  prompt = np.stack([p["prompt"] for p in prompts])
+  plen = np.stack([p["prompt_len"] for p in prompts])
+  scfg = SamplingConfig(max_new_tokens=e.max_new_tokens, eos_id=suite.tokenizer.eos_token_id,
+                        pad_id=suite.tokenizer.pad_token_id, temperature=e.temperature)
+  reward_fn = suite_lib.gold_reward_fn(suite)
+  rng = jax.random.PRNGKey(config.seed + 1)   # the same samples' randomness at every eval
+
+  def evaluate(params, frozen, step):
+    res = evaluate_policy(params["policy"], frozen["reference"], prompt, plen, rng, scfg, reward_fn)
+    return {f"sample/{k}": v for k, v in res.items()}
+  return evaluate
+
+
+def report(config, workdir: str, summary: dict):
+  """Before/after table (and DPO if cached), summary.json and summary.png in ``workdir``."""
+  from jaxopd import logs
+  if config.data.task == "files":
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump({"loss": config.method.loss, "beta": config.method.beta, "after": summary["eval"]}, f, indent=2)
+    print(f"wrote {os.path.join(workdir, 'summary.json')} (task=files: no sampled before/after evaluation)")
+    return
+  suite = suite_lib.ensure(config.data, verbose=False)
+  evaluate = make_evaluate(config, suite)
+  _, frozen = summary["trainer"].models(summary["state"], summary["frozen"])
+  before = evaluate({"policy": frozen["reference"]}, frozen, 0)
+  rows = {"sft (before)": before, f"{config.method.loss} (after)": summary["eval"]}
+  curves = {config.method.loss: logs.read_metrics(workdir, "eval")}
+  other = config.compare_with
+  if other and os.path.exists(os.path.join(other, "summary.json")) and \
+      os.path.abspath(other) != os.path.abspath(workdir):
+    with open(os.path.join(other, "summary.json")) as f:
+      o = json.load(f)
+    rows[f"{o['loss']} ({other})"] = o["after"]
+    curves[o["loss"]] = logs.read_metrics(other, "eval")
+  keys = ["sample/reward", "sample/kl_ref", "sample/entropy", "sample/distinct2", "loss", "rewards/accuracies"]
+  print("\n" + f"{'':<24}" + "".join(f"{k.split('/')[-1]:>14}" for k in keys))
+  for name, r in rows.items():
+    print(f"{name:<24}" + "".join(f"{r.get(k, float('nan')):>14.4f}" for k in keys))
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump({"loss": config.method.loss, "beta": config.method.beta, "before": before,
+               "after": summary["eval"]}, f, indent=2)
+  _plot(curves, before, os.path.join(workdir, "summary.png"))
+  print(f"wrote {os.path.join(workdir, 'summary.json')} and summary.png")
+
+
+def _plot(curves, before, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for name, recs in curves.items():
+    recs = [r for r in recs if "sample/reward" in r]
+    steps = [0] + [r["step"] for r in recs]
+    reward = [before["sample/reward"]] + [r["sample/reward"] for r in recs]
+    kl = [0.0] + [r["sample/kl_ref"] for r in recs]
+    axes[0].plot(steps, reward, marker="o", label=name)
+    axes[1].plot(kl, reward, marker="o", label=name)
+  axes[0].set(xlabel="step", ylabel="gold reward (held-out samples)", title="reward over training")
+  axes[1].set(xlabel="sequence KL(policy || reference)", ylabel="gold reward", title="reward vs KL")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
