@@ -75,7 +75,6 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -174,7 +173,7 @@ def main(argv=None):
     rng = jax.random.PRNGKey(1)
 
     def fwd(p, fr, b):
-      out = experiment.loss_fn(nnx.merge(trainer.gd_params, p), nnx.merge(trainer.gd_frozen, fr), b, rng)
+      out = experiment.loss_fn(trainer._merge(p, fr), b, rng)
       return LossOutput(*out).loss
 
     fwd_s = timed(jax.jit(fwd), params, frozen, batch, warmup=WARMUP, repeats=REPEATS)

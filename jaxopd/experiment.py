@@ -41,14 +41,14 @@ class LossOutput(NamedTuple):
   """What ``loss_fn`` returns.
 
   ``loss`` is a *sum* over the examples of the batch it was given and
-  ``weight`` the matching count (tokens for SFT, pairs for DPO); the trainer
+  ``count`` the matching count (tokens for SFT, pairs for DPO); the trainer
   adds both over microbatches and devices and optimises ``sum(loss) /
-  sum(weight)``, which is the exact global-batch mean however the batch is
-  split. Each metric is either a sum with the same weight as the loss, or a
+  sum(count)``, which is the exact global-batch mean however the batch is
+  split. Each metric is either a sum over the same count as the loss, or a
   pair ``(sum, count)`` normalised by its own count.
   """
   loss: jax.Array
-  weight: jax.Array
+  count: jax.Array
   metrics: Mapping[str, Any]
 
 
@@ -73,40 +73,41 @@ class Experiment:
     language models (SparsePO's mask head); optional. Called under
     ``jax.eval_shape`` and inside a jit with sharded outputs, so it must be a
     pure function of ``rng``.
-  loss_fn(params, frozen, batch, rng) -> LossOutput: pure and jittable;
-    ``params`` and ``frozen`` are the same dicts of modules (rebuilt from
-    arrays inside the step; gradients flow only into ``params``).
+  loss_fn(models, batch, rng) -> LossOutput: pure and jittable; ``models`` is
+    one dict of modules, every role and head by name (rebuilt from arrays inside
+    the step; gradients flow only into the trainable ones).
   train_data(shard) -> iterator of local batches (dicts of numpy arrays with
     leading size ``shard.local_batch``), with ``get_state``/``set_state``
     (a grain ``DatasetIterator``) so checkpoints can resume it.
   eval_data(shard) -> a fresh finite iterable of local batches, or None.
-  evaluate(params, frozen, step) -> dict of floats: extra host-side metrics
+  evaluate(models, step) -> dict of floats: extra host-side metrics
     (sampling-based ones), run at eval time; optional.
-  rollout(params, frozen, batch, rng) -> batch: on-policy methods turn a
-    prompt batch into a training batch inside the jitted step; optional.
-  init_aux() -> pytree: method state that persists across steps (f-DPG's
+  rollout(models, batch, rng) -> batch: on-policy methods turn a prompt batch
+    into a training batch inside the jitted step (no gradient flows through
+    it); optional.
+  init_state() -> pytree: method state that persists across steps (f-DPG's
     running log Z, baseline, offline proposal); optional. It lives in the
-    train state as ``state["aux"]`` (checkpointed; ``nnx.Variable`` leaves are
-    sharded by their ``logical_axes``, the rest replicated) and is threaded
-    through the rollout, whose signature becomes
-    ``rollout(params, frozen, batch, rng, aux) -> (batch, aux)``; with
-    gradient accumulation the microbatches see it in order. A step whose
-    loss or gradient is non-finite keeps the old state, ``aux`` included.
+    train state as ``state["method"]`` (checkpointed; ``nnx.Variable`` leaves
+    are sharded by their ``logical_axes``, the rest replicated) and is
+    threaded through the rollout, whose signature becomes
+    ``rollout(models, batch, rng, method_state) -> (batch, method_state)``;
+    with gradient accumulation the microbatches see it in order. A step whose
+    loss or gradient is non-finite keeps the old state, the method's included.
   """
   roles: Mapping[str, bool]
-  loss_fn: Callable[[dict, dict, Batch, jax.Array], LossOutput]
+  loss_fn: Callable[[dict, Batch, jax.Array], LossOutput]
   train_data: Callable[[DataShard], Any]
   init_heads: Callable[[jax.Array], dict] | None = None
   eval_data: Callable[[DataShard], Iterable[Batch]] | None = None
-  evaluate: Callable[[dict, dict, int], dict] | None = None
+  evaluate: Callable[[dict, int], dict] | None = None
   rollout: Callable[..., Any] | None = None
-  init_aux: Callable[[], Any] | None = None
+  init_state: Callable[[], Any] | None = None
 
   def __post_init__(self):
     if not self.roles or not any(self.roles.values()) and self.init_heads is None:
       raise TypeError("Experiment.roles must name at least one model, and something must be trainable")
-    if self.init_aux is not None and self.rollout is None:
-      raise TypeError("Experiment.init_aux needs a rollout: the rollout is where the method state is updated")
+    if self.init_state is not None and self.rollout is None:
+      raise TypeError("Experiment.init_state needs a rollout: the rollout is where the method state is updated")
 
 
 def parse_arg(arg: str | None, presets: Iterable[str] = ()) -> dict:

@@ -51,14 +51,14 @@ def _split_models(models: dict, what: str):
   return graphdef, params
 
 
-def _metric_parts(metrics, weight) -> dict:
+def _metric_parts(metrics, count) -> dict:
   """Every metric as (numerator, denominator) sums (see LossOutput)."""
   out = {}
   for k, v in metrics.items():
     if isinstance(v, (tuple, list)):
       out[k] = (jnp.asarray(v[0], jnp.float32), jnp.asarray(v[1], jnp.float32))
     else:
-      out[k] = (jnp.asarray(v, jnp.float32), jnp.asarray(weight, jnp.float32))
+      out[k] = (jnp.asarray(v, jnp.float32), jnp.asarray(count, jnp.float32))
   return out
 
 
@@ -134,8 +134,8 @@ class Trainer:
     _, frozen_state = _split_models(frozen, "frozen")
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
              "opt_state": self.tx.init(params), "rng": self.step_key}
-    if self.experiment.init_aux is not None:
-      state["aux"] = self.experiment.init_aux()
+    if self.experiment.init_state is not None:
+      state["method"] = self.experiment.init_state()
     return state, frozen_state
 
   def init(self):
@@ -158,34 +158,37 @@ class Trainer:
     return jax.tree.map(f, dict(local_batch), shardings)
 
   # --- the step ----------------------------------------------------------------
-  def _microbatch_sums(self, params, frozen, batch, rng, aux=None):
+  def _merge(self, params, frozen) -> dict:
+    """One dict of modules, every role and head by name, from the trainable and frozen arrays."""
+    return {**nnx.merge(self.gd_params, params), **nnx.merge(self.gd_frozen, frozen)}
+
+  def _microbatch_sums(self, params, frozen, batch, rng, method_state=None):
     """Gradient and metric *sums* over one microbatch (and the method state after it)."""
-    frozen_models = nnx.merge(self.gd_frozen, frozen)
     if self.experiment.rollout is not None:
       rng, r_rng = jax.random.split(rng)
-      policy = nnx.merge(self.gd_params, jax.lax.stop_gradient(params))
-      if self.experiment.init_aux is not None:
-        batch, aux = self.experiment.rollout(policy, frozen_models, batch, r_rng, aux)
+      models = self._merge(jax.lax.stop_gradient(params), frozen)
+      if self.experiment.init_state is not None:
+        batch, method_state = self.experiment.rollout(models, batch, r_rng, method_state)
       else:
-        batch = self.experiment.rollout(policy, frozen_models, batch, r_rng)
+        batch = self.experiment.rollout(models, batch, r_rng)
 
     def loss_of(p):
-      out = self.experiment.loss_fn(nnx.merge(self.gd_params, p), frozen_models, batch, rng)
+      out = self.experiment.loss_fn(self._merge(p, frozen), batch, rng)
       if not isinstance(out, LossOutput):
         out = LossOutput(*out)
       return out.loss, out
 
     (_, out), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-    parts = _metric_parts(out.metrics, out.weight)
-    return grads, jnp.asarray(out.loss, jnp.float32), jnp.asarray(out.weight, jnp.float32), parts, aux
+    parts = _metric_parts(out.metrics, out.count)
+    return grads, jnp.asarray(out.loss, jnp.float32), jnp.asarray(out.count, jnp.float32), parts, method_state
 
   def train_step(self, state, frozen, batch):
     accum = self.config.grad_accum
     rng = jax.random.fold_in(state["rng"], state["step"])
     params = state["params"]
-    aux = state.get("aux")
+    method_state = state.get("method")
     if accum == 1:
-      grads, loss, weight, parts, aux = self._microbatch_sums(params, frozen, batch, rng, aux)
+      grads, loss, count, parts, method_state = self._microbatch_sums(params, frozen, batch, rng, method_state)
     else:
       def split(x):   # [B, ...] -> [A, B/A, ...]; microbatch i = rows i, i+A, ... (keeps shards local)
         x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
@@ -193,36 +196,36 @@ class Trainer:
       micro = jax.tree.map(split, batch)
 
       def body(carry, i):
-        sums, aux = carry       # the method state passes through the microbatches in order
+        sums, method_state = carry       # the method state passes through the microbatches in order
         mb = jax.tree.map(lambda x: x[i], micro)
-        *out, aux = self._microbatch_sums(params, frozen, mb, jax.random.fold_in(rng, i), aux)
-        return (jax.tree.map(jnp.add, sums, tuple(out)), aux), None
+        *out, method_state = self._microbatch_sums(params, frozen, mb, jax.random.fold_in(rng, i), method_state)
+        return (jax.tree.map(jnp.add, sums, tuple(out)), method_state), None
 
-      shapes = jax.eval_shape(self._microbatch_sums, params, frozen, jax.tree.map(lambda x: x[0], micro), rng, aux)
+      shapes = jax.eval_shape(self._microbatch_sums, params, frozen, jax.tree.map(lambda x: x[0], micro), rng,
+                              method_state)
       zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tuple(shapes[:4]))
-      ((grads, loss, weight, parts), aux), _ = jax.lax.scan(body, (zero, aux), jnp.arange(accum))
-    grads = jax.tree.map(lambda g: g / weight, grads)
-    loss = loss / weight
+      ((grads, loss, count, parts), method_state), _ = jax.lax.scan(body, (zero, method_state), jnp.arange(accum))
+    grads = jax.tree.map(lambda g: g / count, grads)
+    loss = loss / count
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state, "rng": state["rng"]}
-    if "aux" in state:
-      new_state["aux"] = aux
+    if "method" in state:
+      new_state["method"] = method_state
     new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
     metrics = {k: _ratio(n, d) for k, (n, d) in parts.items()}
-    metrics.update(loss=loss, grad_norm=grad_norm, weight=weight, finite=finite)
+    metrics.update(loss=loss, grad_norm=grad_norm, count=count, finite=finite)
     return new_state, metrics
 
   def eval_sums(self, state, frozen, batch):
-    frozen_models = nnx.merge(self.gd_frozen, frozen)
-    out = self.experiment.loss_fn(nnx.merge(self.gd_params, state["params"]), frozen_models, batch,
+    out = self.experiment.loss_fn(self._merge(state["params"], frozen), batch,
                                   jax.random.fold_in(state["rng"], 2**31 - 1))  # a key no train step uses
     if not isinstance(out, LossOutput):
       out = LossOutput(*out)
-    parts = _metric_parts(out.metrics, out.weight)
-    parts["loss"] = (jnp.asarray(out.loss, jnp.float32), jnp.asarray(out.weight, jnp.float32))
+    parts = _metric_parts(out.metrics, out.count)
+    parts["loss"] = (jnp.asarray(out.loss, jnp.float32), jnp.asarray(out.count, jnp.float32))
     return parts
 
   def compiled_train_step(self, example_batch):
@@ -241,9 +244,9 @@ class Trainer:
           in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding(example_batch)))
     return self._eval_step
 
-  def models(self, state, frozen):
-    """The trainable and frozen modules of a state (for host-side evaluation)."""
-    return nnx.merge(self.gd_params, state["params"]), nnx.merge(self.gd_frozen, frozen)
+  def models(self, state, frozen) -> dict:
+    """The modules of a state, every role and head by name (for host-side evaluation)."""
+    return self._merge(state["params"], frozen)
 
   def load_sources(self, state, frozen, frozen_only: bool = False):
     """Loads every role whose source is ``hf:`` or ``run:`` into the state, each device
@@ -440,8 +443,7 @@ def _evaluate(trainer, experiment, state, frozen, shard, c, step, logger) -> dic
     if sums is not None:
       out.update({k: float(_ratio(*v)) for k, v in jax.device_get(sums).items()})
   if experiment.evaluate is not None:
-    params, frozen_models = trainer.models(state, frozen)
-    out.update(experiment.evaluate(params, frozen_models, step))
+    out.update(experiment.evaluate(trainer.models(state, frozen), step))
   if out and logger is not None:
     logger.write(step, "eval", out)
   return out

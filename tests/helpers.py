@@ -44,8 +44,8 @@ def two_model_experiment(config):
   mcfg = table.arch(config, "policy")
   recs = toy.sort_task(256, config.seq_len, mcfg.vocab_size, config.seed, max_len=config.data.sort.max_symbols)
 
-  def loss_fn(params, frozen, batch, rng):
-    logits = params["policy"](batch["tokens"]).logits + params["aux"](batch["tokens"]).logits
+  def loss_fn(models, batch, rng):
+    logits = models["policy"](batch["tokens"]).logits + models["aux"](batch["tokens"]).logits
     nll, n, _ = sft_loss(logits, batch["tokens"], batch["loss_mask"])
     return LossOutput(nll, n, {})
 

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from jaxopd.errors import ConfigError
-from jaxopd.methods.fdpg import Target, check_sampling, fit_lambdas, init_aux, make_loss_fn, make_rollout
+from jaxopd.methods.fdpg import Target, check_sampling, fit_lambdas, init_state, make_loss_fn, make_rollout
 from jaxopd.losses import token_logprobs
 from jaxopd.models import ModelConfig, Transformer
 from jaxopd.sampling import SamplingConfig
@@ -73,20 +73,20 @@ def _trainer(target, divergence, eps=0.0, offline=False, lr=3e-3, proposal_every
   rollout = make_rollout(target, divergence, SCFG, eps=eps, offline=offline, proposal_every=proposal_every)
   loss_fn = make_loss_fn(divergence)
   tx = optax.adam(optax.linear_schedule(lr / 4, lr, 4))
-  aux = init_aux(1, 256, params if offline else None)
+  state = init_state(1, 256, params if offline else None)
 
   @jax.jit
-  def step(params, opt, aux, rng):
-    pol = {"policy": nnx.merge(gd, jax.lax.stop_gradient(params))}
-    batch, aux = rollout(pol, {"base": base}, _batch(256), rng, aux)
+  def step(params, opt, state, rng):
+    models = {"policy": nnx.merge(gd, jax.lax.stop_gradient(params)), "base": base}
+    batch, state = rollout(models, _batch(256), rng, state)
     def f(p):
-      out = loss_fn({"policy": nnx.merge(gd, p)}, {}, batch, rng)
-      return out.loss / out.weight, out
+      out = loss_fn({"policy": nnx.merge(gd, p), "base": base}, batch, rng)
+      return out.loss / out.count, out
     (_, out), g = jax.value_and_grad(f, has_aux=True)(params)
     upd, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, upd), opt, aux, {k: v / out.weight for k, v in out.metrics.items()}, g
+    return optax.apply_updates(params, upd), opt, state, {k: v / out.count for k, v in out.metrics.items()}, g
 
-  return base, gd, params, tx.init(params), aux, step
+  return base, gd, params, tx.init(params), state, step
 
 
 def test_fit_lambdas_matches_the_closed_form_for_one_binary_feature():
@@ -114,10 +114,10 @@ def test_sampled_divergence_metrics_match_exact_values():
   loss_fn = make_loss_fn("fkl")
   sums = {}
   for i in range(8):             # 8 x 1024 samples, log Z running over all of them
-    batch, aux = rollout({"policy": policy}, {"base": base}, _batch(1024), jax.random.PRNGKey(i), aux)
-    out = loss_fn({"policy": policy}, {}, batch, None)
+    batch, aux = rollout({"policy": policy, "base": base}, _batch(1024), jax.random.PRNGKey(i), aux)
+    out = loss_fn({"policy": policy, "base": base}, batch, None)
     for k, v in out.metrics.items():
-      sums[k] = sums.get(k, 0.0) + float(v) / float(out.weight) / 8
+      sums[k] = sums.get(k, 0.0) + float(v) / float(out.count) / 8
   np.testing.assert_allclose(float(aux["log_z"].value[0]), log_z, atol=0.02)
   names = {"fkl": "target/kl_target_policy", "rkl": "target/kl_policy_target", "tv": "target/tv", "js": "target/js"}
   for f, key in names.items():
@@ -212,7 +212,7 @@ def test_fdpg_smoke_pipeline_resumes_its_method_state(tmp_path):
     c = fd.prepare(c, work)              # the target fit is cached in work/target.json
   s = train.run(c, work, fd.build(c))
   assert s["resumed_from"] == 3
-  aux = s["state"]["aux"]
+  aux = s["state"]["method"]
   assert float(aux["log_z"].count[0]) == 6 * c.batch_size
   assert int(aux["rollouts"]) == 6 and bool(aux["proposal_set"])
   fd.report(c, work, s)

@@ -29,9 +29,9 @@ def _batch(b=4, t=10, seed=0):
 def test_policy_equal_reference_gives_log2_and_zero_rewards(loss):
   pol = Transformer(CFG, nnx.Rngs(params=0))
   ref = Transformer(CFG, nnx.Rngs(params=0))
-  out = make_loss_fn(loss, beta=0.1)({"policy": pol}, {"reference": ref}, _batch(), None)
+  out = make_loss_fn(loss, beta=0.1)({"policy": pol, "reference": ref}, _batch(), None)
   b = 4
-  assert float(out.weight) == b
+  assert float(out.count) == b
   np.testing.assert_allclose(float(out.loss) / b, np.log(2), rtol=1e-6)
   for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl/chosen", "kl/rejected"):
     assert abs(float(out.metrics[k])) < 1e-5, k
@@ -46,7 +46,7 @@ def test_gradients_flow_to_policy_only_and_tdpo2_ignores_chosen_kl_gradient():
   rgd, rstate = nnx.split({"reference": ref})
 
   def f(ps, rs, loss):
-    return make_loss_fn(loss, beta=0.5, alpha=0.5)(nnx.merge(gd, ps), nnx.merge(rgd, rs), batch, None).loss
+    return make_loss_fn(loss, beta=0.5, alpha=0.5)({**nnx.merge(gd, ps), **nnx.merge(rgd, rs)}, batch, None).loss
 
   g_ref = jax.grad(f, argnums=1)(pstate, rstate, "tdpo2")
   assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g_ref)) == 0.0
@@ -59,7 +59,7 @@ def test_metrics_match_a_direct_computation():
   ref = Transformer(CFG, nnx.Rngs(params=1))
   batch = _batch(seed=2)
   beta = 0.3
-  out = make_loss_fn("tdpo1", beta=beta)({"policy": pol}, {"reference": ref}, batch, None)
+  out = make_loss_fn("tdpo1", beta=beta)({"policy": pol, "reference": ref}, batch, None)
   # Direct: per sequence, float64 from the logits.
   toks = np.asarray(batch["tokens"]).reshape(8, -1)
   m = np.asarray(batch["loss_mask"]).reshape(8, -1)[:, 1:].astype(np.float64)

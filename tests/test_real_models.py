@@ -90,7 +90,7 @@ def test_tdpo_from_hf_dir_and_jsonl_then_export(families, files, family, tmp_pat
   assert hf.main(["export", "--workdir", str(tmp_path / "tdpo"), "--out", str(tmp_path / "exp"),
                   "--tokenizer", path]) == 0
   tokens = np.random.RandomState(0).randint(0, 320, (2, 16))
-  policy = out["trainer"].models(out["state"], out["frozen"])[0]["policy"]
+  policy = out["trainer"].models(out["state"], out["frozen"])["policy"]
   ours = np.asarray(jax.jit(lambda t: policy(t).logits)(tokens))
   diff = np.abs(hf_fixtures.torch_logits(str(tmp_path / "exp"), tokens) - ours).max()
   print(f"{family}: trained policy exported (float32): max |logits diff| {diff:.2e}")

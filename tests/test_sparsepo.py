@@ -309,7 +309,7 @@ def test_step_no_gradient_into_policy_through_the_mask_input(mask, shared):
   """The policy's gradient equals the gradient with the masks fed in as constants; the reference
   (whose states are the mask input) gets no gradient; the learned mask does."""
   cfg, pol, ref = _models()
-  params = {"policy": pol}
+  params = {"policy": pol}         # the trainable modules
   if mask == "learned":
     params["mask"] = sparsepo.SparseMask(cfg.n_layers, cfg.d_model, shared, nnx.Rngs(params=5), "ones")
   frozen = {"reference": ref}
@@ -322,7 +322,7 @@ def test_step_no_gradient_into_policy_through_the_mask_input(mask, shared):
   f_gd, f_state = nnx.split(frozen)
 
   def full(ps, fs):
-    return loss_fn(nnx.merge(p_gd, ps), nnx.merge(f_gd, fs), batch, None).loss
+    return loss_fn({**nnx.merge(p_gd, ps), **nnx.merge(f_gd, fs)}, batch, None).loss
   g_params, g_frozen = jax.grad(full, argnums=(0, 1))(p_state, f_state)
   assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_frozen)) == 0.0
   if mask == "learned":
@@ -375,8 +375,8 @@ def test_loss_fn_metrics_and_log2_at_start():
   cfg, pol, _ = _models()
   ref = Transformer(cfg, nnx.Rngs(params=0))      # the same weights: pi == ref
   params = {"policy": pol, "mask": sparsepo.SparseMask(cfg.n_layers, cfg.d_model, False, nnx.Rngs(params=2))}
-  out = sparsepo.make_loss_fn("learned", False, 0.1)(params, {"reference": ref}, _batch(), None)
-  np.testing.assert_allclose(float(out.loss) / float(out.weight), np.log(2.0), rtol=1e-6)
+  out = sparsepo.make_loss_fn("learned", False, 0.1)({**params, "reference": ref}, _batch(), None)
+  np.testing.assert_allclose(float(out.loss) / float(out.count), np.log(2.0), rtol=1e-6)
   for k in ("rewards/chosen", "rewards/accuracies", "logps/chosen", "kl/chosen", "kl/margin",
             "kl_weighted/chosen", "mask/u_mean", "mask/u_zero", "mask/u_gold", "mask/u_other", "mask/d_mean",
             "mask/d_gold"):

@@ -94,8 +94,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tm
         lambda i, b: {**b, "poison": np.full((shard.local_batch,), float(i + 1 == poison_at), np.float32)})
     return iter(ds.to_iter_dataset())
 
-  def loss_fn(params, frozen, batch, rng):
-    out = base.loss_fn(params, frozen, batch, rng)
+  def loss_fn(models, batch, rng):
+    out = base.loss_fn(models, batch, rng)
     return out._replace(loss=jnp.where(jnp.sum(batch["poison"]) > 0, jnp.nan, out.loss))
 
   exp = Experiment(roles=base.roles, loss_fn=loss_fn, train_data=train_data)
@@ -188,11 +188,11 @@ def test_rollout_hook_feeds_the_loss(tmp_path):
   cfg = tiny_config(total_steps=1)
   base = SFT.build(cfg)
 
-  def rollout(params, frozen, batch, rng):
-    assert isinstance(params["policy"], nnx.Module)
+  def rollout(models, batch, rng):
+    assert isinstance(models["policy"], nnx.Module)
     return {**batch, "loss_mask": jnp.ones_like(batch["loss_mask"])}
 
   exp = Experiment(roles=base.roles, loss_fn=base.loss_fn, train_data=base.train_data,
                    rollout=rollout)
   out = train.run(cfg, tmp_path / "r", exp)
-  assert out["train"]["weight"] == cfg.batch_size * (cfg.seq_len - 1)
+  assert out["train"]["count"] == cfg.batch_size * (cfg.seq_len - 1)

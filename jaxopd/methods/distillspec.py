@@ -136,7 +136,7 @@ def load_model(workdir: str, source: str = "policy") -> Transformer:
 # --- the method's pure pieces -------------------------------------------------------
 
 def make_rollout(data: str, scfg: SamplingConfig, mix_lambda: float = 0.5, mix_with: str = "fixed"):
-  """``rollout(params, frozen, batch, rng)``: the training batch of data source ``data``.
+  """``rollout(models, batch, rng)``: the training batch of data source ``data``.
 
   ``batch`` holds corpus rows (``tokens``, ``loss_mask`` ``[B, T]``) and prompts
   (``prompt [B, P]``, ``prompt_len [B]``); generated rows are ``P + N = T``
@@ -149,8 +149,8 @@ def make_rollout(data: str, scfg: SamplingConfig, mix_lambda: float = 0.5, mix_w
     out = sample(model, batch["prompt"], batch["prompt_len"], rng, scfg)
     return out.tokens, out.loss_mask
 
-  def rollout(params, frozen, batch, rng):
-    draft, target = params["draft"], frozen["target"]
+  def rollout(models, batch, rng):
+    draft, target = models["draft"], models["target"]
     b = batch["tokens"].shape[0]
     if data == "fixed":
       (tokens, mask), student = fixed(batch), jnp.zeros(())
@@ -175,12 +175,12 @@ def make_loss_fn(divergence: str, beta: float = 0.5, temperature: float = 1.0):
   ``temperature``), ``acceptance/greedy`` (argmax agreement), ``nll/draft``,
   ``nll/target`` (untempered), ``data/student`` (fraction of rows).
   """
-  def loss_fn(params, frozen, batch, rng):
+  def loss_fn(models, batch, rng):
     del rng
     tokens = batch["tokens"]
     m = batch["loss_mask"][:, 1:].astype(jnp.float32)      # position t predicts token t+1
-    q_logits = params["draft"](tokens).logits[:, :-1]
-    p_logits = jax.lax.stop_gradient(frozen["target"](tokens).logits[:, :-1])
+    q_logits = models["draft"](tokens).logits[:, :-1]
+    p_logits = jax.lax.stop_gradient(models["target"](tokens).logits[:, :-1])
     loss, n = token_divergence_loss(divergence, p_logits, q_logits, m, beta=beta, temperature=temperature)
     lp, lq = (jax.nn.log_softmax(x.astype(jnp.float32) / temperature, -1)
               for x in (p_logits, jax.lax.stop_gradient(q_logits)))
@@ -248,8 +248,8 @@ def make_evaluate(config, suite):
   reward_fn = suite_lib.gold_reward_fn(suite)
   rng = jax.random.PRNGKey(config.seed + 1)
 
-  def evaluate(params, frozen, step):
-    draft, target = params["draft"], frozen["target"]
+  def evaluate(models, step):
+    draft, target = models["draft"], models["target"]
     out = {}
     if config.eval.mode == "spec":
       out["alpha/greedy"] = prefix_acceptance(target, draft, prompt, plen, rng, greedy)
@@ -406,8 +406,8 @@ def report(config, workdir: str, summary: dict):
   """Undistilled vs distilled draft (and the target): table, summary.json, summary.png."""
   from jaxopd import logs
   suite = suite_lib.ensure(config.data, verbose=False)
-  params, frozen = summary["trainer"].models(summary["state"], summary["frozen"])
-  target, distilled = frozen["target"], params["draft"]
+  models = summary["trainer"].models(summary["state"], summary["frozen"])
+  target, distilled = models["target"], models["draft"]
   drafts = {"distilled": distilled}
   if config.models.draft.init != "random":
     drafts = {"draft_sft": table.load_model(config.models.draft.init, "draft")[0], **drafts}

@@ -4,7 +4,7 @@ pipeline (the SFT base of :mod:`jaxopd.methods.tdpo`, the target fit),
 evaluation against the true target and the report. Config: experiments/fdpg.py.
 
 A target is ``p(x) = P(x) / Z`` with ``log P(x) = log a(x) + log phi(x)``: ``a``
-is the frozen base model (``frozen["base"]``), ``phi`` a scorer of the sampled
+is the frozen base model (role ``base``), ``phi`` a scorer of the sampled
 sequence (:class:`Target`). Each step the rollout samples from the proposal
 (the policy itself, or in offline mode a frozen copy that is replaced by the
 policy when the policy gets closer to the target, as disco's
@@ -12,7 +12,7 @@ policy when the policy gets closer to the target, as disco's
 running estimate of ``Z`` (per context) *before* they are used (disco's
 order), and hands the batch to the loss with the baseline taken before this
 batch's pseudo-rewards are added. The method state (log Z, baseline, offline
-proposal and its bookkeeping) lives in the trainer's ``state["aux"]``.
+proposal and its bookkeeping) lives in the trainer's ``state["method"]`` (:func:`init_state`).
 
 Importance weights are valid only under pure ancestral sampling: any other
 sampling setting is refused (:func:`check_sampling`).
@@ -126,13 +126,13 @@ def fit_lambdas(features: np.ndarray, targets: np.ndarray, iters: int = 100) -> 
   return lam
 
 
-def init_aux(num_contexts: int, baseline_window: int, proposal_state=None) -> dict:
+def init_state(num_contexts: int, baseline_window: int, proposal_state=None) -> dict:
   """The method state: log Z per context, baseline, and (offline) the proposal."""
-  aux = {"log_z": LogZ.init(num_contexts), "baseline": Baseline.init(baseline_window)}
+  state = {"log_z": LogZ.init(num_contexts), "baseline": Baseline.init(baseline_window)}
   if proposal_state is not None:
-    aux.update(proposal=proposal_state, proposal_set=jnp.bool_(False), swaps=jnp.int32(0),
+    state.update(proposal=proposal_state, proposal_set=jnp.bool_(False), swaps=jnp.int32(0),
                rollouts=jnp.int32(0), kl_policy=jnp.float32(0), kl_proposal=jnp.float32(0))
-  return aux
+  return state
 
 
 def _sequence_logp(model, tokens, loss_mask):
@@ -141,7 +141,8 @@ def _sequence_logp(model, tokens, loss_mask):
 
 def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: float = 0.0,
                  offline: bool = False, proposal_every: int = 16, samples_per_context: int = 1):
-  """``rollout(policy, frozen, batch, rng, aux) -> (batch, aux)`` for the trainer.
+  """``rollout(models, batch, rng, state) -> (batch, state)`` for the trainer (``state``: the
+  method state of :func:`init_state`).
 
   ``batch``: ``prompt [B, P]``, ``prompt_len [B]``, ``context [B]`` (index of
   the context's log Z; all 0 when unconditional). ``eps`` floors a pointwise
@@ -162,8 +163,8 @@ def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: flo
     raise ConfigError("config.method.eps=0: reverse KL on a pointwise target needs the epsilon floor "
                       "b_eps = max(b, eps) > 0 (log P = -inf where the constraint fails); set e.g. eps=1e-3")
 
-  def rollout(params, frozen, batch, rng, aux):
-    policy = params["policy"]
+  def rollout(models, batch, rng, state):
+    policy = models["policy"]
     if samples_per_context > 1:
       b = batch["context"].shape[0]
       if b % samples_per_context:
@@ -174,36 +175,36 @@ def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: flo
     ctx = batch["context"].astype(jnp.int32)
     if offline:
       gd, pol_state = nnx.split(policy)
-      prop_state = jax.tree.map(lambda q, p: jnp.where(aux["proposal_set"], q, p), aux["proposal"], pol_state)
+      prop_state = jax.tree.map(lambda q, p: jnp.where(state["proposal_set"], q, p), state["proposal"], pol_state)
       proposal = nnx.merge(gd, prop_state)
     else:
       proposal = policy
     out = sample(proposal, batch["prompt"], batch["prompt_len"], rng, scfg)
     tokens, mask = out.tokens, out.loss_mask
     q_logp = jnp.sum(out.logprobs, axis=1)
-    a_logp = _sequence_logp(frozen["base"], tokens, mask)
+    a_logp = _sequence_logp(models["base"], tokens, mask)
     pi_logp = _sequence_logp(policy, tokens, mask) if offline else q_logp
     log_score = a_logp + target.log_phi(tokens, mask, eps)
     true_score = a_logp + target.log_phi(tokens, mask, 0.0) if eps > 0 else log_score
-    log_z = aux["log_z"].update(log_score, q_logp, ctx)
+    log_z = state["log_z"].update(log_score, q_logp, ctx)
     lz = log_z.value[ctx]
     valid = jnp.isfinite(lz)
     r = pseudo_reward(pi_logp - (log_score - jnp.where(valid, lz, 0.0)), divergence)
-    b = aux["baseline"].value
+    b = state["baseline"].value
     # Rows whose context has no log Z yet enter the window with the current baseline value.
-    new = dict(aux, log_z=log_z, baseline=aux["baseline"].update(jnp.where(valid, r, b)))
+    new = dict(state, log_z=log_z, baseline=state["baseline"].update(jnp.where(valid, r, b)))
     if offline:
       # disco: accumulate KL(p||pi) and KL(p||q) estimates; every `proposal_every`
       # rollouts, replace q by pi if pi is closer, then reset the estimates.
       kl_pi = divergence_estimates(pi_logp, q_logp, log_score, jnp.where(valid, lz, 0.0))["kl_target_policy"]
       kl_q = divergence_estimates(q_logp, q_logp, log_score, jnp.where(valid, lz, 0.0))["kl_target_policy"]
-      n = aux["rollouts"] + 1
-      kp, kq = aux["kl_policy"] + kl_pi, aux["kl_proposal"] + kl_q
+      n = state["rollouts"] + 1
+      kp, kq = state["kl_policy"] + kl_pi, state["kl_proposal"] + kl_q
       check = n % proposal_every == 0
       swap = check & (kp < kq)
-      new.update(proposal=jax.tree.map(lambda q, p: jnp.where(swap | ~aux["proposal_set"], p, q),
+      new.update(proposal=jax.tree.map(lambda q, p: jnp.where(swap | ~state["proposal_set"], p, q),
                                        prop_state, pol_state),
-                 proposal_set=jnp.bool_(True), swaps=aux["swaps"] + swap.astype(jnp.int32), rollouts=n,
+                 proposal_set=jnp.bool_(True), swaps=state["swaps"] + swap.astype(jnp.int32), rollouts=n,
                  kl_policy=jnp.where(check, 0.0, kp), kl_proposal=jnp.where(check, 0.0, kq))
     train = {"tokens": tokens, "loss_mask": mask, "proposal_logp": q_logp, "log_score": log_score,
              "log_z": lz, "baseline": jnp.broadcast_to(b, q_logp.shape), "true_score": true_score,
@@ -218,10 +219,10 @@ def make_loss_fn(divergence: str):
   """The surrogate loss of :func:`jaxopd.losses.fdpg.surrogate_loss` plus metrics:
   importance-sampled divergences to the (true) target with the running log Z,
   alignment, ``KL(pi || a)`` and the pseudo-reward."""
-  def loss_fn(params, frozen, batch, rng):
-    del frozen, rng
+  def loss_fn(models, batch, rng):
+    del rng
     tokens, mask = batch["tokens"], batch["loss_mask"]
-    pi_logp = _sequence_logp(params["policy"], tokens, mask)
+    pi_logp = _sequence_logp(models["policy"], tokens, mask)
     loss, n, r = surrogate_loss(pi_logp, batch["proposal_logp"], batch["log_score"], batch["log_z"],
                                 batch["baseline"], divergence)
     sg = jax.lax.stop_gradient(pi_logp)
@@ -467,11 +468,11 @@ def build(config) -> Experiment:
     proposal = None
     if m.offline:   # overwritten by the policy (= the base) at the first rollout
       proposal = nnx.state(Transformer(model_cfg, nnx.Rngs(params=0)), nnx.Param)
-    return init_aux(num_contexts, int(m.baseline_window), proposal)
+    return init_state(num_contexts, int(m.baseline_window), proposal)
 
   return Experiment(roles={"policy": True, "base": False}, loss_fn=make_loss_fn(m.divergence),
                     train_data=lambda shard: batched_iterator(records, shard),
-                    rollout=rollout, init_aux=method_init, evaluate=make_evaluate(config, suite, target))
+                    rollout=rollout, init_state=method_init, evaluate=make_evaluate(config, suite, target))
 
 
 def make_evaluate(config, suite, target: Target):
@@ -485,8 +486,8 @@ def make_evaluate(config, suite, target: Target):
   scfg = _scfg(config, suite.tokenizer)
   rng = jax.random.PRNGKey(config.seed + 1)
 
-  def evaluate(params, frozen, step):
-    fn = compiled(_sample_and_score, (scfg, target), params["policy"], frozen["base"])
+  def evaluate(models, step):
+    fn = compiled(_sample_and_score, (scfg, target), models["policy"], models["base"])
     toks, mask, res = to_host(fn(prompt, plen, log_z, rng))
     resp = [t[mm == 1].tolist() for t, mm in zip(np.asarray(toks), np.asarray(mask))]
     out = {f"sample/{n}": float(v) for n, v in res.items()}
@@ -520,8 +521,8 @@ def report(config, workdir: str, summary: dict):
   from jaxopd import logs
   suite = suite_lib.ensure(config.data, verbose=False)
   evaluate = make_evaluate(config, suite, make_target(config, suite))
-  _, frozen = summary["trainer"].models(summary["state"], summary["frozen"])
-  before = evaluate({"policy": frozen["base"]}, frozen, 0)
+  models = summary["trainer"].models(summary["state"], summary["frozen"])
+  before = evaluate({**models, "policy": models["base"]}, 0)
   after = summary["eval"]
   print("\n" + f"{'':<12}" + "".join(f"{k.split('/')[-1]:>18}" for k in KEYS))
   for name, r in (("base", before), (f"{config.method.divergence} (after)", after)):

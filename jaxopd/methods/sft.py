@@ -60,9 +60,9 @@ def build(config) -> Experiment:
                             pad_id=suite.tokenizer.pad_token_id, temperature=e.temperature)
       reward_fn = suite_lib.gold_reward_fn(suite)
 
-      def evaluate(params, frozen, step):
+      def evaluate(models, step):
         rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
-        m = evaluate_policy(params["policy"], None, prompt, plen, rng, scfg, reward_fn)
+        m = evaluate_policy(models["policy"], None, prompt, plen, rng, scfg, reward_fn)
         return {f"sample/{k}": v for k, v in m.items()}
   elif config.data.task == "files":
     tok, train_records, eval_records = suite_lib.file_records(config.data, "lm", config.seq_len,
@@ -77,9 +77,9 @@ def build(config) -> Experiment:
   else:
     raise ConfigError(f"config.data.task={config.data.task!r}: must be reviews, files or sort")
 
-  def loss_fn(params, frozen, batch, rng):
-    del frozen, rng
-    logits = params["policy"](batch["tokens"], batch.get("positions"),
+  def loss_fn(models, batch, rng):
+    del rng
+    logits = models["policy"](batch["tokens"], batch.get("positions"),
                               segment_ids=batch.get("segment_ids")).logits
     nll, n_tokens, correct = sft_loss(logits, batch["tokens"], batch["loss_mask"])
     return LossOutput(nll, n_tokens, {"accuracy": correct})

@@ -122,7 +122,7 @@ def reference_outputs(reference, tokens):
 
 def make_loss_fn(mask: str, shared: bool, beta: float, lambda_u: float = 0.0, lambda_d: float = 0.0,
                  kl_chunk: int = 128):
-  """``loss_fn(params, frozen, batch, rng)`` for SparsePO with ``mask`` in ``learned | mapo``.
+  """``loss_fn(models, batch, rng)`` for SparsePO with ``mask`` in ``learned | mapo``.
 
   Metrics: TRL's ``rewards/*`` with the official SparsePO reward ``beta (U + D)``
   (detached), ``logps/*``, the unweighted sequential KL ``kl/chosen``,
@@ -136,15 +136,15 @@ def make_loss_fn(mask: str, shared: bool, beta: float, lambda_u: float = 0.0, la
     raise ValueError(f"config.method.mask={mask!r}: must be one of {MASKS}")
   independent = mask == "learned" and not shared
 
-  def loss_fn(params, frozen, batch, rng):
+  def loss_fn(models, batch, rng):
     del rng
     tokens, lmask = batch["tokens"], batch["loss_mask"]
     b, _, t = tokens.shape
     flat, flat_mask = tokens.reshape(b * 2, t), lmask.reshape(b * 2, t)
-    pi_logits = params["policy"](flat).logits
-    ref_logits, hidden = reference_outputs(frozen["reference"], flat)
+    pi_logits = models["policy"](flat).logits
+    ref_logits, hidden = reference_outputs(models["reference"], flat)
     m = response_mask(flat_mask)
-    w_u, w_d = token_weights(mask, params.get("mask"), hidden, ref_logits, m)
+    w_u, w_d = token_weights(mask, models.get("mask"), hidden, ref_logits, m)
     lp_pi = token_logprobs(pi_logits, flat)
     lp_ref = token_logprobs(ref_logits, flat)
     k = forward_kl_per_token(ref_logits, pi_logits, kl_chunk)
@@ -323,9 +323,9 @@ def make_evaluate(config, suite, test_recs):
   gold = np.stack([r["gold"] for r in test_recs]).reshape(-1, config.seq_len)[:, 1:]
   independent = config.method.mask == "learned" and not config.method.shared
 
-  def evaluate(params, frozen, step):
-    out = sample_eval(params, frozen, step)
-    w_u, w_d, m = mask_weights(config, params.get("mask"), frozen["reference"], tokens, lmask)
+  def evaluate(models, step):
+    out = sample_eval(models, step)
+    w_u, w_d, m = mask_weights(config, models.get("mask"), models["reference"], tokens, lmask)
     valid = m > 0
     out["mask/auroc_u"] = auroc(w_u[valid], gold[valid])
     if independent:
@@ -334,7 +334,7 @@ def make_evaluate(config, suite, test_recs):
   return evaluate
 
 
-def examples(config, suite, params, frozen, n: int, split: str = "test") -> list[dict]:
+def examples(config, suite, models, n: int, split: str = "test") -> list[dict]:
   """The first ``n`` held-out pairs' responses (chosen, then rejected) with their per-token weights."""
   pc = tdpo._prefs_config(config)
   recs, _ = preferences.records(pc, split, config.data.data_dir, suite.tokenizer, config.seq_len,
@@ -343,7 +343,7 @@ def examples(config, suite, params, frozen, n: int, split: str = "test") -> list
   tokens = np.stack([r["tokens"] for r in recs]).reshape(-1, config.seq_len)
   lmask = np.stack([r["loss_mask"] for r in recs]).reshape(-1, config.seq_len)
   gold = gold_tokens(suite, tokens)
-  w_u, w_d, _ = mask_weights(config, params.get("mask"), frozen["reference"], tokens, lmask)
+  w_u, w_d, _ = mask_weights(config, models.get("mask"), models["reference"], tokens, lmask)
   vocab = suite.tokenizer.convert_ids_to_tokens(list(range(len(suite.tokenizer))))
   special = {suite.tokenizer.pad_token_id, suite.tokenizer.bos_token_id}
   out = []
@@ -425,8 +425,8 @@ def report(config, workdir: str, summary: dict):
   if config.data.task == "files":
     return
   suite = suite_lib.ensure(config.data, verbose=False)
-  params, frozen = summary["trainer"].models(summary["state"], summary["frozen"])
-  exs = examples(config, suite, params, frozen, config.heatmap_examples)
+  models = summary["trainer"].models(summary["state"], summary["frozen"])
+  exs = examples(config, suite, models, config.heatmap_examples)
   with open(os.path.join(workdir, "mask_examples.json"), "w") as f:
     json.dump({"label": label(config), "examples": exs}, f)
   heatmap({label(config): exs}, os.path.join(workdir, "heatmap.png"))

@@ -52,7 +52,7 @@ def pair_terms(policy_logits, ref_logits, tokens, loss_mask, with_kl: bool, kl_c
 
 
 def make_loss_fn(loss: str, beta: float, alpha: float = 0.5, log_kl: bool = True, kl_chunk: int = 128):
-  """``loss_fn(params, frozen, batch, rng)`` for ``loss`` in ``dpo | tdpo1 | tdpo2``.
+  """``loss_fn(models, batch, rng)`` for ``loss`` in ``dpo | tdpo1 | tdpo2``.
 
   ``log_kl``: DPO also computes the sequential KL, detached, for the metrics
   (TDPO needs it for the loss anyway).
@@ -60,13 +60,13 @@ def make_loss_fn(loss: str, beta: float, alpha: float = 0.5, log_kl: bool = True
   if loss not in LOSSES:
     raise ValueError(f"config.method.loss={loss!r}: must be one of {LOSSES}")
 
-  def loss_fn(params, frozen, batch, rng):
+  def loss_fn(models, batch, rng):
     del rng
     tokens, mask = batch["tokens"], batch["loss_mask"]
     b, _, t = tokens.shape
     flat, flat_mask = tokens.reshape(b * 2, t), mask.reshape(b * 2, t)
-    pi_logits = params["policy"](flat).logits
-    ref_logits = jax.lax.stop_gradient(frozen["reference"](flat).logits)
+    pi_logits = models["policy"](flat).logits
+    ref_logits = jax.lax.stop_gradient(models["reference"](flat).logits)
     tdpo = loss != "dpo"
     logratio, logps, kl = pair_terms(pi_logits, ref_logits, flat, flat_mask, tdpo or log_kl, kl_chunk)
     if kl is not None and not tdpo:
@@ -229,8 +229,8 @@ def make_evaluate(config, suite):
   reward_fn = suite_lib.gold_reward_fn(suite)
   rng = jax.random.PRNGKey(config.seed + 1)   # the same samples' randomness at every eval
 
-  def evaluate(params, frozen, step):
-    res = evaluate_policy(params["policy"], frozen["reference"], prompt, plen, rng, scfg, reward_fn)
+  def evaluate(models, step):
+    res = evaluate_policy(models["policy"], models["reference"], prompt, plen, rng, scfg, reward_fn)
     return {f"sample/{k}": v for k, v in res.items()}
   return evaluate
 
@@ -245,8 +245,8 @@ def report(config, workdir: str, summary: dict):
     return
   suite = suite_lib.ensure(config.data, verbose=False)
   evaluate = make_evaluate(config, suite)
-  _, frozen = summary["trainer"].models(summary["state"], summary["frozen"])
-  before = evaluate({"policy": frozen["reference"]}, frozen, 0)
+  models = summary["trainer"].models(summary["state"], summary["frozen"])
+  before = evaluate({**models, "policy": models["reference"]}, 0)
   rows = {"sft (before)": before, f"{config.method.loss} (after)": summary["eval"]}
   curves = {config.method.loss: logs.read_metrics(workdir, "eval")}
   other = config.compare_with
