@@ -77,6 +77,7 @@ def _cli(*args, workdir):
                                           "table: start a role from a checkpoint with --config.models.<role>.init"),
     ("--config.models.policy.init=run:/nowhere", "config.models.policy.init='run:/nowhere': /nowhere has no "
                                                  "checkpoints/"),
+    ("--config.method.name=ppo", "config.method.name='ppo': must be one of ('sft', 'tdpo', "),
 ])
 def test_cli_reports_one_line_and_exits_2(arg, message, tmp_path):
   p = _cli(arg, workdir=tmp_path / "w")
