@@ -165,7 +165,7 @@ def test_smoke_pipeline_and_report(tmp_path, capsys):
   assert (g.method.divergence, g.method.data, g.eval.mode) == ("jsd", "mixed", "quality")
   c.eval.mode = "quality"
   models = s["trainer"].models(s["state"], s["frozen"])
-  ev = DS.make_evaluate(c, DS.suite_lib.ensure(c.data, verbose=False))(models, 0)
+  ev = DS.make_evaluate(c, DS.load_data(c))(models, 0)
   assert "sample/reward" in ev and "alpha/greedy" not in ev
 
   # Distil the target first: this run's distilled draft is the next run's frozen target (no SFT stage).

@@ -15,9 +15,9 @@ import hf_fixtures  # noqa: E402
 from jaxopd import logs, train  # noqa: E402
 from jaxopd import methods  # noqa: E402
 from jaxopd.experiment import load_config  # noqa: E402
-from jaxopd.models import hf  # noqa: E402
+from jaxopd.models import hf, table  # noqa: E402
 
-EXP = {n: methods.get(n) for n in ("sft", "tdpo", "sparsepo")}
+EXP = {n: methods.get(n) for n in ("sft", "tdpo", "sparsepo", "distillspec")}
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +126,44 @@ def test_sft_and_sparsepo_from_hf_dirs(families, files, tmp_path):
   losses = [r["loss"] for r in logs.read_metrics(str(tmp_path / "sparsepo"), "train")]
   assert abs(losses[-1] - losses[0]) > 1e-4, losses
   assert set(out["state"]["params"]) == {"policy", "mask"}
+
+
+def test_gkd_from_hf_dirs_on_a_prompt_file(families, tmp_path):
+  """GKD (JSD(0.5), mixed student/teacher batches) with a bf16 Qwen2-style target and a smaller
+  draft of the same tokenizer, both HF directories, on a JSONL file of conversational prompts (chat
+  template, no BOS, pad != eos), by fields only on (2, 2, 2). Distillation brings the draft closer
+  to the target on held-out prompts: the sampled sequence KL(draft || target) falls."""
+  from jaxopd.methods import distillspec
+  draft_dir = hf_fixtures.make_family_dir(str(tmp_path / "draft"), "qwen2", seed=5, d_model=16, n_layers=1)
+  chat = lambda recs: [{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in recs]
+  c = _quiet(load_config("distillspec.py:gkd"), steps=30)
+  c.data.task = "files"
+  c.data.files.train = hf_fixtures.write_jsonl(str(tmp_path / "p.jsonl"), chat(hf_fixtures.prompt_records(64)))
+  c.data.files.eval = hf_fixtures.write_jsonl(str(tmp_path / "pe.jsonl"), chat(hf_fixtures.prompt_records(16, 1)))
+  c.models.draft.init = f"hf:{draft_dir}"
+  c.models.target.init = f"hf:{families['qwen2']}"
+  c.method.mix_with = "teacher"             # prompts only: the other source is the teacher's samples
+  c.method.prompt_len, c.method.max_new_tokens, c.seq_len = 40, 16, 56
+  c.data.over_length = "truncate"           # a longer prompt keeps its end (counted in the log)
+  c.eval.max_new_tokens, c.eval.num_prompts, c.eval.sd_gammas = 16, 16, (2,)
+  c.optim.lr = 1e-2
+  with pytest.raises(Exception, match=r"config\.models\.draft\.init='stage:draft_sft': with task=files"):
+    bad = c.copy_and_resolve_references()
+    bad.models.draft.init = "stage:draft_sft"
+    distillspec.prepare(bad, str(tmp_path / "bad"))
+  data = distillspec.load_data(c)
+  assert data.tokenizer.bos_token is None and data.tokenizer.eos_token == "<|im_end|>"
+  assert data.prompt.shape == (16, 40) and len(data.train) == 64
+  before_models = {n: table.load_model(c.models[n].init, n)[0] for n in ("draft", "target")}
+  before = distillspec.make_evaluate(c, data)(before_models, 0)
+  c, out = _run("distillspec", c, tmp_path / "gkd")
+  after = out["eval"]
+  print(f"GKD on files: KL(draft||target) {before['sample/kl_ref']:.3f} -> {after['sample/kl_ref']:.3f}, "
+        f"entropy {before['sample/entropy']:.3f} -> {after['sample/entropy']:.3f}")
+  assert after["sample/kl_ref"] < 0.8 * before["sample/kl_ref"], (before, after)
+  assert "sample/reward" not in after and "alpha/greedy" not in after      # no gold reward; quality mode
+  recs = logs.read_metrics(str(tmp_path / "gkd"), "train")
+  assert {r["data/student"] for r in recs} == {0.0, 1.0}     # one coin per step: both sources were drawn
+  distillspec.report(c, str(tmp_path / "gkd"), out)
+  summ = json.load(open(tmp_path / "gkd" / "summary.json"))
+  assert summ["eval"]["sample/kl_ref"] == pytest.approx(after["sample/kl_ref"])

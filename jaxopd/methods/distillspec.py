@@ -45,6 +45,7 @@ import json
 import os
 import statistics
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,20 +88,29 @@ def _check(c):
   if m.prompt_len + m.max_new_tokens != c.seq_len:
     raise ConfigError(f"config.method.max_new_tokens={m.max_new_tokens}: prompt_len + max_new_tokens must equal "
                       f"seq_len={c.seq_len} (generated and corpus batches share one shape)")
-  if c.data.task != "reviews":
-    raise ConfigError(f"config.data.task={c.data.task!r}: distillspec runs on the reviews task")
+  if c.data.task not in ("reviews", "files"):
+    raise ConfigError(f"config.data.task={c.data.task!r}: must be reviews or files (prompt files)")
+  if c.data.task == "files":
+    if m.data == "fixed" or (m.data == "mixed" and m.mix_with == "fixed"):
+      raise ConfigError(f"config.method.data={m.data!r}: with task=files the training file holds prompts "
+                        f"only, so batches are generated: use data=student, teacher, or mixed with "
+                        f"mix_with=teacher")
+    if c.data.files.max_prompt_len and c.data.files.max_prompt_len != m.prompt_len:
+      raise ConfigError(f"config.data.files.max_prompt_len={c.data.files.max_prompt_len}: distillspec's prompt "
+                        f"length is config.method.prompt_len={m.prompt_len} (leave the files field at 0)")
   if e.mode not in EVAL_MODES:
     raise ConfigError(f"config.eval.mode={e.mode!r}: must be one of {EVAL_MODES}")
   if e.max_gamma < 1 or any(g < 1 for g in e.sd_gammas):
     raise ConfigError(f"config.eval.sd_gammas={tuple(e.sd_gammas)} / max_gamma={e.max_gamma}: gammas must be >= 1")
-  for name, mc in (("config.model", c.model), ("config.target.model", c.target.model)):
+  stage_archs = (("config.model", c.model), ("config.target.model", c.target.model))
+  for name, mc in stage_archs if c.data.task == "reviews" else ():   # files: checked on the roles in build()
     if e.prompt_len + e.max_new_tokens + max(e.sd_gammas) + 2 > mc.max_len or c.seq_len > mc.max_len:
       raise ConfigError(f"{name}.max_len={mc.max_len}: too short for eval.prompt_len + eval.max_new_tokens + "
                         f"gamma + 2 and seq_len")
   if c.target.source not in ("policy", "draft"):
     raise ConfigError(f"config.target.source={c.target.source!r}: must be policy (an SFT run) or draft "
                       f"(a run of this module)")
-  if c.model.vocab_size != c.target.model.vocab_size:
+  if c.data.task == "reviews" and c.model.vocab_size != c.target.model.vocab_size:
     raise ConfigError(f"config.model.vocab_size={c.model.vocab_size}: the draft must share the target's "
                       f"vocabulary ({c.target.model.vocab_size})")
 
@@ -108,8 +118,18 @@ def _check(c):
 # --- stages ----------------------------------------------------------------------
 
 def prepare(config, workdir: str):
-  """Stages 1-3 (data, target SFT, draft SFT), each cached; the draft starts from stage 3."""
+  """Stages 1-3 (data, target SFT, draft SFT), each cached; the draft starts from stage 3.
+
+  With ``config.data.task = "files"`` (your prompts) nothing is built: draft and
+  target need an ``hf:DIR`` or ``run:WORKDIR`` init."""
   _check(config)
+  if config.data.task == "files":
+    for stage in ("draft_sft", "target"):
+      staged = table.uses_stage(config, stage)
+      if staged:
+        raise ConfigError(f"config.models.{staged[0]}.init='stage:{stage}': with task=files no SFT stage is "
+                          f"trained here; start it from your model (hf:DIR) or a run (run:WORKDIR)")
+    return config
   stages = []
   if table.uses_stage(config, "draft_sft"):
     stages.append(("draft", config.draft_sft, config.model))
@@ -151,7 +171,7 @@ def make_rollout(data: str, scfg: SamplingConfig, mix_lambda: float = 0.5, mix_w
 
   def rollout(models, batch, rng):
     draft, target = models["draft"], models["target"]
-    b = batch["tokens"].shape[0]
+    b = batch["prompt"].shape[0]
     if data == "fixed":
       (tokens, mask), student = fixed(batch), jnp.zeros(())
     elif data == "teacher":
@@ -210,42 +230,84 @@ def _eval_prompts(suite, c):
   return np.stack([p["prompt"] for p in prompts]), np.stack([p["prompt_len"] for p in prompts])
 
 
-def _scfg(c, suite, greedy, temperature=None, max_new_tokens=None):
-  tok = suite.tokenizer
+def _scfg(c, source, greedy, temperature=None, max_new_tokens=None):
+  """Evaluation sampling settings; ``source``: anything with the ``tokenizer`` (a suite, :class:`Data`)."""
+  tok = source.tokenizer
   return SamplingConfig(max_new_tokens=max_new_tokens or c.eval.max_new_tokens, eos_id=tok.eos_token_id,
                         pad_id=tok.pad_token_id, greedy=greedy,
                         temperature=c.eval.temperature if temperature is None else temperature)
 
 
+class Data(NamedTuple):
+  """What a run trains and evaluates on: the reviews suite, or your prompt files."""
+  tokenizer: object
+  train: list                # records: prompt, prompt_len (and tokens, loss_mask on the reviews task)
+  eval: list | None          # fixed held-out batches (reviews task only)
+  prompt: np.ndarray | None  # held-out prompts [N, P] of the sampled evaluation (None: no sampled evaluation)
+  prompt_len: np.ndarray | None
+  reward_fn: object          # the gold reward of the reviews task; None on files
+
+
+def load_data(config) -> Data:
+  """The reviews suite's corpus and prompts, or (``task=files``) TRL prompt files
+  (``{"prompt": str}`` or a message list) encoded to ``config.method.prompt_len`` tokens."""
+  m, e = config.method, config.eval
+  if config.data.task == "files":
+    default = table.tokenizer_dir(config, "draft") or table.tokenizer_dir(config, "target")
+    tok, train_recs, eval_recs = suite_lib.file_records(config.data, "prompt", config.seq_len,
+                                                        max_prompt_len=m.prompt_len, default_tokenizer=default)
+    prompt = plen = None
+    if eval_recs and e.num_prompts:
+      eval_recs = eval_recs[:e.num_prompts]
+      prompt = np.stack([r["prompt"] for r in eval_recs])
+      plen = np.stack([r["prompt_len"] for r in eval_recs])
+    return Data(tok, train_recs, None, prompt, plen, None)
+  suite = suite_lib.ensure(config.data, verbose=False)
+  prompt, plen = _eval_prompts(suite, config)
+  return Data(suite.tokenizer, _records(suite, config, "train", "train"),
+              _records(suite, config, "validation", "test", verbose=False), prompt, plen,
+              suite_lib.gold_reward_fn(suite))
+
+
 def build(config) -> Experiment:
   _check(config)
-  suite = suite_lib.ensure(config.data, verbose=False)
+  data = load_data(config)
+  tok = data.tokenizer
   draft_cfg, target_cfg = table.arch(config, "draft"), table.arch(config, "target")
   if draft_cfg.vocab_size != target_cfg.vocab_size:
     raise ConfigError(f"config.models.draft: its vocab_size={draft_cfg.vocab_size} differs from the target's "
                       f"{target_cfg.vocab_size}; the draft must share the target's vocabulary")
-  if len(suite.tokenizer) != draft_cfg.vocab_size:
+  if config.data.task == "reviews" and len(tok) != draft_cfg.vocab_size:
     raise ConfigError(f"config.models.draft: its vocab_size={draft_cfg.vocab_size} differs from the reviews "
-                      f"tokenizer's {len(suite.tokenizer)} tokens")
+                      f"tokenizer's {len(tok)} tokens")
+  if len(tok) > draft_cfg.vocab_size:
+    raise ConfigError(f"config.models.draft: its vocab_size={draft_cfg.vocab_size} is smaller than the "
+                      f"tokenizer's {len(tok)} tokens")
+  e = config.eval
+  if data.prompt is not None:
+    need = data.prompt.shape[1] + e.max_new_tokens + max(e.sd_gammas) + 2
+    for name, arch in (("draft", draft_cfg), ("target", target_cfg)):
+      if need > arch.max_len:
+        raise ConfigError(f"config.eval.max_new_tokens={e.max_new_tokens}: prompt ({data.prompt.shape[1]}) + "
+                          f"max_new_tokens + gamma + 2 = {need} exceeds config.models.{name}'s max_len={arch.max_len}")
   m = config.method
-  train_recs = _records(suite, config, "train", "train")
-  eval_recs = _records(suite, config, "validation", "test", verbose=False)
-  scfg = SamplingConfig(max_new_tokens=m.max_new_tokens, eos_id=suite.tokenizer.eos_token_id,
-                        pad_id=suite.tokenizer.pad_token_id, temperature=m.temperature)
-
+  scfg = SamplingConfig(max_new_tokens=m.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                        temperature=m.temperature)
+  eval_recs = data.eval
   return Experiment(roles={"draft": True, "target": False}, loss_fn=make_loss_fn(m.divergence, m.beta, m.temperature),
-                    train_data=lambda shard: batched_iterator(train_recs, shard),
-                    eval_data=lambda shard: batched_iterator(eval_recs, shard, shuffle=False, repeat=False),
-                    evaluate=make_evaluate(config, suite),
+                    train_data=lambda shard: batched_iterator(data.train, shard),
+                    eval_data=(lambda shard: batched_iterator(eval_recs, shard, shuffle=False, repeat=False))
+                    if eval_recs else None,
+                    evaluate=make_evaluate(config, data) if data.prompt is not None else None,
                     rollout=make_rollout(m.data, scfg, m.mix_lambda, m.mix_with))
 
 
-def make_evaluate(config, suite):
-  """Host-side eval: acceptance on draft prefixes (greedy, sampling; spec mode) and
-  the draft's sampled quality (gold reward, sequence KL to the target, entropy)."""
-  prompt, plen = _eval_prompts(suite, config)
-  greedy, sampling = _scfg(config, suite, True), _scfg(config, suite, False)
-  reward_fn = suite_lib.gold_reward_fn(suite)
+def make_evaluate(config, data: Data):
+  """Host-side eval on the held-out prompts: acceptance on draft prefixes (greedy, sampling;
+  spec mode) and the draft's sampled quality (sequence KL to the target, entropy, distinct-n;
+  the gold reward on the reviews task)."""
+  prompt, plen = data.prompt, data.prompt_len
+  greedy, sampling = _scfg(config, data, True), _scfg(config, data, False)
   rng = jax.random.PRNGKey(config.seed + 1)
 
   def evaluate(models, step):
@@ -254,7 +316,7 @@ def make_evaluate(config, suite):
     if config.eval.mode == "spec":
       out["alpha/greedy"] = prefix_acceptance(target, draft, prompt, plen, rng, greedy)
       out["alpha/sampling"] = prefix_acceptance(target, draft, prompt, plen, rng, sampling)
-    q = evaluate_policy(draft, target, prompt, plen, rng, sampling, reward_fn)
+    q = evaluate_policy(draft, target, prompt, plen, rng, sampling, data.reward_fn)
     out.update({f"sample/{k}": v for k, v in q.items()})
     return out
   return evaluate
@@ -403,15 +465,25 @@ def quality(config, suite, models: dict) -> dict:
 # --- report --------------------------------------------------------------------------
 
 def report(config, workdir: str, summary: dict):
-  """Undistilled vs distilled draft (and the target): table, summary.json, summary.png."""
+  """Undistilled vs distilled draft (and the target): table, summary.json, summary.png.
+  With ``task=files``: summary.json with the final evaluation (the report's corpus NLL, gold
+  reward and speculative-decoding timings are measured on the reviews task only)."""
   from jaxopd import logs
+  m = config.method
+  if config.data.task == "files":
+    res = {"method": {k: m[k] for k in ("divergence", "beta", "temperature", "data", "mix_lambda", "mix_with")},
+           "steps": summary["step"], "eval_mode": config.eval.mode, "eval": summary["eval"],
+           "curves": logs.read_metrics(workdir, "eval")}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(res, f, indent=2)
+    print(f"wrote {os.path.join(workdir, 'summary.json')} (task=files: the final evaluation only)")
+    return
   suite = suite_lib.ensure(config.data, verbose=False)
   models = summary["trainer"].models(summary["state"], summary["frozen"])
   target, distilled = models["target"], models["draft"]
   drafts = {"distilled": distilled}
   if config.models.draft.init != "random":
     drafts = {"draft_sft": table.load_model(config.models.draft.init, "draft")[0], **drafts}
-  m = config.method
   res = {"method": {k: m[k] for k in ("divergence", "beta", "temperature", "data", "mix_lambda", "mix_with")},
          "steps": summary["step"], "eval_mode": config.eval.mode,
          "quality": quality(config, suite, {"target": target, **drafts})}
