@@ -77,6 +77,7 @@ def get_config(arg: str | None = None):
   c.method.topic_mean = 0.5      # distributional: target E_p[phi]
   c.method.lambdas = ()          # distributional: filled by the fit in prepare() (or set by hand)
   c.method.reward_beta = 0.1     # rlhf: P = a exp(r / beta)
+  c.method.reward = "gold"       # rlhf: gold (the reviews task's) | module:function (jaxopd/rewards.py; your prompts)
   c.method.conditional = False   # per-prompt targets (one log Z per training prompt)
   c.method.samples_per_context = 8  # conditional: samples per prompt in a step (batch_size / 8 prompts)
   c.method.offline = False       # sample from a proposal, replaced when the policy is closer

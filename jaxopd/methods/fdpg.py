@@ -24,13 +24,14 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxopd import rewards
 from jaxopd.data import batched_iterator, reviews, suite as suite_lib
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled, distinct_n, self_bleu, to_host, token_entropy
@@ -271,6 +272,23 @@ def _check(c):
     raise ConfigError(f"config.method.topic_mean={m.topic_mean}: must be in (0, 1)")
   if m.topic not in reviews.TOPIC_NAMES:
     raise ConfigError(f"config.method.topic={m.topic!r}: must be one of {reviews.TOPIC_NAMES}")
+  if c.data.task not in ("reviews", "files"):
+    raise ConfigError(f"config.data.task={c.data.task!r}: must be reviews or files (prompt files)")
+  if m.reward != "gold" and not rewards.is_function(m.reward):
+    raise ConfigError(f"config.method.reward={m.reward!r}: must be gold (the reviews task's) or module:function")
+  if m.reward != "gold" and m.target != "rlhf":
+    raise ConfigError(f"config.method.reward={m.reward!r}: only target=rlhf uses a reward")
+  if c.data.task == "files":
+    if m.target != "rlhf" or m.reward == "gold":
+      raise ConfigError(f"config.method.target={m.target!r}: with task=files the target is rlhf with your reward "
+                        f"(--config.method.target=rlhf --config.method.reward=module:function); the pointwise "
+                        f"and distributional targets are defined on the reviews vocabulary")
+    if not m.conditional:
+      raise ConfigError("config.method.conditional=False: with task=files each prompt is a context "
+                        "(--config.method.conditional=True)")
+    if c.data.files.max_prompt_len and c.data.files.max_prompt_len != c.rollout.prompt_len:
+      raise ConfigError(f"config.data.files.max_prompt_len={c.data.files.max_prompt_len}: f-DPG's prompt length "
+                        f"is config.rollout.prompt_len={c.rollout.prompt_len} (leave the files field at 0)")
   if m.conditional and (c.batch_size // c.grad_accum) % m.samples_per_context:
     raise ConfigError(f"config.method.samples_per_context={m.samples_per_context}: must divide the microbatch "
                       f"config.batch_size / config.grad_accum = {c.batch_size // c.grad_accum}")
@@ -280,7 +298,7 @@ def _check(c):
   if c.seq_len != prompt_len(c) + c.rollout.max_new_tokens:
     raise ConfigError(f"config.seq_len={c.seq_len}: f-DPG's sequences are prompt + response, so it must equal "
                       f"{prompt_len(c)} + config.rollout.max_new_tokens={c.rollout.max_new_tokens}")
-  if c.seq_len > c.model.max_len:
+  if c.data.task == "reviews" and c.seq_len > c.model.max_len:   # files: checked on the roles by the trainer
     raise ConfigError(f"config.rollout.max_new_tokens={c.rollout.max_new_tokens}: prompt + response exceeds "
                       f"config.model.max_len={c.model.max_len}")
   if c.eval.num_samples % _eval_contexts(c) != 0:
@@ -317,36 +335,70 @@ def _word_ids(tok, words: str, field: str, skip_unknown: bool = False) -> tuple:
   return tuple(ids)
 
 
-def make_target(c, suite, lambdas=None) -> Target:
-  m, tok = c.method, suite.tokenizer
+class Data(NamedTuple):
+  """Where prompts and the tokenizer come from: the reviews suite, or your prompt files."""
+  tokenizer: object
+  suite: object | None         # the reviews suite (None with task=files)
+  files: dict | None           # task=files: split ("train", "test") -> prompt records
+
+
+def load_data(config, verbose: bool = False) -> Data:
+  if config.data.task != "files":
+    suite = suite_lib.ensure(config.data, verbose=verbose)
+    return Data(suite.tokenizer, suite, None)
+  default = table.tokenizer_dir(config, "policy") or table.tokenizer_dir(config, "base")
+  tok, train, test = suite_lib.file_records(config.data, "prompt", config.seq_len,
+                                            max_prompt_len=config.rollout.prompt_len, default_tokenizer=default)
+  if not test:
+    raise ConfigError("config.data.files.eval is empty: f-DPG's evaluation scores held-out prompts (its log Z "
+                      "is fitted per evaluation context)")
+  return Data(tok, None, {"train": train, "test": test})
+
+
+def make_target(c, data: Data, lambdas=None) -> Target:
+  m, tok = c.method, data.tokenizer
   if m.target == "pointwise":
     return Target("pointwise", token_ids=_word_ids(tok, m.words, "config.method.words"))
   if m.target == "distributional":
     ids = _word_ids(tok, "|".join(reviews.TOPIC_NOUNS[m.topic]), "config.method.topic", skip_unknown=True)
     lam = tuple(float(x) for x in (m.lambdas if lambdas is None else lambdas)) or (0.0,)
     return Target("distributional", feature_ids=(ids,), lambdas=lam)
-  return Target("rlhf", reward_fn=suite_lib.gold_reward_fn(suite), beta=float(m.reward_beta))
+  if m.reward == "gold":
+    return Target("rlhf", reward_fn=suite_lib.gold_reward_fn(data.suite), beta=float(m.reward_beta))
+  prompt, plen = _prompts(c, data, "train", 2)
+  probe = [tok.decode(p[:n].tolist(), skip_special_tokens=True) for p, n in zip(prompt, plen)]
+  fn = rewards.load(m.reward, tok, prompt_width=prompt_len(c), probe_prompts=probe)
+  return Target("rlhf", reward_fn=fn, beta=float(m.reward_beta))
 
 
-def _prompts(c, suite, split: str, n: int | None = None):
+def _prompts(c, data: Data, split: str, n: int | None = None):
   """(prompt [N, P], prompt_len [N]); unconditional: N rows of BOS."""
-  tok = suite.tokenizer
   if not c.method.conditional:
     n = n or 1
-    return np.full((n, 1), tok.bos_token_id, np.int32), np.ones((n,), np.int32)
-  recs = suite_lib.prompt_records(suite, split, c.rollout.prompt_len, verbose=False)[:n]
+    return np.full((n, 1), data.tokenizer.bos_token_id, np.int32), np.ones((n,), np.int32)
+  if data.files is not None:
+    recs = data.files[split][:n]
+  else:
+    recs = suite_lib.prompt_records(data.suite, split, c.rollout.prompt_len, verbose=False)[:n]
   return np.stack([r["prompt"] for r in recs]), np.stack([r["prompt_len"] for r in recs])
 
 
 # --- stages --------------------------------------------------------------------
 
 def prepare(config, workdir: str):
-  """Data and SFT base (TDPO's cached stages), then the target fit (cached in workdir/target.json)."""
+  """Data and SFT base (TDPO's cached stages), then the target fit (cached in workdir/target.json).
+
+  With ``config.data.task = "files"`` (your prompts and reward function) no SFT
+  stage is trained: policy and base need an ``hf:DIR`` or ``run:WORKDIR`` init."""
   _check(config)
-  if config.data.task != "reviews":
-    raise ConfigError(f"config.data.task={config.data.task!r}: f-DPG's targets are defined on the reviews task")
-  suite_lib.ensure(config.data)
-  table.fill_stage(config, "sft", sft.run_stage(config, config.sft, config.model))
+  if config.data.task == "files":
+    staged = table.uses_stage(config, "sft")
+    if staged:
+      raise ConfigError(f"config.models.{staged[0]}.init='stage:sft': with task=files no SFT stage is trained "
+                        f"here; start it from your model (hf:DIR) or a run (run:WORKDIR)")
+  else:
+    suite_lib.ensure(config.data)
+    table.fill_stage(config, "sft", sft.run_stage(config, config.sft, config.model))
   fit = _fit_target(config, workdir)
   with config.unlocked():
     if config.method.target == "distributional" and not config.method.lambdas:
@@ -371,7 +423,9 @@ def _fit_target(config, workdir: str) -> dict:
   key = {"sft": config.models.base.init, "target": m.target, "words": m.words, "topic": m.topic,
          "topic_mean": m.topic_mean, "lambdas": list(m.lambdas), "reward_beta": m.reward_beta,
          "conditional": m.conditional, "fit_samples": m.fit_samples, "contexts": _eval_contexts(config),
-         "max_new_tokens": config.rollout.max_new_tokens, "seed": config.seed}
+         "max_new_tokens": config.rollout.max_new_tokens, "seed": config.seed, "reward": m.reward,
+         "reward_source": rewards.fingerprint(m.reward) if m.reward != "gold" else "",
+         "prompts": config.data.files.eval if config.data.task == "files" else "reviews"}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   shared = os.path.join(config.data.data_dir, "fdpg_targets", f"{digest}.json")
   path = os.path.join(workdir, "target.json")
@@ -385,12 +439,14 @@ def _fit_target(config, workdir: str) -> dict:
           with open(path, "w") as f:
             json.dump(cached, f, indent=2)
         return cached
-  suite = suite_lib.ensure(config.data, verbose=False)
+  data = load_data(config)
   base, _ = table.load_model(config.models.base.init, "base")
   k = _eval_contexts(config)
-  prompt, plen = _prompts(config, suite, "test", k)
-  scfg = _scfg(config, suite.tokenizer)
-  target0 = make_target(config, suite, lambdas=(0.0,))
+  prompt, plen = _prompts(config, data, "test", k)
+  if len(prompt) < k:
+    raise ConfigError(f"config.eval.contexts={k}: the held-out prompts are only {len(prompt)}")
+  scfg = _scfg(config, data.tokenizer)
+  target0 = make_target(config, data, lambdas=(0.0,))
   draw = compiled(_draw_with_features, (scfg, target0, m.target != "rlhf"), base)
 
   chunk = 512
@@ -449,15 +505,18 @@ def build(config) -> Experiment:
   if config.method.target == "distributional" and not config.method.lambdas:
     raise ConfigError("config.method.lambdas is empty: run through jaxopd.main (prepare() fits them)")
   m = config.method
-  suite = suite_lib.ensure(config.data, verbose=False)
+  data = load_data(config)
   model_cfg = table.arch(config, "policy")
-  target = make_target(config, suite)
-  scfg = _scfg(config, suite.tokenizer)
+  if len(data.tokenizer) > model_cfg.vocab_size:
+    raise ConfigError(f"config.models.policy: its vocab_size={model_cfg.vocab_size} is smaller than the "
+                      f"tokenizer's {len(data.tokenizer)} tokens")
+  target = make_target(config, data)
+  scfg = _scfg(config, data.tokenizer)
   if m.conditional:
-    prompt, plen = _prompts(config, suite, "train")
+    prompt, plen = _prompts(config, data, "train")
     records = [{"prompt": p, "prompt_len": l, "context": np.int32(i)} for i, (p, l) in enumerate(zip(prompt, plen))]
   else:
-    bos = np.array([suite.tokenizer.bos_token_id], np.int32)
+    bos = np.array([data.tokenizer.bos_token_id], np.int32)
     records = [{"prompt": bos, "prompt_len": np.int32(1), "context": np.int32(0)}] * max(config.batch_size, 64)
   num_contexts = len(records) if m.conditional else 1
   rollout = make_rollout(target, m.divergence, scfg, eps=_eps(config), offline=bool(m.offline),
@@ -472,18 +531,18 @@ def build(config) -> Experiment:
 
   return Experiment(roles={"policy": True, "base": False}, loss_fn=make_loss_fn(m.divergence),
                     train_data=lambda shard: batched_iterator(records, shard),
-                    rollout=rollout, init_state=method_init, evaluate=make_evaluate(config, suite, target))
+                    rollout=rollout, init_state=method_init, evaluate=make_evaluate(config, data, target))
 
 
-def make_evaluate(config, suite, target: Target):
+def make_evaluate(config, data: Data, target: Target):
   """Held-out samples from the policy, scored against the true target (no eps floor)."""
   e = config.eval
   k = _eval_contexts(config)
-  prompt, plen = _prompts(config, suite, "test", k)
+  prompt, plen = _prompts(config, data, "test", k)
   per = e.num_samples // k
   prompt, plen = np.repeat(prompt, per, 0), np.repeat(plen, per)
   log_z = np.repeat(np.asarray(e.log_z, np.float32), per)
-  scfg = _scfg(config, suite.tokenizer)
+  scfg = _scfg(config, data.tokenizer)
   rng = jax.random.PRNGKey(config.seed + 1)
 
   def evaluate(models, step):
@@ -519,8 +578,8 @@ KEYS = ("sample/alignment", "sample/target/kl_target_policy", "sample/target/kl_
 def report(config, workdir: str, summary: dict):
   """Before (the base) / after table, summary.json and summary.png in ``workdir``."""
   from jaxopd import logs
-  suite = suite_lib.ensure(config.data, verbose=False)
-  evaluate = make_evaluate(config, suite, make_target(config, suite))
+  data = load_data(config)
+  evaluate = make_evaluate(config, data, make_target(config, data))
   models = summary["trainer"].models(summary["state"], summary["frozen"])
   before = evaluate({**models, "policy": models["base"]}, 0)
   after = summary["eval"]
