@@ -11,7 +11,8 @@ Prompts and completions are decoded with the run's tokenizer, special tokens
 (chat-template markers, EOS, padding) removed. :func:`load` imports the
 function and calls it once on a probe batch, so a wrong name, a wrong signature
 or a wrong return shape is a one-line :class:`ConfigError` before anything is
-compiled; at training time a non-finite or wrongly-shaped return stops the run.
+compiled. At training time a non-finite reward is passed on, so the step is
+non-finite and the trainer stops with its one-line error naming the step.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def load(spec: str, tokenizer, prompt_width: int, probe_prompts: list[str], fiel
   if not callable(fn):
     raise ConfigError(f"{field}={spec!r}: {mod_name} has no function {fn_name!r}")
 
-  def call(prompts, completions, where):
+  def call(prompts, completions, where, finite=True):
     try:
       out = np.asarray(fn(prompts=prompts, completions=completions), np.float64)
     except Exception as e:
@@ -76,7 +77,7 @@ def load(spec: str, tokenizer, prompt_width: int, probe_prompts: list[str], fiel
     if out.shape != (len(prompts),):
       raise ConfigError(f"{field}={spec!r}: {where}: returned shape {out.shape} for {len(prompts)} completions "
                         f"(one float each)")
-    if not np.all(np.isfinite(out)):
+    if finite and not np.all(np.isfinite(out)):
       raise ConfigError(f"{field}={spec!r}: {where}: returned non-finite rewards {out[~np.isfinite(out)][:4]}")
     return out.astype(np.float32)
 
@@ -84,5 +85,5 @@ def load(spec: str, tokenizer, prompt_width: int, probe_prompts: list[str], fiel
 
   def reward(tokens, loss_mask):
     prompts, completions = decode(tokenizer, tokens, loss_mask, prompt_width)
-    return call(prompts, completions, "on sampled completions")
+    return call(prompts, completions, "on sampled completions", finite=False)
   return reward
