@@ -212,3 +212,27 @@ def test_fdpg_rlhf_from_hf_dir_with_a_reward_function(families, tmp_path, monkey
   after = out["eval"]["sample/alignment"]
   print(f"f-DPG with a reward function: reward of base samples {base_reward:.4f} -> policy {after:.4f}")
   assert after > base_reward + 0.02, (base_reward, after)
+
+
+def test_hf_model_id_resolves_offline_to_the_local_cache(families, tmp_path, monkeypatch):
+  """``hf:org/name`` is the snapshot of that id in the local Hugging Face cache (the hub's
+  layout: models--org--name/refs/main -> snapshots/<commit>/); an id not in the cache is one line."""
+  import shutil
+  from huggingface_hub import constants
+  from jaxopd.errors import ConfigError
+  cache = tmp_path / "hub"
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  snap = cache / "models--acme--tiny-qwen" / "snapshots" / commit
+  shutil.copytree(families["qwen2"], snap)
+  (cache / "models--acme--tiny-qwen" / "refs").mkdir()
+  (cache / "models--acme--tiny-qwen" / "refs" / "main").write_text(commit)
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+  monkeypatch.chdir(tmp_path)                    # no directory named acme/ here
+  src = table.parse_init("policy", "hf:acme/tiny-qwen")
+  assert src.path == str(snap.resolve()) and src.spec() == f"hf:{snap.resolve()}"   # the record pins the commit
+  model, role = table.load_model("hf:acme/tiny-qwen", "policy")
+  assert role.arch.vocab_size == 320
+  with pytest.raises(ConfigError, match=r"config\.models\.policy\.init='hf:acme/missing': no directory "
+                                        r"'acme/missing', and the model id has no snapshot in the local Hugging "
+                                        r"Face cache"):
+    table.parse_init("policy", "hf:acme/missing")

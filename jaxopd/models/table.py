@@ -4,7 +4,8 @@ Each role a method needs (``policy``, ``reference``, ``base``, ``draft``,
 ``target`` ...) is one entry, made by :func:`role`:
 
 * ``init``: where its parameters come from:
-  ``random`` (initialised from the seed), ``hf:DIR`` (a Hugging Face directory:
+  ``random`` (initialised from the seed), ``hf:DIR`` (a Hugging Face directory, or a
+  model id ``org/name`` resolved offline to its snapshot in the local HF cache:
   ``config.json`` + safetensors, bf16/fp16/fp32, sharded index files included),
   ``run:WORKDIR[:MODEL][@STEP]`` (model ``MODEL``, default ``policy``, of a
   jaxopd run's checkpoint at ``STEP``, default its latest), or ``stage:NAME``
@@ -98,7 +99,7 @@ def parse_init(name: str, value: str) -> Source:
     _bad(name, "init", value, "a pipeline stage not filled in: run through jaxopd.main (the experiment's prepare "
                               "trains the stage), or give hf:DIR / run:WORKDIR")
   if kind == "hf" and rest:
-    return Source("hf", os.path.abspath(rest))
+    return Source("hf", hf_dir(name, value, rest))
   if kind == "run" and rest:
     step = None
     if "@" in rest:
@@ -111,6 +112,22 @@ def parse_init(name: str, value: str) -> Source:
       path, model = rest.rsplit(":", 1)
     return Source("run", os.path.abspath(path), model, step)
   _bad(name, "init", value, "must be random, hf:DIR, run:WORKDIR[:MODEL][@STEP] or stage:NAME")
+
+
+def hf_dir(name: str, value: str, rest: str) -> str:
+  """The directory of ``hf:rest``: a path as given, or a model id (``org/name``) that is not a
+  path, resolved offline to its snapshot in the local Hugging Face cache (``HF_HUB_CACHE``)."""
+  is_id = (not os.path.exists(rest) and rest.count("/") == 1 and not rest.startswith((".", "/", "~"))
+           and all(rest.split("/")))
+  if not is_id:
+    return os.path.abspath(rest)
+  from huggingface_hub import constants, snapshot_download
+  try:
+    return snapshot_download(rest, local_files_only=True)
+  except Exception:   # not in the cache (huggingface_hub's LocalEntryNotFoundError and kin)
+    _bad(name, "init", value, f"no directory {rest!r}, and the model id has no snapshot in the local Hugging "
+                              f"Face cache {constants.HF_HUB_CACHE} (download it there first, e.g. "
+                              f"`hf download {rest}`, or give a directory)")
 
 
 def check_fields(config) -> None:
@@ -376,5 +393,5 @@ def tokenizer_dir(config, name: str = "policy") -> str:
   r = config.models.get(name)
   if r is None or not isinstance(r.init, str) or not r.init.startswith("hf:"):
     return ""
-  path = os.path.abspath(r.init[3:])
+  path = parse_init(name, r.init).path
   return path if any(os.path.isfile(os.path.join(path, f)) for f in hf.TOKENIZER_FILES) else ""
