@@ -32,7 +32,9 @@ BAD = [
                                                  r"Hugging Face model directory"),
     ({"models.policy.init": "checkpoint.pt"}, r"config.models.policy.init='checkpoint.pt': must be random, hf:DIR"),
     ({"models.policy.trainable": False}, r"config.models.policy.trainable=False: this experiment's policy is trained"),
-    ({"model.dtype": "bfloat16"}, r"config.model.dtype='bfloat16': dtypes are per role: config.models.<role>.dtype"),
+    ({"model.dtype": "bfloat16"}, r"config.model.dtype='bfloat16': per role: config.models.<role>.dtype"),
+    ({"models.policy.attention": "flash"}, r"config.models.policy.attention='flash': must be one of "
+                                           r"\('einsum', 'dot_product'\)"),
     ({"model.n_heads": 5}, r"config.model.n_heads=5: must divide d_model=32"),
     ({"model.family": "t5"}, r"config.model.family='t5'"),
     ({"mesh.rules": [["batch", "pipeline"]]}, r"config.mesh.rules\[0\]: unknown mesh axis 'pipeline'"),

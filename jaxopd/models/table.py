@@ -20,7 +20,11 @@ Each role a method needs (``policy``, ``reference``, ``base``, ``draft``,
   the name of a ModelConfig block of this config (``model``, ``target_model``):
   with ``hf:`` / ``run:`` every field is then checked against the source;
 * ``param_dtype`` (storage: ``float32`` | ``bfloat16``) and ``dtype``
-  (compute). A bf16 frozen reference takes half the memory of a float32 one.
+  (compute). A bf16 frozen reference takes half the memory of a float32 one;
+* ``attention``: ``einsum`` (scores materialised, float32 softmax) or
+  ``dot_product`` (``jax.nn.dot_product_attention``: XLA on CPU/TPU, cuDNN
+  flash attention on GPU where it applies); the same function, so a resume may
+  switch it.
 
 :func:`resolve` turns the table into :class:`Role` s (architecture + pinned
 source) and is the one place that reads sources' metadata; the trainer records
@@ -40,19 +44,19 @@ from typing import Mapping
 import ml_collections
 
 from jaxopd.errors import ConfigError
-from jaxopd.models.transformer import ModelConfig
+from jaxopd.models.transformer import ATTENTION, ModelConfig
 
 DTYPES = ("float32", "bfloat16")
-ROLE_FIELDS = ("init", "trainable", "arch", "param_dtype", "dtype")
+ROLE_FIELDS = ("init", "trainable", "arch", "param_dtype", "dtype", "attention")
 RECORD = "models.json"
-_NOT_ARCH = ("dtype", "param_dtype")      # per role, not per architecture
+_NOT_ARCH = ("dtype", "param_dtype", "attention")      # per role, not per architecture
 
 
 def role(init: str = "random", trainable: bool = True, arch: str = "auto", param_dtype: str = "float32",
-         dtype: str = "float32") -> ml_collections.ConfigDict:
+         dtype: str = "float32", attention: str = "einsum") -> ml_collections.ConfigDict:
   """One entry of ``config.models`` (fields in the module docstring)."""
   return ml_collections.ConfigDict(dict(init=init, trainable=trainable, arch=arch, param_dtype=param_dtype,
-                                        dtype=dtype))
+                                        dtype=dtype, attention=attention))
 
 
 def arch_block(cfg: ModelConfig | None = None) -> ml_collections.ConfigDict:
@@ -143,6 +147,8 @@ def check_fields(config) -> None:
     for f in ("param_dtype", "dtype"):
       if r[f] not in DTYPES:
         _bad(name, f, r[f], f"must be one of {DTYPES}")
+    if r.get("attention", "einsum") not in ATTENTION:
+      _bad(name, "attention", r.attention, f"must be one of {ATTENTION}")
     if r.arch != "auto" and (r.arch not in config or not isinstance(config[r.arch], ml_collections.ConfigDict)):
       _bad(name, "arch", r.arch, "must be auto or the name of a ModelConfig block of this config (e.g. model)")
     if isinstance(r.init, str) and r.init.startswith("stage:"):
@@ -236,7 +242,7 @@ def _resolve_role(config, name: str, pinned: Mapping[str, dict] | None = None) -
     arch = ModelConfig(**{k: v for k, v in rec[src.model]["arch"].items() if k not in _NOT_ARCH})
     if r.arch != "auto":
       compare(_block(config, name, r.arch), arch, f"config.{r.arch}", f"{src.spec()} ({RECORD})", note)
-  arch = dataclasses.replace(arch, dtype=r.dtype, param_dtype=r.param_dtype)
+  arch = dataclasses.replace(arch, dtype=r.dtype, param_dtype=r.param_dtype, attention=r.get("attention", "einsum"))
   return Role(name, arch.validate(prefix=f"config.models.{name} architecture"), bool(r.trainable), src)
 
 
@@ -312,13 +318,18 @@ def add_heads(rec: dict, heads: Mapping[str, object]) -> dict:
                         "trainable": True, "arch": None} for n in heads}}
 
 
+def _resume_arch(arch: dict | None) -> dict | None:
+  """The architecture as a resume compares it: the attention implementation may change."""
+  return None if arch is None else {k: v for k, v in arch.items() if k != "attention"}
+
+
 def check_resume(recorded: Mapping[str, dict], now: Mapping[str, dict], workdir: str):
   """Refuses a resume whose model sources differ from the recorded ones (one line naming the role)."""
   for name in sorted(set(recorded) | set(now)):
     if name not in now or name not in recorded:
       raise ConfigError(f"config.models.{name}: this run ({workdir}) was started with the roles "
                         f"{sorted(recorded)}; the config now has {sorted(now)}")
-    a, b = recorded[name], now[name]
+    a, b = (dict(x, arch=_resume_arch(x.get("arch"))) for x in (recorded[name], now[name]))
     for field in ("source", "fingerprint", "arch", "trainable"):
       if a.get(field) != b.get(field):
         what = {"fingerprint": "its weight files changed since this run started",

@@ -30,6 +30,7 @@ from jaxopd.errors import ConfigError
 from jaxopd.mesh import constrain
 
 FAMILIES = ("gpt2", "llama")
+ATTENTION = ("einsum", "dot_product")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,8 @@ class ModelConfig:
   tie_embeddings: bool = True      # share input embedding and output projection
   dtype: str = "float32"           # compute dtype: float32 or bfloat16
   param_dtype: str = "float32"     # parameter storage dtype: float32 or bfloat16 (norm and softmax math stay float32)
+  attention: str = "einsum"        # einsum (scores materialised, float32 softmax) | dot_product
+                                   # (jax.nn.dot_product_attention: cuDNN flash attention on GPU where it applies)
   init_std: float = 0.02           # normal init scale of every weight matrix
 
   @property
@@ -89,6 +92,8 @@ class ModelConfig:
     for f in ("dtype", "param_dtype"):
       if getattr(self, f) not in ("float32", "bfloat16"):
         bad(f, "must be float32 or bfloat16")
+    if self.attention not in ATTENTION:
+      bad("attention", f"must be one of {ATTENTION}")
     if self.norm_eps <= 0 or self.init_std <= 0:
       bad("norm_eps" if self.norm_eps <= 0 else "init_std", "must be positive")
     return self
@@ -226,27 +231,42 @@ class Attention(nnx.Module):
       q_slot = index + jnp.arange(t)
     s = values.shape[v_spec.index("s")]
     b, _, h, dh = q.shape
-    g = h // cfg.kv_heads
-    qg = q.reshape(b, t, cfg.kv_heads, g, dh)
-    scores = jnp.einsum(f"btngk,{k_spec}->bngts", qg, keys.astype(dt)).astype(jnp.float32) / math.sqrt(dh)
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]   # [B, T, S]
     if segment_ids is not None:
       allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if cfg.attention == "dot_product":
+      if cache_kv is not None:   # the cache holds [B, n, S, Dh]
+        keys_bsnk, values_bsnk = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
+      else:
+        keys_bsnk, values_bsnk = keys, values
+      out = jax.nn.dot_product_attention(q, keys_bsnk.astype(dt), values_bsnk.astype(dt), mask=allowed[:, None])
+    else:
+      out = self._einsum_attention(q, keys, values, allowed, k_spec, cache_kv is None)
+    y = _dense(out.reshape(b, t, h * dh), self.wo[...].reshape(h * dh, -1).astype(dt))
+    if self.bo is not None:
+      y = y + self.bo[...].astype(dt)
+    return y, (None if cache_kv is None else (keys, values))
+
+  def _einsum_attention(self, q, keys, values, allowed, k_spec, no_cache):
+    """Scores materialised ``[B, n, g, T, S]`` in float32, masked, softmax; ``[B, T, h, Dh]``."""
+    cfg = self.cfg
+    dt = q.dtype
+    b, t, h, dh = q.shape
+    s = allowed.shape[-1]
+    g = h // cfg.kv_heads
+    qg = q.reshape(b, t, cfg.kv_heads, g, dh)
+    scores = jnp.einsum(f"btngk,{k_spec}->bngts", qg, keys.astype(dt)).astype(jnp.float32) / math.sqrt(dh)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    if cache_kv is None:
-      out = jnp.einsum("bngts,bsnk->btngk", probs, values.astype(dt)).reshape(b, t, h, dh)
+    if no_cache:
+      return jnp.einsum("bngts,bsnk->btngk", probs, values.astype(dt)).reshape(b, t, h, dh)
     else:
       # [B, n, g*T, S] @ [B, n, S, Dh] written as a plain batched matmul: XLA:CPU then hands
       # it to its fast (YNNPACK) kernel; the einsum form lowers to a transposed dot that
       # runs on the slow generic emitter.
       out = jax.lax.dot_general(probs.reshape(b, cfg.kv_heads, g * t, s), values.astype(dt),
                                 (((3,), (2,)), ((0, 1), (0, 1))))
-      out = out.reshape(b, cfg.kv_heads, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
-    y = _dense(out.reshape(b, t, h * dh), self.wo[...].reshape(h * dh, -1).astype(dt))
-    if self.bo is not None:
-      y = y + self.bo[...].astype(dt)
-    return y, (None if cache_kv is None else (keys, values))
+      return out.reshape(b, cfg.kv_heads, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
 class MLP(nnx.Module):
