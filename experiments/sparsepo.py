@@ -54,7 +54,11 @@ def get_config(arg: str | None = None):
   c.method.beta = 0.1            # inverse temperature (TDPO's default; the paper's IMDb runs use 0.8)
   c.method.lambda_u = 0.0        # L1 penalty on w_u per response token (halved when shared); learned only
   c.method.lambda_d = 0.0        # L1 penalty on w_d (halved when shared); learned only
-  c.method.mask_init = "uniform"  # learned: uniform (PyTorch nn.Linear default, official) | ones (starts at 1 = TDPO1)
+  # learned: positive (official W; b = 1 + U(+-1/sqrt(D)) and a ~ U(0, 2/L) where the official draws U(+-1/sqrt(D))
+  # and U(+-1/sqrt(L)): starts dense with mean ~1, rarely all zero) | uniform (the official PyTorch nn.Linear default:
+  # all zero when every a_l < 0, e.g. the smoke model) | ones (exactly 1 = TDPO1). A mask zero on every response
+  # token stops the run at the next eval (jaxopd/methods/sparsepo.py: check_masks).
+  c.method.mask_init = "positive"
   c.method.kl_chunk = 64         # positions per chunk of the vocabulary-wide KL
   c.optim.groups.mask = ml_collections.ConfigDict({"weight_decay": 0.01})  # the mask head's group (learned)
   c.heatmap_examples = 6         # held-out responses drawn in heatmap.png

@@ -119,8 +119,7 @@ def test_sft_and_sparsepo_from_hf_dirs(families, files, tmp_path):
   s.data.task = "files"
   s.data.files.train = files["pairs"]
   s.models.policy.init = s.models.reference.init = f"hf:{families['qwen2']}"
-  # The official uniform init gives an all-zero mask here (loss stuck at log 2: issue #18's dead
-  # mask, not fixed yet); "ones" starts the mask at 1 (= TDPO1).
+  # "ones" starts the mask at 1 (= TDPO1); the default "positive" init is tested in test_sparsepo.
   s.method.mask_init = "ones"
   s, out = _run("sparsepo", s, tmp_path / "sparsepo")
   losses = [r["loss"] for r in logs.read_metrics(str(tmp_path / "sparsepo"), "train")]

@@ -8,6 +8,7 @@ Tolerances as tests/test_loss_references.py: JAX runs in float32.
 """
 
 import json
+import math
 import os
 
 import jax
@@ -288,6 +289,85 @@ def test_mask_head_formula_and_ones_init():
   assert not np.allclose(np.asarray(u), np.asarray(d))
 
 
+@pytest.mark.parametrize("n_layers", [1, 2, 4, 12])
+def test_positive_init_is_positive_on_average_and_never_all_zero(n_layers):
+  """The default init as its formula says (official W; b = 1 + U(+-1/sqrt(D)), a ~ U(0, 2/L)). On isotropic
+  hidden states, with a >= 0 and W LN(h) ~ N(0, |W|^2 ~= 1/3) (LN(h) has unit RMS), E[w] = sum_l a_l
+  E[relu(N(b_l, 1/3))] ~= 1.01 sum_l a_l (the Gaussian formula, computed here); with a dominant shared
+  direction the mean is still positive. On isotropic states a few % of the tokens are zero, never all."""
+  d = 64
+  rng = np.random.default_rng(n_layers)
+  shape = (n_layers, 8, 32, d)
+  iso = rng.normal(size=shape) * rng.uniform(0.5, 5.0, size=shape[:-1] + (1,))       # LN removes the scale
+  aniso = np.sqrt(0.5) * rng.normal(size=(n_layers, 1, 1, d)) + np.sqrt(0.5) * rng.normal(size=shape) + 3.0
+  mu, sd = 1.0, 1 / np.sqrt(3)
+  want = mu * 0.5 * (1 + math.erf(mu / sd / np.sqrt(2))) + sd * np.exp(-(mu / sd) ** 2 / 2) / np.sqrt(2 * np.pi)
+  assert want == pytest.approx(1.01, abs=0.005)
+  ratios = []
+  for seed in range(20):
+    head = sparsepo.MaskHead(n_layers, d, nnx.Rngs(params=seed))
+    w, b, a = (np.asarray(x[...], np.float64) for x in (head.w, head.b, head.a))
+    assert np.all(np.abs(w) <= 1 / np.sqrt(d)) and np.all(np.abs(b - 1) <= 1 / np.sqrt(d))
+    assert np.all(a >= 0) and np.all(a <= 2 / n_layers)
+    out = np.asarray(head(jnp.asarray(iso, jnp.float32)))
+    assert out.min() >= 0.0 and (out == 0).mean() < 0.15, (seed, (out == 0).mean())
+    ratios.append(out.mean() / a.sum())
+    out = np.asarray(head(jnp.asarray(aniso, jnp.float32)))     # a layer may be cut on most tokens, not all
+    assert out.min() >= 0.0 and out.mean() > 0.0, seed
+  assert np.mean(ratios) == pytest.approx(want, rel=0.1)
+  assert min(ratios) > 0.5 and max(ratios) < 1.6, ratios
+  # The official init, by contrast, gives an all-zero head for some seeds (every a_l < 0: probability 2^-L).
+  if n_layers == 2:
+    official = [np.asarray(sparsepo.MaskHead(2, d, nnx.Rngs(params=s_), "uniform")(jnp.asarray(iso, jnp.float32)))
+                for s_ in range(20)]
+    assert any(not np.any(out) for out in official), "the official init was expected to die for some seed of 20"
+
+
+def _dead(head):
+  """``head`` with every mixer weight negative: ``w = relu(sum_l a_l relu(.)) = 0`` on every token."""
+  head.a[...] = -jnp.abs(head.a[...]) - 0.1
+  return head
+
+
+def test_dead_mask_stops_the_run_or_warns_naming_the_step(capsys):
+  """A dead shared mask: the loss is exactly log 2 and the policy's gradient exactly 0 although the policy
+  differs from the reference; the eval's check stops with a one-line TrainingError naming the step. A dead
+  independent w_u stops too; a dead w_d alone (the loss is then DPO with token weights) warns."""
+  import ml_collections
+  cfg, pol, ref = _models()
+  batch = _batch()
+  dead = sparsepo.SparseMask(cfg.n_layers, cfg.d_model, True, nnx.Rngs(params=1))
+  _dead(dead.u)
+  loss_fn = sparsepo.make_loss_fn("learned", True, 0.5, kl_chunk=4)
+  gd, state = nnx.split(pol)
+  loss, grads = jax.value_and_grad(lambda st: loss_fn({"policy": nnx.merge(gd, st), "reference": ref, "mask": dead},
+                                                      batch, None).loss)(state)
+  np.testing.assert_allclose(float(loss) / 2, np.log(2.0), rtol=1e-6)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) == 0.0
+  assert not np.allclose(np.asarray(pol(batch["tokens"][:, 0]).logits), np.asarray(ref(batch["tokens"][:, 0]).logits))
+
+  recs = [{"tokens": np.asarray(batch["tokens"][i]), "loss_mask": np.asarray(batch["loss_mask"][i])} for i in range(2)]
+
+  def evaluate(shared, init="uniform"):
+    c = ml_collections.ConfigDict(dict(seq_len=10, method=dict(mask="learned", shared=shared, mask_init=init)))
+    return sparsepo.make_evaluate(c, None, [], recs)     # no suite: the check alone, on the probed pairs
+  models = {"policy": pol, "reference": ref}
+  with pytest.raises(train.TrainingError, match=r"w_u is zero on every response token of the 4 probed sequences "
+                                                r"at step 7 .*mask_init=positive"):
+    evaluate(True)({**models, "mask": dead}, 7)
+  indep = sparsepo.SparseMask(cfg.n_layers, cfg.d_model, False, nnx.Rngs(params=1))
+  assert evaluate(False)({**models, "mask": indep}, 3) == {}
+  assert capsys.readouterr().out == ""
+  _dead(indep.d)
+  evaluate(False, "positive")({**models, "mask": indep}, 9)
+  out = capsys.readouterr().out
+  assert out.startswith("warning: SparsePO: the learned KL mask w_d is zero") and "at step 9" in out
+  assert "mask_init=ones" in out
+  _dead(indep.u)
+  with pytest.raises(sparsepo.DeadMaskError, match="at step 11"):
+    evaluate(False)({**models, "mask": indep}, 11)
+
+
 def _models(seed=0):
   cfg = ModelConfig(vocab_size=23, d_model=16, n_layers=2, n_heads=2, max_len=16)
   pol = Transformer(cfg, nnx.Rngs(params=seed))
@@ -403,13 +483,19 @@ SPARSEPO = sparsepo
 
 
 def test_sparsepo_smoke_pipeline(tmp_path, capsys):
+  """The smoke run trains: the loss leaves log 2, the policy moves by gradient (its group has no weight decay),
+  the mask is not all zero; a dead mask stops the experiment's evaluation naming the step."""
   from jaxopd import logs
+  from jaxopd.experiment import DataShard
   c = load_config("sparsepo.py:smoke,independent")
   c.progress = False
-  assert c.optim.groups.mask.weight_decay == 0.01
+  assert c.optim.groups.mask.weight_decay == 0.01 and c.method.mask_init == "positive"
+  # AdamW's decoupled decay is the only thing that moves a parameter without a gradient: the policy has none.
+  assert c.optim.weight_decay == 0.0 and "policy" not in c.optim.groups
   with shared_smoke_stages(c):
     c = SPARSEPO.prepare(c, str(tmp_path / "sp"))
-  summary = train.run(c, str(tmp_path / "sp"), SPARSEPO.build(c))
+  exp = SPARSEPO.build(c)
+  summary = train.run(c, str(tmp_path / "sp"), exp)
   SPARSEPO.report(c, str(tmp_path / "sp"), summary)
   out = capsys.readouterr().out
   ev = summary["eval"]
@@ -417,20 +503,39 @@ def test_sparsepo_smoke_pipeline(tmp_path, capsys):
             "mask/u_gold", "mask/u_other", "mask/d_zero", "mask/auroc_u", "mask/auroc_d"):
     assert k in ev, k
   assert 0.0 <= ev["mask/auroc_u"] <= 1.0 and 0.0 <= ev["mask/u_zero"] <= 1.0
-  losses = [r["loss"] for r in logs.read_metrics(str(tmp_path / "sp"), "train")]
-  assert losses[0] == pytest.approx(np.log(2), abs=1e-5)
-  assert "mask w_u: zero fraction" in out and "mask w_d" in out
+  assert "mask w_u: zero fraction" in out and "mask w_d" in out and "warning" not in out
   ex = json.load(open(tmp_path / "sp" / "mask_examples.json"))
   assert ex["label"] == "sparsepo-indep" and len(ex["examples"]) == c.heatmap_examples
   e0 = ex["examples"][0]
   assert len(e0["words"]) == len(e0["w_u"]) == len(e0["gold"]) > 0
   assert os.path.getsize(tmp_path / "sp" / "heatmap.png") > 1000
-  # the mask trained in its own group: its parameters moved from their initial values
+
+  # (a) the loss leaves log 2 (it starts there: pi = ref); (c) the masks are not all zero, at any step.
+  recs = logs.read_metrics(str(tmp_path / "sp"), "train")
+  losses = [r["loss"] for r in recs]
+  assert losses[0] == pytest.approx(np.log(2), abs=1e-5)
+  assert losses[-1] < np.log(2) - 5e-3, losses
+  assert max(r[k] for r in recs for k in ("mask/u_zero", "mask/d_zero")) < 1.0
+  assert ev["mask/u_zero"] < 1.0 and ev["mask/d_zero"] < 1.0
+  # (b) the policy moved from its start (the reference's SFT weights) by gradient: no weight decay acts on it,
+  # and at pi = ref with the initial mask the loss gives it a gradient (the KL term's is 0 there: only the
+  # reward term, through w_u, contributes), which the official init's dead mask would not.
   tr = summary["trainer"]
-  init = nnx.to_pure_dict(nnx.state(tr.make_models(tr.model_key)[0]["mask"], nnx.Param))
-  now = nnx.to_pure_dict(summary["state"]["params"]["mask"])
-  assert max(float(jnp.abs(jnp.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(now),
-                                                                      jax.tree.leaves(init))) > 0
+  models = tr.models(summary["state"], summary["frozen"])
+  pol, ref = (nnx.to_pure_dict(nnx.state(models[n], nnx.Param)) for n in ("policy", "reference"))
+  assert max(float(jnp.abs(jnp.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(pol),
+                                                                      jax.tree.leaves(ref))) > 1e-4
+  batch = {k: jnp.asarray(v) for k, v in next(iter(exp.train_data(DataShard(0, 0, 1, c.batch_size)))).items()}
+  init_mask = tr.make_models(tr.model_key)[0]["mask"]
+  gd, ref_state = nnx.split(models["reference"])
+  g = jax.grad(lambda st: exp.loss_fn({"policy": nnx.merge(gd, st), "reference": models["reference"],
+                                       "mask": init_mask}, batch, None).loss)(ref_state)
+  assert float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g)))) > 1e-2
+  # A dead mask (every mixer weight negative) stops the experiment's evaluation, before any sampling.
+  dead = nnx.clone(models["mask"])
+  dead.u.a[...] = -jnp.abs(dead.u.a[...]) - 0.1
+  with pytest.raises(train.TrainingError, match="w_u is zero on every response token .* at step 123"):
+    exp.evaluate({**models, "mask": dead}, 123)
 
   # MaPO reuses the cached stages; no mask model, no mask group (its step: the unit tests above).
   m = load_config("sparsepo.py:smoke,mapo")
@@ -449,7 +554,8 @@ def test_bad_sparsepo_fields_are_config_errors(tmp_path):
            ("smoke", "lambda_u", -1.0, "config.method.lambda_u=-1.0"),
            ("smoke,mapo", "shared", False, "MaPO has one mask"),
            ("smoke,mapo", "lambda_d", 0.1, "detached"),
-           ("smoke", "mask_init", "zeros", "config.method.mask_init='zeros'")]
+           ("smoke", "mask_init", "zeros", "config.method.mask_init='zeros'"),
+           ("smoke,mapo", "mask_init", "uniform", "only the learned mask is initialised")]
   for preset, field, value, msg in cases:
     c = load_config("sparsepo.py:" + preset)
     c.data.data_dir = str(tmp_path / "data")

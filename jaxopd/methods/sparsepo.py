@@ -14,7 +14,9 @@ Masks (``w[:, t]`` weights target token t+1 and is computed from the reference
 states at position t, as the official ``reference_states[:, :-1]``):
 
 * ``learned``: :class:`SparseMask`, a trainable model ("mask", its own optimizer
-  group) with one head shared by ``w_u`` and ``w_d`` or one head each;
+  group) with one head shared by ``w_u`` and ``w_d`` or one head each; its init
+  (:class:`MaskHead`) keeps the output positive on average by default, and each
+  eval checks that it is not all zeros (:func:`check_masks`: stops or warns);
 * ``mapo``: :func:`jaxopd.losses.sparsepo.activation_mask` of the reference's
   residual stream (the embeddings, every block's output, the final-norm
   output: what ``Transformer(return_hidden=True)`` exposes) and its logits. The
@@ -34,6 +36,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from jaxopd import train
 from jaxopd.data import batched_iterator, preferences, reviews, suite as suite_lib
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled
@@ -44,11 +47,13 @@ from jaxopd.methods import tdpo
 from jaxopd.models import table
 
 MASKS = ("learned", "mapo")
-INITS = ("uniform", "ones")
+INITS = ("positive", "uniform", "ones")     # the learned mask's initialisers (MaskHead); the first is the default
+DEFAULT_INIT = INITS[0]
+PROBE_TRAIN_PAIRS = 64                      # training pairs the dead-mask check probes (with the held-out ones)
 
 
-def _uniform(rngs: nnx.Rngs, shape, bound) -> nnx.Param:
-  return nnx.Param(jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound),
+def _uniform(rngs: nnx.Rngs, shape, low, high) -> nnx.Param:
+  return nnx.Param(jax.random.uniform(rngs.params(), shape, jnp.float32, low, high),
                    logical_axes=(None,) * len(shape))
 
 
@@ -56,22 +61,44 @@ class MaskHead(nnx.Module):
   """``w = relu(sum_l a_l relu(W_l LN(h^l) + b_l))``: hidden ``[L, N, T, D]`` -> weights ``[N, T]``.
 
   One LayerNorm (with scale and bias) shared by the layers, as the official
-  ``SimpleMaskAllLayers``; no dropout (the official default is 0.01).
-  ``init="uniform"``: PyTorch's ``nn.Linear`` default, ``U(+-1/sqrt(fan_in))``
-  for ``W``, ``b`` and ``a`` (the official code); ``init="ones"``: ``W = 0``,
-  ``b = 1``, ``a = 1/L``, so the mask starts at exactly 1 (TDPO1).
+  ``SimpleMaskAllLayers``; no dropout (the official default is 0.01). Inits:
+
+  * ``"uniform"``: the official one, PyTorch's ``nn.Linear`` default
+    ``U(+-1/sqrt(fan_in))`` for ``W``, ``b`` (fan-in D) and ``a`` (fan-in L). Nothing
+    keeps its output positive: if every ``a_l < 0`` (probability 2^-L) or the
+    ``relu(W_l h + b_l)`` with ``a_l > 0`` are all zero, ``w = 0`` on every token, the
+    loss is log 2 and no gradient reaches the policy or the head (dead from step 0;
+    the 2-layer smoke model, seed 0).
+  * ``"positive"`` (the default): the official ``W``; ``b = 1 + U(+-1/sqrt(D))`` (the
+    official draw shifted by +1) and ``a ~ U(0, 2/L)`` (positive, mean 1/L) instead
+    of ``U(+-1/sqrt(L))``. With ``a >= 0`` the outer ReLU cuts nothing; the
+    LayerNormed input has unit RMS, so ``W_l LN(h)`` has standard deviation about
+    ``1/sqrt(3)`` and ``W_l LN(h) + b_l < 0`` on about 4% of the tokens per layer;
+    ``E[w] ~= sum_l a_l E[relu(N(1, 1/3))] ~= 1.01 sum_l a_l``, about 1 (TDPO1's
+    weight) with a per-token spread. States with a dominant shared direction make
+    ``W_l LN(h)`` nearly constant per layer, so a layer can be cut on every token
+    (about 4% of the draws), the whole mask only if every layer is: rare, not
+    impossible, and :func:`check_masks` stops such a run. The mask starts dense:
+    its sparsity has to be learned (or come from the L1 penalty), where the
+    official init starts sparse by chance.
+  * ``"ones"``: ``W = 0``, ``b = 1``, ``a = 1/L``, so the mask starts at exactly 1 (TDPO1).
   """
 
-  def __init__(self, n_layers: int, d_model: int, rngs: nnx.Rngs, init: str = "uniform", eps: float = 1e-5):
+  def __init__(self, n_layers: int, d_model: int, rngs: nnx.Rngs, init: str = DEFAULT_INIT, eps: float = 1e-5):
     if init not in INITS:
       raise ValueError(f"mask init={init!r}: must be one of {INITS}")
     self.eps = eps
     self.ln_scale = nnx.Param(jnp.ones((d_model,), jnp.float32), logical_axes=(None,))
     self.ln_bias = nnx.Param(jnp.zeros((d_model,), jnp.float32), logical_axes=(None,))
-    if init == "uniform":
-      self.w = _uniform(rngs, (n_layers, d_model), 1 / math.sqrt(d_model))
-      self.b = _uniform(rngs, (n_layers,), 1 / math.sqrt(d_model))
-      self.a = _uniform(rngs, (n_layers, 1), 1 / math.sqrt(n_layers))   # 2-D: weight-decayed like a matrix
+    bound, bound_a = 1 / math.sqrt(d_model), 1 / math.sqrt(n_layers)
+    if init == "uniform":                                 # a is 2-D in every init: weight-decayed like a matrix
+      self.w = _uniform(rngs, (n_layers, d_model), -bound, bound)
+      self.b = _uniform(rngs, (n_layers,), -bound, bound)
+      self.a = _uniform(rngs, (n_layers, 1), -bound_a, bound_a)
+    elif init == "positive":
+      self.w = _uniform(rngs, (n_layers, d_model), -bound, bound)
+      self.b = _uniform(rngs, (n_layers,), 1 - bound, 1 + bound)
+      self.a = _uniform(rngs, (n_layers, 1), 0.0, 2.0 / n_layers)
     else:
       self.w = nnx.Param(jnp.zeros((n_layers, d_model), jnp.float32), logical_axes=(None, None))
       self.b = nnx.Param(jnp.ones((n_layers,), jnp.float32), logical_axes=(None,))
@@ -92,7 +119,7 @@ class SparseMask(nnx.Module):
   ``shared``: one head serves both; otherwise ``u`` and ``d`` are independent heads.
   """
 
-  def __init__(self, n_layers: int, d_model: int, shared: bool, rngs: nnx.Rngs, init: str = "uniform"):
+  def __init__(self, n_layers: int, d_model: int, shared: bool, rngs: nnx.Rngs, init: str = DEFAULT_INIT):
     self.shared = shared
     self.u = MaskHead(n_layers, d_model, rngs, init)
     self.d = None if shared else MaskHead(n_layers, d_model, rngs, init)
@@ -228,7 +255,7 @@ def _check(c):
     if m.lambda_u or m.lambda_d:
       raise ConfigError(f"config.method.lambda_u={m.lambda_u}, lambda_d={m.lambda_d}: the MaPO mask is "
                         f"detached, an L1 penalty on it does nothing (use 0)")
-    if m.mask_init != "uniform":
+    if m.mask_init != DEFAULT_INIT:
       raise ConfigError(f"config.method.mask_init={m.mask_init!r}: only the learned mask is initialised")
     if "mask" in c.optim.groups:
       raise ConfigError("config.optim.groups.mask: MaPO has no mask model to train (the preset ':mapo' "
@@ -293,12 +320,14 @@ def build(config) -> Experiment:
     return {"mask": SparseMask(model_cfg.n_layers, model_cfg.d_model, m.shared, nnx.Rngs(params=rng),
                                         m.mask_init)}
 
+  probe = train_recs[:PROBE_TRAIN_PAIRS]
   return Experiment(roles={"policy": True, "reference": False},
                     init_heads=init_heads if m.mask == "learned" else None, loss_fn=loss_fn,
                     train_data=lambda shard: batched_iterator(train_recs, shard),
                     eval_data=(lambda shard: batched_iterator(test_recs, shard, shuffle=False, repeat=False))
                     if test_recs else None,
-                    evaluate=make_evaluate(config, suite, test_recs) if suite is not None else None)
+                    evaluate=make_evaluate(config, suite, test_recs, probe)
+                    if suite is not None or m.mask == "learned" else None)
 
 
 def _token_weights(mask, reference, mask_model, tokens, loss_mask):
@@ -315,21 +344,65 @@ def mask_weights(config, mask_model, reference, tokens, loss_mask):
   return tuple(np.asarray(x) for x in jax.device_get(out))
 
 
-def make_evaluate(config, suite, test_recs):
-  """TDPO's sampled evaluation plus the mask's AUROC on the held-out pairs' reward-bearing tokens."""
-  sample_eval = tdpo.make_evaluate(config, suite)
-  tokens = np.stack([r["tokens"] for r in test_recs]).reshape(-1, config.seq_len)
-  lmask = np.stack([r["loss_mask"] for r in test_recs]).reshape(-1, config.seq_len)
-  gold = np.stack([r["gold"] for r in test_recs]).reshape(-1, config.seq_len)[:, 1:]
-  independent = config.method.mask == "learned" and not config.method.shared
+class DeadMaskError(train.TrainingError):
+  """The learned reward mask is zero on every probed response token: the run cannot learn the preference."""
+
+
+def check_masks(config, w_u, w_d, m, step: int) -> None:
+  """The dead-mask check of a learned mask on probed pairs, ``w_u``, ``w_d``, ``m`` ``[N, T-1]``.
+
+  ``w_u`` zero on every response token (``m > 0``): U = 0 on both sides, so the
+  policy gets no preference signal (shared mask: the loss is exactly log 2 and
+  nothing has a gradient), and the ReLU-dead head gets no gradient either
+  (AdamW's weight decay alone moves it): stops with :class:`DeadMaskError` (a
+  ``TrainingError``: the CLI prints it on one line). Only the independent ``w_d``
+  zero everywhere: the loss is DPO with token reward weights ``w_u``, a working
+  objective but not SparsePO's KL-constrained one: warns, one printed line.
+  Both name ``step``; the trainer evaluates at ``config.eval_every`` and at the
+  end, so a mask dead from step 0 stops at the first eval (the train metric
+  ``mask/u_zero`` = 1 shows it from step 1).
+  """
+  valid = m > 0
+  if not valid.any():
+    return
+  init = config.method.mask_init
+  fix = ("use config.method.mask_init=positive (the default) or ones" if init == "uniform" else
+         "try " + ("config.method.mask_init=ones, " if init != "ones" else "")
+         + "a lower mask learning rate (config.optim.groups.mask.lr) or a smaller lambda_u")
+  where = f"on every response token of the {len(m)} probed sequences at step {step}"
+  if not np.any(w_u[valid] != 0):
+    raise DeadMaskError(f"SparsePO: the learned mask w_u is zero {where} (dead mask: U = 0, no gradient reaches "
+                        f"the policy through the reward term, nor the mask head); {fix}")
+  if not config.method.shared and not np.any(w_d[valid] != 0):
+    print(f"warning: SparsePO: the learned KL mask w_d is zero {where} (dead KL head: the loss is DPO with token "
+          f"reward weights w_u, no KL term); {fix}", flush=True)
+
+
+def make_evaluate(config, suite, test_recs, probe_recs=()):
+  """The dead-mask check (:func:`check_masks`, learned mask) on the held-out pairs and ``probe_recs`` (the
+  first training pairs), then, with a suite, TDPO's sampled evaluation and the mask's AUROC on the held-out
+  pairs' reward-bearing tokens."""
+  sample_eval = tdpo.make_evaluate(config, suite) if suite is not None else None
+  test_recs = list(test_recs or [])
+  learned = config.method.mask == "learned"
+  recs = list(test_recs) + (list(probe_recs) if learned else [])
+  n_test = 2 * len(test_recs)
+  tokens = np.stack([r["tokens"] for r in recs]).reshape(-1, config.seq_len)
+  lmask = np.stack([r["loss_mask"] for r in recs]).reshape(-1, config.seq_len)
+  gold = (np.stack([r["gold"] for r in test_recs]).reshape(-1, config.seq_len)[:, 1:]
+          if test_recs and "gold" in test_recs[0] else None)
+  independent = learned and not config.method.shared
 
   def evaluate(models, step):
-    out = sample_eval(models, step)
     w_u, w_d, m = mask_weights(config, models.get("mask"), models["reference"], tokens, lmask)
-    valid = m > 0
-    out["mask/auroc_u"] = auroc(w_u[valid], gold[valid])
-    if independent:
-      out["mask/auroc_d"] = auroc(w_d[valid], gold[valid])
+    if learned:
+      check_masks(config, w_u, w_d, m, step)          # before sampling: a dead run stops at once
+    out = sample_eval(models, step) if sample_eval is not None else {}
+    if gold is not None:
+      valid = m[:n_test] > 0
+      out["mask/auroc_u"] = auroc(w_u[:n_test][valid], gold[valid])
+      if independent:
+        out["mask/auroc_d"] = auroc(w_d[:n_test][valid], gold[valid])
     return out
   return evaluate
 
