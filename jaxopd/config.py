@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 100       # steps between checkpoints; 0 = only final / on SIGTERM
   c.checkpoint.max_to_keep = 3   # checkpoints kept
   c.checkpoint.async_save = True # write in the background while training goes on
+  # Fields (or prefixes) that may differ from the run's config.json when it resumes, beyond the
+  # always-allowed ones (jaxopd.logs.RESUMABLE: length, cadence, evaluation, mesh...); "*" = any.
+  c.resume_changes = ()
   return c
 
 

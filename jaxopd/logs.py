@@ -85,10 +85,45 @@ def write_config(workdir: str, config, enabled: bool) -> list[str]:
   return changed
 
 
-def _diff(a, b, prefix=""):
+# Fields that may change when a run resumes: length, cadence, logging, checkpointing,
+# the sampled evaluation, the device layout (the checkpoint is resharded), the model
+# table (checked on its own: jaxopd.models.table.check_resume), the report's extras.
+RESUMABLE = ("total_steps", "eval_every", "eval_batches", "log_every", "progress", "checkpoint", "distributed",
+             "mesh", "grad_accum", "eval", "models", "compare_with", "heatmap_examples", "resume_changes")
+
+
+def check_resume_config(workdir: str, config) -> None:
+  """Refuses, before anything is written, to resume a run whose ``config.json`` differs from
+  ``config`` in a field that changes what is trained (a field in both; one the recorded config
+  lacks was added by newer code), unless :data:`RESUMABLE` or ``config.resume_changes``
+  (field names or prefixes; ``"*"`` = any) allows it. One line naming the fields."""
+  from jaxopd.errors import ConfigError
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = json.loads(config.to_json_best_effort())
+  extra = tuple(config.get("resume_changes", ()))
+  ok = lambda k: "*" in extra or any(k == p or k.startswith(p + ".") for p in RESUMABLE + extra)
+  refused = [k for k in sorted(_diff(old, new, both=True)) if not ok(k)]
+  if refused:
+    shown = ", ".join(f"{k} ({_value(old, k)!r} -> {_value(new, k)!r})" for k in refused[:4])
+    raise ConfigError(f"cannot resume {workdir}: fields that change what is trained differ from its config.json: "
+                      f"{shown}{' ...' if len(refused) > 4 else ''}; use a new --workdir, or allow them with "
+                      f"--config.resume_changes=\"{tuple(refused)}\"")
+
+
+def _value(d, key):
+  for part in key.split("."):
+    d = d.get(part) if isinstance(d, dict) else None
+  return d
+
+
+def _diff(a, b, prefix="", both=False):
   if isinstance(a, dict) and isinstance(b, dict):
-    for k in set(a) | set(b):
-      yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    for k in (set(a) & set(b)) if both else (set(a) | set(b)):
+      yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.", both)
   elif a != b:
     yield prefix[:-1]
 

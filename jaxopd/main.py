@@ -50,11 +50,20 @@ def main(argv):
   except (config_lib.ConfigError, config_lib.mesh_lib.MeshError, DataFormatError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except train.Interrupted as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    sys.exit(130 if e.signal == "SIGINT" else 143)
+  except train.WorkdirBusy as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   except train.TrainingError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
+  except KeyboardInterrupt:   # Ctrl-C before the training loop (data, stages, compile); in it, it checkpoints
+    print("interrupted (Ctrl-C) before the training loop; nothing of this run was saved", file=sys.stderr)
+    sys.exit(130)
   if summary["preempted"]:
-    sys.exit(143)
+    sys.exit(130 if summary["preempted"] == "SIGINT" else 143)
   ev = summary["eval"]
   tr = summary["train"]
   shown = [k for k in ("loss", "accuracy", "rewards/accuracies", "sample/reward", "sample/kl_ref") if k in ev]

@@ -262,21 +262,25 @@ class Trainer:
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop checkpoints and stops at the next step boundary.
+  """SIGTERM or SIGINT (Ctrl-C) sets a flag; the loop checkpoints and stops at the next step
+  boundary (a second Ctrl-C interrupts at once). ``signal`` names the one received.
 
   With several processes they must stop at the same step (the checkpoint is a
   collective), so jax's preemption sync point decides: jax.distributed catches
-  SIGTERM on any host and names the first step every host can stop after.
+  SIGTERM on any host and names the first step every host can stop after
+  (SIGINT keeps Python's default there).
   """
 
   def __init__(self):
     self.requested = False
-    self._old = None
+    self.signal = ""
+    self._old = {}
     self._multi = jax.process_count() > 1 and jax.distributed.is_initialized()
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread() and not self._multi:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
     return self
 
   def check(self, step: int) -> bool:
@@ -284,14 +288,76 @@ class _Preemption:
     if self._multi and not self.requested:
       from jax.experimental import multihost_utils
       self.requested = multihost_utils.reached_preemption_sync_point(step)
+      self.signal = self.signal or ("SIGTERM" if self.requested else "")
     return self.requested
 
   def _handle(self, signum, frame):
     self.requested = True
+    self.signal = signal.Signals(signum).name
+    if signum == signal.SIGINT:     # the next Ctrl-C is Python's KeyboardInterrupt again
+      signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+class Interrupted(RuntimeError):
+  """A pipeline stage stopped by a signal after checkpointing; ``signal``: its name."""
+
+  def __init__(self, signal_name: str, message: str):
+    super().__init__(message)
+    self.signal = signal_name
+
+
+class WorkdirBusy(RuntimeError):
+  """Another live run holds the workdir's lock."""
+
+
+class WorkdirLock:
+  """An exclusive lock on ``workdir/.lock`` (``fcntl.flock``, so the kernel frees it when its
+  process dies): a second run on the same workdir is refused in one line naming the holder
+  (pid, host, start time, command); a lock file left by a dead run is reported and taken
+  over. On a file system without ``flock`` (some NFS) the lock is advisory only."""
+
+  def __init__(self, workdir: str):
+    import fcntl
+    import json as json_lib
+    import socket
+    import sys
+    self.path = os.path.join(workdir, ".lock")
+    os.makedirs(workdir, exist_ok=True)
+    self._f = open(self.path, "a+")
+    try:
+      fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self._f.seek(0)
+      holder = self._f.read().strip()
+      self._f.close()
+      raise WorkdirBusy(f"{workdir} is in use by another run ({holder or 'holder unknown'}); wait for it to "
+                        f"finish or use another --workdir") from None
+    self._f.seek(0)
+    stale = self._f.read().strip()
+    if stale:
+      print(f"note: {self.path} was left by a run that did not exit cleanly ({stale}); taking it over",
+            flush=True)
+    self._f.seek(0)
+    self._f.truncate()
+    self._f.write(json_lib.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                  "command": " ".join(sys.argv)[:200]}))
+    self._f.flush()
+
+  def release(self):
+    """Empties the lock file (a clean exit) and frees the lock."""
+    import fcntl
+    if self._f.closed:
+      return
+    self._f.seek(0)
+    self._f.truncate()
+    self._f.flush()
+    fcntl.flock(self._f, fcntl.LOCK_UN)
+    self._f.close()
 
 
 def _host(metrics) -> dict:
@@ -302,7 +368,8 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
   """Trains ``experiment`` under ``config`` in ``workdir``; resumes if a checkpoint is there.
 
   Returns a summary: final ``step``, last ``train`` and ``eval`` metrics,
-  ``preempted`` (stopped by SIGTERM after checkpointing), ``resumed_from``.
+  ``preempted`` ("SIGTERM" or "SIGINT" when a signal stopped it after checkpointing, else ""),
+  ``resumed_from``. One run per workdir: a second is refused (:class:`WorkdirBusy`).
   """
   c = config
   mesh_lib.maybe_initialize_distributed(c.distributed)
@@ -318,8 +385,19 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
   rec = table.add_heads(table.record(c, roles), trainer.heads)
   if resumed_from is not None:
     table.check_resume(recorded, rec, workdir)     # before anything is written
+    logs.check_resume_config(workdir, c)
   if main:
     print(table.describe(roles), flush=True)
+  lock = WorkdirLock(workdir) if main else None     # one run per workdir (process 0 holds it)
+  try:
+    return _train(c, experiment, workdir, trainer, rec, resumed_from, mesh, rules, facts, main)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(c, experiment, workdir, trainer, rec, resumed_from, mesh, rules, facts, main) -> dict:
+  """The body of :func:`run` once the checks passed and the workdir is locked."""
   params_fallbacks = [f for f in trainer.replicated_fallbacks if "opt_state" not in f[0]]
   if params_fallbacks and main:
     print(f"sharding: {len(params_fallbacks)} parameter(s) have a dimension the mesh does not divide and "
@@ -349,7 +427,7 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
           + (f" ({logger.dropped} metric records after it dropped)" if logger.dropped else ""))
 
   start = int(jax.device_get(state["step"]))
-  summary = {"step": start, "train": {}, "eval": {}, "preempted": False, "resumed_from": resumed_from}
+  summary = {"step": start, "train": {}, "eval": {}, "preempted": "", "resumed_from": resumed_from}
   eval_shard = shard._replace(seed=c.seed + 1)
   step_fn = None
   pending = None          # (step, device metrics, tokens, t_dispatch) of the last dispatched step
@@ -409,9 +487,10 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
       if do_ckpt or stop:
         ckpt.save(state, data_iter, force=True)
       if stop:
-        summary["preempted"] = True
+        summary["preempted"] = preempt.signal
         if main:
-          print(f"SIGTERM: checkpoint saved at step {step}; stopping", flush=True)
+          print(f"{preempt.signal}: checkpoint saved at step {step}; stopping (re-run the command to resume)",
+                flush=True)
         break
     flush()
   summary["step"] = int(jax.device_get(state["step"]))

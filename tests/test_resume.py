@@ -47,7 +47,7 @@ def uninterrupted(tmp_path_factory):
   return _curve(w)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "SIGINT", "SIGKILL"])
 def test_killed_and_resumed_run_matches_uninterrupted(sig, uninterrupted, tmp_path):
   w = tmp_path / "run"
   proc = subprocess.Popen(_cmd(w), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -59,17 +59,42 @@ def test_killed_and_resumed_run_matches_uninterrupted(sig, uninterrupted, tmp_pa
   out, err = proc.communicate(timeout=120)
   killed_at = _last_step(w)
   assert killed_at < STEPS
-  if sig == signal.SIGTERM:
-    assert proc.returncode == 143, err[-3000:]
-    assert "SIGTERM: checkpoint saved at step" in out
+  if sig in (signal.SIGTERM, signal.SIGINT):   # Ctrl-C is handled like a preemption: checkpoint, one line
+    assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err[-3000:]
+    assert f"{sig.name}: checkpoint saved at step" in out and "Traceback" not in err
   else:
     assert proc.returncode == -signal.SIGKILL
   p = subprocess.run(_cmd(w), cwd=REPO, capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
   assert "resumed from step" in p.stdout
+  # A killed run's lock is freed by the kernel; its lock file is reported and taken over.
+  assert ("did not exit cleanly" in p.stdout) == (sig == signal.SIGKILL), p.stdout[-2000:]
   train, evals = _curve(w)
   ref_train, ref_evals = uninterrupted
   assert [s for s, _ in train] == list(range(1, STEPS + 1))   # no duplicated or missing steps
   np.testing.assert_allclose([l for _, l in train], [l for _, l in ref_train], rtol=1e-6)
   assert [s for s, _ in evals] == [s for s, _ in ref_evals]
   np.testing.assert_allclose([l for _, l in evals], [l for _, l in ref_evals], rtol=1e-6)
+
+
+def test_second_run_on_a_busy_workdir_is_refused(tmp_path):
+  """One run per workdir: while a run trains, the same command on its workdir is refused in one line
+  naming the holder, and writes nothing (metrics.jsonl keeps each step once)."""
+  w = tmp_path / "run"
+  first = subprocess.Popen(_cmd(w), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 240
+    while _last_step(w) < 5 and first.poll() is None and time.time() < deadline:
+      time.sleep(0.02)
+    assert first.poll() is None, "the first run finished too early"
+    p = subprocess.run(_cmd(w), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and f"{w} is in use by another run" in errors[0] and f'"pid": {first.pid}' in errors[0]
+    assert "Traceback" not in p.stderr
+  finally:
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+  train, _ = _curve(w)
+  steps = [s for s, _ in train]
+  assert steps == sorted(set(steps))          # no step logged twice

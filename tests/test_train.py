@@ -3,6 +3,7 @@ parameter groups, non-finite stop, the model table (sources, pinning, dtypes), t
 
 import dataclasses
 import json
+import os
 
 import grain
 import jax
@@ -196,3 +197,41 @@ def test_rollout_hook_feeds_the_loss(tmp_path):
                    rollout=rollout)
   out = train.run(cfg, tmp_path / "r", exp)
   assert out["train"]["count"] == cfg.batch_size * (cfg.seq_len - 1)
+
+
+def test_workdir_lock_is_exclusive_and_reports_a_stale_lock_file(tmp_path, capsys):
+  """The lock is held until released (a second taker gets WorkdirBusy naming the holder); a lock
+  file left by a dead run (non-empty, lock free) is reported and taken over."""
+  first = train.WorkdirLock(str(tmp_path))
+  with pytest.raises(train.WorkdirBusy, match=rf'{tmp_path} is in use by another run \(.*"pid": {os.getpid()}'):
+    train.WorkdirLock(str(tmp_path))
+  first.release()
+  assert (tmp_path / ".lock").read_text() == ""            # a clean exit leaves it empty
+  train.WorkdirLock(str(tmp_path)).release()
+  assert "did not exit cleanly" not in capsys.readouterr().out
+  (tmp_path / ".lock").write_text('{"pid": 1, "host": "gone"}')   # as a SIGKILLed run leaves it
+  again = train.WorkdirLock(str(tmp_path))
+  assert 'was left by a run that did not exit cleanly ({"pid": 1, "host": "gone"})' in capsys.readouterr().out
+  again.release()
+
+
+def test_resume_refuses_changed_training_fields_unless_allowed(tmp_path):
+  """Resuming with a field that changes what is trained (here the learning rate) is refused in one
+  line naming the field and both values, with nothing written; length and cadence may change, and
+  config.resume_changes allows a named field explicitly."""
+  w = tmp_path / "w"
+  cfg = tiny_config(total_steps=2)
+  cfg.checkpoint.every = 2
+  train.run(cfg, w, SFT.build(cfg))
+  before = (w / "config.json").read_text()
+  bad = tiny_config(total_steps=3, **{"optim.lr": cfg.optim.lr * 2})
+  with pytest.raises(ConfigError, match=rf"cannot resume {w}: fields that change what is trained differ from its "
+                                        rf"config.json: optim.lr \({cfg.optim.lr!r} -> {cfg.optim.lr * 2!r}\); use a "
+                                        rf"new --workdir, or allow them with --config.resume_changes="):
+    train.run(bad, w, SFT.build(bad))
+  assert (w / "config.json").read_text() == before and not (w / "checkpoints" / "3").exists()
+  longer = tiny_config(total_steps=3, **{"log_every": 2})       # length and cadence may change
+  assert train.run(longer, w, SFT.build(longer))["step"] == 3
+  bad.total_steps = 4
+  bad.resume_changes = ("optim.lr",)
+  assert train.run(bad, w, SFT.build(bad))["step"] == 4

@@ -129,7 +129,10 @@ def run_stage(config, node, model, what: str = "SFT base") -> str:
   s = stage_config(config, node, model)
   if not ckpt_lib.finished(node.workdir, s.total_steps):
     print(f"[stage] {what} -> {node.workdir} ({s.total_steps} steps)", flush=True)
-    train.run(s, node.workdir, build(s))
+    out = train.run(s, node.workdir, build(s))
+    if out["preempted"]:
+      raise train.Interrupted(out["preempted"], f"the {what} stage stopped at step {out['step']} "
+                              f"({out['preempted']}, checkpointed); re-run the command to resume it")
   return stage_init(node)
 
 
