@@ -71,7 +71,7 @@ def _trainer(target, divergence, eps=0.0, offline=False, lr=3e-3, proposal_every
   base, policy = _models()
   gd, params = nnx.split(policy)
   rollout = make_rollout(target, divergence, SCFG, eps=eps, offline=offline, proposal_every=proposal_every)
-  loss_fn = make_loss_fn(divergence)
+  loss_fn = make_loss_fn(divergence, on_policy=not offline)
   tx = optax.adam(optax.linear_schedule(lr / 4, lr, 4))
   state = init_state(1, 256, params if offline else None)
 
@@ -111,7 +111,7 @@ def test_sampled_divergence_metrics_match_exact_values():
   log_p, log_z = _exact_target(base, target)
   exact = _exact_divs(_exact_logp(policy), log_p)
   rollout = jax.jit(make_rollout(target, "fkl", SCFG))
-  loss_fn = make_loss_fn("fkl")
+  loss_fn = make_loss_fn("fkl", on_policy=True)
   sums = {}
   for i in range(8):             # 8 x 1024 samples, log Z running over all of them
     batch, aux = rollout({"policy": policy, "base": base}, _batch(1024), jax.random.PRNGKey(i), aux)
@@ -220,3 +220,28 @@ def test_fdpg_smoke_pipeline_resumes_its_method_state(tmp_path):
   for k in fd.KEYS:
     assert np.isfinite(summ["after"][k]), k
   assert summ["before"]["sample/kl_base"] == pytest.approx(0.0, abs=1e-5)   # the base against itself
+
+
+def test_on_policy_importance_weight_is_exactly_one():
+  """On-policy the weight pi/q is 1 (METHODS.md): a sampler log-probability that differs from the
+  forward pass's (as bf16 numerics make it, here by 5% of a sequence's log-prob) leaves the on-policy
+  gradient equal to the one with q = the forward log-prob, i.e. -mean((R - b) grad log pi); the
+  off-policy loss does reweight by exp(pi - q)."""
+  _, policy = _models()
+  gd, params = nnx.split(policy)
+  tokens, mask = jnp.asarray(SEQS[:16]), jnp.asarray(MASK[:16])
+  exact = jnp.sum(token_logprobs(policy(tokens).logits, tokens) * mask[:, 1:], 1)
+  batch = {"tokens": tokens, "loss_mask": mask, "proposal_logp": exact * 1.05,
+           "log_score": exact + jnp.linspace(-1.0, 1.0, 16), "log_z": jnp.zeros(16), "baseline": jnp.zeros(16),
+           "true_score": exact, "base_logp": exact, "alignment": jnp.ones(16)}
+
+  def grad(loss_fn, b):
+    return jax.grad(lambda p: loss_fn({"policy": nnx.merge(gd, p)}, b, None).loss)(params)
+  on = grad(make_loss_fn("fkl", on_policy=True), batch)
+  ref = grad(make_loss_fn("fkl"), dict(batch, proposal_logp=exact))
+  off = grad(make_loss_fn("fkl"), batch)
+  for a, b in zip(jax.tree.leaves(on), jax.tree.leaves(ref)):   # ref's own w is 1 up to float32 noise
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(on), jax.tree.leaves(off))) > 1e-2
+  out = make_loss_fn("fkl", on_policy=True)({"policy": policy}, batch, None)
+  assert float(out.metrics["alignment"]) == pytest.approx(16.0, rel=1e-6)   # sum of w * 1 with w = 1

@@ -216,20 +216,26 @@ def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: flo
   return rollout
 
 
-def make_loss_fn(divergence: str):
+def make_loss_fn(divergence: str, on_policy: bool = False):
   """The surrogate loss of :func:`jaxopd.losses.fdpg.surrogate_loss` plus metrics:
   importance-sampled divergences to the (true) target with the running log Z,
-  alignment, ``KL(pi || a)`` and the pseudo-reward."""
+  alignment, ``KL(pi || a)`` and the pseudo-reward.
+
+  ``on_policy`` (samples drawn from the policy itself): the importance weight
+  ``pi / q`` is exactly 1 (METHODS.md), so ``q`` is taken to be the forward
+  pass's own (detached) log-probability, not the sampler's: the two differ by
+  the numerics of the two computations (in bf16 by percents over a sequence),
+  which would otherwise bias the gradient."""
   def loss_fn(models, batch, rng):
     del rng
     tokens, mask = batch["tokens"], batch["loss_mask"]
     pi_logp = _sequence_logp(models["policy"], tokens, mask)
-    loss, n, r = surrogate_loss(pi_logp, batch["proposal_logp"], batch["log_score"], batch["log_z"],
-                                batch["baseline"], divergence)
     sg = jax.lax.stop_gradient(pi_logp)
-    w = jnp.exp(sg - batch["proposal_logp"])      # pi / q (1 on-policy)
+    q_logp = sg if on_policy else batch["proposal_logp"]
+    loss, n, r = surrogate_loss(pi_logp, q_logp, batch["log_score"], batch["log_z"], batch["baseline"], divergence)
+    w = jnp.exp(sg - q_logp)                      # pi / q (exactly 1 on-policy)
     lz = jnp.where(jnp.isfinite(batch["log_z"]), batch["log_z"], 0.0)
-    div = divergence_estimates(sg, batch["proposal_logp"], batch["true_score"], lz)
+    div = divergence_estimates(sg, q_logp, batch["true_score"], lz)
     metrics = {f"target/{k}": v * n for k, v in div.items()}
     metrics.update({
         "alignment": jnp.sum(w * batch["alignment"]),
@@ -529,7 +535,8 @@ def build(config) -> Experiment:
       proposal = nnx.state(Transformer(model_cfg, nnx.Rngs(params=0)), nnx.Param)
     return init_state(num_contexts, int(m.baseline_window), proposal)
 
-  return Experiment(roles={"policy": True, "base": False}, loss_fn=make_loss_fn(m.divergence),
+  loss_fn = make_loss_fn(m.divergence, on_policy=not m.offline)
+  return Experiment(roles={"policy": True, "base": False}, loss_fn=loss_fn,
                     train_data=lambda shard: batched_iterator(records, shard),
                     rollout=rollout, init_state=method_init, evaluate=make_evaluate(config, data, target))
 
