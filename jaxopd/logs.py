@@ -68,21 +68,13 @@ def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
   return [r for r in recs if split is None or r["split"] == split]
 
 
-def write_config(workdir: str, config, enabled: bool) -> list[str]:
-  """Writes ``config.json``; returns the fields that differ from a previous one there."""
+def write_config(workdir: str, config, enabled: bool) -> None:
+  """Writes ``config.json`` (on resume, after :func:`check_resume_config`)."""
   if not enabled:
-    return []
+    return
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  new = json.loads(config.to_json_best_effort())
-  changed = []
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    changed = sorted(_diff(old, new))
-  with open(path, "w") as f:
-    json.dump(new, f, indent=2, sort_keys=True)
-  return changed
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
 
 
 # Fields that may change when a run resumes: length, cadence, logging, checkpointing,
@@ -92,15 +84,16 @@ RESUMABLE = ("total_steps", "eval_every", "eval_batches", "log_every", "progress
              "mesh", "grad_accum", "eval", "models", "compare_with", "heatmap_examples", "resume_changes")
 
 
-def check_resume_config(workdir: str, config) -> None:
+def check_resume_config(workdir: str, config) -> list[str]:
   """Refuses, before anything is written, to resume a run whose ``config.json`` differs from
   ``config`` in a field that changes what is trained (a field in both; one the recorded config
   lacks was added by newer code), unless :data:`RESUMABLE` or ``config.resume_changes``
-  (field names or prefixes; ``"*"`` = any) allows it. One line naming the fields."""
+  (field names or prefixes; ``"*"`` = any) allows it. One line naming the fields. Returns
+  every field that differs (added and removed ones too), for the resume message."""
   from jaxopd.errors import ConfigError
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    return
+    return []
   with open(path) as f:
     old = json.load(f)
   new = json.loads(config.to_json_best_effort())
@@ -112,6 +105,7 @@ def check_resume_config(workdir: str, config) -> None:
     raise ConfigError(f"cannot resume {workdir}: fields that change what is trained differ from its config.json: "
                       f"{shown}{' ...' if len(refused) > 4 else ''}; use a new --workdir, or allow them with "
                       f"--config.resume_changes=\"{tuple(refused)}\"")
+  return sorted(_diff(old, new))
 
 
 def _value(d, key):

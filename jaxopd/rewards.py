@@ -17,7 +17,9 @@ non-finite and the trainer stops with its one-line error naming the step.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 
 import numpy as np
 
@@ -33,8 +35,6 @@ def is_function(spec: str) -> bool:
 def fingerprint(spec: str) -> str:
   """A hash of the source file of ``spec``'s module (cached fits that depend on the reward
   are refitted when its code changes); "" when the module has no source file."""
-  import hashlib
-  import importlib.util
   found = importlib.util.find_spec(spec.partition(":")[0])
   path = getattr(found, "origin", None)
   if not path or not path.endswith(".py"):

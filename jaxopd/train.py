@@ -14,8 +14,12 @@ written after it, so the last good one stays the latest.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import json
 import os
 import signal
+import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -321,10 +325,6 @@ class WorkdirLock:
   over. On a file system without ``flock`` (some NFS) the lock is advisory only."""
 
   def __init__(self, workdir: str):
-    import fcntl
-    import json as json_lib
-    import socket
-    import sys
     self.path = os.path.join(workdir, ".lock")
     os.makedirs(workdir, exist_ok=True)
     self._f = open(self.path, "a+")
@@ -343,14 +343,13 @@ class WorkdirLock:
             flush=True)
     self._f.seek(0)
     self._f.truncate()
-    self._f.write(json_lib.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+    self._f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                   "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                                   "command": " ".join(sys.argv)[:200]}))
     self._f.flush()
 
   def release(self):
     """Empties the lock file (a clean exit) and frees the lock."""
-    import fcntl
     if self._f.closed:
       return
     self._f.seek(0)
@@ -383,20 +382,21 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
   roles = table.resolve(c, pinned=recorded)
   trainer = Trainer(c, experiment, mesh, rules, roles)
   rec = table.add_heads(table.record(c, roles), trainer.heads)
+  changed = []
   if resumed_from is not None:
     table.check_resume(recorded, rec, workdir)     # before anything is written
-    logs.check_resume_config(workdir, c)
+    changed = logs.check_resume_config(workdir, c)
   if main:
     print(table.describe(roles), flush=True)
   lock = WorkdirLock(workdir) if main else None     # one run per workdir (process 0 holds it)
   try:
-    return _train(c, experiment, workdir, trainer, rec, resumed_from, mesh, rules, facts, main)
+    return _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, rules, facts, main)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train(c, experiment, workdir, trainer, rec, resumed_from, mesh, rules, facts, main) -> dict:
+def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, rules, facts, main) -> dict:
   """The body of :func:`run` once the checks passed and the workdir is locked."""
   params_fallbacks = [f for f in trainer.replicated_fallbacks if "opt_state" not in f[0]]
   if params_fallbacks and main:
@@ -409,7 +409,7 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, mesh, rules, fact
   data_iter = experiment.train_data(shard)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), c.checkpoint.max_to_keep,
                                c.checkpoint.async_save)
-  changed = logs.write_config(workdir, c, main)
+  logs.write_config(workdir, c, main)
   if resumed_from is not None:
     if changed and main:
       print(f"resuming in {workdir}: config fields changed since the checkpoint: {', '.join(changed)}")

@@ -124,11 +124,7 @@ def prepare(config, workdir: str):
   target need an ``hf:DIR`` or ``run:WORKDIR`` init."""
   _check(config)
   if config.data.task == "files":
-    for stage in ("draft_sft", "target"):
-      staged = table.uses_stage(config, stage)
-      if staged:
-        raise ConfigError(f"config.models.{staged[0]}.init='stage:{stage}': with task=files no SFT stage is "
-                          f"trained here; start it from your model (hf:DIR) or a run (run:WORKDIR)")
+    table.refuse_stages(config, "draft_sft", "target")
     return config
   stages = []
   if table.uses_stage(config, "draft_sft"):

@@ -398,10 +398,7 @@ def prepare(config, workdir: str):
   stage is trained: policy and base need an ``hf:DIR`` or ``run:WORKDIR`` init."""
   _check(config)
   if config.data.task == "files":
-    staged = table.uses_stage(config, "sft")
-    if staged:
-      raise ConfigError(f"config.models.{staged[0]}.init='stage:sft': with task=files no SFT stage is trained "
-                        f"here; start it from your model (hf:DIR) or a run (run:WORKDIR)")
+    table.refuse_stages(config, "sft")
   else:
     suite_lib.ensure(config.data)
     table.fill_stage(config, "sft", sft.run_stage(config, config.sft, config.model))

@@ -173,10 +173,7 @@ def prepare(config, workdir: str):
   """
   _check(config)
   if config.data.task == "files":
-    staged = table.uses_stage(config, "sft")
-    if staged:
-      raise ConfigError(f"config.models.{staged[0]}.init='stage:sft': with task=files no SFT stage is trained "
-                        f"here; start it from your model (hf:DIR) or a run (run:WORKDIR)")
+    table.refuse_stages(config, "sft")
     return config
   if config.data.task != "reviews":
     raise ConfigError(f"config.data.task={config.data.task!r}: must be reviews or files")
