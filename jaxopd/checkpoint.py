@@ -13,14 +13,19 @@ so no host ever holds a full copy of a sharded parameter.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from jax.tree_util import DictKey, GetAttrKey, SequenceKey
+
+from jaxopd.errors import EnvironmentFault
 
 
 def _key_str(path) -> str:
@@ -60,14 +65,33 @@ def _restore_args(flat_abstract: dict) -> dict:
           for k, v in flat_abstract.items()}
 
 
+@contextlib.contextmanager
+def _quiet_reading():
+  """Reading another run's checkpoint, orbax warns at each step of it ("read_only=True, setting
+  save_interval_steps=0", "Item 'train' was found in the checkpoint, but could not be restored"...):
+  all say what a read-only, parameters-only read is. Only its errors pass."""
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
+
+
+def _reader(directory: str, **kwargs) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True), **kwargs)
+
+
 def latest_step(workdir: str) -> int | None:
   """The latest checkpoint step of run ``workdir``; None, creating nothing, when it has none."""
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     return None
-  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-  step = mngr.latest_step()
-  mngr.close()
+  with _quiet_reading():
+    mngr = _reader(directory)
+    step = mngr.latest_step()
+    mngr.close()
   return step
 
 
@@ -83,6 +107,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self._bytes = None     # this process's checkpoint size, once known
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -94,8 +119,29 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def _check_space(self, state: dict, step: int) -> None:
+    """Refuses, before writing anything, a checkpoint that the disk has no room for (a local
+    directory): it would fail half-written, with pages of orbax's tracebacks. The size is this
+    process's shards of the state (one copy of each) plus 5% and 256 KiB for metadata."""
+    if "://" in self.directory:
+      return
+    self.manager.wait_until_finished()   # the previous save's bytes are on disk (orbax waits for it anyway)
+    if self._bytes is None:
+      self._bytes = sum(sh.data.nbytes for x in jax.tree.leaves(state) if isinstance(x, jax.Array)
+                        for sh in x.addressable_shards if sh.replica_id == 0)
+    need = int(self._bytes * 1.05) + (256 << 10)
+    free = shutil.disk_usage(self.directory).free
+    if free < need:
+      last = self.latest_step()
+      raise EnvironmentFault(
+          f"{self.directory}: no space left for checkpoint step {step} (needs about {need / 2**20:.1f} MiB, "
+          f"{free / 2**20:.1f} MiB free); nothing was written. The latest complete checkpoint is "
+          + (f"step {last}: free space and re-run the command to resume" if last is not None else
+             "none: free space and re-run the command"))
+
   def save(self, state: dict, data_iter, force: bool = False) -> bool:
     step = int(jax.device_get(state["step"]))
+    self._check_space(state, step)
     params, _ = flatten(state["params"])
     train, _ = flatten({k: v for k, v in state.items() if k != "params"})
     return self.manager.save(step, args=ocp.args.Composite(
@@ -113,17 +159,38 @@ class Checkpointer:
     train_abs, t_def = flatten({k: v for k, v in abstract_state.items() if k != "params"})
     data_dir = os.path.join(self.directory, str(step), "data")
     mine = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-    same_topology = os.path.exists(mine) or not os.path.isdir(data_dir)
+    for item in ("params", "train", "data"):
+      if not os.path.isdir(os.path.join(self.directory, str(step), item)):
+        raise DamagedCheckpoint(f"its {item}/ is missing")
+    saved = [n for n in os.listdir(data_dir) if n.startswith("process_") and n.endswith(".json")]
+    if not saved:
+      raise DamagedCheckpoint("data/ holds no data-iterator state")
+    same_topology = os.path.exists(mine)
     items = dict(params=ocp.args.PyTreeRestore(params_abs, restore_args=_restore_args(params_abs)),
                  train=ocp.args.PyTreeRestore(train_abs, restore_args=_restore_args(train_abs)))
     if same_topology:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     else:
       data_iter.set_state(_shared_data_state(data_dir))
-    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:   # orbax / tensorstore / grain: a file missing, cut short or unparsable
+      raise DamagedCheckpoint(_first_line(e)) from e
     state = unflatten(t_def, out["train"], list(train_abs))
     state["params"] = unflatten(p_def, out["params"], list(params_abs))
     return state
+
+  def move_aside(self, step: int) -> str:
+    """Moves checkpoint ``step`` to ``<directory>.damaged/<step>[.N]``; returns the new path."""
+    aside = self.directory + ".damaged"
+    os.makedirs(aside, exist_ok=True)
+    dest = os.path.join(aside, str(step))
+    n = 1
+    while os.path.exists(dest):
+      dest, n = os.path.join(aside, f"{step}.{n}"), n + 1
+    os.replace(os.path.join(self.directory, str(step)), dest)
+    self.manager.reload()
+    return dest
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -131,6 +198,16 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class DamagedCheckpoint(Exception):
+  """A checkpoint step that cannot be read back; the message says why, in one line."""
+
+
+def _first_line(e: Exception, limit: int = 240) -> str:
+  text = str(e).strip().splitlines()
+  line = f"{type(e).__name__}: {text[0] if text else ''}"
+  return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _shared_data_state(data_dir: str):
@@ -154,9 +231,13 @@ def load_params(workdir: str, source: str, target: str, abstract_params, step: i
 
   Raises a ValueError naming the tensor when a name or shape does not match.
   """
+  with _quiet_reading():
+    return _load_params(workdir, source, target, abstract_params, step)
+
+
+def _load_params(workdir, source, target, abstract_params, step):
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers={"params": ocp.PyTreeCheckpointHandler()})
+  mngr = _reader(directory, item_handlers={"params": ocp.PyTreeCheckpointHandler()})
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"run {workdir}: no checkpoint under {directory}")

@@ -27,6 +27,8 @@ host-side evaluation compiles its sampling and scoring through
 
 from __future__ import annotations
 
+import difflib
+
 import dataclasses
 import importlib.util
 import os
@@ -124,7 +126,9 @@ def parse_arg(arg: str | None, presets: Iterable[str] = ()) -> dict:
       raise ValueError(f"config preset {part!r}: presets are names only; set the field with "
                        f"--config.{k.strip()}={v.strip()}")
     if part not in presets:
-      raise ValueError(f"config preset {part!r} is unknown; known presets: {sorted(presets)}")
+      near = difflib.get_close_matches(part, sorted(presets), n=1)
+      raise ValueError(f"config preset {part!r} is unknown" + (f" - did you mean {near[0]!r}?" if near else "")
+                       + f"; known presets: {sorted(presets)}")
     out[part] = True
   return out
 

@@ -22,16 +22,22 @@ class MetricLogger:
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
-    self.dropped = 0
+    self.dropped = 0       # metrics.jsonl records after the resumed step, dropped
+    self.dropped_tb = 0    # TensorBoard events after it, dropped
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    if resume_step is not None:
+    tb_dir = os.path.join(workdir, "tb")
+    if resume_step is not None:   # the steps after the checkpoint are re-run: drop them from both logs
       self.dropped = truncate_after(self.path, resume_step)
-    elif os.path.exists(self.path):
-      os.remove(self.path)   # a fresh run in a used workdir starts a fresh log
+      self.dropped_tb = truncate_tb(tb_dir, resume_step)
+    else:                         # a fresh run in a used workdir starts fresh logs
+      if os.path.exists(self.path):
+        os.remove(self.path)
+      for name in _event_files(tb_dir):
+        os.remove(os.path.join(tb_dir, name))
     from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    self._tb = SummaryWriter(tb_dir)
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]):
     if not self.enabled:
@@ -42,6 +48,12 @@ class MetricLogger:
     for k, v in metrics.items():
       if isinstance(rec[k], float):
         self._tb.add_scalar(f"{split}/{k}", rec[k], step)
+
+  def flush(self):
+    """Writes buffered TensorBoard events: called with every checkpoint, so that a
+    killed run's events reach at least its last checkpoint, as metrics.jsonl does."""
+    if self._tb is not None:
+      self._tb.flush()
 
   def close(self):
     if self._tb is not None:
@@ -59,6 +71,52 @@ def truncate_after(path: str, step: int) -> int:
   with open(path, "w") as f:
     f.writelines(keep)
   return len(lines) - len(keep)
+
+
+def _event_files(tb_dir: str) -> list[str]:
+  if not os.path.isdir(tb_dir):
+    return []
+  return sorted(n for n in os.listdir(tb_dir) if n.startswith("events.out.tfevents."))
+
+
+def _read_records(path: str) -> list[bytes]:
+  """The records of a TFRecord file (TensorBoard's event format: length, its CRC, data, its CRC);
+  a record cut short by a kill ends the list."""
+  import struct
+  out = []
+  with open(path, "rb") as f:
+    data = f.read()
+  i = 0
+  while i + 12 <= len(data):
+    (n,) = struct.unpack("<Q", data[i:i + 8])
+    if i + 12 + n + 4 > len(data):
+      break
+    out.append(data[i + 12:i + 12 + n])
+    i += 12 + n + 4
+  return out
+
+
+def truncate_tb(tb_dir: str, step: int) -> int:
+  """Drops TensorBoard events with ``step > step`` from every event file of ``tb_dir``
+  (rewritten in place), as :func:`truncate_after` does for metrics.jsonl; returns how many."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  from tensorboardX.record_writer import masked_crc32c
+  dropped = 0
+  for name in _event_files(tb_dir):
+    path = os.path.join(tb_dir, name)
+    records = _read_records(path)
+    keep = [r for r in records if event_pb2.Event.FromString(r).step <= step]
+    if len(keep) == len(records) and os.path.getsize(path) == sum(len(r) + 16 for r in records):
+      continue
+    dropped += len(records) - len(keep)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+      for r in keep:
+        header = struct.pack("<Q", len(r))
+        f.write(header + struct.pack("<I", masked_crc32c(header)) + r + struct.pack("<I", masked_crc32c(r)))
+    os.replace(tmp, path)
+  return dropped
 
 
 def read_metrics(workdir: str, split: str | None = None) -> list[dict]:

@@ -2,7 +2,10 @@
 
 The config module gives the config; its ``method.name`` the method (jaxopd/methods/<name>.py).
 Without --config it runs the main job, experiments/tdpo.py (the whole TDPO pipeline), in runs/default.
-Config errors are reported in one line naming the field, before any compile.
+Config errors are reported in one line naming the field, before any compile. Exit status:
+0 done, 2 a mistake in the command, config or data, 3 training stopped (non-finite, dead mask,
+no intact checkpoint), 4 the machine (a full disk, a read-only or unwritable workdir), 130 / 143
+interrupted (SIGINT / SIGTERM) after a checkpoint.
 """
 
 from __future__ import annotations
@@ -26,10 +29,16 @@ def main(argv):
   del argv
   from absl import logging
   logging.set_verbosity(logging.WARNING)   # orbax / jax INFO lines drown the progress bar
+  import logging as std_logging
+  from jaxopd.errors import FaultLogFilter
+  fault_filter = FaultLogFilter()          # a full disk is one line below, not orbax's tracebacks
+  for handler in std_logging.getLogger().handlers:
+    handler.addFilter(fault_filter)
   from jaxopd import config as config_lib
   from jaxopd import train
   from jaxopd import methods
   from jaxopd.data.formats import DataFormatError
+  from jaxopd.errors import EnvironmentFault, check_workdir, environment_fault
 
   config = flags.FLAGS.config
   try:
@@ -41,6 +50,7 @@ def main(argv):
       print(f"distributed: {jax.process_count()} processes, {len(jax.devices())} devices "
             f"({jax.local_device_count()} per process)", flush=True)
     config_lib.validate(config, len(jax.devices()), jax.process_count())   # before any stage compiles
+    check_workdir(workdir)
     if hasattr(module, "prepare"):     # earlier pipeline stages (data, base model), cached
       config = module.prepare(config, workdir)
     experiment = module.build(config)
@@ -59,9 +69,26 @@ def main(argv):
   except train.TrainingError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
+  except EnvironmentFault as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(4)
   except KeyboardInterrupt:   # Ctrl-C before the training loop (data, stages, compile); in it, it checkpoints
     print("interrupted (Ctrl-C) before the training loop; nothing of this run was saved", file=sys.stderr)
     sys.exit(130)
+  except Exception as e:   # a full disk or a permission mid-run: one line, and what is left to resume from
+    fault = environment_fault(e)
+    if fault is None:
+      raise
+    from jaxopd import checkpoint
+    try:
+      last = checkpoint.latest_step(flags.FLAGS.workdir)
+    except Exception:
+      last = None
+    print(f"error: {fault}. The latest complete checkpoint is "
+          + (f"step {last}: re-run the command to resume once fixed" if last is not None else
+             "none: re-running starts afresh") + " (a checkpoint being written is never taken as the latest)",
+          file=sys.stderr)
+    sys.exit(4)
   if summary["preempted"]:
     sys.exit(130 if summary["preempted"] == "SIGINT" else 143)
   ev = summary["eval"]
@@ -71,12 +98,23 @@ def main(argv):
         + "".join(f" | eval {k} {ev[k]:.4f}" for k in shown) + f" | {os.path.abspath(flags.FLAGS.workdir)}")
 
 
+def _one_line(msg: str) -> str:
+  """ml_collections wraps an error of a config module's ``get_config`` (a misspelled preset) with its
+  traceback: keep the flag it names and the error's own last line."""
+  lines = [l.strip() for l in msg.splitlines() if l.strip()]
+  if any(l.startswith("Traceback (most recent call last)") for l in lines):
+    head = lines[0].removesuffix(":").replace("Error whilst parsing config file", "").rstrip(": ")
+    last = lines[-1].split(": ", 1)[-1] if lines[-1].startswith(("ValueError", "ConfigError")) else lines[-1]
+    return f"{head}: {last}"
+  return " ".join(lines)
+
+
 def _parse_flags(argv):
   """absl flag parsing, with config overrides' errors on one line (no traceback)."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {_one_line(str(e))}", file=sys.stderr)
   except (AttributeError, KeyError) as e:
     old = [a for a in argv[1:] if a.startswith("--config.init_from")]
     if old:

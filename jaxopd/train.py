@@ -413,7 +413,7 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
   if resumed_from is not None:
     if changed and main:
       print(f"resuming in {workdir}: config fields changed since the checkpoint: {', '.join(changed)}")
-    state = ckpt.restore(resumed_from, trainer.abstract_state, data_iter)
+    state, resumed_from = _restore_intact(ckpt, resumed_from, trainer.abstract_state, data_iter, main)
     _, frozen = trainer.init()   # frozen models are not checkpointed: re-loaded from their pinned sources
     state, frozen = trainer.load_sources(state, frozen, frozen_only=True)
   else:
@@ -423,8 +423,10 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
     state, frozen = trainer.load_sources(state, frozen)
   logger = logs.MetricLogger(workdir, main, resume_step=resumed_from)
   if main and resumed_from is not None:
+    dropped = [f"{n} {what}" for n, what in ((logger.dropped, "metric records"), (logger.dropped_tb, "TensorBoard events"))
+               if n]
     print(f"resumed from step {resumed_from} in {workdir}"
-          + (f" ({logger.dropped} metric records after it dropped)" if logger.dropped else ""))
+          + (f" ({' and '.join(dropped)} after it dropped)" if dropped else ""))
 
   start = int(jax.device_get(state["step"]))
   summary = {"step": start, "train": {}, "eval": {}, "preempted": "", "resumed_from": resumed_from}
@@ -445,9 +447,11 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
     m = _host(dev_metrics)
     if not m.pop("finite"):
       ckpt.wait()
+      last = ckpt.latest_step()
       raise TrainingError(
           f"step {step}: non-finite loss={m['loss']} or grad_norm={m['grad_norm']}; the update was "
-          f"not applied and the run stops. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+          f"not applied and the run stops. " + (f"Last good checkpoint: step {last} in {ckpt.directory}"
+                                               if last is not None else "No checkpoint was written before it"))
     tokens_since += ntok
     summary["train"] = m
     if step % c.log_every == 0 or step == c.total_steps:
@@ -461,38 +465,47 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
       if bar is not None:
         bar.set_postfix({"loss": f"{m['loss']:.4f}", rate_name: f"{m[rate_name]:.1f}"})
 
-  with jax.set_mesh(mesh), mesh_lib.use_rules(rules), _Preemption() as preempt:
-    for step in range(start + 1, c.total_steps + 1):
-      local = next(data_iter)
-      batch = trainer.to_global(local, c.batch_size)
-      if step_fn is None:
-        step_fn = trainer.compiled_train_step(batch)
-      state, dev_metrics = step_fn(state, frozen, batch)
-      flush()                               # the previous step's metrics, while this one runs
-      # Throughput in input tokens; a rollout method's host batch holds prompts, so examples/s.
-      if "tokens" in local and experiment.rollout is None:
-        rate_name, count = "tokens_per_s", int(np.prod(batch["tokens"].shape))
-      else:
-        rate_name, count = "examples_per_s", c.batch_size
-      pending = (step, dev_metrics, count)
-      if bar is not None:
-        bar.update(1)
-      do_eval = (c.eval_every and step % c.eval_every == 0) or step == c.total_steps
-      do_ckpt = (c.checkpoint.every and step % c.checkpoint.every == 0) or step == c.total_steps
-      stop = preempt.check(step)
-      if do_eval or do_ckpt or stop:
-        flush()
-      if do_eval:
-        summary["eval"] = _evaluate(trainer, experiment, state, frozen, eval_shard, c, step, logger)
-      if do_ckpt or stop:
-        ckpt.save(state, data_iter, force=True)
-      if stop:
-        summary["preempted"] = preempt.signal
-        if main:
-          print(f"{preempt.signal}: checkpoint saved at step {step}; stopping (re-run the command to resume)",
-                flush=True)
-        break
-    flush()
+  try:
+    with jax.set_mesh(mesh), mesh_lib.use_rules(rules), _Preemption() as preempt:
+      for step in range(start + 1, c.total_steps + 1):
+        local = next(data_iter)
+        batch = trainer.to_global(local, c.batch_size)
+        if step_fn is None:
+          step_fn = trainer.compiled_train_step(batch)
+        state, dev_metrics = step_fn(state, frozen, batch)
+        flush()                               # the previous step's metrics, while this one runs
+        # Throughput in input tokens; a rollout method's host batch holds prompts, so examples/s.
+        if "tokens" in local and experiment.rollout is None:
+          rate_name, count = "tokens_per_s", int(np.prod(batch["tokens"].shape))
+        else:
+          rate_name, count = "examples_per_s", c.batch_size
+        pending = (step, dev_metrics, count)
+        if bar is not None:
+          bar.update(1)
+        do_eval = (c.eval_every and step % c.eval_every == 0) or step == c.total_steps
+        do_ckpt = (c.checkpoint.every and step % c.checkpoint.every == 0) or step == c.total_steps
+        stop = preempt.check(step)
+        if do_eval or do_ckpt or stop:
+          flush()
+        if do_eval:
+          summary["eval"] = _evaluate(trainer, experiment, state, frozen, eval_shard, c, step, logger)
+        if do_ckpt or stop:
+          ckpt.save(state, data_iter, force=True)
+          logger.flush()
+        if stop:
+          summary["preempted"] = preempt.signal
+          if main:
+            print(f"{preempt.signal}: checkpoint saved at step {step}; stopping (re-run the command to resume)",
+                  flush=True)
+          break
+      flush()
+  except BaseException:   # a fault or signal mid-run: finish the checkpoint being written, so the last one is whole
+    for close in (ckpt.close, logger.close):
+      try:
+        close()
+      except Exception:
+        pass
+    raise
   summary["step"] = int(jax.device_get(state["step"]))
   if start == c.total_steps:
     if main:
@@ -505,6 +518,25 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
     bar.close()
   summary["state"], summary["frozen"], summary["trainer"] = state, frozen, trainer
   return summary
+
+
+def _restore_intact(ckpt, step, abstract_state, data_iter, main):
+  """Restores the newest intact checkpoint, from ``step`` down; a damaged one (a file missing or cut
+  short) is reported, moved aside to ``WORKDIR/checkpoints.damaged/`` (kept, not deleted) and the next
+  older one tried. Returns ``(state, step)``; raises :class:`TrainingError` when none is intact."""
+  while True:
+    try:
+      return ckpt.restore(step, abstract_state, data_iter), step
+    except ckpt_lib.DamagedCheckpoint as e:
+      moved = ckpt.move_aside(step)
+      older = ckpt.latest_step()
+      if main:
+        print(f"checkpoint step {step} is damaged ({e}); moved aside to {moved}; "
+              + (f"falling back to step {older}" if older is not None else "no older checkpoint"), flush=True)
+      if older is None:
+        raise TrainingError(f"no intact checkpoint left in {ckpt.directory} (damaged ones are in {moved}/..); "
+                            f"re-running the command starts this run afresh")
+      step = older
 
 
 def _evaluate(trainer, experiment, state, frozen, shard, c, step, logger) -> dict:

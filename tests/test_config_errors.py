@@ -28,8 +28,8 @@ BAD = [
     ({"optim.weight_decay": -0.1}, r"config.optim.weight_decay=-0.1"),
     ({"total_steps": 0}, r"config.total_steps=0"),
     ({"seq_len": 64}, r"config.seq_len=64: exceeds the max_len=16 of config.models.policy \(random\)"),
-    ({"models.policy.init": "hf:/nonexistent"}, r"config.models.policy.init='hf:/nonexistent': /nonexistent is not a "
-                                                 r"Hugging Face model directory"),
+    ({"models.policy.init": "hf:/nonexistent"}, r"config.models.policy.init='hf:/nonexistent': /nonexistent: no such "
+                                                 r"directory"),
     ({"models.policy.init": "checkpoint.pt"}, r"config.models.policy.init='checkpoint.pt': must be random, hf:DIR"),
     ({"models.policy.trainable": False}, r"config.models.policy.trainable=False: this experiment's policy is trained"),
     ({"model.dtype": "bfloat16"}, r"config.model.dtype='bfloat16': per role: config.models.<role>.dtype"),
@@ -58,6 +58,19 @@ def test_bad_config_names_the_field(overrides, message, tmp_path):
   assert not (tmp_path / "w").exists()      # stopped before building anything
 
 
+def test_hf_directory_without_weights_names_what_is_missing(tmp_path):
+  d = tmp_path / "hf"
+  d.mkdir()
+  (d / "config.json").write_text("{}")
+  cfg = tiny_config(**{"models.policy.init": f"hf:{d}"})
+  with pytest.raises(ConfigError, match=rf"{d} is not a Hugging Face model directory: no \*.safetensors in it$"):
+    train.run(cfg, str(tmp_path / "w"), SFT.build(tiny_config()))
+  (d / "model.safetensors").write_bytes(b"")
+  (d / "checkpoints").mkdir()
+  with pytest.raises(ConfigError, match=rf"{d} is a jaxopd run \(it has checkpoints/\): use run:{d}$"):
+    train.run(cfg, str(tmp_path / "w"), SFT.build(tiny_config()))
+
+
 def test_valid_config_resolves_mesh_and_batch():
   facts = config_lib.validate(tiny_config(**{"mesh.shape": (2, -1, 2)}), 8)
   assert facts["mesh_shape"] == (2, 2, 2) and facts["dp"] == 4 and facts["local_batch"] == 8
@@ -80,9 +93,11 @@ def _cli(*args, workdir):
     ("--config.models.policy.init=run:/nowhere", "config.models.policy.init='run:/nowhere': /nowhere has no "
                                                  "checkpoints/"),
     ("--config.method.name=ppo", "config.method.name='ppo': must be one of ('sft', 'tdpo', "),
+    ("--config.data.task=reviews --config.data.over_length=trunc",
+     "config.data.over_length='trunc': must be one of ('truncate', 'drop')"),
 ])
 def test_cli_reports_one_line_and_exits_2(arg, message, tmp_path):
-  p = _cli(arg, workdir=tmp_path / "w")
+  p = _cli(*arg.split(), workdir=tmp_path / "w")
   assert p.returncode == 2, p.stderr[-2000:]
   errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and message in errors[0], p.stderr[-2000:]
@@ -90,9 +105,15 @@ def test_cli_reports_one_line_and_exits_2(arg, message, tmp_path):
   assert not (tmp_path / "w").exists()
 
 
-def test_unknown_preset_is_an_error():
-  with pytest.raises(ValueError, match="config preset 'smok' is unknown"):
+def test_unknown_preset_is_an_error(tmp_path):
+  with pytest.raises(ValueError, match="config preset 'smok' is unknown - did you mean 'smoke'"):
     load_config("sft.py:smok")
+  p = subprocess.run([sys.executable, "-m", "jaxopd.main", "--config", "experiments/sft.py:smok", "--workdir",
+                      str(tmp_path / "w")], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+  assert p.stderr.strip().splitlines() == [   # the config module's error, not ml_collections' traceback of it
+      "error: flag --config=experiments/sft.py:smok: config preset 'smok' is unknown - did you mean 'smoke'?; "
+      "known presets: ['smoke', 'sort']"]
   # key=value in the preset list is refused, not ignored (it once was: total_steps stayed 20).
   with pytest.raises(ValueError, match=r"config preset 'total_steps=3': presets are names only; set the field "
                                        r"with --config.total_steps=3"):

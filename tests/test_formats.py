@@ -93,9 +93,24 @@ def test_prompt_only_records(tmp_path, tok):
      r"d.jsonl:2: fields 'chosen' and 'rejected' must both be strings or both message lists"),
     ('{"chosen": [{"role": "assistant"}], "rejected": [{"role": "assistant", "content": "x"}]}', "preference",
      r"d.jsonl:2: field 'chosen'\[0\] must be"),
-    ('{"prompt": "the", ', "preference", r"d.jsonl:2: not valid JSON"),
+    ('{"prompt": "the", ', "preference", r"d.jsonl:2: not valid JSON \(Expecting property name enclosed in double "
+     r"quotes at column 19\)"),
     ('[1, 2]', "lm", r"d.jsonl:2: a record must be a JSON object"),
-    ('{"txt": "hello"}', "lm", r"d.jsonl:2: missing field 'text'"),
+    ('{"txt": "hello"}', "lm", r"d.jsonl:2: unknown key 'txt' - did you mean 'text'\?"),
+    ('{"promt": "the", "chosen": "good", "rejected": "bad"}', "preference",
+     r"d.jsonl:2: unknown key 'promt' - did you mean 'prompt'\?; preference records have \['prompt', 'chosen', "
+     r"'rejected'\] \(list keys to skip in config.data.files.ignore_keys\)"),
+    ('{"prompt": "the", "chosen": "good", "rejected": null}', "preference", r"d.jsonl:2: field 'rejected' is null$"),
+    ('{"chosen": "good", "rejected": "bad"}', "preference",
+     r"d.jsonl:2: missing field 'prompt'; set config.data.files.allow_no_prompt"),
+    ('{"prompt": [{"role": "user", "content": "the"}], "chosen": [{"role": "assistant", "content": "good"}], '
+     '"rejected": [{"role": "assistant", "content": "bad"}]}', "preference",
+     r"d.jsonl:2: this record is message lists with a prompt, but the first record \(.*d.jsonl:1\) is strings "
+     r"with a prompt: one file holds records of one shape"),
+    ('{"prompt": "the", "completion": "good"}', "lm",
+     r"d.jsonl:2: this record is completion\+prompt, but the first record \(.*d.jsonl:1\) is text"),
+    ('{"text": "the", "completion": "good"}', "lm", r"d.jsonl:2: an lm record has 'text', 'prompt' and 'completion'"),
+    ('{"completion": "good"}', "lm", r"d.jsonl:2: missing field 'prompt' for 'completion'"),
     ('{"messages": "hello"}', "lm", r"d.jsonl:2: field 'messages' must be a non-empty list of messages"),
 ])
 def test_malformed_record_names_file_line_and_field(tmp_path, tok, line, fmt, message):
@@ -104,6 +119,47 @@ def test_malformed_record_names_file_line_and_field(tmp_path, tok, line, fmt, me
   p.write_text(good + "\n" + line + "\n")
   with pytest.raises(formats.DataFormatError, match=message):
     formats.load(str(p), fmt, tok, seq_len=8)
+
+
+def test_listed_keys_are_skipped_and_counted(tmp_path, tok):
+  rows = [{"id": i, "prompt": "the", "chosen": "good", "rejected": "bad"} for i in range(3)]
+  recs, stats = formats.load(_write(tmp_path, rows), "preference", tok, seq_len=8, ignore_keys=("id", "source"))
+  assert stats.kept == 3 and stats.ignored == {"id": 3, "source": 0}
+  assert "keys skipped: id (3 records), source (0 records)" in str(stats)
+
+
+def test_degenerate_pairs_and_empty_responses_are_dropped_and_counted(tmp_path, tok):
+  rows = [{"prompt": "the", "chosen": "good", "rejected": "bad"},
+          {"prompt": "the", "chosen": "good", "rejected": "good"},     # no gradient: dropped
+          {"prompt": "the", "chosen": " ", "rejected": "bad"},         # empty chosen: dropped
+          {"prompt": "it", "chosen": "great", "rejected": ""}]         # empty rejected: dropped
+  recs, stats = formats.load(_write(tmp_path, rows), "preference", tok, seq_len=8)
+  assert (stats.seen, stats.kept, stats.same, stats.empty) == (4, 1, 1, 2) and len(recs) == 1
+  assert str(stats) == ("4 records: 1 kept, 0 truncated, 0 dropped (over-long), 2 dropped (empty), "
+                        "1 dropped (chosen == rejected)")
+  recs, stats = formats.load(_write(tmp_path, [{"text": "hello"}, {"text": ""}]), "lm", tok, seq_len=8)
+  assert (stats.kept, stats.empty) == (1, 1)
+  recs, stats = formats.load(_write(tmp_path, [{"prompt": "the"}, {"prompt": ""}]), "prompt", tok, seq_len=8)
+  assert (stats.kept, stats.empty) == (1, 1)
+
+
+def test_pairs_without_prompt(tmp_path, tok):
+  """Strings: refused unless allow_no_prompt. Message lists: the messages both sides share are the
+  prompt (TRL's implicit prompt), so the loss covers the assistant's reply only."""
+  path = _write(tmp_path, [{"chosen": "good", "rejected": "bad"}])
+  recs, _ = formats.load(path, "preference", tok, seq_len=8, allow_no_prompt=True)
+  assert tok.convert_ids_to_tokens(recs[0]["tokens"][0][recs[0]["loss_mask"][0] == 1].tolist()) == ["good", "<eos>"]
+  user = {"role": "user", "content": "what is it"}
+  row = {"chosen": [user, {"role": "assistant", "content": "good"}],
+         "rejected": [user, {"role": "assistant", "content": "bad movie"}]}
+  implicit, _ = formats.load(_write(tmp_path, [row]), "preference", tok, seq_len=10)
+  explicit, _ = formats.load(_write(tmp_path, [{"prompt": [user], "chosen": row["chosen"][1:],
+                                                 "rejected": row["rejected"][1:]}]), "preference", tok, seq_len=10)
+  for k in ("tokens", "loss_mask"):
+    np.testing.assert_array_equal(implicit[0][k], explicit[0][k])
+  with pytest.raises(formats.DataFormatError, match="share no first message"):
+    formats.load(_write(tmp_path, [{"chosen": [{"role": "assistant", "content": "good"}],
+                                    "rejected": [{"role": "assistant", "content": "bad"}]}]), "preference", tok, 10)
 
 
 def test_missing_file_and_bad_options(tmp_path, tok):

@@ -86,25 +86,29 @@ def test_unknown_optimizer_group_is_an_error(tmp_path):
 def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
   cfg = tiny_config(total_steps=8, **{"checkpoint.every": 2})
   base = SFT.build(cfg)
-  poison_at = 5
-
   recs = toy.sort_task(64, cfg.seq_len, cfg.model.vocab_size, 0, max_len=cfg.data.sort.max_symbols)
 
-  def train_data(shard):   # batch number poison_at (1-based) carries a poison flag
-    ds = grain.MapDataset.source(recs).repeat(None).batch(shard.local_batch).map_with_index(
-        lambda i, b: {**b, "poison": np.full((shard.local_batch,), float(i + 1 == poison_at), np.float32)})
-    return iter(ds.to_iter_dataset())
+  def poisoned(poison_at):
+    def train_data(shard):   # batch number poison_at (1-based) carries a poison flag
+      ds = grain.MapDataset.source(recs).repeat(None).batch(shard.local_batch).map_with_index(
+          lambda i, b: {**b, "poison": np.full((shard.local_batch,), float(i + 1 == poison_at), np.float32)})
+      return iter(ds.to_iter_dataset())
 
-  def loss_fn(models, batch, rng):
-    out = base.loss_fn(models, batch, rng)
-    return out._replace(loss=jnp.where(jnp.sum(batch["poison"]) > 0, jnp.nan, out.loss))
+    def loss_fn(models, batch, rng):
+      out = base.loss_fn(models, batch, rng)
+      return out._replace(loss=jnp.where(jnp.sum(batch["poison"]) > 0, jnp.nan, out.loss))
+    return Experiment(roles=base.roles, loss_fn=loss_fn, train_data=train_data)
 
-  exp = Experiment(roles=base.roles, loss_fn=loss_fn, train_data=train_data)
-  with pytest.raises(train.TrainingError, match=f"step {poison_at}: non-finite loss"):
-    train.run(cfg, tmp_path / "nan", exp)
-  c = ckpt_lib.Checkpointer(str(tmp_path / "nan" / "checkpoints"))
+  nan_dir = tmp_path / "nan"
+  with pytest.raises(train.TrainingError, match=f"step 5: non-finite loss.* Last good checkpoint: step 4 in "
+                                                f"{nan_dir}/checkpoints$"):
+    train.run(cfg, nan_dir, poisoned(5))
+  c = ckpt_lib.Checkpointer(str(nan_dir / "checkpoints"))
   assert c.latest_step() == 4
-  assert [r["step"] for r in logs.read_metrics(str(tmp_path / "nan"), "train")] == [1, 2, 3, 4]
+  assert [r["step"] for r in logs.read_metrics(str(nan_dir), "train")] == [1, 2, 3, 4]
+  # Before the first checkpoint, the message says there is none (it once said "step None").
+  with pytest.raises(train.TrainingError, match=r"step 1: non-finite loss.* No checkpoint was written before it$"):
+    train.run(cfg, tmp_path / "nan1", poisoned(1))
 
 
 def test_model_table_run_source_pinned_and_resume_checks(tmp_path):

@@ -11,15 +11,23 @@ Formats (one record per line / row; TRL names):
 * ``lm``: ``{"text": str}`` or ``{"prompt": str, "completion": str}`` or
   ``{"messages": [...]}`` for SFT.
 
-A malformed record stops with ``file:line: field ...``. Examples longer than
-``seq_len`` follow ``policy``: ``"truncate"`` (keep the prompt's end and the
-response's start) or ``"drop"``; :class:`EncodeStats` counts both and callers
-print them.
+Records are strict: a malformed record stops with ``file:line: field ...``; so
+does a key the format does not have (a misspelled ``"promt"`` names the nearest
+known key; keys a dataset carries on purpose are listed in ``ignore_keys``), a
+record of another shape than the file's first (strings and message lists, or
+``text`` and ``prompt``/``completion``, mixed in one file), and a missing prompt
+unless ``allow_no_prompt`` (a conversational pair without ``"prompt"`` takes the
+messages its two sides share as the prompt, TRL's implicit prompt). Examples
+longer than ``seq_len`` follow ``policy``: ``"truncate"`` (keep the prompt's end
+and the response's start) or ``"drop"``; pairs whose two sides are the same
+tokens (no gradient) and empty responses are dropped. :class:`EncodeStats`
+counts each and callers print them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from typing import Iterator
@@ -28,6 +36,9 @@ import numpy as np
 
 FORMATS = ("preference", "prompt", "lm")
 POLICIES = ("truncate", "drop")
+KEYS = {"preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",),
+        "lm": ("text", "prompt", "completion", "messages")}
+IGNORE_HINT = "config.data.files.ignore_keys"
 
 
 class DataFormatError(ValueError):
@@ -39,10 +50,18 @@ class EncodeStats:
   seen: int = 0
   kept: int = 0
   truncated: int = 0
-  dropped: int = 0
+  dropped: int = 0        # over-long, with policy "drop"
+  empty: int = 0          # an empty response (or prompt, for the prompt format): dropped
+  same: int = 0           # a pair whose chosen and rejected are the same tokens: dropped
+  ignored: dict = dataclasses.field(default_factory=dict)   # key of ignore_keys -> records that had it
 
   def __str__(self):
-    return f"{self.seen} records: {self.kept} kept, {self.truncated} truncated, {self.dropped} dropped (over-long)"
+    extra = "".join(f", {n} dropped ({why})" for n, why in ((self.empty, "empty"), (self.same, "chosen == rejected"))
+                    if n)
+    if self.ignored:
+      extra += "; keys skipped: " + ", ".join(f"{k} ({n} records)" for k, n in self.ignored.items())
+    return (f"{self.seen} records: {self.kept} kept, {self.truncated} truncated, {self.dropped} dropped (over-long)"
+            + extra)
 
 
 def iter_records(path: str) -> Iterator[tuple[int, dict]]:
@@ -59,7 +78,7 @@ def iter_records(path: str) -> Iterator[tuple[int, dict]]:
       if not line.strip():
         continue
       try:
-        rec = json.loads(line)
+        rec = json.loads(line.rstrip("\r\n"))   # the column of an error is then within the line
       except json.JSONDecodeError as e:
         raise DataFormatError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
       if not isinstance(rec, dict):
@@ -80,6 +99,8 @@ def _check_messages(x, where, field):
 
 
 def _text(rec, field, where, allow_messages=False, required=True):
+  if field in rec and rec[field] is None and required:
+    raise DataFormatError(f"{where}: field {field!r} is null")
   if field not in rec or rec[field] is None:
     if required:
       raise DataFormatError(f"{where}: missing field {field!r} (has {sorted(rec)})")
@@ -92,6 +113,43 @@ def _text(rec, field, where, allow_messages=False, required=True):
     return v
   raise DataFormatError(f"{where}: field {field!r} must be a string"
                         + (" or a list of messages" if allow_messages else "") + f", got {type(v).__name__}")
+
+
+def _check_keys(rec, where, fmt, ignore_keys, stats):
+  for k in rec:
+    if k not in KEYS[fmt] and k in ignore_keys:
+      stats.ignored[k] = stats.ignored.get(k, 0) + 1
+    elif k not in KEYS[fmt]:
+      near = difflib.get_close_matches(k, KEYS[fmt], n=1)
+      raise DataFormatError(f"{where}: unknown key {k!r}" + (f" - did you mean {near[0]!r}?" if near else "")
+                            + f"; {fmt} records have {list(KEYS[fmt])} (list keys to skip in {IGNORE_HINT})")
+
+
+def _lm_shape(rec, where, allow_no_prompt):
+  keys = {k for k in KEYS["lm"] if k in rec}
+  if keys == {"completion"} and allow_no_prompt:
+    return "completion"
+  for shape in ({"messages"}, {"prompt", "completion"}, {"text"}):
+    if keys == shape:
+      return "+".join(sorted(shape))
+  if keys == {"completion"}:
+    raise DataFormatError(f"{where}: missing field 'prompt' for 'completion' (set config.data.files.allow_no_prompt "
+                          f"to train on completions alone)")
+  raise DataFormatError(f"{where}: an lm record has 'text', 'prompt' and 'completion', or 'messages'; this one has "
+                        f"{sorted(keys) or sorted(rec)}")
+
+
+def _shared_prefix(chosen: list, rejected: list) -> int:
+  n = 0
+  while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+    n += 1
+  return n
+
+
+def _blank(x) -> bool:
+  if isinstance(x, list):
+    return all(not m["content"].strip() for m in x)
+  return not x.strip()
 
 
 def render(tokenizer, prompt, response) -> tuple[list[int], list[int]]:
@@ -142,20 +200,25 @@ def _row(p_ids, r_ids, seq_len, pad_id):
 
 
 def load(path: str, fmt: str, tokenizer, seq_len: int, policy: str = "drop",
-         max_prompt_len: int | None = None) -> tuple[list[dict], EncodeStats]:
+         max_prompt_len: int | None = None, **schema) -> tuple[list[dict], EncodeStats]:
   """Reads and encodes a file into records for the trainer (see :func:`encode`)."""
   return encode(((f"{path}:{line}", rec) for line, rec in iter_records(path)), fmt, tokenizer, seq_len,
-                policy, max_prompt_len)
+                policy, max_prompt_len, **schema)
 
 
 def encode(records, fmt: str, tokenizer, seq_len: int, policy: str = "drop",
-           max_prompt_len: int | None = None) -> tuple[list[dict], EncodeStats]:
+           max_prompt_len: int | None = None, ignore_keys: tuple = (),
+           allow_no_prompt: bool = False) -> tuple[list[dict], EncodeStats]:
   """Encodes ``(where, record)`` pairs (``where`` names file and line, or dataset
   and index, for errors) into records for the trainer:
 
   ``preference`` -> ``tokens[2, T], loss_mask[2, T]`` (chosen, rejected);
   ``prompt`` -> ``prompt[T], prompt_len`` (right-padded, for the sampler);
   ``lm`` -> ``tokens[T], loss_mask[T]``.
+
+  ``ignore_keys``: keys of the records that are not the format's and are skipped
+  (any other unknown key is an error); ``allow_no_prompt``: a preference pair of
+  strings, or an lm ``completion``, may come without a prompt.
   """
   if fmt not in FORMATS:
     raise ValueError(f"format={fmt!r}: must be one of {FORMATS}")
@@ -163,18 +226,37 @@ def encode(records, fmt: str, tokenizer, seq_len: int, policy: str = "drop",
     raise ValueError(f"over-length policy={policy!r}: must be one of {POLICIES}")
   max_prompt_len = seq_len - 1 if max_prompt_len is None else max_prompt_len
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  stats = EncodeStats()
+  stats = EncodeStats(ignored={k: 0 for k in ignore_keys})   # a listed key no record has shows as 0
   out = []
+  first = None     # (where, shape) of the first record: every record has its shape
   for where, rec in records:
     stats.seen += 1
     try:
+      _check_keys(rec, where, fmt, ignore_keys, stats)
       if fmt == "preference":
         prompt = _text(rec, "prompt", where, allow_messages=True, required=False)
         chosen = _text(rec, "chosen", where, allow_messages=True)
         rejected = _text(rec, "rejected", where, allow_messages=True)
         if isinstance(chosen, list) != isinstance(rejected, list):
           raise DataFormatError(f"{where}: fields 'chosen' and 'rejected' must both be strings or both message lists")
+        if prompt is None and isinstance(chosen, list):     # TRL's implicit prompt: the messages both sides share
+          n = _shared_prefix(chosen, rejected)
+          if n:
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if prompt is None and not allow_no_prompt:
+          raise DataFormatError(f"{where}: missing field 'prompt'" + (
+              " (and chosen and rejected share no first message to take as the prompt)" if isinstance(chosen, list)
+              else "") + "; set config.data.files.allow_no_prompt to train on pairs without prompts")
+        shape = ("message lists" if isinstance(chosen, list) else "strings") + (
+            " with a prompt" if "prompt" in rec else " without a prompt")
+        first = _same_shape(first, where, shape)
+        if _blank(chosen) or _blank(rejected):
+          stats.empty += 1
+          continue
         sides = [render(tokenizer, prompt, chosen), render(tokenizer, prompt, rejected)]
+        if sides[0] == sides[1]:
+          stats.same += 1
+          continue
         fitted = [_fit(p, r, seq_len, policy, stats, max_prompt_len) for p, r in sides]
         if any(f is None for f in fitted):
           stats.dropped += 1
@@ -184,6 +266,10 @@ def encode(records, fmt: str, tokenizer, seq_len: int, policy: str = "drop",
         stats.truncated += any(t for _, _, t in fitted)
       elif fmt == "prompt":
         prompt = _text(rec, "prompt", where, allow_messages=True)
+        first = _same_shape(first, where, "a message list" if isinstance(prompt, list) else "a string")
+        if _blank(prompt):
+          stats.empty += 1
+          continue
         if isinstance(prompt, list):
           if tokenizer.chat_template is None:
             raise DataFormatError(f"{where}: conversational prompts need a tokenizer with a chat template")
@@ -201,14 +287,20 @@ def encode(records, fmt: str, tokenizer, seq_len: int, policy: str = "drop",
         row[:len(ids)] = ids
         out.append({"prompt": row, "prompt_len": np.int32(len(ids))})
       else:
-        if "messages" in rec:
-          msgs = rec["messages"]
-          _check_messages(msgs, where, "messages")
-          p_ids, r_ids = render(tokenizer, None, msgs)
-        elif "completion" in rec:
-          p_ids, r_ids = render(tokenizer, _text(rec, "prompt", where), _text(rec, "completion", where))
+        shape = _lm_shape(rec, where, allow_no_prompt)
+        if shape == "messages":
+          _check_messages(rec["messages"], where, "messages")
+          prompt, response = None, rec["messages"]
+        elif shape == "text":
+          prompt, response = "", _text(rec, "text", where)
         else:
-          p_ids, r_ids = render(tokenizer, "", _text(rec, "text", where))
+          prompt = _text(rec, "prompt", where) if "prompt" in rec else ""
+          response = _text(rec, "completion", where)
+        first = _same_shape(first, where, shape)
+        if _blank(response):
+          stats.empty += 1
+          continue
+        p_ids, r_ids = render(tokenizer, prompt, response)
         fitted = _fit(p_ids, r_ids, seq_len, policy, stats, max_prompt_len)
         if fitted is None:
           stats.dropped += 1
@@ -223,8 +315,18 @@ def encode(records, fmt: str, tokenizer, seq_len: int, policy: str = "drop",
   return out, stats
 
 
+def _same_shape(first, where, shape):
+  """``first`` (the first record's ``(where, shape)``) after checking that this record has its shape."""
+  if first is None:
+    return (where, shape)
+  if first[1] != shape:
+    raise DataFormatError(f"{where}: this record is {shape}, but the first record ({first[0]}) is {first[1]}: "
+                          f"one file holds records of one shape")
+  return first
+
+
 def load_tfds(name: str, split: str, data_dir: str, fmt: str, tokenizer, seq_len: int, policy: str = "drop",
-              max_prompt_len: int | None = None) -> tuple[list[dict], EncodeStats]:
+              max_prompt_len: int | None = None, **schema) -> tuple[list[dict], EncodeStats]:
   """A TFDS dataset by name from a local ``data_dir`` (``name`` may carry a
   config, ``"my_prefs/default:1.0.0"``), read with ``tfds.data_source`` (no
   TensorFlow), with the fields of ``fmt`` as for JSONL files."""
@@ -238,4 +340,4 @@ def load_tfds(name: str, split: str, data_dir: str, fmt: str, tokenizer, seq_len
     ex = src[i]
     return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in ex.items()}
   return encode(((f"tfds:{name}/{split}[{i}]", rec(i)) for i in range(len(src))), fmt, tokenizer, seq_len,
-                policy, max_prompt_len)
+                policy, max_prompt_len, **schema)

@@ -56,6 +56,9 @@ def data_config(smoke: bool = False) -> ml_collections.ConfigDict:
   d.files.tfds_data_dir = ""     # data_dir of tfds:NAME datasets (default: data_dir)
   d.files.max_prompt_len = 0     # prompt tokens kept (a longer prompt keeps its end, or is dropped with
                                  # over_length=drop); 0 = up to seq_len - 1
+  d.files.ignore_keys = ()       # record keys that are not the format's and are skipped ("id", "score_chosen", ...);
+                                 # any other unknown key is an error naming file, line and key
+  d.files.allow_no_prompt = False  # preference pairs of strings, or lm completions, without a prompt
   if smoke:
     d.num_train, d.num_validation, d.num_test = 256, 64, 64
     d.num_prompts_train, d.num_prompts_test = 64, 32
@@ -83,6 +86,7 @@ def file_records(d: ml_collections.ConfigDict, fmt: str, seq_len: int, max_promp
   tok = load_tokenizer(tok_dir)
   print(f"tokenizer: {tok_dir} (bos {tok.bos_token!r}, eos {tok.eos_token!r}, pad {tok.pad_token!r}, "
         f"{len(tok)} tokens)")
+  schema = dict(ignore_keys=tuple(f.ignore_keys), allow_no_prompt=bool(f.allow_no_prompt))
   out = []
   for field in ("train", "eval"):
     path = f[field]
@@ -94,9 +98,9 @@ def file_records(d: ml_collections.ConfigDict, fmt: str, seq_len: int, max_promp
       if "@" in name:
         name, split = name.split("@", 1)
       recs, stats = formats.load_tfds(name, split, f.tfds_data_dir or d.data_dir, fmt, tok, seq_len,
-                                      d.over_length, max_prompt_len)
+                                      d.over_length, max_prompt_len, **schema)
     else:
-      recs, stats = formats.load(path, fmt, tok, seq_len, d.over_length, max_prompt_len)
+      recs, stats = formats.load(path, fmt, tok, seq_len, d.over_length, max_prompt_len, **schema)
     print(f"config.data.files.{field} {path}: {stats}")
     if not recs:
       raise ConfigError(f"config.data.files.{field}={path!r}: no usable records ({stats})")

@@ -128,7 +128,7 @@ def pipeline(c, smoke: bool = False):
   c.eval.temperature = 1.0       # sampling temperature
   c.eval.prompt_len = 16         # padded prompt tokens
   if smoke:
-    c.prefs.num_train, c.prefs.num_test, c.prefs.k = 32, 8, 2
+    c.prefs.num_train, c.prefs.num_test, c.prefs.k = 32, 16, 2   # 16: a batch after identical pairs are dropped
     c.prefs.max_new_tokens = 12
     c.eval.num_prompts = 8
     c.eval.max_new_tokens = 12

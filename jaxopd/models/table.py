@@ -36,6 +36,7 @@ roles from the recorded step and refuses to go on when a source changed.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -228,8 +229,13 @@ def _resolve_role(config, name: str, pinned: Mapping[str, dict] | None = None) -
     arch = _block(config, name, "model" if r.arch == "auto" else r.arch)
   elif src.kind == "hf":
     if not hf.is_hf_dir(src.path):
-      _bad(name, "init", r.init, f"{src.path} is not a Hugging Face model directory (config.json and "
-                                 f"*.safetensors)")
+      missing = [what for what, ok in (("config.json", os.path.isfile(os.path.join(src.path, "config.json"))),
+                                       ("*.safetensors", glob.glob(os.path.join(src.path, "*.safetensors"))))
+                 if not ok]
+      why = (f"{src.path}: no such directory" if not os.path.isdir(src.path) else
+             f"{src.path} is not a Hugging Face model directory: no {' and no '.join(missing)} in it" if missing else
+             f"{src.path} is a jaxopd run (it has checkpoints/): use run:{src.path}")
+      _bad(name, "init", r.init, why)
     arch = hf.config_from_hf(src.path)
     if r.arch != "auto":
       compare(_block(config, name, r.arch), arch, f"config.{r.arch}", os.path.join(src.path, "config.json"), note)

@@ -1,0 +1,152 @@
+"""Faults of the machine and of the workdir (#19 items 5 and 7): a workdir path that is a file, a
+read-only workdir and a full disk are one line each, naming the path (exit 4), and leave no
+half-written checkpoint as the latest; a damaged checkpoint is detected and named."""
+
+import errno
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import grain
+import jax
+import jax.numpy as jnp
+import pytest
+
+from helpers import REPO
+from jaxopd import checkpoint as ckpt_lib
+from jaxopd.errors import EnvironmentFault, environment_fault
+
+ARGS = ["--config", "experiments/sft.py:smoke,sort", "--config.total_steps=60", "--config.checkpoint.every=10",
+        "--config.eval_every=0", "--config.progress=False"]
+
+
+def _cli(workdir, prefix=(), **kw):
+  cmd = [*prefix, sys.executable, "-m", "jaxopd.main", *ARGS, "--workdir", str(workdir)]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, **kw)
+
+
+def _errors(p):
+  return [l for l in p.stderr.splitlines() if l.startswith("error:")]
+
+
+def _can_mount() -> bool:
+  """Whether this machine lets a test mount a private tmpfs (root in a mount namespace)."""
+  if shutil.which("unshare") is None:
+    return False
+  probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                         capture_output=True)
+  return probe.returncode == 0
+
+
+needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs a private tmpfs mount (unshare -m, as root)")
+
+
+def test_workdir_that_is_a_file_is_one_line(tmp_path):
+  a_file = tmp_path / "afile"
+  a_file.write_text("x")
+  for workdir, said in ((a_file, f"--workdir {a_file} is a file, not a directory"),
+                        (a_file / "run", f"--workdir {a_file / 'run'}: {a_file} is a file, not a directory")):
+    p = _cli(workdir)
+    assert p.returncode == 4 and _errors(p) == [f"error: {said}"], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+  assert a_file.read_text() == "x"
+
+
+@needs_mount
+def test_read_only_workdir_is_one_line(tmp_path):
+  mnt = tmp_path / "ro"
+  mnt.mkdir()
+  script = f"mount -t tmpfs -o size=1m,ro tmpfs {mnt} && exec \"$@\""
+  p = _cli(mnt / "run", prefix=("unshare", "-m", "sh", "-c", script, "sh"))
+  assert p.returncode == 4, p.stderr[-2000:]
+  assert _errors(p) == [f"error: --workdir {mnt / 'run'}: cannot write in {mnt} (read-only file system)"]
+  assert "Traceback" not in p.stderr
+
+
+@needs_mount
+def test_full_disk_stops_before_writing_and_the_run_resumes(tmp_path):
+  """A tmpfs with room for two of the smoke run's checkpoints: the third is refused before a byte
+  is written, in one line naming it and the latest complete one; a copy of the workdir (on a disk
+  with space) then resumes from that one and finishes."""
+  mnt, copy = tmp_path / "small", tmp_path / "copy"
+  mnt.mkdir()
+  script = (f"mount -t tmpfs -o size=1100k tmpfs {mnt} && \"$@\"; rc=$?; cp -a {mnt}/run {copy}; exit $rc")
+  p = _cli(mnt / "run", prefix=("unshare", "-m", "sh", "-c", script, "sh"))
+  assert p.returncode == 4, p.stderr[-3000:]
+  errors = _errors(p)
+  m = re.fullmatch(rf"error: {mnt}/run/checkpoints: no space left for checkpoint step (\d+) \(needs about .* MiB, "
+                   rf".* MiB free\); nothing was written\. The latest complete checkpoint is step (\d+): free space "
+                   rf"and re-run the command to resume", errors[0] if len(errors) == 1 else "")
+  assert m and int(m[1]) == int(m[2]) + 10, p.stderr[-3000:]
+  assert "Traceback" not in p.stderr
+  last = int(m[2])
+  assert sorted(os.listdir(copy / "checkpoints"), key=int) == [str(s) for s in range(10, last + 1, 10)][-3:]
+  p = _cli(copy)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert f"resumed from step {last} " in p.stdout and "done: step 60" in p.stdout
+
+
+def test_fault_found_in_orbax_and_os_errors():
+  ts = ValueError('RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/10.orbax-checkpoint-tmp/_sharding": '
+                  "Failed to write 12281 bytes to file 8: No space left on device [os_error_code='28']")
+  assert environment_fault(ts) == "/w/checkpoints/10.orbax-checkpoint-tmp/_sharding: No space left on device"
+  try:
+    try:
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/w/metrics.jsonl")
+    except OSError as e:
+      raise RuntimeError("while logging") from e
+  except RuntimeError as wrapped:
+    assert environment_fault(wrapped) == "/w/metrics.jsonl: Read-only file system"
+  assert environment_fault(ValueError("shapes differ")) is None
+  assert environment_fault(ValueError("[os_error_code='2']")) is None   # a missing file is not the machine's fault
+
+
+def _tiny(tmp_path):
+  state = {"step": jnp.asarray(3, jnp.int32), "params": {"policy": {"w": jnp.arange(6.0).reshape(2, 3)}}}
+  it = iter(grain.MapDataset.range(100).to_iter_dataset())
+  next(it)
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  return state, it, ck
+
+
+def test_checkpoint_without_room_writes_nothing(tmp_path, monkeypatch):
+  state, it, ck = _tiny(tmp_path)
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+  with pytest.raises(EnvironmentFault, match=r"no space left for checkpoint step 3 .* 0\.0 MiB free\); nothing was "
+                                             r"written\. The latest complete checkpoint is none"):
+    ck.save(state, it, force=True)
+  ck.close()
+  assert [n for n in os.listdir(tmp_path / "checkpoints")] == []
+
+
+def test_missing_iterator_state_is_damage_not_a_process_count(tmp_path):
+  """A checkpoint whose data/ lost its iterator file is damaged (it used to be blamed on the process count)."""
+  state, it, ck = _tiny(tmp_path)
+  ck.save(state, it, force=True)
+  ck.wait()
+  os.remove(tmp_path / "checkpoints" / "3" / "data" / f"process_0-of-{jax.process_count()}.json")
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  with pytest.raises(ckpt_lib.DamagedCheckpoint, match="data/ holds no data-iterator state"):
+    ck.restore(3, abstract, it)
+  assert ck.move_aside(3) == str(tmp_path / "checkpoints.damaged" / "3")
+  assert ck.latest_step() is None
+  ck.close()
+
+
+def test_reading_another_runs_parameters_logs_no_orbax_warnings(tmp_path, caplog):
+  """A run: source reads parameters only; orbax's warnings about it (read-only manager, items not
+  restored) said nothing to a user and are kept out of the log."""
+  import logging
+  state, it, ck = _tiny(tmp_path)
+  ck.save(state, it, force=True)
+  ck.close()
+  w = state["params"]["policy"]["w"]
+  abstract = {"w": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=w.sharding)}
+  with caplog.at_level(logging.WARNING):
+    params, step = ckpt_lib.load_params(str(tmp_path), "policy", "reference", abstract)
+    assert ckpt_lib.latest_step(str(tmp_path)) == 3
+  assert step == 3 and (params["w"] == w).all()
+  assert [r.getMessage() for r in caplog.records] == []
