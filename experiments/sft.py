@@ -44,6 +44,8 @@ def get_config(arg: str | None = None):
   c.eval_batches = 16
   c.checkpoint.every = 500
   c.method.name = "sft"          # jaxopd/methods/sft.py
+  c.method.pack = False          # pack several examples per training row (segment ids, per-example positions);
+                                 # evaluation stays one example per row
   c.model = suite_lib.default_model(smoke=bool(args.get("smoke")))
   c.data = suite_lib.data_config(smoke=bool(args.get("smoke")))
   c.data.sort = ml_collections.ConfigDict()   # used when data.task == "sort"

@@ -85,18 +85,22 @@ def test_each_data_source():
     assert other == "teacher" or 8 <= sum(coins) <= 32
 
 
-def test_loss_is_token_mean_of_divergence_and_zero_at_equal_models():
-  from jaxopd.losses import divergence
+def test_loss_is_token_sum_of_divergence_against_numpy_and_zero_at_equal_models():
+  """The loss against a NumPy float64 divergence of the two models' logits at temperature 2 (both
+  divided by it), with and without classic distillation's T^2 scaling; zero at equal models."""
+  from test_loss_references import np_div
   models = _models()
   batch = _batch()
+  p = np.asarray(models["target"](batch["tokens"]).logits[:, :-1])
+  q = np.asarray(models["draft"](batch["tokens"]).logits[:, :-1])
+  m = np.asarray(batch["loss_mask"][:, 1:], np.float64)
   for name in ("fkl", "rkl", "jsd", "tvd"):
+    want = float(np.sum(np_div(name, p, q, beta=0.5, temperature=2.0) * m))
     out = DS.make_loss_fn(name, 0.5, 2.0)(models, batch, None)
-    p = models["target"](batch["tokens"]).logits[:, :-1]
-    q = models["draft"](batch["tokens"]).logits[:, :-1]
-    m = batch["loss_mask"][:, 1:]
-    d = divergence(name, p, q, beta=0.5, temperature=2.0)
-    np.testing.assert_allclose(out.loss, jnp.sum(d * m), rtol=1e-5)
+    np.testing.assert_allclose(float(out.loss), want, rtol=1e-5)
     assert float(out.count) == float(m.sum())
+    scaled = DS.make_loss_fn(name, 0.5, 2.0, t2_scale=True)(models, batch, None)
+    np.testing.assert_allclose(float(scaled.loss), 4.0 * want, rtol=1e-5)
   same = {"draft": models["target"], "target": models["target"]}
   for name in ("fkl", "rkl", "jsd", "tvd"):
     out = DS.make_loss_fn(name)(same, batch, None)
@@ -151,6 +155,9 @@ def test_smoke_pipeline_and_report(tmp_path, capsys):
             "alpha/sampling", "sample/reward", "sample/kl_ref"):
     assert k in ev, k
   assert 0 <= ev["alpha/sampling"] <= 1 and 0 <= s["train"]["data/student"] <= 1
+  from jaxopd import logs
+  train_recs = logs.read_metrics(str(tmp_path / "run"), "train")
+  assert train_recs[-1]["loss"] < train_recs[0]["loss"], train_recs   # distillation moved the draft
   summ = json.load(open(tmp_path / "run" / "summary.json"))
   assert set(summ["quality"]) == {"target", "draft_sft", "distilled"}
   assert summ["quality"]["target"]["kl_ref"] == pytest.approx(0.0, abs=1e-5)

@@ -139,6 +139,30 @@ def test_packed_rows_equal_separate_forwards():
     np.testing.assert_allclose(np.asarray(out[5:9]), np.asarray(m(jnp.asarray(b)[None]).logits[0]), atol=2e-5)
 
 
+def test_packed_sft_loss_equals_separate_examples_with_pad_equal_to_eos_and_no_bos():
+  """Qwen2-style records (no BOS, pad id == EOS id, the loss mask on every response token from
+  the first): packing keeps each example's trailing EOS, and the packed row's SFT loss sums and
+  token count are those of the examples alone (no token is scored from the example before it)."""
+  from jaxopd.data.pipeline import pack
+  from jaxopd.losses import sft_loss
+  cfg = CONFIGS["llama_gqa"]
+  m = _model(cfg)
+  eos = pad = 2
+  exs = [np.array([5, 6, 7, eos], np.int32), np.array([9, 8, eos], np.int32), np.array([4, 11, 12, 13, eos], np.int32)]
+  rec = lambda t: {"tokens": np.pad(t, (0, 8 - len(t)), constant_values=pad),
+                   "loss_mask": np.pad(np.ones_like(t), (0, 8 - len(t)))}
+  rows, stats = pack([rec(t) for t in exs], seq_len=10, pad_id=pad)
+  assert stats["rows"] == 2 and stats["fill"] == 12 / 20          # every EOS kept: 4 + 3 | 5 tokens
+  assert rows[0]["segment_ids"].tolist() == [1] * 4 + [2] * 3 + [0] * 3
+  r = {k: jnp.asarray(np.stack([row[k] for row in rows])) for k in rows[0]}
+  logits = m(r["tokens"], r["positions"], segment_ids=r["segment_ids"]).logits
+  nll, n, _ = sft_loss(logits, r["tokens"], r["loss_mask"], r["segment_ids"])
+  sep = [sft_loss(m(jnp.asarray(t)[None]).logits, jnp.asarray(t)[None], jnp.ones((1, len(t)), jnp.int32))
+         for t in exs]
+  assert float(n) == sum(float(x[1]) for x in sep) == sum(len(t) - 1 for t in exs)
+  np.testing.assert_allclose(float(nll), sum(float(x[0]) for x in sep), rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_dot_product_attention_equals_einsum(name):
   """attention=dot_product (jax.nn.dot_product_attention) gives the einsum path's logits and
@@ -177,3 +201,32 @@ def test_dot_product_attention_equals_einsum(name):
   nnx.update(rb, nnx.state(ref, nnx.Param))
   la, lb = np.asarray(ra(toks).logits, np.float32), np.asarray(rb(toks).logits, np.float32)
   assert np.abs(la - lb).max() < 2e-2 * np.abs(la).max()
+
+
+def test_bf16_attention_scores_are_accumulated_and_kept_in_float32():
+  """bf16 queries and keys whose scores are large (~60) and close together: the einsum attention's
+  output matches float64 attention on the same bf16 inputs to bf16 precision (probabilities and
+  output rounded once); scores rounded to bf16 (a step of 0.25 at 60) would be off by up to ~13%."""
+  import dataclasses
+  from jaxopd.models.transformer import Attention
+  cfg = dataclasses.replace(CONFIGS["llama_gqa"], dtype="bfloat16")
+  attn = Attention(cfg, nnx.Rngs(params=0))
+  rng = np.random.default_rng(0)
+  b, t, h, dh = 2, 6, cfg.n_heads, cfg.head_dim
+  base = np.ones(dh) * np.sqrt(60.0 * np.sqrt(dh) / dh)         # q.k / sqrt(dh) ~ 60 for every pair
+  q = (base + 0.05 * rng.normal(size=(b, t, h, dh))).astype(jnp.bfloat16)
+  k = (base + 0.05 * rng.normal(size=(b, t, cfg.kv_heads, dh))).astype(jnp.bfloat16)
+  v = rng.normal(size=(b, t, cfg.kv_heads, dh)).astype(jnp.bfloat16)
+  allowed = jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, 0)
+  out = np.asarray(attn._einsum_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), allowed, "bsnk", True),
+                   np.float64)
+  q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+  g = h // cfg.kv_heads
+  k64, v64 = np.repeat(k64, g, axis=2), np.repeat(v64, g, axis=2)
+  s = np.einsum("bthd,bshd->bhts", q64, k64) / np.sqrt(dh)
+  s = np.where(np.asarray(allowed)[:, None], s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  ref = np.einsum("bhts,bshd->bthd", p, v64)
+  assert np.abs(s[np.isfinite(s)]).max() > 50
+  np.testing.assert_allclose(out, ref, atol=0.03 * np.abs(ref).max())

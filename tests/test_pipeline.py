@@ -57,3 +57,28 @@ def test_global_batches_do_not_depend_on_the_process_count():
 def test_too_small_shard_is_an_error():
   with pytest.raises(ValueError, match="smaller than one batch"):
     batched_iterator(RECORDS[:3], DataShard(0, 0, 1, 4), repeat=False)
+
+
+@pytest.mark.parametrize("accum", [1, 2, 4])
+def test_grouped_rows_keep_each_records_copies_in_one_microbatch_and_read_nothing_unused(accum):
+  """f-DPG's samples_per_context = k: a local batch of 16 rows holds 16 / k records read, each k
+  times, all k copies in the same microbatch (rows i, i + accum, ...); the records read are
+  consecutive in the epoch order (none read and thrown away), and the iterator resumes exactly."""
+  from jaxopd.data import group_rows
+  k, local = 4, 16
+  rows = group_rows(local, k, accum)
+  it = batched_iterator(RECORDS, DataShard(0, 0, 1, local // k), rows=rows)
+  plain = batched_iterator(RECORDS, DataShard(0, 0, 1, local // k))
+  for _ in range(5):
+    got, read = ids(next(it)), ids(next(plain))
+    assert sorted(got) == sorted(read * k)
+    for i in range(accum):
+      micro = got[i::accum]
+      assert all(micro.count(x) == k for x in micro)     # each record's k copies in this microbatch
+  state = it.get_state()
+  after = [ids(next(it)) for _ in range(3)]
+  it2 = batched_iterator(RECORDS, DataShard(0, 0, 1, local // k), rows=rows)
+  it2.set_state(state)
+  assert [ids(next(it2)) for _ in range(3)] == after
+  with pytest.raises(ValueError, match="does not split into 4 microbatches of groups of 3"):
+    group_rows(16, 3, 4)

@@ -39,19 +39,42 @@ def test_policy_equal_reference_gives_log2_and_zero_rewards(loss):
 
 
 def test_gradients_flow_to_policy_only_and_tdpo2_ignores_chosen_kl_gradient():
+  """The reference gets no gradient; TDPO2's policy gradient is that of
+  z = (R_w - R_l) - alpha (K_l - sg(K_w)) written here from the logits (METHODS.md), and differs from
+  the one with K_w's gradient kept (so the detach is what the test checks)."""
   pol = Transformer(CFG, nnx.Rngs(params=0))
   ref = Transformer(CFG, nnx.Rngs(params=1))
   batch = _batch(seed=1)
+  beta, alpha = 0.5, 0.5
   gd, pstate = nnx.split({"policy": pol})
   rgd, rstate = nnx.split({"reference": ref})
 
   def f(ps, rs, loss):
-    return make_loss_fn(loss, beta=0.5, alpha=0.5)({**nnx.merge(gd, ps), **nnx.merge(rgd, rs)}, batch, None).loss
+    return make_loss_fn(loss, beta=beta, alpha=alpha)({**nnx.merge(gd, ps), **nnx.merge(rgd, rs)}, batch, None).loss
 
   g_ref = jax.grad(f, argnums=1)(pstate, rstate, "tdpo2")
   assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g_ref)) == 0.0
   g_pol = jax.grad(f)(pstate, rstate, "tdpo2")
-  assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g_pol)) > 0.0
+
+  toks = batch["tokens"].reshape(8, -1)
+  m = batch["loss_mask"].reshape(8, -1)[:, 1:].astype(jnp.float32)
+  r = jax.nn.log_softmax(ref(toks).logits[:, :-1].astype(jnp.float32))
+
+  def direct(ps, detach_chosen):
+    a = jax.nn.log_softmax(nnx.merge(gd, ps)["policy"](toks).logits[:, :-1].astype(jnp.float32))
+    tok = lambda l: jnp.take_along_axis(l, toks[:, 1:, None], -1)[..., 0]
+    R = jnp.sum((tok(a) - tok(r)) * m, 1).reshape(4, 2)
+    K = jnp.sum(jnp.sum(jnp.exp(r) * (r - a), -1) * m, 1).reshape(4, 2)
+    k_w = jax.lax.stop_gradient(K[:, 0]) if detach_chosen else K[:, 0]
+    z = (R[:, 0] - R[:, 1]) - alpha * (K[:, 1] - k_w)
+    return jnp.sum(jax.nn.softplus(-beta * z))
+
+  want = jax.grad(direct)(pstate, True)
+  undetached = jax.grad(direct)(pstate, False)
+  for x, y in zip(jax.tree.leaves(g_pol), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-6)   # float32, another order
+  gap = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(undetached)))
+  assert gap > 1e-3 * max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(want))
 
 
 def test_metrics_match_a_direct_computation():

@@ -56,6 +56,8 @@ def test_tdpo_then_dpo_pipeline(tmp_path, capsys):
   assert "[stage] SFT base" not in out
   assert "tdpo2 (" in out and "dpo (after)" in out
   assert "kl/rejected" in s2["eval"]          # DPO logs the (detached) sequential KL too
+  losses = [r["loss"] for r in logs.read_metrics(str(tmp_path / "dpo"), "train")]
+  assert losses[-1] < np.log(2) - 1e-3, losses   # DPO's loss left log 2 too
 
 
 def test_bad_method_fields_are_config_errors(tmp_path):
@@ -99,3 +101,15 @@ def test_tdpo_on_your_own_preference_file(tmp_path):
   c.models.policy.init = c.models.reference.init = f"run:{tmp_path / 'sft'}"
   summary = _run(TDPO, c, tmp_path / "tdpo")
   assert "rewards/accuracies" in summary["eval"] and "sample/reward" not in summary["eval"]
+
+
+def test_log_kl_is_refused_where_it_would_do_nothing(tmp_path):
+  """method.log_kl switches DPO's detached KL metrics; TDPO's loss is made of that KL, so turning it
+  off there would be silently ignored: refused in one line before anything is built."""
+  c = _config(tmp_path)
+  c.method.log_kl = False
+  with pytest.raises(ConfigError, match=r"config.method.log_kl=False: tdpo2's loss is made of the sequential KL"):
+    TDPO.prepare(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+  c.method.loss = "dpo"
+  TDPO._check(c)    # valid for DPO

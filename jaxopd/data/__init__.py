@@ -1,5 +1,5 @@
 """Datasets and grain pipelines."""
-from jaxopd.data.pipeline import batched_iterator
+from jaxopd.data.pipeline import batched_iterator, group_rows
 from jaxopd.data import toy
 
-__all__ = ["batched_iterator", "toy"]
+__all__ = ["batched_iterator", "group_rows", "toy"]

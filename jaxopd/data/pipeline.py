@@ -15,8 +15,11 @@ from jaxopd.experiment import DataShard
 
 
 def batched_iterator(records: Sequence, shard: DataShard, *, shuffle: bool = True,
-                     repeat: bool = True, drop_remainder: bool = True):
+                     repeat: bool = True, drop_remainder: bool = True, rows: np.ndarray | None = None):
   """Batches of ``shard.local_batch`` records (dicts of equal-shape numpy arrays).
+
+  ``rows``: each batch is re-indexed by it (row ``r`` of the output is record ``rows[r]`` of the
+  batch read), e.g. to repeat each record of a smaller batch (see :func:`group_rows`).
 
   The records are shuffled as one dataset (reseeded every epoch from
   ``shard.seed``) and cut into local batches; process ``i`` of ``n`` reads
@@ -33,10 +36,24 @@ def batched_iterator(records: Sequence, shard: DataShard, *, shuffle: bool = Tru
   if repeat:
     ds = ds.repeat(None)
   ds = ds.batch(shard.local_batch, drop_remainder=drop_remainder)
+  if rows is not None:
+    ds = ds.map(lambda b: {k: v[rows] for k, v in b.items()})
   if not repeat:
     ds = ds[:len(ds) - len(ds) % n]     # every process gets the same number of batches
   ds = ds[i::n]
   return iter(ds.to_iter_dataset())
+
+
+def group_rows(local_batch: int, group: int, accum: int) -> np.ndarray:
+  """Row ``r`` of a local batch of ``local_batch`` rows -> the index of its record among
+  ``local_batch / group`` records read, such that each record fills ``group`` rows of one
+  microbatch: the train step's microbatch ``i`` of ``accum`` takes rows ``i, i + accum, ...``
+  (:meth:`jaxopd.train.Trainer.train_step`), so a record's copies must all sit in one of them."""
+  if local_batch % (group * accum):
+    raise ValueError(f"a local batch of {local_batch} rows does not split into {accum} microbatches of "
+                     f"groups of {group}")
+  r = np.arange(local_batch)
+  return ((r % accum) * (local_batch // (accum * group)) + (r // accum) // group).astype(np.int32)
 
 
 def pack(records: Sequence[dict], seq_len: int, pad_id: int = 0) -> tuple[list[dict], dict]:
@@ -45,11 +62,17 @@ def pack(records: Sequence[dict], seq_len: int, pad_id: int = 0) -> tuple[list[d
   ``segment_ids`` (0 = padding, 1.. per example) and per-example ``positions``
   so the model attends within an example only.
 
+  An example's length is up to its last loss-mask token or its last non-pad token, whichever
+  is later: with pad == eos (Qwen2, Llama-3) the trailing EOS is a pad id but in the mask.
+  (:func:`jaxopd.losses.sft_loss` with ``segment_ids`` never scores a token from the segment
+  before it, so an example without BOS keeps its first token out of the loss.)
+
   Returns (rows, stats) with ``stats = {"examples", "rows", "fill"}``.
   """
   def length(r):
-    nz = np.nonzero(np.asarray(r["tokens"]) != pad_id)[0]
-    return int(nz[-1]) + 1 if len(nz) else 0
+    last = [int(nz[-1]) + 1 for nz in (np.nonzero(np.asarray(r["tokens"]) != pad_id)[0],
+                                       np.nonzero(np.asarray(r["loss_mask"]))[0]) if len(nz)]
+    return max(last, default=0)
 
   rows: list[dict] = []
   free: list[int] = []

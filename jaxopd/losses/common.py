@@ -34,15 +34,19 @@ def masked_sum(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
   return jnp.sum(x * mask, axis=axis)
 
 
-def sft_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array):
+def sft_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array | None = None):
   """Next-token cross-entropy on the masked tokens.
 
+  ``segment_ids [B, T]`` (packed rows): a token is scored only from a position of its own
+  segment, so the first token of an example is never predicted from the one before it.
   Returns ``(nll_sum, n_tokens, correct_sum)``: sums, not means, so the trainer
   can divide by the token count of the *global* batch (exact under gradient
   accumulation and sharding).
   """
   lp = token_logprobs(logits, tokens)
   m = response_mask(loss_mask)
+  if segment_ids is not None:
+    m = m * (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(m.dtype)
   nll = -masked_sum(lp, m)
   pred = jnp.argmax(logits[:, :-1], axis=-1)
   correct = masked_sum((pred == tokens[:, 1:]).astype(jnp.float32), m)

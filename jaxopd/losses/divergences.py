@@ -26,9 +26,11 @@ def _logps(p_logits, q_logits, temperature):
 
 
 def _kl(la, lb):
-  """KL(a || b) from log-probabilities; terms with a == 0 contribute 0."""
+  """KL(a || b) from log-probabilities; terms with a == 0 contribute 0, and their gradient is 0
+  too: the difference is masked before it is multiplied by ``a``, so a -inf logit of both (a
+  padded vocabulary) gives no ``0 * inf = nan`` in the backward pass."""
   a = jnp.exp(la)
-  return jnp.sum(jnp.where(a > 0, a * (la - lb), 0.0), axis=-1)
+  return jnp.sum(a * jnp.where(a > 0, la - lb, 0.0), axis=-1)
 
 
 def forward_kl(p_logits, q_logits, temperature: float = 1.0):
@@ -49,7 +51,9 @@ def jsd(p_logits, q_logits, beta: float = 0.5, temperature: float = 1.0):
     return _kl(lp, lq)
   if beta == 1.0:
     return _kl(lq, lp)
-  lm = jnp.logaddexp(lp + jnp.log(beta), lq + jnp.log1p(-beta))
+  dead = jnp.isneginf(lp) & jnp.isneginf(lq)     # an entry neither has (a padded vocabulary): M is 0 there
+  lm = jnp.where(dead, -jnp.inf, jnp.logaddexp(jnp.where(dead, 0.0, lp + jnp.log(beta)),
+                                               jnp.where(dead, 0.0, lq + jnp.log1p(-beta))))
   return beta * _kl(lp, lm) + (1.0 - beta) * _kl(lq, lm)
 
 

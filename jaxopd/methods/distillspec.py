@@ -184,8 +184,14 @@ def make_rollout(data: str, scfg: SamplingConfig, mix_lambda: float = 0.5, mix_w
   return rollout
 
 
-def make_loss_fn(divergence: str, beta: float = 0.5, temperature: float = 1.0):
+def make_loss_fn(divergence: str, beta: float = 0.5, temperature: float = 1.0, t2_scale: bool = False):
   """``loss_fn``: ``(sum m D(p_target || q_draft), sum m)`` over the response tokens.
+
+  Both models' logits are divided by ``temperature`` before the divergence (so a temperature
+  above 1 distils softened distributions; TRL's GKDTrainer computes its divergence at
+  temperature 1 whatever its config, using the temperature for generation only).
+  ``t2_scale``: the divergence times ``temperature ** 2``, classic distillation's scaling
+  (Hinton et al.) that keeps the gradient's size comparable across temperatures.
 
   Metrics (token means unless said): ``acceptance/sampling`` (``1 - TVD`` at
   ``temperature``), ``acceptance/greedy`` (argmax agreement), ``nll/draft``,
@@ -198,6 +204,8 @@ def make_loss_fn(divergence: str, beta: float = 0.5, temperature: float = 1.0):
     q_logits = models["draft"](tokens).logits[:, :-1]
     p_logits = jax.lax.stop_gradient(models["target"](tokens).logits[:, :-1])
     loss, n = token_divergence_loss(divergence, p_logits, q_logits, m, beta=beta, temperature=temperature)
+    if t2_scale:
+      loss = loss * temperature ** 2
     lp, lq = (jax.nn.log_softmax(x.astype(jnp.float32) / temperature, -1)
               for x in (p_logits, jax.lax.stop_gradient(q_logits)))
     accept = jnp.sum(jnp.minimum(jnp.exp(lp), jnp.exp(lq)), -1)
@@ -290,7 +298,8 @@ def build(config) -> Experiment:
   scfg = SamplingConfig(max_new_tokens=m.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                         temperature=m.temperature)
   eval_recs = data.eval
-  return Experiment(roles={"draft": True, "target": False}, loss_fn=make_loss_fn(m.divergence, m.beta, m.temperature),
+  loss_fn = make_loss_fn(m.divergence, m.beta, m.temperature, bool(m.t2_scale))
+  return Experiment(roles={"draft": True, "target": False}, loss_fn=loss_fn,
                     train_data=lambda shard: batched_iterator(data.train, shard),
                     eval_data=(lambda shard: batched_iterator(eval_recs, shard, shuffle=False, repeat=False))
                     if eval_recs else None,

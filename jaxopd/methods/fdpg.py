@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jaxopd import rewards
-from jaxopd.data import batched_iterator, reviews, suite as suite_lib
+from jaxopd.data import batched_iterator, group_rows, reviews, suite as suite_lib
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled, distinct_n, self_bleu, to_host, token_entropy
 from jaxopd.experiment import Experiment, LossOutput
@@ -141,7 +141,7 @@ def _sequence_logp(model, tokens, loss_mask):
 
 
 def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: float = 0.0,
-                 offline: bool = False, proposal_every: int = 16, samples_per_context: int = 1):
+                 offline: bool = False, proposal_every: int = 16):
   """``rollout(models, batch, rng, state) -> (batch, state)`` for the trainer (``state``: the
   method state of :func:`init_state`).
 
@@ -149,11 +149,11 @@ def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: flo
   the context's log Z; all 0 when unconditional). ``eps`` floors a pointwise
   ``b`` in the *training* target; the metrics use the true target (``eps=0``).
   ``proposal_every``: rollouts between proposal checks (offline).
-  ``samples_per_context`` = k > 1: rows ``0, 0, .., 1, 1, ..`` (each of the
-  first ``B / k`` prompts k times) are sampled instead of one per prompt, as
-  disco samples several continuations per context: a context's running log Z
-  then has k samples at its first visit (with one, ``t = pi / q = 1`` on-policy
-  and the pseudo-reward carries no signal).
+  The batch's rows are sampled once each; with ``config.method.samples_per_context`` = k the
+  data pipeline fills each microbatch with ``B / k`` prompts k times each (:func:`build`), as
+  disco samples several continuations per context: a context's running log Z then has k
+  samples at its first visit (with one, ``t = pi / q = 1`` on-policy and the pseudo-reward
+  carries no signal).
   """
   check_sampling(scfg)
   if divergence not in F_DIVERGENCES:
@@ -166,13 +166,6 @@ def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: flo
 
   def rollout(models, batch, rng, state):
     policy = models["policy"]
-    if samples_per_context > 1:
-      b = batch["context"].shape[0]
-      if b % samples_per_context:
-        raise ConfigError(f"config.method.samples_per_context={samples_per_context}: must divide the "
-                          f"(micro)batch of {b} samples")
-      rows = jnp.arange(b) // samples_per_context
-      batch = {k: v[rows] for k, v in batch.items()}
     ctx = batch["context"].astype(jnp.int32)
     if offline:
       gd, pol_state = nnx.split(policy)
@@ -295,9 +288,10 @@ def _check(c):
     if c.data.files.max_prompt_len and c.data.files.max_prompt_len != c.rollout.prompt_len:
       raise ConfigError(f"config.data.files.max_prompt_len={c.data.files.max_prompt_len}: f-DPG's prompt length "
                         f"is config.rollout.prompt_len={c.rollout.prompt_len} (leave the files field at 0)")
-  if m.conditional and (c.batch_size // c.grad_accum) % m.samples_per_context:
-    raise ConfigError(f"config.method.samples_per_context={m.samples_per_context}: must divide the microbatch "
-                      f"config.batch_size / config.grad_accum = {c.batch_size // c.grad_accum}")
+  per_host = c.batch_size // c.grad_accum // jax.process_count()
+  if m.conditional and per_host % m.samples_per_context:
+    raise ConfigError(f"config.method.samples_per_context={m.samples_per_context}: must divide each host's "
+                      f"microbatch config.batch_size / config.grad_accum / processes = {per_host}")
   for f in ("proposal_every", "baseline_window", "fit_samples", "samples_per_context"):
     if m[f] <= 0:
       raise ConfigError(f"config.method.{f}={m[f]}: must be positive")
@@ -523,8 +517,14 @@ def build(config) -> Experiment:
     records = [{"prompt": bos, "prompt_len": np.int32(1), "context": np.int32(0)}] * max(config.batch_size, 64)
   num_contexts = len(records) if m.conditional else 1
   rollout = make_rollout(target, m.divergence, scfg, eps=_eps(config), offline=bool(m.offline),
-                              proposal_every=int(m.proposal_every) * config.grad_accum,
-                              samples_per_context=int(m.samples_per_context) if m.conditional else 1)
+                         proposal_every=int(m.proposal_every) * config.grad_accum)
+  k = int(m.samples_per_context) if m.conditional else 1
+
+  def train_data(shard):   # B / k prompts per step, each k times in one microbatch (none read and left unused)
+    if k == 1:
+      return batched_iterator(records, shard)
+    rows = group_rows(shard.local_batch, k, config.grad_accum)
+    return batched_iterator(records, shard._replace(local_batch=shard.local_batch // k), rows=rows)
 
   def method_init():
     proposal = None
@@ -534,8 +534,7 @@ def build(config) -> Experiment:
 
   loss_fn = make_loss_fn(m.divergence, on_policy=not m.offline)
   return Experiment(roles={"policy": True, "base": False}, loss_fn=loss_fn,
-                    train_data=lambda shard: batched_iterator(records, shard),
-                    rollout=rollout, init_state=method_init, evaluate=make_evaluate(config, data, target))
+                    train_data=train_data, rollout=rollout, init_state=method_init, evaluate=make_evaluate(config, data, target))
 
 
 def make_evaluate(config, data: Data, target: Target):

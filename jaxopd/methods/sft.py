@@ -21,6 +21,7 @@ import numpy as np
 from jaxopd import checkpoint as ckpt_lib
 from jaxopd import train
 from jaxopd.data import batched_iterator, suite as suite_lib, toy
+from jaxopd.data.pipeline import pack
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import evaluate_policy
 from jaxopd.experiment import Experiment, LossOutput, load_config
@@ -41,6 +42,7 @@ def build(config) -> Experiment:
   evaluate = None
   if config.data.task == "sort":
     train_records, eval_records = _sort_data(config, model_cfg.vocab_size)
+    pad_id = toy.PAD
   elif config.data.task == "reviews":
     suite = suite_lib.ensure(config.data)
     if len(suite.tokenizer) != model_cfg.vocab_size:
@@ -48,6 +50,7 @@ def build(config) -> Experiment:
                         f"{len(suite.tokenizer)} tokens")
     train_records, _ = suite_lib.sft_records(suite, "train", config.seq_len, config.data.over_length)
     eval_records, _ = suite_lib.sft_records(suite, "validation", config.seq_len, config.data.over_length)
+    pad_id = suite.tokenizer.pad_token_id
     e = config.eval
     if e.num_prompts:
       prompts = suite_lib.prompt_records(suite, "test", e.prompt_len)[:e.num_prompts]
@@ -74,14 +77,22 @@ def build(config) -> Experiment:
       raise ConfigError("config.eval.num_prompts: sampled evaluation needs the reviews task's gold reward; "
                         "set it to 0 with task=files")
     eval_records = eval_records or []
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0   # as jaxopd.data.formats pads
   else:
     raise ConfigError(f"config.data.task={config.data.task!r}: must be reviews, files or sort")
+  if config.method.pack:
+    train_records, stats = pack(train_records, config.seq_len, pad_id)
+    print(f"packing: {stats['examples']} examples into {stats['rows']} rows of {config.seq_len} tokens "
+          f"({100 * stats['fill']:.1f}% filled)")
+    if len(train_records) < config.batch_size:
+      raise ConfigError(f"config.method.pack=True: {len(train_records)} packed rows are fewer than one batch "
+                        f"(config.batch_size={config.batch_size})")
 
   def loss_fn(models, batch, rng):
     del rng
     logits = models["policy"](batch["tokens"], batch.get("positions"),
                               segment_ids=batch.get("segment_ids")).logits
-    nll, n_tokens, correct = sft_loss(logits, batch["tokens"], batch["loss_mask"])
+    nll, n_tokens, correct = sft_loss(logits, batch["tokens"], batch["loss_mask"], batch.get("segment_ids"))
     return LossOutput(nll, n_tokens, {"accuracy": correct})
 
   return Experiment(

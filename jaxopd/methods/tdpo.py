@@ -146,6 +146,9 @@ def _check(c):
     raise ConfigError(f"config.method.alpha={c.method.alpha}: only tdpo2 uses alpha")
   if c.method.kl_chunk <= 0:
     raise ConfigError(f"config.method.kl_chunk={c.method.kl_chunk}: must be positive")
+  if c.method.loss != "dpo" and not c.method.log_kl:
+    raise ConfigError(f"config.method.log_kl=False: {c.method.loss}'s loss is made of the sequential KL, so it is "
+                      f"always computed and logged; the option is for loss=dpo")
   for f in ("prefs", "eval") if c.data.task == "reviews" else ():
     if c[f].prompt_len + c[f].max_new_tokens > c.model.max_len:
       raise ConfigError(f"config.{f}.max_new_tokens={c[f].max_new_tokens}: prompt_len + max_new_tokens "

@@ -248,14 +248,16 @@ class Attention(nnx.Module):
     return y, (None if cache_kv is None else (keys, values))
 
   def _einsum_attention(self, q, keys, values, allowed, k_spec, no_cache):
-    """Scores materialised ``[B, n, g, T, S]`` in float32, masked, softmax; ``[B, T, h, Dh]``."""
+    """Scores materialised ``[B, n, g, T, S]``, accumulated and kept in float32 (bf16 inputs
+    too), masked, softmax; ``[B, T, h, Dh]``."""
     cfg = self.cfg
     dt = q.dtype
     b, t, h, dh = q.shape
     s = allowed.shape[-1]
     g = h // cfg.kv_heads
     qg = q.reshape(b, t, cfg.kv_heads, g, dh)
-    scores = jnp.einsum(f"btngk,{k_spec}->bngts", qg, keys.astype(dt)).astype(jnp.float32) / math.sqrt(dh)
+    scores = jnp.einsum(f"btngk,{k_spec}->bngts", qg, keys.astype(dt),
+                        preferred_element_type=jnp.float32) / math.sqrt(dh)   # accumulated in float32
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     if no_cache:
