@@ -79,11 +79,13 @@ def main(argv):
     fault = environment_fault(e)
     if fault is None:
       raise
-    from jaxopd import checkpoint
-    try:
-      last = checkpoint.latest_step(flags.FLAGS.workdir)
-    except Exception:
-      last = None
+    # The latest complete step by its directory name (orbax renames a step's directory to its
+    # number once written; reading it through orbax on a full disk can fail too).
+    ckpts = os.path.join(os.path.abspath(flags.FLAGS.workdir), "checkpoints")
+    steps = [int(n) for n in (os.listdir(ckpts) if os.path.isdir(ckpts) else []) if n.isdigit()]
+    last = max(steps, default=None)
+    if fault.startswith("?: "):
+      fault = f"writing in {os.path.abspath(flags.FLAGS.workdir)}: {fault[3:]}"
     print(f"error: {fault}. The latest complete checkpoint is "
           + (f"step {last}: re-run the command to resume once fixed" if last is not None else
              "none: re-running starts afresh") + " (a checkpoint being written is never taken as the latest)",

@@ -67,12 +67,13 @@ def test_read_only_workdir_is_one_line(tmp_path):
 
 @needs_mount
 def test_full_disk_stops_before_writing_and_the_run_resumes(tmp_path):
-  """A tmpfs with room for two of the smoke run's checkpoints: the third is refused before a byte
-  is written, in one line naming it and the latest complete one; a copy of the workdir (on a disk
-  with space) then resumes from that one and finishes."""
+  """A tmpfs with room for two of the smoke run's checkpoints (about 450 KiB each; the check asks for
+  the state's bytes + 5% + 256 KiB, about 0.6 MiB): the third is refused before a byte is written, in
+  one line naming it and the latest complete one; a copy of the workdir (on a disk with space) then
+  resumes from that one and finishes."""
   mnt, copy = tmp_path / "small", tmp_path / "copy"
   mnt.mkdir()
-  script = (f"mount -t tmpfs -o size=1100k tmpfs {mnt} && \"$@\"; rc=$?; cp -a {mnt}/run {copy}; exit $rc")
+  script = (f"mount -t tmpfs -o size=1300k tmpfs {mnt} && \"$@\"; rc=$?; cp -a {mnt}/run {copy}; exit $rc")
   p = _cli(mnt / "run", prefix=("unshare", "-m", "sh", "-c", script, "sh"))
   assert p.returncode == 4, p.stderr[-3000:]
   errors = _errors(p)

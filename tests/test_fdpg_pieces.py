@@ -2,11 +2,12 @@
 sampled divergences against exact values and the f-DPG steps that reduce the exact divergence are
 tested once, with a model, through the method's rollout and loss in test_fdpg.py.)"""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxopd.losses.fdpg import Baseline, LogZ, pseudo_reward
+from jaxopd.losses.fdpg import Baseline, LogZ, pseudo_reward, surrogate_loss
 
 N = 12   # outcomes (think: every sequence of a tiny vocabulary)
 
@@ -66,3 +67,59 @@ def test_baseline_is_a_windowed_mean_taken_before_the_update():
   assert float(b.value) == 1.5
   b = b.update(jnp.array([3.0, 4.0, 5.0]))
   assert float(b.value) == pytest.approx((2 + 3 + 4 + 5) / 4)
+
+
+def _disco_reference(rewards, valid, groups, window, prior=()):
+  """disco's procedure in NumPy float64 (WindowedMovingAverage + FDivergenceLoss called once per
+  context, in order, skipping contexts whose Z is not > 0): per-row baseline used by the advantage,
+  the window after the batch, and d loss / d log pi(x) per row (loss = mean over the valid contexts of
+  the mean over each context's samples of -(R - b) log pi)."""
+  buf, base, grad = list(prior), [], np.zeros(len(rewards))
+  k = len(rewards) // groups
+  n_valid = sum(bool(valid[g * k]) for g in range(groups))
+  for g in range(groups):
+    rows = slice(g * k, (g + 1) * k)
+    b = sum(buf) / len(buf) if buf else 0.0
+    base += [b] * k
+    if valid[g * k]:
+      grad[rows] = -(rewards[rows] - b) / k / n_valid
+      buf = (buf + list(rewards[rows]))[-window:]
+  return np.array(base), buf, grad
+
+
+def test_several_contexts_per_batch_follow_disco():
+  """Three contexts of 4 samples, the second without a valid log Z: its rows add nothing to the
+  baseline window (disco skips that context) and nothing to the loss; the third context's
+  advantage uses a baseline that already holds the first context's rewards (disco updates it per
+  context); the loss is the mean over the two valid contexts of each one's sample mean (disco's),
+  not a sum over all 12 rows divided by 12 - each checked against disco's procedure in NumPy."""
+  from jaxopd.losses.fdpg import context_weights, group_baselines
+  rng = np.random.default_rng(0)
+  rewards = rng.normal(size=12).astype(np.float32)
+  valid = np.repeat([True, False, True], 4)
+  prior = [0.5, -0.25]
+  base0 = Baseline.init(6).update(jnp.asarray(prior, jnp.float32))
+  b, base1 = group_baselines(base0, jnp.asarray(rewards), jnp.asarray(valid), 4)
+  ref_b, ref_buf, _ = _disco_reference(rewards.astype(np.float64), valid, 3, 6, prior)
+  np.testing.assert_allclose(np.asarray(b), ref_b, rtol=1e-6)
+  assert np.asarray(b)[8] != np.asarray(b)[0]          # the third context saw the first one's rewards
+  np.testing.assert_allclose(float(base1.value), np.mean(ref_buf), rtol=1e-6)
+  assert int(base1.filled) == len(prior) + 8           # the invalid context added nothing
+  # The loss and its gradient with respect to log pi (on-policy: w = 1).
+  log_z = jnp.where(jnp.asarray(valid), 0.0, -jnp.inf)
+  logp = jnp.asarray(rng.normal(size=12), jnp.float32)
+  log_score = logp - jnp.asarray(np.log(np.where(valid, 2.0, 1.0)), jnp.float32)   # any finite score
+  weight = context_weights(jnp.asarray(valid), 4)
+
+  def mean_loss(lp):
+    s, n, r = surrogate_loss(lp, jax.lax.stop_gradient(lp), log_score, log_z, b, "fkl", weight)
+    return s / n, r
+  (_, r), g = jax.value_and_grad(mean_loss, has_aux=True)(logp)
+  # disco's per-context loss with the baselines above: -(R - b) / (samples of the context) / (valid contexts)
+  ref_grad = np.where(valid, -(np.asarray(r, np.float64) - ref_b) / 4 / 2, 0.0)
+  np.testing.assert_allclose(np.asarray(g), ref_grad, rtol=1e-5, atol=1e-8)
+  assert np.all(np.asarray(g)[4:8] == 0)
+  # No valid context at all: a zero loss and gradient, not 0 / 0.
+  none = jnp.zeros(12, bool)
+  s, n, _ = surrogate_loss(logp, logp, log_score, jnp.full(12, -jnp.inf), b, "fkl", context_weights(none, 4))
+  assert float(s) == 0.0 and float(s / n) == 0.0

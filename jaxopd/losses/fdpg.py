@@ -105,17 +105,42 @@ class Baseline(NamedTuple):
                     (self.cursor + r.shape[0]) % w)
 
 
+def group_baselines(baseline: Baseline, rewards: jax.Array, valid: jax.Array, group: int):
+  """disco's baseline over a batch of contexts: rows come in consecutive groups of ``group``
+  samples of one context (``group`` = the batch: one context); each group's advantage uses the
+  window as the groups before it left it (disco updates its windowed baseline once per context),
+  and a group whose context has no valid log Z adds nothing (disco skips that context).
+
+  Returns ``(per-row baseline [B], new Baseline)``."""
+  b = rewards.shape[0]
+  m = b // group
+
+  def body(base, x):
+    r, ok = x
+    return jax.lax.cond(ok, lambda: base.update(r), lambda: base), base.value
+  new, values = jax.lax.scan(body, baseline, (rewards.reshape(m, group), valid.reshape(m, group)[:, 0]))
+  return jnp.repeat(values, group), new
+
+
+def context_weights(valid: jax.Array, group: int) -> jax.Array:
+  """Per-row loss weights ``valid / group``: the loss is the mean over the contexts with a valid
+  log Z of each context's mean over its samples, as disco's (its sum over rows divided by the
+  weights' sum, the number of valid contexts)."""
+  return valid.astype(jnp.float32) / group
+
+
 def importance_weights(policy_logp: jax.Array, proposal_logp: jax.Array) -> jax.Array:
   """``sg(pi(x) / q(x))``; exactly 1 on-policy (``q = pi``)."""
   return jax.lax.stop_gradient(jnp.exp(policy_logp - proposal_logp))
 
 
 def surrogate_loss(policy_logp: jax.Array, proposal_logp: jax.Array, log_score: jax.Array, log_z: jax.Array,
-                   baseline: jax.Array, f: str):
+                   baseline: jax.Array, f: str, weight: jax.Array | None = None):
   """Returns ``(loss_sum, n, pseudo_rewards)`` for samples ``[N]``:
-  ``sum_x w (-(R - b)) log pi(x)``, so the trainer's ``loss_sum / n`` is the
-  mean of METHODS.md. ``policy_logp`` is the summed response log-probability
-  (with gradient); everything else is detached here.
+  ``sum_x c_x w (-(R - b)) log pi(x)`` and ``n = sum_x c_x``, so the trainer's
+  ``loss_sum / n`` is the mean of METHODS.md; ``weight`` ``c`` (default 1 per row)
+  is :func:`context_weights` for several contexts. ``policy_logp`` is the summed
+  response log-probability (with gradient); everything else is detached here.
 
   As in disco, a sample contributes nothing while its context's ``log Z`` is
   still ``-inf`` (no sample with ``P > 0`` seen yet): ``t`` is undefined there.
@@ -125,7 +150,11 @@ def surrogate_loss(policy_logp: jax.Array, proposal_logp: jax.Array, log_score: 
   r = jax.lax.stop_gradient(pseudo_reward(log_t, f))
   adv = jax.lax.stop_gradient(jnp.where(valid, r - baseline, 0.0))
   w = importance_weights(policy_logp, proposal_logp)
-  return jnp.sum(w * -adv * policy_logp), jnp.float32(policy_logp.shape[0]), r
+  if weight is None:
+    return jnp.sum(w * -adv * policy_logp), jnp.float32(policy_logp.shape[0]), r
+  # 1e-9: a batch of no valid context has a zero loss and gradient, which must not become 0 / 0
+  # (it is below float32's resolution of any count >= 1, so it changes no other step).
+  return jnp.sum(weight * w * -adv * policy_logp), jnp.sum(weight) + 1e-9, r
 
 
 def divergence_estimates(policy_logp, proposal_logp, log_score, log_z) -> dict:

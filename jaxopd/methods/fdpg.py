@@ -37,8 +37,8 @@ from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled, distinct_n, self_bleu, to_host, token_entropy
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import token_logprobs, response_mask
-from jaxopd.losses.fdpg import (F_DIVERGENCES, Baseline, LogZ, divergence_estimates, pseudo_reward,
-                                surrogate_loss)
+from jaxopd.losses.fdpg import (F_DIVERGENCES, Baseline, LogZ, context_weights, divergence_estimates,
+                                group_baselines, pseudo_reward, surrogate_loss)
 from jaxopd.methods import sft
 from jaxopd.models import Transformer, table
 from jaxopd.sampling import SamplingConfig, sample
@@ -141,7 +141,7 @@ def _sequence_logp(model, tokens, loss_mask):
 
 
 def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: float = 0.0,
-                 offline: bool = False, proposal_every: int = 16):
+                 offline: bool = False, proposal_every: int = 16, group: int = 0):
   """``rollout(models, batch, rng, state) -> (batch, state)`` for the trainer (``state``: the
   method state of :func:`init_state`).
 
@@ -150,10 +150,21 @@ def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: flo
   ``b`` in the *training* target; the metrics use the true target (``eps=0``).
   ``proposal_every``: rollouts between proposal checks (offline).
   The batch's rows are sampled once each; with ``config.method.samples_per_context`` = k the
-  data pipeline fills each microbatch with ``B / k`` prompts k times each (:func:`build`), as
-  disco samples several continuations per context: a context's running log Z then has k
-  samples at its first visit (with one, ``t = pi / q = 1`` on-policy and the pseudo-reward
-  carries no signal).
+  data pipeline fills each microbatch with ``B / k`` prompts k times each, consecutive rows
+  (:func:`build`), as disco samples several continuations per context: a context's running
+  log Z then has k samples at its first visit (with one, ``t = pi / q = 1`` on-policy and the
+  pseudo-reward carries no signal).
+
+  ``group``: the rows of one context (k; 0 = the whole batch is one context, unconditional).
+  As in disco (``disco/tuners/tuner.py``, ``losses/f_divergence.py``): log Z takes every sample
+  of the batch before any advantage; the windowed baseline is updated once per context, in
+  order, so a context's advantage uses the earlier contexts' rewards
+  (:func:`jaxopd.losses.fdpg.group_baselines`); a context with no valid log Z yet adds nothing
+  to the window and nothing to the loss, which averages each valid context's mean over its
+  samples (``batch["weight"]``, :func:`jaxopd.losses.fdpg.context_weights`). One difference:
+  with gradient accumulation jaxopd averages over the valid contexts of the whole step, disco
+  over those of each minibatch and then over minibatches (the same when every microbatch has
+  the same number of valid contexts).
   """
   check_sampling(scfg)
   if divergence not in F_DIVERGENCES:
@@ -184,9 +195,9 @@ def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: flo
     lz = log_z.value[ctx]
     valid = jnp.isfinite(lz)
     r = pseudo_reward(pi_logp - (log_score - jnp.where(valid, lz, 0.0)), divergence)
-    b = state["baseline"].value
-    # Rows whose context has no log Z yet enter the window with the current baseline value.
-    new = dict(state, log_z=log_z, baseline=state["baseline"].update(jnp.where(valid, r, b)))
+    k = group or r.shape[0]
+    b, baseline = group_baselines(state["baseline"], r, valid, k)
+    new = dict(state, log_z=log_z, baseline=baseline)
     if offline:
       # disco: accumulate KL(p||pi) and KL(p||q) estimates; every `proposal_every`
       # rollouts, replace q by pi if pi is closer, then reset the estimates.
@@ -201,7 +212,7 @@ def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: flo
                  proposal_set=jnp.bool_(True), swaps=state["swaps"] + swap.astype(jnp.int32), rollouts=n,
                  kl_policy=jnp.where(check, 0.0, kp), kl_proposal=jnp.where(check, 0.0, kq))
     train = {"tokens": tokens, "loss_mask": mask, "proposal_logp": q_logp, "log_score": log_score,
-             "log_z": lz, "baseline": jnp.broadcast_to(b, q_logp.shape), "true_score": true_score,
+             "log_z": lz, "baseline": b, "weight": context_weights(valid, k), "true_score": true_score,
              "base_logp": a_logp, "alignment": target.alignment(tokens, mask)}
     if offline:
       train["swaps"] = jnp.broadcast_to(new["swaps"].astype(jnp.float32), q_logp.shape)
@@ -225,21 +236,24 @@ def make_loss_fn(divergence: str, on_policy: bool = False):
     pi_logp = _sequence_logp(models["policy"], tokens, mask)
     sg = jax.lax.stop_gradient(pi_logp)
     q_logp = sg if on_policy else batch["proposal_logp"]
-    loss, n, r = surrogate_loss(pi_logp, q_logp, batch["log_score"], batch["log_z"], batch["baseline"], divergence)
+    loss, n, r = surrogate_loss(pi_logp, q_logp, batch["log_score"], batch["log_z"], batch["baseline"], divergence,
+                                batch["weight"])
     w = jnp.exp(sg - q_logp)                      # pi / q (exactly 1 on-policy)
     lz = jnp.where(jnp.isfinite(batch["log_z"]), batch["log_z"], 0.0)
     div = divergence_estimates(sg, q_logp, batch["true_score"], lz)
-    metrics = {f"target/{k}": v * n for k, v in div.items()}
-    metrics.update({
+    rows = jnp.float32(tokens.shape[0])           # metrics are means over samples, the loss over contexts
+    metrics = {f"target/{k}": (v * rows, rows) for k, v in div.items()}
+    metrics.update({k: (v, rows) for k, v in {
         "alignment": jnp.sum(w * batch["alignment"]),
         "kl_base": jnp.sum(w * (sg - batch["base_logp"])),
         "pseudo_reward": jnp.sum(r),
         "baseline": jnp.sum(batch["baseline"]),
         "log_z": jnp.sum(lz),
         "length": jnp.sum(mask.astype(jnp.float32)),
-    })
+        "valid_contexts": jnp.sum(jnp.isfinite(batch["log_z"]).astype(jnp.float32)),
+    }.items()})
     if "swaps" in batch:
-      metrics["proposal_swaps"] = jnp.sum(batch["swaps"])
+      metrics["proposal_swaps"] = (jnp.sum(batch["swaps"]), rows)
     return LossOutput(loss, n, metrics)
   return loss_fn
 
@@ -516,9 +530,9 @@ def build(config) -> Experiment:
     bos = np.array([data.tokenizer.bos_token_id], np.int32)
     records = [{"prompt": bos, "prompt_len": np.int32(1), "context": np.int32(0)}] * max(config.batch_size, 64)
   num_contexts = len(records) if m.conditional else 1
-  rollout = make_rollout(target, m.divergence, scfg, eps=_eps(config), offline=bool(m.offline),
-                         proposal_every=int(m.proposal_every) * config.grad_accum)
   k = int(m.samples_per_context) if m.conditional else 1
+  rollout = make_rollout(target, m.divergence, scfg, eps=_eps(config), offline=bool(m.offline),
+                         proposal_every=int(m.proposal_every) * config.grad_accum, group=k if m.conditional else 0)
 
   def train_data(shard):   # B / k prompts per step, each k times in one microbatch (none read and left unused)
     if k == 1:
