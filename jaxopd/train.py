@@ -534,8 +534,8 @@ def _restore_intact(ckpt, step, abstract_state, data_iter, main):
         print(f"checkpoint step {step} is damaged ({e}); moved aside to {moved}; "
               + (f"falling back to step {older}" if older is not None else "no older checkpoint"), flush=True)
       if older is None:
-        raise TrainingError(f"no intact checkpoint left in {ckpt.directory} (damaged ones are in {moved}/..); "
-                            f"re-running the command starts this run afresh")
+        raise TrainingError(f"no intact checkpoint left in {ckpt.directory} (the damaged ones are in "
+                            f"{os.path.dirname(moved)}); re-running the command starts this run afresh")
       step = older
 
 

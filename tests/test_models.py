@@ -163,7 +163,7 @@ def test_packed_sft_loss_equals_separate_examples_with_pad_equal_to_eos_and_no_b
   np.testing.assert_allclose(float(nll), sum(float(x[0]) for x in sep), rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", ["gpt2", "qwen2_bias"])   # MHA with biases; GQA (1 kv head) with q/k/v bias
 def test_dot_product_attention_equals_einsum(name):
   """attention=dot_product (jax.nn.dot_product_attention) gives the einsum path's logits and
   gradients: causal, left padding, GQA, packed segments and the KV-cache decode (float32: 1e-5;
