@@ -27,7 +27,11 @@ installed torch 2.13.0+cpu and transformers 5.x) with
 same config (default attention implementation), loss_type sigmoid, beta 0.1,
 DPOConfig(per_device_train_batch_size=8, max_length=128,
 precompute_ref_log_probs=False, use_cpu=True, bf16/fp16 False, report_to=[],
-no eval, no saving, constant LR, optim adamw_torch). TRL 1.16 has no
+no eval, no saving, constant LR, optim adamw_torch, gradient_checkpointing=False:
+TRL 1.16 turns gradient checkpointing on by default, which recomputes the
+forward in the backward; jaxopd does not rematerialise, so it is off for equal
+terms). The script prints every DPOConfig field that differs from TRL's
+defaults, the effective checkpointing of the policy, and jaxopd's settings. TRL 1.16 has no
 ``max_prompt_length`` option any more (only ``max_length`` with keep_start
 truncation); every pair is exactly 128 tokens, so nothing is truncated.
 The dataset is 8 in-memory text pairs over a word-level ``tokenizers``
@@ -56,6 +60,12 @@ other processes used 0.00 of the 2 CPUs; 66 s in all):
   jaxopd TDPO   488 ms/step  4200 tokens/s  16.4 pairs/s
   TRL DPO       559 ms/step  3664 tokens/s  14.3 pairs/s  (torch threads=2;
                 threads=1: 1004 ms)
+
+  (These TRL figures were taken with TRL's default gradient checkpointing
+  on. With it off, on a later day whose machine was slower -- matmul peak
+  195-209 GFLOP/s instead of 281 --, 20 timed steps: jaxopd DPO 590 ms,
+  TDPO 642 ms, TRL 635 ms: dpo_ratio_vs_trl 1.08; a 10-step run before it
+  gave 0.83 with DPO slower than TDPO, i.e. noise.)
 
   -> dpo_ratio_vs_trl 1.18 (aim >= 1.5x NOT met; an earlier idle run gave
      1.11: TRL 3814, DPO 4223 tokens/s); tdpo_overhead_vs_dpo +3.0% (aim
@@ -223,7 +233,8 @@ def trl_step_time(threads, warmup, repeats):
                    learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                    adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, beta=BETA,
                    loss_type=["sigmoid"], gradient_accumulation_steps=1, dataloader_num_workers=0,
-                   disable_tqdm=True, seed=0)
+                   disable_tqdm=True, seed=0,
+                   gradient_checkpointing=False)   # TRL 1.16's default is True (it would recompute the forward)
   trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
                        callbacks=[timer])
   # Check the token accounting of the prepared dataset once.
@@ -231,9 +242,15 @@ def trl_step_time(threads, warmup, repeats):
   lens = (len(ex["prompt_ids"]), len(ex["chosen_ids"]), len(ex["rejected_ids"]))
   out = trainer.train()
   ts = timer.ts[warmup:]
+  import dataclasses
+  skip = {"output_dir", "logging_dir", "run_name", "report_to", "logging_steps", "max_steps", "disable_tqdm",
+          "eval_strategy", "save_strategy"}
+  settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)
+              if f.name not in skip and getattr(args, f.name) != f.default}
+  settings["gradient_checkpointing (effective)"] = bool(getattr(policy, "is_gradient_checkpointing", False))
   return statistics.median(ts), ts, lens, float(out.training_loss), {
       "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-      "attn": getattr(policy.config, "_attn_implementation", None)}
+      "attn": getattr(policy.config, "_attn_implementation", None)}, settings
 
 
 def main(argv=None):
@@ -262,7 +279,7 @@ def main(argv=None):
   trl_res = {}
   versions = {}
   for th in (1, 2):
-    med, ts, lens, loss, versions = trl_step_time(th, a.warmup, a.repeats)
+    med, ts, lens, loss, versions, trl_settings = trl_step_time(th, a.warmup, a.repeats)
     trl_res[th] = med
     print(f"TRL DPO threads={th}: {med * 1e3:8.1f} ms median of {len(ts)} (min {min(ts) * 1e3:.1f}, "
           f"max {max(ts) * 1e3:.1f}); prompt/chosen/rejected tokens {lens}; train loss {loss:.4f}; "
@@ -271,6 +288,11 @@ def main(argv=None):
   trl_s = trl_res[best_th]
 
   print(f"versions: jax {jax.__version__}, " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+  print("TRL DPOConfig settings that differ from its defaults: "
+        + ", ".join(f"{k}={v!r}" for k, v in sorted(trl_settings.items())))
+  print(f"jaxopd settings: float32 params and compute, attention=einsum, no rematerialisation, grad_accum 1, "
+        f"mesh (1,1,1) on 1 CPU device, AdamW b1 0.9 b2 0.95 eps 1e-8 lr {LR} constant, no weight decay, "
+        f"clip 1.0, beta {BETA} (alpha {ALPHA} for TDPO2), reference forward in the step")
   print(f"tokens/step {TOKENS} ({PAIRS} pairs x 2 x {SEQ}); TRL uses torch threads={best_th} (faster)")
   print(f"jaxopd DPO  : {TOKENS / res['dpo']:8.0f} tokens/s  {PAIRS / res['dpo']:6.2f} pairs/s")
   print(f"jaxopd TDPO : {TOKENS / res['tdpo']:8.0f} tokens/s  {PAIRS / res['tdpo']:6.2f} pairs/s")
@@ -309,6 +331,7 @@ def main(argv=None):
       "dpo_fraction_of_peak": None if frac is None else round(frac, 3),
       "fraction_of_peak_needed_for_1p5x": None if need is None else round(need, 3),
       "other_cpu_load": None if other is None else round(other, 3),
+      "trl_gradient_checkpointing": bool(trl_settings.get("gradient_checkpointing (effective)")),
   }))
 
 
