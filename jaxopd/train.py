@@ -66,6 +66,14 @@ def _metric_parts(metrics, count) -> dict:
   return out
 
 
+def _microbatches(batch, accum: int):
+  """``[B, ...] -> [A, B/A, ...]``; microbatch i = rows i, i+A, ... (keeps shards local)."""
+  def split(x):
+    x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+    return mesh_lib.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+  return jax.tree.map(split, batch)
+
+
 def _ratio(num, den):
   return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
 
@@ -147,6 +155,12 @@ class Trainer:
     with jax.set_mesh(self.mesh), mesh_lib.use_rules(self.rules):
       return jax.jit(self._init, out_shardings=(self.state_shardings, self.frozen_shardings))()
 
+  def init_frozen(self):
+    """The frozen models alone (a resume: the trainable state comes from the checkpoint, so it is
+    not built; XLA drops the unused part of the init)."""
+    with jax.set_mesh(self.mesh), mesh_lib.use_rules(self.rules):
+      return jax.jit(lambda: self._init()[1], out_shardings=self.frozen_shardings)()
+
   def batch_sharding(self, batch):
     def f(x):
       spec = mesh_lib.logical_to_spec(("batch",) + (None,) * (np.ndim(x) - 1), self.rules)
@@ -194,10 +208,7 @@ class Trainer:
     if accum == 1:
       grads, loss, count, parts, method_state = self._microbatch_sums(params, frozen, batch, rng, method_state)
     else:
-      def split(x):   # [B, ...] -> [A, B/A, ...]; microbatch i = rows i, i+A, ... (keeps shards local)
-        x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
-        return mesh_lib.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
-      micro = jax.tree.map(split, batch)
+      micro = _microbatches(batch, accum)
 
       def body(carry, i):
         sums, method_state = carry       # the method state passes through the microbatches in order
@@ -224,13 +235,26 @@ class Trainer:
     return new_state, metrics
 
   def eval_sums(self, state, frozen, batch):
-    out = self.experiment.loss_fn(self._merge(state["params"], frozen), batch,
-                                  jax.random.fold_in(state["rng"], 2**31 - 1))  # a key no train step uses
-    if not isinstance(out, LossOutput):
-      out = LossOutput(*out)
-    parts = _metric_parts(out.metrics, out.count)
-    parts["loss"] = (jnp.asarray(out.loss, jnp.float32), jnp.asarray(out.count, jnp.float32))
-    return parts
+    """Metric ``(sum, count)`` parts of a global eval batch, in the training microbatches
+    (``grad_accum`` of them, summed), so evaluation needs no more activation memory than a step."""
+    models = self._merge(state["params"], frozen)
+    rng = jax.random.fold_in(state["rng"], 2**31 - 1)   # a key no train step uses
+
+    def sums(mb):
+      out = self.experiment.loss_fn(models, mb, rng)
+      if not isinstance(out, LossOutput):
+        out = LossOutput(*out)
+      parts = _metric_parts(out.metrics, out.count)
+      parts["loss"] = (jnp.asarray(out.loss, jnp.float32), jnp.asarray(out.count, jnp.float32))
+      return parts
+    accum = self.config.grad_accum
+    if accum == 1:
+      return sums(batch)
+    micro = _microbatches(batch, accum)
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(sums, jax.tree.map(lambda x: x[0], micro)))
+    total, _ = jax.lax.scan(lambda acc, i: (jax.tree.map(jnp.add, acc, sums(jax.tree.map(lambda x: x[i], micro))), None),
+                            zero, jnp.arange(accum))
+    return total
 
   def compiled_train_step(self, example_batch):
     if self._train_step is None:
@@ -414,7 +438,7 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
     if changed and main:
       print(f"resuming in {workdir}: config fields changed since the checkpoint: {', '.join(changed)}")
     state, resumed_from = _restore_intact(ckpt, resumed_from, trainer.abstract_state, data_iter, main)
-    _, frozen = trainer.init()   # frozen models are not checkpointed: re-loaded from their pinned sources
+    frozen = trainer.init_frozen()   # frozen models are not checkpointed: re-loaded from their pinned sources
     state, frozen = trainer.load_sources(state, frozen, frozen_only=True)
   else:
     if main:
