@@ -67,26 +67,36 @@ def test_read_only_workdir_is_one_line(tmp_path):
 
 @needs_mount
 def test_full_disk_stops_before_writing_and_the_run_resumes(tmp_path):
-  """A tmpfs with room for two of the smoke run's checkpoints (about 450 KiB each; the check asks for
-  the state's bytes + 5% + 256 KiB, about 0.6 MiB): the third is refused before a byte is written, in
-  one line naming it and the latest complete one; a copy of the workdir (on a disk with space) then
-  resumes from that one and finishes."""
-  mnt, copy = tmp_path / "small", tmp_path / "copy"
+  """On a private tmpfs: a 20-step run writes checkpoints 10 and 20; the disk is then filled to 300 KiB
+  free and the run continued to 60 steps: it resumes from 20 and refuses checkpoint 30 before writing
+  a byte (the check asks for the state's bytes + 5% + 256 KiB, about 0.6 MiB), in one line naming it
+  and the latest complete one (exit 4). With the filler removed, the same command resumes from 20 and
+  finishes."""
+  mnt = tmp_path / "disk"
   mnt.mkdir()
-  script = (f"mount -t tmpfs -o size=1300k tmpfs {mnt} && \"$@\"; rc=$?; cp -a {mnt}/run {copy}; exit $rc")
-  p = _cli(mnt / "run", prefix=("unshare", "-m", "sh", "-c", script, "sh"))
-  assert p.returncode == 4, p.stderr[-3000:]
-  errors = _errors(p)
-  m = re.fullmatch(rf"error: {mnt}/run/checkpoints: no space left for checkpoint step (\d+) \(needs about .* MiB, "
-                   rf".* MiB free\); nothing was written\. The latest complete checkpoint is step (\d+): free space "
-                   rf"and re-run the command to resume", errors[0] if len(errors) == 1 else "")
-  assert m and int(m[1]) == int(m[2]) + 10, p.stderr[-3000:]
-  assert "Traceback" not in p.stderr
-  last = int(m[2])
-  assert sorted(os.listdir(copy / "checkpoints"), key=int) == [str(s) for s in range(10, last + 1, 10)][-3:]
-  p = _cli(copy)
-  assert p.returncode == 0, p.stderr[-3000:]
-  assert f"resumed from step {last} " in p.stdout and "done: step 60" in p.stdout
+  cmd = lambda steps: " ".join([sys.executable, "-m", "jaxopd.main", *ARGS, f"--config.total_steps={steps}",
+                                "--workdir", str(mnt / "run")])
+  out = lambda name: f"> {tmp_path}/{name}.out 2> {tmp_path}/{name}.err; echo $? > {tmp_path}/{name}.rc"
+  script = "; ".join([
+      f"mount -t tmpfs -o size=8m tmpfs {mnt} || exit 99", f"{cmd(20)} {out('first')}",
+      f"avail=$(df -k --output=avail {mnt} | tail -1)",
+      f"dd if=/dev/zero of={mnt}/filler bs=1k count=$((avail - 300)) 2>/dev/null",
+      f"{cmd(60)} {out('full')}", f"ls {mnt}/run/checkpoints > {tmp_path}/ckpts.txt",
+      f"rm {mnt}/filler", f"{cmd(60)} {out('freed')}"])
+  p = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+  read = lambda name, ext: (tmp_path / f"{name}.{ext}").read_text()
+  assert read("first", "rc").strip() == "0", read("first", "err")[-2000:]
+  assert read("full", "rc").strip() == "4", read("full", "err")[-3000:]
+  errors = [l for l in read("full", "err").splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and re.fullmatch(
+      rf"error: {mnt}/run/checkpoints: no space left for checkpoint step 30 \(needs about .* MiB, .* MiB free\); "
+      rf"nothing was written\. The latest complete checkpoint is step 20: free space and re-run the command to "
+      rf"resume", errors[0]), read("full", "err")[-3000:]
+  assert "Traceback" not in read("full", "err")
+  assert (tmp_path / "ckpts.txt").read_text().split() == ["10", "20"]    # nothing half-written as the latest
+  assert read("freed", "rc").strip() == "0", read("freed", "err")[-3000:]
+  assert "resumed from step 20 " in read("freed", "out") and "done: step 60" in read("freed", "out")
 
 
 def test_fault_found_in_orbax_and_os_errors():
