@@ -58,15 +58,11 @@ class FaultLogFilter(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     text = record.getMessage()
-    if record.exc_info and record.exc_info[1] is not None:
-      text += " " + str(record.exc_info[1])
-      if environment_fault(record.exc_info[1]):
-        self.seen = True
-        return False
-    if _fault_in_text(text):
+    exc = record.exc_info[1] if record.exc_info else None
+    if _fault_in_text(text) or (exc is not None and environment_fault(exc)):
       self.seen = True
       return False
-    return not (self.seen and "Event loop is closed" in text)
+    return not (self.seen and "Event loop is closed" in text + str(exc or ""))
 
 
 def check_workdir(workdir: str) -> None:

@@ -99,9 +99,8 @@ def _read_records(path: str) -> list[bytes]:
 def truncate_tb(tb_dir: str, step: int) -> int:
   """Drops TensorBoard events with ``step > step`` from every event file of ``tb_dir``
   (rewritten in place), as :func:`truncate_after` does for metrics.jsonl; returns how many."""
-  import struct
   from tensorboardX.proto import event_pb2
-  from tensorboardX.record_writer import masked_crc32c
+  from tensorboardX.record_writer import RecordWriter
   dropped = 0
   for name in _event_files(tb_dir):
     path = os.path.join(tb_dir, name)
@@ -111,10 +110,10 @@ def truncate_tb(tb_dir: str, step: int) -> int:
       continue
     dropped += len(records) - len(keep)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-      for r in keep:
-        header = struct.pack("<Q", len(r))
-        f.write(header + struct.pack("<I", masked_crc32c(header)) + r + struct.pack("<I", masked_crc32c(r)))
+    writer = RecordWriter(tmp)    # tensorboardX's own framing (length, CRCs)
+    for r in keep:
+      writer.write(r)
+    writer.close()
     os.replace(tmp, path)
   return dropped
 

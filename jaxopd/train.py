@@ -66,12 +66,23 @@ def _metric_parts(metrics, count) -> dict:
   return out
 
 
-def _microbatches(batch, accum: int):
-  """``[B, ...] -> [A, B/A, ...]``; microbatch i = rows i, i+A, ... (keeps shards local)."""
-  def split(x):
+def _sum_microbatches(fn, batch, accum: int, carry):
+  """``fn(microbatch, i, carry) -> (sums, carry)`` over the ``accum`` microbatches of ``batch``
+  in a scan, the sums added up and ``carry`` threaded in order; returns ``(sums, carry)``.
+  Microbatch i is rows i, i+A, ... (keeps shards local)."""
+  def split(x):   # [B, ...] -> [A, B/A, ...]
     x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
     return mesh_lib.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
-  return jax.tree.map(split, batch)
+  micro = jax.tree.map(split, batch)
+  take = lambda i: jax.tree.map(lambda x: x[i], micro)
+
+  def body(acc, i):
+    total, carry = acc
+    sums, carry = fn(take(i), i, carry)
+    return (jax.tree.map(jnp.add, total, sums), carry), None
+  shapes = jax.eval_shape(fn, take(0), 0, carry)[0]
+  zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return jax.lax.scan(body, (zero, carry), jnp.arange(accum))[0]
 
 
 def _ratio(num, den):
@@ -208,18 +219,10 @@ class Trainer:
     if accum == 1:
       grads, loss, count, parts, method_state = self._microbatch_sums(params, frozen, batch, rng, method_state)
     else:
-      micro = _microbatches(batch, accum)
-
-      def body(carry, i):
-        sums, method_state = carry       # the method state passes through the microbatches in order
-        mb = jax.tree.map(lambda x: x[i], micro)
+      def one(mb, i, method_state):      # the method state passes through the microbatches in order
         *out, method_state = self._microbatch_sums(params, frozen, mb, jax.random.fold_in(rng, i), method_state)
-        return (jax.tree.map(jnp.add, sums, tuple(out)), method_state), None
-
-      shapes = jax.eval_shape(self._microbatch_sums, params, frozen, jax.tree.map(lambda x: x[0], micro), rng,
-                              method_state)
-      zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tuple(shapes[:4]))
-      ((grads, loss, count, parts), method_state), _ = jax.lax.scan(body, (zero, method_state), jnp.arange(accum))
+        return tuple(out), method_state
+      (grads, loss, count, parts), method_state = _sum_microbatches(one, batch, accum, method_state)
     grads = jax.tree.map(lambda g: g / count, grads)
     loss = loss / count
     grad_norm = optax.tree.norm(grads)
@@ -250,11 +253,7 @@ class Trainer:
     accum = self.config.grad_accum
     if accum == 1:
       return sums(batch)
-    micro = _microbatches(batch, accum)
-    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(sums, jax.tree.map(lambda x: x[0], micro)))
-    total, _ = jax.lax.scan(lambda acc, i: (jax.tree.map(jnp.add, acc, sums(jax.tree.map(lambda x: x[i], micro))), None),
-                            zero, jnp.arange(accum))
-    return total
+    return _sum_microbatches(lambda mb, i, carry: (sums(mb), carry), batch, accum, None)[0]
 
   def compiled_train_step(self, example_batch):
     if self._train_step is None:
