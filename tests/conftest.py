@@ -1,11 +1,41 @@
-"""Tests run on 8 simulated CPU devices (set before jax is imported)."""
+"""Tests run on 8 simulated CPU devices (set before jax is imported).
+
+One JAX persistent compilation cache serves the whole run (every xdist worker
+and every CLI subprocess a test starts inherit its directory): the suite
+compiles the same small programs many times over (a run and its resumed
+copy, each smoke pipeline's stages), and the cache turns the repeats into
+loads. It lives in a fresh temporary directory removed at the end, so each
+run starts cold, as CI does; a JAX_COMPILATION_CACHE_DIR already set is used
+as it is.
+"""
 import os
+import shutil
+import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import sys
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+
+_OWN_CACHE = None
+
+
+def pytest_configure(config):
+  # Runs in the xdist controller before it starts the workers (they inherit the
+  # environment), and before any test module imports jax.
+  global _OWN_CACHE
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="jaxopd-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    # A size limit turns on jax's file lock around each read and write of the cache: the
+    # processes sharing it never read an entry another one is still writing.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
