@@ -67,6 +67,7 @@ def get_config(arg: str | None = None):
   c.sft = sft.stage("runs/sft_smoke" if smoke else "runs/sft_base", 20 if smoke else 1500)
   c.models.policy = table.role(init="stage:sft")
   c.models.base = table.role(init="stage:sft", trainable=False)   # the base (proposal, target's a(x))
+  c.models.reward = table.role(init="none", trainable=False)       # reward=model: a reward model (hf:DIR)
 
   c.method.name = "fdpg"         # jaxopd/methods/fdpg.py
   c.method.target = "pointwise"  # pointwise | distributional | rlhf
@@ -77,7 +78,8 @@ def get_config(arg: str | None = None):
   c.method.topic_mean = 0.5      # distributional: target E_p[phi]
   c.method.lambdas = ()          # distributional: filled by the fit in prepare() (or set by hand)
   c.method.reward_beta = 0.1     # rlhf: P = a exp(r / beta)
-  c.method.reward = "gold"       # rlhf: gold (the reviews task's) | module:function (jaxopd/rewards.py; your prompts)
+  c.method.reward = "gold"       # rlhf: gold (the reviews task's) | module:function | model (config.models.reward:
+                                 # a sequence-classification directory run on device; jaxopd/rewards.py)
   c.method.conditional = False   # per-prompt targets (one log Z per training prompt)
   c.method.samples_per_context = 8  # conditional: samples per prompt in a step (batch_size / 8 prompts)
   c.method.offline = False       # sample from a proposal, replaced when the policy is closer

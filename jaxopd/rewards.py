@@ -1,4 +1,6 @@
-"""Reward sources for on-policy methods: a Python function named ``module:function``.
+"""Reward sources for on-policy methods: a Python function named ``module:function``, or a
+reward model (``model``: the run's ``reward`` role, a Hugging Face sequence-classification
+directory run on device by :func:`score`).
 
 The function is the user's (a verifier, a heuristic, a call to a scorer), TRL's
 reward-function convention: called with keyword arguments
@@ -13,6 +15,15 @@ function and calls it once on a probe batch, so a wrong name, a wrong signature
 or a wrong return shape is a one-line :class:`ConfigError` before anything is
 compiled. At training time a non-finite reward is passed on, so the step is
 non-finite and the trainer stops with its one-line error naming the step.
+
+A reward model (``config.models.reward.init=hf:DIR``, ``architectures``
+``Llama/Qwen2/GPT2ForSequenceClassification`` with one label) scores each
+sampled row on device, inside the step, as ``transformers`` does: the score
+head's output at the row's last token that is not the model's pad token
+(with ``pad == eos`` the EOS is not scored; with no pad id, the last token).
+It reads the policy's token ids, so it must share the policy's tokenizer
+(checked when its directory has one); a reward model with another tokenizer is
+a ``module:function`` reward that re-tokenizes.
 """
 
 from __future__ import annotations
@@ -21,9 +32,13 @@ import hashlib
 import importlib
 import importlib.util
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxopd.errors import ConfigError
+
+MODEL = "model"       # config.method.reward: the reward role of the model table
 
 
 def is_function(spec: str) -> bool:
@@ -43,18 +58,51 @@ def fingerprint(spec: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def decode(tokenizer, tokens, loss_mask, prompt_width: int) -> tuple[list[str], list[str]]:
-  """Texts of sampled rows ``tokens [B, T]``: the prompt is the first ``prompt_width`` columns
-  (left-padded by the sampler), the completion the tokens where ``loss_mask`` is 1."""
+def score(model, tokens: jax.Array, loss_mask: jax.Array, pad_id: int) -> jax.Array:
+  """``[B]`` float32 rewards of a ``head="score"`` model on sampled rows ``tokens [B, T]``
+  (the sampler's layout: prompt, response, then padding; ``loss_mask`` 1 on the response).
+
+  The row's real tokens are those up to its last response token; the reward is the score
+  at the last of them that is not ``pad_id`` (transformers' rule; ``pad_id=-1``: the last)."""
+  idx = jnp.arange(tokens.shape[1])
+  end = jnp.max(jnp.where(loss_mask.astype(bool), idx, -1), axis=1) + 1     # one past the response
+  real = idx[None, :] < end[:, None]
+  out = model(tokens, attention_mask=real).logits[..., 0].astype(jnp.float32)
+  at = jnp.max(jnp.where(real & (tokens != pad_id), idx, 0), axis=1)
+  return jnp.take_along_axis(out, at[:, None], axis=1)[:, 0]
+
+
+def check_model(policy_tokenizer, reward_dir: str, arch, field: str = "config.models.reward"):
+  """A reward role's architecture and tokenizer against the run's: a score head, and the
+  policy's vocabulary (the reward model reads the policy's token ids)."""
+  if arch.head != "score":
+    raise ConfigError(f"{field}: {reward_dir or 'its source'} is a language model, not a reward model "
+                      f"(config.json architectures: *ForSequenceClassification with num_labels=1)")
+  if arch.vocab_size < len(policy_tokenizer):
+    raise ConfigError(f"{field}: its vocab_size={arch.vocab_size} is smaller than the policy tokenizer's "
+                      f"{len(policy_tokenizer)} tokens")
+  if reward_dir:
+    from jaxopd.models import hf
+    theirs = hf.load_tokenizer(reward_dir)
+    if theirs is not None and theirs.get_vocab() != policy_tokenizer.get_vocab():
+      raise ConfigError(f"{field}: the tokenizer in {reward_dir} differs from the policy's: a reward model run "
+                        f"on device reads the policy's token ids (score with another tokenizer through a "
+                        f"module:function reward)")
+
+
+def decode(tokenizer, tokens, loss_mask) -> tuple[list[str], list[str]]:
+  """Texts of sampled rows ``tokens [B, T]`` (prompt, response, padding): the completion is the
+  tokens where ``loss_mask`` is 1, the prompt the tokens before it."""
   tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
   prompts, completions = [], []
   for row, m in zip(tokens.tolist(), loss_mask.tolist()):
-    prompts.append(tokenizer.decode(row[:prompt_width], skip_special_tokens=True))
+    start = m.index(1) if 1 in m else len(row)
+    prompts.append(tokenizer.decode(row[:start], skip_special_tokens=True))
     completions.append(tokenizer.decode([t for t, k in zip(row, m) if k], skip_special_tokens=True))
   return prompts, completions
 
 
-def load(spec: str, tokenizer, prompt_width: int, probe_prompts: list[str], field: str = "config.method.reward"):
+def load(spec: str, tokenizer, probe_prompts: list[str], field: str = "config.method.reward"):
   """``(tokens [B, T], loss_mask [B, T]) -> float32 [B]`` from the function ``spec`` names,
   checked on ``probe_prompts`` (with empty completions)."""
   if not is_function(spec):
@@ -84,6 +132,6 @@ def load(spec: str, tokenizer, prompt_width: int, probe_prompts: list[str], fiel
   call(list(probe_prompts), [""] * len(probe_prompts), "on a probe batch")
 
   def reward(tokens, loss_mask):
-    prompts, completions = decode(tokenizer, tokens, loss_mask, prompt_width)
+    prompts, completions = decode(tokenizer, tokens, loss_mask)
     return call(prompts, completions, "on sampled completions", finite=False)
   return reward

@@ -31,9 +31,12 @@ def pytest_configure(config):
     _OWN_CACHE = tempfile.mkdtemp(prefix="jaxopd-test-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    # A size limit turns on jax's file lock around each read and write of the cache: the
-    # processes sharing it never read an entry another one is still writing.
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+    # No size limit: with one, every write rescans the whole directory (thousands of entries).
+    # Without its file lock, a process may read an entry another is still writing; jax then
+    # fails to decompress it, warns and compiles instead. The warning is silenced (in the
+    # CLI subprocesses too) so that such a race leaves no line in a test's stderr.
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        w for w in (os.environ.get("PYTHONWARNINGS"), "ignore::UserWarning:jax._src.compiler") if w)
 
 
 def pytest_unconfigure(config):

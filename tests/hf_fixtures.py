@@ -89,6 +89,46 @@ def make_family_dir(path: str, family: str, seed: int = 0, dtype: str = "bfloat1
   return path
 
 
+def make_reward_dir(path: str, family: str, seed: int = 0, dtype: str = "bfloat16", pooled: bool = False,
+                    **arch) -> str:
+  """A reward model of ``family`` (``*ForSequenceClassification``, one label, the family's
+  pad id in its config, random weights in ``dtype``) with the family's tokenizer; returns ``path``.
+
+  ``pooled`` (llama/qwen2): query and key projections zero and the output projections scaled
+  up, so every layer attends uniformly to the tokens so far and the score at the last token is
+  mostly a function of their average: a reward a policy can raise within a few steps by
+  changing which tokens it writes, as a trained reward model's often is."""
+  import torch
+  import transformers
+  tok = make_tokenizer(family)
+  config = hf_config(family, len(tok), **arch)
+  config.num_labels = 1
+  config.pad_token_id = tok.pad_token_id
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float32).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.copy_(1 + 0.1 * torch.randn_like(p) if p.ndim == 1 else 0.1 * torch.randn_like(p))
+    if pooled:
+      for name, p in model.named_parameters():
+        if ".q_proj." in name or ".k_proj." in name:
+          p.zero_()
+        elif ".o_proj." in name:
+          p.mul_(10.0)
+  model.to(getattr(torch, dtype)).save_pretrained(path)
+  tok.save_pretrained(path)
+  return path
+
+
+def torch_rewards(path: str, rows: list[list[int]]) -> np.ndarray:
+  """transformers' float32 rewards of the reward model in ``path`` on each unpadded row alone."""
+  import torch
+  import transformers
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+  with torch.no_grad():
+    return np.array([model(torch.tensor([r])).logits[0, 0].item() for r in rows])
+
+
 def torch_logits(path: str, tokens: np.ndarray) -> np.ndarray:
   """transformers' float32 logits of the checkpoint in ``path`` (its weights upcast)."""
   import torch

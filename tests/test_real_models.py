@@ -213,6 +213,40 @@ def test_fdpg_rlhf_from_hf_dir_with_a_reward_function(families, tmp_path, monkey
   assert after > base_reward + 0.02, (base_reward, after)
 
 
+def test_fdpg_rlhf_with_a_reward_model_directory(families, tmp_path):
+  """f-DPG toward P = a exp(r / beta) with r a bf16 Qwen2ForSequenceClassification directory (the
+  frozen reward role, run on device inside the step, the policy's tokenizer) by fields only on
+  (2, 2, 2): the reward of held-out samples goes from the base's toward the target's own (its
+  importance-sampled estimate from the fit); the target fit's cache key holds the reward model's
+  fingerprint."""
+  rm = hf_fixtures.make_reward_dir(str(tmp_path / "rm"), "qwen2", seed=5, pooled=True)
+  c = _quiet(load_config("fdpg.py:rlhf,fkl,conditional"), steps=30)
+  c.data.task = "files"
+  c.data.files.train = hf_fixtures.write_jsonl(str(tmp_path / "p.jsonl"), hf_fixtures.prompt_records(32))
+  c.data.files.eval = hf_fixtures.write_jsonl(str(tmp_path / "pe.jsonl"), hf_fixtures.prompt_records(8, 1))
+  c.data.data_dir = str(tmp_path / "data")
+  c.models.policy.init = c.models.base.init = f"hf:{families['qwen2']}"
+  c.method.reward = "model"
+  c.models.reward.init = f"hf:{rm}"
+  c.models.reward.param_dtype = "bfloat16"
+  c.method.reward_beta = 0.03
+  c.method.fit_samples = 256
+  c.rollout.prompt_len, c.rollout.max_new_tokens, c.seq_len = 24, 16, 40
+  c.eval.contexts, c.eval.num_samples = 4, 64
+  c.optim.lr = 3e-3
+  c, out = _run("fdpg", c, tmp_path / "fdpg")
+  fit = json.load(open(tmp_path / "fdpg" / "target.json"))
+  assert fit["key"]["reward_source"] == table.fingerprint(table.parse_init("reward", f"hf:{rm}"))
+  rec = json.load(open(tmp_path / "fdpg" / "models.json"))
+  assert rec["reward"]["trainable"] is False and rec["reward"]["arch"]["head"] == "score"
+  after, base, target = out["eval"]["sample/alignment"], fit["base_reward"], fit["target_reward"]
+  print(f"f-DPG with a reward model: reward of base samples {base:.4f} -> policy {after:.4f} "
+        f"(the target's {target:.4f})")
+  # the policy went a good part of the way to the target's reward, well beyond the noise of 64 samples
+  assert target > base and after - base > 0.4 * (target - base), (base, after, target)
+  assert after - base > 3 * fit["base_reward_std"] / np.sqrt(c.eval.num_samples), (base, after, fit)
+
+
 def test_hf_model_id_resolves_offline_to_the_local_cache(families, tmp_path, monkeypatch):
   """``hf:org/name`` is the snapshot of that id in the local Hugging Face cache (the hub's
   layout: models--org--name/refs/main -> snapshots/<commit>/); an id not in the cache is one line."""

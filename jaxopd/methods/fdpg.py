@@ -55,14 +55,20 @@ class Target:
     needed for reverse KL);
   * distributional: ``exp(lambda . features(x))`` with ``features[k] = 1`` if the
     response contains one of ``feature_ids[k]`` (e.g. a topic's nouns);
-  * rlhf: ``exp(r(x) / beta)`` with a host-side reward (``jax.pure_callback``).
+  * rlhf: ``exp(r(x) / beta)`` with a host-side reward function (``jax.pure_callback``), or,
+    with ``reward_fn=None``, the reward model ``models["reward"]`` run on device
+    (:func:`jaxopd.rewards.score`; ``reward_pad``: the pad id it skips).
+
+  The reward-bearing methods take ``models`` (the step's dict of models, or one with
+  the reward role alone) so a reward model is an argument, never a baked constant.
   """
   kind: str
   token_ids: tuple = ()                   # pointwise
   feature_ids: tuple = ()                 # distributional: tuple of tuples of ids
   lambdas: tuple = ()                     # distributional coefficients
-  reward_fn: Callable | None = None       # rlhf: (tokens [B, T], mask [B, T]) -> [B] numpy
+  reward_fn: Callable | None = None       # rlhf: (tokens [B, T], mask [B, T]) -> [B] numpy; None: models["reward"]
   beta: float = 1.0                       # rlhf temperature
+  reward_pad: int = -1                    # rlhf with a reward model: its pad id (-1: none)
 
   def features(self, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
     """``[B, K]`` float32: 1 where the response contains one of ``feature_ids[k]``."""
@@ -71,25 +77,27 @@ class Target:
     cols = [jnp.any(jnp.isin(tokens, jnp.asarray(group, jnp.int32)) & resp, axis=1) for group in ids]
     return jnp.stack(cols, axis=1).astype(jnp.float32)
 
-  def reward(self, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
+  def reward(self, tokens: jax.Array, loss_mask: jax.Array, models=None) -> jax.Array:
+    if self.reward_fn is None:
+      return rewards.score(models["reward"], tokens, loss_mask, self.reward_pad)
     shape = jax.ShapeDtypeStruct((tokens.shape[0],), jnp.float32)
     fn = lambda t, m: np.asarray(self.reward_fn(t, m), np.float32)
     return jax.pure_callback(fn, shape, tokens, loss_mask)
 
-  def alignment(self, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
+  def alignment(self, tokens: jax.Array, loss_mask: jax.Array, models=None) -> jax.Array:
     """``[B]``: ``b(x)`` (pointwise), the first feature (distributional), ``r(x)`` (rlhf)."""
     if self.kind == "rlhf":
-      return self.reward(tokens, loss_mask)
+      return self.reward(tokens, loss_mask, models)
     return self.features(tokens, loss_mask)[:, 0]
 
-  def log_phi(self, tokens: jax.Array, loss_mask: jax.Array, eps: float = 0.0) -> jax.Array:
+  def log_phi(self, tokens: jax.Array, loss_mask: jax.Array, eps: float = 0.0, models=None) -> jax.Array:
     if self.kind == "pointwise":
       b = jnp.maximum(self.features(tokens, loss_mask)[:, 0], eps)
       return jnp.where(b > 0, jnp.log(jnp.where(b > 0, b, 1.0)), -jnp.inf)
     if self.kind == "distributional":
       return self.features(tokens, loss_mask) @ jnp.asarray(self.lambdas, jnp.float32)
     if self.kind == "rlhf":
-      return self.reward(tokens, loss_mask) / self.beta
+      return self.reward(tokens, loss_mask, models) / self.beta
     raise ValueError(f"config.method.target={self.kind!r}: must be one of {TARGETS}")
 
 
@@ -189,8 +197,8 @@ def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: flo
     q_logp = jnp.sum(out.logprobs, axis=1)
     a_logp = _sequence_logp(models["base"], tokens, mask)
     pi_logp = _sequence_logp(policy, tokens, mask) if offline else q_logp
-    log_score = a_logp + target.log_phi(tokens, mask, eps)
-    true_score = a_logp + target.log_phi(tokens, mask, 0.0) if eps > 0 else log_score
+    log_score = a_logp + target.log_phi(tokens, mask, eps, models)
+    true_score = a_logp + target.log_phi(tokens, mask, 0.0, models) if eps > 0 else log_score
     log_z = state["log_z"].update(log_score, q_logp, ctx)
     lz = log_z.value[ctx]
     valid = jnp.isfinite(lz)
@@ -213,7 +221,7 @@ def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: flo
                  kl_policy=jnp.where(check, 0.0, kp), kl_proposal=jnp.where(check, 0.0, kq))
     train = {"tokens": tokens, "loss_mask": mask, "proposal_logp": q_logp, "log_score": log_score,
              "log_z": lz, "baseline": b, "weight": context_weights(valid, k), "true_score": true_score,
-             "base_logp": a_logp, "alignment": target.alignment(tokens, mask)}
+             "base_logp": a_logp, "alignment": target.alignment(tokens, mask, models)}
     if offline:
       train["swaps"] = jnp.broadcast_to(new["swaps"].astype(jnp.float32), q_logp.shape)
     return train, new
@@ -287,14 +295,21 @@ def _check(c):
     raise ConfigError(f"config.method.topic={m.topic!r}: must be one of {reviews.TOPIC_NAMES}")
   if c.data.task not in ("reviews", "files"):
     raise ConfigError(f"config.data.task={c.data.task!r}: must be reviews or files (prompt files)")
-  if m.reward != "gold" and not rewards.is_function(m.reward):
-    raise ConfigError(f"config.method.reward={m.reward!r}: must be gold (the reviews task's) or module:function")
+  if m.reward not in ("gold", rewards.MODEL) and not rewards.is_function(m.reward):
+    raise ConfigError(f"config.method.reward={m.reward!r}: must be gold (the reviews task's), module:function or "
+                      f"model (the reward role: --config.models.reward.init=hf:DIR)")
+  if m.reward == rewards.MODEL and not table.built(c, "reward"):
+    raise ConfigError("config.method.reward='model': give the reward model's source, "
+                      "--config.models.reward.init=hf:DIR (a *ForSequenceClassification directory)")
+  if m.reward != rewards.MODEL and table.built(c, "reward"):
+    raise ConfigError(f"config.models.reward.init={c.models.reward.init!r}: only config.method.reward=model uses "
+                      f"the reward role (config.method.reward={m.reward!r}; leave the init at none)")
   if m.reward != "gold" and m.target != "rlhf":
     raise ConfigError(f"config.method.reward={m.reward!r}: only target=rlhf uses a reward")
   if c.data.task == "files":
     if m.target != "rlhf" or m.reward == "gold":
       raise ConfigError(f"config.method.target={m.target!r}: with task=files the target is rlhf with your reward "
-                        f"(--config.method.target=rlhf --config.method.reward=module:function); the pointwise "
+                        f"(--config.method.target=rlhf --config.method.reward=module:function or model); the pointwise "
                         f"and distributional targets are defined on the reviews vocabulary")
     if not m.conditional:
       raise ConfigError("config.method.conditional=False: with task=files each prompt is a context "
@@ -379,10 +394,23 @@ def make_target(c, data: Data, lambdas=None) -> Target:
     return Target("distributional", feature_ids=(ids,), lambdas=lam)
   if m.reward == "gold":
     return Target("rlhf", reward_fn=suite_lib.gold_reward_fn(data.suite), beta=float(m.reward_beta))
+  if m.reward == rewards.MODEL:
+    rdir = table.source_dir(c, "reward")
+    rewards.check_model(tok, rdir, table.arch(c, "reward"))
+    return Target("rlhf", reward_fn=None, beta=float(m.reward_beta), reward_pad=_pad_id(rdir))
   prompt, plen = _prompts(c, data, "train", 2)
   probe = [tok.decode(p[:n].tolist(), skip_special_tokens=True) for p, n in zip(prompt, plen)]
-  fn = rewards.load(m.reward, tok, prompt_width=prompt_len(c), probe_prompts=probe)
+  fn = rewards.load(m.reward, tok, probe_prompts=probe)
   return Target("rlhf", reward_fn=fn, beta=float(m.reward_beta))
+
+
+def _pad_id(hf_dir: str) -> int:
+  """The pad id a reward model's ``config.json`` gives (-1: none; then it scores the last token)."""
+  if not hf_dir:
+    return -1
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    pad = json.load(f).get("pad_token_id")
+  return -1 if pad is None else int(pad)
 
 
 def _prompts(c, data: Data, split: str, n: int | None = None):
@@ -418,11 +446,29 @@ def prepare(config, workdir: str):
   return config
 
 
-def _draw_with_features(scfg, target, with_features, model, prompt, plen, rng):
-  """Samples of ``model`` and the target's features of them (zeros when it has none)."""
+def _draw_and_score(scfg, target, model, reward_model, prompt, plen, rng):
+  """Samples of ``model`` and what the target needs of them: its features ``[B, K]``, or the
+  reward ``[B, 1]`` (rlhf; ``reward_model``: the reward role, or None)."""
   out = sample(model, prompt, plen, rng, scfg)
-  feats = target.features(out.tokens, out.loss_mask) if with_features else jnp.zeros((prompt.shape[0], 1))
-  return out.tokens, out.loss_mask, feats
+  if target.kind == "rlhf":
+    return out.tokens, out.loss_mask, target.reward(out.tokens, out.loss_mask, {"reward": reward_model})[:, None]
+  return out.tokens, out.loss_mask, target.features(out.tokens, out.loss_mask)
+
+
+def _reward_fingerprint(c) -> str:
+  """What the reward's code or weights are (cached fits depending on the reward are refitted
+  when it changes): the function's source file, or the reward model's weight files."""
+  if c.method.reward == rewards.MODEL:
+    return table.fingerprint(table.resolve_one(c, "reward").source)
+  return rewards.fingerprint(c.method.reward) if c.method.reward != "gold" else ""
+
+
+def _load_reward_model(c):
+  """The reward role as a model (host-side work: the target fit), or None."""
+  if c.method.reward != rewards.MODEL:
+    return None
+  r = c.models.reward
+  return table.load_model(r.init, "reward", dtype=r.dtype, param_dtype=r.param_dtype)[0]
 
 
 def _fit_target(config, workdir: str) -> dict:
@@ -435,7 +481,7 @@ def _fit_target(config, workdir: str) -> dict:
          "topic_mean": m.topic_mean, "lambdas": list(m.lambdas), "reward_beta": m.reward_beta,
          "conditional": m.conditional, "fit_samples": m.fit_samples, "contexts": _eval_contexts(config),
          "max_new_tokens": config.rollout.max_new_tokens, "seed": config.seed, "reward": m.reward,
-         "reward_source": rewards.fingerprint(m.reward) if m.reward != "gold" else "",
+         "reward_source": _reward_fingerprint(config),
          "prompts": config.data.files.eval if config.data.task == "files" else "reviews"}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   shared = os.path.join(config.data.data_dir, "fdpg_targets", f"{digest}.json")
@@ -452,16 +498,17 @@ def _fit_target(config, workdir: str) -> dict:
         return cached
   data = load_data(config)
   base, _ = table.load_model(config.models.base.init, "base")
+  reward_model = _load_reward_model(config)
   k = _eval_contexts(config)
   prompt, plen = _prompts(config, data, "test", k)
   if len(prompt) < k:
     raise ConfigError(f"config.eval.contexts={k}: the held-out prompts are only {len(prompt)}")
   scfg = _scfg(config, data.tokenizer)
   target0 = make_target(config, data, lambdas=(0.0,))
-  draw = compiled(_draw_with_features, (scfg, target0, m.target != "rlhf"), base)
+  draw = compiled(_draw_and_score, (scfg, target0), base, reward_model)
 
   chunk = 512
-  feats, log_phi_extra, ctx_ids = [], [], []
+  feats, ctx_ids = [], []
   rng = jax.random.PRNGKey(config.seed + 7)
   for ci in range(k):
     done = 0
@@ -470,12 +517,10 @@ def _fit_target(config, workdir: str) -> dict:
       rng, sub = jax.random.split(rng)
       toks, mask, f = jax.device_get(draw(np.repeat(prompt[ci:ci + 1], n, 0), np.repeat(plen[ci:ci + 1], n), sub))
       feats.append(np.asarray(f, np.float64))
-      if m.target == "rlhf":
-        log_phi_extra.append(np.asarray(target0.reward_fn(toks, mask), np.float64) / m.reward_beta)
       ctx_ids.append(np.full(n, ci))
       done += n
   feats, ctx_ids = np.concatenate(feats), np.concatenate(ctx_ids)
-  out = {"key": key, "base_rate": float(feats[:, 0].mean())}
+  out = {"key": key} if m.target == "rlhf" else {"key": key, "base_rate": float(feats[:, 0].mean())}
   if m.target == "pointwise":
     log_phi = np.where(feats[:, 0] > 0, 0.0, -np.inf)
   elif m.target == "distributional":
@@ -483,8 +528,13 @@ def _fit_target(config, workdir: str) -> dict:
     out["lambdas"] = lam.tolist()
     log_phi = feats @ lam
   else:
-    log_phi = np.concatenate(log_phi_extra)
-    out["base_reward"] = float(np.mean(log_phi) * m.reward_beta)
+    r = feats[:, 0]
+    log_phi = r / m.reward_beta
+    out["base_reward"], out["base_reward_std"] = float(np.mean(r)), float(np.std(r))
+    # E_P[r] of the target itself, per context by self-normalised importance sampling of the
+    # base samples (weights phi = exp(r / beta)), averaged over the contexts
+    w = [np.exp(log_phi[ctx_ids == ci] - log_phi[ctx_ids == ci].max()) for ci in range(k)]
+    out["target_reward"] = float(np.mean([wi @ r[ctx_ids == ci] / wi.sum() for ci, wi in enumerate(w)]))
   # Samples are from a, so Z = E_a[P / a] = E_a[phi] per context.
   log_z = []
   for ci in range(k):
@@ -496,7 +546,9 @@ def _fit_target(config, workdir: str) -> dict:
     mx = lp[np.isfinite(lp)].max()
     log_z.append(float(mx + np.log(np.mean(np.exp(lp - mx)))))
   out["log_z"] = log_z
-  rate = f"base reward {out['base_reward']:.4f}" if m.target == "rlhf" else f"base rate {out['base_rate']:.4f}"
+  rate = (f"base reward {out['base_reward']:.4f} (std {out['base_reward_std']:.4f}), target's "
+          f"{out['target_reward']:.4f}" if m.target == "rlhf"
+          else f"base rate {out['base_rate']:.4f}")
   print(f"[stage] target {m.target}: {rate}"
         + (f", lambda {out['lambdas']}" if "lambdas" in out else "")
         + f", log Z {np.round(log_z[:4], 4).tolist()}{' ...' if k > 4 else ''} "
@@ -547,7 +599,8 @@ def build(config) -> Experiment:
     return init_state(num_contexts, int(m.baseline_window), proposal)
 
   loss_fn = make_loss_fn(m.divergence, on_policy=not m.offline)
-  return Experiment(roles={"policy": True, "base": False}, loss_fn=loss_fn,
+  roles = {"policy": True, "base": False, **({"reward": False} if m.reward == rewards.MODEL else {})}
+  return Experiment(roles=roles, loss_fn=loss_fn,
                     train_data=train_data, rollout=rollout, init_state=method_init, evaluate=make_evaluate(config, data, target))
 
 
@@ -563,7 +616,7 @@ def make_evaluate(config, data: Data, target: Target):
   rng = jax.random.PRNGKey(config.seed + 1)
 
   def evaluate(models, step):
-    fn = compiled(_sample_and_score, (scfg, target), models["policy"], models["base"])
+    fn = compiled(_sample_and_score, (scfg, target), models["policy"], models["base"], models.get("reward"))
     toks, mask, res = to_host(fn(prompt, plen, log_z, rng))
     resp = [t[mm == 1].tolist() for t, mm in zip(np.asarray(toks), np.asarray(mask))]
     out = {f"sample/{n}": float(v) for n, v in res.items()}
@@ -574,7 +627,7 @@ def make_evaluate(config, data: Data, target: Target):
   return evaluate
 
 
-def _sample_and_score(scfg, target, policy, base, prompt, plen, log_z, rng):
+def _sample_and_score(scfg, target, policy, base, reward_model, prompt, plen, log_z, rng):
   """Samples of the policy scored against the true target: IS divergence estimates, alignment,
   KL to the base, entropy (one compiled call; report() reuses training's through jax's cache)."""
   out = sample(policy, prompt, plen, rng, scfg)
@@ -582,9 +635,10 @@ def _sample_and_score(scfg, target, policy, base, prompt, plen, log_z, rng):
   logits = policy(out.tokens).logits
   pi = jnp.sum(token_logprobs(logits, out.tokens) * m, 1)
   a = jnp.sum(token_logprobs(base(out.tokens).logits, out.tokens) * m, 1)
-  log_p_score = a + target.log_phi(out.tokens, out.loss_mask)
+  rm = {"reward": reward_model}
+  log_p_score = a + target.log_phi(out.tokens, out.loss_mask, models=rm)
   res = {f"target/{n}": v for n, v in divergence_estimates(pi, pi, log_p_score, log_z).items()}
-  res.update({"alignment": jnp.mean(target.alignment(out.tokens, out.loss_mask)),
+  res.update({"alignment": jnp.mean(target.alignment(out.tokens, out.loss_mask, rm)),
               "kl_base": jnp.mean(pi - a), "entropy": token_entropy(logits[:, :-1], m)})
   return out.tokens, out.loss_mask, res
 

@@ -13,6 +13,10 @@ bias). HF is the weight format only; the model is always jaxopd's.
 * :func:`export`: ``config.json`` + ``model.safetensors`` that
   ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
+A reward model (``architectures``: ``GPT2/Llama/Qwen2ForSequenceClassification``
+with one label) loads as a Transformer with ``head="score"``: HF's bias-free
+``score`` layer in place of the LM head.
+
 CLI: ``python -m jaxopd.models.hf export --workdir runs/X --model policy --out DIR``
 (the latest checkpoint of a run). A run starts a model from an HF directory with
 ``--config.models.<role>.init=hf:DIR`` (:mod:`jaxopd.models.table`), its
@@ -65,6 +69,13 @@ def config_from_hf(hf_dir: str, dtype: str = "float32", param_dtype: str = "floa
       bad(field, why)
 
   mt = hc.get("model_type")
+  archs = hc.get("architectures") or []
+  head = "score" if any(a.endswith("ForSequenceClassification") for a in archs) else "lm"
+  if head == "score":
+    labels = len(hc.get("id2label") or {0: "LABEL_0", 1: "LABEL_1"})   # transformers' default is 2
+    if labels != 1:
+      raise ConfigError(f"{path}: id2label has {labels} labels: a reward model ({archs[0]}) has one output "
+                        f"(num_labels=1)")
   if mt == "gpt2":
     need("activation_function", lambda v: v in ("gelu_new", "gelu_pytorch_tanh"), "only the tanh GELU is supported")
     need("scale_attn_weights", lambda v: v, "unscaled attention is not supported")
@@ -74,7 +85,7 @@ def config_from_hf(hf_dir: str, dtype: str = "float32", param_dtype: str = "floa
                       n_layers=hc.get("n_layer", 12), n_heads=hc.get("n_head", 12), d_ff=hc.get("n_inner") or 0,
                       max_len=hc.get("n_positions", 1024), norm_eps=hc.get("layer_norm_epsilon", 1e-5),
                       tie_embeddings=hc.get("tie_word_embeddings", True), dtype=dtype,
-                      param_dtype=param_dtype)
+                      param_dtype=param_dtype, head=head)
   elif mt in ("llama", "qwen2"):
     need("hidden_act", lambda v: v == "silu", "only silu (SwiGLU) is supported")
     need("attention_bias", lambda v: not v, "an o_proj bias is not supported (q/k/v bias only: qwen2)")
@@ -99,7 +110,7 @@ def config_from_hf(hf_dir: str, dtype: str = "float32", param_dtype: str = "floa
                       max_len=hc.get("max_position_embeddings", 2048), qkv_bias=mt == "qwen2",
                       rope_theta=float(theta), norm_eps=hc.get("rms_norm_eps", 1e-6),
                       tie_embeddings=hc.get("tie_word_embeddings", False), dtype=dtype,
-                      param_dtype=param_dtype)
+                      param_dtype=param_dtype, head=head)
   else:
     bad("model_type", "supported: gpt2, llama, qwen2")
   return cfg.validate(prefix=f"{path} (as jaxopd ModelConfig)")
@@ -189,7 +200,9 @@ def _layout(cfg: ModelConfig) -> tuple[dict[str, _Src], set[str]]:
       out[k + "mlp.w_down"] = linear(b + "mlp.down_proj.weight", d, f)
       ignore.add(b + "self_attn.rotary_emb.inv_freq")
     out["ln_f.scale"] = same(p + "norm.weight", d)
-  if cfg.tie_embeddings:
+  if cfg.head == "score":                      # *ForSequenceClassification: a bias-free [1, d] score layer
+    out["score"] = linear("score.weight", 1, d)
+  elif cfg.tie_embeddings:
     ignore.add("lm_head.weight")               # HF ties it to the embedding when present
   else:
     out["lm_head"] = linear("lm_head.weight", v, d)
@@ -352,7 +365,11 @@ def export(model_or_params, model_config: ModelConfig, out_dir: str, tokenizer=N
   """Writes ``out_dir/config.json`` and ``out_dir/model.safetensors``, and the tokenizer if
   given. ``model_or_params``: a Transformer, its ``nnx.Param`` state, or the pure dict of
   that state. ``dtype``: ``float32``, ``bfloat16`` or ``float16`` for every tensor; None
-  keeps the parameters' dtype (``model_config.param_dtype``). Returns ``out_dir``."""
+  keeps the parameters' dtype (``model_config.param_dtype``). Returns ``out_dir``.
+
+  The token ids in ``config.json`` are the tokenizer's; for a reward model
+  (``head="score"``) the pad id decides which token transformers scores (the last
+  that is not pad), so give the tokenizer as saved with it."""
   params = nnx.state(model_or_params, nnx.Param) if isinstance(model_or_params, nnx.Module) else model_or_params
   flat, _ = ckpt_lib.flatten(params)
   layout, _ = _layout(model_config)
@@ -373,8 +390,13 @@ def export(model_or_params, model_config: ModelConfig, out_dir: str, tokenizer=N
     full[..., src.offset:src.offset + window.shape[-1]] = window.astype(out_dtype)
   os.makedirs(out_dir, exist_ok=True)
   hcfg = hf_config(model_config, tokenizer)
-  hcfg.architectures = [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                         "qwen2": "Qwen2ForCausalLM"}[hcfg.model_type]]
+  if model_config.head == "score":
+    hcfg.num_labels = 1
+    hcfg.architectures = [{"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2"}[hcfg.model_type]
+                          + "ForSequenceClassification"]
+  else:
+    hcfg.architectures = [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                           "qwen2": "Qwen2ForCausalLM"}[hcfg.model_type]]
   hcfg.dtype = {np.dtype(v): k for k, v in EXPORT_DTYPES.items()}[next(iter(tensors.values())).dtype]
   hcfg.save_pretrained(out_dir)
   st_io.save(tensors, os.path.join(out_dir, SINGLE), metadata={"format": "pt"})

@@ -11,7 +11,9 @@ Each role a method needs (``policy``, ``reference``, ``base``, ``draft``,
   jaxopd run's checkpoint at ``STEP``, default its latest), or ``stage:NAME``
   (the output of the experiment's pipeline stage ``NAME``; its ``prepare``
   trains the stage and replaces this by ``run:...``. Give a role another init
-  and the stage is not run);
+  and the stage is not run), or ``none``: the role is not built (an optional
+  role a method uses only when an option asks for it: f-DPG's ``reward`` with
+  ``config.method.reward=model``);
 * ``trainable``: an optimizer group (its key names the group in
   ``config.optim.groups``) or frozen (no gradient, not checkpointed, reloaded
   from its source on resume);
@@ -50,6 +52,7 @@ from jaxopd.models.transformer import ATTENTION, ModelConfig
 DTYPES = ("float32", "bfloat16")
 ROLE_FIELDS = ("init", "trainable", "arch", "param_dtype", "dtype", "attention")
 RECORD = "models.json"
+NONE = "none"                                           # init of a role that is not built
 _NOT_ARCH = ("dtype", "param_dtype", "attention")      # per role, not per architecture
 
 
@@ -96,7 +99,7 @@ def _bad(name: str, field: str, value, why: str):
 def parse_init(name: str, value: str) -> Source:
   """The :class:`Source` an ``init`` string names (step None = latest); syntax only."""
   if not isinstance(value, str) or not value:
-    _bad(name, "init", value, "must be random, hf:DIR, run:WORKDIR[:MODEL][@STEP] or stage:NAME")
+    _bad(name, "init", value, "must be random, hf:DIR, run:WORKDIR[:MODEL][@STEP], stage:NAME or none")
   if value == "random":
     return Source("random")
   kind, _, rest = value.partition(":")
@@ -116,7 +119,7 @@ def parse_init(name: str, value: str) -> Source:
     if ":" in rest:
       path, model = rest.rsplit(":", 1)
     return Source("run", os.path.abspath(path), model, step)
-  _bad(name, "init", value, "must be random, hf:DIR, run:WORKDIR[:MODEL][@STEP] or stage:NAME")
+  _bad(name, "init", value, "must be random, hf:DIR, run:WORKDIR[:MODEL][@STEP], stage:NAME or none")
 
 
 def hf_dir(name: str, value: str, rest: str) -> str:
@@ -152,7 +155,7 @@ def check_fields(config) -> None:
       _bad(name, "attention", r.attention, f"must be one of {ATTENTION}")
     if r.arch != "auto" and (r.arch not in config or not isinstance(config[r.arch], ml_collections.ConfigDict)):
       _bad(name, "arch", r.arch, "must be auto or the name of a ModelConfig block of this config (e.g. model)")
-    if isinstance(r.init, str) and r.init.startswith("stage:"):
+    if isinstance(r.init, str) and (r.init.startswith("stage:") or r.init == NONE):
       continue
     parse_init(name, r.init)
 
@@ -202,7 +205,7 @@ def run_record(workdir: str) -> dict:
 
 # Architecture fields compared between a block and a source (derived sizes: d_ff=0 means the default width).
 ARCH_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ff_dim", "qkv_bias",
-               "rope_theta", "norm_eps", "tie_embeddings", "max_len")
+               "rope_theta", "norm_eps", "tie_embeddings", "max_len", "head")
 
 
 def compare(ours: ModelConfig, theirs: ModelConfig, ours_name: str, where: str, note: str = ""):
@@ -269,7 +272,12 @@ def resolve(config, pinned: Mapping[str, dict] | None = None) -> dict[str, Role]
   is unchanged keeps the recorded step instead of the source's latest.
   """
   check_fields(config)
-  return {name: _resolve_role(config, name, pinned) for name in config.models}
+  return {name: _resolve_role(config, name, pinned) for name in config.models if config.models[name].init != NONE}
+
+
+def built(config, name: str) -> bool:
+  """Whether role ``name`` is in the table and built (its init is not ``none``)."""
+  return name in config.models and config.models[name].init != NONE
 
 
 def check_roles(roles: Mapping[str, Role], declared: Mapping[str, bool], method: str = "this experiment"):
@@ -407,18 +415,31 @@ def load_model(init: str, name: str = "model", dtype: str = "float32", param_dty
 def arch(config, name: str) -> ModelConfig:
   """The resolved architecture of role ``name`` (for an experiment's build: vocabulary checks,
   sampler sizes)."""
+  return resolve_one(config, name).arch
+
+
+def resolve_one(config, name: str) -> Role:
+  """Role ``name`` of ``config.models`` resolved (:func:`resolve`), alone."""
   if name not in config.models:
     raise ConfigError(f"config.models.{name}: missing (this experiment uses it); config.models has "
                       f"{sorted(config.models)}")
+  if config.models[name].init == NONE:
+    raise ConfigError(f"config.models.{name}.init='none': this experiment uses it; give it a source "
+                      f"(hf:DIR, run:WORKDIR)")
   check_fields(config)
-  return _resolve_role(config, name).arch
+  return _resolve_role(config, name)
+
+
+def source_dir(config, name: str) -> str:
+  """Role ``name``'s ``hf:`` directory, else "" (``run:``, ``random``, ``none``)."""
+  r = config.models.get(name)
+  if r is None or not isinstance(r.init, str) or not r.init.startswith("hf:"):
+    return ""
+  return parse_init(name, r.init).path
 
 
 def tokenizer_dir(config, name: str = "policy") -> str:
   """Role ``name``'s ``hf:`` directory when it holds a tokenizer, else ""."""
   from jaxopd.models import hf
-  r = config.models.get(name)
-  if r is None or not isinstance(r.init, str) or not r.init.startswith("hf:"):
-    return ""
-  path = parse_init(name, r.init).path
-  return path if any(os.path.isfile(os.path.join(path, f)) for f in hf.TOKENIZER_FILES) else ""
+  path = source_dir(config, name)
+  return path if path and any(os.path.isfile(os.path.join(path, f)) for f in hf.TOKENIZER_FILES) else ""

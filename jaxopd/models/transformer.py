@@ -31,6 +31,7 @@ from jaxopd.mesh import constrain
 
 FAMILIES = ("gpt2", "llama")
 ATTENTION = ("einsum", "dot_product")
+HEADS = ("lm", "score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,8 @@ class ModelConfig:
   attention: str = "einsum"        # einsum (scores materialised, float32 softmax) | dot_product
                                    # (jax.nn.dot_product_attention: cuDNN flash attention on GPU where it applies)
   init_std: float = 0.02           # normal init scale of every weight matrix
+  head: str = "lm"                 # lm (next-token logits [B, T, V]) | score (one scalar per position [B, T, 1]:
+                                   # a reward model, HF's *ForSequenceClassification with num_labels=1)
 
   @property
   def kv_heads(self) -> int:
@@ -94,6 +97,8 @@ class ModelConfig:
         bad(f, "must be float32 or bfloat16")
     if self.attention not in ATTENTION:
       bad("attention", f"must be one of {ATTENTION}")
+    if self.head not in HEADS:
+      bad("head", f"must be one of {HEADS}")
     if self.norm_eps <= 0 or self.init_std <= 0:
       bad("norm_eps" if self.norm_eps <= 0 else "init_std", "must be positive")
     return self
@@ -129,7 +134,7 @@ class KVCache(NamedTuple):
 
 
 class Output(NamedTuple):
-  logits: jax.Array                      # [B, T, V] in the compute dtype
+  logits: jax.Array                      # [B, T, V] in the compute dtype ([B, T, 1] with head=score)
   hidden: tuple[jax.Array, ...] | None   # n_layers + 1 arrays [B, T, D] (HF layout), or None
   cache: KVCache | None                  # the updated cache when one was given
 
@@ -315,7 +320,9 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """Decoder-only LM. ``model(tokens) -> Output(logits [B, T, V], hidden, cache)``."""
+  """Decoder-only LM. ``model(tokens) -> Output(logits [B, T, V], hidden, cache)``; with
+  ``head="score"`` a reward model: ``logits [B, T, 1]``, a score per position from a
+  bias-free projection of the final hidden state (HF's ``score`` layer)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     cfg.validate()
@@ -326,8 +333,10 @@ class Transformer(nnx.Module):
                       if cfg.family == "gpt2" else None)
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
     self.ln_f = Norm(cfg)
-    self.lm_head = (None if cfg.tie_embeddings else
+    self.lm_head = (None if cfg.tie_embeddings or cfg.head == "score" else
                     _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pd))
+    self.score = (_param(rngs, (cfg.d_model, 1), ("embed", None), cfg.init_std, pd) if cfg.head == "score"
+                  else None)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                attention_mask: jax.Array | None = None, cache: KVCache | None = None,
@@ -336,6 +345,30 @@ class Transformer(nnx.Module):
     ``attention_mask: [B, T]`` 1 for real tokens (keys at 0 are never attended to;
     default all ones); ``segment_ids: [B, T]`` for packed rows (tokens attend
     within their segment only; pass the per-segment ``positions`` too)."""
+    x, hidden, new_cache = self._trunk(tokens, positions, attention_mask, cache, segment_ids, return_hidden)
+    return Output(self.unembed(x), hidden, new_cache)
+
+  def final_hidden(self, tokens: jax.Array, positions: jax.Array | None = None, *,
+                   attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """The final (normed) hidden states ``[B, T, D]`` of :meth:`__call__`, without the head:
+    a loss that needs the logits of only some positions at a time applies :meth:`unembed`
+    to chunks of them (no ``[B, T, V]`` array)."""
+    return self._trunk(tokens, positions, attention_mask, None, segment_ids, False)[0]
+
+  def output_weight(self) -> jax.Array:
+    """The head's weight ``[D, V]`` (``[D, 1]`` with ``head="score"``) in its storage dtype."""
+    if self.score is not None:
+      return self.score[...]
+    return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
+  def unembed(self, x: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+    """Logits of final hidden states ``x [B, T, D]`` in the compute dtype; ``weight``: the
+    :meth:`output_weight` array when the caller already holds it (inside a chunk loop)."""
+    w = self.output_weight() if weight is None else weight
+    logits = _dense(x, w.astype(jnp.dtype(self.cfg.dtype)))
+    return logits if self.score is not None else constrain(logits, ("batch", "length", "vocab"))
+
+  def _trunk(self, tokens, positions, attention_mask, cache, segment_ids, return_hidden):
     if segment_ids is not None and cache is not None:
       raise ValueError("segment_ids (packed rows) are for training forwards, not with a KV cache")
     cfg = self.cfg
@@ -366,10 +399,7 @@ class Transformer(nnx.Module):
     x = self.ln_f(x)
     if return_hidden:
       hidden[-1] = x   # HF convention: the last hidden state is after the final norm
-    w_out = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-    logits = _dense(x, w_out.astype(dt))
-    logits = constrain(logits, ("batch", "length", "vocab"))
     new_cache = None
     if cache is not None:
       new_cache = KVCache(tuple(ks), tuple(vs), key_mask, cache.index + t)
-    return Output(logits, tuple(hidden) if return_hidden else None, new_cache)
+    return x, tuple(hidden) if return_hidden else None, new_cache
