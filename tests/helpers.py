@@ -58,17 +58,18 @@ def params_of(summary, name="policy"):
 
 
 @contextlib.contextmanager
-def shared_smoke_stages(config):
+def shared_smoke_stages(config, sft_field: str = "sft"):
   """Points ``config`` at one data dir and SFT base shared by the smoke pipelines
-  of this test session (TDPO, SparsePO, f-DPG use the same smoke SFT stage) and
-  holds a lock while the caller runs its ``prepare`` (stages are cached, so the
-  first test builds them and the others reuse them). The directory is keyed by
-  the pytest-xdist run id, so a new session never sees a stale base."""
+  of this test session (TDPO, SparsePO, f-DPG, AlignDistil use the same smoke SFT
+  stage; DistillSpec's target is the same run, ``sft_field="target"``) and holds
+  a lock while the caller runs its ``prepare`` (stages are cached, so the first
+  test builds them and the others reuse them). The directory is keyed by the
+  pytest-xdist run id, so a new session never sees a stale base."""
   run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
   root = os.path.join(tempfile.gettempdir(), f"jaxopd-smoke-{run}")
   os.makedirs(root, exist_ok=True)
   config.data.data_dir = os.path.join(root, "data")
-  config.sft.workdir = os.path.join(root, "sft_base")
+  config[sft_field].workdir = os.path.join(root, "sft_base")
   with open(os.path.join(root, "lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:

@@ -51,3 +51,27 @@ def sft_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array, segment
   pred = jnp.argmax(logits[:, :-1], axis=-1)
   correct = masked_sum((pred == tokens[:, 1:]).astype(jnp.float32), m)
   return nll, jnp.sum(m), correct
+
+
+def map_chunks(fn, xs, chunk: int):
+  """``fn(xs_chunk) -> pytree of [B, C, ...]`` over chunks of ``chunk`` positions of ``xs`` (a
+  pytree of ``[B, T, ...]`` arrays), concatenated back to ``[B, T, ...]``.
+
+  One ``lax.scan`` over the chunks with the body rematerialised (``jax.checkpoint``): a
+  chunk's intermediates (e.g. logits made from hidden states inside ``fn``) exist for one
+  chunk at a time in the forward pass and are recomputed in the backward pass. ``T`` need
+  not be a multiple of ``chunk``: the last chunk is padded (``fn`` sees zeros there) and
+  the padding cut off."""
+  leaves = jax.tree.leaves(xs)
+  b, t = leaves[0].shape[:2]
+  chunk = max(1, min(chunk, t))
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  padded = jax.tree.map(lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x, xs)
+  body = jax.checkpoint(fn)
+
+  def step(_, i):
+    return None, body(jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1), padded))
+
+  _, out = jax.lax.scan(step, None, jnp.arange(n))        # leaves [n, B, chunk, ...]
+  return jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape((b, n * chunk) + y.shape[3:])[:, :t], out)

@@ -13,7 +13,7 @@ import importlib
 
 from jaxopd.errors import ConfigError
 
-NAMES = ("sft", "tdpo", "sparsepo", "fdpg", "distillspec")
+NAMES = ("sft", "tdpo", "sparsepo", "fdpg", "distillspec", "aligndistil")
 
 
 def get(name: str):

@@ -137,14 +137,20 @@ def stage_config(config, node, model):
 def run_stage(config, node, model, what: str = "SFT base") -> str:
   """Trains SFT stage ``node`` unless its run is finished; returns the pinned ``run:`` init of
   its policy (for :func:`jaxopd.models.table.fill_stage`)."""
-  s = stage_config(config, node, model)
-  if not ckpt_lib.finished(node.workdir, s.total_steps):
-    print(f"[stage] {what} -> {node.workdir} ({s.total_steps} steps)", flush=True)
-    out = train.run(s, node.workdir, build(s))
-    if out["preempted"]:
-      raise train.Interrupted(out["preempted"], f"the {what} stage stopped at step {out['step']} "
-                              f"({out['preempted']}, checkpointed); re-run the command to resume it")
+  train_stage(stage_config(config, node, model), node.workdir, build, what)
   return stage_init(node)
+
+
+def train_stage(s, workdir: str, build_fn, what: str):
+  """Trains stage config ``s`` (experiment ``build_fn(s)``) in ``workdir`` unless that run is
+  finished; a preempted stage is :class:`jaxopd.train.Interrupted` (re-running resumes it)."""
+  if ckpt_lib.finished(workdir, s.total_steps):
+    return
+  print(f"[stage] {what} -> {workdir} ({s.total_steps} steps)", flush=True)
+  out = train.run(s, workdir, build_fn(s))
+  if out["preempted"]:
+    raise train.Interrupted(out["preempted"], f"the {what} stage stopped at step {out['step']} "
+                            f"({out['preempted']}, checkpointed); re-run the command to resume it")
 
 
 def stage_init(node) -> str:

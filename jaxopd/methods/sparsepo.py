@@ -306,7 +306,7 @@ def build(config) -> Experiment:
                                                       default_tokenizer=table.tokenizer_dir(config))
   else:
     suite = suite_lib.ensure(config.data, verbose=False)
-    pc = tdpo._prefs_config(config)
+    pc = tdpo.prefs_config(config)
     train_recs, st = preferences.records(pc, "train", config.data.data_dir, suite.tokenizer, config.seq_len,
                                          config.data.over_length, config.prefs.prompt_len)
     test_recs, _ = preferences.records(pc, "test", config.data.data_dir, suite.tokenizer, config.seq_len,
@@ -409,7 +409,7 @@ def make_evaluate(config, suite, test_recs, probe_recs=()):
 
 def examples(config, suite, models, n: int, split: str = "test") -> list[dict]:
   """The first ``n`` held-out pairs' responses (chosen, then rejected) with their per-token weights."""
-  pc = tdpo._prefs_config(config)
+  pc = tdpo.prefs_config(config)
   recs, _ = preferences.records(pc, split, config.data.data_dir, suite.tokenizer, config.seq_len,
                                 config.data.over_length, config.prefs.prompt_len)
   recs = recs[:max(1, (n + 1) // 2)]

@@ -30,7 +30,7 @@ import numpy as np
 from jaxopd.data import batched_iterator, preferences, suite as suite_lib
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import evaluate_policy
-from jaxopd.experiment import Experiment, LossOutput
+from jaxopd.experiment import Experiment, LossOutput, load_config
 from jaxopd.losses import dpo_loss, forward_kl_per_token, response_mask, tdpo_loss, token_logprobs
 
 from jaxopd.methods import sft
@@ -155,7 +155,7 @@ def _check(c):
                         f"exceeds config.model.max_len={c.model.max_len}")
 
 
-def _prefs_config(c):
+def prefs_config(c):
   d, p = c.data, c.prefs
   with open(os.path.join(c.sft.workdir, "config.json")) as f:
     steps = json.load(f)["total_steps"]
@@ -182,7 +182,7 @@ def prepare(config, workdir: str):
     raise ConfigError(f"config.data.task={config.data.task!r}: must be reviews or files")
   suite_lib.ensure(config.data)
   sft_init = sft.run_stage(config, config.sft, config.model)
-  pc = _prefs_config(config)
+  pc = prefs_config(config)
   print(f"[stage] preferences {pc.name} (k={pc.k}, {pc.mode}) in {config.data.data_dir}", flush=True)
   preferences.prepare(pc, config.data.data_dir)
   for split in ("train", "test"):
@@ -193,6 +193,11 @@ def prepare(config, workdir: str):
   return config
 
 
+def _swapped(records):
+  """Pairs with chosen and rejected exchanged (``config.method.swap``)."""
+  return [{**r, "tokens": r["tokens"][::-1].copy(), "loss_mask": r["loss_mask"][::-1].copy()} for r in records]
+
+
 def build(config) -> Experiment:
   _check(config)
   if config.data.task == "files":
@@ -201,7 +206,7 @@ def build(config) -> Experiment:
     evaluate = None       # no gold reward for your data: eval = held-out pair metrics only
   else:
     suite = suite_lib.ensure(config.data, verbose=False)
-    pc = _prefs_config(config)
+    pc = prefs_config(config)
     train_recs, st = preferences.records(pc, "train", config.data.data_dir, suite.tokenizer, config.seq_len,
                                          config.data.over_length, config.prefs.prompt_len)
     test_recs, _ = preferences.records(pc, "test", config.data.data_dir, suite.tokenizer, config.seq_len,
@@ -209,6 +214,8 @@ def build(config) -> Experiment:
     print(f"preference pairs: {st}")
     evaluate = make_evaluate(config, suite)
   m = config.method
+  if m.swap:
+    train_recs, test_recs = _swapped(train_recs), (_swapped(test_recs) if test_recs else test_recs)
   loss_fn = make_loss_fn(m.loss, m.beta, m.alpha, m.log_kl, m.kl_chunk)
 
   return Experiment(roles={"policy": True, "reference": False}, loss_fn=loss_fn,
@@ -216,6 +223,47 @@ def build(config) -> Experiment:
                     eval_data=(lambda shard: batched_iterator(test_recs, shard, shuffle=False, repeat=False))
                     if test_recs else None,
                     evaluate=evaluate)
+
+
+# --- DPO as a stage of other pipelines (AlignDistil's DPO and reverse DPO models) -------------
+
+def dpo_stage(workdir: str, total_steps: int, reverse: bool = False, config: str = "tdpo.py:dpo"):
+  """The config block of a DPO stage: its run directory, length, whether it is the reverse
+  model (chosen and rejected swapped), and the recipe it follows (a TDPO config module of
+  experiments/); model, data, pairs, SFT base, seed and mesh come from the pipeline's config."""
+  b = ml_collections.ConfigDict()
+  b.workdir = workdir            # the stage's run (trained here if unfinished, reused otherwise)
+  b.total_steps = total_steps    # its length
+  b.reverse = reverse            # train on rejected over chosen
+  b.config = config              # its recipe: "tdpo.py:dpo" (DPO) or another loss of experiments/tdpo.py
+  return b
+
+
+def run_dpo_stage(config, node, sft_init: str, what: str = "DPO") -> str:
+  """Trains DPO stage ``node`` (policy and reference from ``sft_init``, on pipeline ``config``'s
+  pairs) unless its run is finished; returns the pinned ``run:`` init of its policy. A finished
+  run trained with the other pair order is a ConfigError (the two stages need two directories)."""
+  s = load_config(node.config)
+  if s.method.name != "tdpo":
+    raise ConfigError(f"{node.config!r}: a DPO stage needs a TDPO config (its method is {s.method.name!r})")
+  for k in ("model", "data", "prefs", "sft", "eval", "seed", "mesh", "progress"):
+    s[k] = config[k]
+  s.models.policy.init = s.models.reference.init = sft_init
+  s.method.swap = bool(node.reverse)
+  s.compare_with = ""
+  s.total_steps = node.total_steps
+  s.optim.warmup_steps = min(s.optim.warmup_steps, s.total_steps)
+  s.checkpoint.every = min(s.checkpoint.every, s.total_steps)
+  s.eval_every = 0
+  recorded = os.path.join(node.workdir, "config.json")
+  if os.path.isfile(recorded):
+    with open(recorded) as f:
+      was = bool(json.load(f).get("method", {}).get("swap", False))
+    if was != s.method.swap:
+      raise ConfigError(f"{node.workdir}: this DPO run was trained with method.swap={was}, the {what} stage needs "
+                        f"swap={s.method.swap}; give the stage its own workdir")
+  sft.train_stage(s, node.workdir, build, what)
+  return f"run:{os.path.abspath(node.workdir)}:policy@{node.total_steps}"
 
 
 def make_evaluate(config, suite):

@@ -1,0 +1,238 @@
+"""AlignDistil (Zhang et al., ACL 2025): alignment as adaptive token-level distillation
+from a teacher made of a DPO model, a reverse DPO model and the SFT reference.
+Config and commands: experiments/aligndistil.py; math: :mod:`jaxopd.losses.aligndistil`.
+
+Roles: ``policy`` (trained), ``reference`` (the SFT model), ``dpo`` (DPO on the
+pairs) and, for the ``adaptive`` / ``contrast`` teachers, ``rdpo`` (DPO on the
+same pairs with chosen and rejected swapped; ``none`` for ``theorem1`` / ``gkd``).
+On the reviews task the pipeline trains each as a cached stage (SFT, pairs,
+DPO, reverse DPO: :func:`jaxopd.methods.tdpo.run_dpo_stage`); give a role an
+``hf:DIR`` / ``run:WORKDIR`` init and its stage is not run.
+
+Data (``config.method.data``):
+
+* ``on_policy``: responses sampled from the policy inside the step (one per
+  prompt, ``config.rollout``), the paper's main setting;
+* ``off_policy``: the chosen responses of the preference pairs.
+
+The loss is computed from the models' final hidden states in chunks of
+``config.method.chunk`` positions, each model's LM head inside the chunk loop
+(rematerialised in the backward pass), so no ``[B, T, V]`` logits array of the
+four models exists in the step.
+
+Metrics (token means unless said): ``kl/teacher`` (to the distillation target
+``softmax(z*)``), ``kl/reference`` (to the SFT model), ``coef/mean``,
+``coef/max`` (the largest ``c_t`` of the step's batch; with ``grad_accum > 1``
+the mean over microbatches of their largest), ``coef/above_10`` (the fraction
+of tokens with ``c_t > 10``), ``reward/token`` (the DPO token reward of the
+trained tokens) and ``reward/expected`` (its expectation under the policy),
+``kl/teacher_seq`` (per sequence, summed over tokens), ``length``.
+Evaluation on the reviews task is TDPO's: gold reward, sequence KL to the SFT
+reference, entropy and distinct-n of held-out samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxopd.data import batched_iterator, preferences, suite as suite_lib
+from jaxopd.errors import ConfigError
+from jaxopd.experiment import Experiment, LossOutput
+from jaxopd.losses import response_mask
+from jaxopd.losses.aligndistil import NEEDS, VARIANTS, sequence_loss, token_terms
+from jaxopd.losses.common import map_chunks
+from jaxopd.methods import sft, tdpo
+from jaxopd.models import table
+from jaxopd.sampling import SamplingConfig, sample
+
+DATA = ("on_policy", "off_policy")
+TEACHER_ROLES = ("dpo", "rdpo")
+
+
+def roles(variant: str) -> dict:
+  return {"policy": True, "reference": False, **{n: False for n in NEEDS[variant]}}
+
+
+def make_loss_fn(variant: str, beta0: float, beta2: float, temperature: float = 1.0, chunk: int = 64,
+                 len_norm: bool = True):
+  """``loss_fn(models, batch, rng)``: the mean over sequences of the length-normalised
+  ``sum_t m_t c_t KL(q_t || softmax(z*_t / T))``. ``batch``: ``tokens``/``loss_mask``
+  ``[B, T]`` (sampled rows) or ``[B, 2, T]`` (preference pairs: the chosen side is used)."""
+  if variant not in VARIANTS:
+    raise ConfigError(f"config.method.variant={variant!r}: must be one of {VARIANTS}")
+  names = ("policy", "reference") + NEEDS[variant]
+
+  def loss_fn(models, batch, rng):
+    del rng
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    if tokens.ndim == 3:
+      tokens, mask = tokens[:, 0], mask[:, 0]
+    hidden, heads = {}, {}
+    for n in names:
+      h = models[n].final_hidden(tokens)[:, :-1]
+      hidden[n] = h if n == "policy" else jax.lax.stop_gradient(h)
+      heads[n] = models[n].output_weight()
+
+    def per_chunk(xs):
+      hs, targets = xs
+      z = {n: models[n].unembed(hs[n], heads[n]) for n in names}
+      return token_terms(variant, z["policy"], z["reference"], z["dpo"], z.get("rdpo"), targets, beta0, beta2,
+                         temperature)
+
+    terms = map_chunks(per_chunk, (hidden, tokens[:, 1:]), chunk)
+    m = response_mask(mask)
+    seq = sequence_loss(terms["loss"], m, len_norm)
+    tok = lambda x: (jnp.sum(m * x), jnp.sum(m))
+    c = terms["coef"]
+    b = jnp.float32(tokens.shape[0])
+    metrics = {
+        "kl/teacher": tok(terms["kl_teacher"]), "kl/reference": tok(terms["kl_reference"]),
+        "coef/mean": tok(c), "coef/above_10": tok((c > 10.0).astype(jnp.float32)),
+        "coef/max": (jnp.max(jnp.where(m > 0, c, 0.0)), jnp.float32(1.0)),
+        "reward/token": tok(terms["reward_token"]), "reward/expected": tok(terms["reward_expected"]),
+        "kl/teacher_seq": (jnp.sum(m * terms["kl_teacher"]), b), "length": (jnp.sum(m), b),
+    }
+    return LossOutput(jnp.sum(seq), b, metrics)
+  return loss_fn
+
+
+def make_rollout(scfg: SamplingConfig):
+  """``rollout(models, batch, rng)``: one response per prompt, sampled from the policy."""
+  def rollout(models, batch, rng):
+    out = sample(models["policy"], batch["prompt"], batch["prompt_len"], rng, scfg)
+    return {"tokens": out.tokens, "loss_mask": out.loss_mask}
+  return rollout
+
+
+# --- config, stages -------------------------------------------------------------------------
+
+def stages(c, smoke: bool = False):
+  """The DPO and reverse-DPO stage blocks (``config.dpo``, ``config.rdpo``) and their roles."""
+  recipe = "tdpo.py:dpo,smoke" if smoke else "tdpo.py:dpo"
+  c.dpo = tdpo.dpo_stage("runs/dpo_stage_smoke" if smoke else "runs/dpo_stage", 8 if smoke else 400,
+                         config=recipe)
+  c.rdpo = tdpo.dpo_stage("runs/rdpo_stage_smoke" if smoke else "runs/rdpo_stage", 8 if smoke else 400,
+                          reverse=True, config=recipe)
+  c.models.dpo = table.role(init="stage:dpo", trainable=False)
+  c.models.rdpo = table.role(init="stage:rdpo", trainable=False)
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.prompt_len = c.eval.prompt_len    # on_policy: padded prompt tokens
+  c.rollout.max_new_tokens = c.seq_len - c.rollout.prompt_len
+  c.rollout.temperature = 1.0
+
+
+def _check(c):
+  m = c.method
+  if m.variant not in VARIANTS:
+    raise ConfigError(f"config.method.variant={m.variant!r}: must be one of {VARIANTS}")
+  if m.data not in DATA:
+    raise ConfigError(f"config.method.data={m.data!r}: must be one of {DATA}")
+  for f in ("beta", "beta2", "temperature"):
+    if m[f] <= 0:
+      raise ConfigError(f"config.method.{f}={m[f]}: must be positive")
+  if m.chunk <= 0:
+    raise ConfigError(f"config.method.chunk={m.chunk}: must be positive")
+  if c.data.task not in ("reviews", "files"):
+    raise ConfigError(f"config.data.task={c.data.task!r}: must be reviews or files")
+  if "rdpo" in NEEDS[m.variant] and not table.built(c, "rdpo"):
+    raise ConfigError(f"config.models.rdpo.init='none': variant {m.variant!r} needs the reverse DPO model "
+                      f"(stage:rdpo, hf:DIR or run:WORKDIR)")
+  if "rdpo" not in NEEDS[m.variant] and table.built(c, "rdpo"):
+    raise ConfigError(f"config.models.rdpo.init={c.models.rdpo.init!r}: variant {m.variant!r} uses no reverse "
+                      f"DPO model (set --config.models.rdpo.init=none)")
+  if m.data == "on_policy" and c.seq_len != c.rollout.prompt_len + c.rollout.max_new_tokens:
+    raise ConfigError(f"config.seq_len={c.seq_len}: on-policy sequences are prompt + response, so it must equal "
+                      f"config.rollout.prompt_len + config.rollout.max_new_tokens = "
+                      f"{c.rollout.prompt_len} + {c.rollout.max_new_tokens}")
+  if os.path.abspath(c.dpo.workdir) == os.path.abspath(c.rdpo.workdir):
+    raise ConfigError(f"config.rdpo.workdir={c.rdpo.workdir!r}: the reverse DPO stage needs its own run directory "
+                      f"(config.dpo.workdir is the same)")
+
+
+def prepare(config, workdir: str):
+  """Data, SFT base and pairs (TDPO's cached stages), then the DPO and reverse DPO stages
+  (cached runs in ``config.dpo.workdir`` / ``config.rdpo.workdir``). With
+  ``config.data.task = "files"`` no stage is trained: every role needs a source."""
+  del workdir
+  _check(config)
+  if config.data.task == "files":
+    table.refuse_stages(config, "sft", "dpo", "rdpo")
+    return config
+  suite_lib.ensure(config.data)
+  sft_init = sft.run_stage(config, config.sft, config.model)
+  pc = tdpo.prefs_config(config)
+  preferences.prepare(pc, config.data.data_dir)
+  table.fill_stage(config, "sft", sft_init)
+  for name in TEACHER_ROLES:
+    if table.uses_stage(config, name):
+      what = "reverse DPO (chosen and rejected swapped)" if name == "rdpo" else "DPO"
+      table.fill_stage(config, name, tdpo.run_dpo_stage(config, config[name], sft_init, what))
+  return config
+
+
+def _scfg(c, tok) -> SamplingConfig:
+  return SamplingConfig(max_new_tokens=c.rollout.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                        temperature=c.rollout.temperature)
+
+
+def build(config) -> Experiment:
+  _check(config)
+  m = config.method
+  evaluate = None
+  if config.data.task == "files":
+    fmt = "prompt" if m.data == "on_policy" else "preference"
+    tok, train_recs, test_recs = suite_lib.file_records(
+        config.data, fmt, config.seq_len, max_prompt_len=config.rollout.prompt_len if m.data == "on_policy" else None,
+        default_tokenizer=table.tokenizer_dir(config))
+    eval_recs = test_recs if m.data == "off_policy" else None    # held-out prompts need a rollout: none
+  else:
+    suite = suite_lib.ensure(config.data, verbose=False)
+    tok = suite.tokenizer
+    pc = tdpo.prefs_config(config)
+    pairs, st = preferences.records(pc, "train", config.data.data_dir, tok, config.seq_len,
+                                    config.data.over_length, config.prefs.prompt_len)
+    eval_recs, _ = preferences.records(pc, "test", config.data.data_dir, tok, config.seq_len,
+                                       config.data.over_length, config.prefs.prompt_len)
+    print(f"preference pairs: {st}")
+    train_recs = (suite_lib.prompt_records(suite, "train", config.rollout.prompt_len) if m.data == "on_policy"
+                  else pairs)
+    evaluate = tdpo.make_evaluate(config, suite)
+  policy = table.arch(config, "policy")
+  if len(tok) > policy.vocab_size:
+    raise ConfigError(f"config.models.policy: its vocab_size={policy.vocab_size} is smaller than the tokenizer's "
+                      f"{len(tok)} tokens")
+  for n in ("reference",) + NEEDS[m.variant]:
+    if table.arch(config, n).vocab_size != policy.vocab_size:
+      raise ConfigError(f"config.models.{n}: vocab_size={table.arch(config, n).vocab_size} differs from the "
+                        f"policy's {policy.vocab_size} (the teacher mixes the models' logits token by token)")
+  rollout = make_rollout(_scfg(config, tok)) if m.data == "on_policy" else None
+  return Experiment(
+      roles=roles(m.variant),
+      loss_fn=make_loss_fn(m.variant, m.beta, m.beta2, m.temperature, m.chunk, m.len_norm),
+      train_data=lambda shard: batched_iterator(train_recs, shard),
+      eval_data=(lambda shard: batched_iterator(eval_recs, shard, shuffle=False, repeat=False)) if eval_recs else None,
+      rollout=rollout, evaluate=evaluate)
+
+
+def report(config, workdir: str, summary: dict):
+  """Before (the SFT reference) / after table of the sampled evaluation, and summary.json."""
+  out = {"variant": config.method.variant, "data": config.method.data, "beta": config.method.beta,
+         "beta2": config.method.beta2, "after": summary["eval"]}
+  if config.data.task == "reviews":
+    models = summary["trainer"].models(summary["state"], summary["frozen"])
+    evaluate = tdpo.make_evaluate(config, suite_lib.ensure(config.data, verbose=False))
+    out["before"] = evaluate({**models, "policy": models["reference"]}, 0)
+    out["dpo"] = evaluate({**models, "policy": models["dpo"]}, 0)
+    keys = ["sample/reward", "sample/kl_ref", "sample/entropy", "sample/distinct2"]
+    print("\n" + f"{'':<26}" + "".join(f"{k.split('/')[-1]:>14}" for k in keys))
+    for name, r in (("sft (before)", out["before"]), ("dpo (teacher)", out["dpo"]),
+                    (f"aligndistil {config.method.variant}", out["after"])):
+      print(f"{name:<26}" + "".join(f"{r.get(k, float('nan')):>14.4f}" for k in keys))
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(out, f, indent=2)
+  print(f"wrote {os.path.join(workdir, 'summary.json')}")
