@@ -177,21 +177,23 @@ def test_dot_product_attention_equals_einsum(name):
   pos = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
   seg = jnp.concatenate([jnp.ones((3, 7), jnp.int32), 2 * jnp.ones((3, 5), jnp.int32)], 1)
   seg_pos = jnp.concatenate([jnp.arange(7), jnp.arange(5)])[None].repeat(3, 0)
+  run = nnx.jit(lambda m, *a, **k: m(*a, **k))     # one compiled forward per case, not op-by-op
   for args, kw in (((toks,), {}), ((toks, pos), {"attention_mask": mask}), ((toks, seg_pos), {"segment_ids": seg})):
-    a, b = ref(*args, **kw).logits, fast(*args, **kw).logits
+    a, b = run(ref, *args, **kw).logits, run(fast, *args, **kw).logits
     valid = np.asarray(kw.get("attention_mask", jnp.ones_like(toks)), bool)
     np.testing.assert_allclose(np.asarray(b)[valid], np.asarray(a)[valid], atol=1e-5, rtol=1e-5)
 
   def loss(model):
     return jnp.mean(jax.nn.log_softmax(model(toks, pos, attention_mask=mask).logits)[..., 0] * mask)
-  ga, gb = nnx.grad(loss)(ref), nnx.grad(loss)(fast)
+  grad = nnx.jit(nnx.grad(loss))
+  ga, gb = grad(ref), grad(fast)
   for x, y in zip(jax.tree.leaves(nnx.state(ga)), jax.tree.leaves(nnx.state(gb))):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, rtol=1e-4)
 
   cache_ref, cache_fast = KVCache.zeros(cfg, 3, 20), KVCache.zeros(fast.cfg, 3, 20)
   for t0, t1 in ((0, 5), (5, 6), (6, 7)):                    # prefill, then two decode steps
-    oa = ref(toks[:, t0:t1], cache=cache_ref)
-    ob = fast(toks[:, t0:t1], cache=cache_fast)
+    oa = run(ref, toks[:, t0:t1], cache=cache_ref)
+    ob = run(fast, toks[:, t0:t1], cache=cache_fast)
     np.testing.assert_allclose(np.asarray(ob.logits), np.asarray(oa.logits), atol=1e-5, rtol=1e-5)
     cache_ref, cache_fast = oa.cache, ob.cache
 
@@ -199,7 +201,7 @@ def test_dot_product_attention_equals_einsum(name):
   ra, rb = bf(cfg), bf(fast.cfg)
   nnx.update(ra, nnx.state(ref, nnx.Param))
   nnx.update(rb, nnx.state(ref, nnx.Param))
-  la, lb = np.asarray(ra(toks).logits, np.float32), np.asarray(rb(toks).logits, np.float32)
+  la, lb = np.asarray(run(ra, toks).logits, np.float32), np.asarray(run(rb, toks).logits, np.float32)
   assert np.abs(la - lb).max() < 2e-2 * np.abs(la).max()
 
 

@@ -26,6 +26,43 @@ COLUMNS = ("sample/reward", "sample/kl_ref", "kl/chosen", "kl/rejected", "kl/mar
            "sample/entropy", "sample/distinct2")
 
 
+def alpha_sweep(config: str, out: str, alphas: str, seeds: str, steps: int, sets: list[str], columns,
+                xlabel: str, xscale: str, skip_runs: bool = False):
+  """``method.alpha`` over ``alphas`` x ``seeds`` with launch/sweep.py (``config``, fields ``sets``), then
+  ``out/alpha.md`` (``columns`` per alpha, mean over seeds) and ``out/alpha.png`` (reward and KL vs alpha).
+  Shared by the TDPO2 and REDI alpha ablations."""
+  if not skip_runs:
+    sweep.main(["--config", config, "--out", out, "--grid", "method.alpha=" + alphas, "--seeds", seeds,
+                "--set", f"total_steps={steps}"] + [x for s in sets for x in ("--set", s)])
+  with open(os.path.join(out, "results.jsonl")) as f:
+    results = [r for r in map(json.loads, f) if r.get("exit") == 0 and "sample/reward" in r]
+  groups = collections.defaultdict(list)
+  for r in results:
+    groups[float(r["method.alpha"])].append(r)
+  rows = {alpha: {c: sum(r[c] for r in rs) / len(rs) for c in columns} | {"seeds": len(rs)}
+          for alpha, rs in sorted(groups.items())}
+  lines = ["| alpha | seeds | " + " | ".join(c.split("/")[-1] for c in columns) + " |",
+           "|" + " --- |" * (len(columns) + 2)]
+  for alpha, row in rows.items():
+    lines.append(f"| {alpha} | {row['seeds']} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
+  with open(os.path.join(out, "alpha.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  xs = list(rows)
+  ax.plot(xs, [rows[x]["sample/reward"] for x in xs], "-o", color="tab:blue", label="gold reward")
+  ax.set(xlabel=xlabel, ylabel="gold reward", xscale=xscale)
+  ax2 = ax.twinx()
+  ax2.plot(xs, [rows[x]["sample/kl_ref"] for x in xs], "-s", color="tab:red", label="seq. KL")
+  ax2.set_ylabel("sequence KL(policy || reference)")
+  fig.legend(loc="upper center", ncol=2)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "alpha.png"), dpi=110)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="runs/ablations/tdpo_alpha")
@@ -34,37 +71,8 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=400)
   p.add_argument("--skip_runs", action="store_true", help="only re-make the table and plot")
   a = p.parse_args(argv)
-  if not a.skip_runs:
-    sweep.main(["--config", os.path.join(REPO, "experiments", "tdpo.py"), "--out", a.out,
-                "--grid", "method.alpha=" + a.alphas, "--seeds", a.seeds, "--set", "method.loss=tdpo2",
-                "--set", f"total_steps={a.steps}", "--set", "compare_with="])
-  with open(os.path.join(a.out, "results.jsonl")) as f:
-    results = [r for r in map(json.loads, f) if r.get("exit") == 0 and "sample/reward" in r]
-  groups = collections.defaultdict(list)
-  for r in results:
-    groups[float(r["method.alpha"])].append(r)
-  rows = {alpha: {c: sum(r[c] for r in rs) / len(rs) for c in COLUMNS} | {"seeds": len(rs)}
-          for alpha, rs in sorted(groups.items())}
-  lines = ["| alpha | seeds | " + " | ".join(c.split("/")[-1] for c in COLUMNS) + " |",
-           "|" + " --- |" * (len(COLUMNS) + 2)]
-  for alpha, row in rows.items():
-    lines.append(f"| {alpha} | {row['seeds']} | " + " | ".join(f"{row[c]:.3f}" for c in COLUMNS) + " |")
-  with open(os.path.join(a.out, "alpha.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5.5, 4))
-  alphas = list(rows)
-  ax.plot(alphas, [rows[x]["sample/reward"] for x in alphas], "-o", color="tab:blue", label="gold reward")
-  ax.set(xlabel="alpha (TDPO2, beta 0.1)", ylabel="gold reward", xscale="log")
-  ax2 = ax.twinx()
-  ax2.plot(alphas, [rows[x]["sample/kl_ref"] for x in alphas], "-s", color="tab:red", label="seq. KL")
-  ax2.set_ylabel("sequence KL(policy || reference)")
-  fig.legend(loc="upper center", ncol=2)
-  fig.tight_layout()
-  fig.savefig(os.path.join(a.out, "alpha.png"), dpi=110)
+  alpha_sweep(os.path.join(REPO, "experiments", "tdpo.py"), a.out, a.alphas, a.seeds, a.steps,
+              ["method.loss=tdpo2", "compare_with="], COLUMNS, "alpha (TDPO2, beta 0.1)", "log", a.skip_runs)
 
 
 if __name__ == "__main__":

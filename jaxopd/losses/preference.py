@@ -75,3 +75,10 @@ def tdpo_loss(chosen_logratio: jax.Array, rejected_logratio: jax.Array, chosen_k
   else:
     raise ValueError(f"TDPO variant={variant}: must be 1 or 2")
   return -jax.nn.log_sigmoid(beta * z)
+
+
+def redi_loss(logp_pos: jax.Array, len_pos: jax.Array, logp_neg: jax.Array, len_neg: jax.Array,
+              alpha: float = 0.8) -> jax.Array:
+  """Per-pair REDI loss (Xu et al. 2025; reference-free): ``-log pi(y+) / |y+| + alpha log pi(y-) / |y-|``,
+  ``log pi(y)`` summed over the response, ``|y|`` its token count (at least 1)."""
+  return -logp_pos / jnp.maximum(len_pos, 1.0) + alpha * logp_neg / jnp.maximum(len_neg, 1.0)

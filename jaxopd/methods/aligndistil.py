@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxopd.data import batched_iterator, preferences, suite as suite_lib
+from jaxopd.data import batched_iterator, suite as suite_lib
 from jaxopd.errors import ConfigError
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import response_mask
@@ -163,11 +163,8 @@ def prepare(config, workdir: str):
   if config.data.task == "files":
     table.refuse_stages(config, "sft", "dpo", "rdpo")
     return config
-  suite_lib.ensure(config.data)
-  sft_init = sft.run_stage(config, config.sft, config.model)
-  pc = tdpo.prefs_config(config)
-  preferences.prepare(pc, config.data.data_dir)
-  table.fill_stage(config, "sft", sft_init)
+  tdpo.prepare_pairs(config)
+  sft_init = sft.stage_init(config.sft)
   for name in TEACHER_ROLES:
     if table.uses_stage(config, name):
       what = "reverse DPO (chosen and rejected swapped)" if name == "rdpo" else "DPO"
@@ -193,15 +190,9 @@ def build(config) -> Experiment:
   else:
     suite = suite_lib.ensure(config.data, verbose=False)
     tok = suite.tokenizer
-    pc = tdpo.prefs_config(config)
-    pairs, st = preferences.records(pc, "train", config.data.data_dir, tok, config.seq_len,
-                                    config.data.over_length, config.prefs.prompt_len)
-    eval_recs, _ = preferences.records(pc, "test", config.data.data_dir, tok, config.seq_len,
-                                       config.data.over_length, config.prefs.prompt_len)
-    print(f"preference pairs: {st}")
+    pairs, eval_recs, evaluate = tdpo.pair_data(config)
     train_recs = (suite_lib.prompt_records(suite, "train", config.rollout.prompt_len) if m.data == "on_policy"
                   else pairs)
-    evaluate = tdpo.make_evaluate(config, suite)
   policy = table.arch(config, "policy")
   if len(tok) > policy.vocab_size:
     raise ConfigError(f"config.models.policy: its vocab_size={policy.vocab_size} is smaller than the tokenizer's "

@@ -175,6 +175,12 @@ def prepare(config, workdir: str):
   built: every role needs an ``hf:DIR`` or ``run:WORKDIR`` init.
   """
   _check(config)
+  return prepare_pairs(config)
+
+
+def prepare_pairs(config):
+  """The preference pipeline's stages (data, SFT base, pairs; shared with SparsePO, REDI,
+  AlignDistil), or nothing with ``task=files``; the ``stage:sft`` roles get the SFT base."""
   if config.data.task == "files":
     table.refuse_stages(config, "sft")
     return config
@@ -198,31 +204,40 @@ def _swapped(records):
   return [{**r, "tokens": r["tokens"][::-1].copy(), "loss_mask": r["loss_mask"][::-1].copy()} for r in records]
 
 
-def build(config) -> Experiment:
-  _check(config)
+def pair_data(config):
+  """``(train_records, test_records, evaluate)`` of the preference pipeline: your pair files
+  (``task=files``; no sampled evaluation, no gold reward) or the reviews pairs with the
+  sampled gold-reward evaluation (:func:`make_evaluate`). Shared by DPO/TDPO, REDI, AlignDistil."""
   if config.data.task == "files":
     _, train_recs, test_recs = suite_lib.file_records(config.data, "preference", config.seq_len,
                                                       default_tokenizer=table.tokenizer_dir(config))
-    evaluate = None       # no gold reward for your data: eval = held-out pair metrics only
-  else:
-    suite = suite_lib.ensure(config.data, verbose=False)
-    pc = prefs_config(config)
-    train_recs, st = preferences.records(pc, "train", config.data.data_dir, suite.tokenizer, config.seq_len,
-                                         config.data.over_length, config.prefs.prompt_len)
-    test_recs, _ = preferences.records(pc, "test", config.data.data_dir, suite.tokenizer, config.seq_len,
+    return train_recs, test_recs, None
+  suite = suite_lib.ensure(config.data, verbose=False)
+  pc = prefs_config(config)
+  train_recs, st = preferences.records(pc, "train", config.data.data_dir, suite.tokenizer, config.seq_len,
                                        config.data.over_length, config.prefs.prompt_len)
-    print(f"preference pairs: {st}")
-    evaluate = make_evaluate(config, suite)
+  test_recs, _ = preferences.records(pc, "test", config.data.data_dir, suite.tokenizer, config.seq_len,
+                                     config.data.over_length, config.prefs.prompt_len)
+  print(f"preference pairs: {st}")
+  return train_recs, test_recs, make_evaluate(config, suite)
+
+
+def pair_batches(train_recs, test_recs):
+  """``(train_data, eval_data)`` functions of an Experiment over pair records."""
+  return (lambda shard: batched_iterator(train_recs, shard),
+          (lambda shard: batched_iterator(test_recs, shard, shuffle=False, repeat=False)) if test_recs else None)
+
+
+def build(config) -> Experiment:
+  _check(config)
+  train_recs, test_recs, evaluate = pair_data(config)
   m = config.method
   if m.swap:
     train_recs, test_recs = _swapped(train_recs), (_swapped(test_recs) if test_recs else test_recs)
   loss_fn = make_loss_fn(m.loss, m.beta, m.alpha, m.log_kl, m.kl_chunk)
-
-  return Experiment(roles={"policy": True, "reference": False}, loss_fn=loss_fn,
-                    train_data=lambda shard: batched_iterator(train_recs, shard),
-                    eval_data=(lambda shard: batched_iterator(test_recs, shard, shuffle=False, repeat=False))
-                    if test_recs else None,
-                    evaluate=evaluate)
+  train_data, eval_data = pair_batches(train_recs, test_recs)
+  return Experiment(roles={"policy": True, "reference": False}, loss_fn=loss_fn, train_data=train_data,
+                    eval_data=eval_data, evaluate=evaluate)
 
 
 # --- DPO as a stage of other pipelines (AlignDistil's DPO and reverse DPO models) -------------
@@ -278,7 +293,7 @@ def make_evaluate(config, suite):
   rng = jax.random.PRNGKey(config.seed + 1)   # the same samples' randomness at every eval
 
   def evaluate(models, step):
-    res = evaluate_policy(models["policy"], models["reference"], prompt, plen, rng, scfg, reward_fn)
+    res = evaluate_policy(models["policy"], models.get("reference"), prompt, plen, rng, scfg, reward_fn)
     return {f"sample/{k}": v for k, v in res.items()}
   return evaluate
 
