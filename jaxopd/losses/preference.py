@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxopd.losses.common import response_mask, token_logprobs
+from jaxopd.losses.common import map_chunks, response_mask, token_logprobs
 
 
 def sequence_logps(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -29,29 +29,12 @@ def forward_kl_per_token(ref_logits: jax.Array, pi_logits: jax.Array, chunk: int
   most one chunk of both models' float32 log-softmax is alive in the forward
   pass and in the backward pass (the logits themselves are the inputs).
   """
-  ref = ref_logits[:, :-1]
-  pi = pi_logits[:, :-1]
-  b, t, v = ref.shape
-  chunk = max(1, min(chunk, t))
-  n = -(-t // chunk)
-  pad = n * chunk - t
-  if pad:
-    ref = jnp.pad(ref, ((0, 0), (0, pad), (0, 0)))
-    pi = jnp.pad(pi, ((0, 0), (0, pad), (0, 0)))
-
-  @jax.checkpoint
-  def one(r, p):                      # [B, chunk, V] -> [B, chunk]
-    lr = jax.nn.log_softmax(r.astype(jnp.float32), axis=-1)
-    lp = jax.nn.log_softmax(p.astype(jnp.float32), axis=-1)
+  def one(xs):                        # [B, chunk, V] x2 -> [B, chunk]
+    lr = jax.nn.log_softmax(xs[0].astype(jnp.float32), axis=-1)
+    lp = jax.nn.log_softmax(xs[1].astype(jnp.float32), axis=-1)
     return jnp.sum(jnp.exp(lr) * (lr - lp), axis=-1)
 
-  def body(_, i):
-    r = jax.lax.dynamic_slice_in_dim(ref, i * chunk, chunk, axis=1)
-    p = jax.lax.dynamic_slice_in_dim(pi, i * chunk, chunk, axis=1)
-    return None, one(r, p)
-
-  _, ks = jax.lax.scan(body, None, jnp.arange(n))          # [n, B, chunk]
-  return jnp.moveaxis(ks, 0, 1).reshape(b, n * chunk)[:, :t]
+  return map_chunks(one, (ref_logits[:, :-1], pi_logits[:, :-1]), chunk)
 
 
 def dpo_loss(chosen_logratio: jax.Array, rejected_logratio: jax.Array, beta: float) -> jax.Array:

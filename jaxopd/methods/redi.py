@@ -52,7 +52,7 @@ def make_loss_fn(alpha: float, with_reference: bool):
                "logps/margin_norm": jnp.sum(norm[:, 0] - norm[:, 1]),
                "rewards/accuracies": jnp.sum((norm[:, 0] > norm[:, 1]).astype(jnp.float32))}
     if with_reference:
-      pos, pos_m = flat.reshape(b, 2, t)[:, 0], m.reshape(b, 2, t - 1)[:, 0]
+      pos, pos_m = tokens[:, 0], m.reshape(b, 2, t - 1)[:, 0]
       ref = jnp.sum(pos_m * token_logprobs(models["reference"](pos).logits, pos), axis=-1)
       metrics["logps/chosen_change"] = jnp.sum(norm[:, 0] - jax.lax.stop_gradient(ref) / jnp.maximum(n[:, 0], 1.0))
     return LossOutput(jnp.sum(losses), jnp.float32(b), metrics)
