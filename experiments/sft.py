@@ -17,7 +17,8 @@ prompts, the gold reward, per-token entropy, distinct-n.
 Measured numbers: experiments/README.md.
 
 Presets: ``smoke`` (tiny model, few steps, small data), ``sort`` (the in-code
-sort task of jaxopd/data/toy.py instead of the reviews corpus).
+sort task of jaxopd/data/toy.py instead of the reviews corpus), ``digits`` (the
+digits task's easy levels, jaxopd/data/digits.py: GRPO's SFT base).
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from __future__ import annotations
 import ml_collections
 
 from jaxopd import config as config_lib
-from jaxopd.data import suite as suite_lib
+from jaxopd.data import digits, suite as suite_lib
 from jaxopd.experiment import parse_arg
 
 
 def get_config(arg: str | None = None):
-  args = parse_arg(arg, presets=("smoke", "sort"))
+  args = parse_arg(arg, presets=("smoke", "sort", "digits"))
   c = config_lib.base_config()
   c.total_steps = 2000
   c.batch_size = 32
@@ -75,6 +76,15 @@ def get_config(arg: str | None = None):
     c.model.n_layers = 2
     c.model.max_len = 32
     c.eval.num_prompts = 0
+  if args.get("digits"):          # the digits task's easy levels (the SFT base of experiments/grpo.py)
+    c.data = digits.data_config(smoke=bool(args.get("smoke")))
+    c.total_steps = 1500
+    c.seq_len = 32
+    c.optim.lr = 2e-3
+    c.eval_every = 500
+    c.eval_batches = 4
+    c.model = digits.default_model(smoke=bool(args.get("smoke")))
+    c.eval.num_prompts = 0       # pass@k per level is GRPO's evaluation
   if args.get("smoke"):
     c.total_steps = 20
     c.batch_size = 8
@@ -83,7 +93,7 @@ def get_config(arg: str | None = None):
     c.eval_batches = 2
     c.log_every = 5
     c.checkpoint.every = 10
-    c.eval.num_prompts = 16
+    c.eval.num_prompts = 0 if c.data.task == "digits" else 16
     c.eval.max_new_tokens = 16
     if c.data.task == "sort":
       c.seq_len = 16

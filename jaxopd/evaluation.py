@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxopd.models import Transformer
@@ -116,6 +117,37 @@ def distinct_n(sequences, n: int) -> float:
   return len(seen) / total if total else 0.0
 
 
+def nll_sums(model, tokens, loss_mask):
+  """``(NLL sum, token count)`` of ``model`` on the masked tokens (for :func:`compiled`)."""
+  from jaxopd.losses import sft_loss
+  return sft_loss(model(tokens).logits, tokens, loss_mask)[:2]
+
+
+def heldout_nll(model, records, batch: int = 64) -> float:
+  """Per-token NLL (nats) of ``model`` on SFT records (``tokens`` / ``loss_mask``), in whole batches."""
+  fn = compiled(nll_sums, (), model)
+  nll = n = 0.0
+  for i in range(0, len(records) - batch + 1, batch):    # whole batches: one compiled shape
+    rows = records[i:i + batch]
+    a, b = fn(jnp.asarray(np.stack([r["tokens"] for r in rows])), jnp.asarray(np.stack([r["loss_mask"] for r in rows])))
+    nll, n = nll + float(a), n + float(b)
+  return nll / max(n, 1.0)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """The unbiased pass@k from ``n`` samples of which ``c`` pass (Chen et al. 2021):
+  ``1 - C(n - c, k) / C(n, k)``, the chance that k of the n samples drawn without replacement
+  include a passing one (1 when ``n - c < k``)."""
+  if not 0 <= c <= n or not 1 <= k <= n:
+    raise ValueError(f"pass_at_k(n={n}, c={c}, k={k}): needs 0 <= c <= n and 1 <= k <= n")
+  if n - c < k:
+    return 1.0
+  out = 1.0
+  for i in range(n - c + 1, n + 1):      # C(n-c, k) / C(n, k) as a product, no big integers
+    out *= 1.0 - k / i
+  return 1.0 - out
+
+
 def self_bleu(sequences, n: int = 4, max_refs: int = 200) -> float:
   """Mean BLEU-n of each sequence against the others (lower = more diverse).
 
@@ -187,8 +219,6 @@ def evaluate_policy(policy: Transformer, reference: Transformer | None, prompt, 
   untempered models), ``entropy`` (per-token, policy), ``distinct1/2``,
   ``length`` (response tokens). Jit-compiles once per (model structure, cfg).
   """
-  import numpy as np
-
   fn = compiled(_sample_and_score, (cfg,), policy, reference)
   out, res = fn(jnp.asarray(prompt), jnp.asarray(prompt_len), rng)
   out, res = to_host((out, res))

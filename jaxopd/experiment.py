@@ -95,6 +95,20 @@ class Experiment:
     ``rollout(models, batch, rng, method_state) -> (batch, method_state)``;
     with gradient accumulation the microbatches see it in order. A step whose
     loss or gradient is non-finite keeps the old state, the method's included.
+  updates_per_rollout: ``mu``; with ``mu > 1`` (PPO-style epochs on one rollout) the
+    rollout runs once over the step's whole batch and its rows are split into ``mu``
+    minibatches (rows i, i + mu, ...), each one optimizer update (with ``grad_accum``
+    microbatches inside); a step is one rollout, so the optimizer schedule counts
+    ``total_steps * mu`` updates. Needs a rollout.
+  snapshots: ``name -> trainable role``: frozen models that are copies of a trained one
+    (GRPO's reference, ``{"reference": "policy"}``), held in the train state (so
+    checkpointed, and resumed exactly), taken when the role's source is loaded; they
+    are in ``models`` by name and are not roles of the table.
+  reset(step, metrics) -> bool array: after the step (``step`` counted after it,
+    ``metrics`` the step's, ratios), when true every snapshot is set to its role's new
+    parameters and the optimizer state is re-initialised (ProRL's reference reset; the
+    schedule's count restarts with it); the train state counts the resets
+    (``metrics["resets"]``). Needs snapshots.
   """
   roles: Mapping[str, bool]
   loss_fn: Callable[[dict, Batch, jax.Array], LossOutput]
@@ -104,12 +118,23 @@ class Experiment:
   evaluate: Callable[[dict, int], dict] | None = None
   rollout: Callable[..., Any] | None = None
   init_state: Callable[[], Any] | None = None
+  updates_per_rollout: int = 1
+  snapshots: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  reset: Callable[[jax.Array, dict], jax.Array] | None = None
 
   def __post_init__(self):
     if not self.roles or not any(self.roles.values()) and self.init_heads is None:
       raise TypeError("Experiment.roles must name at least one model, and something must be trainable")
     if self.init_state is not None and self.rollout is None:
       raise TypeError("Experiment.init_state needs a rollout: the rollout is where the method state is updated")
+    if self.updates_per_rollout < 1 or self.updates_per_rollout > 1 and self.rollout is None:
+      raise TypeError("Experiment.updates_per_rollout must be >= 1, and > 1 needs a rollout")
+    for name, src in self.snapshots.items():
+      if name in self.roles or not self.roles.get(src):
+        raise TypeError(f"Experiment.snapshots[{name!r}] = {src!r}: must name a trainable role, and {name!r} "
+                        f"must not be a role")
+    if self.reset is not None and not self.snapshots:
+      raise TypeError("Experiment.reset needs snapshots (what a reset copies)")
 
 
 def parse_arg(arg: str | None, presets: Iterable[str] = ()) -> dict:

@@ -31,6 +31,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +90,33 @@ def check_model(policy_tokenizer, reward_dir: str, arch, field: str = "config.mo
       raise ConfigError(f"{field}: the tokenizer in {reward_dir} differs from the policy's: a reward model run "
                         f"on device reads the policy's token ids (score with another tokenizer through a "
                         f"module:function reward)")
+
+
+def check_config(c, builtin: str, what: str) -> None:
+  """``config.method.reward`` against the model table: ``builtin`` (the task's own reward,
+  described by ``what``), ``module:function``, or ``model`` with a ``reward`` role that has a
+  source; a reward role that nothing uses is refused too. One-line :class:`ConfigError`s."""
+  from jaxopd.models import table
+  r = c.method.reward
+  if r not in (builtin, MODEL) and not is_function(r):
+    raise ConfigError(f"config.method.reward={r!r}: must be {builtin} ({what}), module:function or "
+                      f"model (the reward role: --config.models.reward.init=hf:DIR)")
+  if r == MODEL and not table.built(c, "reward"):
+    raise ConfigError("config.method.reward='model': give the reward model's source, "
+                      "--config.models.reward.init=hf:DIR (a *ForSequenceClassification directory)")
+  if r != MODEL and table.built(c, "reward"):
+    raise ConfigError(f"config.models.reward.init={c.models.reward.init!r}: only config.method.reward=model uses "
+                      f"the reward role (config.method.reward={r!r}; leave the init at none)")
+
+
+def pad_id(hf_dir: str) -> int:
+  """The pad id a reward model's ``config.json`` gives (-1: none; then :func:`score` scores the
+  last token)."""
+  if not hf_dir:
+    return -1
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    pad = json.load(f).get("pad_token_id")
+  return -1 if pad is None else int(pad)
 
 
 def decode(tokenizer, tokens, loss_mask) -> tuple[list[str], list[str]]:

@@ -114,9 +114,13 @@ def _right_align(x, shift):
 
 
 def sample(model: Transformer, prompt: jax.Array, prompt_len: jax.Array, rng: jax.Array,
-           cfg: SamplingConfig) -> SampleOutput:
+           cfg: SamplingConfig, repeats: int = 1) -> SampleOutput:
   """Samples ``cfg.max_new_tokens`` tokens after each prompt. Pure; jit it (or call
-  it inside a jitted step). Same ``rng`` -> same samples on any mesh."""
+  it inside a jitted step). Same ``rng`` -> same samples on any mesh.
+
+  ``repeats = G``: G samples per prompt, rows ``[B * G]`` prompt-major (row ``b * G + g``
+  is prompt b's sample g); each prompt is prefilled once and its KV cache copied to its G
+  rows (group sampling without G prefills)."""
   cfg.validate()
   b, p = prompt.shape
   n = cfg.max_new_tokens
@@ -126,6 +130,12 @@ def sample(model: Transformer, prompt: jax.Array, prompt_len: jax.Array, rng: ja
   cache = KVCache.zeros(model.cfg, b, total)
   out = model(left, positions, attention_mask=pmask, cache=cache)
   last_logits = out.logits[:, -1]
+  cache = out.cache
+  if repeats > 1:
+    rep = lambda x: jnp.repeat(x, repeats, axis=0)
+    cache = cache._replace(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)), valid=rep(cache.valid))
+    left, shift, prompt_len, last_logits = rep(left), rep(shift), rep(prompt_len), rep(last_logits)
+    b = b * repeats
   tokens = jnp.concatenate([left, jnp.full((b, n), cfg.pad_id, jnp.int32)], axis=1)
   zeros = jnp.zeros((b, total), jnp.float32)
 
@@ -150,7 +160,7 @@ def sample(model: Transformer, prompt: jax.Array, prompt_len: jax.Array, rng: ja
     o = model(tok[:, None], pos, attention_mask=~done[:, None], cache=cache)
     return i + 1, tokens, lp_s, lp_m, o.cache, o.logits[:, 0], new_done, rng
 
-  carry = (jnp.int32(0), tokens, zeros, zeros, out.cache, last_logits, jnp.zeros((b,), bool), rng)
+  carry = (jnp.int32(0), tokens, zeros, zeros, cache, last_logits, jnp.zeros((b,), bool), rng)
   _, tokens, lp_s, lp_m, _, _, _, _ = jax.lax.while_loop(cond, body, carry)
   gen = jnp.arange(total)[None, :] >= p
   is_eos = (tokens == cfg.eos_id) & gen

@@ -70,10 +70,7 @@ def _sum_microbatches(fn, batch, accum: int, carry):
   """``fn(microbatch, i, carry) -> (sums, carry)`` over the ``accum`` microbatches of ``batch``
   in a scan, the sums added up and ``carry`` threaded in order; returns ``(sums, carry)``.
   Microbatch i is rows i, i+A, ... (keeps shards local)."""
-  def split(x):   # [B, ...] -> [A, B/A, ...]
-    x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
-    return mesh_lib.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
-  micro = jax.tree.map(split, batch)
+  micro = jax.tree.map(lambda x: _split_rows(x, accum), batch)
   take = lambda i: jax.tree.map(lambda x: x[i], micro)
 
   def body(acc, i):
@@ -83,6 +80,12 @@ def _sum_microbatches(fn, batch, accum: int, carry):
   shapes = jax.eval_shape(fn, take(0), 0, carry)[0]
   zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   return jax.lax.scan(body, (zero, carry), jnp.arange(accum))[0]
+
+
+def _split_rows(x, n: int):
+  """``[B, ...] -> [n, B/n, ...]``: part i holds rows i, i + n, ... (keeps shards local)."""
+  x = x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
+  return mesh_lib.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
 
 
 def _ratio(num, den):
@@ -119,7 +122,10 @@ class Trainer:
     self.heads = sorted(set(trainable) - set(self.roles))
     self.gd_params, _ = _split_models(trainable, "trainable")
     self.gd_frozen, _ = _split_models(frozen, "frozen")
-    self.tx, self.schedules = optim.make_optimizer(c.optim, c.total_steps, list(trainable))
+    self.snapshots = dict(self.experiment.snapshots)
+    self.gd_snap = _split_models({n: trainable[s] for n, s in self.snapshots.items()}, "snapshot")[0]
+    self.mu = int(self.experiment.updates_per_rollout)
+    self.tx, self.schedules = optim.make_optimizer(c.optim, c.total_steps * self.mu, list(trainable))
     abstract_state, abstract_frozen = jax.eval_shape(self._init)
     self.replicated_fallbacks: list = []
     self.state_shardings = mesh_lib.tree_shardings(abstract_state, self.mesh, self.rules, self.replicated_fallbacks)
@@ -159,6 +165,9 @@ class Trainer:
              "opt_state": self.tx.init(params), "rng": self.step_key}
     if self.experiment.init_state is not None:
       state["method"] = self.experiment.init_state()
+    if self.snapshots:
+      state["snapshots"] = {n: params[src] for n, src in self.snapshots.items()}
+      state["resets"] = jnp.zeros((), jnp.int32)
     return state, frozen_state
 
   def init(self):
@@ -187,22 +196,28 @@ class Trainer:
     return jax.tree.map(f, dict(local_batch), shardings)
 
   # --- the step ----------------------------------------------------------------
-  def _merge(self, params, frozen) -> dict:
-    """One dict of modules, every role and head by name, from the trainable and frozen arrays."""
-    return {**nnx.merge(self.gd_params, params), **nnx.merge(self.gd_frozen, frozen)}
+  def _merge(self, params, frozen, snapshots=None) -> dict:
+    """One dict of modules, every role, head and snapshot by name, from their arrays."""
+    out = {**nnx.merge(self.gd_params, params), **nnx.merge(self.gd_frozen, frozen)}
+    if self.snapshots:
+      out.update(nnx.merge(self.gd_snap, jax.lax.stop_gradient(snapshots)))
+    return out
 
-  def _microbatch_sums(self, params, frozen, batch, rng, method_state=None):
-    """Gradient and metric *sums* over one microbatch (and the method state after it)."""
-    if self.experiment.rollout is not None:
+  def _rollout(self, params, frozen, snaps, batch, rng, method_state):
+    models = self._merge(jax.lax.stop_gradient(params), frozen, snaps)
+    if self.experiment.init_state is not None:
+      return self.experiment.rollout(models, batch, rng, method_state)
+    return self.experiment.rollout(models, batch, rng), method_state
+
+  def _microbatch_sums(self, params, frozen, snaps, batch, rng, method_state=None, rollout=True):
+    """Gradient and metric *sums* over one microbatch (and the method state after it);
+    ``rollout``: run the experiment's rollout on it first (when it has one)."""
+    if rollout and self.experiment.rollout is not None:
       rng, r_rng = jax.random.split(rng)
-      models = self._merge(jax.lax.stop_gradient(params), frozen)
-      if self.experiment.init_state is not None:
-        batch, method_state = self.experiment.rollout(models, batch, r_rng, method_state)
-      else:
-        batch = self.experiment.rollout(models, batch, r_rng)
+      batch, method_state = self._rollout(params, frozen, snaps, batch, r_rng, method_state)
 
     def loss_of(p):
-      out = self.experiment.loss_fn(self._merge(p, frozen), batch, rng)
+      out = self.experiment.loss_fn(self._merge(p, frozen, snaps), batch, rng)
       if not isinstance(out, LossOutput):
         out = LossOutput(*out)
       return out.loss, out
@@ -211,36 +226,84 @@ class Trainer:
     parts = _metric_parts(out.metrics, out.count)
     return grads, jnp.asarray(out.loss, jnp.float32), jnp.asarray(out.count, jnp.float32), parts, method_state
 
-  def train_step(self, state, frozen, batch):
+  def _update(self, params, opt_state, frozen, snaps, batch, rng, method_state, rollout):
+    """One optimizer update on ``batch`` (``grad_accum`` microbatches): ``(params, opt_state,
+    method_state, parts, loss, grad_norm, count, finite)``."""
     accum = self.config.grad_accum
-    rng = jax.random.fold_in(state["rng"], state["step"])
-    params = state["params"]
-    method_state = state.get("method")
     if accum == 1:
-      grads, loss, count, parts, method_state = self._microbatch_sums(params, frozen, batch, rng, method_state)
+      grads, loss, count, parts, method_state = self._microbatch_sums(params, frozen, snaps, batch, rng,
+                                                                      method_state, rollout)
     else:
       def one(mb, i, method_state):      # the method state passes through the microbatches in order
-        *out, method_state = self._microbatch_sums(params, frozen, mb, jax.random.fold_in(rng, i), method_state)
+        *out, method_state = self._microbatch_sums(params, frozen, snaps, mb, jax.random.fold_in(rng, i),
+                                                   method_state, rollout)
         return tuple(out), method_state
       (grads, loss, count, parts), method_state = _sum_microbatches(one, batch, accum, method_state)
-    grads = jax.tree.map(lambda g: g / count, grads)
-    loss = loss / count
+    # count 0: nothing to learn from (GRPO's dynamic sampling dropped every group): no update.
+    empty = count == 0
+    safe = jnp.where(empty, 1.0, count)
+    grads = jax.tree.map(lambda g: g / safe, grads)
+    loss = loss / safe
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = self.tx.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                 "opt_state": opt_state, "rng": state["rng"]}
+    updates, new_opt = self.tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda old, new: jax.tree.map(lambda a, b: jnp.where(empty, a, b), old, new)
+    return (keep(params, new_params), keep(opt_state, new_opt), method_state, parts, loss, grad_norm, count,
+            finite)
+
+  def train_step(self, state, frozen, batch):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    if self.experiment.rollout is not None:   # the rollout sees the step (per row, so microbatches split it)
+      b = jax.tree.leaves(batch)[0].shape[0]
+      batch = {**batch, "step": jnp.full((b,), state["step"], jnp.int32)}
+    snaps = state.get("snapshots")
+    method_state = state.get("method")
+    if self.mu == 1:
+      params, opt_state, method_state, parts, loss, grad_norm, count, finite = self._update(
+          state["params"], state["opt_state"], frozen, snaps, batch, rng, method_state, rollout=True)
+    else:   # one rollout over the whole batch, then mu updates on its minibatches (rows i, i + mu, ...)
+      rng, r_rng = jax.random.split(rng)
+      rolled, method_state = self._rollout(state["params"], frozen, snaps, batch, r_rng, method_state)
+
+      def one(carry, i):
+        params, opt_state, method_state = carry
+        mb = jax.tree.map(lambda x: x[i], minibatches)
+        params, opt_state, method_state, *out = self._update(params, opt_state, frozen, snaps, mb,
+                                                             jax.random.fold_in(rng, i), method_state, False)
+        return (params, opt_state, method_state), tuple(out)
+      minibatches = jax.tree.map(lambda x: _split_rows(x, self.mu), rolled)
+      (params, opt_state, method_state), (parts, losses, norms, counts, finites) = jax.lax.scan(
+          one, (state["params"], state["opt_state"], method_state), jnp.arange(self.mu))
+      parts = jax.tree.map(lambda x: jnp.sum(x, axis=0), parts)
+      loss, grad_norm, count, finite = jnp.mean(losses), jnp.mean(norms), jnp.sum(counts), jnp.all(finites)
+    metrics = {k: _ratio(n, d) for k, (n, d) in parts.items()}
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
     if "method" in state:
       new_state["method"] = method_state
+    if self.snapshots:
+      new_state["snapshots"], new_state["resets"] = snaps, state["resets"]
+      if self.experiment.reset is not None:
+        new_state = self._maybe_reset(new_state, metrics)
+      metrics["resets"] = new_state["resets"]
     new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
-    metrics = {k: _ratio(n, d) for k, (n, d) in parts.items()}
     metrics.update(loss=loss, grad_norm=grad_norm, count=count, finite=finite)
     return new_state, metrics
+
+  def _maybe_reset(self, state, metrics):
+    """ProRL's reset: snapshots <- their roles' parameters, the optimizer state re-initialised."""
+    do = jnp.asarray(self.experiment.reset(state["step"], metrics), bool)
+    params = state["params"]
+    fresh = {n: params[src] for n, src in self.snapshots.items()}
+    pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(do, x, y), a, b)
+    return {**state, "snapshots": pick(fresh, state["snapshots"]),
+            "opt_state": pick(self.tx.init(params), state["opt_state"]),
+            "resets": state["resets"] + do.astype(jnp.int32)}
 
   def eval_sums(self, state, frozen, batch):
     """Metric ``(sum, count)`` parts of a global eval batch, in the training microbatches
     (``grad_accum`` of them, summed), so evaluation needs no more activation memory than a step."""
-    models = self._merge(state["params"], frozen)
+    models = self._merge(state["params"], frozen, state.get("snapshots"))
     rng = jax.random.fold_in(state["rng"], 2**31 - 1)   # a key no train step uses
 
     def sums(mb):
@@ -272,8 +335,8 @@ class Trainer:
     return self._eval_step
 
   def models(self, state, frozen) -> dict:
-    """The modules of a state, every role and head by name (for host-side evaluation)."""
-    return self._merge(state["params"], frozen)
+    """The modules of a state, every role, head and snapshot by name (for host-side evaluation)."""
+    return self._merge(state["params"], frozen, state.get("snapshots"))
 
   def load_sources(self, state, frozen, frozen_only: bool = False):
     """Loads every role whose source is ``hf:`` or ``run:`` into the state, each device
@@ -285,6 +348,9 @@ class Trainer:
       tree = state["params"] if r.trainable else frozen
       abstract = (self.abstract_state["params"] if r.trainable else self.abstract_frozen)[name]
       tree[name] = table.load(r, abstract)
+    if not frozen_only:    # a snapshot starts as its role's loaded parameters (on resume: the checkpoint's)
+      for name, src in self.snapshots.items():
+        state["snapshots"][name] = jax.tree.map(lambda x: x.copy(), state["params"][src])
     return state, frozen
 
 
@@ -482,7 +548,7 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
       dt = now - last_log[0]
       m[rate_name] = tokens_since / dt if dt > 0 else float("nan")
       for name, sched in trainer.schedules.items():
-        m[f"lr/{name}" if len(trainer.schedules) > 1 else "lr"] = float(sched(step - 1))
+        m[f"lr/{name}" if len(trainer.schedules) > 1 else "lr"] = float(sched((step - 1) * trainer.mu))
       logger.write(step, "train", m)
       last_log, tokens_since = (now, step), 0
       if bar is not None:

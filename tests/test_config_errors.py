@@ -113,7 +113,7 @@ def test_unknown_preset_is_an_error(tmp_path):
   assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
   assert p.stderr.strip().splitlines() == [   # the config module's error, not ml_collections' traceback of it
       "error: flag --config=experiments/sft.py:smok: config preset 'smok' is unknown - did you mean 'smoke'?; "
-      "known presets: ['smoke', 'sort']"]
+      "known presets: ['digits', 'smoke', 'sort']"]
   # key=value in the preset list is refused, not ignored (it once was: total_steps stayed 20).
   with pytest.raises(ValueError, match=r"config preset 'total_steps=3': presets are names only; set the field "
                                        r"with --config.total_steps=3"):

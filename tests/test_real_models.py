@@ -269,3 +269,30 @@ def test_hf_model_id_resolves_offline_to_the_local_cache(families, tmp_path, mon
                                         r"'acme/missing', and the model id has no snapshot in the local Hugging "
                                         r"Face cache"):
     table.parse_init("policy", "hf:acme/missing")
+
+
+def test_grpo_from_hf_dir_with_prompt_file_and_a_reward_function(families, tmp_path, monkeypatch):
+  """GRPO by fields only on (2, 2, 2): the policy from the bf16 Qwen2-style directory (its tokenizer:
+  no BOS, its own pad), prompts from a JSONL file, the reward a user function named module:function
+  on the decoded completions, G = 4 with the prompt prefilled once per group, no reference model
+  (beta_kl = 0): the mean reward of the last five steps is above the first five's."""
+  from jaxopd.methods import grpo
+  (tmp_path / "my_rewards.py").write_text(REWARD_MODULE)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  c = _quiet(load_config("grpo.py"), steps=30)
+  c.data.task = "files"
+  c.data.files.train = hf_fixtures.write_jsonl(str(tmp_path / "p.jsonl"), hf_fixtures.prompt_records(64))
+  c.data.data_dir = str(tmp_path / "data")
+  c.models.policy.init = f"hf:{families['qwen2']}"
+  c.method.reward = "my_rewards:vowels"
+  c.method.group_size = 4
+  c.rollout.prompt_len, c.rollout.max_new_tokens, c.seq_len = 24, 12, 36
+  c.optim.lr = 3e-3
+  exp = grpo.build(c)
+  assert set(exp.roles) == {"policy"} and not exp.snapshots
+  c, out = _run("grpo", c, tmp_path / "grpo")
+  recs = logs.read_metrics(str(tmp_path / "grpo"), "train")
+  r = [x["reward/mean"] for x in recs]
+  print(f"GRPO with a reward function: reward {np.mean(r[:5]):.4f} (steps 1-5) -> {np.mean(r[-5:]):.4f} "
+        f"(steps 26-30)")
+  assert np.mean(r[-5:]) > np.mean(r[:5]) + 0.02, r

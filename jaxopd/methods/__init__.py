@@ -13,7 +13,7 @@ import importlib
 
 from jaxopd.errors import ConfigError
 
-NAMES = ("sft", "tdpo", "sparsepo", "fdpg", "distillspec", "aligndistil", "redi")
+NAMES = ("sft", "tdpo", "sparsepo", "fdpg", "distillspec", "aligndistil", "redi", "grpo")
 
 
 def get(name: str):

@@ -55,10 +55,11 @@ from flax import nnx
 from jaxopd import checkpoint as ckpt_lib
 from jaxopd.data import batched_iterator, suite as suite_lib
 from jaxopd.errors import ConfigError
-from jaxopd.evaluation import acceptance_on_draft_prefixes, block_efficiency, compiled, evaluate_policy, speedup
+from jaxopd.evaluation import (acceptance_on_draft_prefixes, block_efficiency, compiled, evaluate_policy, heldout_nll,
+                               speedup)
 from jaxopd.evaluation import sampler as sample_call
 from jaxopd.experiment import Experiment, LossOutput
-from jaxopd.losses import DIVERGENCES, sft_loss, token_divergence_loss
+from jaxopd.losses import DIVERGENCES, token_divergence_loss
 from jaxopd.methods import sft
 from jaxopd.models import Transformer, table
 from jaxopd.sampling import SamplingConfig, sample, speculative_sample
@@ -337,11 +338,6 @@ def _speculative(cfg, gamma, lenience, target, draft, prompt, plen, rng):
   return speculative_sample(target, draft, prompt, plen, rng, cfg, gamma, lenience)
 
 
-def nll_sums(model, tokens, loss_mask):
-  """``(NLL sum, token count)`` of ``model`` on the masked tokens (for :func:`compiled`)."""
-  return sft_loss(model(tokens).logits, tokens, loss_mask)[:2]
-
-
 def prefix_acceptance(target, draft, prompt, plen, rng, cfg: SamplingConfig) -> float:
   """alpha on draft-generated prefixes: argmax agreement if ``cfg.greedy``, else ``1 - TVD``."""
   acc = compiled(_prefix_acceptance, (cfg,), target, draft)(jnp.asarray(prompt), jnp.asarray(plen), rng)
@@ -352,17 +348,6 @@ def sd_call(target, draft, cfg: SamplingConfig, gamma: int, lenience: float = 1.
   """``f(prompt, prompt_len, rng) -> SpecOutput``: compiled speculative decoding with these models."""
   fn = compiled(_speculative, (cfg, gamma, lenience), target, draft)
   return lambda p, l, r: fn(jnp.asarray(p), jnp.asarray(l), r)
-
-
-def heldout_nll(model, records, batch: int = 64) -> float:
-  """Per-token NLL (nats) of ``model`` on SFT records (held-out corpus reviews)."""
-  fn = compiled(nll_sums, (), model)
-  nll = n = 0.0
-  for i in range(0, len(records) - batch + 1, batch):    # whole batches: one compiled shape
-    rows = records[i:i + batch]
-    a, b = fn(jnp.asarray(np.stack([r["tokens"] for r in rows])), jnp.asarray(np.stack([r["loss_mask"] for r in rows])))
-    nll, n = nll + float(a), n + float(b)
-  return nll / max(n, 1.0)
 
 
 def time_per_token(calls: dict, prompt, plen, rng, repeats: int) -> dict:

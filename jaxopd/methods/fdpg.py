@@ -295,15 +295,7 @@ def _check(c):
     raise ConfigError(f"config.method.topic={m.topic!r}: must be one of {reviews.TOPIC_NAMES}")
   if c.data.task not in ("reviews", "files"):
     raise ConfigError(f"config.data.task={c.data.task!r}: must be reviews or files (prompt files)")
-  if m.reward not in ("gold", rewards.MODEL) and not rewards.is_function(m.reward):
-    raise ConfigError(f"config.method.reward={m.reward!r}: must be gold (the reviews task's), module:function or "
-                      f"model (the reward role: --config.models.reward.init=hf:DIR)")
-  if m.reward == rewards.MODEL and not table.built(c, "reward"):
-    raise ConfigError("config.method.reward='model': give the reward model's source, "
-                      "--config.models.reward.init=hf:DIR (a *ForSequenceClassification directory)")
-  if m.reward != rewards.MODEL and table.built(c, "reward"):
-    raise ConfigError(f"config.models.reward.init={c.models.reward.init!r}: only config.method.reward=model uses "
-                      f"the reward role (config.method.reward={m.reward!r}; leave the init at none)")
+  rewards.check_config(c, "gold", "the reviews task's")
   if m.reward != "gold" and m.target != "rlhf":
     raise ConfigError(f"config.method.reward={m.reward!r}: only target=rlhf uses a reward")
   if c.data.task == "files":
@@ -397,20 +389,11 @@ def make_target(c, data: Data, lambdas=None) -> Target:
   if m.reward == rewards.MODEL:
     rdir = table.source_dir(c, "reward")
     rewards.check_model(tok, rdir, table.arch(c, "reward"))
-    return Target("rlhf", reward_fn=None, beta=float(m.reward_beta), reward_pad=_pad_id(rdir))
+    return Target("rlhf", reward_fn=None, beta=float(m.reward_beta), reward_pad=rewards.pad_id(rdir))
   prompt, plen = _prompts(c, data, "train", 2)
   probe = [tok.decode(p[:n].tolist(), skip_special_tokens=True) for p, n in zip(prompt, plen)]
   fn = rewards.load(m.reward, tok, probe_prompts=probe)
   return Target("rlhf", reward_fn=fn, beta=float(m.reward_beta))
-
-
-def _pad_id(hf_dir: str) -> int:
-  """The pad id a reward model's ``config.json`` gives (-1: none; then it scores the last token)."""
-  if not hf_dir:
-    return -1
-  with open(os.path.join(hf_dir, "config.json")) as f:
-    pad = json.load(f).get("pad_token_id")
-  return -1 if pad is None else int(pad)
 
 
 def _prompts(c, data: Data, split: str, n: int | None = None):

@@ -4,7 +4,8 @@ stage of the other pipelines (:func:`stage`, :func:`run_stage`).
 Data (``config.data.task``): the reviews corpus of the controlled suite
 (jaxopd/data/reviews.py, built into ``config.data.data_dir`` on first use),
 your own files (``files``: TRL ``text`` / prompt-completion / messages
-records), or the in-code sort task (``sort``, jaxopd/data/toy.py). Eval:
+records), the digits task's easy levels (``digits``: jaxopd/data/digits.py, the SFT
+base of GRPO), or the in-code sort task (``sort``, jaxopd/data/toy.py). Eval:
 held-out per-token loss and, on the reviews task, the gold reward, per-token
 entropy and distinct-n of samples on held-out prompts (``config.eval``).
 Config: experiments/sft.py.
@@ -20,7 +21,7 @@ import numpy as np
 
 from jaxopd import checkpoint as ckpt_lib
 from jaxopd import train
-from jaxopd.data import batched_iterator, suite as suite_lib, toy
+from jaxopd.data import batched_iterator, digits, suite as suite_lib, toy
 from jaxopd.data.pipeline import pack
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import evaluate_policy
@@ -67,6 +68,18 @@ def build(config) -> Experiment:
         rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
         m = evaluate_policy(models["policy"], None, prompt, plen, rng, scfg, reward_fn)
         return {f"sample/{k}": v for k, v in m.items()}
+  elif config.data.task == "digits":
+    suite = digits.ensure(config.data)
+    if len(suite.tokenizer) > model_cfg.vocab_size:
+      raise ConfigError(f"config.model.vocab_size={model_cfg.vocab_size}: the digits tokenizer has "
+                        f"{len(suite.tokenizer)} tokens")
+    if config.eval.num_prompts:
+      raise ConfigError("config.eval.num_prompts: sampled evaluation needs the reviews task's gold reward; "
+                        "set it to 0 with task=digits (experiments/sft.py:digits; pass@k is GRPO's evaluation)")
+    lv = config.data.sft_max_level
+    train_records, _ = digits.sft_records(suite, "train", config.seq_len, max_level=lv)
+    eval_records, _ = digits.sft_records(suite, "test", config.seq_len, max_level=lv)
+    pad_id = suite.tokenizer.pad_token_id
   elif config.data.task == "files":
     tok, train_records, eval_records = suite_lib.file_records(config.data, "lm", config.seq_len,
                                                               default_tokenizer=table.tokenizer_dir(config))
@@ -79,7 +92,7 @@ def build(config) -> Experiment:
     eval_records = eval_records or []
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0   # as jaxopd.data.formats pads
   else:
-    raise ConfigError(f"config.data.task={config.data.task!r}: must be reviews, files or sort")
+    raise ConfigError(f"config.data.task={config.data.task!r}: must be reviews, files, digits or sort")
   if config.method.pack:
     train_records, stats = pack(train_records, config.seq_len, pad_id)
     print(f"packing: {stats['examples']} examples into {stats['rows']} rows of {config.seq_len} tokens "

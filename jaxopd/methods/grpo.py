@@ -1,0 +1,425 @@
+"""GRPO with DAPO's and ProRL's controls, on-policy distillation (VLA-OPD) and RL with a
+teacher term (RPD), through the one train step. Math: :mod:`jaxopd.losses.grpo`;
+config and commands: experiments/grpo.py.
+
+The step (``rollout`` then ``loss_fn``, both inside the jitted train step):
+
+1. each prompt of the batch is prefilled once and ``config.method.group_size`` = G
+   responses are sampled from it (``config.rollout``: length budget, temperature);
+2. each response is scored (``config.method.reward``): ``check`` (the digits task's exact
+   checker, on device), ``model`` (the ``reward`` role, a Hugging Face
+   sequence-classification directory, on device) or ``module:function`` (your function on
+   the decoded texts, on the host, :mod:`jaxopd.rewards`);
+3. advantages per group (``grpo`` / ``dr_grpo``); with ``dynamic_sampling`` the groups
+   whose rewards are all equal leave the loss (``kept_fraction`` is logged), and with
+   ``train_groups = n > 0`` the step trains on n of the batch's groups, kept ones first
+   (DAPO's over-sampling: sample ``batch_size`` prompts' groups, train on n);
+4. the clipped surrogate with ``eps_low`` / ``eps_high``, ``beta_kl`` times a KL estimator
+   (``k1`` / ``k2`` / ``k3``) to the ``reference`` (a copy of the policy taken at the start
+   and at each ProRL reset, held in the train state: ``beta_kl = 0`` builds none), one of
+   three aggregations; ``updates_per_rollout = mu > 1``: mu optimizer updates per rollout
+   on its minibatches, with the rollout-time log-probs as ``pi_old``;
+5. with ``config.method.distill`` set (``reverse_kl`` / ``forward_kl`` / ``hard_ce``), a
+   frozen ``teacher`` scores every position of the policy's own samples and
+   ``lambda_d(step)`` times that term is added (RPD); ``pg = False`` drops the RL term:
+   pure on-policy distillation (VLA-OPD), the same aggregation and mask.
+
+ProRL's reference reset: every ``reset_every`` steps, or when the step's ``kl`` exceeds
+``reset_kl``, the reference becomes the current policy and the optimizer state is
+re-initialised (``resets`` counts them in the log).
+
+Per-token quantities come from the models' final hidden states in chunks of
+``config.method.chunk`` positions with the LM head inside the chunk loop (no ``[B, T, V]``
+logits of any model in the step).
+
+Metrics (TRL / verl names where they exist): ``reward/mean``, ``reward/std`` (mean over
+groups of the group's std), ``pass@1`` (check reward), ``kept_fraction``,
+``clip_ratio/low|high|region``, ``kl``, ``entropy``, ``response_length/mean``,
+``distill`` (the teacher term's token mean), ``resets``. Evaluation on the digits task:
+pass@k for k = 1, 2, 4, ... up to ``config.eval.samples`` per difficulty level (the
+unbiased estimator from n samples per prompt), and the greedy pass rate.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopd import rewards
+from jaxopd.data import batched_iterator, digits, suite as suite_lib
+from jaxopd.errors import ConfigError
+from jaxopd.evaluation import compiled, heldout_nll, pass_at_k, to_host
+from jaxopd.experiment import Experiment, LossOutput
+from jaxopd.losses import response_mask
+from jaxopd.losses.common import map_chunks
+from jaxopd.losses.grpo import (ADVANTAGES, AGGREGATIONS, DISTILL, KL_ESTIMATORS, SCHEDULES, aggregate,
+                                distill_per_token, distill_weight, group_advantages, kept_groups, policy_loss)
+from jaxopd.models import table
+from jaxopd.sampling import SamplingConfig, sample
+
+TASKS = ("digits", "files")
+CHECK = "check"
+
+
+def uses_reference(m) -> bool:
+  return m.pg and m.beta_kl > 0
+
+
+def roles(m) -> dict:
+  out = {"policy": True}
+  if m.distill:
+    out["teacher"] = False
+  if m.reward == rewards.MODEL:
+    out["reward"] = False
+  return out
+
+
+# --- the step's pieces ------------------------------------------------------------------------
+
+def token_terms(models, tokens, chunk: int, teacher: str = "", kind: str = "reverse_kl", temperature: float = 1.0):
+  """Per-token terms ``[B, T-1]`` of the sampled tokens ``tokens[:, 1:]``: ``lp`` (policy
+  log-prob), ``entropy`` (the policy's, no gradient) and, with ``teacher`` a role name, ``distill``
+  (:func:`distill_per_token` against it), from hidden states in chunks."""
+  policy = models["policy"]
+  hidden = {"policy": policy.final_hidden(tokens)[:, :-1]}
+  heads = {"policy": policy.output_weight()}
+  if teacher:
+    hidden[teacher] = jax.lax.stop_gradient(models[teacher].final_hidden(tokens)[:, :-1])
+    heads[teacher] = models[teacher].output_weight()
+
+  def per_chunk(xs):
+    hs, targets = xs
+    z = policy.unembed(hs["policy"], heads["policy"]).astype(jnp.float32)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    out = {"lp": jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0] - lse}
+    zs = jax.lax.stop_gradient(z)
+    out["entropy"] = jax.lax.stop_gradient(lse) - jnp.sum(jax.nn.softmax(zs, axis=-1) * zs, axis=-1)
+    if teacher:
+      out["distill"] = distill_per_token(z, models[teacher].unembed(hs[teacher], heads[teacher]), kind, temperature)
+    return out
+  return map_chunks(per_chunk, (hidden, tokens[:, 1:]), chunk)
+
+
+def sampled_logprobs(model, tokens, chunk: int):
+  """``log model(tokens[:, t+1] | ...)`` ``[B, T-1]``, no gradient, in chunks."""
+  hidden = jax.lax.stop_gradient(model.final_hidden(tokens)[:, :-1])
+  w = model.output_weight()
+
+  def per_chunk(xs):
+    hs, targets = xs
+    z = model.unembed(hs, w).astype(jnp.float32)
+    return jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(z, axis=-1)
+  return jax.lax.stop_gradient(map_chunks(per_chunk, (hidden, tokens[:, 1:]), chunk))
+
+
+def make_reward(kind: str, eos_id: int, host_fn=None, reward_pad: int = -1):
+  """``reward(models, tokens, loss_mask, batch) -> [R]`` float32, inside the step."""
+  if kind == CHECK:
+    return lambda models, t, m, b: digits.check(t, m, b["answer"], b["answer_len"], eos_id)
+  if kind == rewards.MODEL:
+    return lambda models, t, m, b: rewards.score(models["reward"], t, m, reward_pad)
+  shape = lambda t: jax.ShapeDtypeStruct((t.shape[0],), jnp.float32)
+  return lambda models, t, m, b: jax.pure_callback(
+      lambda tt, mm: np.asarray(host_fn(tt, mm), np.float32), shape(t), t, m)
+
+
+def make_rollout(scfg: SamplingConfig, group: int, reward_fn, m, total_steps: int, need_old: bool,
+                 train_every: int = 0):
+  """``rollout(models, batch, rng)``: G samples per prompt, scored; advantages, row weights,
+  the distillation weight and (``need_old``) the rollout-time log-probs. ``train_every = k``:
+  train on 1 in k of the sampled groups, kept groups first (``batch_size / train_groups``)."""
+  def rollout(models, batch, rng):
+    out = sample(models["policy"], batch["prompt"], batch["prompt_len"], rng, scfg, repeats=group)
+    rep = lambda x: jnp.repeat(x, group, axis=0)
+    extra = {k: rep(v) for k, v in batch.items() if k not in ("prompt", "prompt_len", "step")}
+    r = reward_fn(models, out.tokens, out.loss_mask, extra)
+    groups = r.reshape(-1, group)
+    kept = kept_groups(groups)
+    n = groups.shape[0]
+    std = jnp.sqrt(jnp.sum((groups - jnp.mean(groups, -1, keepdims=True)) ** 2, -1) / max(group - 1, 1))
+    rows = {"tokens": out.tokens, "loss_mask": out.loss_mask, "reward": r,
+            "adv": group_advantages(groups, m.advantage).reshape(-1),
+            "weight": rep(kept.astype(jnp.float32)) if m.dynamic_sampling else jnp.ones_like(r),
+            "group_std": rep(std), "kept": rep(kept.astype(jnp.float32)),
+            "lambda_d": jnp.full_like(r, distill_weight(batch["step"][0], total_steps, m.lambda_d,
+                                                        m.distill_schedule))}
+    if train_every:         # DAPO's over-sampling: the kept groups first, in batch order
+      order = jnp.argsort(~kept, stable=True)[:n // train_every]
+      idx = (order[:, None] * group + jnp.arange(group)[None, :]).reshape(-1)
+      kept_frac = jnp.mean(kept.astype(jnp.float32))
+      rows = jax.tree.map(lambda x: x[idx], rows)
+      rows["kept"] = jnp.full_like(rows["reward"], kept_frac)   # of the sampled groups
+    if need_old:
+      rows["lp_old"] = sampled_logprobs(models["policy"], rows["tokens"], m.chunk)
+    return rows
+  return rollout
+
+
+def make_loss_fn(m, max_len: int, check_reward: bool):
+  teacher = "teacher" if m.distill else ""
+  with_ref = uses_reference(m)
+
+  def loss_fn(models, batch, rng):
+    del rng
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    terms = token_terms(models, tokens, m.chunk, teacher, m.distill or "reverse_kl", m.distill_temperature)
+    msk = response_mask(mask)
+    w = batch["weight"]
+    mw = msk * w[:, None]
+    lp = terms["lp"]
+    lp_ref = sampled_logprobs(models["reference"], tokens, m.chunk) if with_ref else None
+    lp_old = batch["lp_old"] if "lp_old" in batch else jax.lax.stop_gradient(lp)
+    pg_sum, count, metrics = policy_loss(lp, lp_old, batch["adv"], msk, m.eps_low, m.eps_high, m.beta_kl, lp_ref,
+                                         m.kl, m.aggregation, max_len, w)
+    total = pg_sum if m.pg else jnp.float32(0.0)
+    if teacher:
+      d = terms["distill"]
+      d_sum, _ = aggregate(d * batch["lambda_d"][:, None], mw, m.aggregation, max_len, w)
+      total = total + d_sum
+      metrics["distill"] = (jnp.sum(d * mw), jnp.sum(mw))
+      metrics["lambda_d"] = (jnp.sum(batch["lambda_d"]), jnp.float32(tokens.shape[0]))
+    if not m.pg:
+      metrics = {k: v for k, v in metrics.items() if k in ("distill", "lambda_d", "kl")}
+    rows = jnp.float32(tokens.shape[0])
+    per_row = lambda x: (jnp.sum(x), rows)
+    metrics.update({
+        "reward/mean": per_row(batch["reward"]), "reward/std": per_row(batch["group_std"]),
+        "kept_fraction": per_row(batch["kept"]), "entropy": (jnp.sum(terms["entropy"] * msk), jnp.sum(msk)),
+        "response_length/mean": per_row(jnp.sum(msk, axis=-1)),
+    })
+    if check_reward:
+      metrics["pass@1"] = per_row(batch["reward"])
+    return LossOutput(total, count, metrics)
+  return loss_fn
+
+
+def make_reset(m):
+  """ProRL's reference reset rule: every ``reset_every`` steps and/or when ``kl > reset_kl``."""
+  if not (m.reset_every or m.reset_kl):
+    return None
+
+  def reset(step, metrics):
+    do = jnp.zeros((), bool)
+    if m.reset_every:
+      do = do | (step % m.reset_every == 0)
+    if m.reset_kl:
+      do = do | (metrics["kl"] > m.reset_kl)
+    return do
+  return reset
+
+
+# --- config checks, data, build ---------------------------------------------------------------
+
+def _check(c):
+  m = c.method
+  for f, allowed in (("advantage", ADVANTAGES), ("kl", KL_ESTIMATORS), ("aggregation", AGGREGATIONS),
+                     ("distill_schedule", SCHEDULES)):
+    if m[f] not in allowed:
+      raise ConfigError(f"config.method.{f}={m[f]!r}: must be one of {allowed}")
+  if m.distill and m.distill not in DISTILL:
+    raise ConfigError(f"config.method.distill={m.distill!r}: must be '' (none) or one of {DISTILL}")
+  if c.data.task not in TASKS:
+    raise ConfigError(f"config.data.task={c.data.task!r}: must be one of {TASKS}")
+  if m.group_size < 2:
+    raise ConfigError(f"config.method.group_size={m.group_size}: must be >= 2 (advantages are relative to a group)")
+  for f in ("eps_low", "eps_high", "beta_kl", "reset_kl", "lambda_d"):
+    if m[f] < 0:
+      raise ConfigError(f"config.method.{f}={m[f]}: must be >= 0")
+  if m.eps_low >= 1:
+    raise ConfigError(f"config.method.eps_low={m.eps_low}: must be < 1 (the ratio's lower clip is 1 - eps_low)")
+  if m.distill_temperature <= 0 or m.chunk <= 0:
+    raise ConfigError("config.method.distill_temperature and config.method.chunk must be positive")
+  if not m.pg and not m.distill:
+    raise ConfigError("config.method.pg=False: with no RL term the loss is the distillation term; set "
+                      "config.method.distill (reverse_kl, forward_kl or hard_ce)")
+  if m.distill and m.lambda_d == 0:
+    raise ConfigError(f"config.method.distill={m.distill!r} with lambda_d=0: the term would weigh nothing "
+                      f"(set lambda_d > 0, or distill='')")
+  if not m.distill and table.built(c, "teacher"):
+    raise ConfigError(f"config.models.teacher.init={c.models.teacher.init!r}: only config.method.distill uses a "
+                      f"teacher (leave it at none)")
+  if m.distill and not table.built(c, "teacher"):
+    raise ConfigError(f"config.models.teacher.init='none': config.method.distill={m.distill!r} needs a teacher "
+                      f"(stage:teacher, hf:DIR or run:WORKDIR)")
+  if (m.reset_every or m.reset_kl) and not uses_reference(m):
+    raise ConfigError("config.method.reset_every / reset_kl: a reset moves the reference, and there is none "
+                      "(beta_kl=0 or pg=False builds no reference model)")
+  if m.updates_per_rollout < 1:
+    raise ConfigError(f"config.method.updates_per_rollout={m.updates_per_rollout}: must be >= 1")
+  rows = c.batch_size * m.group_size if not m.train_groups else m.train_groups * m.group_size
+  if m.updates_per_rollout > 1 and rows % (m.updates_per_rollout * c.grad_accum):
+    raise ConfigError(f"config.method.updates_per_rollout={m.updates_per_rollout}: the rollout's {rows} rows must "
+                      f"split into {m.updates_per_rollout} minibatches of grad_accum={c.grad_accum} microbatches")
+  if m.train_groups and not 0 < m.train_groups <= c.batch_size:
+    raise ConfigError(f"config.method.train_groups={m.train_groups}: must be in [1, batch_size={c.batch_size}]")
+  if m.train_groups and (c.batch_size % m.train_groups or (c.batch_size // c.grad_accum) % (c.batch_size //
+                                                                                         m.train_groups)):
+    raise ConfigError(f"config.method.train_groups={m.train_groups}: must divide batch_size={c.batch_size} so "
+                      f"that each microbatch trains on the same share of its groups")
+  if m.reward == CHECK and c.data.task != "digits":
+    raise ConfigError(f"config.method.reward='check' is the digits task's checker (config.data.task="
+                      f"{c.data.task!r}): use module:function or model")
+  rewards.check_config(c, CHECK, "the digits task's checker")
+  if c.seq_len != c.rollout.prompt_len + c.rollout.max_new_tokens:
+    raise ConfigError(f"config.seq_len={c.seq_len}: sampled sequences are prompt + response, so it must equal "
+                      f"config.rollout.prompt_len + config.rollout.max_new_tokens = "
+                      f"{c.rollout.prompt_len} + {c.rollout.max_new_tokens}")
+
+
+def _scfg(c, tok, temperature=None) -> SamplingConfig:
+  eos = tok.eos_token_id
+  return SamplingConfig(max_new_tokens=c.rollout.max_new_tokens, eos_id=eos,
+                        pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
+                        temperature=c.rollout.temperature if temperature is None else temperature)
+
+
+def prepare(config, workdir: str):
+  """The digits task's SFT base (``config.sft``, on the easy levels) and, for the distillation
+  variants, the teacher (``config.teacher``: the same recipe, longer and on every level), each a
+  cached stage; with ``task=files`` no stage runs (every role needs a source)."""
+  del workdir
+  _check(config)
+  if config.data.task == "files":
+    table.refuse_stages(config, "sft", "teacher")
+    return config
+  from jaxopd.methods import sft
+  digits.ensure(config.data)
+  for name, node in (("sft", config.sft), ("teacher", config.teacher)):
+    if table.uses_stage(config, name):
+      s = sft.stage_config(config, node, config.model)
+      if name == "teacher":
+        s.data = copy.deepcopy(s.data)
+        s.data.sft_max_level = s.data.max_level
+      what = "SFT base (easy levels)" if name == "sft" else "teacher (SFT on every level, longer)"
+      sft.train_stage(s, node.workdir, sft.build, what)
+      table.fill_stage(config, name, sft.stage_init(node))
+  return config
+
+
+def _eval_draw(scfg, n, model, prompt, plen, answer, alen, rng):
+  out = sample(model, prompt, plen, rng, scfg, repeats=n)
+  rep = lambda x: jnp.repeat(x, n, axis=0)
+  ok = digits.check(out.tokens, out.loss_mask, rep(answer), rep(alen), scfg.eos_id)
+  return ok.reshape(-1, n), jnp.mean(out.lengths.astype(jnp.float32))
+
+
+def evaluate_pass_at_k(model, records, scfg: SamplingConfig, n: int, rng, batch: int = 64) -> dict:
+  """``pass@k`` (k = 1, 2, 4, ... <= n; unbiased from n samples per prompt) overall and per level,
+  ``greedy`` (the greedy pass rate), ``length`` (mean sampled response length)."""
+  greedy = SamplingConfig(**{**scfg.__dict__, "greedy": True})
+  level = np.asarray([int(r["level"]) for r in records])
+  correct, greedy_ok, lengths = [], [], []
+  for i in range(0, len(records), batch):
+    chunk = records[i:i + batch]
+    arrs = [jnp.asarray(np.stack([r[k] for r in chunk])) for k in ("prompt", "prompt_len", "answer", "answer_len")]
+    ok, length = to_host(compiled(_eval_draw, (scfg, n), model)(*arrs, jax.random.fold_in(rng, i)))
+    g, _ = to_host(compiled(_eval_draw, (greedy, 1), model)(*arrs, rng))
+    correct.append(np.asarray(ok).sum(axis=1))
+    greedy_ok.append(np.asarray(g)[:, 0])
+    lengths.append(float(length) * len(chunk))
+  correct, greedy_ok = np.concatenate(correct), np.concatenate(greedy_ok)
+  ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= n]
+  out = {"greedy": float(np.mean(greedy_ok)), "length": sum(lengths) / len(records)}
+  for k in ks:
+    out[f"pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in correct]))
+  for lv in sorted(set(level.tolist())):
+    sel = level == lv
+    for k in ks:
+      out[f"level{lv}/pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in correct[sel]]))
+    out[f"level{lv}/greedy"] = float(np.mean(greedy_ok[sel]))
+  return out
+
+
+def make_evaluate(config, suite, test_recs):
+  """``evaluate(models, step)``: :func:`evaluate_pass_at_k` of the policy on the held-out prompts
+  (``sample/...``) and its per-token NLL on the held-out SFT examples of the easy levels
+  (``heldout/nll_easy``: forgetting of what the SFT base was trained on)."""
+  scfg = _scfg(config, suite.tokenizer, config.eval.temperature)
+  easy, _ = digits.sft_records(suite, "test", config.seq_len, max_level=config.data.sft_max_level, verbose=False)
+
+  def evaluate(models, step):
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
+    res = {f"sample/{k}": v for k, v in evaluate_pass_at_k(models["policy"], test_recs, scfg, config.eval.samples,
+                                                           rng).items()}
+    res["heldout/nll_easy"] = heldout_nll(models["policy"], easy, min(64, len(easy)))
+    return res
+  return evaluate
+
+
+def build(config) -> Experiment:
+  _check(config)
+  m = config.method
+  evaluate = None
+  host_fn = None
+  if config.data.task == "files":
+    tok, train_recs, _ = suite_lib.file_records(config.data, "prompt", config.seq_len,
+                                                max_prompt_len=config.rollout.prompt_len,
+                                                default_tokenizer=table.tokenizer_dir(config))
+  else:
+    suite = digits.ensure(config.data, verbose=False)
+    tok = suite.tokenizer
+    a_len = config.rollout.max_new_tokens - 1
+    train_recs = digits.prompt_records(suite, "train", config.rollout.prompt_len, a_len)
+    test_recs = digits.prompt_records(suite, "test", config.rollout.prompt_len, a_len)[:config.eval.num_prompts]
+    if config.eval.num_prompts and config.eval.samples:
+      evaluate = make_evaluate(config, suite, test_recs)
+  policy = table.arch(config, "policy")
+  if len(tok) > policy.vocab_size:
+    raise ConfigError(f"config.models.policy: its vocab_size={policy.vocab_size} is smaller than the tokenizer's "
+                      f"{len(tok)} tokens")
+  if m.distill and table.arch(config, "teacher").vocab_size != policy.vocab_size:
+    raise ConfigError(f"config.models.teacher: vocab_size={table.arch(config, 'teacher').vocab_size} differs "
+                      f"from the policy's {policy.vocab_size} (the distillation term compares them token by token)")
+  reward_pad = -1
+  if m.reward == rewards.MODEL:
+    rdir = table.source_dir(config, "reward")
+    rewards.check_model(tok, rdir, table.arch(config, "reward"))
+    reward_pad = rewards.pad_id(rdir)
+  elif m.reward != CHECK:
+    probe = [tok.decode(r["prompt"][:int(r["prompt_len"])].tolist(), skip_special_tokens=True)
+             for r in train_recs[:2]]
+    host_fn = rewards.load(m.reward, tok, probe_prompts=probe)
+  scfg = _scfg(config, tok)
+  reward_fn = make_reward(m.reward, scfg.eos_id, host_fn, reward_pad)
+  mu = int(m.updates_per_rollout)
+  return Experiment(
+      roles=roles(m),
+      loss_fn=make_loss_fn(m, config.rollout.max_new_tokens, m.reward == CHECK),
+      train_data=lambda shard: batched_iterator(train_recs, shard),
+      rollout=make_rollout(scfg, m.group_size, reward_fn, m, config.total_steps, need_old=mu > 1,
+                           train_every=config.batch_size // m.train_groups if m.train_groups else 0),
+      evaluate=evaluate, updates_per_rollout=mu,
+      snapshots={"reference": "policy"} if uses_reference(m) else {},
+      reset=make_reset(m) if uses_reference(m) else None)
+
+
+def report(config, workdir: str, summary: dict):
+  """Pass@k per level and held-out NLL of the SFT base (before), the teacher (distillation
+  variants) and the trained policy (after), on the digits task; summary.json."""
+  out = {"method": {k: config.method[k] for k in ("advantage", "aggregation", "beta_kl", "eps_low", "eps_high",
+                                                  "dynamic_sampling", "distill", "lambda_d", "pg")},
+         "after": summary["eval"]}
+  if config.data.task == "digits" and config.eval.num_prompts and config.eval.samples:
+    suite = digits.ensure(config.data, verbose=False)
+    recs = digits.prompt_records(suite, "test", config.rollout.prompt_len, config.rollout.max_new_tokens - 1,
+                                 verbose=False)[:config.eval.num_prompts]
+    evaluate = make_evaluate(config, suite, recs)
+    for name, role in (("before", "policy"), ("teacher", "teacher")):
+      r = config.models[role]
+      if r.init != table.NONE and table.parse_init(role, r.init).kind != "random":   # the policy's start, the teacher
+        model = table.load_model(r.init, role, dtype=r.dtype, param_dtype=r.param_dtype)[0]
+        out[name] = evaluate({"policy": model}, 0)
+    ks = sorted(int(k.split("@")[1]) for k in out["after"] if k.startswith("sample/pass@"))
+    keys = [f"sample/pass@{k}" for k in ks] + ["sample/greedy", "heldout/nll_easy"]
+    print("\n" + f"{'':<14}" + "".join(f"{k.split('/')[-1]:>12}" for k in keys))
+    for name in ("before", "teacher", "after"):
+      if name in out:
+        print(f"{name:<14}" + "".join(f"{out[name].get(k, float('nan')):>12.4f}" for k in keys))
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(out, f, indent=2)
+  print(f"wrote {os.path.join(workdir, 'summary.json')}")
