@@ -129,3 +129,21 @@ def matmul_peak(rows: int) -> dict:
     t = timed(mm, a, b, warmup=3, repeats=10 if m * k * n >= 2048**3 else 30)
     out[f"{m}x{k}@{k}x{n}"] = 2 * m * k * n / t / 1e9
   return out
+
+
+def trl_step_timer():
+  """A ``transformers.TrainerCallback`` whose ``ts`` lists each optimizer step's wall time: from
+  ``on_step_begin`` to ``on_step_end``, which bracket one step of the HF training loop (TRL's
+  generation and scoring included; data loading and logging outside)."""
+  from transformers import TrainerCallback
+
+  class Timer(TrainerCallback):
+    def __init__(self):
+      self.ts, self.t0 = [], None
+
+    def on_step_begin(self, args, state, control, **kw):
+      self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+      self.ts.append(time.perf_counter() - self.t0)
+  return Timer()

@@ -32,6 +32,25 @@ sampling. A ``TrainerCallback`` records ``perf_counter`` at ``on_step_begin`` /
 (``_prepare_inputs``), the loss, backward, clipping and the AdamW step. Median over the
 steps after the warm-up, with torch threads 1 and 2 (the faster is used).
 
+Measured (2-core Sapphire Rapids VM, jax 0.10.2, torch 2.13.0+cpu, transformers 5.24.0,
+trl 1.16.0, 2 warm-up + 8 timed steps, idle machine: other processes used 0.01 of the 2
+CPUs; 86 s in all):
+
+  jaxopd GRPO        1891 ms/step  2166 tokens/s  (every response 96 tokens)
+  TRL GRPO threads=2 1892 ms/step  2164 tokens/s  (threads=1: 2972 ms)
+  -> ratio_vs_trl 1.00 (aim >= 2x NOT met)
+
+Where jaxopd's step goes (the same model, jitted alone, medians of 5): sampling the 32 x 96
+tokens 666 ms (6.9 ms per decode step of 32 rows; with the prompt prefilled once per group
+or the prompts repeated G times: 666 vs 662 ms, no difference at 32-token prompts, the
+decode loop dominates), the loss's forward + backward on 32 x 128 tokens 1021 ms (the
+gradient of a plain logits sum of the same model: 1167 ms; the chunked per-token terms cost
+nothing extra), the rest (AdamW, the reward callback, advantages) ~0.2 s. Model
+forward + backward at this size runs at ~0.6 of the float32 matmul peak
+(bench/preference_step.py), so a 2x needs a decode loop several times cheaper per step
+than XLA:CPU's while loop gives (its per-op dispatch dominates a [32, 1] forward) and
+cannot come from the training half; not attempted here.
+
 The last line printed is one JSON object: grpo_tokens_per_s, trl_tokens_per_s,
 ratio_vs_trl (training tokens per second, generation included), the step times and the
 other processes' CPU load during the run.
@@ -47,7 +66,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +78,7 @@ from jaxopd.models import ModelConfig  # noqa: E402
 from jaxopd.sampling import SamplingConfig  # noqa: E402
 
 from common import cpu_snapshot, other_load, time_donated_step  # noqa: E402
-from common import compile_train_step, single_device_config  # noqa: E402
+from common import compile_train_step, single_device_config, trl_step_timer  # noqa: E402
 
 PROMPTS, G, PROMPT, NEW = 4, 8, 32, 96
 SEQ = PROMPT + NEW
@@ -125,7 +143,7 @@ def trl_step_time(threads, warmup, repeats):
   import transformers
   import trl
   from datasets import Dataset
-  from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+  from transformers import LlamaConfig, LlamaForCausalLM
   from trl import GRPOConfig, GRPOTrainer
 
   torch.set_num_threads(threads)
@@ -140,17 +158,7 @@ def trl_step_time(threads, warmup, repeats):
   def reward(completions, **kw):
     return reward_words(completions)
 
-  class Timer(TrainerCallback):
-    def __init__(self):
-      self.ts, self.t0 = [], None
-
-    def on_step_begin(self, args, state, control, **kw):
-      self.t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-      self.ts.append(time.perf_counter() - self.t0)
-
-  timer = Timer()
+  timer = trl_step_timer()
   args = GRPOConfig(output_dir="/tmp/grpo_step_trl", per_device_train_batch_size=PROMPTS * G, num_generations=G,
                     max_completion_length=NEW, generation_kwargs={"min_new_tokens": NEW}, temperature=1.0,
                     top_p=1.0, beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.28, num_iterations=1,

@@ -138,7 +138,7 @@ def model_cfg() -> ModelConfig:
 
 # --- contention check and step timing: bench/common.py
 from common import cpu_snapshot as _cpu_snapshot, other_load, time_donated_step  # noqa: E402
-from common import compile_train_step, matmul_peak, single_device_config, timed, xla_flops  # noqa: E402
+from common import compile_train_step, matmul_peak, single_device_config, timed, trl_step_timer, xla_flops  # noqa: E402
 
 
 # --- jaxopd ---------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def trl_step_time(threads, warmup, repeats):
   import trl
   from datasets import Dataset
   from tokenizers import Tokenizer, models, pre_tokenizers
-  from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+  from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
   from trl import DPOConfig, DPOTrainer
 
   torch.set_num_threads(threads)
@@ -216,17 +216,7 @@ def trl_step_time(threads, warmup, repeats):
   policy = LlamaForCausalLM(lc).float()
   ref = LlamaForCausalLM(lc).float()
 
-  class Timer(TrainerCallback):
-    def __init__(self):
-      self.ts, self.t0 = [], None
-
-    def on_step_begin(self, args, state, control, **kw):
-      self.t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-      self.ts.append(time.perf_counter() - self.t0)
-
-  timer = Timer()
+  timer = trl_step_timer()
   args = DPOConfig(output_dir="/tmp/preference_step_trl", per_device_train_batch_size=PAIRS, max_length=SEQ,
                    precompute_ref_log_probs=False, use_cpu=True, bf16=False, fp16=False, report_to=[],
                    eval_strategy="no", save_strategy="no", logging_steps=10**6, max_steps=warmup + repeats,

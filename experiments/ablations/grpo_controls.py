@@ -64,7 +64,10 @@ STUDIES = {
         ("RPD lambda_d 1, cosine", "rpd", ["method.distill_schedule=cosine"]),
     ],
 }
-STUDY_SET = {"prorl": ["eval.samples=64", "eval_every=100"], "dapo": [], "opd": [], "rpd": []}
+# The clip binds only where the ratio leaves 1: with one update per rollout (pi_old = pi) it never does,
+# so the clip and ProRL studies take 4 optimizer updates per rollout (DAPO / ProRL train on minibatches).
+STUDY_SET = {"prorl": ["eval.samples=64", "eval_every=200", "method.updates_per_rollout=4"],
+             "dapo": ["method.updates_per_rollout=4"], "opd": [], "rpd": []}
 
 
 def arm_dir(i: int) -> str:
@@ -75,7 +78,8 @@ def run_sweeps(study, out, seeds, steps, extra):
   results = []
   for i, (label, preset, fields) in enumerate(STUDIES[study]):
     sub = os.path.join(out, arm_dir(i))
-    sets = [f"total_steps={steps}"] + STUDY_SET[study] + fields + extra
+    given = {x.split("=", 1)[0] for x in extra}     # a --set of a study's own field replaces it
+    sets = [f"total_steps={steps}"] + [x for x in STUDY_SET[study] + fields if x.split("=", 1)[0] not in given] + extra
     sweep.main(["--config", CONFIG + (f":{preset}" if preset else ""), "--out", sub, "--seeds", seeds]
                + [x for s in sets for x in ("--set", s)])
     with open(os.path.join(sub, "results.jsonl")) as f:
