@@ -23,6 +23,8 @@ The method: jaxopd/methods/grpo.py (loss: jaxopd/losses/grpo.py). Presets
 * ``opd``: on-policy distillation (VLA-OPD): no RL term, reverse KL to the teacher on the
   policy's own samples;
 * ``rpd``: GRPO plus ``lambda_d`` times the reverse KL to the teacher (RPD);
+* ``reviews``: on the reviews task instead, the reward its gold reward (on the host), from the
+  main job's SFT base (``runs/sft_base``), evaluated as TDPO (gold reward, KL, entropy);
 * ``smoke``: tiny sizes, for tests.
 
 Your own model, prompts and reward, by flags:
@@ -42,7 +44,7 @@ from jaxopd.experiment import parse_arg
 from jaxopd.methods import sft
 from jaxopd.models import table
 
-PRESETS = ("smoke", "grpo", "dapo", "prorl", "opd", "rpd")
+PRESETS = ("smoke", "grpo", "dapo", "prorl", "opd", "rpd", "reviews")
 
 
 def get_config(arg: str | None = None):
@@ -125,6 +127,16 @@ def get_config(arg: str | None = None):
     c.models.teacher.init = "stage:teacher"
   if args.get("opd"):
     m.pg = False
+  if args.get("reviews"):
+    c.data = suite_lib.data_config(smoke)
+    c.model = suite_lib.default_model(smoke)
+    m.reward = "gold"
+    c.sft = sft.stage("runs/sft_smoke" if smoke else "runs/sft_base", 20 if smoke else 1500)   # TDPO's SFT stage
+    c.teacher = sft.stage("runs/sft_teacher_smoke" if smoke else "runs/sft_teacher", 40 if smoke else 3000)
+    c.rollout.prompt_len, c.rollout.max_new_tokens = 16, 48
+    c.seq_len = 64
+    c.eval.num_prompts = 256     # held-out prompts (TDPO's evaluation); eval.samples is the digits task's
+    c.eval.prompt_len, c.eval.max_new_tokens = 16, 48
   if smoke:
     c.total_steps = 6
     c.batch_size = 8
@@ -136,9 +148,13 @@ def get_config(arg: str | None = None):
     c.checkpoint.every = 3
     c.eval.num_prompts = 8
     c.eval.samples = 4
-    c.data.max_level = 5
-    c.data.sft_max_level = 3
-    c.rollout.prompt_len = 8
-    c.rollout.max_new_tokens = 8
-    c.seq_len = 16
+    if args.get("reviews"):
+      c.rollout.prompt_len, c.rollout.max_new_tokens, c.seq_len = 16, 8, 24
+      c.eval.max_new_tokens = 8
+    else:
+      c.data.max_level = 5
+      c.data.sft_max_level = 3
+      c.rollout.prompt_len = 8
+      c.rollout.max_new_tokens = 8
+      c.seq_len = 16
   return c

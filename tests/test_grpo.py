@@ -354,3 +354,28 @@ def test_smoke_on_policy_distillation_lowers_the_reverse_kl_to_the_teacher(smoke
   assert recs[0]["loss"] == pytest.approx(kl[0], rel=1e-5)      # the loss is the distillation term
   assert np.mean(kl[-3:]) < np.mean(kl[:3]), kl
   assert "clip_ratio/low" not in recs[0]
+
+
+def test_smoke_on_the_reviews_task_with_its_gold_reward(tmp_path):
+  """GRPO on the reviews task (the ``reviews`` preset) from the session's shared smoke SFT base, the
+  reward the gold reward on the host: continuous rewards, so groups carry a signal (grad_norm > 0
+  at every step), and TDPO's sampled evaluation (gold reward,
+  entropy; no KL without a reference) is reported before and after."""
+  import json
+
+  from helpers import shared_smoke_stages
+  from jaxopd import logs
+  c = load_config("grpo.py:smoke,reviews")
+  c.progress = False
+  c.eval_every = 0
+  with shared_smoke_stages(c):
+    c = grpo.prepare(c, str(tmp_path / "run"))
+  assert c.method.reward == "gold" and "max_level" not in c.data
+  workdir = str(tmp_path / "run")
+  s = train.run(c, workdir, grpo.build(c))
+  recs = logs.read_metrics(workdir, "train")
+  assert np.mean([r["kept_fraction"] for r in recs]) > 0.5 and all(r["grad_norm"] > 0 for r in recs), recs
+  assert "sample/reward" in s["eval"] and "sample/kl_ref" not in s["eval"]
+  grpo.report(c, workdir, s)
+  summ = json.load(open(os.path.join(workdir, "summary.json")))
+  assert 0 <= summ["before"]["sample/reward"] <= 1 and "sample/entropy" in summ["after"]

@@ -7,7 +7,7 @@ The step (``rollout`` then ``loss_fn``, both inside the jitted train step):
 1. each prompt of the batch is prefilled once and ``config.method.group_size`` = G
    responses are sampled from it (``config.rollout``: length budget, temperature);
 2. each response is scored (``config.method.reward``): ``check`` (the digits task's exact
-   checker, on device), ``model`` (the ``reward`` role, a Hugging Face
+   checker, on device), ``gold`` (the reviews task's gold reward, on the host), ``model`` (the ``reward`` role, a Hugging Face
    sequence-classification directory, on device) or ``module:function`` (your function on
    the decoded texts, on the host, :mod:`jaxopd.rewards`);
 3. advantages per group (``grpo`` / ``dr_grpo``); with ``dynamic_sampling`` the groups
@@ -37,7 +37,9 @@ groups of the group's std), ``pass@1`` (check reward), ``kept_fraction``,
 ``clip_ratio/low|high|region``, ``kl``, ``entropy``, ``response_length/mean``,
 ``distill`` (the teacher term's token mean), ``resets``. Evaluation on the digits task:
 pass@k for k = 1, 2, 4, ... up to ``config.eval.samples`` per difficulty level (the
-unbiased estimator from n samples per prompt), and the greedy pass rate.
+unbiased estimator from n samples per prompt), the greedy pass rate and the held-out NLL of
+the easy levels; on the reviews task TDPO's (gold reward, sequence KL to the reference when
+there is one, entropy, distinct-n of held-out samples).
 """
 
 from __future__ import annotations
@@ -62,8 +64,10 @@ from jaxopd.losses.grpo import (ADVANTAGES, AGGREGATIONS, DISTILL, KL_ESTIMATORS
 from jaxopd.models import table
 from jaxopd.sampling import SamplingConfig, sample
 
-TASKS = ("digits", "files")
+TASKS = ("digits", "reviews", "files")
 CHECK = "check"
+GOLD = "gold"
+BUILTIN = {"digits": (CHECK, "the digits task's checker"), "reviews": (GOLD, "the reviews task's gold reward")}
 
 
 def uses_reference(m) -> bool:
@@ -261,10 +265,11 @@ def _check(c):
                                                                                          m.train_groups)):
     raise ConfigError(f"config.method.train_groups={m.train_groups}: must divide batch_size={c.batch_size} so "
                       f"that each microbatch trains on the same share of its groups")
-  if m.reward == CHECK and c.data.task != "digits":
-    raise ConfigError(f"config.method.reward='check' is the digits task's checker (config.data.task="
-                      f"{c.data.task!r}): use module:function or model")
-  rewards.check_config(c, CHECK, "the digits task's checker")
+  for task, (name, what) in BUILTIN.items():
+    if m.reward == name and c.data.task != task:
+      raise ConfigError(f"config.method.reward={name!r} is {what} (config.data.task={c.data.task!r}): use "
+                        f"module:function or model")
+  rewards.check_config(c, *BUILTIN.get(c.data.task, BUILTIN["digits"]))
   if c.seq_len != c.rollout.prompt_len + c.rollout.max_new_tokens:
     raise ConfigError(f"config.seq_len={c.seq_len}: sampled sequences are prompt + response, so it must equal "
                       f"config.rollout.prompt_len + config.rollout.max_new_tokens = "
@@ -279,23 +284,24 @@ def _scfg(c, tok, temperature=None) -> SamplingConfig:
 
 
 def prepare(config, workdir: str):
-  """The digits task's SFT base (``config.sft``, on the easy levels) and, for the distillation
-  variants, the teacher (``config.teacher``: the same recipe, longer and on every level), each a
-  cached stage; with ``task=files`` no stage runs (every role needs a source)."""
+  """The SFT base (``config.sft``; digits: on the easy levels) and, for the distillation variants,
+  the teacher (``config.teacher``: the same recipe, longer; digits: on every level), each a cached
+  stage; with ``task=files`` no stage runs (every role needs a source)."""
   del workdir
   _check(config)
   if config.data.task == "files":
     table.refuse_stages(config, "sft", "teacher")
     return config
   from jaxopd.methods import sft
-  digits.ensure(config.data)
+  is_digits = config.data.task == "digits"
+  (digits.ensure if is_digits else suite_lib.ensure)(config.data)
   for name, node in (("sft", config.sft), ("teacher", config.teacher)):
     if table.uses_stage(config, name):
       s = sft.stage_config(config, node, config.model)
-      if name == "teacher":
+      if name == "teacher" and is_digits:
         s.data = copy.deepcopy(s.data)
         s.data.sft_max_level = s.data.max_level
-      what = "SFT base (easy levels)" if name == "sft" else "teacher (SFT on every level, longer)"
+      what = "SFT base" + (" (easy levels)" if is_digits else "") if name == "sft" else "teacher (SFT, longer)"
       sft.train_stage(s, node.workdir, sft.build, what)
       table.fill_stage(config, name, sft.stage_init(node))
   return config
@@ -360,6 +366,14 @@ def build(config) -> Experiment:
     tok, train_recs, _ = suite_lib.file_records(config.data, "prompt", config.seq_len,
                                                 max_prompt_len=config.rollout.prompt_len,
                                                 default_tokenizer=table.tokenizer_dir(config))
+  elif config.data.task == "reviews":
+    from jaxopd.methods import tdpo
+    suite = suite_lib.ensure(config.data, verbose=False)
+    tok = suite.tokenizer
+    train_recs = suite_lib.prompt_records(suite, "train", config.rollout.prompt_len)
+    host_fn = suite_lib.gold_reward_fn(suite) if m.reward == GOLD else None
+    if config.eval.num_prompts:
+      evaluate = tdpo.make_evaluate(config, suite)    # gold reward, KL to the reference, entropy, distinct-n
   else:
     suite = digits.ensure(config.data, verbose=False)
     tok = suite.tokenizer
@@ -380,7 +394,7 @@ def build(config) -> Experiment:
     rdir = table.source_dir(config, "reward")
     rewards.check_model(tok, rdir, table.arch(config, "reward"))
     reward_pad = rewards.pad_id(rdir)
-  elif m.reward != CHECK:
+  elif m.reward not in (CHECK, GOLD):
     probe = [tok.decode(r["prompt"][:int(r["prompt_len"])].tolist(), skip_special_tokens=True)
              for r in train_recs[:2]]
     host_fn = rewards.load(m.reward, tok, probe_prompts=probe)
@@ -404,6 +418,18 @@ def report(config, workdir: str, summary: dict):
   out = {"method": {k: config.method[k] for k in ("advantage", "aggregation", "beta_kl", "eps_low", "eps_high",
                                                   "dynamic_sampling", "distill", "lambda_d", "pg")},
          "after": summary["eval"]}
+  if config.data.task == "reviews" and config.eval.num_prompts:
+    from jaxopd.methods import tdpo
+    evaluate = tdpo.make_evaluate(config, suite_lib.ensure(config.data, verbose=False))
+    p = config.models.policy
+    if table.parse_init("policy", p.init).kind != "random":
+      out["before"] = evaluate({"policy": table.load_model(p.init, "policy", dtype=p.dtype,
+                                                           param_dtype=p.param_dtype)[0]}, 0)
+    keys = ["sample/reward", "sample/kl_ref", "sample/entropy", "sample/distinct2"]
+    print("\n" + f"{'':<14}" + "".join(f"{k.split('/')[-1]:>12}" for k in keys))
+    for name in ("before", "after"):
+      if name in out:
+        print(f"{name:<14}" + "".join(f"{out[name].get(k, float('nan')):>12.4f}" for k in keys))
   if config.data.task == "digits" and config.eval.num_prompts and config.eval.samples:
     suite = digits.ensure(config.data, verbose=False)
     recs = digits.prompt_records(suite, "test", config.rollout.prompt_len, config.rollout.max_new_tokens - 1,
