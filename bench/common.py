@@ -147,3 +147,15 @@ def trl_step_timer():
     def on_step_end(self, args, state, control, **kw):
       self.ts.append(time.perf_counter() - self.t0)
   return Timer()
+
+
+def trl_settings(args, model) -> dict:
+  """The fields of a TRL config ``args`` that differ from their defaults (bookkeeping ones left
+  out), and whether ``model`` really runs with gradient checkpointing."""
+  import dataclasses
+  skip = {"output_dir", "logging_dir", "run_name", "report_to", "logging_steps", "max_steps", "disable_tqdm",
+          "eval_strategy", "save_strategy"}
+  settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)
+              if f.name not in skip and getattr(args, f.name) != f.default}
+  settings["gradient_checkpointing (effective)"] = bool(getattr(model, "is_gradient_checkpointing", False))
+  return settings

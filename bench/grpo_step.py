@@ -78,7 +78,7 @@ from jaxopd.models import ModelConfig  # noqa: E402
 from jaxopd.sampling import SamplingConfig  # noqa: E402
 
 from common import cpu_snapshot, other_load, time_donated_step  # noqa: E402
-from common import compile_train_step, single_device_config, trl_step_timer  # noqa: E402
+from common import compile_train_step, single_device_config, trl_settings, trl_step_timer  # noqa: E402
 
 PROMPTS, G, PROMPT, NEW = 4, 8, 32, 96
 SEQ = PROMPT + NEW
@@ -137,7 +137,6 @@ def jax_step_time(warmup, repeats):
 
 # --- TRL ------------------------------------------------------------------------------------------
 def trl_step_time(threads, warmup, repeats):
-  import dataclasses
 
   import torch
   import transformers
@@ -172,11 +171,7 @@ def trl_step_time(threads, warmup, repeats):
                         callbacks=[timer])
   trainer.train()
   ts = timer.ts[warmup:]
-  skip = {"output_dir", "logging_dir", "run_name", "report_to", "logging_steps", "max_steps", "disable_tqdm",
-          "eval_strategy", "save_strategy"}
-  settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)
-              if f.name not in skip and getattr(args, f.name) != f.default}
-  settings["gradient_checkpointing (effective)"] = bool(getattr(policy, "is_gradient_checkpointing", False))
+  settings = trl_settings(args, policy)
   return statistics.median(ts), ts, {"torch": torch.__version__, "transformers": transformers.__version__,
                                      "trl": trl.__version__}, settings
 

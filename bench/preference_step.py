@@ -138,7 +138,8 @@ def model_cfg() -> ModelConfig:
 
 # --- contention check and step timing: bench/common.py
 from common import cpu_snapshot as _cpu_snapshot, other_load, time_donated_step  # noqa: E402
-from common import compile_train_step, matmul_peak, single_device_config, timed, trl_step_timer, xla_flops  # noqa: E402
+from common import compile_train_step, matmul_peak, single_device_config, timed, xla_flops  # noqa: E402
+from common import trl_settings, trl_step_timer  # noqa: E402
 
 
 # --- jaxopd ---------------------------------------------------------------------------------------
@@ -232,12 +233,7 @@ def trl_step_time(threads, warmup, repeats):
   lens = (len(ex["prompt_ids"]), len(ex["chosen_ids"]), len(ex["rejected_ids"]))
   out = trainer.train()
   ts = timer.ts[warmup:]
-  import dataclasses
-  skip = {"output_dir", "logging_dir", "run_name", "report_to", "logging_steps", "max_steps", "disable_tqdm",
-          "eval_strategy", "save_strategy"}
-  settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)
-              if f.name not in skip and getattr(args, f.name) != f.default}
-  settings["gradient_checkpointing (effective)"] = bool(getattr(policy, "is_gradient_checkpointing", False))
+  settings = trl_settings(args, policy)
   return statistics.median(ts), ts, lens, float(out.training_loss), {
       "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
       "attn": getattr(policy.config, "_attn_implementation", None)}, settings
@@ -269,7 +265,7 @@ def main(argv=None):
   trl_res = {}
   versions = {}
   for th in (1, 2):
-    med, ts, lens, loss, versions, trl_settings = trl_step_time(th, a.warmup, a.repeats)
+    med, ts, lens, loss, versions, trl_cfg = trl_step_time(th, a.warmup, a.repeats)
     trl_res[th] = med
     print(f"TRL DPO threads={th}: {med * 1e3:8.1f} ms median of {len(ts)} (min {min(ts) * 1e3:.1f}, "
           f"max {max(ts) * 1e3:.1f}); prompt/chosen/rejected tokens {lens}; train loss {loss:.4f}; "
@@ -279,7 +275,7 @@ def main(argv=None):
 
   print(f"versions: jax {jax.__version__}, " + ", ".join(f"{k} {v}" for k, v in versions.items()))
   print("TRL DPOConfig settings that differ from its defaults: "
-        + ", ".join(f"{k}={v!r}" for k, v in sorted(trl_settings.items())))
+        + ", ".join(f"{k}={v!r}" for k, v in sorted(trl_cfg.items())))
   print(f"jaxopd settings: float32 params and compute, attention=einsum, no rematerialisation, grad_accum 1, "
         f"mesh (1,1,1) on 1 CPU device, AdamW b1 0.9 b2 0.95 eps 1e-8 lr {LR} constant, no weight decay, "
         f"clip 1.0, beta {BETA} (alpha {ALPHA} for TDPO2), reference forward in the step")
@@ -321,7 +317,7 @@ def main(argv=None):
       "dpo_fraction_of_peak": None if frac is None else round(frac, 3),
       "fraction_of_peak_needed_for_1p5x": None if need is None else round(need, 3),
       "other_cpu_load": None if other is None else round(other, 3),
-      "trl_gradient_checkpointing": bool(trl_settings.get("gradient_checkpointing (effective)")),
+      "trl_gradient_checkpointing": bool(trl_cfg.get("gradient_checkpointing (effective)")),
   }))
 
 

@@ -294,11 +294,12 @@ class Trainer:
     """ProRL's reset: snapshots <- their roles' parameters, the optimizer state re-initialised."""
     do = jnp.asarray(self.experiment.reset(state["step"], metrics), bool)
     params = state["params"]
-    fresh = {n: params[src] for n, src in self.snapshots.items()}
-    pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(do, x, y), a, b)
-    return {**state, "snapshots": pick(fresh, state["snapshots"]),
-            "opt_state": pick(self.tx.init(params), state["opt_state"]),
-            "resets": state["resets"] + do.astype(jnp.int32)}
+
+    def reset(snaps, opt_state):     # only on a reset step: no per-step select over the state
+      del snaps, opt_state
+      return {n: params[src] for n, src in self.snapshots.items()}, self.tx.init(params)
+    snaps, opt_state = jax.lax.cond(do, reset, lambda a, b: (a, b), state["snapshots"], state["opt_state"])
+    return {**state, "snapshots": snaps, "opt_state": opt_state, "resets": state["resets"] + do.astype(jnp.int32)}
 
   def eval_sums(self, state, frozen, batch):
     """Metric ``(sum, count)`` parts of a global eval batch, in the training microbatches

@@ -47,6 +47,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxopd.data import tfds_builders
 from jaxopd.data.tfds_builders import _check_sizes, _code_path_override, split_rng
 from jaxopd.data.tokenizer import load_tokenizer
 from jaxopd.errors import ConfigError
@@ -221,20 +222,7 @@ class DigitsTasks(tfds.core.GeneratorBasedBuilder):
       yield i, {"prompt": prompt, "answer": answer, "level": level}
 
 
-def _builder(config: DigitsConfig, data_dir: str | os.PathLike) -> DigitsTasks:
-  return DigitsTasks(data_dir=os.fspath(data_dir), config=config, file_format="array_record")
-
-
-def prepare(config: DigitsConfig, data_dir: str | os.PathLike) -> DigitsTasks:
-  """Builds ``digits_tasks`` with ``config`` into ``data_dir`` unless already cached."""
-  builder = _builder(config, data_dir)
-  builder.download_and_prepare()
-  return builder
-
-
-def is_prepared(config: DigitsConfig, data_dir: str | os.PathLike) -> bool:
-  """Whether ``prepare`` would find the dataset already built."""
-  return _builder(config, data_dir).is_prepared()
+tfds_builders.register(DATASET, DigitsTasks, DigitsConfig)   # its prepare / is_prepared / load serve this one
 
 
 class DigitsSuite(NamedTuple):
@@ -255,19 +243,18 @@ def ensure(d: ml_collections.ConfigDict, verbose: bool = True) -> DigitsSuite:
   data_dir = os.path.abspath(d.data_dir)
   os.makedirs(data_dir, exist_ok=True)
   tfds.disable_progress_bar()     # our own one-line message says what is built
-  prepared = is_prepared(config, data_dir)
+  prepared = tfds_builders.is_prepared(DATASET, config, data_dir)
   if verbose and not prepared:
     print(f"building {DATASET}/{config.name} into {data_dir} (once; cached afterwards)", flush=True)
   tok, _ = ensure_tokenizer(data_dir)
   if not prepared:
-    prepare(config, data_dir)
+    tfds_builders.prepare(DATASET, config, data_dir)
   return DigitsSuite(tok, config, data_dir)
 
 
 def source(suite: DigitsSuite, split: str):
   """Random-access source of a split (``len``, ``[i]`` -> ``prompt``/``answer`` bytes, ``level``)."""
-  return tfds.data_source(DATASET, split=split, data_dir=suite.data_dir,
-                          builder_kwargs={"config": suite.builder_config, "file_format": "array_record"})
+  return tfds_builders.load(DATASET, split, suite.builder_config, suite.data_dir)
 
 
 def _examples(suite: DigitsSuite, split: str) -> tuple[list[list[int]], list[list[int]], list[int]]:

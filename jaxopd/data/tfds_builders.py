@@ -206,6 +206,12 @@ class ReviewsPrompts(tfds.core.GeneratorBasedBuilder):
 _BUILDERS = {"reviews_corpus": (ReviewsCorpus, CorpusConfig), "reviews_prompts": (ReviewsPrompts, PromptsConfig)}
 
 
+def register(dataset: str, cls, config_cls) -> None:
+  """Makes :func:`prepare` / :func:`is_prepared` / :func:`load` serve another builder of this kind
+  (array_record, numpy features, built in code: e.g. ``jaxopd.data.digits``)."""
+  _BUILDERS[dataset] = (cls, config_cls)
+
+
 def prepare(dataset: str, config, data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:
   """Builds ``dataset`` with ``config`` into ``data_dir`` unless already cached."""
   if dataset not in _BUILDERS:

@@ -62,9 +62,14 @@ def group_advantages(rewards: jax.Array, kind: str = "grpo", eps: float = 1e-6) 
   centred = jnp.where(kept_groups(r)[..., None], r - jnp.mean(r, axis=-1, keepdims=True), 0.0)
   if kind == "dr_grpo":
     return centred
-  g = r.shape[-1]
-  std = jnp.sqrt(jnp.sum(centred ** 2, axis=-1, keepdims=True) / max(g - 1, 1))
-  return centred / (std + eps)
+  return centred / (group_std(r)[..., None] + eps)
+
+
+def group_std(rewards: jax.Array) -> jax.Array:
+  """``[N, G] -> [N]``: each group's unbiased std (torch's ``std``; 0 for equal rewards)."""
+  r = rewards.astype(jnp.float32)
+  centred = jnp.where(kept_groups(r)[..., None], r - jnp.mean(r, axis=-1, keepdims=True), 0.0)
+  return jnp.sqrt(jnp.sum(centred ** 2, axis=-1) / max(r.shape[-1] - 1, 1))
 
 
 def kept_groups(rewards: jax.Array) -> jax.Array:

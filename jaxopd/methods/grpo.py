@@ -45,6 +45,7 @@ there is one, entropy, distinct-n of held-out samples).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -60,7 +61,8 @@ from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import response_mask
 from jaxopd.losses.common import map_chunks
 from jaxopd.losses.grpo import (ADVANTAGES, AGGREGATIONS, DISTILL, KL_ESTIMATORS, SCHEDULES, aggregate,
-                                distill_per_token, distill_weight, group_advantages, kept_groups, policy_loss)
+                                distill_per_token, distill_weight, group_advantages, group_std, kept_groups,
+                                policy_loss)
 from jaxopd.models import table
 from jaxopd.sampling import SamplingConfig, sample
 
@@ -145,11 +147,10 @@ def make_rollout(scfg: SamplingConfig, group: int, reward_fn, m, total_steps: in
     groups = r.reshape(-1, group)
     kept = kept_groups(groups)
     n = groups.shape[0]
-    std = jnp.sqrt(jnp.sum((groups - jnp.mean(groups, -1, keepdims=True)) ** 2, -1) / max(group - 1, 1))
     rows = {"tokens": out.tokens, "loss_mask": out.loss_mask, "reward": r,
             "adv": group_advantages(groups, m.advantage).reshape(-1),
             "weight": rep(kept.astype(jnp.float32)) if m.dynamic_sampling else jnp.ones_like(r),
-            "group_std": rep(std), "kept": rep(kept.astype(jnp.float32)),
+            "group_std": rep(group_std(groups)), "kept": rep(kept.astype(jnp.float32)),
             "lambda_d": jnp.full_like(r, distill_weight(batch["step"][0], total_steps, m.lambda_d,
                                                         m.distill_schedule))}
     if train_every:         # DAPO's over-sampling: the kept groups first, in batch order
@@ -317,14 +318,15 @@ def _eval_draw(scfg, n, model, prompt, plen, answer, alen, rng):
 def evaluate_pass_at_k(model, records, scfg: SamplingConfig, n: int, rng, batch: int = 64) -> dict:
   """``pass@k`` (k = 1, 2, 4, ... <= n; unbiased from n samples per prompt) overall and per level,
   ``greedy`` (the greedy pass rate), ``length`` (mean sampled response length)."""
-  greedy = SamplingConfig(**{**scfg.__dict__, "greedy": True})
+  draw = compiled(_eval_draw, (scfg, n), model)
+  draw_greedy = compiled(_eval_draw, (dataclasses.replace(scfg, greedy=True), 1), model)
   level = np.asarray([int(r["level"]) for r in records])
   correct, greedy_ok, lengths = [], [], []
   for i in range(0, len(records), batch):
     chunk = records[i:i + batch]
     arrs = [jnp.asarray(np.stack([r[k] for r in chunk])) for k in ("prompt", "prompt_len", "answer", "answer_len")]
-    ok, length = to_host(compiled(_eval_draw, (scfg, n), model)(*arrs, jax.random.fold_in(rng, i)))
-    g, _ = to_host(compiled(_eval_draw, (greedy, 1), model)(*arrs, rng))
+    ok, length = to_host(draw(*arrs, jax.random.fold_in(rng, i)))
+    g, _ = to_host(draw_greedy(*arrs, rng))
     correct.append(np.asarray(ok).sum(axis=1))
     greedy_ok.append(np.asarray(g)[:, 0])
     lengths.append(float(length) * len(chunk))
