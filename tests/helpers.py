@@ -57,19 +57,25 @@ def params_of(summary, name="policy"):
   return jax.device_get(nnx.to_pure_dict(summary["state"]["params"][name]))
 
 
+DIGITS_STAGES = {"sft": "digits_sft_base", "teacher": "digits_teacher"}   # GRPO's and REDI's smoke stages
+
+
 @contextlib.contextmanager
-def shared_smoke_stages(config, sft_field: str = "sft"):
+def shared_smoke_stages(config, sft_field: str = "sft", stages: dict | None = None):
   """Points ``config`` at one data dir and SFT base shared by the smoke pipelines
   of this test session (TDPO, SparsePO, f-DPG, AlignDistil use the same smoke SFT
   stage; DistillSpec's target is the same run, ``sft_field="target"``) and holds
   a lock while the caller runs its ``prepare`` (stages are cached, so the first
   test builds them and the others reuse them). The directory is keyed by the
-  pytest-xdist run id, so a new session never sees a stale base."""
+  pytest-xdist run id, so a new session never sees a stale base. ``stages``
+  (config field -> directory name) replaces ``{sft_field: "sft_base"}`` (the digits
+  task's SFT base and teacher, shared by GRPO's and REDI's smoke tests)."""
   run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
   root = os.path.join(tempfile.gettempdir(), f"jaxopd-smoke-{run}")
   os.makedirs(root, exist_ok=True)
   config.data.data_dir = os.path.join(root, "data")
-  config[sft_field].workdir = os.path.join(root, "sft_base")
+  for field, name in (stages or {sft_field: "sft_base"}).items():
+    config[field].workdir = os.path.join(root, name)
   with open(os.path.join(root, "lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:

@@ -279,12 +279,12 @@ def test_reward_check_needs_the_digits_task(tmp_path):
 
 @pytest.fixture(scope="module")
 def smoke_stages(tmp_path_factory):
-  """The digits data and the smoke SFT base and teacher, built once for this module's pipelines."""
-  root = tmp_path_factory.mktemp("grpo_stages")
+  """The digits data and the smoke SFT base and teacher (built once per session, shared with REDI's)."""
+  from helpers import DIGITS_STAGES, shared_smoke_stages
   c = load_config("grpo.py:smoke,rpd")
   c.progress = False
-  c.data.data_dir, c.sft.workdir, c.teacher.workdir = (str(root / n) for n in ("data", "sft", "teacher"))
-  c = grpo.prepare(c, str(root / "unused"))
+  with shared_smoke_stages(c, stages=DIGITS_STAGES):
+    c = grpo.prepare(c, str(tmp_path_factory.mktemp("grpo") / "unused"))
   return {"data": c.data.data_dir, "sft": c.models.policy.init, "teacher": c.models.teacher.init}
 
 

@@ -97,3 +97,55 @@ def test_smoke_pipeline(tmp_path):
     assert k in s["eval"], k
   c.models.reference.init = "none"
   assert set(R.build(c).roles) == {"policy"}
+
+
+def _np_logps(logits, tokens, mask):
+  lp = np.take_along_axis(_np_log_softmax(np.asarray(logits, np.float64))[:, :, :-1], tokens[:, :, 1:, None],
+                          -1)[..., 0]
+  m = mask[:, :, 1:].astype(np.float64)
+  return (m * lp).sum(-1), m.sum(-1)
+
+
+def _np_log_sigmoid(x):
+  return -np.logaddexp(0.0, -x)
+
+
+@pytest.mark.parametrize("loss,beta,gamma", [("simpo", 2.0, 1.0), ("simpo", 2.5, 0.3), ("dpo", 0.1, 1.0)])
+def test_the_baselines_simpo_and_dpo_match_numpy_on_padded_pairs(loss, beta, gamma):
+  """SimPO: -log sigmoid(beta (lp+/|y+| - lp-/|y-|) - gamma), no reference gradient; DPO: -log
+  sigmoid(beta ((lp+ - ref+) - (lp- - ref-))) with sums over each response; both in float64 here."""
+  models, batch = _models(), _pairs(seed=5)
+  b, _, t = batch["tokens"].shape
+  run = lambda ms: ms(jnp.asarray(batch["tokens"].reshape(b * 2, t))).logits
+  s, n = _np_logps(np.asarray(run(models["policy"])).reshape(b, 2, t, V), batch["tokens"], batch["loss_mask"])
+  r, _ = _np_logps(np.asarray(run(models["reference"])).reshape(b, 2, t, V), batch["tokens"], batch["loss_mask"])
+  if loss == "simpo":
+    want = -_np_log_sigmoid(beta * (s[:, 0] / n[:, 0] - s[:, 1] / n[:, 1]) - gamma)
+  else:
+    want = -_np_log_sigmoid(beta * ((s[:, 0] - r[:, 0]) - (s[:, 1] - r[:, 1])))
+  fn = R.make_loss_fn(0.8, True, loss, beta, gamma)
+  out = nnx.jit(lambda ms: fn(ms, batch, None))(models)
+  np.testing.assert_allclose(float(out.loss), want.sum(), rtol=1e-5)
+  gd, st = nnx.split(models["reference"])
+  g = jax.jit(jax.grad(lambda p: fn({**models, "reference": nnx.merge(gd, p)}, batch, None).loss))(st)
+  ref_grad = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g))
+  assert ref_grad == 0    # the reference is detached (DPO) or unused (SimPO)
+  if loss == "simpo":     # reference-free: the loss does not change when the reference does
+    other = {**models, "reference": Transformer(models["reference"].cfg, nnx.Rngs(params=7))}
+    np.testing.assert_allclose(float(fn(other, batch, None).loss), float(out.loss), rtol=1e-6)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"loss": "ipo"}, r"config\.method\.loss='ipo': must be one of"),
+    ({"loss": "simpo", "alpha": 0.5}, r"config\.method\.alpha=0\.5: only loss=redi uses alpha"),
+    ({"beta": 0.1}, r"config\.method\.beta: loss=redi uses neither beta nor gamma"),
+    ({"loss": "dpo", "beta": 0.1, "gamma": 0.5}, r"config\.method\.gamma=0\.5: only loss=simpo"),
+])
+def test_loss_options_that_would_be_ignored_are_refused(change, match):
+  from jaxopd.errors import ConfigError
+  from jaxopd.experiment import load_config
+  c = load_config("redi.py:smoke")
+  for k, v in change.items():
+    c.method[k] = v
+  with pytest.raises(ConfigError, match=match):
+    R._check(c)

@@ -4,6 +4,7 @@
   python experiments/ablations/grpo_controls.py --study prorl --out runs/ablations/grpo_prorl [--steps 1000]
   python experiments/ablations/grpo_controls.py --study opd   --out runs/ablations/grpo_opd   [--steps 200]
   python experiments/ablations/grpo_controls.py --study rpd   --out runs/ablations/grpo_rpd   [--steps 200]
+  python experiments/ablations/grpo_controls.py --study redi  --out runs/ablations/redi_traces [--steps 300]
       [--seeds 0] [--set data.data_dir=... --set sft.workdir=... --set teacher.workdir=...] [--skip_runs]
 
 * ``dapo`` (DAPO's pieces): the default (clip-higher 0.2 / 0.28, token-mean, no KL) against
@@ -16,7 +17,11 @@
   longer) with reverse KL, forward KL and hard cross-entropy on the teacher's argmax;
   entropy, pass@k and forgetting (held-out NLL on the easy levels the base was trained on);
 * ``rpd`` (RPD): GRPO plus lambda_d times the reverse KL to the teacher, lambda_d in
-  {0, 0.1, 1, 1 cosine-annealed}: does the student reach the teacher, and faster than RL alone.
+  {0, 0.1, 1, 1 cosine-annealed}: does the student reach the teacher, and faster than RL alone;
+* ``redi`` (REDI, experiments/redi.py:digits): stage 2 on the teacher's (positive, negative)
+  trace pairs from the stage-1 model (SFT on the positives), alpha in {0, 0.5, 0.8, 1}, against
+  SimPO and DPO on the same pairs; the positives' log-likelihood change and margin; rows for
+  stage 1, the SFT base and the teacher.
 
 Each arm is one sweep (launch/sweep.py) on the same cached SFT base (and teacher); writes
 ``OUT/results.jsonl``, ``OUT/<study>.md`` (final pass@1 / pass@k, greedy pass rate, entropy,
@@ -63,11 +68,26 @@ STUDIES = {
         ("RPD lambda_d 1", "rpd", []),
         ("RPD lambda_d 1, cosine", "rpd", ["method.distill_schedule=cosine"]),
     ],
+    "redi": [
+        ("REDI alpha 0 (SFT on the pairs' positives)", "digits", ["method.alpha=0"]),
+        ("REDI alpha 0.5", "digits", ["method.alpha=0.5"]),
+        ("REDI alpha 0.8 (the paper's)", "digits", ["method.alpha=0.8"]),
+        ("REDI alpha 1 (symmetric)", "digits", ["method.alpha=1.0"]),
+        ("SimPO (beta 2, gamma 1)", "digits", ["method.loss=simpo"]),
+        ("DPO (beta 0.1, reference = stage 1)", "digits", ["method.loss=dpo", "method.beta=0.1"]),
+    ],
 }
+STUDY_CONFIG = {"redi": os.path.join(REPO, "experiments", "redi.py")}   # the others: experiments/grpo.py
+# The rows of the reference models, from a run's summary.json: (its key, the table's label).
+REFERENCE_ROWS = {"redi": [("before", "stage 1: SFT on the positive traces (the start)"), ("sft base", "SFT base"),
+                           ("teacher", "teacher (the traces' model)")]}
+# Columns read from the last train record (``train:<metric>``), beyond the entropy every study shows.
+TRAIN_COLUMNS = {"redi": [("train:logps/chosen_change", "positives' change (nats/token)"),
+                          ("train:logps/margin_norm", "margin (nats/token)")]}
 # The clip binds only where the ratio leaves 1: with one update per rollout (pi_old = pi) it never does,
 # so the clip and ProRL studies take 4 optimizer updates per rollout (DAPO / ProRL train on minibatches).
 STUDY_SET = {"prorl": ["eval.samples=64", "eval_every=200", "method.updates_per_rollout=4"],
-             "dapo": ["method.updates_per_rollout=4"], "opd": [], "rpd": []}
+             "dapo": ["method.updates_per_rollout=4"], "opd": [], "rpd": [], "redi": []}
 
 
 def arm_dir(i: int) -> str:
@@ -80,7 +100,8 @@ def run_sweeps(study, out, seeds, steps, extra):
     sub = os.path.join(out, arm_dir(i))
     given = {x.split("=", 1)[0] for x in extra}     # a --set of a study's own field replaces it
     sets = [f"total_steps={steps}"] + [x for x in STUDY_SET[study] + fields if x.split("=", 1)[0] not in given] + extra
-    sweep.main(["--config", CONFIG + (f":{preset}" if preset else ""), "--out", sub, "--seeds", seeds]
+    config = STUDY_CONFIG.get(study, CONFIG)
+    sweep.main(["--config", config + (f":{preset}" if preset else ""), "--out", sub, "--seeds", seeds]
                + [x for s in sets for x in ("--set", s)])
     with open(os.path.join(sub, "results.jsonl")) as f:
       for line in f:
@@ -122,6 +143,19 @@ def teacher_row(out, results):
   return None
 
 
+def reference_rows(study, out, results, teacher):
+  """``(label, metrics)`` of the models the arms are compared with (the start, the teacher, ...)."""
+  if study not in REFERENCE_ROWS:
+    before = next((r["before"] for r in results if "before" in r), None)
+    return [(n, ref) for n, ref in (("SFT base (before)", before), ("teacher", teacher)) if ref]
+  for r in results:
+    summ = os.path.join(out, r["dir"], "summary.json")
+    if os.path.exists(summ):
+      s = json.load(open(summ))
+      return [(label, s[key]) for key, label in REFERENCE_ROWS[study] if key in s]
+  return []
+
+
 def table(study, results, teacher, path):
   groups = collections.defaultdict(list)
   for r in results:
@@ -135,7 +169,8 @@ def table(study, results, teacher, path):
   kmax = _ks(any_r)[-1]
   levels = _levels(any_r)
   cols = [("sample/pass@1", "pass@1"), (f"sample/pass@{kmax}", f"pass@{kmax}"), ("sample/greedy", "greedy"),
-          ("entropy", "entropy (train, last)"), ("heldout/nll_easy", "held-out NLL (easy)")]
+          ("train:entropy", "entropy (train, last)"), ("heldout/nll_easy", "held-out NLL (easy)")]
+  cols += TRAIN_COLUMNS.get(study, [])
   lvl_cols = [(f"sample/level{lv}/pass@1", f"L{lv} p@1") for lv in levels if lv > 4] + \
              [(f"sample/level{lv}/pass@{kmax}", f"L{lv} p@{kmax}") for lv in levels if lv > 4]
   allc = cols + lvl_cols
@@ -144,12 +179,12 @@ def table(study, results, teacher, path):
   for arm, rs in rows:
     for r in rs:
       tr = read(os.path.join(os.path.dirname(path), r["dir"]), "train")
-      r["entropy"] = tr[-1].get("entropy") if tr else float("nan")
+      for k, _ in allc:
+        if k.startswith("train:"):
+          r[k] = tr[-1].get(k[6:], float("nan")) if tr else float("nan")
     lines.append(f"| {arm} | {len(rs)} | " + " | ".join(fmt(mean(rs, k)) for k, _ in allc) + " |")
-  before = next((r["before"] for r in results if "before" in r), None)
-  for name, ref in (("SFT base (before)", before), ("teacher", teacher)):
-    if ref:
-      lines.append(f"| {name} | - | " + " | ".join(fmt(ref.get(k, float("nan"))) for k, _ in allc) + " |")
+  for name, ref in reference_rows(study, os.path.dirname(path), results, teacher):
+    lines.append(f"| {name} | - | " + " | ".join(fmt(ref.get(k, float("nan"))) for k, _ in allc) + " |")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
@@ -172,7 +207,7 @@ def plot(study, results, out):
     kw = dict(color=colors[r["arm"]], label=None if r["arm"] in seen else r["arm"])
     seen.add(r["arm"])
     axes[0].plot([e["step"] for e in ev], [e["sample/pass@1"] for e in ev], marker="o", ms=3, **kw)
-    axes[1].plot([e["step"] for e in tr], [e["entropy"] for e in tr], lw=0.8, color=kw["color"])
+    axes[1].plot([e["step"] for e in tr], [e.get("entropy", float("nan")) for e in tr], lw=0.8, color=kw["color"])
     if ev:
       last = ev[-1]
       hard = [lv for lv in _levels(last) if lv > 5]

@@ -60,6 +60,14 @@ def tdpo_loss(chosen_logratio: jax.Array, rejected_logratio: jax.Array, chosen_k
   return -jax.nn.log_sigmoid(beta * z)
 
 
+def simpo_loss(logp_pos: jax.Array, len_pos: jax.Array, logp_neg: jax.Array, len_neg: jax.Array,
+               beta: float = 2.0, gamma: float = 1.0) -> jax.Array:
+  """Per-pair SimPO loss (Meng et al. 2024; reference-free), as REDI's baseline and TRL's CPO
+  trainer: ``-log sigmoid(beta (log pi(y+) / |y+| - log pi(y-) / |y-|) - gamma)``."""
+  margin = logp_pos / jnp.maximum(len_pos, 1.0) - logp_neg / jnp.maximum(len_neg, 1.0)
+  return -jax.nn.log_sigmoid(beta * margin - gamma)
+
+
 def redi_loss(logp_pos: jax.Array, len_pos: jax.Array, logp_neg: jax.Array, len_neg: jax.Array,
               alpha: float = 0.8) -> jax.Array:
   """Per-pair REDI loss (Xu et al. 2025; reference-free): ``-log pi(y+) / |y+| + alpha log pi(y-) / |y-|``,

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopd import rewards
-from jaxopd.data import batched_iterator, digits, suite as suite_lib
+from jaxopd.data import batched_iterator, digits, suite as suite_lib, traces
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled, heldout_nll, pass_at_k, to_host
 from jaxopd.experiment import Experiment, LossOutput
@@ -293,26 +293,31 @@ def prepare(config, workdir: str):
   if config.data.task == "files":
     table.refuse_stages(config, "sft", "teacher")
     return config
-  from jaxopd.methods import sft
-  is_digits = config.data.task == "digits"
-  (digits.ensure if is_digits else suite_lib.ensure)(config.data)
-  for name, node in (("sft", config.sft), ("teacher", config.teacher)):
+  (digits.ensure if config.data.task == "digits" else suite_lib.ensure)(config.data)
+  for name in ("sft", "teacher"):
     if table.uses_stage(config, name):
-      s = sft.stage_config(config, node, config.model)
-      if name == "teacher" and is_digits:
-        s.data = copy.deepcopy(s.data)
-        s.data.sft_max_level = s.data.max_level
-      what = "SFT base" + (" (easy levels)" if is_digits else "") if name == "sft" else "teacher (SFT, longer)"
-      sft.train_stage(s, node.workdir, sft.build, what)
-      table.fill_stage(config, name, sft.stage_init(node))
+      table.fill_stage(config, name, train_stage(config, name))
   return config
 
 
+def train_stage(config, name: str) -> str:
+  """Trains SFT stage ``config[name]`` unless finished (``sft``: the SFT base, on the digits task
+  on the easy levels; ``teacher``: on every level) and returns its pinned ``run:`` init."""
+  from jaxopd.methods import sft
+  node = config[name]
+  is_digits = config.data.task == "digits"
+  s = sft.stage_config(config, node, config.model)
+  if name == "teacher" and is_digits:
+    s.data = copy.deepcopy(s.data)
+    s.data.sft_max_level = s.data.max_level
+  what = "SFT base" + (" (easy levels)" if is_digits else "") if name == "sft" else "teacher (SFT, longer)"
+  sft.train_stage(s, node.workdir, sft.build, what)
+  return sft.stage_init(node)
+
+
 def _eval_draw(scfg, n, model, prompt, plen, answer, alen, rng):
-  out = sample(model, prompt, plen, rng, scfg, repeats=n)
-  rep = lambda x: jnp.repeat(x, n, axis=0)
-  ok = digits.check(out.tokens, out.loss_mask, rep(answer), rep(alen), scfg.eos_id)
-  return ok.reshape(-1, n), jnp.mean(out.lengths.astype(jnp.float32))
+  out, ok = traces.draw(scfg, n, model, prompt, plen, answer, alen, rng)
+  return ok, jnp.mean(out.lengths.astype(jnp.float32))
 
 
 def evaluate_pass_at_k(model, records, scfg: SamplingConfig, n: int, rng, batch: int = 64) -> dict:
@@ -432,22 +437,33 @@ def report(config, workdir: str, summary: dict):
     for name in ("before", "after"):
       if name in out:
         print(f"{name:<14}" + "".join(f"{out[name].get(k, float('nan')):>12.4f}" for k in keys))
-  if config.data.task == "digits" and config.eval.num_prompts and config.eval.samples:
-    suite = digits.ensure(config.data, verbose=False)
-    recs = digits.prompt_records(suite, "test", config.rollout.prompt_len, config.rollout.max_new_tokens - 1,
-                                 verbose=False)[:config.eval.num_prompts]
-    evaluate = make_evaluate(config, suite, recs)
-    for name, role in (("before", "policy"), ("teacher", "teacher")):
-      r = config.models[role]
-      if r.init != table.NONE and table.parse_init(role, r.init).kind != "random":   # the policy's start, the teacher
-        model = table.load_model(r.init, role, dtype=r.dtype, param_dtype=r.param_dtype)[0]
-        out[name] = evaluate({"policy": model}, 0)
-    ks = sorted(int(k.split("@")[1]) for k in out["after"] if k.startswith("sample/pass@"))
-    keys = [f"sample/pass@{k}" for k in ks] + ["sample/greedy", "heldout/nll_easy"]
-    print("\n" + f"{'':<14}" + "".join(f"{k.split('/')[-1]:>12}" for k in keys))
-    for name in ("before", "teacher", "after"):
-      if name in out:
-        print(f"{name:<14}" + "".join(f"{out[name].get(k, float('nan')):>12.4f}" for k in keys))
+  if config.data.task == "digits":
+    digits_report(config, out, {"before": config.models.policy, "teacher": config.models.teacher})
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(out, f, indent=2)
   print(f"wrote {os.path.join(workdir, 'summary.json')}")
+
+
+def digits_report(config, out: dict, sources: dict) -> dict:
+  """Adds to ``out`` (which holds ``"after"``, the run's last evaluation) the digits evaluation
+  of each ``sources`` entry (name -> a role block of ``config.models``, or an init string;
+  ``none`` / ``random`` skipped) and prints the pass@k table; returns ``out``."""
+  if not (config.eval.num_prompts and config.eval.samples):
+    return out
+  suite = digits.ensure(config.data, verbose=False)
+  recs = digits.prompt_records(suite, "test", config.rollout.prompt_len, config.rollout.max_new_tokens - 1,
+                               verbose=False)[:config.eval.num_prompts]
+  evaluate = make_evaluate(config, suite, recs)
+  for name, r in sources.items():
+    r = table.role(init=r) if isinstance(r, str) else r
+    if r.init != table.NONE and table.parse_init(name, r.init).kind != "random":
+      model = table.load_model(r.init, name, dtype=r.dtype, param_dtype=r.param_dtype)[0]
+      out[name] = evaluate({"policy": model}, 0)
+  ks = sorted(int(k.split("@")[1]) for k in out["after"] if k.startswith("sample/pass@"))
+  keys = [f"sample/pass@{k}" for k in ks] + ["sample/greedy", "heldout/nll_easy"]
+  width = max(14, *(len(n) + 2 for n in out))
+  print("\n" + " " * width + "".join(f"{k.split('/')[-1]:>12}" for k in keys))
+  for name in [*sources, "after"]:
+    if name in out:
+      print(f"{name:<{width}}" + "".join(f"{out[name].get(k, float('nan')):>12.4f}" for k in keys))
+  return out

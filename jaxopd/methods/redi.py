@@ -5,18 +5,27 @@ Per pair of a positive trace ``y+`` (the chosen side) and a negative one ``y-``
 (the rejected side) for the same prompt:
 ``loss = -log pi(y+) / |y+| + alpha log pi(y-) / |y-|`` (``alpha = 0.8`` the
 paper's asymmetric weighting, ``1`` the symmetric case, ``0`` SFT on the
-positives), averaged over pairs.
+positives), averaged over pairs. ``config.method.loss`` also offers the paper's baselines on
+the same pairs (the loss types of its official trainer): ``simpo``
+(``-log sigmoid(beta (log pi(y+)/|y+| - log pi(y-)/|y-|) - gamma)``, reference-free) and
+``dpo`` (``beta``, against the ``reference``).
 
 Roles: ``policy`` (trained); ``reference`` (frozen: the starting model) only for
-the metric ``logps/chosen_change`` and the sampled evaluation's KL; the loss
-never uses it, and ``--config.models.reference.init=none`` drops it (no
+the metric ``logps/chosen_change`` and the sampled evaluation's KL; REDI's and
+SimPO's losses never use it (DPO's does), and ``--config.models.reference.init=none`` drops it (no
 forward, no memory).
 
-Data: the preference pipeline's pairs (:func:`jaxopd.methods.tdpo.pair_data`: the
-reviews pairs, best vs worst of the SFT model's samples by gold reward, or your
-pair files). Not yet here: REDI's own stage-1 data, a stronger teacher's traces
-labelled by a verifiable rule, and stage-1 SFT on their positives; the policy
-starts from the SFT base.
+Data (``config.data.task``):
+
+* ``digits``: REDI's own setting (experiments/redi.py:digits). A teacher's traces on the
+  digits task labelled by its exact checker (:mod:`jaxopd.data.traces`: ``config.traces``),
+  stage 1 = SFT of the student (the digits SFT base, easy levels) on every positive trace
+  (``config.positives``, a cached stage), stage 2 = this loss on (positive, negative)
+  pairs of the same prompt, from the stage-1 model; evaluation pass@k per level and the
+  held-out NLL of the easy levels (GRPO's, :func:`jaxopd.methods.grpo.make_evaluate`).
+* ``reviews`` / ``files``: the preference pipeline's pairs
+  (:func:`jaxopd.methods.tdpo.pair_data`: the reviews pairs, best vs worst of the SFT
+  model's samples by gold reward, or your pair files), from the SFT base.
 
 Metrics: ``logps/chosen_norm``, ``logps/rejected_norm`` (length-normalised
 log-likelihoods), ``logps/margin_norm`` (their difference), ``logps/chosen_change``
@@ -30,15 +39,26 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxopd.data import digits, traces
 from jaxopd.errors import ConfigError
 from jaxopd.experiment import Experiment, LossOutput
-from jaxopd.losses import redi_loss, response_mask, token_logprobs
+from jaxopd.losses import dpo_loss, redi_loss, response_mask, simpo_loss, token_logprobs
 from jaxopd.methods import tdpo
 from jaxopd.models import table
 
 
-def make_loss_fn(alpha: float, with_reference: bool):
-  """``loss_fn(models, batch, rng)`` on pair batches ``tokens[B, 2, T]`` (0 = positive, 1 = negative)."""
+LOSSES = ("redi", "simpo", "dpo")
+
+
+def make_loss_fn(alpha: float, with_reference: bool, loss: str = "redi", beta: float = 2.0, gamma: float = 1.0):
+  """``loss_fn(models, batch, rng)`` on pair batches ``tokens[B, 2, T]`` (0 = positive, 1 = negative).
+
+  ``loss``: ``redi`` (``alpha``), or the paper's baselines on the same pairs (the loss types of
+  REDI's official trainer): ``simpo`` (reference-free, ``beta``, ``gamma``) and ``dpo`` (``beta``,
+  against the ``reference``)."""
+  if loss not in LOSSES:
+    raise ValueError(f"config.method.loss={loss!r}: must be one of {LOSSES}")
+
   def loss_fn(models, batch, rng):
     del rng
     tokens, mask = batch["tokens"], batch["loss_mask"]
@@ -46,38 +66,157 @@ def make_loss_fn(alpha: float, with_reference: bool):
     flat, m = tokens.reshape(b * 2, t), response_mask(mask.reshape(b * 2, t))
     n = jnp.sum(m, axis=-1).reshape(b, 2)
     lp = jnp.sum(m * token_logprobs(models["policy"](flat).logits, flat), axis=-1).reshape(b, 2)
-    losses = redi_loss(lp[:, 0], n[:, 0], lp[:, 1], n[:, 1], alpha)
+    ref = None
+    if with_reference:
+      ref = jax.lax.stop_gradient(
+          jnp.sum(m * token_logprobs(models["reference"](flat).logits, flat), axis=-1).reshape(b, 2))
+    if loss == "redi":
+      losses = redi_loss(lp[:, 0], n[:, 0], lp[:, 1], n[:, 1], alpha)
+    elif loss == "simpo":
+      losses = simpo_loss(lp[:, 0], n[:, 0], lp[:, 1], n[:, 1], beta, gamma)
+    else:
+      losses = dpo_loss(lp[:, 0] - ref[:, 0], lp[:, 1] - ref[:, 1], beta)
     norm = jax.lax.stop_gradient(lp / jnp.maximum(n, 1.0))
     metrics = {"logps/chosen_norm": jnp.sum(norm[:, 0]), "logps/rejected_norm": jnp.sum(norm[:, 1]),
                "logps/margin_norm": jnp.sum(norm[:, 0] - norm[:, 1]),
                "rewards/accuracies": jnp.sum((norm[:, 0] > norm[:, 1]).astype(jnp.float32))}
     if with_reference:
-      pos, pos_m = tokens[:, 0], m.reshape(b, 2, t - 1)[:, 0]
-      ref = jnp.sum(pos_m * token_logprobs(models["reference"](pos).logits, pos), axis=-1)
-      metrics["logps/chosen_change"] = jnp.sum(norm[:, 0] - jax.lax.stop_gradient(ref) / jnp.maximum(n[:, 0], 1.0))
+      metrics["logps/chosen_change"] = jnp.sum(norm[:, 0] - ref[:, 0] / jnp.maximum(n[:, 0], 1.0))
     return LossOutput(jnp.sum(losses), jnp.float32(b), metrics)
   return loss_fn
 
 
 def _check(c):
-  if c.method.alpha < 0:
-    raise ConfigError(f"config.method.alpha={c.method.alpha}: must be >= 0")
-  if c.data.task not in ("reviews", "files"):
-    raise ConfigError(f"config.data.task={c.data.task!r}: must be reviews or files")
+  m = c.method
+  if m.loss not in LOSSES:
+    raise ConfigError(f"config.method.loss={m.loss!r}: must be one of {LOSSES}")
+  if m.alpha < 0:
+    raise ConfigError(f"config.method.alpha={m.alpha}: must be >= 0")
+  if m.loss != "redi" and m.alpha != 0.8:
+    raise ConfigError(f"config.method.alpha={m.alpha}: only loss=redi uses alpha (loss={m.loss!r})")
+  if m.loss == "redi" and (m.beta != 2.0 or m.gamma != 1.0):
+    raise ConfigError(f"config.method.{'beta' if m.beta != 2.0 else 'gamma'}: loss=redi uses neither beta nor "
+                      f"gamma (they are simpo's and dpo's)")
+  if m.loss == "dpo" and m.gamma != 1.0:
+    raise ConfigError(f"config.method.gamma={m.gamma}: only loss=simpo uses gamma")
+  if m.loss != "redi" and m.beta <= 0:
+    raise ConfigError(f"config.method.beta={m.beta}: must be positive")
+  if m.loss == "dpo" and not table.built(c, "reference"):
+    raise ConfigError("config.models.reference.init='none': loss=dpo needs the reference")
+  if c.data.task not in ("reviews", "files", "digits"):
+    raise ConfigError(f"config.data.task={c.data.task!r}: must be reviews, files or digits")
+  if c.data.task == "digits":
+    t = c.get("traces")
+    if t is None:
+      raise ConfigError("config.traces: task=digits trains on teacher traces; start from experiments/redi.py:digits")
+    for f in ("num_prompts", "samples", "pairs_per_prompt"):
+      if t[f] < 1:
+        raise ConfigError(f"config.traces.{f}={t[f]}: must be >= 1")
+    if t.samples < 2:
+      raise ConfigError(f"config.traces.samples={t.samples}: a pair needs at least 2 samples per prompt")
 
 
 def prepare(config, workdir: str):
-  """TDPO's cached stages: data, SFT base, pairs (none with ``task=files``)."""
+  """The cached stages: on ``digits`` the SFT base, the teacher, its traces and stage 1 (SFT on
+  the positives); otherwise TDPO's (data, SFT base, pairs; none with ``task=files``)."""
   del workdir
   _check(config)
-  return tdpo.prepare_pairs(config)
+  if config.data.task != "digits":
+    return tdpo.prepare_pairs(config)
+  from jaxopd.methods import grpo, sft
+  suite = digits.ensure(config.data)
+  base = grpo.train_stage(config, "sft")
+  t = config.traces
+  teacher = grpo.train_stage(config, "teacher") if t.teacher == "stage:teacher" else t.teacher
+  table.parse_init("teacher", teacher)
+  prompts = digits.prompt_records(suite, "train", config.rollout.prompt_len, config.rollout.max_new_tokens - 1)
+  scfg = grpo._scfg(config, suite.tokenizer, t.temperature)
+  traces.prepare(t, lambda: table.load_model(teacher, "teacher")[0], teacher, suite, prompts, scfg, int(t.seed))
+  lines = traces.load(t.workdir)
+  st = traces.statistics(lines, t.pairs_per_prompt)
+  rates = " ".join(f"L{k} {v:.2f}" for k, v in st["positive_rate_per_level"].items())
+  print(f"traces: {st['traces']} ({st['positives']} positive, {st['negatives']} negative, "
+        f"{st['negatives_truncated']} of them cut at the budget); {st['prompts_both']} of {st['prompts']} prompts "
+        f"have both -> {st['pairs']} pairs ({st['prompts_only_positive']} prompts only positive, "
+        f"{st['prompts_only_negative']} only negative: no pair); positive rate per level: {rates}")
+  if table.uses_stage(config, "positives"):
+    node = config.positives
+    s = sft.stage_config(config, node, config.model)
+    s.models.policy.init = base
+    train_recs = traces.positive_records(lines, suite.tokenizer, s.seq_len)
+    eval_recs, _ = digits.sft_records(suite, "test", s.seq_len, verbose=False)   # the gold answers, every level
+    _same_traces(node.workdir, t.workdir)
+    sft.train_stage(s, node.workdir, lambda s: sft.experiment(train_recs, eval_recs),
+                    f"stage 1: SFT on the {len(train_recs)} positive traces")
+    table.fill_stage(config, "positives", sft.stage_init(node))
+  return config
+
+
+def _same_traces(stage_dir: str, traces_dir: str):
+  """Stage 1 records the traces it trains on (``traces.json``); a stage-1 run made from other traces
+  is a ConfigError, not a silent reuse."""
+  import json
+  import os
+  with open(os.path.join(traces_dir, "config.json")) as f:
+    want = {"traces": os.path.abspath(traces_dir), **json.load(f)}
+  path = os.path.join(stage_dir, "traces.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      have = json.load(f)
+    if have != want:
+      raise ConfigError(f"config.positives.workdir={stage_dir!r}: this stage-1 run was trained on other traces "
+                        f"({have.get('traces')}, {have.get('temperature')=}, {have.get('num_prompts')=}); give it "
+                        f"its own workdir")
+    return
+  os.makedirs(stage_dir, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(want, f, indent=2)
+
+
+def _digits_data(config):
+  from jaxopd.methods import grpo
+  suite = digits.ensure(config.data, verbose=False)
+  lines = traces.load(config.traces.workdir)
+  train_recs = traces.pair_records(lines, suite.tokenizer, config.seq_len, int(config.traces.pairs_per_prompt))
+  print(f"trace pairs: {len(train_recs)} (positive, negative) pairs from {config.traces.workdir}")
+  if len(train_recs) < config.batch_size:
+    raise ConfigError(f"config.batch_size={config.batch_size}: the traces give only {len(train_recs)} pairs "
+                      f"(raise config.traces.num_prompts or samples)")
+  evaluate = None
+  if config.eval.num_prompts and config.eval.samples:
+    test = digits.prompt_records(suite, "test", config.rollout.prompt_len, config.rollout.max_new_tokens - 1,
+                                 verbose=False)[:config.eval.num_prompts]
+    evaluate = grpo.make_evaluate(config, suite, test)
+  return train_recs, None, evaluate
 
 
 def build(config) -> Experiment:
   _check(config)
-  train_recs, test_recs, evaluate = tdpo.pair_data(config)
+  train_recs, test_recs, evaluate = (_digits_data if config.data.task == "digits" else tdpo.pair_data)(config)
   with_ref = table.built(config, "reference")
   train_data, eval_data = tdpo.pair_batches(train_recs, test_recs)
   return Experiment(roles={"policy": True, **({"reference": False} if with_ref else {})},
-                    loss_fn=make_loss_fn(float(config.method.alpha), with_ref), train_data=train_data,
+                    loss_fn=make_loss_fn(float(config.method.alpha), with_ref, config.method.loss,
+                                         float(config.method.beta), float(config.method.gamma)),
+                    train_data=train_data,
                     eval_data=eval_data, evaluate=evaluate)
+
+
+def report(config, workdir: str, summary: dict):
+  """On the digits task: pass@k per level of the SFT base, the teacher, the stage-1 model (``before``:
+  the start) and the trained policy; summary.json (other tasks: no report)."""
+  if config.data.task != "digits":
+    return
+  import json
+  import os
+  from jaxopd.methods import grpo, sft
+  t = config.traces
+  teacher = sft.stage_init(config.teacher) if t.teacher == "stage:teacher" else t.teacher
+  out = {"method": {"alpha": float(config.method.alpha)}, "traces": traces.statistics(traces.load(t.workdir),
+                                                                                      int(t.pairs_per_prompt)),
+         "after": summary["eval"]}
+  grpo.digits_report(config, out, {"sft base": sft.stage_init(config.sft), "teacher": teacher,
+                                   "before": config.models.policy})
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(out, f, indent=2)
+  print(f"wrote {os.path.join(workdir, 'summary.json')}")

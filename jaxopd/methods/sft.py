@@ -101,13 +101,19 @@ def build(config) -> Experiment:
       raise ConfigError(f"config.method.pack=True: {len(train_records)} packed rows are fewer than one batch "
                         f"(config.batch_size={config.batch_size})")
 
-  def loss_fn(models, batch, rng):
-    del rng
-    logits = models["policy"](batch["tokens"], batch.get("positions"),
-                              segment_ids=batch.get("segment_ids")).logits
-    nll, n_tokens, correct = sft_loss(logits, batch["tokens"], batch["loss_mask"], batch.get("segment_ids"))
-    return LossOutput(nll, n_tokens, {"accuracy": correct})
+  return experiment(train_records, eval_records, evaluate)
 
+
+def loss_fn(models, batch, rng):
+  """Next-token cross-entropy of the policy on ``batch["tokens"]`` under its loss mask (segments respected)."""
+  del rng
+  logits = models["policy"](batch["tokens"], batch.get("positions"), segment_ids=batch.get("segment_ids")).logits
+  nll, n_tokens, correct = sft_loss(logits, batch["tokens"], batch["loss_mask"], batch.get("segment_ids"))
+  return LossOutput(nll, n_tokens, {"accuracy": correct})
+
+
+def experiment(train_records, eval_records=None, evaluate=None) -> Experiment:
+  """SFT on ``{"tokens", "loss_mask"}`` records (also REDI's stage 1 on teacher traces)."""
   return Experiment(
       roles={"policy": True},
       loss_fn=loss_fn,
