@@ -81,6 +81,8 @@ STUDY_CONFIG = {"redi": os.path.join(REPO, "experiments", "redi.py")}   # the ot
 # The rows of the reference models, from a run's summary.json: (its key, the table's label).
 REFERENCE_ROWS = {"redi": [("before", "stage 1: SFT on the positive traces (the start)"), ("sft base", "SFT base"),
                            ("teacher", "teacher (the traces' model)")]}
+# The plot's middle panel (a train metric over steps) where it is not the policy's entropy.
+MIDDLE_PANEL = {"redi": ("logps/chosen_change", "positives' log-likelihood change from the start (nats/token)")}
 # Columns read from the last train record (``train:<metric>``), beyond the entropy every study shows.
 TRAIN_COLUMNS = {"redi": [("train:logps/chosen_change", "positives' change (nats/token)"),
                           ("train:logps/margin_norm", "margin (nats/token)")]}
@@ -199,6 +201,8 @@ def plot(study, results, out):
   colors = dict(zip(arms, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
   seen = set()
   before = next((r["before"] for r in results if "before" in r), None)
+  before_label = dict(REFERENCE_ROWS.get(study, [])).get("before", "SFT base")
+  middle, middle_label = MIDDLE_PANEL.get(study, ("entropy", "policy entropy on its samples (nats/token)"))
   for r in results:
     if r.get("exit") != 0:
       continue
@@ -207,7 +211,7 @@ def plot(study, results, out):
     kw = dict(color=colors[r["arm"]], label=None if r["arm"] in seen else r["arm"])
     seen.add(r["arm"])
     axes[0].plot([e["step"] for e in ev], [e["sample/pass@1"] for e in ev], marker="o", ms=3, **kw)
-    axes[1].plot([e["step"] for e in tr], [e.get("entropy", float("nan")) for e in tr], lw=0.8, color=kw["color"])
+    axes[1].plot([e["step"] for e in tr], [e.get(middle, float("nan")) for e in tr], lw=0.8, color=kw["color"])
     if ev:
       last = ev[-1]
       hard = [lv for lv in _levels(last) if lv > 5]
@@ -218,10 +222,10 @@ def plot(study, results, out):
     ks = _ks(before)
     hard = [lv for lv in _levels(before) if lv > 5]
     axes[2].plot(ks, [sum(before[f"sample/level{lv}/pass@{k}"] for lv in hard) / max(len(hard), 1) for k in ks],
-                 "k--", marker="s", ms=3, label="SFT base")
+                 "k--", marker="s", ms=3, label=before_label)
     axes[0].axhline(before["sample/pass@1"], color="k", ls="--", lw=0.8)
   axes[0].set(xlabel="step", ylabel="pass@1 (held-out, all levels)", title="pass@1 vs step")
-  axes[1].set(xlabel="step", ylabel="policy entropy on its samples (nats/token)", title="entropy vs step")
+  axes[1].set(xlabel="step", ylabel=middle_label, title=f"{middle} vs step")
   axes[2].set(xlabel="k", ylabel="pass@k, levels above the SFT levels", xscale="log", title="pass@k vs k")
   for ax in axes:
     ax.grid(alpha=0.3)
