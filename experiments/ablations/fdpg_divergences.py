@@ -80,9 +80,10 @@ def plots(results, out, targets, divergences):
   fig, axes = plt.subplots(len(targets), len(keys), figsize=(4.2 * len(keys), 3.2 * len(targets)), squeeze=False)
   for i, target in enumerate(targets):
     for r in results:
-      if r.get("exit", 0) != 0 or r["method.target"] != target:
+      path = os.path.join(out, r["name"], "metrics.jsonl")
+      if r.get("exit", 0) != 0 or r["method.target"] != target or not os.path.exists(path):   # failed or not run
         continue
-      with open(os.path.join(out, r["name"], "metrics.jsonl")) as f:
+      with open(path) as f:
         ev = [json.loads(l) for l in f if '"split": "eval"' in l and "sample/alignment" in l]
       before = r.get("before", {})
       div = r["method.divergence"]
