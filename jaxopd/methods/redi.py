@@ -36,6 +36,9 @@ normalised positive log-likelihood is the larger).
 
 from __future__ import annotations
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -67,9 +70,10 @@ def make_loss_fn(alpha: float, with_reference: bool, loss: str = "redi", beta: f
     n = jnp.sum(m, axis=-1).reshape(b, 2)
     lp = jnp.sum(m * token_logprobs(models["policy"](flat).logits, flat), axis=-1).reshape(b, 2)
     ref = None
-    if with_reference:
+    if with_reference:   # DPO's loss needs both sides; the metric only the positives
+      rows, rm = (flat, m) if loss == "dpo" else (tokens[:, 0], m.reshape(b, 2, t - 1)[:, 0])
       ref = jax.lax.stop_gradient(
-          jnp.sum(m * token_logprobs(models["reference"](flat).logits, flat), axis=-1).reshape(b, 2))
+          jnp.sum(rm * token_logprobs(models["reference"](rows).logits, rows), axis=-1).reshape(b, -1))
     if loss == "redi":
       losses = redi_loss(lp[:, 0], n[:, 0], lp[:, 1], n[:, 1], alpha)
     elif loss == "simpo":
@@ -155,8 +159,6 @@ def prepare(config, workdir: str):
 def _same_traces(stage_dir: str, traces_dir: str):
   """Stage 1 records the traces it trains on (``traces.json``); a stage-1 run made from other traces
   is a ConfigError, not a silent reuse."""
-  import json
-  import os
   with open(os.path.join(traces_dir, "config.json")) as f:
     want = {"traces": os.path.abspath(traces_dir), **json.load(f)}
   path = os.path.join(stage_dir, "traces.json")
@@ -207,8 +209,6 @@ def report(config, workdir: str, summary: dict):
   the start) and the trained policy; summary.json (other tasks: no report)."""
   if config.data.task != "digits":
     return
-  import json
-  import os
   from jaxopd.methods import grpo, sft
   t = config.traces
   teacher = sft.stage_init(config.teacher) if t.teacher == "stage:teacher" else t.teacher
