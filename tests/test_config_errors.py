@@ -35,6 +35,8 @@ BAD = [
     ({"model.dtype": "bfloat16"}, r"config.model.dtype='bfloat16': per role: config.models.<role>.dtype"),
     ({"models.policy.attention": "flash"}, r"config.models.policy.attention='flash': must be one of "
                                            r"\('einsum', 'dot_product'\)"),
+    ({"models.policy.remat": "some"}, r"config.models.policy.remat='some': must be one of "
+                                      r"\('none', 'full', 'dots'\)"),
     ({"model.n_heads": 5}, r"config.model.n_heads=5: must divide d_model=32"),
     ({"model.family": "t5"}, r"config.model.family='t5'"),
     ({"mesh.rules": [["batch", "pipeline"]]}, r"config.mesh.rules\[0\]: unknown mesh axis 'pipeline'"),

@@ -27,6 +27,10 @@ Each role a method needs (``policy``, ``reference``, ``base``, ``draft``,
   ``dot_product`` (``jax.nn.dot_product_attention``: XLA on CPU/TPU, cuDNN
   flash attention on GPU where it applies); the same function, so a resume may
   switch it.
+* ``remat``: rematerialisation of each block in training forwards: ``none``,
+  ``full`` (only each block's input is kept for the backward pass) or ``dots``
+  (the projections' matmul outputs are kept too); the same function, so a
+  resume may switch it.
 
 :func:`resolve` turns the table into :class:`Role` s (architecture + pinned
 source) and is the one place that reads sources' metadata; the trainer records
@@ -47,20 +51,20 @@ from typing import Mapping
 import ml_collections
 
 from jaxopd.errors import ConfigError
-from jaxopd.models.transformer import ATTENTION, ModelConfig
+from jaxopd.models.transformer import ATTENTION, REMAT, ModelConfig
 
 DTYPES = ("float32", "bfloat16")
-ROLE_FIELDS = ("init", "trainable", "arch", "param_dtype", "dtype", "attention")
+ROLE_FIELDS = ("init", "trainable", "arch", "param_dtype", "dtype", "attention", "remat")
 RECORD = "models.json"
 NONE = "none"                                           # init of a role that is not built
-_NOT_ARCH = ("dtype", "param_dtype", "attention")      # per role, not per architecture
+_NOT_ARCH = ("dtype", "param_dtype", "attention", "remat")      # per role, not per architecture
 
 
 def role(init: str = "random", trainable: bool = True, arch: str = "auto", param_dtype: str = "float32",
-         dtype: str = "float32", attention: str = "einsum") -> ml_collections.ConfigDict:
+         dtype: str = "float32", attention: str = "einsum", remat: str = "none") -> ml_collections.ConfigDict:
   """One entry of ``config.models`` (fields in the module docstring)."""
   return ml_collections.ConfigDict(dict(init=init, trainable=trainable, arch=arch, param_dtype=param_dtype,
-                                        dtype=dtype, attention=attention))
+                                        dtype=dtype, attention=attention, remat=remat))
 
 
 def arch_block(cfg: ModelConfig | None = None) -> ml_collections.ConfigDict:
@@ -153,6 +157,8 @@ def check_fields(config) -> None:
         _bad(name, f, r[f], f"must be one of {DTYPES}")
     if r.get("attention", "einsum") not in ATTENTION:
       _bad(name, "attention", r.attention, f"must be one of {ATTENTION}")
+    if r.get("remat", "none") not in REMAT:
+      _bad(name, "remat", r.remat, f"must be one of {REMAT}")
     if r.arch != "auto" and (r.arch not in config or not isinstance(config[r.arch], ml_collections.ConfigDict)):
       _bad(name, "arch", r.arch, "must be auto or the name of a ModelConfig block of this config (e.g. model)")
     if isinstance(r.init, str) and (r.init.startswith("stage:") or r.init == NONE):
@@ -261,7 +267,8 @@ def _resolve_role(config, name: str, pinned: Mapping[str, dict] | None = None) -
     arch = ModelConfig(**{k: v for k, v in rec[src.model]["arch"].items() if k not in _NOT_ARCH})
     if r.arch != "auto":
       compare(_block(config, name, r.arch), arch, f"config.{r.arch}", f"{src.spec()} ({RECORD})", note)
-  arch = dataclasses.replace(arch, dtype=r.dtype, param_dtype=r.param_dtype, attention=r.get("attention", "einsum"))
+  arch = dataclasses.replace(arch, dtype=r.dtype, param_dtype=r.param_dtype, attention=r.get("attention", "einsum"),
+                             remat=r.get("remat", "none"))
   return Role(name, arch.validate(prefix=f"config.models.{name} architecture"), bool(r.trainable), src)
 
 
@@ -343,8 +350,9 @@ def add_heads(rec: dict, heads: Mapping[str, object]) -> dict:
 
 
 def _resume_arch(arch: dict | None) -> dict | None:
-  """The architecture as a resume compares it: the attention implementation may change."""
-  return None if arch is None else {k: v for k, v in arch.items() if k != "attention"}
+  """The architecture as a resume compares it: the attention implementation and the
+  rematerialisation may change (the same function)."""
+  return None if arch is None else {k: v for k, v in arch.items() if k not in ("attention", "remat")}
 
 
 def check_resume(recorded: Mapping[str, dict], now: Mapping[str, dict], workdir: str):

@@ -31,6 +31,7 @@ from jaxopd.mesh import constrain
 
 FAMILIES = ("gpt2", "llama")
 ATTENTION = ("einsum", "dot_product")
+REMAT = ("none", "full", "dots")
 HEADS = ("lm", "score")
 
 
@@ -52,6 +53,9 @@ class ModelConfig:
   param_dtype: str = "float32"     # parameter storage dtype: float32 or bfloat16 (norm and softmax math stay float32)
   attention: str = "einsum"        # einsum (scores materialised, float32 softmax) | dot_product
                                    # (jax.nn.dot_product_attention: cuDNN flash attention on GPU where it applies)
+  remat: str = "none"              # rematerialisation of each block in a training forward: none | full
+                                   # (keep only block inputs, recompute the rest in the backward) | dots
+                                   # (keep the projections' matmul outputs, recompute attention and the rest)
   init_std: float = 0.02           # normal init scale of every weight matrix
   head: str = "lm"                 # lm (next-token logits [B, T, V]) | score (one scalar per position [B, T, 1]:
                                    # a reward model, HF's *ForSequenceClassification with num_labels=1)
@@ -97,6 +101,8 @@ class ModelConfig:
         bad(f, "must be float32 or bfloat16")
     if self.attention not in ATTENTION:
       bad("attention", f"must be one of {ATTENTION}")
+    if self.remat not in REMAT:
+      bad("remat", f"must be one of {REMAT}")
     if self.head not in HEADS:
       bad("head", f"must be one of {HEADS}")
     if self.norm_eps <= 0 or self.init_std <= 0:
@@ -319,6 +325,18 @@ class Block(nnx.Module):
     return constrain(x, ("batch", "length", "embed")), new_kv
 
 
+def _remat_block(policy: str):
+  """A block's cache-free forward under ``jax.checkpoint`` (``nnx.remat``): ``full`` saves
+  nothing inside the block (its input is saved by the caller's graph), ``dots`` saves the
+  outputs of un-batched matmuls, i.e. the q/k/v/o and MLP projections (written as 2-D
+  matmuls by :func:`_dense`), and recomputes the attention and elementwise work."""
+  saveable = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+  def run(block, x, positions, key_mask, segment_ids):
+    return block(x, positions, key_mask, None, 0, segment_ids)[0]
+  return nnx.remat(run, policy=saveable, prevent_cse=True)
+
+
 class Transformer(nnx.Module):
   """Decoder-only LM. ``model(tokens) -> Output(logits [B, T, V], hidden, cache)``; with
   ``head="score"`` a reward model: ``logits [B, T, 1]``, a score per position from a
@@ -388,9 +406,13 @@ class Transformer(nnx.Module):
     x = constrain(x, ("batch", "length", "embed"))
     hidden = [x] if return_hidden else None
     ks, vs = [], []
+    run = _remat_block(cfg.remat) if cache is None and cfg.remat != "none" else None
     for i, block in enumerate(self.blocks):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, new_kv = block(x, positions, key_mask, kv, start, segment_ids)
+      if run is not None:
+        x, new_kv = run(block, x, positions, key_mask, segment_ids), None
+      else:
+        x, new_kv = block(x, positions, key_mask, kv, start, segment_ids)
       if cache is not None:
         ks.append(new_kv[0])
         vs.append(new_kv[1])
