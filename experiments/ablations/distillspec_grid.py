@@ -194,7 +194,7 @@ def table(results, path):
     print("no finished runs")
     return
   g = _gamma(ok[0])
-  lines = matrix(ok, g) + [f"| divergence | data | seeds | alpha greedy | alpha sampling | tau greedy (formula) | tau sampling (formula) | "
+  lines = matrix(ok, g) + ["| divergence | data | seeds | alpha greedy | alpha sampling | tau greedy (formula) | tau sampling (formula) | "
            f"speed-up greedy: measured (formula) | speed-up sampling: measured (formula) | "
            f"SD time vs undistilled draft (greedy / sampling) | draft gold reward | draft held-out NLL |",
            "|" + " --- |" * 12]

@@ -84,7 +84,7 @@ def main(argv=None):
   with open(os.path.join(a.out, "results.jsonl"), "w") as f:
     for r in results:
       f.write(json.dumps(r) + "\n")
-  lines = [f"| decoder | lenience | tokens per target call | ms / token | speed-up vs target | gold reward | "
+  lines = ["| decoder | lenience | tokens per target call | ms / token | speed-up vs target | gold reward | "
            f"target NLL of output (nats/token) |", "|" + " --- |" * 7]
   for r in results:
     lines.append(f"| {r['decoder']} | {r['lenience'] if r['lenience'] is not None else '-'} | "

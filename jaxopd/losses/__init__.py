@@ -6,5 +6,6 @@ from jaxopd.losses.preference import (dpo_loss, forward_kl_per_token, redi_loss,
                                       tdpo_loss)
 
 __all__ = ["DIVERGENCES", "divergence", "dpo_loss", "forward_kl", "forward_kl_per_token", "jsd",
-           "masked_sum", "redi_loss", "response_mask", "reverse_kl", "sequence_logps", "sft_loss", "tdpo_loss",
+           "masked_sum", "redi_loss", "response_mask", "reverse_kl", "sequence_logps", "sft_loss", "simpo_loss",
+           "tdpo_loss",
            "token_divergence_loss", "token_logprobs", "tvd"]

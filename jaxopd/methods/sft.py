@@ -64,10 +64,11 @@ def build(config) -> Experiment:
                             pad_id=suite.tokenizer.pad_token_id, temperature=e.temperature)
       reward_fn = suite_lib.gold_reward_fn(suite)
 
-      def evaluate(models, step):
+      def sampled(models, step):
         rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
         m = evaluate_policy(models["policy"], None, prompt, plen, rng, scfg, reward_fn)
         return {f"sample/{k}": v for k, v in m.items()}
+      evaluate = sampled
   elif config.data.task == "digits":
     suite = digits.ensure(config.data)
     if len(suite.tokenizer) > model_cfg.vocab_size:
