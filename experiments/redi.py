@@ -59,6 +59,7 @@ def get_config(arg: str | None = None):
   c.method.loss = "redi"         # redi | simpo | dpo (the paper's baselines on the same pairs)
   c.method.alpha = 0.8           # redi: weight of the negatives' normalised log-likelihood (1: symmetric, 0: SFT on y+)
   c.method.beta = 2.0            # simpo / dpo: the margin's scale (dpo: e.g. 0.1)
+  c.method.chunk = 64            # positions per chunk of the log-probabilities (LM heads inside the loop)
   c.method.gamma = 1.0           # simpo: the target margin
   if args.get("symmetric"):
     c.method.alpha = 1.0

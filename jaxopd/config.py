@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxopd import mesh as mesh_lib
+from jaxopd import optim
 from jaxopd.errors import ConfigError
 from jaxopd.models import ModelConfig, table
 
@@ -46,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8             # adamw / rmsprop epsilon
   c.optim.weight_decay = 0.0     # decoupled weight decay on matrices (ndim >= 2)
   c.optim.clip_norm = 1.0        # global grad-norm clipping; 0 disables
+  c.optim.mu_dtype = "float32"   # first-moment storage: float32 | bfloat16 (the second moment stays float32)
   # Per-group overrides, keyed by the name of a trainable model (e.g. "mask"):
   # config.optim.groups.mask = ConfigDict(dict(lr=1e-3, weight_decay=0.01)).
   c.optim.groups = ml_collections.ConfigDict()
@@ -111,6 +113,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   _check(o.eps > 0, "optim.eps", o.eps, "must be positive")
   _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
   _check(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 disables)")
+  mu = o.get("mu_dtype", "float32")
+  _check(mu in optim.MU_DTYPES, "optim.mu_dtype", mu, f"must be one of {optim.MU_DTYPES}")
   for name, g in o.groups.items():
     extra = set(g.keys()) - {"lr", "weight_decay"}
     _check(not extra, f"optim.groups.{name}", dict(g), f"unknown keys {sorted(extra)} (lr, weight_decay)")

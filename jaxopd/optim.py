@@ -4,6 +4,9 @@ global-norm clipping, and one parameter group per trainable model.
 Parameters are a dict ``{model_name: state}``; each model is a group that can
 override ``lr`` and ``weight_decay`` via ``config.optim.groups.<name>``.
 Weight decay applies to matrices only (ndim >= 2), not to biases and norm scales.
+``config.optim.mu_dtype`` stores the first moment (AdamW's ``mu``, RMSprop's momentum) in
+bfloat16 to save a quarter of AdamW's state; the second moment stays float32 (its
+updates are squares of small gradients, which bf16's 8-bit mantissa rounds away).
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
+
+MU_DTYPES = ("float32", "bfloat16")
 
 
 def make_schedule(o: Any, lr: float, total_steps: int) -> Callable:
@@ -38,19 +44,20 @@ def make_optimizer(o: Any, total_steps: int, groups: Sequence[str]):
     raise ValueError(f"config.optim.groups: {sorted(unknown)} are not trainable models "
                      f"(trainable: {sorted(groups)})")
   schedules, txs = {}, {}
+  mu_dtype = jnp.dtype(o.get("mu_dtype", "float32"))
   for name in groups:
     s = group_settings(o, name)
     sched = make_schedule(o, s["lr"], total_steps)
     schedules[name] = sched
     decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
     if o.name == "adamw":
-      txs[name] = optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps,
+      txs[name] = optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, mu_dtype=mu_dtype,
                               weight_decay=s["weight_decay"], mask=decay_mask)
     else:
       # Decoupled decay, as in AdamW: added after preconditioning, scaled by lr.
       parts = [optax.scale_by_rms(decay=o.b2, eps=o.eps)]
       if o.b1:
-        parts.append(optax.trace(decay=o.b1))
+        parts.append(optax.trace(decay=o.b1, accumulator_dtype=mu_dtype))
       if s["weight_decay"]:
         parts.append(optax.add_decayed_weights(s["weight_decay"], mask=decay_mask))
       parts.append(optax.scale_by_learning_rate(sched))

@@ -24,6 +24,7 @@ BAD = [
     ({"optim.schedule": "linear"}, r"config.optim.schedule='linear'"),
     ({"optim.warmup_steps": 10}, r"config.optim.warmup_steps=10: must be in \[0, total_steps=4\]"),
     ({"optim.b2": 1.0}, r"config.optim.b2=1.0"),
+    ({"optim.mu_dtype": "float16"}, r"config.optim.mu_dtype='float16': must be one of \('float32', 'bfloat16'\)"),
     ({"optim.clip_norm": -0.5}, r"config.optim.clip_norm=-0.5"),
     ({"optim.weight_decay": -0.1}, r"config.optim.weight_decay=-0.1"),
     ({"total_steps": 0}, r"config.total_steps=0"),

@@ -338,7 +338,7 @@ def test_dead_mask_stops_the_run_or_warns_naming_the_step(capsys):
   batch = _batch()
   dead = sparsepo.SparseMask(cfg.n_layers, cfg.d_model, True, nnx.Rngs(params=1))
   _dead(dead.u)
-  loss_fn = sparsepo.make_loss_fn("learned", True, 0.5, kl_chunk=4)
+  loss_fn = sparsepo.make_loss_fn("learned", True, 0.5, chunk=4)
   gd, state = nnx.split(pol)
   loss, grads = jax.value_and_grad(lambda st: loss_fn({"policy": nnx.merge(gd, st), "reference": ref, "mask": dead},
                                                       batch, None).loss)(state)
@@ -397,7 +397,7 @@ def test_step_no_gradient_into_policy_through_the_mask_input(mask, shared):
   # Move the policy away from the reference so that every term is non-zero.
   pol_state = jax.tree.map(lambda x: x * 1.1, nnx.state(pol, nnx.Param))
   nnx.update(pol, pol_state)
-  loss_fn = sparsepo.make_loss_fn(mask, shared, 0.5, 0.01, 0.02, kl_chunk=4)
+  loss_fn = sparsepo.make_loss_fn(mask, shared, 0.5, 0.01, 0.02, chunk=4)
   p_gd, p_state = nnx.split(params)
   f_gd, f_state = nnx.split(frozen)
 
@@ -410,8 +410,9 @@ def test_step_no_gradient_into_policy_through_the_mask_input(mask, shared):
 
   flat = batch["tokens"].reshape(4, -1)
   m = response_mask(batch["loss_mask"].reshape(4, -1))
-  ref_logits, hidden = sparsepo.reference_outputs(ref, flat)
-  w_u, w_d = sparsepo.token_weights(mask, params.get("mask"), hidden, ref_logits, m)
+  ref_logits = ref(flat).logits                   # the full logits, independently of the chunked loss
+  ref_out = ref(flat, return_hidden=True)
+  w_u, w_d = sparsepo.token_weights(mask, params.get("mask"), ref_out.hidden, jnp.mean(ref_logits[:, :-1], -1), m)
   w_u, w_d = jax.lax.stop_gradient(w_u), jax.lax.stop_gradient(w_d)
 
   def const(ps):

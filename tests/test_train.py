@@ -81,6 +81,29 @@ def test_param_groups_have_their_own_lr_and_decay(tmp_path):
   assert recs[-1]["lr/aux"] == pytest.approx(1e-9 * recs[-1]["lr/policy"] / cfg.optim.lr, rel=1e-4)
 
 
+def test_first_moment_in_bfloat16():
+  """optim.mu_dtype=bfloat16: AdamW's mu (RMSprop's momentum) is stored in bf16, the second
+  moment in float32, and three updates match the float32 optimizer's to bf16 rounding (1e-2)."""
+  from jaxopd import config as config_lib, optim
+  rng = np.random.RandomState(0)
+  params = {"policy": {"w": jnp.asarray(rng.randn(8, 8), jnp.float32), "b": jnp.zeros((8,), jnp.float32)}}
+  grads = [jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape), jnp.float32), params) for _ in range(3)]
+  for name in ("adamw", "rmsprop"):
+    o = config_lib.base_config().optim
+    o.name = name
+    updates = {}
+    for dt in ("float32", "bfloat16"):
+      o.mu_dtype = dt
+      tx, _ = optim.make_optimizer(o, 10, ["policy"])
+      st = tx.init(params)
+      dts = {str(x.dtype) for x in jax.tree.leaves(st) if getattr(x, "ndim", 0) == 2}
+      assert dts == ({"float32"} if dt == "float32" else {"float32", "bfloat16"}), (name, dt, dts)
+      for g in grads:
+        u, st = tx.update(g, st, params)
+      updates[dt] = u
+    _assert_trees_close(updates["bfloat16"], updates["float32"], rtol=1e-2, atol=1e-4)
+
+
 def test_unknown_optimizer_group_is_an_error(tmp_path):
   cfg = tiny_config()
   cfg.optim.groups.mask = dict(lr=1e-3)

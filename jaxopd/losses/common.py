@@ -34,6 +34,15 @@ def masked_sum(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
   return jnp.sum(x * mask, axis=axis)
 
 
+def sft_mask(loss_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+  """The targets SFT scores, ``[B, T-1]``: :func:`response_mask`, and with packed rows only
+  targets predicted from a position of their own segment."""
+  m = response_mask(loss_mask)
+  if segment_ids is not None:
+    m = m * (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(m.dtype)
+  return m
+
+
 def sft_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array | None = None):
   """Next-token cross-entropy on the masked tokens.
 
@@ -44,9 +53,7 @@ def sft_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array, segment
   accumulation and sharding).
   """
   lp = token_logprobs(logits, tokens)
-  m = response_mask(loss_mask)
-  if segment_ids is not None:
-    m = m * (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(m.dtype)
+  m = sft_mask(loss_mask, segment_ids)
   nll = -masked_sum(lp, m)
   pred = jnp.argmax(logits[:, :-1], axis=-1)
   correct = masked_sum((pred == tokens[:, 1:]).astype(jnp.float32), m)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -45,7 +44,7 @@ from jaxopd.errors import ConfigError
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import response_mask
 from jaxopd.losses.aligndistil import NEEDS, VARIANTS, sequence_loss, token_terms
-from jaxopd.losses.common import map_chunks
+from jaxopd.models.heads import chunked_terms
 from jaxopd.methods import sft, tdpo
 from jaxopd.models import table
 from jaxopd.sampling import SamplingConfig, sample
@@ -72,19 +71,12 @@ def make_loss_fn(variant: str, beta0: float, beta2: float, temperature: float = 
     tokens, mask = batch["tokens"], batch["loss_mask"]
     if tokens.ndim == 3:
       tokens, mask = tokens[:, 0], mask[:, 0]
-    hidden, heads = {}, {}
-    for n in names:
-      h = models[n].final_hidden(tokens)[:, :-1]
-      hidden[n] = h if n == "policy" else jax.lax.stop_gradient(h)
-      heads[n] = models[n].output_weight()
-
-    def per_chunk(xs):
-      hs, targets = xs
-      z = {n: models[n].unembed(hs[n], heads[n]) for n in names}
+    def per_chunk(z, targets):
       return token_terms(variant, z["policy"], z["reference"], z["dpo"], z.get("rdpo"), targets, beta0, beta2,
                          temperature)
 
-    terms = map_chunks(per_chunk, (hidden, tokens[:, 1:]), chunk)
+    terms = chunked_terms({n: models[n] for n in names}, tokens, per_chunk, chunk,
+                          frozen=[n for n in names if n != "policy"])
     m = response_mask(mask)
     seq = sequence_loss(terms["loss"], m, len_norm)
     tok = lambda x: (jnp.sum(m * x), jnp.sum(m))

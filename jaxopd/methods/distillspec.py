@@ -59,7 +59,8 @@ from jaxopd.evaluation import (acceptance_on_draft_prefixes, block_efficiency, c
                                speedup)
 from jaxopd.evaluation import sampler as sample_call
 from jaxopd.experiment import Experiment, LossOutput
-from jaxopd.losses import DIVERGENCES, token_divergence_loss
+from jaxopd.losses import DIVERGENCES, divergence as divergence_fn
+from jaxopd.models.heads import chunked_terms, label_logprob
 from jaxopd.methods import sft
 from jaxopd.models import Transformer, table
 from jaxopd.sampling import SamplingConfig, sample, speculative_sample
@@ -76,6 +77,8 @@ def _check(c):
     raise ConfigError(f"config.method.beta={m.beta}: must be in [0, 1]")
   if m.divergence != "jsd" and m.beta != 0.5:
     raise ConfigError(f"config.method.beta={m.beta}: only divergence=jsd uses beta")
+  if m.chunk <= 0:
+    raise ConfigError(f"config.method.chunk={m.chunk}: must be positive")
   if m.temperature <= 0:
     raise ConfigError(f"config.method.temperature={m.temperature}: must be > 0")
   if m.data not in DATA_SOURCES:
@@ -185,8 +188,11 @@ def make_rollout(data: str, scfg: SamplingConfig, mix_lambda: float = 0.5, mix_w
   return rollout
 
 
-def make_loss_fn(divergence: str, beta: float = 0.5, temperature: float = 1.0, t2_scale: bool = False):
-  """``loss_fn``: ``(sum m D(p_target || q_draft), sum m)`` over the response tokens.
+def make_loss_fn(divergence: str, beta: float = 0.5, temperature: float = 1.0, t2_scale: bool = False,
+                 chunk: int = 128):
+  """``loss_fn``: ``(sum m D(p_target || q_draft), sum m)`` over the response tokens, every
+  vocabulary-wide term from the models' hidden states in chunks of ``chunk`` positions
+  (:mod:`jaxopd.models.heads`).
 
   Both models' logits are divided by ``temperature`` before the divergence (so a temperature
   above 1 distils softened distributions; TRL's GKDTrainer computes its divergence at
@@ -198,23 +204,25 @@ def make_loss_fn(divergence: str, beta: float = 0.5, temperature: float = 1.0, t
   ``temperature``), ``acceptance/greedy`` (argmax agreement), ``nll/draft``,
   ``nll/target`` (untempered), ``data/student`` (fraction of rows).
   """
+  def terms(z, targets):          # one chunk of positions: the LM heads inside the loop, no [B, T, V] logits
+    q, p = z["draft"], z["target"]
+    lp, lq = (jax.nn.log_softmax(x.astype(jnp.float32) / temperature, -1) for x in (p, jax.lax.stop_gradient(q)))
+    return {"d": divergence_fn(divergence, p, q, beta=beta, temperature=temperature),
+            "accept": jnp.sum(jnp.minimum(jnp.exp(lp), jnp.exp(lq)), -1),
+            "agree": (jnp.argmax(p, -1) == jnp.argmax(q, -1)).astype(jnp.float32),
+            "nll_draft": -label_logprob(jax.lax.stop_gradient(q), targets), "nll_target": -label_logprob(p, targets)}
+
   def loss_fn(models, batch, rng):
     del rng
     tokens = batch["tokens"]
     m = batch["loss_mask"][:, 1:].astype(jnp.float32)      # position t predicts token t+1
-    q_logits = models["draft"](tokens).logits[:, :-1]
-    p_logits = jax.lax.stop_gradient(models["target"](tokens).logits[:, :-1])
-    loss, n = token_divergence_loss(divergence, p_logits, q_logits, m, beta=beta, temperature=temperature)
+    t = chunked_terms({"draft": models["draft"], "target": models["target"]}, tokens, terms, chunk,
+                      frozen=("target",))
+    loss, n = jnp.sum(m * t["d"]), jnp.sum(m)
     if t2_scale:
       loss = loss * temperature ** 2
-    lp, lq = (jax.nn.log_softmax(x.astype(jnp.float32) / temperature, -1)
-              for x in (p_logits, jax.lax.stop_gradient(q_logits)))
-    accept = jnp.sum(jnp.minimum(jnp.exp(lp), jnp.exp(lq)), -1)
-    agree = (jnp.argmax(p_logits, -1) == jnp.argmax(q_logits, -1)).astype(jnp.float32)
-    nll = lambda logits: -jnp.sum(m * jnp.take_along_axis(
-        jax.nn.log_softmax(jax.lax.stop_gradient(logits).astype(jnp.float32), -1), tokens[:, 1:, None], -1)[..., 0])
-    metrics = {"acceptance/sampling": jnp.sum(accept * m), "acceptance/greedy": jnp.sum(agree * m),
-               "nll/draft": nll(q_logits), "nll/target": nll(p_logits)}
+    metrics = {"acceptance/sampling": jnp.sum(t["accept"] * m), "acceptance/greedy": jnp.sum(t["agree"] * m),
+               "nll/draft": jnp.sum(m * t["nll_draft"]), "nll/target": jnp.sum(m * t["nll_target"])}
     if "student" in batch:
       metrics["data/student"] = (jnp.sum(batch["student"]), jnp.asarray(tokens.shape[0], jnp.float32))
     return LossOutput(loss, n, metrics)
@@ -299,7 +307,7 @@ def build(config) -> Experiment:
   scfg = SamplingConfig(max_new_tokens=m.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                         temperature=m.temperature)
   eval_recs = data.eval
-  loss_fn = make_loss_fn(m.divergence, m.beta, m.temperature, bool(m.t2_scale))
+  loss_fn = make_loss_fn(m.divergence, m.beta, m.temperature, bool(m.t2_scale), m.chunk)
   return Experiment(roles={"draft": True, "target": False}, loss_fn=loss_fn,
                     train_data=lambda shard: batched_iterator(data.train, shard),
                     eval_data=(lambda shard: batched_iterator(eval_recs, shard, shuffle=False, repeat=False))

@@ -40,7 +40,7 @@ from jaxopd.losses import token_logprobs, response_mask
 from jaxopd.losses.fdpg import (F_DIVERGENCES, Baseline, LogZ, context_weights, divergence_estimates,
                                 group_baselines, pseudo_reward, surrogate_loss)
 from jaxopd.methods import sft
-from jaxopd.models import Transformer, table
+from jaxopd.models import Transformer, heads, table
 from jaxopd.sampling import SamplingConfig, sample
 
 TARGETS = ("pointwise", "distributional", "rlhf")
@@ -144,12 +144,13 @@ def init_state(num_contexts: int, baseline_window: int, proposal_state=None) -> 
   return state
 
 
-def _sequence_logp(model, tokens, loss_mask):
-  return jnp.sum(token_logprobs(model(tokens).logits, tokens) * response_mask(loss_mask), axis=1)
+def _sequence_logp(model, tokens, loss_mask, chunk: int):
+  """``log model(response | prompt)`` ``[B]``, the LM head inside a chunk loop (:mod:`jaxopd.models.heads`)."""
+  return jnp.sum(heads.token_logprobs(model, tokens, chunk) * response_mask(loss_mask), axis=1)
 
 
 def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: float = 0.0,
-                 offline: bool = False, proposal_every: int = 16, group: int = 0):
+                 offline: bool = False, proposal_every: int = 16, group: int = 0, chunk: int = 64):
   """``rollout(models, batch, rng, state) -> (batch, state)`` for the trainer (``state``: the
   method state of :func:`init_state`).
 
@@ -195,8 +196,8 @@ def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: flo
     out = sample(proposal, batch["prompt"], batch["prompt_len"], rng, scfg)
     tokens, mask = out.tokens, out.loss_mask
     q_logp = jnp.sum(out.logprobs, axis=1)
-    a_logp = _sequence_logp(models["base"], tokens, mask)
-    pi_logp = _sequence_logp(policy, tokens, mask) if offline else q_logp
+    a_logp = _sequence_logp(models["base"], tokens, mask, chunk)
+    pi_logp = _sequence_logp(policy, tokens, mask, chunk) if offline else q_logp
     log_score = a_logp + target.log_phi(tokens, mask, eps, models)
     true_score = a_logp + target.log_phi(tokens, mask, 0.0, models) if eps > 0 else log_score
     log_z = state["log_z"].update(log_score, q_logp, ctx)
@@ -228,7 +229,7 @@ def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: flo
   return rollout
 
 
-def make_loss_fn(divergence: str, on_policy: bool = False):
+def make_loss_fn(divergence: str, on_policy: bool = False, chunk: int = 64):
   """The surrogate loss of :func:`jaxopd.losses.fdpg.surrogate_loss` plus metrics:
   importance-sampled divergences to the (true) target with the running log Z,
   alignment, ``KL(pi || a)`` and the pseudo-reward.
@@ -241,7 +242,7 @@ def make_loss_fn(divergence: str, on_policy: bool = False):
   def loss_fn(models, batch, rng):
     del rng
     tokens, mask = batch["tokens"], batch["loss_mask"]
-    pi_logp = _sequence_logp(models["policy"], tokens, mask)
+    pi_logp = _sequence_logp(models["policy"], tokens, mask, chunk)
     sg = jax.lax.stop_gradient(pi_logp)
     q_logp = sg if on_policy else batch["proposal_logp"]
     loss, n, r = surrogate_loss(pi_logp, q_logp, batch["log_score"], batch["log_z"], batch["baseline"], divergence,
@@ -313,7 +314,7 @@ def _check(c):
   if m.conditional and per_host % m.samples_per_context:
     raise ConfigError(f"config.method.samples_per_context={m.samples_per_context}: must divide each host's "
                       f"microbatch config.batch_size / config.grad_accum / processes = {per_host}")
-  for f in ("proposal_every", "baseline_window", "fit_samples", "samples_per_context"):
+  for f in ("proposal_every", "baseline_window", "fit_samples", "samples_per_context", "chunk"):
     if m[f] <= 0:
       raise ConfigError(f"config.method.{f}={m[f]}: must be positive")
   if c.seq_len != prompt_len(c) + c.rollout.max_new_tokens:
@@ -567,7 +568,8 @@ def build(config) -> Experiment:
   num_contexts = len(records) if m.conditional else 1
   k = int(m.samples_per_context) if m.conditional else 1
   rollout = make_rollout(target, m.divergence, scfg, eps=_eps(config), offline=bool(m.offline),
-                         proposal_every=int(m.proposal_every) * config.grad_accum, group=k if m.conditional else 0)
+                         proposal_every=int(m.proposal_every) * config.grad_accum, group=k if m.conditional else 0,
+                         chunk=int(m.chunk))
 
   def train_data(shard):   # B / k prompts per step, each k times in one microbatch (none read and left unused)
     if k == 1:
@@ -581,7 +583,7 @@ def build(config) -> Experiment:
       proposal = nnx.state(Transformer(model_cfg, nnx.Rngs(params=0)), nnx.Param)
     return init_state(num_contexts, int(m.baseline_window), proposal)
 
-  loss_fn = make_loss_fn(m.divergence, on_policy=not m.offline)
+  loss_fn = make_loss_fn(m.divergence, on_policy=not m.offline, chunk=int(m.chunk))
   roles = {"policy": True, "base": False, **({"reward": False} if m.reward == rewards.MODEL else {})}
   return Experiment(roles=roles, loss_fn=loss_fn,
                     train_data=train_data, rollout=rollout, init_state=method_init, evaluate=make_evaluate(config, data, target))

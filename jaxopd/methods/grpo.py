@@ -59,7 +59,8 @@ from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled, heldout_nll, pass_at_k, to_host
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import response_mask
-from jaxopd.losses.common import map_chunks
+from jaxopd.models import heads
+from jaxopd.models.heads import chunked_terms
 from jaxopd.losses.grpo import (ADVANTAGES, AGGREGATIONS, DISTILL, KL_ESTIMATORS, SCHEDULES, aggregate,
                                 distill_per_token, distill_weight, group_advantages, group_std, kept_groups,
                                 policy_loss)
@@ -91,36 +92,23 @@ def token_terms(models, tokens, chunk: int, teacher: str = "", kind: str = "reve
   """Per-token terms ``[B, T-1]`` of the sampled tokens ``tokens[:, 1:]``: ``lp`` (policy
   log-prob), ``entropy`` (the policy's, no gradient) and, with ``teacher`` a role name, ``distill``
   (:func:`distill_per_token` against it), from hidden states in chunks."""
-  policy = models["policy"]
-  hidden = {"policy": policy.final_hidden(tokens)[:, :-1]}
-  heads = {"policy": policy.output_weight()}
-  if teacher:
-    hidden[teacher] = jax.lax.stop_gradient(models[teacher].final_hidden(tokens)[:, :-1])
-    heads[teacher] = models[teacher].output_weight()
+  roles = {"policy": models["policy"], **({teacher: models[teacher]} if teacher else {})}
 
-  def per_chunk(xs):
-    hs, targets = xs
-    z = policy.unembed(hs["policy"], heads["policy"]).astype(jnp.float32)
-    lse = jax.nn.logsumexp(z, axis=-1)
-    out = {"lp": jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0] - lse}
-    zs = jax.lax.stop_gradient(z)
+  def per_chunk(z, targets):
+    zp = z["policy"].astype(jnp.float32)
+    lse = jax.nn.logsumexp(zp, axis=-1)
+    out = {"lp": jnp.take_along_axis(zp, targets[..., None], axis=-1)[..., 0] - lse}
+    zs = jax.lax.stop_gradient(zp)
     out["entropy"] = jax.lax.stop_gradient(lse) - jnp.sum(jax.nn.softmax(zs, axis=-1) * zs, axis=-1)
     if teacher:
-      out["distill"] = distill_per_token(z, models[teacher].unembed(hs[teacher], heads[teacher]), kind, temperature)
+      out["distill"] = distill_per_token(zp, z[teacher], kind, temperature)
     return out
-  return map_chunks(per_chunk, (hidden, tokens[:, 1:]), chunk)
+  return chunked_terms(roles, tokens, per_chunk, chunk, frozen=(teacher,) if teacher else ())
 
 
 def sampled_logprobs(model, tokens, chunk: int):
   """``log model(tokens[:, t+1] | ...)`` ``[B, T-1]``, no gradient, in chunks."""
-  hidden = jax.lax.stop_gradient(model.final_hidden(tokens)[:, :-1])
-  w = model.output_weight()
-
-  def per_chunk(xs):
-    hs, targets = xs
-    z = model.unembed(hs, w).astype(jnp.float32)
-    return jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(z, axis=-1)
-  return jax.lax.stop_gradient(map_chunks(per_chunk, (hidden, tokens[:, 1:]), chunk))
+  return heads.token_logprobs(model, tokens, chunk, frozen=True)
 
 
 def make_reward(kind: str, eos_id: int, host_fn=None, reward_pad: int = -1):

@@ -45,15 +45,16 @@ import jax.numpy as jnp
 from jaxopd.data import digits, traces
 from jaxopd.errors import ConfigError
 from jaxopd.experiment import Experiment, LossOutput
-from jaxopd.losses import dpo_loss, redi_loss, response_mask, simpo_loss, token_logprobs
+from jaxopd.losses import dpo_loss, redi_loss, response_mask, simpo_loss
 from jaxopd.methods import tdpo
-from jaxopd.models import table
+from jaxopd.models import heads, table
 
 
 LOSSES = ("redi", "simpo", "dpo")
 
 
-def make_loss_fn(alpha: float, with_reference: bool, loss: str = "redi", beta: float = 2.0, gamma: float = 1.0):
+def make_loss_fn(alpha: float, with_reference: bool, loss: str = "redi", beta: float = 2.0, gamma: float = 1.0,
+                 chunk: int = 64):
   """``loss_fn(models, batch, rng)`` on pair batches ``tokens[B, 2, T]`` (0 = positive, 1 = negative).
 
   ``loss``: ``redi`` (``alpha``), or the paper's baselines on the same pairs (the loss types of
@@ -68,12 +69,11 @@ def make_loss_fn(alpha: float, with_reference: bool, loss: str = "redi", beta: f
     b, _, t = tokens.shape
     flat, m = tokens.reshape(b * 2, t), response_mask(mask.reshape(b * 2, t))
     n = jnp.sum(m, axis=-1).reshape(b, 2)
-    lp = jnp.sum(m * token_logprobs(models["policy"](flat).logits, flat), axis=-1).reshape(b, 2)
+    lp = jnp.sum(m * heads.token_logprobs(models["policy"], flat, chunk), axis=-1).reshape(b, 2)
     ref = None
     if with_reference:   # DPO's loss needs both sides; the metric only the positives
       rows, rm = (flat, m) if loss == "dpo" else (tokens[:, 0], m.reshape(b, 2, t - 1)[:, 0])
-      ref = jax.lax.stop_gradient(
-          jnp.sum(rm * token_logprobs(models["reference"](rows).logits, rows), axis=-1).reshape(b, -1))
+      ref = jnp.sum(rm * heads.token_logprobs(models["reference"], rows, chunk, frozen=True), axis=-1).reshape(b, -1)
     if loss == "redi":
       losses = redi_loss(lp[:, 0], n[:, 0], lp[:, 1], n[:, 1], alpha)
     elif loss == "simpo":
@@ -91,6 +91,8 @@ def make_loss_fn(alpha: float, with_reference: bool, loss: str = "redi", beta: f
 
 
 def _check(c):
+  if c.method.chunk <= 0:
+    raise ConfigError(f"config.method.chunk={c.method.chunk}: must be positive")
   m = c.method
   if m.loss not in LOSSES:
     raise ConfigError(f"config.method.loss={m.loss!r}: must be one of {LOSSES}")
@@ -199,7 +201,7 @@ def build(config) -> Experiment:
   train_data, eval_data = tdpo.pair_batches(train_recs, test_recs)
   return Experiment(roles={"policy": True, **({"reference": False} if with_ref else {})},
                     loss_fn=make_loss_fn(float(config.method.alpha), with_ref, config.method.loss,
-                                         float(config.method.beta), float(config.method.gamma)),
+                                         float(config.method.beta), float(config.method.gamma), int(config.method.chunk)),
                     train_data=train_data,
                     eval_data=eval_data, evaluate=evaluate)
 

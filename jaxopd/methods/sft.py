@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -26,8 +27,9 @@ from jaxopd.data.pipeline import pack
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import evaluate_policy
 from jaxopd.experiment import Experiment, LossOutput, load_config
-from jaxopd.losses import sft_loss
+from jaxopd.losses.common import sft_mask
 from jaxopd.models import table
+from jaxopd.models.heads import chunked_terms, label_logprob
 from jaxopd.sampling import SamplingConfig
 
 
@@ -102,22 +104,34 @@ def build(config) -> Experiment:
       raise ConfigError(f"config.method.pack=True: {len(train_records)} packed rows are fewer than one batch "
                         f"(config.batch_size={config.batch_size})")
 
-  return experiment(train_records, eval_records, evaluate)
+  if config.method.chunk <= 0:
+    raise ConfigError(f"config.method.chunk={config.method.chunk}: must be positive")
+  return experiment(train_records, eval_records, evaluate, config.method.chunk)
 
 
-def loss_fn(models, batch, rng):
-  """Next-token cross-entropy of the policy on ``batch["tokens"]`` under its loss mask (segments respected)."""
-  del rng
-  logits = models["policy"](batch["tokens"], batch.get("positions"), segment_ids=batch.get("segment_ids")).logits
-  nll, n_tokens, correct = sft_loss(logits, batch["tokens"], batch["loss_mask"], batch.get("segment_ids"))
-  return LossOutput(nll, n_tokens, {"accuracy": correct})
+def make_loss_fn(chunk: int = 128):
+  """Next-token cross-entropy of the policy on ``batch["tokens"]`` under its loss mask (segments
+  respected), and its accuracy, from hidden states in chunks of ``chunk`` positions (the LM head
+  inside the loop: no ``[B, T, V]`` logits; :mod:`jaxopd.models.heads`)."""
+  def terms(z, targets):
+    zp = z["policy"]
+    return {"lp": label_logprob(zp, targets), "correct": (jnp.argmax(zp, -1) == targets).astype(jnp.float32)}
+
+  def loss_fn(models, batch, rng):
+    del rng
+    seg = batch.get("segment_ids")
+    t = chunked_terms({"policy": models["policy"]}, batch["tokens"], terms, chunk,
+                      positions=batch.get("positions"), segment_ids=seg)
+    m = sft_mask(batch["loss_mask"], seg)
+    return LossOutput(-jnp.sum(m * t["lp"]), jnp.sum(m), {"accuracy": jnp.sum(m * t["correct"])})
+  return loss_fn
 
 
-def experiment(train_records, eval_records=None, evaluate=None) -> Experiment:
+def experiment(train_records, eval_records=None, evaluate=None, chunk: int = 128) -> Experiment:
   """SFT on ``{"tokens", "loss_mask"}`` records (also REDI's stage 1 on teacher traces)."""
   return Experiment(
       roles={"policy": True},
-      loss_fn=loss_fn,
+      loss_fn=make_loss_fn(chunk),
       train_data=lambda shard: batched_iterator(train_records, shard),
       eval_data=(lambda shard: batched_iterator(eval_records, shard, shuffle=False, repeat=False))
       if eval_records else None,

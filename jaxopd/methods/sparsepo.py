@@ -41,7 +41,8 @@ from jaxopd.data import batched_iterator, preferences, reviews, suite as suite_l
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled
 from jaxopd.experiment import Experiment, LossOutput
-from jaxopd.losses import forward_kl_per_token, response_mask, token_logprobs
+from jaxopd.losses import forward_kl, response_mask
+from jaxopd.models.heads import chunked_terms, label_logprob
 from jaxopd.losses.sparsepo import activation_mask, l1_penalty, sequence_terms, sparsepo_loss
 from jaxopd.methods import tdpo
 from jaxopd.models import table
@@ -129,26 +130,35 @@ class SparseMask(nnx.Module):
     return w_u, (w_u if self.d is None else self.d(hidden))
 
 
-def token_weights(mask: str, mask_model, hidden, ref_logits, m):
+def token_weights(mask: str, mask_model, hidden, ref_logit_mean, m):
   """``(w_u, w_d)``, each ``[N, T-1]`` aligned with ``token_logprobs``, from the reference's
-  detached outputs: ``hidden`` (``n_layers + 1`` arrays ``[N, T, D]``), ``ref_logits [N, T, V]``."""
+  detached outputs: ``hidden`` (``n_layers + 1`` arrays ``[N, T, D]``) and ``ref_logit_mean``
+  ``[N, T-1]``, the mean over the vocabulary of its logits at each position (MaPO's logit
+  activation: the mask averages each activation over its trailing dimensions anyway)."""
   if mask == "learned":
     stacked = jnp.stack([h[:, :-1] for h in hidden[1:]])      # the states after each block, as the official
     return mask_model(jax.lax.stop_gradient(stacked))
   if mask == "mapo":
-    w = activation_mask({"resid": [h[:, :-1] for h in hidden], "logits": [ref_logits[:, :-1]]}, m)
+    w = activation_mask({"resid": [h[:, :-1] for h in hidden], "logits": [ref_logit_mean[..., None]]}, m)
     return w, w
   raise ValueError(f"config.method.mask={mask!r}: must be one of {MASKS}")
 
 
-def reference_outputs(reference, tokens):
-  """The reference's logits and hidden states, detached: ``[N, T]`` -> ``([N, T, V], tuple of [N, T, D])``."""
-  out = reference(tokens, return_hidden=True)
-  return jax.lax.stop_gradient(out.logits), tuple(jax.lax.stop_gradient(h) for h in out.hidden)
+def _logit_mean(z):
+  return jnp.mean(z.astype(jnp.float32), axis=-1)
+
+
+def reference_outputs(reference, tokens, chunk: int = 128):
+  """The reference's detached hidden states (``n_layers + 1`` arrays ``[N, T, D]``) and the
+  per-position mean of its logits ``[N, T-1]`` (in chunks: no ``[N, T, V]`` array)."""
+  hidden = tuple(jax.lax.stop_gradient(h) for h in reference.hidden_states(tokens))
+  t = chunked_terms({"reference": reference}, tokens, lambda z, _: {"mean": _logit_mean(z["reference"])}, chunk,
+                    frozen=("reference",), hidden={"reference": hidden[-1]})
+  return t["mean"], hidden
 
 
 def make_loss_fn(mask: str, shared: bool, beta: float, lambda_u: float = 0.0, lambda_d: float = 0.0,
-                 kl_chunk: int = 128):
+                 chunk: int = 128):
   """``loss_fn(models, batch, rng)`` for SparsePO with ``mask`` in ``learned | mapo``.
 
   Metrics: TRL's ``rewards/*`` with the official SparsePO reward ``beta (U + D)``
@@ -168,13 +178,19 @@ def make_loss_fn(mask: str, shared: bool, beta: float, lambda_u: float = 0.0, la
     tokens, lmask = batch["tokens"], batch["loss_mask"]
     b, _, t = tokens.shape
     flat, flat_mask = tokens.reshape(b * 2, t), lmask.reshape(b * 2, t)
-    pi_logits = models["policy"](flat).logits
-    ref_logits, hidden = reference_outputs(models["reference"], flat)
+    hidden = tuple(jax.lax.stop_gradient(h) for h in models["reference"].hidden_states(flat))
+
+    def terms(z, targets):       # the LM heads inside the chunk loop: no [N, T, V] logits
+      out = {"lp_pi": label_logprob(z["policy"], targets), "lp_ref": label_logprob(z["reference"], targets),
+             "kl": forward_kl(z["reference"], z["policy"])}
+      if mask == "mapo":
+        out["mean"] = _logit_mean(z["reference"])
+      return out
+    tt = chunked_terms({"policy": models["policy"], "reference": models["reference"]}, flat, terms, chunk,
+                       frozen=("reference",), hidden={"reference": hidden[-1]})
     m = response_mask(flat_mask)
-    w_u, w_d = token_weights(mask, models.get("mask"), hidden, ref_logits, m)
-    lp_pi = token_logprobs(pi_logits, flat)
-    lp_ref = token_logprobs(ref_logits, flat)
-    k = forward_kl_per_token(ref_logits, pi_logits, kl_chunk)
+    w_u, w_d = token_weights(mask, models.get("mask"), hidden, tt.get("mean"), m)
+    lp_pi, lp_ref, k = tt["lp_pi"], tt["lp_ref"], tt["kl"]
     u, d = sequence_terms(lp_pi, lp_ref, k, m, w_u, w_d)
     u, d = u.reshape(b, 2), d.reshape(b, 2)
     losses = sparsepo_loss(u[:, 0], u[:, 1], d[:, 0], d[:, 1], beta)
@@ -247,8 +263,8 @@ def _check(c):
       raise ConfigError(f"config.method.{f}={m[f]}: must be >= 0")
   if m.mask_init not in INITS:
     raise ConfigError(f"config.method.mask_init={m.mask_init!r}: must be one of {INITS}")
-  if m.kl_chunk <= 0:
-    raise ConfigError(f"config.method.kl_chunk={m.kl_chunk}: must be positive")
+  if m.chunk <= 0:
+    raise ConfigError(f"config.method.chunk={m.chunk}: must be positive")
   if m.mask == "mapo":
     if not m.shared:
       raise ConfigError("config.method.shared=False: MaPO has one mask for both terms (use mask=learned)")
@@ -266,7 +282,7 @@ def _tdpo_view(config, loss="tdpo1"):
   """The config as jaxopd.methods.tdpo reads it (data, SFT base, pairs, evaluation)."""
   v = config.copy_and_resolve_references()
   v.method = ml_collections.ConfigDict(dict(name="tdpo", loss=loss, beta=config.method.beta, alpha=0.5,
-                                            log_kl=True, kl_chunk=config.method.kl_chunk))
+                                            log_kl=True, chunk=config.method.chunk))
   return v
 
 
@@ -314,7 +330,7 @@ def build(config) -> Experiment:
     print(f"preference pairs: {st}")
     train_recs = [dict(r, gold=gold_tokens(suite, r["tokens"])) for r in train_recs]
     test_recs = [dict(r, gold=gold_tokens(suite, r["tokens"])) for r in test_recs]
-  loss_fn = make_loss_fn(m.mask, m.shared, m.beta, m.lambda_u, m.lambda_d, m.kl_chunk)
+  loss_fn = make_loss_fn(m.mask, m.shared, m.beta, m.lambda_u, m.lambda_d, m.chunk)
 
   def init_heads(rng):
     return {"mask": SparseMask(model_cfg.n_layers, model_cfg.d_model, m.shared, nnx.Rngs(params=rng),
@@ -331,9 +347,9 @@ def build(config) -> Experiment:
 
 
 def _token_weights(mask, reference, mask_model, tokens, loss_mask):
-  ref_logits, hidden = reference_outputs(reference, tokens)
+  ref_mean, hidden = reference_outputs(reference, tokens)
   m = response_mask(loss_mask)
-  w_u, w_d = token_weights(mask, mask_model, hidden, ref_logits, m)
+  w_u, w_d = token_weights(mask, mask_model, hidden, ref_mean, m)
   return w_u, w_d, m
 
 

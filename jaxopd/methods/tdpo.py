@@ -31,7 +31,8 @@ from jaxopd.data import batched_iterator, preferences, suite as suite_lib
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import evaluate_policy
 from jaxopd.experiment import Experiment, LossOutput, load_config
-from jaxopd.losses import dpo_loss, forward_kl_per_token, response_mask, tdpo_loss, token_logprobs
+from jaxopd.losses import dpo_loss, forward_kl, response_mask, tdpo_loss
+from jaxopd.models.heads import chunked_terms, label_logprob
 
 from jaxopd.methods import sft
 from jaxopd.models import table
@@ -40,18 +41,25 @@ from jaxopd.sampling import SamplingConfig
 LOSSES = ("dpo", "tdpo1", "tdpo2")
 
 
-def pair_terms(policy_logits, ref_logits, tokens, loss_mask, with_kl: bool, kl_chunk: int):
-  """Per-sequence sums over the response: logratio R, policy log-prob, sequential KL K. ``[N] each``."""
+def pair_terms(models, tokens, loss_mask, with_kl: bool, chunk: int):
+  """Per-sequence sums over the response: logratio R, policy log-prob, sequential KL K (``[N]``
+  each), from the policy's and the frozen reference's hidden states in chunks of ``chunk``
+  positions (the LM heads inside the loop: no ``[N, T, V]`` logits; :mod:`jaxopd.models.heads`)."""
+  def terms(z, targets):
+    out = {"lp_pi": label_logprob(z["policy"], targets), "lp_ref": label_logprob(z["reference"], targets)}
+    if with_kl:
+      out["kl"] = forward_kl(z["reference"], z["policy"])      # KL(p_ref || p_pi) over the vocabulary
+    return out
+  t = chunked_terms({"policy": models["policy"], "reference": models["reference"]}, tokens, terms, chunk,
+                    frozen=("reference",))
   m = response_mask(loss_mask)
-  lp_pi = token_logprobs(policy_logits, tokens)
-  lp_ref = token_logprobs(ref_logits, tokens)
-  logratio = jnp.sum(m * (lp_pi - lp_ref), axis=-1)
-  logps = jnp.sum(m * lp_pi, axis=-1)
-  kl = jnp.sum(m * forward_kl_per_token(ref_logits, policy_logits, kl_chunk), axis=-1) if with_kl else None
+  logratio = jnp.sum(m * (t["lp_pi"] - t["lp_ref"]), axis=-1)
+  logps = jnp.sum(m * t["lp_pi"], axis=-1)
+  kl = jnp.sum(m * t["kl"], axis=-1) if with_kl else None
   return logratio, logps, kl
 
 
-def make_loss_fn(loss: str, beta: float, alpha: float = 0.5, log_kl: bool = True, kl_chunk: int = 128):
+def make_loss_fn(loss: str, beta: float, alpha: float = 0.5, log_kl: bool = True, chunk: int = 128):
   """``loss_fn(models, batch, rng)`` for ``loss`` in ``dpo | tdpo1 | tdpo2``.
 
   ``log_kl``: DPO also computes the sequential KL, detached, for the metrics
@@ -65,10 +73,8 @@ def make_loss_fn(loss: str, beta: float, alpha: float = 0.5, log_kl: bool = True
     tokens, mask = batch["tokens"], batch["loss_mask"]
     b, _, t = tokens.shape
     flat, flat_mask = tokens.reshape(b * 2, t), mask.reshape(b * 2, t)
-    pi_logits = models["policy"](flat).logits
-    ref_logits = jax.lax.stop_gradient(models["reference"](flat).logits)
     tdpo = loss != "dpo"
-    logratio, logps, kl = pair_terms(pi_logits, ref_logits, flat, flat_mask, tdpo or log_kl, kl_chunk)
+    logratio, logps, kl = pair_terms(models, flat, flat_mask, tdpo or log_kl, chunk)
     if kl is not None and not tdpo:
       kl = jax.lax.stop_gradient(kl)
     r = logratio.reshape(b, 2)
@@ -144,8 +150,8 @@ def _check(c):
     raise ConfigError(f"config.method.alpha={c.method.alpha}: must be >= 0")
   if c.method.loss != "tdpo2" and c.method.alpha != 0.5:
     raise ConfigError(f"config.method.alpha={c.method.alpha}: only tdpo2 uses alpha")
-  if c.method.kl_chunk <= 0:
-    raise ConfigError(f"config.method.kl_chunk={c.method.kl_chunk}: must be positive")
+  if c.method.chunk <= 0:
+    raise ConfigError(f"config.method.chunk={c.method.chunk}: must be positive")
   if c.method.loss != "dpo" and not c.method.log_kl:
     raise ConfigError(f"config.method.log_kl=False: {c.method.loss}'s loss is made of the sequential KL, so it is "
                       f"always computed and logged; the option is for loss=dpo")
@@ -234,7 +240,7 @@ def build(config) -> Experiment:
   m = config.method
   if m.swap:
     train_recs, test_recs = _swapped(train_recs), (_swapped(test_recs) if test_recs else test_recs)
-  loss_fn = make_loss_fn(m.loss, m.beta, m.alpha, m.log_kl, m.kl_chunk)
+  loss_fn = make_loss_fn(m.loss, m.beta, m.alpha, m.log_kl, m.chunk)
   train_data, eval_data = pair_batches(train_recs, test_recs)
   return Experiment(roles={"policy": True, "reference": False}, loss_fn=loss_fn, train_data=train_data,
                     eval_data=eval_data, evaluate=evaluate)

@@ -373,6 +373,12 @@ class Transformer(nnx.Module):
     to chunks of them (no ``[B, T, V]`` array)."""
     return self._trunk(tokens, positions, attention_mask, None, segment_ids, False)[0]
 
+  def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None, *,
+                    attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None):
+    """The ``n_layers + 1`` hidden states ``[B, T, D]`` of ``return_hidden=True`` (embeddings, each
+    block's output, the last one after the final norm), without the head."""
+    return self._trunk(tokens, positions, attention_mask, None, segment_ids, True)[1]
+
   def output_weight(self) -> jax.Array:
     """The head's weight ``[D, V]`` (``[D, 1]`` with ``head="score"``) in its storage dtype."""
     if self.score is not None:
