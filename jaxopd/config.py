@@ -31,8 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
   # The default architecture (jaxopd.models.ModelConfig fields; dtypes are per role): the
   # architecture of every random-init role with arch "auto".
   c.model = table.arch_block()
-  # The model table: role -> table.role(init, trainable, arch, param_dtype, dtype, attention, remat); each
-  # experiment declares its roles (jaxopd/models/table.py).
+  # The model table: role -> table.role(init, trainable, arch, param_dtype, dtype, attention, remat,
+  # scan_layers); each experiment declares its roles (jaxopd/models/table.py).
   c.models = ml_collections.ConfigDict()
   c.models.policy = table.role()
 
@@ -94,7 +94,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
          f"must divide batch_size={c.batch_size}")
   _check(c.seq_len > 1, "seq_len", c.seq_len, "must be at least 2")
   try:
-    for f in ("dtype", "param_dtype", "attention", "remat"):
+    for f in ("dtype", "param_dtype", "attention", "attention_chunk", "remat", "scan_layers"):
       _check(f not in c.model, f"model.{f}", c.model.get(f), f"per role: config.models.<role>.{f}")
     model = ModelConfig.from_config(c.model)
   except (ValueError, TypeError) as e:

@@ -70,20 +70,23 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int, field: str = "con
   return shape
 
 
-def make_mesh(shape: Sequence[int], num_devices: int | None = None) -> Mesh:
+def make_mesh(shape: Sequence[int], num_devices: int | None = None, devices: Sequence | None = None) -> Mesh:
   """A mesh with axes (data, fsdp, tensor) over the first ``num_devices`` devices.
 
   ``num_devices=None`` uses every device. Axis types are ``Auto`` so XLA's
   sharding propagation fills in what the explicit constraints leave open.
+  ``devices``: these devices instead of ``jax.devices()`` (the abstract TPU devices of a
+  topology, for an ahead-of-time compile on a machine without them).
   """
-  devices = jax.devices()
+  given = devices is not None
+  devices = list(jax.devices() if devices is None else devices)
   n = len(devices) if num_devices in (None, 0, -1) else int(num_devices)
   if n > len(devices):
     raise MeshError(f"config.mesh.num_devices={n}: only {len(devices)} devices are visible")
   shape = resolve_mesh_shape(shape, n)
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   if n == len(devices):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices if given else None)
   return Mesh(np.asarray(devices[:n]).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 

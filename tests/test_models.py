@@ -164,13 +164,15 @@ def test_packed_sft_loss_equals_separate_examples_with_pad_equal_to_eos_and_no_b
 
 
 @pytest.mark.parametrize("name", ["gpt2", "qwen2_bias"])   # MHA with biases; GQA (1 kv head) with q/k/v bias
-def test_dot_product_attention_equals_einsum(name):
-  """attention=dot_product (jax.nn.dot_product_attention) gives the einsum path's logits and
-  gradients: causal, left padding, GQA, packed segments and the KV-cache decode (float32: 1e-5;
-  bf16 compute: within 2e-2 of each other relative to the logit scale)."""
+@pytest.mark.parametrize("attention", [dict(attention="dot_product"), dict(attention="chunked", attention_chunk=5)])
+def test_attention_implementations_equal_einsum(name, attention):
+  """attention=dot_product (jax.nn.dot_product_attention) and attention=chunked (queries in chunks
+  of 5, not dividing 12) give the einsum path's logits and gradients: causal, left padding, GQA,
+  packed segments and the KV-cache decode (float32: 1e-5; bf16 compute: within 2e-2 of each
+  other relative to the logit scale)."""
   import dataclasses
   cfg = CONFIGS[name]
-  ref, fast = _model(cfg), Transformer(dataclasses.replace(cfg, attention="dot_product"), nnx.Rngs(params=0))
+  ref, fast = _model(cfg), Transformer(dataclasses.replace(cfg, **attention), nnx.Rngs(params=0))
   nnx.update(fast, nnx.state(ref, nnx.Param))
   toks = jax.random.randint(jax.random.key(2), (3, 12), 0, cfg.vocab_size)
   mask = jnp.ones((3, 12), jnp.int32).at[1, :4].set(0)          # row 1 left-padded
@@ -234,6 +236,15 @@ def test_bf16_attention_scores_are_accumulated_and_kept_in_float32():
   np.testing.assert_allclose(out, ref, atol=0.03 * np.abs(ref).max())
 
 
+def _padded_packed_batch(cfg, seed):
+  """3 rows of 12 tokens, row 1 left-padded by 4, with its positions, and two packed segments."""
+  toks = jax.random.randint(jax.random.key(seed), (3, 12), 0, cfg.vocab_size)
+  mask = jnp.ones((3, 12), jnp.int32).at[1, :4].set(0)
+  pos = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
+  seg = jnp.concatenate([jnp.ones((3, 7), jnp.int32), 2 * jnp.ones((3, 5), jnp.int32)], 1)
+  return toks, mask, pos, seg
+
+
 @pytest.mark.parametrize("name", ["gpt2", "qwen2_bias"])
 def test_remat_gives_the_same_logits_and_gradients(name):
   """remat=full and remat=dots recompute in the backward what remat=none keeps: the same logits
@@ -242,10 +253,7 @@ def test_remat_gives_the_same_logits_and_gradients(name):
   import dataclasses
   cfg = CONFIGS[name]
   ref = _model(cfg)
-  toks = jax.random.randint(jax.random.key(3), (3, 12), 0, cfg.vocab_size)
-  mask = jnp.ones((3, 12), jnp.int32).at[1, :4].set(0)
-  pos = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
-  seg = jnp.concatenate([jnp.ones((3, 7), jnp.int32), 2 * jnp.ones((3, 5), jnp.int32)], 1)
+  toks, mask, pos, seg = _padded_packed_batch(cfg, 3)
 
   def loss(model, segments):
     out = model(toks, pos, attention_mask=mask, segment_ids=seg if segments else None).logits
@@ -281,3 +289,64 @@ def test_remat_is_in_the_compiled_backward():
     f = lambda p: jnp.sum(nnx.merge(g, p)(toks).logits)
     return jax.jit(jax.grad(f)).lower(p).as_text().count("dot_general")
   assert dots("full") > dots("none")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qwen2_bias"])
+def test_scanned_layers_give_the_unrolled_logits_hidden_states_and_gradients(name):
+  """scan_layers=True (one lax.scan over the stacked blocks), alone and with remat=full / dots,
+  gives the unrolled model's logits, hidden states and parameter gradients (float32: 1e-5),
+  with padding and packed segments; the parameter tree is the same, and the KV-cache path (not
+  scanned) gives the same logits."""
+  import dataclasses
+  cfg = CONFIGS[name]
+  ref = _model(cfg)
+  toks, mask, pos, seg = _padded_packed_batch(cfg, 4)
+
+  def loss(model):
+    out = model(toks, pos, attention_mask=mask, segment_ids=seg, return_hidden=True)
+    return jnp.sum(jax.nn.log_softmax(out.logits)[..., :5] * mask[..., None]), out
+  step = nnx.jit(nnx.grad(loss, has_aux=True))
+  g0, out0 = step(ref)
+  for remat in ("none", "full", "dots"):
+    m = Transformer(dataclasses.replace(cfg, scan_layers=True, remat=remat), nnx.Rngs(params=0))
+    assert jax.tree.structure(nnx.state(m, nnx.Param)) == jax.tree.structure(nnx.state(ref, nnx.Param))
+    nnx.update(m, nnx.state(ref, nnx.Param))
+    g, out = step(m)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(out0.logits), atol=1e-5, rtol=1e-5)
+    assert len(out.hidden) == len(out0.hidden) == cfg.n_layers + 1
+    for a, b in zip(out.hidden, out0.hidden):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(nnx.state(g0)), jax.tree.leaves(nnx.state(g))):
+      np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, rtol=1e-5)
+  cache = KVCache.zeros(cfg, 3, 20)
+  np.testing.assert_allclose(np.asarray(m(toks[:, :5], cache=cache).logits),
+                             np.asarray(ref(toks[:, :5], cache=cache).logits), atol=1e-5)
+
+
+def test_scanned_layers_compile_one_block():
+  """The scanned forward's HLO holds one block's matmuls whatever the depth (a 3-layer and a
+  6-layer model lower to the same number of dot ops); the unrolled one grows with depth."""
+  import dataclasses
+  toks = jnp.zeros((2, 8), jnp.int32)
+
+  def dots(n_layers, scan):
+    cfg = dataclasses.replace(CONFIGS["qwen2_bias"], n_layers=n_layers, scan_layers=scan)
+    g, p = nnx.split(Transformer(cfg, nnx.Rngs(params=0)))
+    return jax.jit(lambda p: nnx.merge(g, p)(toks).logits).lower(p).as_text().count("dot_general")
+  assert dots(3, True) == dots(6, True)
+  assert dots(6, False) > dots(3, False)
+
+
+def test_chunked_attention_never_holds_the_full_score_matrix():
+  """attention=chunked: the compiled gradient has no [B, n, g, T, T] score array (only chunks of
+  5 queries); the einsum attention's has one."""
+  import dataclasses
+  cfg = CONFIGS["qwen2_bias"]                      # 1 kv head, 4 query heads per group
+  toks = jnp.zeros((3, 12), jnp.int32)
+
+  def hlo(**attention):
+    g, p = nnx.split(Transformer(dataclasses.replace(cfg, **attention), nnx.Rngs(params=0)))
+    return jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(g, p)(toks).logits))).lower(p).compile().as_text()
+  assert "f32[3,1,4,12,12]" in hlo(attention="einsum")
+  chunked = hlo(attention="chunked", attention_chunk=5)
+  assert "f32[3,1,4,12,12]" not in chunked and "f32[3,1,4,5,12]" in chunked

@@ -323,6 +323,8 @@ def _check(c):
   if c.data.task == "reviews" and c.seq_len > c.model.max_len:   # files: checked on the roles by the trainer
     raise ConfigError(f"config.rollout.max_new_tokens={c.rollout.max_new_tokens}: prompt + response exceeds "
                       f"config.model.max_len={c.model.max_len}")
+  if _eval_contexts(c) <= 0:
+    raise ConfigError(f"config.eval.contexts={c.eval.contexts}: must be positive")
   if c.eval.num_samples % _eval_contexts(c) != 0:
     raise ConfigError(f"config.eval.num_samples={c.eval.num_samples}: must be a multiple of the "
                       f"{_eval_contexts(c)} evaluation contexts")

@@ -23,14 +23,19 @@ Each role a method needs (``policy``, ``reference``, ``base``, ``draft``,
   with ``hf:`` / ``run:`` every field is then checked against the source;
 * ``param_dtype`` (storage: ``float32`` | ``bfloat16``) and ``dtype``
   (compute). A bf16 frozen reference takes half the memory of a float32 one;
-* ``attention``: ``einsum`` (scores materialised, float32 softmax) or
+* ``attention``: ``einsum`` (scores materialised, float32 softmax),
   ``dot_product`` (``jax.nn.dot_product_attention``: XLA on CPU/TPU, cuDNN
-  flash attention on GPU where it applies); the same function, so a resume may
-  switch it.
+  flash attention on GPU where it applies) or ``chunked`` (the einsum over
+  ``attention_chunk`` queries at a time, rematerialised: memory linear in the
+  length, for training forwards; decoding uses einsum); the same function, so
+  a resume may switch it.
 * ``remat``: rematerialisation of each block in training forwards: ``none``,
   ``full`` (only each block's input is kept for the backward pass) or ``dots``
   (the projections' matmul outputs are kept too); the same function, so a
-  resume may switch it.
+  resume may switch it;
+* ``scan_layers``: training forwards run the blocks as one ``lax.scan`` (compile
+  time independent of depth); the parameters stay one module per layer, so a
+  resume may switch it too.
 
 :func:`resolve` turns the table into :class:`Role` s (architecture + pinned
 source) and is the one place that reads sources' metadata; the trainer records
@@ -54,17 +59,20 @@ from jaxopd.errors import ConfigError
 from jaxopd.models.transformer import ATTENTION, REMAT, ModelConfig
 
 DTYPES = ("float32", "bfloat16")
-ROLE_FIELDS = ("init", "trainable", "arch", "param_dtype", "dtype", "attention", "remat")
+ROLE_FIELDS = ("init", "trainable", "arch", "param_dtype", "dtype", "attention", "attention_chunk", "remat",
+               "scan_layers")
 RECORD = "models.json"
 NONE = "none"                                           # init of a role that is not built
-_NOT_ARCH = ("dtype", "param_dtype", "attention", "remat")      # per role, not per architecture
+_NOT_ARCH = ("dtype", "param_dtype", "attention", "attention_chunk", "remat", "scan_layers")   # per role
 
 
 def role(init: str = "random", trainable: bool = True, arch: str = "auto", param_dtype: str = "float32",
-         dtype: str = "float32", attention: str = "einsum", remat: str = "none") -> ml_collections.ConfigDict:
+         dtype: str = "float32", attention: str = "einsum", remat: str = "none",
+         scan_layers: bool = False, attention_chunk: int = 512) -> ml_collections.ConfigDict:
   """One entry of ``config.models`` (fields in the module docstring)."""
   return ml_collections.ConfigDict(dict(init=init, trainable=trainable, arch=arch, param_dtype=param_dtype,
-                                        dtype=dtype, attention=attention, remat=remat))
+                                        dtype=dtype, attention=attention, attention_chunk=attention_chunk,
+                                        remat=remat, scan_layers=scan_layers))
 
 
 def arch_block(cfg: ModelConfig | None = None) -> ml_collections.ConfigDict:
@@ -159,6 +167,8 @@ def check_fields(config) -> None:
       _bad(name, "attention", r.attention, f"must be one of {ATTENTION}")
     if r.get("remat", "none") not in REMAT:
       _bad(name, "remat", r.remat, f"must be one of {REMAT}")
+    if not isinstance(r.get("scan_layers", False), bool):
+      _bad(name, "scan_layers", r.scan_layers, "must be True or False")
     if r.arch != "auto" and (r.arch not in config or not isinstance(config[r.arch], ml_collections.ConfigDict)):
       _bad(name, "arch", r.arch, "must be auto or the name of a ModelConfig block of this config (e.g. model)")
     if isinstance(r.init, str) and (r.init.startswith("stage:") or r.init == NONE):
@@ -268,7 +278,8 @@ def _resolve_role(config, name: str, pinned: Mapping[str, dict] | None = None) -
     if r.arch != "auto":
       compare(_block(config, name, r.arch), arch, f"config.{r.arch}", f"{src.spec()} ({RECORD})", note)
   arch = dataclasses.replace(arch, dtype=r.dtype, param_dtype=r.param_dtype, attention=r.get("attention", "einsum"),
-                             remat=r.get("remat", "none"))
+                             attention_chunk=int(r.get("attention_chunk", 512)), remat=r.get("remat", "none"),
+                             scan_layers=bool(r.get("scan_layers", False)))
   return Role(name, arch.validate(prefix=f"config.models.{name} architecture"), bool(r.trainable), src)
 
 
@@ -350,9 +361,10 @@ def add_heads(rec: dict, heads: Mapping[str, object]) -> dict:
 
 
 def _resume_arch(arch: dict | None) -> dict | None:
-  """The architecture as a resume compares it: the attention implementation and the
-  rematerialisation may change (the same function)."""
-  return None if arch is None else {k: v for k, v in arch.items() if k not in ("attention", "remat")}
+  """The architecture as a resume compares it: the attention implementation (and its chunk),
+  the rematerialisation and the layer scan may change (the same function, the same parameters)."""
+  return None if arch is None else {k: v for k, v in arch.items()
+                                    if k not in ("attention", "attention_chunk", "remat", "scan_layers")}
 
 
 def check_resume(recorded: Mapping[str, dict], now: Mapping[str, dict], workdir: str):

@@ -30,7 +30,7 @@ from jaxopd.errors import ConfigError
 from jaxopd.mesh import constrain
 
 FAMILIES = ("gpt2", "llama")
-ATTENTION = ("einsum", "dot_product")
+ATTENTION = ("einsum", "dot_product", "chunked")
 REMAT = ("none", "full", "dots")
 HEADS = ("lm", "score")
 
@@ -53,9 +53,14 @@ class ModelConfig:
   param_dtype: str = "float32"     # parameter storage dtype: float32 or bfloat16 (norm and softmax math stay float32)
   attention: str = "einsum"        # einsum (scores materialised, float32 softmax) | dot_product
                                    # (jax.nn.dot_product_attention: cuDNN flash attention on GPU where it applies)
+                                   # | chunked (einsum over query chunks, rematerialised: scores of one chunk
+                                   # of queries at a time, memory linear in length; training forwards)
+  attention_chunk: int = 512       # chunked: queries per chunk
   remat: str = "none"              # rematerialisation of each block in a training forward: none | full
                                    # (keep only block inputs, recompute the rest in the backward) | dots
                                    # (keep the projections' matmul outputs, recompute attention and the rest)
+  scan_layers: bool = False        # training forwards run the blocks as one lax.scan over their stacked
+                                   # parameters (compile time independent of depth; see _trunk)
   init_std: float = 0.02           # normal init scale of every weight matrix
   head: str = "lm"                 # lm (next-token logits [B, T, V]) | score (one scalar per position [B, T, 1]:
                                    # a reward model, HF's *ForSequenceClassification with num_labels=1)
@@ -101,8 +106,14 @@ class ModelConfig:
         bad(f, "must be float32 or bfloat16")
     if self.attention not in ATTENTION:
       bad("attention", f"must be one of {ATTENTION}")
+    if self.attention_chunk <= 0:
+      bad("attention_chunk", "must be positive")
+    if self.attention_chunk != 512 and self.attention != "chunked":
+      bad("attention_chunk", "only attention=chunked uses it")
     if self.remat not in REMAT:
       bad("remat", f"must be one of {REMAT}")
+    if not isinstance(self.scan_layers, bool):
+      bad("scan_layers", "must be True or False")
     if self.head not in HEADS:
       bad("head", f"must be one of {HEADS}")
     if self.norm_eps <= 0 or self.init_std <= 0:
@@ -251,6 +262,12 @@ class Attention(nnx.Module):
       else:
         keys_bsnk, values_bsnk = keys, values
       out = jax.nn.dot_product_attention(q, keys_bsnk.astype(dt), values_bsnk.astype(dt), mask=allowed[:, None])
+    elif cfg.attention == "chunked" and cache_kv is None:
+      # One chunk of queries at a time: its [B, n, g, C, S] scores exist for one chunk in the forward
+      # pass and are recomputed per chunk in the backward pass (map_chunks' checkpointed scan).
+      from jaxopd.losses.common import map_chunks
+      out = map_chunks(lambda xs: self._einsum_attention(xs[0], keys, values, xs[1], k_spec, True),
+                       (q, allowed), cfg.attention_chunk)
     else:
       out = self._einsum_attention(q, keys, values, allowed, k_spec, cache_kv is None)
     y = _dense(out.reshape(b, t, h * dh), self.wo[...].reshape(h * dh, -1).astype(dt))
@@ -392,6 +409,25 @@ class Transformer(nnx.Module):
     logits = _dense(x, w.astype(jnp.dtype(self.cfg.dtype)))
     return logits if self.score is not None else constrain(logits, ("batch", "length", "vocab"))
 
+  def _scan_blocks(self, x, positions, key_mask, segment_ids, run, return_hidden):
+    """The blocks as one ``lax.scan`` (``scan_layers``): the per-layer parameters are stacked
+    along a new leading axis for the forward (one extra copy of the blocks' parameters, sharded
+    like them; the state, checkpoints and HF import/export keep one module per layer), so XLA
+    compiles one block whatever the depth. Returns ``(x, list of each block's output)``."""
+    graphdef, first = nnx.split(self.blocks[0])
+    states = [first] + [nnx.split(b)[1] for b in self.blocks[1:]]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+    def body(h, state):
+      block = nnx.merge(graphdef, state)
+      if run is not None:
+        h = run(block, h, positions, key_mask, segment_ids)
+      else:
+        h = block(h, positions, key_mask, None, 0, segment_ids)[0]
+      return h, (h if return_hidden else None)
+    x, ys = jax.lax.scan(body, x, stacked)
+    return x, ([ys[i] for i in range(len(self.blocks))] if return_hidden else [])
+
   def _trunk(self, tokens, positions, attention_mask, cache, segment_ids, return_hidden):
     if segment_ids is not None and cache is not None:
       raise ValueError("segment_ids (packed rows) are for training forwards, not with a KV cache")
@@ -413,7 +449,11 @@ class Transformer(nnx.Module):
     hidden = [x] if return_hidden else None
     ks, vs = [], []
     run = _remat_block(cfg.remat) if cache is None and cfg.remat != "none" else None
-    for i, block in enumerate(self.blocks):
+    if cache is None and cfg.scan_layers:
+      x, states = self._scan_blocks(x, positions, key_mask, segment_ids, run, return_hidden)
+      if return_hidden:
+        hidden.extend(states)
+    for i, block in enumerate(() if cache is None and cfg.scan_layers else self.blocks):
       kv = None if cache is None else (cache.k[i], cache.v[i])
       if run is not None:
         x, new_kv = run(block, x, positions, key_mask, segment_ids), None

@@ -1,0 +1,84 @@
+"""The shapes of real models, for ahead-of-time compile-and-fit reports and benchmarks.
+
+``PRESETS[name]`` is a :class:`ModelConfig` with the architecture of the named
+model, its fields taken from the model's Hugging Face ``config.json``
+(``hidden_size``, ``intermediate_size``, layers, heads, key/value heads, vocabulary,
+tied embeddings, q/k/v bias, ``rope_theta``, ``rms_norm_eps``,
+``max_position_embeddings``). Weights are random: these are shapes, not checkpoints
+(a real checkpoint is ``init="hf:DIR"``, whose ``config.json`` gives the same fields).
+"""
+
+from __future__ import annotations
+
+from jaxopd.errors import ConfigError
+from jaxopd.models.transformer import ModelConfig
+
+PRESETS = {
+    # openai-community/gpt2
+    "gpt2-124m": ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
+                             max_len=1024, tie_embeddings=True),
+    # Qwen/Qwen2-0.5B
+    "qwen2-0.5b": ModelConfig(family="llama", vocab_size=151936, d_model=896, n_layers=24, n_heads=14,
+                              n_kv_heads=2, d_ff=4864, max_len=131072, qkv_bias=True, rope_theta=1e6,
+                              norm_eps=1e-6, tie_embeddings=True),
+    # Qwen/Qwen2-1.5B
+    "qwen2-1.5b": ModelConfig(family="llama", vocab_size=151936, d_model=1536, n_layers=28, n_heads=12,
+                              n_kv_heads=2, d_ff=8960, max_len=131072, qkv_bias=True, rope_theta=1e6,
+                              norm_eps=1e-6, tie_embeddings=True),
+    # meta-llama/Meta-Llama-3-8B
+    "llama3-8b": ModelConfig(family="llama", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
+                             n_kv_heads=8, d_ff=14336, max_len=8192, rope_theta=5e5, norm_eps=1e-5,
+                             tie_embeddings=False),
+}
+
+
+def get(name: str) -> ModelConfig:
+  if name not in PRESETS:
+    raise ConfigError(f"model preset {name!r}: must be one of {sorted(PRESETS)}")
+  return PRESETS[name]
+
+
+def num_params(cfg: ModelConfig) -> int:
+  """Parameter count of a :class:`~jaxopd.models.Transformer` of ``cfg`` (no allocation)."""
+  d, f, h, kv, dh = cfg.d_model, cfg.ff_dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+  gpt2 = cfg.family == "gpt2"
+  attn = d * h * dh + 2 * d * kv * dh + h * dh * d
+  if gpt2 or cfg.qkv_bias:
+    attn += h * dh + 2 * kv * dh
+  attn += d if gpt2 else 0
+  mlp = (2 * d * f + f + d) if gpt2 else 3 * d * f
+  norms = (2 if gpt2 else 1) * d * 2
+  per_layer = attn + mlp + norms
+  total = cfg.n_layers * per_layer + cfg.vocab_size * d + (2 if gpt2 else 1) * d
+  if gpt2:
+    total += cfg.max_len * d
+  if not cfg.tie_embeddings:
+    total += d * cfg.vocab_size
+  return total
+
+
+def matmul_params(cfg: ModelConfig) -> tuple[int, int]:
+  """Weights a token's forward multiplies by: ``(per block, LM head)``."""
+  d, f, h, kv, dh = cfg.d_model, cfg.ff_dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+  mlp = (2 if cfg.family == "gpt2" else 3) * d * f
+  return d * h * dh + 2 * d * kv * dh + h * dh * d + mlp, d * cfg.vocab_size
+
+
+def forward_flops(cfg: ModelConfig, sequences: int, length: int, head: bool = True) -> float:
+  """Matmul FLOPs of one forward over ``sequences`` rows of ``length`` tokens, as XLA executes
+  it: 2 per multiply-add of every weight per token, and the attention's scores and weighted sum
+  over all ``length`` keys (the causal mask does not skip work): ``4 length h dh`` per token
+  and block. ``head=False``: the trunk only."""
+  block, lm_head = matmul_params(cfg)
+  per_token = cfg.n_layers * (2 * block + 4 * length * cfg.n_heads * cfg.head_dim) + (2 * lm_head if head else 0)
+  return float(sequences * length * per_token)
+
+
+def decode_flops(cfg: ModelConfig, sequences: int, prompt: int, new_tokens: int) -> float:
+  """Sampling ``new_tokens`` per row after a ``prompt``-token prefill with a KV cache of
+  ``prompt + new_tokens`` slots (every slot is attended to, valid or not, as the sampler does)."""
+  block, lm_head = matmul_params(cfg)
+  slots = prompt + new_tokens
+  prefill = sequences * prompt * (cfg.n_layers * (2 * block + 4 * slots * cfg.n_heads * cfg.head_dim) + 2 * lm_head)
+  step = sequences * (cfg.n_layers * (2 * block + 4 * slots * cfg.n_heads * cfg.head_dim) + 2 * lm_head)
+  return float(prefill + new_tokens * step)

@@ -1,0 +1,277 @@
+"""Compile-and-fit table: methods x real model shapes x TPU topologies, compiled by the TPU compiler.
+
+  python launch/fit_table.py --out runs/fit_table                     # the table in launch/README.md
+  python launch/fit_table.py --out runs/fit_seq --cells seq            # TDPO at sequence 1024 / 2048 / 4096
+  python launch/fit_table.py --out /tmp/f --cells grid --methods tdpo --models qwen2-0.5b --seq 256 --batch 8
+
+Each cell is one ``launch/aot_memory.py --json --topology T --preset M`` run in its own
+process (the real train step of the method, built by its experiment module, lowered
+and compiled for the abstract devices of the topology; nothing is allocated). The
+data is synthetic and in the methods' own file formats (``config.data.task=files``):
+a word-level tokenizer and TRL-format records whose prompt and response lengths are
+exact, so every batch has the cell's shapes: SFT rows of ``seq`` tokens; DPO/TDPO/SparsePO
+pairs of ``seq``-token sequences; f-DPG and DistillSpec prompts of ``seq/2`` tokens,
+with ``seq/2`` new tokens sampled inside the step.
+
+Settings of every cell (printed in the table's header): FSDP over every chip
+(``mesh.shape=(1,-1,1)``), bf16 compute, float32 trainable parameters (AdamW state
+float32), bf16 frozen models, ``remat=full`` on trainable roles, ``attention=dot_product``,
+``scan_layers=True`` (``--scan_layers false``: unrolled, for the compile-time comparison).
+
+Writes ``results.jsonl`` (one aot_memory report per cell, with the cell) and
+``table.md`` in ``--out``; prints the table; the last line is one JSON object of
+per-cell GiB, fit and roofline figures.
+
+FLOPs per chip are counted from the shapes (:func:`step_flops`), not taken from XLA's cost
+analysis, which counts a loop body once (the layer scan, the position chunks, a sampler's
+decode steps); ``tests/test_aot_tpu.py`` checks the count against XLA's on a step without
+loops. The roofline is that count over the chip's peak bf16 FLOP/s
+(``aot_memory.CHIPS``): a lower bound on the step time, reached at 100% MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORDS = [f"w{i}" for i in range(200)]
+
+# method -> (experiment config, file format, config overrides given (prompt, response) lengths)
+NO_EVAL = {"eval.num_prompts": 0}
+METHODS = {
+    "sft": ("sft.py", "lm", lambda p, r: NO_EVAL),
+    "dpo": ("tdpo.py:dpo", "preference", lambda p, r: NO_EVAL),
+    "tdpo": ("tdpo.py", "preference", lambda p, r: NO_EVAL),
+    "sparsepo": ("sparsepo.py", "preference", lambda p, r: NO_EVAL),
+    "fdpg": ("fdpg.py", "prompt", lambda p, r: {
+        "method.target": "rlhf", "method.reward": "fit_table:length_reward", "method.conditional": True,
+        "rollout.prompt_len": p, "rollout.max_new_tokens": r,
+        # host-side evaluation only (prepare() fits it; no part of the compiled train step):
+        "eval.contexts": 1, "eval.log_z": "(0.0,)"}),
+    "distillspec": ("distillspec.py", "prompt", lambda p, r: {
+        "method.data": "student", "method.prompt_len": p, "method.max_new_tokens": r, **NO_EVAL}),
+}
+FROZEN_ROLES = {"dpo": ["reference"], "tdpo": ["reference"], "sparsepo": ["reference"], "fdpg": ["base"],
+                "distillspec": ["target"], "sft": []}
+TRAINABLE_ROLES = {"sft": ["policy"], "dpo": ["policy"], "tdpo": ["policy"], "sparsepo": ["policy"],
+                   "fdpg": ["policy"], "distillspec": ["draft"]}
+
+# The grid of the README table: model -> topology (a slice its size is trained on).
+GRID = {"qwen2-0.5b": ("v5e:2x2", 1024), "qwen2-1.5b": ("v5e:4x4", 1024), "llama3-8b": ("v5p:2x2x4", 2048)}
+
+
+def step_flops(method: str, cfg, batch: int, seq: int, remat: str) -> float:
+  """Matmul FLOPs of one train step of ``method`` (all chips), counted from the shapes
+  (:func:`jaxopd.models.presets.forward_flops` / ``decode_flops``): a trained model costs a forward,
+  a backward of twice that, the position chunks' LM heads once more (rematerialised by
+  ``map_chunks``) and, with ``remat=full``, its trunk once more (``dots``: the attention once more);
+  a frozen model one forward; a sampler its prefill and decode steps. SparsePO's mask head and
+  f-DPG's host-side reward are not counted (small)."""
+  from jaxopd.models.presets import decode_flops, forward_flops, matmul_params
+  p, r = seq // 2, seq - seq // 2
+  attention = lambda rows: (forward_flops(cfg, rows, seq, head=False)
+                            - rows * seq * cfg.n_layers * 2 * matmul_params(cfg)[0])
+
+  def trained(rows):
+    full, trunk = forward_flops(cfg, rows, seq), forward_flops(cfg, rows, seq, head=False)
+    again = {"none": 0.0, "full": trunk, "dots": attention(rows)}[remat]
+    return 3 * full + (full - trunk) + again
+  frozen = lambda rows: forward_flops(cfg, rows, seq)
+  if method == "sft":
+    return trained(batch)
+  if method in ("dpo", "tdpo", "sparsepo"):
+    return trained(2 * batch) + frozen(2 * batch)
+  if method in ("fdpg", "distillspec"):     # sample from the trained model, score with the frozen one, train
+    return decode_flops(cfg, batch, p, r) + frozen(batch) + trained(batch)
+  raise ValueError(f"no FLOP count for method {method!r}")
+
+
+def length_reward(prompts, completions):
+  """f-DPG's reward for the synthetic cells (a ``module:function`` reward; its value does not
+  change the compiled step)."""
+  del prompts
+  return [float(len(c.split())) for c in completions]
+
+
+def write_data(root: str, prompt_len: int, response_len: int, n: int = 64) -> dict:
+  """A word-level tokenizer (BOS prepended, EOS appended) and one file per format, every
+  prompt exactly ``prompt_len`` tokens and every response exactly ``response_len``."""
+  sys.path.insert(0, REPO)
+  from jaxopd.data.tokenizer import build_tokenizer
+  tok_dir = os.path.join(root, "tokenizer")
+  build_tokenizer(WORDS, tok_dir)
+  words = lambda k, off: " ".join(WORDS[(off + j) % len(WORDS)] for j in range(k))
+  files = {}
+  for fmt in ("lm", "preference", "prompt"):
+    path = os.path.join(root, f"{fmt}.jsonl")
+    with open(path, "w") as f:
+      for i in range(n):
+        rec = {"prompt": words(prompt_len - 1, i)}             # + BOS
+        if fmt == "lm":
+          rec["completion"] = words(response_len - 1, i + 7)     # + EOS
+        elif fmt == "preference":
+          rec["chosen"], rec["rejected"] = words(response_len - 1, i + 7), words(response_len - 1, i + 11)
+        f.write(json.dumps(rec) + "\n")
+    files[fmt] = path
+  return dict(tokenizer=tok_dir, **files)
+
+
+def cell_args(method: str, model: str, topology: str, seq: int, batch: int, data: dict, remat: str = "full",
+              scan: bool = True, attention: str = "dot_product"):
+  spec, fmt, extra = METHODS[method]
+  p, r = (seq // 2, seq - seq // 2)
+  ov = {"data.task": "files", "data.files.train": data[fmt], "data.files.eval": "",
+        "data.files.tokenizer": data["tokenizer"], "seq_len": seq, "batch_size": batch, "grad_accum": 1,
+        "mesh.shape": "(1,-1,1)", "checkpoint.async_save": False}
+  ov.update(extra(p, r))
+  if method == "fdpg":          # its build reads held-out prompts for evaluation (not part of the step)
+    ov["data.files.eval"] = data["prompt"]
+  for role in TRAINABLE_ROLES[method]:
+    ov.update({f"models.{role}.dtype": "bfloat16", f"models.{role}.param_dtype": "float32",
+               f"models.{role}.remat": remat, f"models.{role}.attention": attention,
+               f"models.{role}.scan_layers": scan})
+  for role in FROZEN_ROLES[method]:
+    ov.update({f"models.{role}.dtype": "bfloat16", f"models.{role}.param_dtype": "bfloat16",
+               f"models.{role}.attention": attention, f"models.{role}.scan_layers": scan})
+  return (["--config", spec, "--topology", topology, "--preset", model, "--json"]
+          + [f"--config.{k}={v}" for k, v in ov.items()])
+
+
+def run_cell(args: list[str], timeout: int) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([os.path.join(REPO, "launch"), REPO]),
+             TPU_ACCELERATOR_TYPE="", TF_CPP_MIN_LOG_LEVEL="3")
+  try:
+    p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "aot_memory.py")] + args, cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {"error": f"compile timed out after {timeout} s"}
+  lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
+  if p.returncode != 0 or not lines:
+    err = [x for x in p.stderr.splitlines() if x.startswith("error:") or "Error" in x]
+    return {"error": (err[-1] if err else p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "failed")[:300]}
+  return json.loads(lines[-1])
+
+
+GIB = 2 ** 30
+
+
+def add_flops(cell: dict, r: dict, remat: str) -> dict:
+  """The report with the step's counted FLOPs per chip and the compute roofline: FLOPs per chip
+  over the chip's peak bf16 FLOP/s (a lower bound on the step time)."""
+  from jaxopd.models import presets
+  if "error" in r:
+    return r
+  cfg = presets.get(cell["model"])
+  flops = step_flops(cell["method"], cfg, cell["batch"], cell["seq"], remat) / r["devices"]
+  # FSDP check: per-chip parameter + optimizer bytes times the chips over one full copy
+  # (float32 parameters and AdamW's two float32 moments: 12 bytes per parameter).
+  fsdp = (r["params"] + r["opt_state"]) * r["devices"] / (12 * presets.num_params(cfg))
+  return dict(r, flops_per_chip=flops, roofline_s=flops / r["chip"]["bf16_flops"], fsdp_ratio=fsdp)
+
+
+def out_of_memory(r: dict):
+  """``(temporaries needed, HBM available)`` in GiB when the TPU compiler refused the step for
+  lack of HBM (its RESOURCE_EXHAUSTED error; XLA prints 1024-based units), else None."""
+  import re
+  m = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", r.get("error", ""))
+  return (float(m.group(1)), float(m.group(2))) if m else None
+
+
+def row(cell: dict, r: dict) -> str:
+  head = f"| {cell['method']} | {cell['model']} | {cell['topology']} | {cell['seq']} | {cell['batch']} |"
+  oom = out_of_memory(r)
+  if oom:
+    return head + (f" > {oom[0]:.2f} / {oom[1]:.0f} | **no** (compiler: temporaries alone {oom[0]:.2f} GiB) "
+                   f"| | | {oom[0]:.2f} | | | |")
+  if "error" in r:
+    return head + f" error: {r['error']} | | | | | | | |"
+  fits = "yes" if r["total"] <= r["hbm_limit"] else "**no**"
+  po = (r["params"] + r["opt_state"]) / GIB
+  return (head + f" {r['total'] / GIB:.2f} / {r['hbm_limit'] / GIB:.0f} | {fits} | {po:.2f} ({r['fsdp_ratio']:.3f}/N) | "
+          f"{r['frozen'] / GIB:.2f} | {r['temp'] / GIB:.2f} | {r['flops_per_chip']:.3g} | "
+          f"{1e3 * r['roofline_s']:.0f} | {r['compile_s']:.0f} |")
+
+
+HEADER = ("| method | model | topology | seq | batch | GiB per chip (used / HBM) | fits | params + opt GiB (x N / one copy) | "
+          "frozen GiB | temp GiB | FLOPs per chip | roofline ms | compile s |\n" + "|" + " --- |" * 13)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out", required=True)
+  p.add_argument("--cells", default="grid", choices=("grid", "seq"),
+                 help="grid: methods x models (each on its topology of GRID); seq: TDPO on --models[0] at "
+                      "sequence 1024 / 2048 / 4096")
+  p.add_argument("--methods", default=",".join(METHODS))
+  p.add_argument("--models", default=",".join(GRID))
+  p.add_argument("--topology", default="", help="one topology for every cell (default: GRID's per model)")
+  p.add_argument("--seq", type=int, default=0, help="sequence length (default: GRID's per model)")
+  p.add_argument("--batch", type=int, default=32, help="sequences per step (pairs for DPO/TDPO/SparsePO)")
+  p.add_argument("--remat", default="full", help="remat of the trainable roles: none | full | dots")
+  p.add_argument("--scan_layers", default="true", choices=("true", "false"),
+                 help="every role's blocks as one lax.scan (compile time independent of depth)")
+  p.add_argument("--attention", default="dot_product", help="every role's attention: einsum | dot_product | chunked")
+  p.add_argument("--timeout", type=int, default=1800, help="seconds per compile")
+  p.add_argument("--retable", action="store_true", help="rewrite table.md from --out's results.jsonl (no compile)")
+  a = p.parse_args(argv)
+  os.makedirs(a.out, exist_ok=True)
+  if a.retable:
+    with open(os.path.join(a.out, "results.jsonl")) as f:
+      done = [json.loads(x) for x in f]
+    rows = [row(d["cell"], add_flops(d["cell"], d["report"], d.get("remat", a.remat))) for d in done]
+    with open(os.path.join(a.out, "table.md"), "w") as f:
+      f.write(HEADER + "\n" + "\n".join(rows) + "\n")
+    print(HEADER + "\n" + "\n".join(rows))
+    return 0
+  models = a.models.split(",")
+  cells = []
+  if a.cells == "grid":
+    for model in models:
+      topo, seq = GRID[model]
+      for method in a.methods.split(","):
+        cells.append(dict(method=method, model=model, topology=a.topology or topo, seq=a.seq or seq,
+                          batch=a.batch))
+  else:
+    topo = a.topology or GRID[models[0]][0]
+    for seq in (1024, 2048, 4096):
+      cells.append(dict(method="tdpo", model=models[0], topology=topo, seq=seq, batch=a.batch))
+  data = {}
+  print(HEADER, flush=True)
+  rows, summary = [], {}
+  with open(os.path.join(a.out, "results.jsonl"), "w") as f:
+    for cell in cells:
+      p_len = cell["seq"] // 2
+      if cell["seq"] not in data:
+        data[cell["seq"]] = write_data(os.path.join(a.out, f"data_{cell['seq']}"), p_len, cell["seq"] - p_len)
+      r = run_cell(cell_args(cell["method"], cell["model"], cell["topology"], cell["seq"], cell["batch"],
+                             data[cell["seq"]], a.remat, a.scan_layers == "true", a.attention), a.timeout)
+      r = add_flops(cell, r, a.remat)
+      f.write(json.dumps({"cell": cell, "remat": a.remat, "scan_layers": a.scan_layers, "attention": a.attention,
+                          "report": r}) + "\n")
+      f.flush()
+      rows.append(row(cell, r))
+      print(rows[-1], flush=True)
+      key = f"{cell['method']}/{cell['model']}/{cell['topology']}/{cell['seq']}"
+      oom = out_of_memory(r)
+      summary[key] = ({"fits": False, "temp_gib": oom[0]} if oom else {"error": r["error"]} if "error" in r else
+                      {"gib": round(r["total"] / GIB, 3), "fits": r["total"] <= r["hbm_limit"],
+                       "param_opt_gib": round((r["params"] + r["opt_state"]) / GIB, 3),
+                       "fsdp_ratio": round(r["fsdp_ratio"], 4),
+                       "roofline_ms": round(1e3 * r["roofline_s"], 1), "flops_per_chip": r["flops_per_chip"],
+                       "compile_s": r["compile_s"]})
+  settings = (f"FSDP over every chip, batch {a.batch} (pairs for DPO/TDPO/SparsePO), bf16 compute, float32 "
+              f"trainable parameters and AdamW state, bf16 frozen models, remat={a.remat} on trainable roles, "
+              f"attention={a.attention}, scan_layers={a.scan_layers}")
+  with open(os.path.join(a.out, "table.md"), "w") as f:
+    f.write(settings + "\n\n" + HEADER + "\n" + "\n".join(rows) + "\n")
+  print(json.dumps(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
