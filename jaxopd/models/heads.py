@@ -59,6 +59,5 @@ def label_logprob(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def token_logprobs(model, tokens: jax.Array, chunk: int, frozen: bool = False, **forward) -> jax.Array:
   """``log model(tokens[:, t+1] | tokens[:, :t+1])`` ``[B, T-1]``, in chunks (no gradient with ``frozen``)."""
-  out = chunked_terms({"m": model}, tokens, lambda z, t: {"lp": label_logprob(z["m"], t)}, chunk,
-                      frozen=("m",) if frozen else (), **forward)["lp"]
-  return jax.lax.stop_gradient(out) if frozen else out
+  return chunked_terms({"m": model}, tokens, lambda z, t: {"lp": label_logprob(z["m"], t)}, chunk,
+                       frozen=("m",) if frozen else (), **forward)["lp"]

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxopd.errors import ConfigError
+from jaxopd.losses.common import map_chunks
 from jaxopd.mesh import constrain
 
 FAMILIES = ("gpt2", "llama")
@@ -265,7 +266,6 @@ class Attention(nnx.Module):
     elif cfg.attention == "chunked" and cache_kv is None:
       # One chunk of queries at a time: its [B, n, g, C, S] scores exist for one chunk in the forward
       # pass and are recomputed per chunk in the backward pass (map_chunks' checkpointed scan).
-      from jaxopd.losses.common import map_chunks
       out = map_chunks(lambda xs: self._einsum_attention(xs[0], keys, values, xs[1], k_spec, True),
                        (q, allowed), cfg.attention_chunk)
     else:
