@@ -61,6 +61,7 @@ def get_config(arg: str | None = None):
   c.method.beta = 2.0            # simpo / dpo: the margin's scale (dpo: e.g. 0.1)
   c.method.chunk = 64            # positions per chunk of the log-probabilities (LM heads inside the loop)
   c.method.gamma = 1.0           # simpo: the target margin
+  c.method.share_prompt = False  # one row per pair, the prompt encoded once ([prompt | y+ | y-])
   if args.get("symmetric"):
     c.method.alpha = 1.0
   if args.get("sft"):

@@ -52,6 +52,7 @@ def get_config(arg: str | None = None):
   c.method.log_kl = True         # dpo: also compute the sequential KL (detached) for the metrics
   c.method.chunk = 64            # positions per chunk of the vocabulary-wide terms (LM heads inside the loop)
   c.method.swap = False          # train on rejected over chosen (AlignDistil's reverse DPO model)
+  c.method.share_prompt = False  # one row per pair, the prompt encoded once ([prompt | chosen | rejected])
 
   # a finished DPO run to put in the report, if present ("" = none)
   c.compare_with = "runs/dpo"

@@ -2,6 +2,7 @@
 
   python launch/fit_table.py --out runs/fit_table                     # the table in launch/README.md
   python launch/fit_table.py --out runs/fit_seq --cells seq            # TDPO at sequence 1024 / 2048 / 4096
+  python launch/fit_table.py --out runs/fit_share --cells share --models qwen2-1.5b --prompt 768   # prompt shared
   python launch/fit_table.py --out /tmp/f --cells grid --methods tdpo --models qwen2-0.5b --seq 256 --batch 8
 
 Each cell is one ``launch/aot_memory.py --json --topology T --preset M`` run in its own
@@ -65,27 +66,36 @@ TRAINABLE_ROLES = {"sft": ["policy"], "dpo": ["policy"], "tdpo": ["policy"], "sp
 GRID = {"qwen2-0.5b": ("v5e:2x2", 1024), "qwen2-1.5b": ("v5e:4x4", 1024), "llama3-8b": ("v5p:2x2x4", 2048)}
 
 
-def step_flops(method: str, cfg, batch: int, seq: int, remat: str) -> float:
+def shared_len(prompt: int, response: int) -> int:
+  """The row of a pair with its prompt shared (:func:`jaxopd.data.pipeline.share_prompt`)."""
+  return -(-(prompt + 2 * response + 1) // 16) * 16
+
+
+def step_flops(method: str, cfg, batch: int, seq: int, remat: str, prompt: int = 0, share: bool = False) -> float:
   """Matmul FLOPs of one train step of ``method`` (all chips), counted from the shapes
   (:func:`jaxopd.models.presets.forward_flops` / ``decode_flops``): a trained model costs a forward,
   a backward of twice that, the position chunks' LM heads once more (rematerialised by
   ``map_chunks``) and, with ``remat=full``, its trunk once more (``dots``: the attention once more);
   a frozen model one forward; a sampler its prefill and decode steps. SparsePO's mask head and
-  f-DPG's host-side reward are not counted (small)."""
+  f-DPG's host-side reward are not counted (small). Pairs (``prompt`` tokens of ``seq``, default
+  half) are ``2 batch`` rows of ``seq`` or, with ``share``, ``batch`` rows of :func:`shared_len`
+  (attention counted over the whole row: the branch mask is applied to dense scores)."""
   from jaxopd.models.presets import decode_flops, forward_flops, matmul_params
-  p, r = seq // 2, seq - seq // 2
-  attention = lambda rows: (forward_flops(cfg, rows, seq, head=False)
-                            - rows * seq * cfg.n_layers * 2 * matmul_params(cfg)[0])
+  p = prompt or seq // 2
+  r = seq - p
+  attention = lambda rows, n: (forward_flops(cfg, rows, n, head=False)
+                               - rows * n * cfg.n_layers * 2 * matmul_params(cfg)[0])
 
-  def trained(rows):
-    full, trunk = forward_flops(cfg, rows, seq), forward_flops(cfg, rows, seq, head=False)
-    again = {"none": 0.0, "full": trunk, "dots": attention(rows)}[remat]
+  def trained(rows, n=seq):
+    full, trunk = forward_flops(cfg, rows, n), forward_flops(cfg, rows, n, head=False)
+    again = {"none": 0.0, "full": trunk, "dots": attention(rows, n)}[remat]
     return 3 * full + (full - trunk) + again
-  frozen = lambda rows: forward_flops(cfg, rows, seq)
+  frozen = lambda rows, n=seq: forward_flops(cfg, rows, n)
   if method == "sft":
     return trained(batch)
   if method in ("dpo", "tdpo", "sparsepo"):
-    return trained(2 * batch) + frozen(2 * batch)
+    rows, n = (batch, shared_len(p, r)) if share else (2 * batch, seq)
+    return trained(rows, n) + frozen(rows, n)
   if method in ("fdpg", "distillspec"):     # sample from the trained model, score with the frozen one, train
     return decode_flops(cfg, batch, p, r) + frozen(batch) + trained(batch)
   raise ValueError(f"no FLOP count for method {method!r}")
@@ -122,13 +132,16 @@ def write_data(root: str, prompt_len: int, response_len: int, n: int = 64) -> di
 
 
 def cell_args(method: str, model: str, topology: str, seq: int, batch: int, data: dict, remat: str = "full",
-              scan: bool = True, attention: str = "dot_product"):
+              scan: bool = True, attention: str = "dot_product", prompt: int = 0, share: bool = False):
   spec, fmt, extra = METHODS[method]
-  p, r = (seq // 2, seq - seq // 2)
+  p = prompt or seq // 2
+  r = seq - p
   ov = {"data.task": "files", "data.files.train": data[fmt], "data.files.eval": "",
         "data.files.tokenizer": data["tokenizer"], "seq_len": seq, "batch_size": batch, "grad_accum": 1,
         "mesh.shape": "(1,-1,1)", "checkpoint.async_save": False}
   ov.update(extra(p, r))
+  if share:
+    ov["method.share_prompt"] = True
   if method == "fdpg":          # its build reads held-out prompts for evaluation (not part of the step)
     ov["data.files.eval"] = data["prompt"]
   for role in TRAINABLE_ROLES[method]:
@@ -167,7 +180,8 @@ def add_flops(cell: dict, r: dict, remat: str) -> dict:
   if "error" in r:
     return r
   cfg = presets.get(cell["model"])
-  flops = step_flops(cell["method"], cfg, cell["batch"], cell["seq"], remat) / r["devices"]
+  flops = step_flops(cell["method"], cfg, cell["batch"], cell["seq"], remat, cell.get("prompt", 0),
+                     cell.get("share", False)) / r["devices"]
   # FSDP check: per-chip parameter + optimizer bytes times the chips over one full copy
   # (float32 parameters and AdamW's two float32 moments: 12 bytes per parameter).
   fsdp = (r["params"] + r["opt_state"]) * r["devices"] / (12 * presets.num_params(cfg))
@@ -183,7 +197,9 @@ def out_of_memory(r: dict):
 
 
 def row(cell: dict, r: dict) -> str:
-  head = f"| {cell['method']} | {cell['model']} | {cell['topology']} | {cell['seq']} | {cell['batch']} |"
+  name = cell["method"] + (f" (prompt {cell['prompt']}{', shared' if cell.get('share') else ''})"
+                           if cell.get("prompt") else "")
+  head = f"| {name} | {cell['model']} | {cell['topology']} | {cell['seq']} | {cell['batch']} |"
   oom = out_of_memory(r)
   if oom:
     return head + (f" > {oom[0]:.2f} / {oom[1]:.0f} | **no** (compiler: temporaries alone {oom[0]:.2f} GiB) "
@@ -204,9 +220,11 @@ HEADER = ("| method | model | topology | seq | batch | GiB per chip (used / HBM)
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True)
-  p.add_argument("--cells", default="grid", choices=("grid", "seq"),
+  p.add_argument("--cells", default="grid", choices=("grid", "seq", "share"),
                  help="grid: methods x models (each on its topology of GRID); seq: TDPO on --models[0] at "
-                      "sequence 1024 / 2048 / 4096")
+                      "sequence 1024 / 2048 / 4096; share: DPO and TDPO on --models[0] with --prompt of the "
+                      "sequence, a row per response and the prompt shared (method.share_prompt)")
+  p.add_argument("--prompt", type=int, default=0, help="prompt tokens of a pair's sequence (default: half)")
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--models", default=",".join(GRID))
   p.add_argument("--topology", default="", help="one topology for every cell (default: GRID's per model)")
@@ -236,27 +254,36 @@ def main(argv=None) -> int:
       for method in a.methods.split(","):
         cells.append(dict(method=method, model=model, topology=a.topology or topo, seq=a.seq or seq,
                           batch=a.batch))
-  else:
+  elif a.cells == "seq":
     topo = a.topology or GRID[models[0]][0]
     for seq in (1024, 2048, 4096):
       cells.append(dict(method="tdpo", model=models[0], topology=topo, seq=seq, batch=a.batch))
+  else:
+    topo, seq = GRID[models[0]]
+    for method in ("dpo", "tdpo"):
+      for share in (False, True):
+        cells.append(dict(method=method, model=models[0], topology=a.topology or topo, seq=a.seq or seq,
+                          batch=a.batch, prompt=a.prompt or (a.seq or seq) // 2, share=share))
   data = {}
   print(HEADER, flush=True)
   rows, summary = [], {}
   with open(os.path.join(a.out, "results.jsonl"), "w") as f:
     for cell in cells:
-      p_len = cell["seq"] // 2
-      if cell["seq"] not in data:
-        data[cell["seq"]] = write_data(os.path.join(a.out, f"data_{cell['seq']}"), p_len, cell["seq"] - p_len)
+      p_len = cell.get("prompt") or cell["seq"] // 2
+      if (cell["seq"], p_len) not in data:
+        data[cell["seq"], p_len] = write_data(os.path.join(a.out, f"data_{cell['seq']}_{p_len}"), p_len,
+                                              cell["seq"] - p_len)
       r = run_cell(cell_args(cell["method"], cell["model"], cell["topology"], cell["seq"], cell["batch"],
-                             data[cell["seq"]], a.remat, a.scan_layers == "true", a.attention), a.timeout)
+                             data[cell["seq"], p_len], a.remat, a.scan_layers == "true", a.attention,
+                             cell.get("prompt", 0), cell.get("share", False)), a.timeout)
       r = add_flops(cell, r, a.remat)
       f.write(json.dumps({"cell": cell, "remat": a.remat, "scan_layers": a.scan_layers, "attention": a.attention,
                           "report": r}) + "\n")
       f.flush()
       rows.append(row(cell, r))
       print(rows[-1], flush=True)
-      key = f"{cell['method']}/{cell['model']}/{cell['topology']}/{cell['seq']}"
+      key = f"{cell['method']}/{cell['model']}/{cell['topology']}/{cell['seq']}" + (
+          f"/prompt{cell['prompt']}{'/shared' if cell.get('share') else ''}" if cell.get("prompt") else "")
       oom = out_of_memory(r)
       summary[key] = ({"fits": False, "temp_gib": oom[0]} if oom else {"error": r["error"]} if "error" in r else
                       {"gib": round(r["total"] / GIB, 3), "fits": r["total"] <= r["hbm_limit"],

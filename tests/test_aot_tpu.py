@@ -38,12 +38,12 @@ def test_presets_have_the_published_parameter_counts():
     assert presets.num_params(cfg) == n, name
 
 
-def _tiny_cell(tmp_path, method, spec, chunk=64, remat="none", **model):
+def _tiny_cell(tmp_path, method, spec, chunk=64, remat="none", share=False, **model):
   """The fit table's settings for ``method`` on a small model, unrolled, no remat, one position
   chunk: a step without loops, so XLA's cost analysis counts all of it."""
   data = fit_table.write_data(str(tmp_path), 32, 32, n=16)
   config = load_config(spec)
-  for a in fit_table.cell_args(method, "", "v5e:2x2", 64, 8, data, remat=remat, scan=False):
+  for a in fit_table.cell_args(method, "", "v5e:2x2", 64, 8, data, remat=remat, scan=False, share=share):
     if a.startswith("--config."):
       key, _, value = a[len("--config."):].partition("=")
       aot_memory.override(config, key, value)
@@ -55,18 +55,21 @@ def _tiny_cell(tmp_path, method, spec, chunk=64, remat="none", **model):
   return config
 
 
-@pytest.mark.parametrize("method,spec,remat", [("tdpo", "tdpo.py:smoke", "none"), ("sft", "sft.py:smoke", "none"),
-                                               ("tdpo", "tdpo.py:smoke", "full")])
-def test_step_compiles_for_a_v5e_2x2_and_the_flop_count_matches_xla(tmp_path, method, spec, remat):
+@pytest.mark.parametrize("method,spec,remat,share", [("tdpo", "tdpo.py:smoke", "none", False),
+                                                     ("sft", "sft.py:smoke", "none", False),
+                                                     ("tdpo", "tdpo.py:smoke", "full", False),
+                                                     ("tdpo", "tdpo.py:smoke", "none", True)])
+def test_step_compiles_for_a_v5e_2x2_and_the_flop_count_matches_xla(tmp_path, method, spec, remat, share):
   """A small model's TDPO / SFT step (synthetic TRL-format data, 64 tokens per sequence) compiled
   for the 4 abstract chips of a v5e:2x2 with FSDP: per-chip parameter and optimizer bytes are a
   quarter of the model's float32 parameters (x1, and x2 for AdamW's two moments), the bf16 frozen
   reference a quarter of its bf16 bytes; with no loop in the step (unrolled, one chunk), fit_table's
   FLOP count is XLA's within 5%, with and without remat (measured: 0.97-1.04; XLA also counts the
-  elementwise work; with scan_layers XLA counts the scanned blocks once: 0.57 here)."""
+  elementwise work; with scan_layers XLA counts the scanned blocks once: 0.57 here); the same with
+  the prompt shared by each pair's two responses (rows of 112 tokens instead of 2 x 64)."""
   _needs_libtpu()
   from jaxopd import methods
-  config = _tiny_cell(tmp_path, method, spec, remat=remat)
+  config = _tiny_cell(tmp_path, method, spec, remat=remat, share=share)
   r = aot_memory.report(config, methods.get(config.method.name).build(config), aot_memory.topology_devices("v5e:2x2"))
   assert r["devices"] == 4 and r["device_kind"] == "TPU v5 lite" and r["platform"] == "tpu"
   assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
@@ -75,7 +78,7 @@ def test_step_compiles_for_a_v5e_2x2_and_the_flop_count_matches_xla(tmp_path, me
   assert r["params"] == pytest.approx(4 * n / 4, rel=0.02)
   assert r["opt_state"] == pytest.approx(2 * 4 * n / 4, rel=0.02)
   assert r["frozen"] == pytest.approx((2 * n / 4) if method == "tdpo" else 0, rel=0.02)
-  counted = fit_table.step_flops(method, cfg, 8, 64, remat)
+  counted = fit_table.step_flops(method, cfg, 8, 64, remat, 32, share)
   assert r["xla_flops"] * 4 == pytest.approx(counted, rel=0.05)
   text = aot_memory.format_report(r, 16 * 2**30)
   assert "TPU v5 lite" in text and "XLA cost analysis" in text and "fits in 16.0 GiB" in text

@@ -315,3 +315,23 @@ def test_fdpg_through_the_trainers_step_threads_the_method_state_through_microba
       for x, y in zip(jax.tree.leaves(state["method"]), jax.tree.leaves(want_ms)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
   assert float(state["method"]["log_z"].count[0]) == 2 * b
+
+
+def test_grouped_rollout_prefills_each_context_once_and_draws_what_row_sampling_draws():
+  """``group = k``: the batch's k copies of a context's prompt are sampled from one prefill
+  (``sample(..., repeats=k)``); the draws equal sampling every row on its own (same key, same
+  logits), and the k samples of a context differ."""
+  from jaxopd.sampling import sample
+  target = Target("distributional", feature_ids=((3,),), lambdas=(1.5,))
+  base, policy = _models()
+  scfg = SamplingConfig(max_new_tokens=4, eos_id=V + 10, pad_id=0)
+  prompt = jnp.asarray(np.repeat([[1, 2, 0], [3, 0, 0], [4, 1, 2]], 4, axis=0), jnp.int32)   # 3 contexts x 4
+  batch = {"prompt": prompt, "prompt_len": jnp.asarray(np.repeat([2, 1, 3], 4), jnp.int32),
+           "context": jnp.asarray(np.repeat([0, 1, 2], 4), jnp.int32)}
+  rng = jax.random.PRNGKey(5)
+  rollout = jax.jit(make_rollout(target, "fkl", scfg, group=4))
+  out, _ = rollout({"policy": policy, "base": base}, batch, rng, init_state(3, 16))
+  rows = jax.jit(lambda p, l: sample(policy, p, l, rng, scfg))(batch["prompt"], batch["prompt_len"])
+  np.testing.assert_array_equal(out["tokens"], rows.tokens)
+  np.testing.assert_allclose(out["proposal_logp"], jnp.sum(rows.logprobs, 1), rtol=1e-6)
+  assert len({tuple(np.asarray(r).tolist()) for r in out["tokens"][:4]}) > 1

@@ -98,3 +98,64 @@ def pack(records: Sequence[dict], seq_len: int, pad_id: int = 0) -> tuple[list[d
     used += n
   stats = {"examples": len(records), "rows": len(rows), "fill": used / max(len(rows) * seq_len, 1)}
   return rows, stats
+
+
+def share_prompt(splits: Sequence[Sequence[dict]], pad_id: int = 0, multiple: int = 16):
+  """Preference records ``tokens[K, T], loss_mask[K, T]`` (K responses to one prompt, e.g.
+  chosen and rejected) -> shared-prefix rows: the prompt once, then each response, so a pair
+  costs ``P + L_1 + L_2 + 1`` tokens instead of ``2 (P + L)`` padded ones.
+
+  Row layout ``[prompt[:-1] | prompt[-1], response 1 | prompt[-1], response 2 | ... | pad]``:
+  each response is preceded by its own copy of the prompt's last token (whose hidden state
+  predicts the response's first token), at the positions it has in its own row. Fields:
+  ``tokens``, ``loss_mask`` (1 on the responses), ``positions``, ``branch_ids`` (0 = the
+  shared prefix and padding, j = response j with its copy of the prompt's last token). The
+  model, given ``branch_ids``, lets a token attend to the prefix and its own branch only, so
+  every response token sees exactly what it sees in its own row (equal logits).
+  A record without a prompt (``allow_no_prompt``) is its responses one after another.
+
+  ``splits``: lists of records (train, test, ...) cut to one row length (fixed shapes across
+  them): the longest row, rounded up to ``multiple``; nothing is dropped. Returns
+  ``(splits of rows, stats)``: ``stats = {"pairs", "row_len", "tokens", "unshared_tokens"}``
+  (``tokens``: the rows' non-pad tokens; ``unshared_tokens``: those of the two-row layout,
+  each response with its prompt)."""
+  def parts(i, r):
+    tokens, mask = np.asarray(r["tokens"]), np.asarray(r["loss_mask"])
+    prompt, responses = None, []
+    for j in range(tokens.shape[0]):
+      on = np.nonzero(mask[j])[0]
+      if len(on) == 0 or on[-1] - on[0] + 1 != len(on):
+        raise ValueError(f"share_prompt: record {i}, response {j}: its loss mask is not one non-empty run")
+      p = tokens[j, :on[0]]
+      if prompt is None:
+        prompt = p
+      elif not np.array_equal(p, prompt):
+        raise ValueError(f"share_prompt: record {i}: response {j} follows another prompt than response 0")
+      responses.append(tokens[j, on[0]:on[-1] + 1])
+    return prompt, responses
+
+  split_parts = [[parts(i, r) for i, r in enumerate(s)] for s in splits]
+  lengths = [len(p) + sum(len(x) + (len(p) > 0) for x in rs) - (len(p) > 0)
+             for s in split_parts for p, rs in s]
+  row_len = -(-max(lengths, default=1) // multiple) * multiple
+  out, unshared = [], 0
+  for s in split_parts:
+    rows = []
+    for prompt, responses in s:
+      tokens = np.full(row_len, pad_id, np.int32)
+      mask, positions, branch = (np.zeros(row_len, np.int32) for _ in range(3))
+      head = len(prompt) - 1 if len(prompt) else 0
+      tokens[:head], positions[:head] = prompt[:head], np.arange(head)
+      at = head
+      for j, resp in enumerate(responses):
+        seg = np.concatenate([prompt[head:], resp])            # the prompt's last token, then the response
+        n = len(seg)
+        tokens[at:at + n], positions[at:at + n] = seg, head + np.arange(n)
+        mask[at + n - len(resp):at + n], branch[at:at + n] = 1, j + 1
+        at += n
+        unshared += len(prompt) + len(resp)
+      rows.append({"tokens": tokens, "loss_mask": mask, "positions": positions, "branch_ids": branch})
+    out.append(rows)
+  stats = {"pairs": sum(len(s) for s in out), "row_len": row_len, "tokens": int(sum(lengths)),
+           "unshared_tokens": int(unshared)}
+  return out, stats

@@ -9,6 +9,8 @@ mask ``loss_mask[:, 1:]``, so every loss multiplies arrays of one shape.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -82,3 +84,56 @@ def map_chunks(fn, xs, chunk: int):
 
   _, out = jax.lax.scan(step, None, jnp.arange(n))        # leaves [n, B, chunk, ...]
   return jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape((b, n * chunk) + y.shape[3:])[:, :t], out)
+
+
+class Responses(NamedTuple):
+  """The K responses of each of B prompts of a preference batch, in either layout, for losses
+  that sum per-token quantities per response.
+
+  * one row per response: ``batch["tokens"] [B, K, T]`` -> ``tokens [B*K, T]``;
+  * shared prefix (:func:`jaxopd.data.pipeline.share_prompt`): ``tokens [B, L]`` with
+    ``positions`` and ``branch_ids`` -> ``tokens [B, L]``, the model called with ``forward``.
+
+  Per-token arrays of the rows (``[N, L-1]``, position t scoring token t + 1) become per-response
+  sums ``[B, K]`` with :meth:`sums`; ``mask [B, K, L-1]`` selects response k's targets, and in
+  the shared layout only targets predicted from a position of their own branch (the prompt's
+  last-token copy that starts a branch is never a target)."""
+  tokens: jax.Array
+  forward: dict
+  mask: jax.Array
+  shared: bool
+
+  def view(self, x: jax.Array) -> jax.Array:
+    """``[N, L-1, ...]`` -> ``[B, K, L-1, ...]`` (unshared) or ``[B, 1, L-1, ...]`` (shared)."""
+    b, k = self.mask.shape[:2]
+    return x[:, None] if self.shared else x.reshape(b, k, *x.shape[1:])
+
+  def sums(self, x: jax.Array) -> jax.Array:
+    """Per-response sums ``[B, K]`` of a per-token array ``[N, L-1]``."""
+    return jnp.sum(self.mask * self.view(x), axis=-1)
+
+  def lengths(self) -> jax.Array:
+    return jnp.sum(self.mask, axis=-1)
+
+  def response(self, k: int) -> "Responses":
+    """Response ``k`` alone (``K = 1``): its own rows unshared; the shared rows as they are
+    (one forward over the prefix and every branch, the mask of branch k)."""
+    if self.shared:
+      return self._replace(mask=self.mask[:, k:k + 1])
+    b, n = self.mask.shape[:2]
+    return self._replace(tokens=self.tokens.reshape(b, n, -1)[:, k], mask=self.mask[:, k:k + 1])
+
+
+def responses(batch: dict, k: int = 2) -> Responses:
+  """The :class:`Responses` of a batch: shared-prefix rows if it has ``branch_ids``."""
+  tokens, loss_mask = batch["tokens"], batch["loss_mask"]
+  if "branch_ids" in batch:
+    br = batch["branch_ids"]
+    m = response_mask(loss_mask) * (br[:, 1:] == br[:, :-1]).astype(jnp.float32)
+    mask = jnp.stack([m * (br[:, 1:] == j + 1) for j in range(k)], axis=1)
+    return Responses(tokens, {"positions": batch["positions"], "branch_ids": br}, mask, True)
+  b, kk, t = tokens.shape
+  if kk != k:
+    raise ValueError(f"a batch of {kk} responses per prompt; this loss takes {k}")
+  mask = response_mask(loss_mask.reshape(b * k, t)).reshape(b, k, t - 1)
+  return Responses(tokens.reshape(b * k, t), {}, mask, False)

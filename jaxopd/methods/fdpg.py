@@ -164,7 +164,10 @@ def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: flo
   log Z then has k samples at its first visit (with one, ``t = pi / q = 1`` on-policy and the
   pseudo-reward carries no signal).
 
-  ``group``: the rows of one context (k; 0 = the whole batch is one context, unconditional).
+  ``group``: the rows of one context (k; 0 = the whole batch is one context, unconditional);
+  with ``group > 1`` each context's prompt is prefilled once and its KV cache copied to its
+  ``group`` rows (:func:`jaxopd.sampling.sample` with ``repeats``: the same samples as
+  sampling every row).
   As in disco (``disco/tuners/tuner.py``, ``losses/f_divergence.py``): log Z takes every sample
   of the batch before any advantage; the windowed baseline is updated once per context, in
   order, so a context's advantage uses the earlier contexts' rewards
@@ -193,7 +196,10 @@ def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: flo
       proposal = nnx.merge(gd, prop_state)
     else:
       proposal = policy
-    out = sample(proposal, batch["prompt"], batch["prompt_len"], rng, scfg)
+    if group > 1:   # rows come in groups of `group` copies of a prompt: prefill each prompt once
+      out = sample(proposal, batch["prompt"][::group], batch["prompt_len"][::group], rng, scfg, repeats=group)
+    else:
+      out = sample(proposal, batch["prompt"], batch["prompt_len"], rng, scfg)
     tokens, mask = out.tokens, out.loss_mask
     q_logp = jnp.sum(out.logprobs, axis=1)
     a_logp = _sequence_logp(models["base"], tokens, mask, chunk)

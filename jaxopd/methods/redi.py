@@ -45,7 +45,8 @@ import jax.numpy as jnp
 from jaxopd.data import digits, traces
 from jaxopd.errors import ConfigError
 from jaxopd.experiment import Experiment, LossOutput
-from jaxopd.losses import dpo_loss, redi_loss, response_mask, simpo_loss
+from jaxopd.losses import dpo_loss, redi_loss, simpo_loss
+from jaxopd.losses.common import responses
 from jaxopd.methods import tdpo
 from jaxopd.models import heads, table
 
@@ -55,7 +56,8 @@ LOSSES = ("redi", "simpo", "dpo")
 
 def make_loss_fn(alpha: float, with_reference: bool, loss: str = "redi", beta: float = 2.0, gamma: float = 1.0,
                  chunk: int = 64):
-  """``loss_fn(models, batch, rng)`` on pair batches ``tokens[B, 2, T]`` (0 = positive, 1 = negative).
+  """``loss_fn(models, batch, rng)`` on pair batches (0 = positive, 1 = negative) in either layout
+  (:func:`jaxopd.losses.common.responses`: a row per response, or shared-prefix rows).
 
   ``loss``: ``redi`` (``alpha``), or the paper's baselines on the same pairs (the loss types of
   REDI's official trainer): ``simpo`` (reference-free, ``beta``, ``gamma``) and ``dpo`` (``beta``,
@@ -65,15 +67,14 @@ def make_loss_fn(alpha: float, with_reference: bool, loss: str = "redi", beta: f
 
   def loss_fn(models, batch, rng):
     del rng
-    tokens, mask = batch["tokens"], batch["loss_mask"]
-    b, _, t = tokens.shape
-    flat, m = tokens.reshape(b * 2, t), response_mask(mask.reshape(b * 2, t))
-    n = jnp.sum(m, axis=-1).reshape(b, 2)
-    lp = jnp.sum(m * heads.token_logprobs(models["policy"], flat, chunk), axis=-1).reshape(b, 2)
+    rows = responses(batch)
+    b = rows.mask.shape[0]
+    n = rows.lengths()
+    lp = rows.sums(heads.token_logprobs(models["policy"], rows.tokens, chunk, **rows.forward))
     ref = None
     if with_reference:   # DPO's loss needs both sides; the metric only the positives
-      rows, rm = (flat, m) if loss == "dpo" else (tokens[:, 0], m.reshape(b, 2, t - 1)[:, 0])
-      ref = jnp.sum(rm * heads.token_logprobs(models["reference"], rows, chunk, frozen=True), axis=-1).reshape(b, -1)
+      r = rows if loss == "dpo" else rows.response(0)
+      ref = r.sums(heads.token_logprobs(models["reference"], r.tokens, chunk, frozen=True, **r.forward))
     if loss == "redi":
       losses = redi_loss(lp[:, 0], n[:, 0], lp[:, 1], n[:, 1], alpha)
     elif loss == "simpo":
@@ -198,7 +199,7 @@ def build(config) -> Experiment:
   _check(config)
   train_recs, test_recs, evaluate = (_digits_data if config.data.task == "digits" else tdpo.pair_data)(config)
   with_ref = table.built(config, "reference")
-  train_data, eval_data = tdpo.pair_batches(train_recs, test_recs)
+  train_data, eval_data = tdpo.pair_batches(train_recs, test_recs, config.method.share_prompt)
   return Experiment(roles={"policy": True, **({"reference": False} if with_ref else {})},
                     loss_fn=make_loss_fn(float(config.method.alpha), with_ref, config.method.loss,
                                          float(config.method.beta), float(config.method.gamma), int(config.method.chunk)),

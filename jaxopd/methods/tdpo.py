@@ -7,8 +7,13 @@ The step runs policy and frozen reference on chosen and rejected sequences,
 then the pure losses of :mod:`jaxopd.losses.preference`.
 
 Batch: ``tokens[B, 2, T]``, ``loss_mask[B, 2, T]`` (pair axis: 0 = chosen,
-1 = rejected). The pair axis is folded into the batch for one forward per
-model; the reference's logits are detached where they are produced.
+1 = rejected), the pair axis folded into the batch for one forward per model;
+or, with ``config.method.share_prompt``, one row per pair ``[prompt | chosen |
+rejected]`` (``tokens``, ``loss_mask``, ``positions``, ``branch_ids`` ``[B, L]``:
+:func:`jaxopd.data.pipeline.share_prompt`), the prompt encoded once and each
+response attending to it and to itself only (equal losses and gradients:
+tests/test_prefix_sharing.py). The reference's outputs are detached where they
+are produced.
 
 Metrics use TRL's names: ``rewards/chosen`` (``beta R(y_w)`` for DPO, ``beta (R
 + K)`` for TDPO as in the official code), ``rewards/rejected``,
@@ -28,10 +33,12 @@ import ml_collections
 import numpy as np
 
 from jaxopd.data import batched_iterator, preferences, suite as suite_lib
+from jaxopd.data.pipeline import share_prompt as share_prompt_rows
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import evaluate_policy
 from jaxopd.experiment import Experiment, LossOutput, load_config
-from jaxopd.losses import dpo_loss, forward_kl, response_mask, tdpo_loss
+from jaxopd.losses import dpo_loss, forward_kl, tdpo_loss
+from jaxopd.losses.common import responses
 from jaxopd.models.heads import chunked_terms, label_logprob
 
 from jaxopd.methods import sft
@@ -41,26 +48,27 @@ from jaxopd.sampling import SamplingConfig
 LOSSES = ("dpo", "tdpo1", "tdpo2")
 
 
-def pair_terms(models, tokens, loss_mask, with_kl: bool, chunk: int):
-  """Per-sequence sums over the response: logratio R, policy log-prob, sequential KL K (``[N]``
-  each), from the policy's and the frozen reference's hidden states in chunks of ``chunk``
-  positions (the LM heads inside the loop: no ``[N, T, V]`` logits; :mod:`jaxopd.models.heads`)."""
+def pair_terms(models, rows, with_kl: bool, chunk: int):
+  """Per-response sums over the responses of :class:`~jaxopd.losses.common.Responses` ``rows``:
+  logratio R, policy log-prob, sequential KL K (``[B, 2]`` each), from the policy's and the
+  frozen reference's hidden states in chunks of ``chunk`` positions (the LM heads inside the
+  loop: no ``[N, T, V]`` logits; :mod:`jaxopd.models.heads`)."""
   def terms(z, targets):
     out = {"lp_pi": label_logprob(z["policy"], targets), "lp_ref": label_logprob(z["reference"], targets)}
     if with_kl:
       out["kl"] = forward_kl(z["reference"], z["policy"])      # KL(p_ref || p_pi) over the vocabulary
     return out
-  t = chunked_terms({"policy": models["policy"], "reference": models["reference"]}, tokens, terms, chunk,
-                    frozen=("reference",))
-  m = response_mask(loss_mask)
-  logratio = jnp.sum(m * (t["lp_pi"] - t["lp_ref"]), axis=-1)
-  logps = jnp.sum(m * t["lp_pi"], axis=-1)
-  kl = jnp.sum(m * t["kl"], axis=-1) if with_kl else None
+  t = chunked_terms({"policy": models["policy"], "reference": models["reference"]}, rows.tokens, terms, chunk,
+                    frozen=("reference",), **rows.forward)
+  logratio = rows.sums(t["lp_pi"] - t["lp_ref"])
+  logps = rows.sums(t["lp_pi"])
+  kl = rows.sums(t["kl"]) if with_kl else None
   return logratio, logps, kl
 
 
 def make_loss_fn(loss: str, beta: float, alpha: float = 0.5, log_kl: bool = True, chunk: int = 128):
-  """``loss_fn(models, batch, rng)`` for ``loss`` in ``dpo | tdpo1 | tdpo2``.
+  """``loss_fn(models, batch, rng)`` for ``loss`` in ``dpo | tdpo1 | tdpo2``, on pair batches in
+  either layout (:func:`jaxopd.losses.common.responses`: a row per response, or shared-prefix rows).
 
   ``log_kl``: DPO also computes the sequential KL, detached, for the metrics
   (TDPO needs it for the loss anyway).
@@ -70,19 +78,15 @@ def make_loss_fn(loss: str, beta: float, alpha: float = 0.5, log_kl: bool = True
 
   def loss_fn(models, batch, rng):
     del rng
-    tokens, mask = batch["tokens"], batch["loss_mask"]
-    b, _, t = tokens.shape
-    flat, flat_mask = tokens.reshape(b * 2, t), mask.reshape(b * 2, t)
+    rows = responses(batch)
+    b = rows.mask.shape[0]
     tdpo = loss != "dpo"
-    logratio, logps, kl = pair_terms(models, flat, flat_mask, tdpo or log_kl, chunk)
+    r, lps, kl = pair_terms(models, rows, tdpo or log_kl, chunk)
     if kl is not None and not tdpo:
       kl = jax.lax.stop_gradient(kl)
-    r = logratio.reshape(b, 2)
-    lps = logps.reshape(b, 2)
     if tdpo:
-      k = kl.reshape(b, 2)
-      losses = tdpo_loss(r[:, 0], r[:, 1], k[:, 0], k[:, 1], beta, alpha, variant=int(loss[-1]))
-      reward = beta * jax.lax.stop_gradient(r + k)
+      losses = tdpo_loss(r[:, 0], r[:, 1], kl[:, 0], kl[:, 1], beta, alpha, variant=int(loss[-1]))
+      reward = beta * jax.lax.stop_gradient(r + kl)
     else:
       losses = dpo_loss(r[:, 0], r[:, 1], beta)
       reward = beta * jax.lax.stop_gradient(r)
@@ -95,7 +99,7 @@ def make_loss_fn(loss: str, beta: float, alpha: float = 0.5, log_kl: bool = True
         "logps/rejected": jnp.sum(jax.lax.stop_gradient(lps[:, 1])),
     }
     if kl is not None:
-      k = jax.lax.stop_gradient(kl.reshape(b, 2))
+      k = jax.lax.stop_gradient(kl)
       metrics.update({"kl/chosen": jnp.sum(k[:, 0]), "kl/rejected": jnp.sum(k[:, 1]),
                       "kl/margin": jnp.sum(k[:, 1] - k[:, 0])})
     return LossOutput(jnp.sum(losses), jnp.float32(b), metrics)
@@ -228,8 +232,14 @@ def pair_data(config):
   return train_recs, test_recs, make_evaluate(config, suite)
 
 
-def pair_batches(train_recs, test_recs):
-  """``(train_data, eval_data)`` functions of an Experiment over pair records."""
+def pair_batches(train_recs, test_recs, share_prompt: bool = False):
+  """``(train_data, eval_data)`` functions of an Experiment over pair records; with
+  ``share_prompt`` (``config.method.share_prompt``) in shared-prefix rows, the prompt once per
+  pair (:func:`jaxopd.data.pipeline.share_prompt`; both splits cut to one row length)."""
+  if share_prompt:
+    (train_recs, test_recs), st = share_prompt_rows([train_recs, test_recs or []])
+    print(f"shared-prompt rows: {st['pairs']} pairs in rows of {st['row_len']} tokens; {st['tokens']} tokens, "
+          f"{st['unshared_tokens']} with a row per response ({st['unshared_tokens'] / max(st['tokens'], 1):.2f}x)")
   return (lambda shard: batched_iterator(train_recs, shard),
           (lambda shard: batched_iterator(test_recs, shard, shuffle=False, repeat=False)) if test_recs else None)
 
@@ -241,7 +251,7 @@ def build(config) -> Experiment:
   if m.swap:
     train_recs, test_recs = _swapped(train_recs), (_swapped(test_recs) if test_recs else test_recs)
   loss_fn = make_loss_fn(m.loss, m.beta, m.alpha, m.log_kl, m.chunk)
-  train_data, eval_data = pair_batches(train_recs, test_recs)
+  train_data, eval_data = pair_batches(train_recs, test_recs, m.share_prompt)
   return Experiment(roles={"policy": True, "reference": False}, loss_fn=loss_fn, train_data=train_data,
                     eval_data=eval_data, evaluate=evaluate)
 

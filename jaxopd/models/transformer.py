@@ -229,9 +229,11 @@ class Attention(nnx.Module):
     self.bv = _zeros((kv, dh), ("kv_heads", "head_dim"), pd) if has_qkv_bias else None
     self.bo = _zeros((d,), ("embed",), pd) if cfg.family == "gpt2" else None
 
-  def __call__(self, x, positions, key_mask, cache_kv=None, index=None, segment_ids=None):
+  def __call__(self, x, positions, key_mask, cache_kv=None, index=None, segment_ids=None, branch_ids=None):
     """``x: [B, T, D]``; ``key_mask: [B, S]`` valid keys (S = T without cache);
     ``segment_ids: [B, T]`` (packed rows, no cache): attend only within a segment;
+    ``branch_ids: [B, T]`` (shared-prefix rows, no cache): 0 marks the shared prefix, ``j > 0``
+    the tokens of branch j (a response); a token attends to the prefix and its own branch;
     ``cache_kv``: this layer's ``(k, v)`` (layouts in :class:`KVCache`); returns (y, new (k, v))."""
     cfg = self.cfg
     dt = x.dtype
@@ -257,6 +259,8 @@ class Attention(nnx.Module):
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]   # [B, T, S]
     if segment_ids is not None:
       allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if branch_ids is not None:
+      allowed = allowed & ((branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :]))
     if cfg.attention == "dot_product":
       if cache_kv is not None:   # the cache holds [B, n, S, Dh]
         keys_bsnk, values_bsnk = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
@@ -335,8 +339,8 @@ class Block(nnx.Module):
     self.ln2 = Norm(cfg)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, key_mask, cache_kv=None, index=None, segment_ids=None):
-    a, new_kv = self.attn(self.ln1(x), positions, key_mask, cache_kv, index, segment_ids)
+  def __call__(self, x, positions, key_mask, cache_kv=None, index=None, segment_ids=None, branch_ids=None):
+    a, new_kv = self.attn(self.ln1(x), positions, key_mask, cache_kv, index, segment_ids, branch_ids)
     x = x + a
     x = x + self.mlp(self.ln2(x))
     return constrain(x, ("batch", "length", "embed")), new_kv
@@ -349,8 +353,8 @@ def _remat_block(policy: str):
   matmuls by :func:`_dense`), and recomputes the attention and elementwise work."""
   saveable = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
-  def run(block, x, positions, key_mask, segment_ids):
-    return block(x, positions, key_mask, None, 0, segment_ids)[0]
+  def run(block, x, positions, key_mask, segment_ids, branch_ids):
+    return block(x, positions, key_mask, None, 0, segment_ids, branch_ids)[0]
   return nnx.remat(run, policy=saveable, prevent_cse=True)
 
 
@@ -375,26 +379,33 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                attention_mask: jax.Array | None = None, cache: KVCache | None = None,
-               segment_ids: jax.Array | None = None, return_hidden: bool = False) -> Output:
+               segment_ids: jax.Array | None = None, branch_ids: jax.Array | None = None,
+               return_hidden: bool = False) -> Output:
     """``tokens: [B, T]`` int; ``positions: [B, T]`` (default: cache.index + arange(T));
     ``attention_mask: [B, T]`` 1 for real tokens (keys at 0 are never attended to;
     default all ones); ``segment_ids: [B, T]`` for packed rows (tokens attend
-    within their segment only; pass the per-segment ``positions`` too)."""
-    x, hidden, new_cache = self._trunk(tokens, positions, attention_mask, cache, segment_ids, return_hidden)
+    within their segment only; pass the per-segment ``positions`` too); ``branch_ids: [B, T]``
+    for shared-prefix rows (``[prompt | response 1 | response 2 ...]``, see
+    :func:`jaxopd.data.pipeline.share_prompt`: 0 = the shared prefix, j = response j; a token
+    attends to the prefix and its own response; pass each response's ``positions``)."""
+    x, hidden, new_cache = self._trunk(tokens, positions, attention_mask, cache, segment_ids, branch_ids,
+                                       return_hidden)
     return Output(self.unembed(x), hidden, new_cache)
 
   def final_hidden(self, tokens: jax.Array, positions: jax.Array | None = None, *,
-                   attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+                   attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                   branch_ids: jax.Array | None = None) -> jax.Array:
     """The final (normed) hidden states ``[B, T, D]`` of :meth:`__call__`, without the head:
     a loss that needs the logits of only some positions at a time applies :meth:`unembed`
     to chunks of them (no ``[B, T, V]`` array)."""
-    return self._trunk(tokens, positions, attention_mask, None, segment_ids, False)[0]
+    return self._trunk(tokens, positions, attention_mask, None, segment_ids, branch_ids, False)[0]
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None, *,
-                    attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None):
+                    attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                    branch_ids: jax.Array | None = None):
     """The ``n_layers + 1`` hidden states ``[B, T, D]`` of ``return_hidden=True`` (embeddings, each
     block's output, the last one after the final norm), without the head."""
-    return self._trunk(tokens, positions, attention_mask, None, segment_ids, True)[1]
+    return self._trunk(tokens, positions, attention_mask, None, segment_ids, branch_ids, True)[1]
 
   def output_weight(self) -> jax.Array:
     """The head's weight ``[D, V]`` (``[D, 1]`` with ``head="score"``) in its storage dtype."""
@@ -409,7 +420,7 @@ class Transformer(nnx.Module):
     logits = _dense(x, w.astype(jnp.dtype(self.cfg.dtype)))
     return logits if self.score is not None else constrain(logits, ("batch", "length", "vocab"))
 
-  def _scan_blocks(self, x, positions, key_mask, segment_ids, run, return_hidden):
+  def _scan_blocks(self, x, positions, key_mask, segment_ids, branch_ids, run, return_hidden):
     """The blocks as one ``lax.scan`` (``scan_layers``): the per-layer parameters are stacked
     along a new leading axis for the forward (one extra copy of the blocks' parameters, sharded
     like them; the state, checkpoints and HF import/export keep one module per layer), so XLA
@@ -421,16 +432,17 @@ class Transformer(nnx.Module):
     def body(h, state):
       block = nnx.merge(graphdef, state)
       if run is not None:
-        h = run(block, h, positions, key_mask, segment_ids)
+        h = run(block, h, positions, key_mask, segment_ids, branch_ids)
       else:
-        h = block(h, positions, key_mask, None, 0, segment_ids)[0]
+        h = block(h, positions, key_mask, None, 0, segment_ids, branch_ids)[0]
       return h, (h if return_hidden else None)
     x, ys = jax.lax.scan(body, x, stacked)
     return x, ([ys[i] for i in range(len(self.blocks))] if return_hidden else [])
 
-  def _trunk(self, tokens, positions, attention_mask, cache, segment_ids, return_hidden):
-    if segment_ids is not None and cache is not None:
-      raise ValueError("segment_ids (packed rows) are for training forwards, not with a KV cache")
+  def _trunk(self, tokens, positions, attention_mask, cache, segment_ids, branch_ids, return_hidden):
+    if (segment_ids is not None or branch_ids is not None) and cache is not None:
+      raise ValueError("segment_ids / branch_ids (packed or shared-prefix rows) are for training forwards, "
+                       "not with a KV cache")
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     b, t = tokens.shape
@@ -450,15 +462,15 @@ class Transformer(nnx.Module):
     ks, vs = [], []
     run = _remat_block(cfg.remat) if cache is None and cfg.remat != "none" else None
     if cache is None and cfg.scan_layers:
-      x, states = self._scan_blocks(x, positions, key_mask, segment_ids, run, return_hidden)
+      x, states = self._scan_blocks(x, positions, key_mask, segment_ids, branch_ids, run, return_hidden)
       if return_hidden:
         hidden.extend(states)
     for i, block in enumerate(() if cache is None and cfg.scan_layers else self.blocks):
       kv = None if cache is None else (cache.k[i], cache.v[i])
       if run is not None:
-        x, new_kv = run(block, x, positions, key_mask, segment_ids), None
+        x, new_kv = run(block, x, positions, key_mask, segment_ids, branch_ids), None
       else:
-        x, new_kv = block(x, positions, key_mask, kv, start, segment_ids)
+        x, new_kv = block(x, positions, key_mask, kv, start, segment_ids, branch_ids)
       if cache is not None:
         ks.append(new_kv[0])
         vs.append(new_kv[1])
