@@ -14,7 +14,6 @@ so no host ever holds a full copy of a sharded parameter.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -25,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.tree_util import DictKey, GetAttrKey, SequenceKey
 
+from jaxopd import paths
 from jaxopd.errors import EnvironmentFault
 
 
@@ -86,7 +86,7 @@ def _reader(directory: str, **kwargs) -> ocp.CheckpointManager:
 def latest_step(workdir: str) -> int | None:
   """The latest checkpoint step of run ``workdir``; None, creating nothing, when it has none."""
   directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     return None
   with _quiet_reading():
     mngr = _reader(directory)
@@ -106,7 +106,7 @@ class Checkpointer:
   """Periodic / final / preemption checkpoints of one run directory."""
 
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)
     self._bytes = None     # this process's checkpoint size, once known
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -123,7 +123,7 @@ class Checkpointer:
     """Refuses, before writing anything, a checkpoint that the disk has no room for (a local
     directory): it would fail half-written, with pages of orbax's tracebacks. The size is this
     process's shards of the state (one copy of each) plus 5% and 256 KiB for metadata."""
-    if "://" in self.directory:
+    if paths.is_remote(self.directory):
       return
     self.manager.wait_until_finished()   # the previous save's bytes are on disk (orbax waits for it anyway)
     if self._bytes is None:
@@ -160,12 +160,12 @@ class Checkpointer:
     data_dir = os.path.join(self.directory, str(step), "data")
     mine = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
     for item in ("params", "train", "data"):
-      if not os.path.isdir(os.path.join(self.directory, str(step), item)):
+      if not paths.isdir(os.path.join(self.directory, str(step), item)):
         raise DamagedCheckpoint(f"its {item}/ is missing")
-    saved = [n for n in os.listdir(data_dir) if n.startswith("process_") and n.endswith(".json")]
+    saved = [n for n in paths.listdir(data_dir) if n.startswith("process_") and n.endswith(".json")]
     if not saved:
       raise DamagedCheckpoint("data/ holds no data-iterator state")
-    same_topology = os.path.exists(mine)
+    same_topology = paths.exists(mine)
     items = dict(params=ocp.args.PyTreeRestore(params_abs, restore_args=_restore_args(params_abs)),
                  train=ocp.args.PyTreeRestore(train_abs, restore_args=_restore_args(train_abs)))
     if same_topology:
@@ -183,12 +183,12 @@ class Checkpointer:
   def move_aside(self, step: int) -> str:
     """Moves checkpoint ``step`` to ``<directory>.damaged/<step>[.N]``; returns the new path."""
     aside = self.directory + ".damaged"
-    os.makedirs(aside, exist_ok=True)
+    paths.makedirs(aside)
     dest = os.path.join(aside, str(step))
     n = 1
-    while os.path.exists(dest):
+    while paths.exists(dest):
       dest, n = os.path.join(aside, f"{step}.{n}"), n + 1
-    os.replace(os.path.join(self.directory, str(step)), dest)
+    paths.rename(os.path.join(self.directory, str(step)), dest)
     self.manager.reload()
     return dest
 
@@ -213,10 +213,9 @@ def _first_line(e: Exception, limit: int = 240) -> str:
 def _shared_data_state(data_dir: str):
   """The one iterator state that every process of another topology saved in ``data_dir``."""
   states = {}
-  for name in sorted(os.listdir(data_dir)):
+  for name in paths.listdir(data_dir):
     if name.startswith("process_") and name.endswith(".json"):
-      with open(os.path.join(data_dir, name)) as f:
-        states[name] = json.load(f)
+      states[name] = paths.read_json(os.path.join(data_dir, name))
   if not states or any(s != next(iter(states.values())) for s in states.values()):
     raise ValueError(f"{data_dir}: the data iterator states of {sorted(states)} differ, so this checkpoint "
                      f"cannot resume with {jax.process_count()} process(es); resume with the process count it "
@@ -236,7 +235,7 @@ def load_params(workdir: str, source: str, target: str, abstract_params, step: i
 
 
 def _load_params(workdir, source, target, abstract_params, step):
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = os.path.join(paths.resolve(workdir), "checkpoints")
   mngr = _reader(directory, item_handlers={"params": ocp.PyTreeCheckpointHandler()})
   step = mngr.latest_step() if step is None else step
   if step is None:

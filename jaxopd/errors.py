@@ -67,7 +67,10 @@ class FaultLogFilter(logging.Filter):
 
 def check_workdir(workdir: str) -> None:
   """Checks, before anything is built or trained and creating nothing, that ``workdir`` is (or can
-  be made) a writable directory; raises :class:`EnvironmentFault` in one line naming the path."""
+  be made) a writable directory; raises :class:`EnvironmentFault` in one line naming the path.
+  A URL (``gs://...``) is not checked here: its bucket's permissions show at the first write."""
+  if "://" in workdir:
+    return
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise EnvironmentFault(f"--workdir {path} is a file, not a directory")

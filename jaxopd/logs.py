@@ -1,14 +1,16 @@
 """Run outputs: ``metrics.jsonl``, TensorBoard events, ``config.json`` and a
-progress bar. Only process 0 writes; other processes get no-op writers."""
+progress bar. Only process 0 writes; other processes get no-op writers. The
+workdir may be a local path or a URL (``gs://...``: :mod:`jaxopd.paths`)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Mapping
 
 import jax
+
+from jaxopd import paths
 
 
 def _clean(v: Any):
@@ -17,25 +19,33 @@ def _clean(v: Any):
 
 
 class MetricLogger:
+  """``metrics.jsonl`` and TensorBoard events of a run. Locally each record is appended as it
+  comes; in cloud storage (no append) the run's lines are kept and the file rewritten whole at
+  every :meth:`flush` (with each checkpoint) and at :meth:`close`, so a killed run's metrics
+  reach at least its last checkpoint either way, as its TensorBoard events do."""
 
   def __init__(self, workdir: str, enabled: bool, resume_step: int | None = None):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.join(workdir, "metrics.jsonl")
+    self._remote = paths.is_remote(workdir)
+    self._lines: list[str] = []   # remote: every line of the file
     self._tb = None
     self.dropped = 0       # metrics.jsonl records after the resumed step, dropped
     self.dropped_tb = 0    # TensorBoard events after it, dropped
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    tb_dir = os.path.join(workdir, "tb")
+    paths.makedirs(workdir)
+    tb_dir = paths.join(workdir, "tb")
     if resume_step is not None:   # the steps after the checkpoint are re-run: drop them from both logs
       self.dropped = truncate_after(self.path, resume_step)
       self.dropped_tb = truncate_tb(tb_dir, resume_step)
+      if self._remote and paths.exists(self.path):
+        self._lines = [l for l in paths.read_text(self.path).splitlines(keepends=True) if l.strip()]
     else:                         # a fresh run in a used workdir starts fresh logs
-      if os.path.exists(self.path):
-        os.remove(self.path)
+      if paths.exists(self.path):
+        paths.remove(self.path)
       for name in _event_files(tb_dir):
-        os.remove(os.path.join(tb_dir, name))
+        paths.remove(paths.join(tb_dir, name))
     from tensorboardX import SummaryWriter
     self._tb = SummaryWriter(tb_dir)
 
@@ -43,40 +53,42 @@ class MetricLogger:
     if not self.enabled:
       return
     rec = {"step": int(step), "split": split, **{k: _clean(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(rec) + "\n")
+    line = json.dumps(rec) + "\n"
+    if self._remote:
+      self._lines.append(line)
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
     for k, v in metrics.items():
       if isinstance(rec[k], float):
         self._tb.add_scalar(f"{split}/{k}", rec[k], step)
 
   def flush(self):
-    """Writes buffered TensorBoard events: called with every checkpoint, so that a
-    killed run's events reach at least its last checkpoint, as metrics.jsonl does."""
+    """Writes buffered TensorBoard events (and, in cloud storage, metrics.jsonl): called with
+    every checkpoint, so that a killed run's logs reach at least its last checkpoint."""
+    if self.enabled and self._remote:
+      paths.write_text(self.path, "".join(self._lines))
     if self._tb is not None:
       self._tb.flush()
 
   def close(self):
+    self.flush()
     if self._tb is not None:
-      self._tb.flush()
       self._tb.close()
 
 
 def truncate_after(path: str, step: int) -> int:
   """Drops records with ``step > step`` (re-run after a resume); returns how many."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return 0
-  with open(path) as f:
-    lines = [l for l in f if l.strip()]
+  lines = [l for l in paths.read_text(path).splitlines(keepends=True) if l.strip()]
   keep = [l for l in lines if json.loads(l)["step"] <= step]
-  with open(path, "w") as f:
-    f.writelines(keep)
+  paths.write_text(path, "".join(keep))
   return len(lines) - len(keep)
 
 
 def _event_files(tb_dir: str) -> list[str]:
-  if not os.path.isdir(tb_dir):
-    return []
-  return sorted(n for n in os.listdir(tb_dir) if n.startswith("events.out.tfevents."))
+  return [n for n in paths.listdir(tb_dir) if n.startswith("events.out.tfevents.")]
 
 
 def _read_records(path: str) -> list[bytes]:
@@ -84,7 +96,7 @@ def _read_records(path: str) -> list[bytes]:
   a record cut short by a kill ends the list."""
   import struct
   out = []
-  with open(path, "rb") as f:
+  with paths.open(path, "rb") as f:
     data = f.read()
   i = 0
   while i + 12 <= len(data):
@@ -103,25 +115,23 @@ def truncate_tb(tb_dir: str, step: int) -> int:
   from tensorboardX.record_writer import RecordWriter
   dropped = 0
   for name in _event_files(tb_dir):
-    path = os.path.join(tb_dir, name)
+    path = paths.join(tb_dir, name)
     records = _read_records(path)
     keep = [r for r in records if event_pb2.Event.FromString(r).step <= step]
-    if len(keep) == len(records) and os.path.getsize(path) == sum(len(r) + 16 for r in records):
+    if len(keep) == len(records) and paths.getsize(path) == sum(len(r) + 16 for r in records):
       continue
     dropped += len(records) - len(keep)
     tmp = path + ".tmp"
-    writer = RecordWriter(tmp)    # tensorboardX's own framing (length, CRCs)
+    writer = RecordWriter(tmp)    # tensorboardX's own framing (length, CRCs; its gs:// writer for URLs)
     for r in keep:
       writer.write(r)
     writer.close()
-    os.replace(tmp, path)
+    paths.rename(tmp, path)
   return dropped
 
 
 def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  with open(path) as f:
-    recs = [json.loads(l) for l in f if l.strip()]
+  recs = [json.loads(l) for l in paths.read_text(paths.join(workdir, "metrics.jsonl")).splitlines() if l.strip()]
   return [r for r in recs if split is None or r["split"] == split]
 
 
@@ -129,9 +139,8 @@ def write_config(workdir: str, config, enabled: bool) -> None:
   """Writes ``config.json`` (on resume, after :func:`check_resume_config`)."""
   if not enabled:
     return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
+  paths.write_json(paths.join(workdir, "config.json"), json.loads(config.to_json_best_effort()), indent=2,
+                   sort_keys=True)
 
 
 # Fields that may change when a run resumes: length, cadence, logging, checkpointing,
@@ -148,11 +157,10 @@ def check_resume_config(workdir: str, config) -> list[str]:
   (field names or prefixes; ``"*"`` = any) allows it. One line naming the fields. Returns
   every field that differs (added and removed ones too), for the resume message."""
   from jaxopd.errors import ConfigError
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "config.json")
+  if not paths.exists(path):
     return []
-  with open(path) as f:
-    old = json.load(f)
+  old = paths.read_json(path)
   new = json.loads(config.to_json_best_effort())
   extra = tuple(config.get("resume_changes", ()))
   ok = lambda k: "*" in extra or any(k == p or k.startswith(p + ".") for p in RESUMABLE + extra)

@@ -16,13 +16,15 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxopd import paths
 from jaxopd.experiment import experiments_dir
 
 DEFAULT_CONFIG = os.path.join(experiments_dir(), "tdpo.py")
 
 config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment module and preset: path.py[:arg]",
                                 lock_config=True)
-flags.DEFINE_string("workdir", "runs/default", "run directory: checkpoints, metrics.jsonl, config.json, tb/")
+flags.DEFINE_string("workdir", "runs/default", "run directory: checkpoints, metrics.jsonl, config.json, tb/; "
+                    "a local path or a URL (gs://bucket/run)")
 
 
 def main(argv):
@@ -81,11 +83,11 @@ def main(argv):
       raise
     # The latest complete step by its directory name (orbax renames a step's directory to its
     # number once written; reading it through orbax on a full disk can fail too).
-    ckpts = os.path.join(os.path.abspath(flags.FLAGS.workdir), "checkpoints")
-    steps = [int(n) for n in (os.listdir(ckpts) if os.path.isdir(ckpts) else []) if n.isdigit()]
+    workdir = paths.resolve(flags.FLAGS.workdir)
+    steps = [int(n) for n in paths.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
     last = max(steps, default=None)
     if fault.startswith("?: "):
-      fault = f"writing in {os.path.abspath(flags.FLAGS.workdir)}: {fault[3:]}"
+      fault = f"writing in {workdir}: {fault[3:]}"
     print(f"error: {fault}. The latest complete checkpoint is "
           + (f"step {last}: re-run the command to resume once fixed" if last is not None else
              "none: re-running starts afresh") + " (a checkpoint being written is never taken as the latest)",
@@ -97,7 +99,7 @@ def main(argv):
   tr = summary["train"]
   shown = [k for k in ("loss", "accuracy", "rewards/accuracies", "sample/reward", "sample/kl_ref") if k in ev]
   print(f"done: step {summary['step']}" + (f" | train loss {tr['loss']:.4f}" if "loss" in tr else "")
-        + "".join(f" | eval {k} {ev[k]:.4f}" for k in shown) + f" | {os.path.abspath(flags.FLAGS.workdir)}")
+        + "".join(f" | eval {k} {ev[k]:.4f}" for k in shown) + f" | {paths.resolve(flags.FLAGS.workdir)}")
 
 
 def _one_line(msg: str) -> str:

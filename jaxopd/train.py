@@ -36,6 +36,7 @@ from jaxopd import config as config_lib
 from jaxopd import logs
 from jaxopd import mesh as mesh_lib
 from jaxopd import optim
+from jaxopd import paths
 from jaxopd.experiment import DataShard, Experiment, LossOutput
 from jaxopd.models import Transformer, table
 
@@ -454,7 +455,8 @@ def _host(metrics) -> dict:
 
 
 def run(config, workdir: str, experiment: Experiment) -> dict:
-  """Trains ``experiment`` under ``config`` in ``workdir``; resumes if a checkpoint is there.
+  """Trains ``experiment`` under ``config`` in ``workdir`` (a local path or a URL such as
+  ``gs://bucket/run``: :mod:`jaxopd.paths`); resumes if a checkpoint is there.
 
   Returns a summary: final ``step``, last ``train`` and ``eval`` metrics,
   ``preempted`` ("SIGTERM" or "SIGINT" when a signal stopped it after checkpointing, else ""),
@@ -466,7 +468,7 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
   mesh = mesh_lib.make_mesh(facts["mesh_shape"], facts["num_devices"])
   rules = facts["rules"]
   main = logs.is_main_process()
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)
   resumed_from = ckpt_lib.latest_step(workdir)      # reads only: nothing is written before the checks
   recorded = table.run_record(workdir) if resumed_from is not None else {}
   roles = table.resolve(c, pinned=recorded)
@@ -478,7 +480,10 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
     changed = logs.check_resume_config(workdir, c)
   if main:
     print(table.describe(roles), flush=True)
-  lock = WorkdirLock(workdir) if main else None     # one run per workdir (process 0 holds it)
+  # One run per workdir (process 0 holds the lock); cloud storage has no locks: not taken there.
+  lock = WorkdirLock(workdir) if main and not paths.is_remote(workdir) else None
+  if main and paths.is_remote(workdir):
+    print(f"note: {workdir} is in cloud storage, which has no locks: nothing stops a second run on it", flush=True)
   try:
     return _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, rules, facts, main)
   finally:

@@ -2,7 +2,7 @@
 
   python launch/tpu_pod.py --name jaxopd-v4 --zone us-central2-b --accelerator v4-32 [--spot] \\
       [--code copy|git --repo URL --ref main] [--delete] [--dry-run] -- \\
-      --config experiments/tdpo.py --workdir /mnt/shared/runs/tdpo --config.mesh.shape='(-1,1,1)'
+      --config experiments/tdpo.py --workdir gs://BUCKET/runs/tdpo --config.mesh.shape='(-1,1,1)'
 
 Steps, each one printed (``+ command``) before it runs; ``--dry-run`` prints
 them all and runs nothing:
@@ -11,17 +11,18 @@ them all and runs nothing:
 2. code: ``copy`` packs this checkout's tracked and untracked-but-not-ignored
    files and copies them to every worker (``scp --worker=all``); ``git``
    clones ``--repo`` at ``--ref`` on every worker;
-3. install: a venv in ``~/jaxopd-venv`` with jaxopd and ``jax[tpu]``
-   (skip with ``--skip-install`` once done);
+3. install: a venv in ``~/jaxopd-venv`` with jaxopd (its ``gcs`` extra, for ``gs://`` workdirs)
+   and ``jax[tpu]`` (skip with ``--skip-install`` once done);
 4. run the same command on every worker (``ssh --worker=all``), each output
    line prefixed by the worker's hostname, with
    ``--config.distributed.enabled=true`` (jax finds the slice's workers itself);
    ``--detach`` leaves it running under ``nohup`` with its log in ``~/jaxopd-run.log``;
 5. ``--delete``: delete the slice afterwards (also when the run failed).
 
-The ``--workdir`` must be storage every worker sees at the same path (a
-Filestore/NFS mount, or a bucket mounted with gcsfuse): every process writes
-its shards of each checkpoint there, and process 0 the logs.
+The ``--workdir`` is storage every worker sees: a bucket, ``gs://BUCKET/runs/x`` (no mount:
+checkpoints through orbax/tensorstore, logs and records through :mod:`jaxopd.paths`), or a
+path every worker has mounted (Filestore/NFS). Every process writes its shards of each
+checkpoint there, and process 0 the logs.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class Pod:
 
   def install(self) -> list[str]:
     return self.ssh(f"python3 -m venv {VENV} && {VENV}/bin/pip install -q -U pip && "
-                    f"{VENV}/bin/pip install -q -e {REMOTE_DIR} {shlex.quote(JAX_TPU)}")
+                    f"{VENV}/bin/pip install -q -e {REMOTE_DIR}'[gcs]' {shlex.quote(JAX_TPU)}")
 
   def run(self, main_args: list[str], detach: bool = False) -> list[str]:
     main = shlex.join(["-m", "jaxopd.main", *main_args, "--config.distributed.enabled=true"])

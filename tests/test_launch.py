@@ -46,7 +46,7 @@ def test_tpu_pod_dry_run_prints_every_gcloud_command(monkeypatch, capsys):
   for c in (unpack, install, run):
     assert c[:6] == tpu + ["ssh", "jx"] and "--worker=all" in c
   assert "tar xzf ~/jaxopd-src.tgz -C ~/jaxopd" in unpack[7]
-  assert "pip install -q -e ~/jaxopd 'jax[tpu]>=0.10.2,<0.11'" in install[7]
+  assert "pip install -q -e ~/jaxopd'[gcs]' 'jax[tpu]>=0.10.2,<0.11'" in install[7]
   remote = run[7][len("--command="):]
   assert ("~/jaxopd-venv/bin/python -m jaxopd.main --config experiments/sft.py --workdir /mnt/runs/sft "
           "'--config.mesh.shape=(-1,1,1)' --config.distributed.enabled=true") in remote

@@ -33,12 +33,12 @@ reference, entropy and distinct-n of held-out samples.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax.numpy as jnp
 import ml_collections
 
+from jaxopd import paths
 from jaxopd.data import batched_iterator, suite as suite_lib
 from jaxopd.errors import ConfigError
 from jaxopd.experiment import Experiment, LossOutput
@@ -141,7 +141,7 @@ def _check(c):
     raise ConfigError(f"config.seq_len={c.seq_len}: on-policy sequences are prompt + response, so it must equal "
                       f"config.rollout.prompt_len + config.rollout.max_new_tokens = "
                       f"{c.rollout.prompt_len} + {c.rollout.max_new_tokens}")
-  if os.path.abspath(c.dpo.workdir) == os.path.abspath(c.rdpo.workdir):
+  if paths.resolve(c.dpo.workdir) == paths.resolve(c.rdpo.workdir):
     raise ConfigError(f"config.rdpo.workdir={c.rdpo.workdir!r}: the reverse DPO stage needs its own run directory "
                       f"(config.dpo.workdir is the same)")
 
@@ -216,6 +216,5 @@ def report(config, workdir: str, summary: dict):
     for name, r in (("sft (before)", out["before"]), ("dpo (teacher)", out["dpo"]),
                     (f"aligndistil {config.method.variant}", out["after"])):
       print(f"{name:<26}" + "".join(f"{r.get(k, float('nan')):>14.4f}" for k in keys))
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(out, f, indent=2)
+  paths.write_json(os.path.join(workdir, "summary.json"), out, indent=2)
   print(f"wrote {os.path.join(workdir, 'summary.json')}")

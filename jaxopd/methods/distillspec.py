@@ -41,7 +41,6 @@ Measured numbers: experiments/README.md (DistillSpec section).
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -52,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxopd import paths
 from jaxopd import checkpoint as ckpt_lib
 from jaxopd.data import batched_iterator, suite as suite_lib
 from jaxopd.errors import ConfigError
@@ -143,7 +143,7 @@ def prepare(config, workdir: str):
   for what, node, model in stages:
     sft.run_stage(config, node, model, f"{what} SFT")
   steps = f"@{config.target.total_steps}" if config.target.source == "policy" else ""
-  table.fill_stage(config, "target", f"run:{os.path.abspath(config.target.workdir)}:{config.target.source}{steps}")
+  table.fill_stage(config, "target", f"run:{paths.resolve(config.target.workdir)}:{config.target.source}{steps}")
   table.fill_stage(config, "draft_sft", sft.stage_init(config.draft_sft))
   return config
 
@@ -472,8 +472,7 @@ def report(config, workdir: str, summary: dict):
     res = {"method": {k: m[k] for k in ("divergence", "beta", "temperature", "data", "mix_lambda", "mix_with")},
            "steps": summary["step"], "eval_mode": config.eval.mode, "eval": summary["eval"],
            "curves": logs.read_metrics(workdir, "eval")}
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(res, f, indent=2)
+    paths.write_json(os.path.join(workdir, "summary.json"), res, indent=2)
     print(f"wrote {os.path.join(workdir, 'summary.json')} (task=files: the final evaluation only)")
     return
   suite = suite_lib.ensure(config.data, verbose=False)
@@ -503,8 +502,7 @@ def report(config, workdir: str, summary: dict):
           print(f"{name:<12}{mode:<10}{r['alpha_prefix']:>7.3f}{g:>6}{s['alpha']:>9.3f}{s['tau']:>7.2f}"
                 f"{s['tau_formula']:>7.2f}{s['speedup']:>8.2f}{s['speedup_formula']:>7.2f}")
   res["curves"] = logs.read_metrics(workdir, "eval")
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(res, f, indent=2)
+  paths.write_json(os.path.join(workdir, "summary.json"), res, indent=2)
   _plot(res, os.path.join(workdir, "summary.png"))
   print(f"wrote {os.path.join(workdir, 'summary.json')} and summary.png")
 
@@ -543,5 +541,5 @@ def _plot(res, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.savefig(fig, path, dpi=100)
   plt.close(fig)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxopd import paths
 from jaxopd import rewards
 from jaxopd.data import batched_iterator, group_rows, reviews, suite as suite_lib
 from jaxopd.errors import ConfigError
@@ -479,14 +480,12 @@ def _fit_target(config, workdir: str) -> dict:
   shared = os.path.join(config.data.data_dir, "fdpg_targets", f"{digest}.json")
   path = os.path.join(workdir, "target.json")
   for p in (path, shared):
-    if os.path.exists(p):
-      with open(p) as f:
-        cached = json.load(f)
+    if paths.exists(p):
+      cached = paths.read_json(p)
       if cached["key"] == key:
         if p == shared:
-          os.makedirs(workdir, exist_ok=True)
-          with open(path, "w") as f:
-            json.dump(cached, f, indent=2)
+          paths.makedirs(workdir)
+          paths.write_json(path, cached, indent=2)
         return cached
   data = load_data(config)
   base, _ = table.load_model(config.models.base.init, "base")
@@ -546,9 +545,8 @@ def _fit_target(config, workdir: str) -> dict:
         + f", log Z {np.round(log_z[:4], 4).tolist()}{' ...' if k > 4 else ''} "
         f"({m.fit_samples} base samples per context)", flush=True)
   for p in (path, shared):
-    os.makedirs(os.path.dirname(p), exist_ok=True)
-    with open(p, "w") as f:
-      json.dump(out, f, indent=2)
+    paths.makedirs(os.path.dirname(p))
+    paths.write_json(p, out, indent=2)
   return out
 
 
@@ -651,9 +649,9 @@ def report(config, workdir: str, summary: dict):
   for name, r in (("base", before), (f"{config.method.divergence} (after)", after)):
     print(f"{name:<12}" + "".join(f"{r.get(k, float('nan')):>18.4f}" for k in KEYS))
   m = config.method
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump({"target": m.target, "divergence": m.divergence, "offline": bool(m.offline),
-               "conditional": bool(m.conditional), "before": before, "after": after}, f, indent=2)
+  paths.write_json(os.path.join(workdir, "summary.json"),
+                   {"target": m.target, "divergence": m.divergence, "offline": bool(m.offline),
+                    "conditional": bool(m.conditional), "before": before, "after": after}, indent=2)
   _plot(logs.read_metrics(workdir, "eval"), before, os.path.join(workdir, "summary.png"), config)
   print(f"wrote {os.path.join(workdir, 'summary.json')} and summary.png")
 
@@ -672,5 +670,5 @@ def _plot(recs, before, path, config):
     ax.set(xlabel="step", ylabel=label, title=f"{config.method.target}, {config.method.divergence}: {label}")
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.savefig(fig, path, dpi=100)
   plt.close(fig)

@@ -46,13 +46,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopd import paths
 from jaxopd import rewards
 from jaxopd.data import batched_iterator, digits, suite as suite_lib, traces
 from jaxopd.errors import ConfigError
@@ -427,8 +427,7 @@ def report(config, workdir: str, summary: dict):
         print(f"{name:<14}" + "".join(f"{out[name].get(k, float('nan')):>12.4f}" for k in keys))
   if config.data.task == "digits":
     digits_report(config, out, {"before": config.models.policy, "teacher": config.models.teacher})
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(out, f, indent=2)
+  paths.write_json(os.path.join(workdir, "summary.json"), out, indent=2)
   print(f"wrote {os.path.join(workdir, 'summary.json')}")
 
 

@@ -36,12 +36,12 @@ normalised positive log-likelihood is the larger).
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 
+from jaxopd import paths
 from jaxopd.data import digits, traces
 from jaxopd.errors import ConfigError
 from jaxopd.experiment import Experiment, LossOutput
@@ -162,20 +162,17 @@ def prepare(config, workdir: str):
 def _same_traces(stage_dir: str, traces_dir: str):
   """Stage 1 records the traces it trains on (``traces.json``); a stage-1 run made from other traces
   is a ConfigError, not a silent reuse."""
-  with open(os.path.join(traces_dir, "config.json")) as f:
-    want = {"traces": os.path.abspath(traces_dir), **json.load(f)}
+  want = {"traces": paths.resolve(traces_dir), **paths.read_json(os.path.join(traces_dir, "config.json"))}
   path = os.path.join(stage_dir, "traces.json")
-  if os.path.isfile(path):
-    with open(path) as f:
-      have = json.load(f)
+  if paths.isfile(path):
+    have = paths.read_json(path)
     if have != want:
       raise ConfigError(f"config.positives.workdir={stage_dir!r}: this stage-1 run was trained on other traces "
                         f"({have.get('traces')}, {have.get('temperature')=}, {have.get('num_prompts')=}); give it "
                         f"its own workdir")
     return
-  os.makedirs(stage_dir, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(want, f, indent=2)
+  paths.makedirs(stage_dir)
+  paths.write_json(path, want, indent=2)
 
 
 def _digits_data(config):
@@ -220,6 +217,5 @@ def report(config, workdir: str, summary: dict):
          "after": summary["eval"]}
   grpo.digits_report(config, out, {"sft base": sft.stage_init(config.sft), "teacher": teacher,
                                    "before": config.models.policy})
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(out, f, indent=2)
+  paths.write_json(os.path.join(workdir, "summary.json"), out, indent=2)
   print(f"wrote {os.path.join(workdir, 'summary.json')}")

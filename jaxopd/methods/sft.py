@@ -13,13 +13,13 @@ Config: experiments/sft.py.
 
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxopd import paths
 from jaxopd import checkpoint as ckpt_lib
 from jaxopd import train
 from jaxopd.data import batched_iterator, digits, suite as suite_lib, toy
@@ -189,4 +189,4 @@ def train_stage(s, workdir: str, build_fn, what: str):
 
 def stage_init(node) -> str:
   """The ``run:`` init of SFT stage ``node``'s policy, pinned at its final step."""
-  return f"run:{os.path.abspath(node.workdir)}:policy@{node.total_steps}"
+  return f"run:{paths.resolve(node.workdir)}:policy@{node.total_steps}"

@@ -26,7 +26,6 @@ states at position t, as the official ``reference_states[:, :-1]``):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -36,6 +35,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from jaxopd import paths
 from jaxopd import train
 from jaxopd.data import batched_iterator, preferences, reviews, suite as suite_lib
 from jaxopd.errors import ConfigError
@@ -497,7 +497,7 @@ def heatmap(panels: dict, path: str, key: str = "w_u"):
             ax.plot([col * char_w, (col + len(word)) * char_w], [y + 0.9, y + 0.9], color="black", lw=0.8)
       y += line_h
     y += 0.4
-  fig.savefig(path, dpi=110, bbox_inches="tight")
+  paths.savefig(fig, path, dpi=110, bbox_inches="tight")
   plt.close(fig)
 
 
@@ -516,7 +516,6 @@ def report(config, workdir: str, summary: dict):
   suite = suite_lib.ensure(config.data, verbose=False)
   models = summary["trainer"].models(summary["state"], summary["frozen"])
   exs = examples(config, suite, models, config.heatmap_examples)
-  with open(os.path.join(workdir, "mask_examples.json"), "w") as f:
-    json.dump({"label": label(config), "examples": exs}, f)
+  paths.write_json(os.path.join(workdir, "mask_examples.json"), {"label": label(config), "examples": exs})
   heatmap({label(config): exs}, os.path.join(workdir, "heatmap.png"))
   print(f"wrote {os.path.join(workdir, 'mask_examples.json')} and heatmap.png")

@@ -24,7 +24,6 @@ Metrics use TRL's names: ``rewards/chosen`` (``beta R(y_w)`` for DPO, ``beta (R
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxopd import paths
 from jaxopd.data import batched_iterator, preferences, suite as suite_lib
 from jaxopd.data.pipeline import share_prompt as share_prompt_rows
 from jaxopd.errors import ConfigError
@@ -167,10 +167,9 @@ def _check(c):
 
 def prefs_config(c):
   d, p = c.data, c.prefs
-  with open(os.path.join(c.sft.workdir, "config.json")) as f:
-    steps = json.load(f)["total_steps"]
+  steps = paths.read_json(os.path.join(c.sft.workdir, "config.json"))["total_steps"]
   return preferences.make_config(
-      policy_workdir=os.path.abspath(c.sft.workdir), policy_step=int(steps), world_seed=d.world_seed,
+      policy_workdir=paths.resolve(c.sft.workdir), policy_step=int(steps), world_seed=d.world_seed,
       prompts_num_train=d.num_prompts_train, prompts_num_test=d.num_prompts_test,
       prompt_min_words=d.prompt_min_words, prompt_max_words=d.prompt_max_words, num_train=p.num_train,
       num_test=p.num_test, k=p.k, mode=p.mode, bt_temperature=p.bt_temperature, temperature=p.temperature,
@@ -287,14 +286,13 @@ def run_dpo_stage(config, node, sft_init: str, what: str = "DPO") -> str:
   s.checkpoint.every = min(s.checkpoint.every, s.total_steps)
   s.eval_every = 0
   recorded = os.path.join(node.workdir, "config.json")
-  if os.path.isfile(recorded):
-    with open(recorded) as f:
-      was = bool(json.load(f).get("method", {}).get("swap", False))
+  if paths.isfile(recorded):
+    was = bool(paths.read_json(recorded).get("method", {}).get("swap", False))
     if was != s.method.swap:
       raise ConfigError(f"{node.workdir}: this DPO run was trained with method.swap={was}, the {what} stage needs "
                         f"swap={s.method.swap}; give the stage its own workdir")
   sft.train_stage(s, node.workdir, build, what)
-  return f"run:{os.path.abspath(node.workdir)}:policy@{node.total_steps}"
+  return f"run:{paths.resolve(node.workdir)}:policy@{node.total_steps}"
 
 
 def make_evaluate(config, suite):
@@ -318,8 +316,8 @@ def report(config, workdir: str, summary: dict):
   """Before/after table (and DPO if cached), summary.json and summary.png in ``workdir``."""
   from jaxopd import logs
   if config.data.task == "files":
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump({"loss": config.method.loss, "beta": config.method.beta, "after": summary["eval"]}, f, indent=2)
+    paths.write_json(os.path.join(workdir, "summary.json"),
+                     {"loss": config.method.loss, "beta": config.method.beta, "after": summary["eval"]}, indent=2)
     print(f"wrote {os.path.join(workdir, 'summary.json')} (task=files: no sampled before/after evaluation)")
     return
   suite = suite_lib.ensure(config.data, verbose=False)
@@ -329,19 +327,17 @@ def report(config, workdir: str, summary: dict):
   rows = {"sft (before)": before, f"{config.method.loss} (after)": summary["eval"]}
   curves = {config.method.loss: logs.read_metrics(workdir, "eval")}
   other = config.compare_with
-  if other and os.path.exists(os.path.join(other, "summary.json")) and \
-      os.path.abspath(other) != os.path.abspath(workdir):
-    with open(os.path.join(other, "summary.json")) as f:
-      o = json.load(f)
+  if other and paths.exists(os.path.join(other, "summary.json")) and \
+      paths.resolve(other) != paths.resolve(workdir):
+    o = paths.read_json(os.path.join(other, "summary.json"))
     rows[f"{o['loss']} ({other})"] = o["after"]
     curves[o["loss"]] = logs.read_metrics(other, "eval")
   keys = ["sample/reward", "sample/kl_ref", "sample/entropy", "sample/distinct2", "loss", "rewards/accuracies"]
   print("\n" + f"{'':<24}" + "".join(f"{k.split('/')[-1]:>14}" for k in keys))
   for name, r in rows.items():
     print(f"{name:<24}" + "".join(f"{r.get(k, float('nan')):>14.4f}" for k in keys))
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump({"loss": config.method.loss, "beta": config.method.beta, "before": before,
-               "after": summary["eval"]}, f, indent=2)
+  paths.write_json(os.path.join(workdir, "summary.json"), {"loss": config.method.loss, "beta": config.method.beta,
+                                                          "before": before, "after": summary["eval"]}, indent=2)
   _plot(curves, before, os.path.join(workdir, "summary.png"))
   print(f"wrote {os.path.join(workdir, 'summary.json')} and summary.png")
 
@@ -364,5 +360,5 @@ def _plot(curves, before, path):
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.savefig(fig, path, dpi=100)
   plt.close(fig)

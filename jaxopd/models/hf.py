@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from jaxopd import checkpoint as ckpt_lib
+from jaxopd import paths
 from jaxopd import mesh as mesh_lib
 from jaxopd.errors import ConfigError
 from jaxopd.models import safetensors_io as st_io
@@ -410,7 +411,7 @@ def export_run(workdir: str, model: str, out_dir: str, tokenizer_dir: str = "", 
   """Exports model ``model`` of the latest checkpoint of run ``workdir`` (its architecture
   from the run's ``models.json``); returns the checkpoint step."""
   from jaxopd.models import table
-  params, r = table.load_model(f"run:{os.path.abspath(workdir)}:{model}", model)
+  params, r = table.load_model(f"run:{paths.resolve(workdir)}:{model}", model)
   export(params, r.arch, out_dir, load_tokenizer(tokenizer_dir) if tokenizer_dir else None, dtype)
   return r.source.step
 

@@ -49,12 +49,12 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
-import json
 import os
 from typing import Mapping
 
 import ml_collections
 
+from jaxopd import paths
 from jaxopd.errors import ConfigError
 from jaxopd.models.transformer import ATTENTION, REMAT, ModelConfig
 
@@ -128,9 +128,9 @@ def parse_init(name: str, value: str) -> Source:
         _bad(name, "init", value, f"the step after @ must be an integer, got {s!r}")
       step = int(s)
     path, model = rest, "policy"
-    if ":" in rest:
+    if ":" in rest and "/" not in rest.rsplit(":", 1)[1]:   # run:gs://bucket/run has no model part
       path, model = rest.rsplit(":", 1)
-    return Source("run", os.path.abspath(path), model, step)
+    return Source("run", paths.resolve(path), model, step)
   _bad(name, "init", value, "must be random, hf:DIR, run:WORKDIR[:MODEL][@STEP], stage:NAME or none")
 
 
@@ -212,11 +212,8 @@ def _block(config, name: str, block: str) -> ModelConfig:
 
 def run_record(workdir: str) -> dict:
   """``WORKDIR/models.json`` of a jaxopd run ({} when absent)."""
-  path = os.path.join(workdir, RECORD)
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  path = paths.join(workdir, RECORD)
+  return paths.read_json(path) if paths.isfile(path) else {}
 
 
 # Architecture fields compared between a block and a source (derived sizes: d_ff=0 means the default width).
@@ -260,7 +257,7 @@ def _resolve_role(config, name: str, pinned: Mapping[str, dict] | None = None) -
       compare(_block(config, name, r.arch), arch, f"config.{r.arch}", os.path.join(src.path, "config.json"), note)
   else:
     rec = run_record(src.path)
-    if not os.path.isdir(os.path.join(src.path, "checkpoints")):
+    if not paths.isdir(paths.join(src.path, "checkpoints")):
       _bad(name, "init", r.init, f"{src.path} has no checkpoints/ (not a jaxopd run, or not trained yet)")
     if src.model not in rec:
       _bad(name, "init", r.init, f"{os.path.join(src.path, RECORD)} has no model {src.model!r}"
@@ -271,7 +268,7 @@ def _resolve_role(config, name: str, pinned: Mapping[str, dict] | None = None) -
       step = pinned[name]["step"]
     if step is None:
       step = ckpt_lib.latest_step(src.path)
-    if step is None or not os.path.isdir(os.path.join(src.path, "checkpoints", str(step))):
+    if step is None or not paths.isdir(paths.join(src.path, "checkpoints", str(step))):
       _bad(name, "init", r.init, f"{src.path} has no checkpoint at step {step}")
     src = dataclasses.replace(src, step=int(step))
     arch = ModelConfig(**{k: v for k, v in rec[src.model]["arch"].items() if k not in _NOT_ARCH})
@@ -322,11 +319,7 @@ def _files(src: Source) -> list[str]:
              and not n.startswith(("tokenizer", "special_tokens", "generation_config"))]
     return [os.path.join(src.path, n) for n in names]
   if src.kind == "run":
-    root = os.path.join(src.path, "checkpoints", str(src.step), "params")
-    out = []
-    for d, _, files in os.walk(root):
-      out += [os.path.join(d, f) for f in files]
-    return sorted(out)
+    return paths.files_under(paths.join(src.path, "checkpoints", str(src.step), "params"))
   return []
 
 
@@ -335,9 +328,9 @@ def fingerprint(src: Source, window: int = 1 << 16) -> str:
   (start, middle, end); cheap at any size, and any rewrite of the weights changes it."""
   h = hashlib.sha256()
   for path in _files(src):
-    size = os.path.getsize(path)
-    h.update(f"{os.path.relpath(path, src.path)}:{size}".encode())
-    with open(path, "rb") as f:
+    size = paths.getsize(path)
+    h.update(f"{path[len(src.path):].lstrip('/')}:{size}".encode())
+    with paths.open(path, "rb") as f:
       for at in sorted({0, max(size // 2 - window // 2, 0), max(size - window, 0)}):
         f.seek(at)
         h.update(f.read(window))
@@ -385,11 +378,7 @@ def check_resume(recorded: Mapping[str, dict], now: Mapping[str, dict], workdir:
 
 
 def write_record(workdir: str, rec: dict) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, RECORD + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(rec, f, indent=2)
-  os.replace(tmp, os.path.join(workdir, RECORD))
+  paths.write_json(paths.join(workdir, RECORD), rec, indent=2)
 
 
 def describe(roles: Mapping[str, Role]) -> str:
