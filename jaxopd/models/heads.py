@@ -29,7 +29,7 @@ def chunked_terms(models: Mapping, tokens: jax.Array, fn: Callable[[dict, jax.Ar
   """``fn(logits, targets) -> dict of [B, C, ...]`` over positions ``0 .. T-2`` in chunks of ``chunk``.
 
   ``models``: name -> Transformer (each run on ``tokens [B, T]`` with ``forward``'s keyword
-  arguments: ``positions``, ``attention_mask``, ``segment_ids``); ``logits``: name -> ``[B, C, V]``
+  arguments: ``positions``, ``attention_mask``, ``segment_ids``, ``branch_ids``); ``logits``: name -> ``[B, C, V]``
   in the model's compute dtype at the chunk's positions; ``targets [B, C]``: the next tokens
   ``tokens[:, 1:]`` there. Names in ``frozen`` get no gradient; ``hidden``: name -> final hidden
   states ``[B, T, D]`` a caller already has (a model's :meth:`hidden_states` ``[-1]``), so its
