@@ -47,11 +47,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
-import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,6 +62,7 @@ from jaxopd.models import ModelConfig  # noqa: E402
 from jaxopd.sampling import SamplingConfig  # noqa: E402
 
 from common import compile_train_step, cpu_snapshot, other_load, single_device_config  # noqa: E402
+from common import time_interleaved  # noqa: E402
 
 PROMPTS, PROMPT, RESPONSE = 8, 32, 96
 SEQ = PROMPT + RESPONSE
@@ -112,24 +111,17 @@ def main(argv=None):
     c = single_device_config(cfg, rows, SEQ, LR, roles)
     exp = Experiment(roles=roles, loss_fn=loss_fn, rollout=rollout, train_data=lambda shard, b=local: iter([b]))
     fn, state, frozen, batch, compile_s, _ = compile_train_step(c, exp, local)
-    compiled[name] = dict(fn=fn, state=state, frozen=frozen, batch=batch, ts=[])
+    compiled[name] = dict(fn=fn, state=state, frozen=frozen, batch=batch)
     print(f"compiled {name}: {compile_s:.1f} s", flush=True)
-  for _ in range(a.rounds):
-    for s in compiled.values():
-      for i in range(a.warmup + a.repeats):
-        t0 = time.perf_counter()
-        s["state"], metrics = s["fn"](s["state"], s["frozen"], s["batch"])
-        jax.block_until_ready((s["state"], metrics))
-        if i >= a.warmup:
-          s["ts"].append(time.perf_counter() - t0)
-      s["loss"] = float(metrics["loss"])
-  med = {n: statistics.median(s["ts"]) for n, s in compiled.items()}
+  timed = time_interleaved(compiled, a.rounds, a.warmup, a.repeats)
+  med = {n: t["median"] for n, t in timed.items()}
   out = {}
   for n, t in med.items():
     ratio = t / med["tdpo2"]
     exp_r = EXPECTED[n]
     print(f"{n:18s}: {t * 1e3:8.1f} ms ({ratio:.2f}x TDPO2" + (f"; FLOP-expected {exp_r:.2f}x" if exp_r else "")
-          + f"); last loss {compiled[n]['loss']:.4f}", flush=True)
+          + f"); first and last loss of the first round {timed[n]['losses'][0]:.4f}, {timed[n]['losses'][-1]:.4f}",
+          flush=True)
     out[f"{n}_ms"] = round(t * 1e3, 1)
     out[f"{n}_vs_tdpo2"] = round(ratio, 3)
     if exp_r:

@@ -2,7 +2,8 @@
 processes used while a benchmark ran: the machine is shared, so timings taken
 under load are flagged, not trusted), the single-device config and compiled
 train step the step benchmarks share, timing (a function; a donated train
-step), XLA's FLOP count and the machine's float32 matmul peak."""
+step; several donated steps interleaved), XLA's FLOP count and the machine's
+float32 matmul peak."""
 
 import os
 import time
@@ -46,6 +47,31 @@ def time_donated_step(compiled, state, frozen, batch, warmup: int, repeats: int)
     jax.block_until_ready((state, metrics))
     ts.append(time.perf_counter() - t0)
   return statistics.median(ts), ts, state, metrics
+
+
+def time_interleaved(steps: dict, rounds: int, warmup: int, repeats: int) -> dict:
+  """Times several compiled train steps in turn: ``rounds`` rounds, each calling every step
+  ``warmup`` times untimed, then ``repeats`` times timed (``block_until_ready``; the state is
+  donated, so it is threaded through), so that load changes on a shared machine reach them all
+  alike. ``steps``: name -> ``dict(fn, state, frozen, batch)``. Returns name -> ``{"median": s,
+  "ts": every timed call, "losses": the losses of the first round's calls}``."""
+  import statistics
+
+  import jax
+  out = {n: {"ts": [], "losses": []} for n in steps}
+  for rnd in range(rounds):
+    for n, s in steps.items():
+      for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        s["state"], metrics = s["fn"](s["state"], s["frozen"], s["batch"])
+        jax.block_until_ready((s["state"], metrics))
+        if i >= warmup:
+          out[n]["ts"].append(time.perf_counter() - t0)
+        if rnd == 0:
+          out[n]["losses"].append(float(metrics["loss"]))
+  for r in out.values():
+    r["median"] = statistics.median(r["ts"])
+  return out
 
 
 def single_device_config(model_cfg, batch_size: int, seq_len: int, lr: float, roles=None):

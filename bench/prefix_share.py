@@ -30,11 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
-import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +45,7 @@ from jaxopd.methods.tdpo import make_loss_fn  # noqa: E402
 from jaxopd.models import ModelConfig  # noqa: E402
 
 from common import compile_train_step, cpu_snapshot, other_load, single_device_config  # noqa: E402
+from common import time_interleaved  # noqa: E402
 
 PAIRS, VOCAB, D, LAYERS, HEADS, FF, LR = 8, 1024, 256, 4, 4, 1024, 3e-4
 WORKLOADS = {"long_prompt": (256, 128), "peers": (32, 96)}
@@ -87,29 +86,20 @@ def main(argv=None):
         c = single_device_config(cfg, PAIRS, p + r, LR, roles)
         exp = Experiment(roles=roles, loss_fn=make_loss_fn(**kw), train_data=lambda shard, b=local: iter([b]))
         compiled, state, frozen, batch, compile_s, _ = compile_train_step(c, exp, local)
-        steps[(wl, ln, layout)] = dict(compiled=compiled, state=state, frozen=frozen, batch=batch, ts=[])
+        steps[(wl, ln, layout)] = dict(fn=compiled, state=state, frozen=frozen, batch=batch)
         print(f"compiled {wl} {ln} {layout}: rows of {local['tokens'].shape[-1]} tokens, {compile_s:.1f} s",
               flush=True)
-  for rnd in range(a.rounds):
-    for s in steps.values():
-      for i in range(a.warmup + a.repeats):
-        t0 = time.perf_counter()
-        s["state"], metrics = s["compiled"](s["state"], s["frozen"], s["batch"])
-        jax.block_until_ready((s["state"], metrics))
-        if i >= a.warmup:
-          s["ts"].append(time.perf_counter() - t0)
-        if rnd == 0 and i < 2:   # the losses of the first two steps (the second after one update): per layout
-          s.setdefault("loss", []).append(float(metrics["loss"]))
+  timed = time_interleaved(steps, a.rounds, a.warmup, a.repeats)
   out = {}
   for wl in WORKLOADS:
     for ln in LOSSES:
-      rows, shared = (steps[(wl, ln, lay)] for lay in ("rows", "shared"))
-      t_rows, t_shared = statistics.median(rows["ts"]), statistics.median(shared["ts"])
+      rows, shared = (timed[(wl, ln, lay)] for lay in ("rows", "shared"))
+      t_rows, t_shared = rows["median"], shared["median"]
       f = facts[wl]
       print(f"{wl:12s} {ln:6s}: a row per response {t_rows * 1e3:7.1f} ms ({f['tokens_per_pair_rows']} tokens/pair), "
             f"shared prompt {t_shared * 1e3:7.1f} ms ({f['tokens_per_pair_shared']} tokens/pair): "
-            f"speed-up {t_rows / t_shared:.2f}x; losses of steps 1, 2: {rows['loss'][0]:.6f}, {rows['loss'][1]:.6f} vs "
-            f"{shared['loss'][0]:.6f}, {shared['loss'][1]:.6f}",
+            f"speed-up {t_rows / t_shared:.2f}x; losses of steps 1, 2: {rows['losses'][0]:.6f}, "
+            f"{rows['losses'][1]:.6f} vs {shared['losses'][0]:.6f}, {shared['losses'][1]:.6f}",
             flush=True)
       out[f"{wl}_{ln}_rows_ms"] = round(t_rows * 1e3, 1)
       out[f"{wl}_{ln}_shared_ms"] = round(t_shared * 1e3, 1)
