@@ -296,3 +296,31 @@ def test_grpo_from_hf_dir_with_prompt_file_and_a_reward_function(families, tmp_p
   print(f"GRPO with a reward function: reward {np.mean(r[:5]):.4f} (steps 1-5) -> {np.mean(r[-5:]):.4f} "
         f"(steps 26-30)")
   assert np.mean(r[-5:]) > np.mean(r[:5]) + 0.02, r
+
+
+def test_redi_with_shared_prompts_and_aligndistil_from_hf_dirs(families, files, tmp_path):
+  """REDI (the paper's alpha 0.8) on conversational JSONL pairs from the bf16 Qwen2 directory (no
+  BOS, pad == eos, chat template) with each pair's prompt shared, and off-policy AlignDistil (the
+  adaptive teacher) with the policy, the SFT reference and user-given DPO and reverse-DPO
+  directories, by config fields alone: no stage is trained; each loss leaves its start by gradient."""
+  r = _quiet(load_config("redi.py"))
+  r.data.task = "files"
+  r.data.files.train = files["chat_pairs"]
+  r.models.policy.init = r.models.reference.init = f"hf:{families['qwen2']}"
+  r.method.share_prompt = True
+  r, out = _run("redi", r, tmp_path / "redi")
+  losses = [x["loss"] for x in logs.read_metrics(str(tmp_path / "redi"), "train")]
+  assert abs(losses[-1] - losses[0]) > 1e-3, losses
+  assert "logps/chosen_change" in out["train"]
+
+  teachers = {n: hf_fixtures.make_family_dir(str(tmp_path / n), "qwen2", seed=s) for n, s in (("dpo", 5), ("rdpo", 6))}
+  a = _quiet(load_config("aligndistil.py:off_policy"))
+  a.data.task = "files"
+  a.data.files.train = files["chat_pairs"]
+  a.models.policy.init = a.models.reference.init = f"hf:{families['qwen2']}"
+  a.models.dpo.init, a.models.rdpo.init = f"hf:{teachers['dpo']}", f"hf:{teachers['rdpo']}"
+  a, out = _run("aligndistil", a, tmp_path / "aligndistil")
+  losses = [x["loss"] for x in logs.read_metrics(str(tmp_path / "aligndistil"), "train")]
+  assert abs(losses[-1] - losses[0]) > 1e-4, losses
+  rec = json.load(open(tmp_path / "aligndistil" / "models.json"))
+  assert rec["rdpo"]["source"] == f"hf:{teachers['rdpo']}" and not rec["dpo"]["trainable"]
