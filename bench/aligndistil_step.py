@@ -25,8 +25,9 @@ chunks recomputed): TDPO2 costs 16 x (3F + F) = 64F, AlignDistil off-policy 8 x 
 (0.75x TDPO2), on 16 sequences 96F (1.5x). The printed ratios against these say what bounds the
 step: above them, the vocabulary-wide work (four softmaxes over 1024 entries per token, against
 two for TDPO) and the elementwise work; the on-policy step adds the sampler (96 sequential decode
-steps of the policy). Timed: ``rounds`` rounds, each timing every step for ``repeats`` calls
-after ``warmup``; the median over all timed calls.
+steps of the policy). Timed (:func:`common.time_interleaved`): ``warmup``
+untimed calls of each, then ``rounds`` rounds, each timing every step for ``repeats`` calls; the
+median over all timed calls.
 
 Measured (2-core VM, idle: other load 0.03; 2 rounds x 5 steps): TDPO2 755 ms; AlignDistil
 off-policy 549 ms (0.73x, FLOP-expected 0.75x), on TDPO's 16 sequences 1041 ms (1.38x, expected

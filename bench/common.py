@@ -50,22 +50,23 @@ def time_donated_step(compiled, state, frozen, batch, warmup: int, repeats: int)
 
 
 def time_interleaved(steps: dict, rounds: int, warmup: int, repeats: int) -> dict:
-  """Times several compiled train steps in turn: ``rounds`` rounds, each calling every step
-  ``warmup`` times untimed, then ``repeats`` times timed (``block_until_ready``; the state is
-  donated, so it is threaded through), so that load changes on a shared machine reach them all
-  alike. ``steps``: name -> ``dict(fn, state, frozen, batch)``. Returns name -> ``{"median": s,
-  "ts": every timed call, "losses": the losses of the first round's calls}``."""
+  """Times several compiled train steps in turn: every step called ``warmup`` times untimed, then
+  ``rounds`` rounds, each calling every step ``repeats`` times timed (``block_until_ready``; the
+  state is donated, so it is threaded through), so that load changes on a shared machine reach
+  them all alike. ``steps``: name -> ``dict(fn, state, frozen, batch)``. Returns name ->
+  ``{"median": s, "ts": every timed call, "losses": the losses of the warm-up and first round's
+  calls, in order}``."""
   import statistics
 
   import jax
   out = {n: {"ts": [], "losses": []} for n in steps}
   for rnd in range(rounds):
     for n, s in steps.items():
-      for i in range(warmup + repeats):
+      for i in range(warmup * (rnd == 0) + repeats):
         t0 = time.perf_counter()
         s["state"], metrics = s["fn"](s["state"], s["frozen"], s["batch"])
         jax.block_until_ready((s["state"], metrics))
-        if i >= warmup:
+        if rnd > 0 or i >= warmup:
           out[n]["ts"].append(time.perf_counter() - t0)
         if rnd == 0:
           out[n]["losses"].append(float(metrics["loss"]))

@@ -17,8 +17,8 @@ response exactly its workload's length (the most the shared layout can save is t
 Both layouts run the same loss function (:func:`jaxopd.methods.tdpo.make_loss_fn`; the layout is
 read from the batch) from the same initial models and give the same losses (those of the first two
 steps are printed, the second after one update; equality is tested in tests/test_prefix_sharing.py).
-Timed: ``rounds`` rounds, each timing every (workload, loss, layout) for ``repeats`` steps after
-``warmup``; the median over all timed steps. Speed-up = step time of a row per response / shared.
+Timed (:func:`common.time_interleaved`): ``warmup`` untimed steps of each, then ``rounds`` rounds,
+each timing every (workload, loss, layout) for ``repeats`` steps; the median over all timed steps. Speed-up = step time of a row per response / shared.
 
 The last line printed is one JSON object: per workload and loss the two step times (ms), the
 speed-up, the tokens per pair of each layout, and ``other_cpu_load`` (CPUs used by other

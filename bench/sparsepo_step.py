@@ -29,11 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
-import jax
 from flax import nnx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,6 +41,7 @@ for p in (ROOT, HERE):
     sys.path.insert(0, p)
 
 from common import compile_train_step, cpu_snapshot, other_load, single_device_config  # noqa: E402
+from common import time_interleaved  # noqa: E402
 from preference_step import ALPHA, BETA, LR, PAIRS, SEQ, TOKENS, model_cfg, synthetic_batch  # noqa: E402
 
 from jaxopd.methods import sparsepo, tdpo as preference  # noqa: E402
@@ -84,24 +83,14 @@ def main(argv=None):
   a = ap.parse_args(argv)
   snap = cpu_snapshot()
   t_start = time.perf_counter()
-  steps, times = {}, {n: [] for n in VARIANTS}
+  steps = {}
   for n in VARIANTS:
     compiled, state, frozen, batch, comp = build_step(n)
-    for _ in range(a.warmup):
-      state, metrics = compiled(state, frozen, batch)
-    jax.block_until_ready(state)
-    steps[n] = [compiled, state, frozen, batch]
+    steps[n] = dict(fn=compiled, state=state, frozen=frozen, batch=batch)
     print(f"{n:16s} compiled in {comp:.1f} s", flush=True)
-  for _ in range(a.rounds):
-    for n in VARIANTS:
-      compiled, state, frozen, batch = steps[n]
-      for _ in range(a.repeats):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, frozen, batch)
-        jax.block_until_ready((state, metrics))
-        times[n].append(time.perf_counter() - t0)
-      steps[n][1] = state
-  med = {n: statistics.median(ts) for n, ts in times.items()}
+  timed = time_interleaved(steps, a.rounds, a.warmup, a.repeats)
+  times = {n: t["ts"] for n, t in timed.items()}
+  med = {n: t["median"] for n, t in timed.items()}
   for n in VARIANTS:
     print(f"{n:16s} {med[n] * 1e3:8.1f} ms median of {len(times[n])} (min {min(times[n]) * 1e3:.1f}, max "
           f"{max(times[n]) * 1e3:.1f}); {TOKENS / med[n]:7.0f} tokens/s; vs tdpo1 {med[n] / med['tdpo1'] - 1:+.1%}")

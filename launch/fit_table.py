@@ -67,8 +67,14 @@ GRID = {"qwen2-0.5b": ("v5e:2x2", 1024), "qwen2-1.5b": ("v5e:4x4", 1024), "llama
 
 
 def shared_len(prompt: int, response: int) -> int:
-  """The row of a pair with its prompt shared (:func:`jaxopd.data.pipeline.share_prompt`)."""
-  return -(-(prompt + 2 * response + 1) // 16) * 16
+  """The row length :func:`jaxopd.data.pipeline.share_prompt` gives a pair of a ``prompt``-token
+  prompt and two ``response``-token responses."""
+  import numpy as np
+  sys.path.insert(0, REPO)
+  from jaxopd.data.pipeline import share_prompt
+  mask = np.zeros((2, prompt + response), np.int32)
+  mask[:, prompt:] = 1
+  return share_prompt([[{"tokens": np.zeros_like(mask), "loss_mask": mask}]])[1]["row_len"]
 
 
 def step_flops(method: str, cfg, batch: int, seq: int, remat: str, prompt: int = 0, share: bool = False) -> float:
