@@ -170,6 +170,8 @@ def report(config, experiment, devices=None) -> dict:
   # multiplied by their trip counts (launch/fit_table.py counts the step's FLOPs itself).
   out["xla_flops"] = float(cost.get("flops", 0.0))
   out["xla_bytes"] = float(cost.get("bytes accessed", 0.0))
+  # Pallas (Mosaic) kernels in the compiled step, e.g. model.attention=splash's forward and backward.
+  out["pallas_kernels"] = compiled.as_text().count('custom_call_target="tpu_custom_call"')
   chip = CHIPS.get(out["device_kind"])
   if chip:
     out["chip"] = chip
@@ -192,6 +194,8 @@ def format_report(r: dict, hbm_bytes: int | None = None) -> str:
            f"  total               {_fmt(r['total'])}   (XLA: arguments + outputs - donated + temp)"]
   lines.append(f"  XLA cost analysis   {r['xla_flops']:.3e} FLOP, {r['xla_bytes'] / 2**30:.2f} GiB accessed "
                f"(a loop body counts once: layer scan, chunks, microbatches, decode steps)")
+  if r.get("pallas_kernels"):
+    lines.append(f"  Pallas kernels      {r['pallas_kernels']} custom calls (not in XLA's FLOP count)")
   if hbm_bytes:
     verdict = "fits" if r["total"] <= hbm_bytes else "does NOT fit"
     lines.append(f"  {verdict} in {hbm_bytes / 2**30:.1f} GiB per device ({100 * r['total'] / hbm_bytes:.1f}% used)")

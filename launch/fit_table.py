@@ -239,7 +239,7 @@ def main(argv=None) -> int:
   p.add_argument("--remat", default="full", help="remat of the trainable roles: none | full | dots")
   p.add_argument("--scan_layers", default="true", choices=("true", "false"),
                  help="every role's blocks as one lax.scan (compile time independent of depth)")
-  p.add_argument("--attention", default="dot_product", help="every role's attention: einsum | dot_product | chunked")
+  p.add_argument("--attention", default="dot_product", help="every role's attention: einsum | dot_product | chunked | splash")
   p.add_argument("--timeout", type=int, default=1800, help="seconds per compile")
   p.add_argument("--retable", action="store_true", help="rewrite table.md from --out's results.jsonl (no compile)")
   a = p.parse_args(argv)

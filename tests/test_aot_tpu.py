@@ -85,6 +85,23 @@ def test_step_compiles_for_a_v5e_2x2_and_the_flop_count_matches_xla(tmp_path, me
   json.dumps(r)                              # the --json line is one JSON object
 
 
+def test_splash_attention_step_compiles_for_a_v5e_2x2_with_the_real_kernel(tmp_path):
+  """model.attention=splash in the TDPO step for 4 abstract v5e chips under FSDP: the TPU compiler
+  gets the Pallas kernel itself (not interpret mode: the target is read from the mesh's devices),
+  one Mosaic call per layer in the policy's forward, two in its backward (dq, dkv) and one in the
+  frozen reference's forward: 4 x 2 layers = 8; the einsum step has none."""
+  _needs_libtpu()
+  from jaxopd import methods
+  counts = {}
+  for att in ("einsum", "splash"):
+    config = _tiny_cell(tmp_path, "tdpo", "tdpo.py:smoke",
+                        **{"models.policy.attention": att, "models.reference.attention": att})
+    r = aot_memory.report(config, methods.get("tdpo").build(config), aot_memory.topology_devices("v5e:2x2"))
+    counts[att] = r["pallas_kernels"]
+  assert counts == {"einsum": 0, "splash": 8}
+  assert "Pallas kernels      8 custom calls" in aot_memory.format_report(r)
+
+
 def test_unknown_topology_and_preset_are_one_line_errors(capsys, monkeypatch):
   monkeypatch.chdir(REPO)
   assert aot_memory.main(["--config", "experiments/sft.py:smoke,sort", "--preset", "gpt5"]) == 2

@@ -164,12 +164,14 @@ def test_packed_sft_loss_equals_separate_examples_with_pad_equal_to_eos_and_no_b
 
 
 @pytest.mark.parametrize("name", ["gpt2", "qwen2_bias"])   # MHA with biases; GQA (1 kv head) with q/k/v bias
-@pytest.mark.parametrize("attention", [dict(attention="dot_product"), dict(attention="chunked", attention_chunk=5)])
+@pytest.mark.parametrize("attention", [dict(attention="dot_product"), dict(attention="chunked", attention_chunk=5),
+                                       dict(attention="splash")])
 def test_attention_implementations_equal_einsum(name, attention):
-  """attention=dot_product (jax.nn.dot_product_attention) and attention=chunked (queries in chunks
-  of 5, not dividing 12) give the einsum path's logits and gradients: causal, left padding, GQA,
-  packed segments and the KV-cache decode (float32: 1e-5; bf16 compute: within 2e-2 of each
-  other relative to the logit scale)."""
+  """attention=dot_product (jax.nn.dot_product_attention), attention=chunked (queries in chunks
+  of 5, not dividing 12) and attention=splash (the TPU Pallas kernel, in interpret mode here)
+  give the einsum path's logits and gradients: causal, left padding, GQA, packed segments and
+  the KV-cache decode (float32: 1e-5; bf16 compute: within 2e-2 of each other relative to the
+  logit scale; splash's KV-cache path is the einsum one)."""
   import dataclasses
   cfg = CONFIGS[name]
   ref, fast = _model(cfg), Transformer(dataclasses.replace(cfg, **attention), nnx.Rngs(params=0))
@@ -205,6 +207,44 @@ def test_attention_implementations_equal_einsum(name, attention):
   nnx.update(rb, nnx.state(ref, nnx.Param))
   la, lb = np.asarray(run(ra, toks).logits, np.float32), np.asarray(run(rb, toks).logits, np.float32)
   assert np.abs(la - lb).max() < 2e-2 * np.abs(la).max()
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias"])   # 2 KV heads (split by tensor=2); 1 (repeated)
+def test_splash_attention_under_a_mesh_runs_per_shard_and_equals_einsum(name, monkeypatch):
+  """attention=splash on 8 devices (data 2 x fsdp 2 x tensor 2, the default rules): the kernel runs
+  in a shard_map on one row and half the heads per device (its local shapes recorded), and the
+  logits on valid positions and the gradients equal the einsum path's without a mesh (left
+  padding, packed segments); the shared-prefix mask is refused with a one-line error."""
+  import dataclasses
+  from jaxopd import mesh as mesh_lib
+  from jaxopd.errors import ConfigError
+  from jaxopd.models import splash
+  cfg = CONFIGS[name]
+  ref, fast = _model(cfg), Transformer(dataclasses.replace(cfg, attention="splash"), nnx.Rngs(params=0))
+  nnx.update(fast, nnx.state(ref, nnx.Param))
+  toks = jax.random.randint(jax.random.key(3), (4, 12), 0, cfg.vocab_size)
+  mask = jnp.ones((4, 12), jnp.int32).at[1, :4].set(0).at[2, :2].set(0)
+  pos = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
+  seg = jnp.concatenate([jnp.ones((4, 7), jnp.int32), 2 * jnp.ones((4, 5), jnp.int32)], 1)
+  shapes = []
+  local = splash._local
+  monkeypatch.setattr(splash, "_local", lambda q, *a, **k: shapes.append(q.shape) or local(q, *a, **k))
+  run = nnx.jit(lambda m, *a, **k: m(*a, **k).logits)
+  loss = lambda m: jnp.mean(jax.nn.log_softmax(m(toks, pos, attention_mask=mask).logits)[..., 0] * mask)
+  want = [run(ref, toks, pos, attention_mask=mask), run(ref, toks, segment_ids=seg)]
+  want_grad = nnx.jit(nnx.grad(loss))(ref)
+  mesh = mesh_lib.make_mesh((2, 2, 2), 8)
+  with jax.set_mesh(mesh), mesh_lib.use_rules(mesh_lib.rules_from_config(mesh_lib.DEFAULT_RULES)):
+    got = [run(fast, toks, pos, attention_mask=mask), run(fast, toks, segment_ids=seg)]
+    got_grad = nnx.jit(nnx.grad(loss))(fast)
+    with pytest.raises(ConfigError, match="share_prompt"):
+      run(fast, toks, branch_ids=seg - 1)
+  assert shapes and set(shapes) == {(1, cfg.n_heads // 2, 128, cfg.head_dim)}   # 4 rows / 4, heads / 2, padded
+  valid = np.asarray(mask, bool)
+  np.testing.assert_allclose(np.asarray(got[0])[valid], np.asarray(want[0])[valid], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=1e-5, rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(nnx.state(want_grad)), jax.tree.leaves(nnx.state(got_grad))):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, rtol=1e-4)
 
 
 def test_bf16_attention_scores_are_accumulated_and_kept_in_float32():

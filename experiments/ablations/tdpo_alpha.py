@@ -27,25 +27,27 @@ COLUMNS = ("sample/reward", "sample/kl_ref", "kl/chosen", "kl/rejected", "kl/mar
 
 
 def alpha_sweep(config: str, out: str, alphas: str, seeds: str, steps: int, sets: list[str], columns,
-                xlabel: str, xscale: str, skip_runs: bool = False):
-  """``method.alpha`` over ``alphas`` x ``seeds`` with launch/sweep.py (``config``, fields ``sets``), then
-  ``out/alpha.md`` (``columns`` per alpha, mean over seeds) and ``out/alpha.png`` (reward and KL vs alpha).
-  Shared by the TDPO2 and REDI alpha ablations."""
+                xlabel: str, xscale: str, skip_runs: bool = False, field: str = "method.alpha"):
+  """One config ``field`` (default ``method.alpha``) over ``alphas`` x ``seeds`` with launch/sweep.py
+  (``config``, fields ``sets``), then ``out/<name>.md`` (``columns`` per value, mean over seeds) and
+  ``out/<name>.png`` (reward and KL against it), ``name`` the field's last part. Shared by the TDPO2
+  and REDI alpha ablations and AlignDistil's beta2 sweep."""
+  name = field.split(".")[-1]
   if not skip_runs:
-    sweep.main(["--config", config, "--out", out, "--grid", "method.alpha=" + alphas, "--seeds", seeds,
+    sweep.main(["--config", config, "--out", out, "--grid", f"{field}=" + alphas, "--seeds", seeds,
                 "--set", f"total_steps={steps}"] + [x for s in sets for x in ("--set", s)])
   with open(os.path.join(out, "results.jsonl")) as f:
     results = [r for r in map(json.loads, f) if r.get("exit") == 0 and "sample/reward" in r]
   groups = collections.defaultdict(list)
   for r in results:
-    groups[float(r["method.alpha"])].append(r)
+    groups[float(r[field])].append(r)
   rows = {alpha: {c: sum(r[c] for r in rs) / len(rs) for c in columns} | {"seeds": len(rs)}
           for alpha, rs in sorted(groups.items())}
-  lines = ["| alpha | seeds | " + " | ".join(c.split("/")[-1] for c in columns) + " |",
+  lines = [f"| {name} | seeds | " + " | ".join(c.split("/")[-1] for c in columns) + " |",
            "|" + " --- |" * (len(columns) + 2)]
   for alpha, row in rows.items():
     lines.append(f"| {alpha} | {row['seeds']} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
-  with open(os.path.join(out, "alpha.md"), "w") as f:
+  with open(os.path.join(out, f"{name}.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
   import matplotlib
@@ -60,7 +62,7 @@ def alpha_sweep(config: str, out: str, alphas: str, seeds: str, steps: int, sets
   ax2.set_ylabel("sequence KL(policy || reference)")
   fig.legend(loc="upper center", ncol=2)
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "alpha.png"), dpi=110)
+  fig.savefig(os.path.join(out, f"{name}.png"), dpi=110)
 
 
 def main(argv=None):

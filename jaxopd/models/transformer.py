@@ -29,9 +29,10 @@ from flax import nnx
 from jaxopd.errors import ConfigError
 from jaxopd.losses.common import map_chunks
 from jaxopd.mesh import constrain
+from jaxopd.models import splash
 
 FAMILIES = ("gpt2", "llama")
-ATTENTION = ("einsum", "dot_product", "chunked")
+ATTENTION = ("einsum", "dot_product", "chunked", "splash")
 REMAT = ("none", "full", "dots")
 HEADS = ("lm", "score")
 
@@ -56,6 +57,8 @@ class ModelConfig:
                                    # (jax.nn.dot_product_attention: cuDNN flash attention on GPU where it applies)
                                    # | chunked (einsum over query chunks, rematerialised: scores of one chunk
                                    # of queries at a time, memory linear in length; training forwards)
+                                   # | splash (the TPU splash-attention Pallas kernel, jaxopd/models/splash.py;
+                                   # training forwards; interpret mode off TPU; the KV-cache path uses einsum)
   attention_chunk: int = 512       # chunked: queries per chunk
   remat: str = "none"              # rematerialisation of each block in a training forward: none | full
                                    # (keep only block inputs, recompute the rest in the backward) | dots
@@ -261,7 +264,9 @@ class Attention(nnx.Module):
       allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
     if branch_ids is not None:
       allowed = allowed & ((branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :]))
-    if cfg.attention == "dot_product":
+    if cfg.attention == "splash" and cache_kv is None:
+      out = splash.attention(q, keys, values, key_mask, segment_ids, branch_ids)
+    elif cfg.attention == "dot_product":
       if cache_kv is not None:   # the cache holds [B, n, S, Dh]
         keys_bsnk, values_bsnk = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
       else:

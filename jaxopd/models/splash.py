@@ -1,0 +1,116 @@
+"""``model.attention = "splash"``: the TPU splash-attention Pallas kernel
+(``jax.experimental.pallas.ops.tpu.splash_attention``) for training forwards.
+
+Causal attention with padding and packed segments, expressed as the kernel's
+segment ids: a valid token of segment ``s`` gets id ``s + 1`` (``1`` without
+packing), a padding token ``0``. A valid query then sees exactly the keys the
+einsum path lets it see (valid, same segment, at or before it); a padding
+query sees the padding keys before it (its output is garbage either way and no
+loss reads it; the einsum path gives it the valid keys instead). Grouped-query
+attention is the kernel's own (``num_q_heads`` a multiple of ``num_kv_heads``).
+Scores and softmax are float32 inside the kernel whatever the input dtype.
+
+Not expressible: the shared-prefix branch mask (``branch_ids``: a prefix key
+must match every branch's id), refused with a one-line error; the KV-cache path
+(prefill and decode) uses the einsum path.
+
+The kernel works on one example ``[heads, T, Dh]``: it is vmapped over the
+batch and, under a mesh, run in a ``shard_map`` over the batch and head axes
+(the mesh rules' ``batch`` and ``heads`` axes; the sequence is not split), and
+sequences are padded at the end to a multiple of 128, the kernel's block. KV heads that the tensor axis does not divide are repeated to the
+query heads first. Off TPU (tests, the CPU) the kernel runs in Pallas' interpret
+mode: the same kernel code, slowly; the target is read from the mesh's devices,
+so an ahead-of-time compile for abstract TPU devices on a CPU host gets the
+real kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jaxopd.errors import ConfigError
+
+BLOCKS = (512, 256, 128)
+
+
+def padded_length(t: int) -> int:
+  """Sequences are padded to a multiple of 128 for the kernel (its blocks are multiples of 128)."""
+  return -(-t // 128) * 128
+
+
+def block_size(t: int) -> int:
+  """The kernel's query / key block for a (padded) length ``t``: the largest of 512, 256, 128 dividing it."""
+  return next(b for b in BLOCKS if t % b == 0)
+
+
+def _platform() -> str:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is not None and not mesh.empty:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
+def _kernel(heads: int, t: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  b = block_size(t)
+  sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                        block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+  mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(heads)])
+  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret), sk
+
+
+def _local(q, k, v, seg, interpret: bool):
+  """The kernel on local blocks: ``q [B, H, T, Dh]``, ``k, v [B, KV, T, Dh]``, ``seg [B, T]``."""
+  kernel, sk = _kernel(q.shape[1], q.shape[2], interpret)
+  return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(s, s)))(q, k, v, seg)
+
+
+def _axes(spec_entry) -> tuple:
+  return () if spec_entry is None else spec_entry if isinstance(spec_entry, tuple) else (spec_entry,)
+
+
+def attention(q, k, v, key_mask, segment_ids=None, branch_ids=None):
+  """``q [B, T, H, Dh]``, ``k, v [B, T, KV, Dh]``, ``key_mask [B, T]`` -> ``[B, T, H, Dh]``
+  (causal; ``segment_ids [B, T]`` for packed rows)."""
+  if branch_ids is not None:
+    raise ConfigError("config.model.attention='splash' cannot express the shared-prefix mask of "
+                      "config.method.share_prompt (its segment ids cannot let prefix keys match every branch); "
+                      "use attention=chunked or dot_product with share_prompt")
+  from jaxopd import mesh as mesh_lib
+  b, t, h, dh = q.shape
+  kv = k.shape[2]
+  seg = jnp.where(key_mask, 1 if segment_ids is None else segment_ids.astype(jnp.int32) + 1, 0).astype(jnp.int32)
+  tp = padded_length(t)                 # padding at the end: segment 0, after every real query
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
+  q, k, v, seg = (pad(x) if tp != t else x for x in (q, k, v, seg))
+  q = (q * (1.0 / math.sqrt(dh))).astype(q.dtype).transpose(0, 2, 1, 3)
+  k, v = k.astype(q.dtype).transpose(0, 2, 1, 3), v.astype(q.dtype).transpose(0, 2, 1, 3)
+  out = lambda o: o.transpose(0, 2, 1, 3)[:, :t]
+  interpret = _platform() != "tpu"
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = mesh_lib._RULES.get()
+  if mesh is None or mesh.empty or rules is None:
+    return out(_local(q, k, v, seg, interpret))
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  n = lambda axes: int(np.prod([sizes[a] for a in axes])) if axes else 1
+  batch = _axes(mesh_lib.logical_to_spec(("batch",), rules)[0])
+  if b % n(batch):
+    batch = ()
+  heads = tuple(a for a in _axes(mesh_lib.logical_to_spec(("heads",), rules)[0]) if a not in batch)
+  if h % n(heads):
+    heads = ()
+  if heads and kv % n(heads):      # the tensor axis does not divide the KV heads: repeat them to H
+    k, v = jnp.repeat(k, h // kv, axis=1), jnp.repeat(v, h // kv, axis=1)
+  bspec = batch if len(batch) > 1 else (batch[0] if batch else None)
+  hspec = heads if len(heads) > 1 else (heads[0] if heads else None)
+  qs = P(bspec, hspec, None, None)
+  fn = jax.shard_map(functools.partial(_local, interpret=interpret), mesh=mesh,
+                     in_specs=(qs, qs, qs, P(bspec, None)), out_specs=qs, check_vma=False)
+  return out(fn(q, k, v, seg))
