@@ -35,7 +35,7 @@ BAD = [
     ({"models.policy.trainable": False}, r"config.models.policy.trainable=False: this experiment's policy is trained"),
     ({"model.dtype": "bfloat16"}, r"config.model.dtype='bfloat16': per role: config.models.<role>.dtype"),
     ({"models.policy.attention": "flash"}, r"config.models.policy.attention='flash': must be one of "
-                                           r"\('einsum', 'dot_product', 'chunked'\)"),
+                                           r"\('einsum', 'dot_product', 'chunked', 'splash'\)"),
     ({"models.policy.remat": "some"}, r"config.models.policy.remat='some': must be one of "
                                       r"\('none', 'full', 'dots'\)"),
     ({"model.n_heads": 5}, r"config.model.n_heads=5: must divide d_model=32"),

@@ -12,7 +12,7 @@ cached SFT base, pairs, DPO and reverse-DPO stages (the first run trains them); 
 sweep as the baseline; DPO is the DPO stage itself (experiments/tdpo.py:dpo, 400 steps).
 Writes ``OUT/results.jsonl``, ``OUT/variants.md`` (final gold reward, sequence KL to the
 SFT reference, entropy, distinct-2, the adaptive coefficient's mean / max / fraction above
-10) and ``OUT/variants.png`` (reward against KL, and reward against step, over training).
+10; mean ± standard deviation over seeds) and ``OUT/variants.png`` (reward against KL, and reward against step, over training).
 """
 
 from __future__ import annotations
@@ -80,6 +80,15 @@ def mean(rs, k):
   return sum(vals) / len(vals) if vals else float("nan")
 
 
+def std(rs, k):
+  """The standard deviation over seeds (population; NaN with fewer than two)."""
+  vals = [r[k] for r in rs if isinstance(r.get(k), (int, float))]
+  if len(vals) < 2:
+    return float("nan")
+  m = sum(vals) / len(vals)
+  return (sum((v - m) ** 2 for v in vals) / len(vals)) ** 0.5
+
+
 def table(results, dpo, path):
   groups = collections.defaultdict(list)
   for r in results:
@@ -95,8 +104,9 @@ def table(results, dpo, path):
   for (method, kind), rs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
     cells = []
     for key, _, spec in cols:
-      v = mean(rs, key)
-      cells.append("-" if v != v else format(v, spec))
+      v, sd = mean(rs, key), std(rs, key)
+      cells.append("-" if v != v else format(v, spec) + ("" if sd != sd or key.startswith("coef/") else
+                                                          f" ± {format(sd, spec)}"))
     lines.append(f"| {method} | {kind} | {len(rs)} | " + " | ".join(cells) + " |")
   before = next((r["before"] for r in results if "before" in r), None)
   if before:
