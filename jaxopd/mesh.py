@@ -139,17 +139,27 @@ def use_rules(rules: tuple):
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation from logical names; a no-op outside a mesh."""
-  rules = _RULES.get()
+  rules = active_rules()
   mesh = jax.sharding.get_abstract_mesh()
   if rules is None or mesh is None or mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules))
 
 
+def active_rules() -> tuple | None:
+  """The rule table set by :func:`use_rules` (None outside it)."""
+  return _RULES.get()
+
+
+def mesh_axes(logical: str, rules: tuple) -> tuple[str, ...]:
+  """The mesh axes a logical axis is split over under ``rules`` (``()``: not split)."""
+  spec = logical_to_spec((logical,), rules)[0]
+  return () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
+
+
 def data_parallel_size(mesh: Mesh, rules: tuple) -> int:
   """How many ways the ``batch`` logical axis is split on this mesh."""
-  spec = logical_to_spec(("batch",), rules)[0]
-  axes = () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
+  axes = mesh_axes("batch", rules)
   return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 

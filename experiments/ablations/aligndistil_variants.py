@@ -12,7 +12,8 @@ cached SFT base, pairs, DPO and reverse-DPO stages (the first run trains them); 
 sweep as the baseline; DPO is the DPO stage itself (experiments/tdpo.py:dpo, 400 steps).
 Writes ``OUT/results.jsonl``, ``OUT/variants.md`` (final gold reward, sequence KL to the
 SFT reference, entropy, distinct-2, the adaptive coefficient's mean / max / fraction above
-10; mean ± standard deviation over seeds) and ``OUT/variants.png`` (reward against KL, and reward against step, over training).
+10; mean ± standard deviation over seeds) and ``OUT/variants.png`` (reward against KL, and
+reward against step, over training).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import collections
 import json
 import os
+import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -83,10 +85,7 @@ def mean(rs, k):
 def std(rs, k):
   """The standard deviation over seeds (population; NaN with fewer than two)."""
   vals = [r[k] for r in rs if isinstance(r.get(k), (int, float))]
-  if len(vals) < 2:
-    return float("nan")
-  m = sum(vals) / len(vals)
-  return (sum((v - m) ** 2 for v in vals) / len(vals)) ** 0.5
+  return statistics.pstdev(vals) if len(vals) > 1 else float("nan")
 
 
 def table(results, dpo, path):

@@ -17,8 +17,9 @@ must match every branch's id), refused with a one-line error; the KV-cache path
 The kernel works on one example ``[heads, T, Dh]``: it is vmapped over the
 batch and, under a mesh, run in a ``shard_map`` over the batch and head axes
 (the mesh rules' ``batch`` and ``heads`` axes; the sequence is not split), and
-sequences are padded at the end to a multiple of 128, the kernel's block. KV heads that the tensor axis does not divide are repeated to the
-query heads first. Off TPU (tests, the CPU) the kernel runs in Pallas' interpret
+sequences are padded at the end to a multiple of 128, the kernel's block. KV
+heads that the tensor axis does not divide are repeated to the query heads
+first. Off TPU (tests, the CPU) the kernel runs in Pallas' interpret
 mode: the same kernel code, slowly; the target is read from the mesh's devices,
 so an ahead-of-time compile for abstract TPU devices on a CPU host gets the
 real kernel.
@@ -72,10 +73,6 @@ def _local(q, k, v, seg, interpret: bool):
   return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(s, s)))(q, k, v, seg)
 
 
-def _axes(spec_entry) -> tuple:
-  return () if spec_entry is None else spec_entry if isinstance(spec_entry, tuple) else (spec_entry,)
-
-
 def attention(q, k, v, key_mask, segment_ids=None, branch_ids=None):
   """``q [B, T, H, Dh]``, ``k, v [B, T, KV, Dh]``, ``key_mask [B, T]`` -> ``[B, T, H, Dh]``
   (causal; ``segment_ids [B, T]`` for packed rows)."""
@@ -90,20 +87,20 @@ def attention(q, k, v, key_mask, segment_ids=None, branch_ids=None):
   tp = padded_length(t)                 # padding at the end: segment 0, after every real query
   pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
   q, k, v, seg = (pad(x) if tp != t else x for x in (q, k, v, seg))
-  q = (q * (1.0 / math.sqrt(dh))).astype(q.dtype).transpose(0, 2, 1, 3)
-  k, v = k.astype(q.dtype).transpose(0, 2, 1, 3), v.astype(q.dtype).transpose(0, 2, 1, 3)
+  q = (q * (1.0 / math.sqrt(dh))).transpose(0, 2, 1, 3)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   out = lambda o: o.transpose(0, 2, 1, 3)[:, :t]
   interpret = _platform() != "tpu"
   mesh = jax.sharding.get_abstract_mesh()
-  rules = mesh_lib._RULES.get()
+  rules = mesh_lib.active_rules()
   if mesh is None or mesh.empty or rules is None:
     return out(_local(q, k, v, seg, interpret))
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
   n = lambda axes: int(np.prod([sizes[a] for a in axes])) if axes else 1
-  batch = _axes(mesh_lib.logical_to_spec(("batch",), rules)[0])
+  batch = mesh_lib.mesh_axes("batch", rules)
   if b % n(batch):
     batch = ()
-  heads = tuple(a for a in _axes(mesh_lib.logical_to_spec(("heads",), rules)[0]) if a not in batch)
+  heads = tuple(a for a in mesh_lib.mesh_axes("heads", rules) if a not in batch)
   if h % n(heads):
     heads = ()
   if heads and kv % n(heads):      # the tensor axis does not divide the KV heads: repeat them to H
