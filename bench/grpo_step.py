@@ -126,7 +126,7 @@ def jax_step_time(warmup, repeats):
   ids = np.stack([tok(t, add_special_tokens=False)["input_ids"] for t in prompt_texts()]).astype(np.int32)
   assert ids.shape == (PROMPTS, PROMPT)
   local = {"prompt": ids, "prompt_len": np.full((PROMPTS,), PROMPT, np.int32)}
-  exp = Experiment(roles={"policy": True}, loss_fn=grpo.make_loss_fn(m, NEW, False),
+  exp = Experiment(roles={"policy": True}, loss_fn=grpo.make_loss_fn(m, NEW, False, grpo.share_group(m, 1)),
                    rollout=grpo.make_rollout(scfg, G, grpo.make_reward("fn", 1, host_reward), m, 10**6, False),
                    train_data=lambda shard: iter([local]))
   compiled, state, frozen, batch, compile_s, _ = compile_train_step(c, exp, local)

@@ -99,6 +99,8 @@ def get_config(arg: str | None = None):
   c.method.distill_schedule = "constant"   # constant | cosine (lambda_d (0.5 cos(pi s / S) + 0.5))
   c.method.distill_temperature = 1.0
   c.method.chunk = 32            # positions per chunk of the vocabulary-wide terms
+  c.method.share_prompt = True   # each prompt encoded once for its G samples in the loss's forwards (equal
+                                 # results; False: a full row per sample, e.g. for attention=splash)
 
   c.sft = sft.stage("runs/grpo_sft_base_smoke" if smoke else "runs/grpo_sft_base", 150 if smoke else 1500,
                     config="sft.py:digits,smoke" if smoke else "sft.py:digits")

@@ -119,21 +119,22 @@ def sample(model: Transformer, prompt: jax.Array, prompt_len: jax.Array, rng: ja
   it inside a jitted step). Same ``rng`` -> same samples on any mesh.
 
   ``repeats = G``: G samples per prompt, rows ``[B * G]`` prompt-major (row ``b * G + g``
-  is prompt b's sample g); each prompt is prefilled once and its KV cache copied to its G
-  rows (group sampling without G prefills)."""
+  is prompt b's sample g); each prompt is prefilled once and its KV cache kept once, as the
+  shared prefix of its G rows (:meth:`KVCache.with_prefix`), whose own caches hold only their
+  responses (group sampling without G prefills or G copies of the prompt's keys and values)."""
   cfg.validate()
   b, p = prompt.shape
   n = cfg.max_new_tokens
   total = p + n
   left, pmask, shift = _left_pad(prompt.astype(jnp.int32), prompt_len.astype(jnp.int32))
   positions = jnp.maximum(jnp.cumsum(pmask, axis=1) - 1, 0)
-  cache = KVCache.zeros(model.cfg, b, total)
+  cache = KVCache.zeros(model.cfg, b, p if repeats > 1 else total)
   out = model(left, positions, attention_mask=pmask, cache=cache)
   last_logits = out.logits[:, -1]
   cache = out.cache
   if repeats > 1:
     rep = lambda x: jnp.repeat(x, repeats, axis=0)
-    cache = cache._replace(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)), valid=rep(cache.valid))
+    cache = KVCache.zeros(model.cfg, b * repeats, n).with_prefix(cache)
     left, shift, prompt_len, last_logits = rep(left), rep(shift), rep(prompt_len), rep(last_logits)
     b = b * repeats
   tokens = jnp.concatenate([left, jnp.full((b, n), cfg.pad_id, jnp.int32)], axis=1)

@@ -78,10 +78,14 @@ def _close(a, b, rtol=1e-5, atol=1e-7):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-def test_group_sampling_prefills_each_prompt_once_and_equals_sampling_repeated_prompts():
-  """``sample(..., repeats=G)``: row b * G + g is prompt b's; greedy decoding equals sampling the
-  prompts repeated G times (the copied KV cache is the prefill's), log-probs within 1e-5."""
-  cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=24)
+@pytest.mark.parametrize("kw", [dict(), dict(family="gpt2", n_kv_heads=0), dict(attention="dot_product")])
+def test_group_sampling_prefills_each_prompt_once_and_equals_sampling_repeated_prompts(kw):
+  """``sample(..., repeats=G)``: row b * G + g is prompt b's; the prompt's keys and values are held
+  once, as the shared prefix of its G rows' caches (which hold only the responses); greedy decoding
+  equals sampling the prompts repeated G times with full caches, log-probs within 1e-5; the log-probs
+  of drawn samples equal the full forward's at the response positions."""
+  from jaxopd.models import heads
+  cfg = ModelConfig(**{**dict(vocab_size=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=24), **kw})
   model = Transformer(cfg, nnx.Rngs(params=0))
   prompt = jnp.asarray([[3, 4, 5, 0, 0], [6, 0, 0, 0, 0], [7, 8, 9, 10, 11]], jnp.int32)
   plen = jnp.asarray([3, 1, 5], jnp.int32)
@@ -97,6 +101,8 @@ def test_group_sampling_prefills_each_prompt_once_and_equals_sampling_repeated_p
     for g in range(3):
       np.testing.assert_array_equal(drawn.tokens[3 * b + g, :int(plen[b])], prompt[b, :int(plen[b])])
   assert len({tuple(np.asarray(r).tolist()) for r in drawn.tokens}) > 3     # the G samples differ
+  full = jnp.pad(heads.token_logprobs(model, drawn.tokens, 8), ((0, 0), (1, 0)))      # [R, T], position t's token
+  np.testing.assert_allclose(np.asarray(drawn.model_logprobs), np.asarray(full * drawn.loss_mask), atol=1e-5)
 
 
 @pytest.mark.parametrize("mu,accum,beta_kl", [(1, 2, 0.1), (2, 1, 0.1), (2, 2, 0.0)])
@@ -165,6 +171,38 @@ def test_the_step_equals_its_updates_written_out_by_hand(tmp_path, rewards_modul
     assert moved > 0
     if mu > 1:    # updates after the first see rho != 1: the ratio left 1 on some tokens
       assert 0 < float(metrics["clip_ratio/region"]) < 1 or abs(float(metrics["ratio/mean"]) - 1) > 1e-4
+
+
+@pytest.mark.parametrize("mu,accum,extra", [(1, 2, dict(beta_kl=0.1)), (2, 1, dict(beta_kl=0.1)),
+                                             (2, 2, dict(distill="reverse_kl", lambda_d=0.5))])
+def test_shared_prompt_steps_equal_a_row_per_sample(tmp_path, rewards_module, mu, accum, extra):
+  """``method.share_prompt`` (the loss's policy, reference and teacher forwards encode each prompt
+  once per run of rows that continue it: G, or G / (mu x grad_accum) after the minibatch split)
+  gives the steps of ``share_prompt=False`` (a full row per sample): parameters after two steps
+  and every metric, to float32 rounding."""
+  runs = {}
+  for share in (True, False):
+    c = _config(tmp_path, f"{rewards_module}:ones", updates_per_rollout=mu, share_prompt=share, eps_low=0.1,
+                eps_high=0.1, **extra)
+    c.grad_accum = accum
+    c.optim.lr = 3e-3
+    if "distill" in extra:
+      c.models.teacher.init = "random"
+    exp, tr = _trainer(c)
+    with jax.set_mesh(tr.mesh):
+      state, frozen = tr.init()
+      state, frozen = tr.load_sources(state, frozen)
+      batches = _batches(exp, tr, c, 2)
+      step = tr.compiled_train_step(batches[0])
+      for batch in batches:
+        state, metrics = step(state, frozen, batch)
+      runs[share] = (jax.device_get(state["params"]), jax.device_get(metrics))
+  (pa, ma), (pb, mb) = runs[True], runs[False]
+  assert grpo.share_group(_config(tmp_path, "check", updates_per_rollout=mu).method, accum) == (4 if mu == 1 else 4 // (mu * accum))
+  _close(pa, pb, rtol=1e-4, atol=1e-6)
+  assert ma.keys() == mb.keys() and ("kl" in ma or "distill" in ma)
+  for k in ma:
+    np.testing.assert_allclose(np.asarray(ma[k]), np.asarray(mb[k]), rtol=1e-4, atol=1e-6, err_msg=k)
 
 
 def test_dynamic_sampling_drops_equal_reward_groups_and_oversampling_keeps_them_first(tmp_path, rewards_module):
@@ -262,12 +300,22 @@ def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, rewards_
     ({"group_size": 1}, r"config\.method\.group_size=1: must be >= 2"),
     ({"train_groups": 3}, r"config\.method\.train_groups=3: must divide batch_size=8"),
     ({"updates_per_rollout": 3}, r"config\.method\.updates_per_rollout=3: the rollout's 32 rows"),
+    ({"updates_per_rollout": 8}, r"config\.method\.share_prompt: each loss call sees every 8-th rollout row"),
 ])
 def test_config_mistakes_are_one_line_errors_before_anything_runs(tmp_path, change, match):
   c = _config(tmp_path, "check", **change)
   with pytest.raises(ConfigError, match=match):
     grpo.build(c)
   assert not os.path.exists(c.data.data_dir)      # refused before the dataset is built
+
+
+def test_share_prompt_with_the_splash_kernel_is_a_one_line_error(tmp_path):
+  c = _config(tmp_path, "check")
+  c.models.policy.attention = "splash"
+  with pytest.raises(ConfigError, match=r"config\.models\.policy\.attention='splash' with config\.method\.share_prompt"):
+    grpo.build(c)
+  c.method.share_prompt = False
+  grpo._check(c)
 
 
 def test_reward_check_needs_the_digits_task(tmp_path):

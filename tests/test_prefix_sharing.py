@@ -1,6 +1,8 @@
 """Shared-prefix pair rows ``[prompt | chosen | rejected]``: the layout, the model's branch
 mask (each response sees what it sees in its own row), and DPO/TDPO/REDI losses and gradients
-equal to the row-per-response layout on padded pairs of unequal lengths."""
+equal to the row-per-response layout on padded pairs of unequal lengths. Grouped rows
+``[prompt | response 1 | ... | response G]`` of sampled responses (GRPO's ``share_prompt``): the
+layout and the response terms equal to a row per sample, values and gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,8 @@ from flax import nnx
 
 from jaxopd.data.pipeline import share_prompt
 from jaxopd.methods import redi, tdpo
-from jaxopd.models import ModelConfig, Transformer
+from jaxopd.models import ModelConfig, Transformer, heads
+from jaxopd.sampling import SamplingConfig, sample
 
 CFG = ModelConfig(family="llama", vocab_size=19, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=32,
                   init_std=0.2)
@@ -101,6 +104,71 @@ def test_each_branch_sees_what_its_own_row_sees(kw):
       np.testing.assert_allclose(h_shared[i, at:at + n], h_rows[2 * i + j, head:head + n], atol=1e-5,
                                  err_msg=f"pair {i} response {j}")
       at += n
+
+
+def test_layout_of_grouped_rows():
+  """Sampled rows (prompt, response, padding) -> ``[prompt right-padded to P | each response's N
+  slots]`` per group, the prompt's padding masked, each response's positions continuing its prompt."""
+  tokens = jnp.asarray([[5, 6, 7, 8, 1, 0, 0], [5, 6, 9, 1, 0, 0, 0], [4, 3, 3, 1, 0, 0, 0], [4, 2, 1, 0, 0, 0, 0]])
+  plen = jnp.asarray([2, 2, 1, 1])
+  rows = heads.group_rows(tokens, plen, prompt_width=3, group=2)   # P 3, N 4
+  np.testing.assert_array_equal(rows["tokens"], [[5, 6, 7, 7, 8, 1, 0, 9, 1, 0, 0],
+                                                 [4, 3, 3, 3, 3, 1, 0, 2, 1, 0, 0]])
+  np.testing.assert_array_equal(rows["attention_mask"][:, :3], [[1, 1, 0], [1, 0, 0]])
+  assert rows["attention_mask"][:, 3:].all()
+  np.testing.assert_array_equal(rows["positions"], [[0, 1, 2, 2, 3, 4, 5, 2, 3, 4, 5],
+                                                    [0, 1, 2, 1, 2, 3, 4, 1, 2, 3, 4]])
+  np.testing.assert_array_equal(heads.response_slots(tokens, plen, 4), [[7, 8, 1, 0], [9, 1, 0, 0], [3, 3, 1, 0],
+                                                                        [2, 1, 0, 0]])
+
+
+def _sampled(model, group, n=6):
+  prompt = jnp.asarray([[3, 4, 5, 0, 0], [6, 0, 0, 0, 0], [7, 8, 9, 10, 11]], jnp.int32)
+  plen = jnp.asarray([3, 1, 5], jnp.int32)
+  out = sample(model, prompt, plen, jax.random.PRNGKey(0), SamplingConfig(n, 1, 0), repeats=group)
+  return out, jnp.repeat(plen, group)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(attention="dot_product"), dict(attention="chunked", attention_chunk=4),
+                                dict(scan_layers=True, remat="full"), dict(remat="dots"),
+                                dict(family="gpt2", n_kv_heads=0)])
+def test_grouped_rows_give_each_sample_what_its_own_row_gives(kw):
+  """``response_terms`` with the prompt encoded once per group of 4 (and per 2: a group split over
+  two loss calls, as GRPO's minibatches split it) equals a row per sample: the label log-probs of
+  every response token (1e-5) and their gradient (1e-5 of its scale); both equal the full forward's
+  ``token_logprobs`` at the response positions."""
+  cfg = ModelConfig(**{**CFG.__dict__, **kw})
+  model = Transformer(cfg, nnx.Rngs(params=3))
+  out, plen = _sampled(model, 4)
+  mask = heads.response_slots(out.loss_mask, plen, 6)
+  assert float(mask.sum()) > 12
+
+  def lp(m, group):
+    return heads.response_terms({"m": m}, out.tokens, plen, 5, lambda z, t: {"lp": heads.label_logprob(z["m"], t)},
+                                4, group)["lp"]
+  full = heads.response_slots(jnp.pad(heads.token_logprobs(model, out.tokens, 8), ((0, 0), (1, 0))), plen, 6)
+  for group in (1, 2, 4):
+    np.testing.assert_allclose(np.asarray(lp(model, group) * mask), np.asarray(full * mask), atol=1e-5,
+                               err_msg=f"group {group}")
+  gd, params = nnx.split(model)
+  grad = lambda group: jax.grad(lambda p: jnp.sum(lp(nnx.merge(gd, p), group) * mask))(params)
+  ga, gb = grad(1), grad(4)
+  scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(ga))
+  assert scale > 0
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5 * scale)
+
+
+def test_grouped_rows_are_refused_with_a_cache_and_splash_names_share_prompt():
+  from jaxopd.errors import ConfigError
+  from jaxopd.models import KVCache
+  model = Transformer(CFG, nnx.Rngs(params=0))
+  toks = jnp.ones((1, 7), jnp.int32)
+  with pytest.raises(ValueError, match="groups"):
+    model(toks, groups=(3, 2), cache=KVCache.zeros(CFG, 1, 8))
+  splash = Transformer(ModelConfig(**{**CFG.__dict__, "attention": "splash"}), nnx.Rngs(params=0))
+  with pytest.raises(ConfigError, match="share_prompt"):
+    splash.final_hidden(toks, groups=(3, 2))
 
 
 def _models(seed_ref=1):

@@ -30,7 +30,10 @@ re-initialised (``resets`` counts them in the log).
 
 Per-token quantities come from the models' final hidden states in chunks of
 ``config.method.chunk`` positions with the LM head inside the chunk loop (no ``[B, T, V]``
-logits of any model in the step).
+logits of any model in the step), at the response slots only (``[R, N]``). With
+``config.method.share_prompt`` (the default) each forward encodes a prompt once for the
+rows that continue it (:func:`share_group`; the model's grouped rows), and the sampler keeps
+each prompt's KV cache once for its G rows.
 
 Metrics (TRL / verl names where they exist): ``reward/mean``, ``reward/std`` (mean over
 groups of the group's std), ``pass@1`` (check reward), ``kept_fraction``,
@@ -58,9 +61,7 @@ from jaxopd.data import batched_iterator, digits, suite as suite_lib, traces
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled, heldout_nll, pass_at_k, to_host
 from jaxopd.experiment import Experiment, LossOutput
-from jaxopd.losses import response_mask
 from jaxopd.models import heads
-from jaxopd.models.heads import chunked_terms
 from jaxopd.losses.grpo import (ADVANTAGES, AGGREGATIONS, DISTILL, KL_ESTIMATORS, SCHEDULES, aggregate,
                                 distill_per_token, distill_weight, group_advantages, group_std, kept_groups,
                                 policy_loss)
@@ -77,6 +78,18 @@ def uses_reference(m) -> bool:
   return m.pg and m.beta_kl > 0
 
 
+def share_group(m, grad_accum: int) -> int:
+  """How many consecutive rows of each loss call continue one prompt: the rollout writes a
+  prompt's G samples as consecutive rows; with ``updates_per_rollout = mu > 1`` the trainer then
+  splits the rollout into mu minibatches of ``grad_accum`` microbatches, each taking every
+  (mu x grad_accum)-th row, so G / (mu x grad_accum) of a prompt's rows stay together (checked to
+  divide). 1 without ``m.share_prompt`` (every row encodes its own prompt)."""
+  if not m.share_prompt:
+    return 1
+  splits = m.updates_per_rollout * grad_accum if m.updates_per_rollout > 1 else 1
+  return m.group_size // splits
+
+
 def roles(m) -> dict:
   out = {"policy": True}
   if m.distill:
@@ -88,10 +101,13 @@ def roles(m) -> dict:
 
 # --- the step's pieces ------------------------------------------------------------------------
 
-def token_terms(models, tokens, chunk: int, teacher: str = "", kind: str = "reverse_kl", temperature: float = 1.0):
-  """Per-token terms ``[B, T-1]`` of the sampled tokens ``tokens[:, 1:]``: ``lp`` (policy
-  log-prob), ``entropy`` (the policy's, no gradient) and, with ``teacher`` a role name, ``distill``
-  (:func:`distill_per_token` against it), from hidden states in chunks."""
+def token_terms(models, rows, prompt_width: int, chunk: int, group: int = 1, teacher: str = "",
+                kind: str = "reverse_kl", temperature: float = 1.0):
+  """Per-token terms ``[R, N]`` of the sampled rows' responses (``rows``: ``tokens [R, P + N]``,
+  ``prompt_len [R]``; response coordinates, :func:`jaxopd.models.heads.response_terms`): ``lp``
+  (policy log-prob), ``entropy`` (the policy's, no gradient) and, with ``teacher`` a role name,
+  ``distill`` (:func:`distill_per_token` against it), from hidden states in chunks; ``group = s``:
+  runs of s rows share a prompt, encoded once per run."""
   roles = {"policy": models["policy"], **({teacher: models[teacher]} if teacher else {})}
 
   def per_chunk(z, targets):
@@ -103,12 +119,15 @@ def token_terms(models, tokens, chunk: int, teacher: str = "", kind: str = "reve
     if teacher:
       out["distill"] = distill_per_token(zp, z[teacher], kind, temperature)
     return out
-  return chunked_terms(roles, tokens, per_chunk, chunk, frozen=(teacher,) if teacher else ())
+  return heads.response_terms(roles, rows["tokens"], rows["prompt_len"], prompt_width, per_chunk, chunk, group,
+                              frozen=(teacher,) if teacher else ())
 
 
-def sampled_logprobs(model, tokens, chunk: int):
-  """``log model(tokens[:, t+1] | ...)`` ``[B, T-1]``, no gradient, in chunks."""
-  return heads.token_logprobs(model, tokens, chunk, frozen=True)
+def sampled_logprobs(model, rows, prompt_width: int, chunk: int, group: int = 1):
+  """``log model(response token j | ...)`` ``[R, N]`` of sampled rows (response coordinates), no
+  gradient, in chunks."""
+  return heads.response_terms({"m": model}, rows["tokens"], rows["prompt_len"], prompt_width,
+                              lambda z, t: {"lp": heads.label_logprob(z["m"], t)}, chunk, group, frozen=("m",))["lp"]
 
 
 def make_reward(kind: str, eos_id: int, host_fn=None, reward_pad: int = -1):
@@ -125,8 +144,9 @@ def make_reward(kind: str, eos_id: int, host_fn=None, reward_pad: int = -1):
 def make_rollout(scfg: SamplingConfig, group: int, reward_fn, m, total_steps: int, need_old: bool,
                  train_every: int = 0):
   """``rollout(models, batch, rng)``: G samples per prompt, scored; advantages, row weights,
-  the distillation weight and (``need_old``) the rollout-time log-probs. ``train_every = k``:
-  train on 1 in k of the sampled groups, kept groups first (``batch_size / train_groups``)."""
+  the distillation weight and (``need_old``) the rollout-time log-probs (response coordinates,
+  each prompt encoded once with ``m.share_prompt``). ``train_every = k``: train on 1 in k of the
+  sampled groups, kept groups first (``batch_size / train_groups``)."""
   def rollout(models, batch, rng):
     out = sample(models["policy"], batch["prompt"], batch["prompt_len"], rng, scfg, repeats=group)
     rep = lambda x: jnp.repeat(x, group, axis=0)
@@ -135,7 +155,7 @@ def make_rollout(scfg: SamplingConfig, group: int, reward_fn, m, total_steps: in
     groups = r.reshape(-1, group)
     kept = kept_groups(groups)
     n = groups.shape[0]
-    rows = {"tokens": out.tokens, "loss_mask": out.loss_mask, "reward": r,
+    rows = {"tokens": out.tokens, "loss_mask": out.loss_mask, "prompt_len": rep(batch["prompt_len"]), "reward": r,
             "adv": group_advantages(groups, m.advantage).reshape(-1),
             "weight": rep(kept.astype(jnp.float32)) if m.dynamic_sampling else jnp.ones_like(r),
             "group_std": rep(group_std(groups)), "kept": rep(kept.astype(jnp.float32)),
@@ -148,24 +168,29 @@ def make_rollout(scfg: SamplingConfig, group: int, reward_fn, m, total_steps: in
       rows = jax.tree.map(lambda x: x[idx], rows)
       rows["kept"] = jnp.full_like(rows["reward"], kept_frac)   # of the sampled groups
     if need_old:
-      rows["lp_old"] = sampled_logprobs(models["policy"], rows["tokens"], m.chunk)
+      rows["lp_old"] = sampled_logprobs(models["policy"], rows, batch["prompt"].shape[1], m.chunk,
+                                        group if m.share_prompt else 1)
     return rows
   return rollout
 
 
-def make_loss_fn(m, max_len: int, check_reward: bool):
+def make_loss_fn(m, max_len: int, check_reward: bool, group: int = 1):
+  """The loss on rollout rows of ``max_len`` response slots; ``group = s``: runs of s consecutive
+  rows share a prompt (:func:`share_group`), which each per-token forward encodes once."""
   teacher = "teacher" if m.distill else ""
   with_ref = uses_reference(m)
 
   def loss_fn(models, batch, rng):
     del rng
-    tokens, mask = batch["tokens"], batch["loss_mask"]
-    terms = token_terms(models, tokens, m.chunk, teacher, m.distill or "reverse_kl", m.distill_temperature)
-    msk = response_mask(mask)
+    tokens = batch["tokens"]
+    width = tokens.shape[1] - max_len
+    terms = token_terms(models, batch, width, m.chunk, group, teacher, m.distill or "reverse_kl",
+                        m.distill_temperature)
+    msk = heads.response_slots(batch["loss_mask"], batch["prompt_len"], max_len).astype(jnp.float32)
     w = batch["weight"]
     mw = msk * w[:, None]
     lp = terms["lp"]
-    lp_ref = sampled_logprobs(models["reference"], tokens, m.chunk) if with_ref else None
+    lp_ref = sampled_logprobs(models["reference"], batch, width, m.chunk, group) if with_ref else None
     lp_old = batch["lp_old"] if "lp_old" in batch else jax.lax.stop_gradient(lp)
     pg_sum, count, metrics = policy_loss(lp, lp_old, batch["adv"], msk, m.eps_low, m.eps_high, m.beta_kl, lp_ref,
                                          m.kl, m.aggregation, max_len, w)
@@ -248,6 +273,16 @@ def _check(c):
   if m.updates_per_rollout > 1 and rows % (m.updates_per_rollout * c.grad_accum):
     raise ConfigError(f"config.method.updates_per_rollout={m.updates_per_rollout}: the rollout's {rows} rows must "
                       f"split into {m.updates_per_rollout} minibatches of grad_accum={c.grad_accum} microbatches")
+  if m.share_prompt and m.updates_per_rollout > 1 and m.group_size % (m.updates_per_rollout * c.grad_accum):
+    raise ConfigError(f"config.method.share_prompt: each loss call sees every "
+                      f"{m.updates_per_rollout * c.grad_accum}-th rollout row (updates_per_rollout x grad_accum), "
+                      f"which must divide group_size={m.group_size} so that a prompt's samples stay together; "
+                      f"or set share_prompt=False")
+  for name in ("policy", "teacher") if m.share_prompt else ():
+    if name in c.models and c.models[name].get("attention") == "splash" and table.built(c, name):
+      raise ConfigError(f"config.models.{name}.attention='splash' with config.method.share_prompt: the splash "
+                        f"kernel cannot attend a prompt's responses to their shared prompt (use einsum, "
+                        f"dot_product or chunked, or share_prompt=False)")
   if m.train_groups and not 0 < m.train_groups <= c.batch_size:
     raise ConfigError(f"config.method.train_groups={m.train_groups}: must be in [1, batch_size={c.batch_size}]")
   if m.train_groups and (c.batch_size % m.train_groups or (c.batch_size // c.grad_accum) % (c.batch_size //
@@ -398,7 +433,7 @@ def build(config) -> Experiment:
   mu = int(m.updates_per_rollout)
   return Experiment(
       roles=roles(m),
-      loss_fn=make_loss_fn(m, config.rollout.max_new_tokens, m.reward == CHECK),
+      loss_fn=make_loss_fn(m, config.rollout.max_new_tokens, m.reward == CHECK, share_group(m, config.grad_accum)),
       train_data=lambda shard: batched_iterator(train_recs, shard),
       rollout=make_rollout(scfg, m.group_size, reward_fn, m, config.total_steps, need_old=mu > 1,
                            train_every=config.batch_size // m.train_groups if m.train_groups else 0),

@@ -137,11 +137,18 @@ class KVCache(NamedTuple):
   """Fixed-size key/value cache, one buffer per layer so that decoding updates
   each in place: ``k``: L arrays ``[B, Hkv, S, Dh]``, ``v``: L arrays ``[B, Hkv, S, Dh]``
   (head-major: the attention matmuls read them without a transpose);
-  ``valid: [B, S]`` marks written, non-padding slots; ``index`` is the next slot to write."""
+  ``valid: [B, S]`` marks written, non-padding slots; ``index`` is the next slot to write.
+
+  A *prefix* cache (:meth:`with_prefix`: ``prefix_k`` / ``prefix_v`` L arrays ``[Bp, Hkv, P, Dh]``,
+  ``prefix_valid [Bp, P]``) holds a prompt shared by ``B / Bp`` consecutive rows once (GRPO's G
+  samples of a prompt): every row attends to its group's prefix, then to its own slots."""
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   valid: jax.Array
   index: jax.Array
+  prefix_k: tuple[jax.Array, ...] = ()
+  prefix_v: tuple[jax.Array, ...] = ()
+  prefix_valid: jax.Array | None = None
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, length: int | None = None) -> "KVCache":
@@ -152,6 +159,15 @@ class KVCache(NamedTuple):
     return cls(tuple(jnp.zeros(k_shape, dt) for _ in range(cfg.n_layers)),
                tuple(jnp.zeros(v_shape, dt) for _ in range(cfg.n_layers)),
                jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+
+  def with_prefix(self, prefix: "KVCache") -> "KVCache":
+    """This cache (rows ``B``) continuing ``prefix``'s written slots (rows ``Bp``, ``B / Bp`` rows per
+    prefix row, prompt-major) as a shared prefix."""
+    return self._replace(prefix_k=prefix.k, prefix_v=prefix.v, prefix_valid=prefix.valid)
+
+  def layer_prefix(self, i: int):
+    """Layer ``i``'s ``(keys, values, valid)`` of the shared prefix, or None."""
+    return (self.prefix_k[i], self.prefix_v[i], self.prefix_valid) if self.prefix_k else None
 
 
 class Output(NamedTuple):
@@ -232,12 +248,15 @@ class Attention(nnx.Module):
     self.bv = _zeros((kv, dh), ("kv_heads", "head_dim"), pd) if has_qkv_bias else None
     self.bo = _zeros((d,), ("embed",), pd) if cfg.family == "gpt2" else None
 
-  def __call__(self, x, positions, key_mask, cache_kv=None, index=None, segment_ids=None, branch_ids=None):
+  def __call__(self, x, positions, key_mask, cache_kv=None, index=None, segment_ids=None, branch_ids=None,
+               groups=None, prefix_kv=None):
     """``x: [B, T, D]``; ``key_mask: [B, S]`` valid keys (S = T without cache);
     ``segment_ids: [B, T]`` (packed rows, no cache): attend only within a segment;
     ``branch_ids: [B, T]`` (shared-prefix rows, no cache): 0 marks the shared prefix, ``j > 0``
     the tokens of branch j (a response); a token attends to the prefix and its own branch;
-    ``cache_kv``: this layer's ``(k, v)`` (layouts in :class:`KVCache`); returns (y, new (k, v))."""
+    ``groups = (P, G)`` (grouped rows, no cache; see :meth:`Transformer.__call__`);
+    ``cache_kv``: this layer's ``(k, v)`` (layouts in :class:`KVCache`), ``prefix_kv`` its shared
+    prefix (:meth:`KVCache.layer_prefix`, attended with einsum); returns (y, new (k, v))."""
     cfg = self.cfg
     dt = x.dtype
     q, k, v = (_dense(x, w[...].astype(dt)) for w in (self.wq, self.wk, self.wv))
@@ -246,66 +265,110 @@ class Attention(nnx.Module):
     if cfg.family == "llama":
       q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
-    t = x.shape[1]
-    if cache_kv is None:
-      keys, values = k, v
-      k_spec, v_spec = "bsnk", "bsnk"
-      q_slot = jnp.arange(t)
+    b, t, h, dh = q.shape
+    keys, values = k, v
+    if groups is not None:
+      out = self._grouped_attention(q, k, v, key_mask, groups)
     else:
-      ck, cv = cache_kv
-      keys = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), (0, 0, index, 0))
-      values = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), (0, 0, index, 0))
-      k_spec, v_spec = "bnsk", "bnsk"
-      q_slot = index + jnp.arange(t)
-    s = values.shape[v_spec.index("s")]
-    b, _, h, dh = q.shape
-    allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]   # [B, T, S]
-    if segment_ids is not None:
-      allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    if branch_ids is not None:
-      allowed = allowed & ((branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :]))
-    if cfg.attention == "splash" and cache_kv is None:
-      out = splash.attention(q, keys, values, key_mask, segment_ids, branch_ids)
-    elif cfg.attention == "dot_product":
-      if cache_kv is not None:   # the cache holds [B, n, S, Dh]
-        keys_bsnk, values_bsnk = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
+      if cache_kv is None:
+        q_slot = jnp.arange(t)
       else:
-        keys_bsnk, values_bsnk = keys, values
-      out = jax.nn.dot_product_attention(q, keys_bsnk.astype(dt), values_bsnk.astype(dt), mask=allowed[:, None])
-    elif cfg.attention == "chunked" and cache_kv is None:
-      # One chunk of queries at a time: its [B, n, g, C, S] scores exist for one chunk in the forward
-      # pass and are recomputed per chunk in the backward pass (map_chunks' checkpointed scan).
-      out = map_chunks(lambda xs: self._einsum_attention(xs[0], keys, values, xs[1], k_spec, True),
-                       (q, allowed), cfg.attention_chunk)
-    else:
-      out = self._einsum_attention(q, keys, values, allowed, k_spec, cache_kv is None)
+        ck, cv = cache_kv
+        keys = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), (0, 0, index, 0))
+        values = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), (0, 0, index, 0))
+        q_slot = index + jnp.arange(t)
+      s = values.shape[1 if cache_kv is None else 2]      # [B, S, n, Dh] or the cache's [B, n, S, Dh]
+      allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]   # [B, T, S]
+      if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+      if branch_ids is not None:
+        allowed = allowed & ((branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :]))
+      if cfg.attention == "splash" and cache_kv is None:
+        out = splash.attention(q, keys, values, key_mask, segment_ids, branch_ids)
+      elif cache_kv is None:
+        out = self._attend(q, keys, values, allowed)
+      elif prefix_kv is not None:
+        out = self._einsum_attention(q, keys, values, allowed, "bnsk", False, prefix_kv)
+      elif cfg.attention == "dot_product":   # the cache holds [B, n, S, Dh]
+        out = jax.nn.dot_product_attention(q, keys.transpose(0, 2, 1, 3).astype(dt),
+                                           values.transpose(0, 2, 1, 3).astype(dt), mask=allowed[:, None])
+      else:
+        out = self._einsum_attention(q, keys, values, allowed, "bnsk", False)
     y = _dense(out.reshape(b, t, h * dh), self.wo[...].reshape(h * dh, -1).astype(dt))
     if self.bo is not None:
       y = y + self.bo[...].astype(dt)
     return y, (None if cache_kv is None else (keys, values))
 
-  def _einsum_attention(self, q, keys, values, allowed, k_spec, no_cache):
+  def _attend(self, q, keys, values, allowed):
+    """Cache-free attention of ``q [B, T, h, Dh]`` over ``keys``/``values [B, S, kv, Dh]`` where
+    ``allowed [B, T, S]``, by ``cfg.attention`` (einsum, dot_product or chunked)."""
+    cfg = self.cfg
+    if cfg.attention == "dot_product":
+      dt = q.dtype
+      return jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=allowed[:, None])
+    if cfg.attention == "chunked":
+      # One chunk of queries at a time: its [B, n, g, C, S] scores exist for one chunk in the forward
+      # pass and are recomputed per chunk in the backward pass (map_chunks' checkpointed scan).
+      return map_chunks(lambda xs: self._einsum_attention(xs[0], keys, values, xs[1], "bsnk", True),
+                        (q, allowed), cfg.attention_chunk)
+    return self._einsum_attention(q, keys, values, allowed, "bsnk", True)
+
+  def _grouped_attention(self, q, k, v, key_mask, groups):
+    """Attention of grouped rows ``[prefix (P) | branch 1 (N) | ... | branch G (N)]``: the prefix
+    attends to itself causally; each branch to the prefix's valid keys and to itself causally,
+    never to another branch. Computed as two attentions, so no masked branch-by-branch block is
+    ever formed: the prefix over ``[B, P]``, the branches as ``[B * G, N]`` rows over their group's
+    prefix keys (repeated G times) followed by their own."""
+    if self.cfg.attention == "splash":
+      raise ConfigError("config.model.attention='splash' cannot run grouped rows (a shared prompt's G responses, "
+                        "config.method.share_prompt): use einsum, dot_product or chunked, or share_prompt=False")
+    p, g = groups
+    b, t, h, dh = q.shape
+    n = (t - p) // g
+    split = lambda x: (x[:, :p], x[:, p:].reshape((b * g, n) + x.shape[2:]))
+    (qp, qs), (kp, ks), (vp, vs), (mp, ms) = split(q), split(k), split(v), split(key_mask)
+    causal = lambda m: jnp.tril(jnp.ones((m, m), bool))[None]
+    out_p = self._attend(qp, kp, vp, causal(p) & mp[:, None, :])
+    rep = lambda x: jnp.repeat(x, g, axis=0)
+    allowed = jnp.concatenate([jnp.broadcast_to(rep(mp)[:, None, :], (b * g, n, p)),
+                               causal(n) & ms[:, None, :]], axis=-1)
+    out_s = self._attend(qs, jnp.concatenate([rep(kp), ks], 1), jnp.concatenate([rep(vp), vs], 1), allowed)
+    return jnp.concatenate([out_p, out_s.reshape(b, g * n, h, dh)], axis=1)
+
+  def _einsum_attention(self, q, keys, values, allowed, k_spec, no_cache, prefix_kv=None):
     """Scores materialised ``[B, n, g, T, S]``, accumulated and kept in float32 (bf16 inputs
-    too), masked, softmax; ``[B, T, h, Dh]``."""
+    too), masked, softmax; ``[B, T, h, Dh]``. With ``prefix_kv`` (a cache's shared prefix,
+    ``[Bp, n, P, Dh]`` keys and values and ``[Bp, P]`` valid slots) the scores of each group's
+    prefix come first, under one softmax with the row's own."""
     cfg = self.cfg
     dt = q.dtype
     b, t, h, dh = q.shape
     s = allowed.shape[-1]
-    g = h // cfg.kv_heads
-    qg = q.reshape(b, t, cfg.kv_heads, g, dh)
+    n, g = cfg.kv_heads, h // cfg.kv_heads
+    qg = q.reshape(b, t, n, g, dh)
+    neg = jnp.finfo(jnp.float32).min
     scores = jnp.einsum(f"btngk,{k_spec}->bngts", qg, keys.astype(dt),
                         preferred_element_type=jnp.float32) / math.sqrt(dh)   # accumulated in float32
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(allowed[:, None, None], scores, neg)
+    if prefix_kv is not None:
+      pk, pv, pvalid = prefix_kv
+      bp, npre = pk.shape[0], pk.shape[2]
+      sp = jnp.einsum("bjtngk,bnsk->bjngts", qg.reshape(bp, b // bp, t, n, g, dh), pk.astype(dt),
+                      preferred_element_type=jnp.float32) / math.sqrt(dh)
+      sp = jnp.where(pvalid[:, None, None, None, None, :], sp, neg)
+      scores = jnp.concatenate([sp.reshape(b, n, g, t, npre), scores], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     if no_cache:
       return jnp.einsum("bngts,bsnk->btngk", probs, values.astype(dt)).reshape(b, t, h, dh)
-    else:
-      # [B, n, g*T, S] @ [B, n, S, Dh] written as a plain batched matmul: XLA:CPU then hands
-      # it to its fast (YNNPACK) kernel; the einsum form lowers to a transposed dot that
-      # runs on the slow generic emitter.
-      out = jax.lax.dot_general(probs.reshape(b, cfg.kv_heads, g * t, s), values.astype(dt),
-                                (((3,), (2,)), ((0, 1), (0, 1))))
-      return out.reshape(b, cfg.kv_heads, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
+    from_prefix = 0.0
+    if prefix_kv is not None:
+      pp, probs = probs[..., :npre].reshape(bp, b // bp, n, g, t, npre), probs[..., npre:]
+      from_prefix = jnp.einsum("bjngts,bnsk->bjtngk", pp, pv.astype(dt)).reshape(b, t, h, dh)
+    # [B, n, g*T, S] @ [B, n, S, Dh] written as a plain batched matmul: XLA:CPU then hands
+    # it to its fast (YNNPACK) kernel; the einsum form lowers to a transposed dot that
+    # runs on the slow generic emitter.
+    out = jax.lax.dot_general(probs.reshape(b, n, g * t, s), values.astype(dt), (((3,), (2,)), ((0, 1), (0, 1))))
+    return out.reshape(b, n, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh) + from_prefix
 
 
 class MLP(nnx.Module):
@@ -344,14 +407,16 @@ class Block(nnx.Module):
     self.ln2 = Norm(cfg)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, key_mask, cache_kv=None, index=None, segment_ids=None, branch_ids=None):
-    a, new_kv = self.attn(self.ln1(x), positions, key_mask, cache_kv, index, segment_ids, branch_ids)
+  def __call__(self, x, positions, key_mask, cache_kv=None, index=None, segment_ids=None, branch_ids=None,
+               groups=None, prefix_kv=None):
+    a, new_kv = self.attn(self.ln1(x), positions, key_mask, cache_kv, index, segment_ids, branch_ids, groups,
+                          prefix_kv)
     x = x + a
     x = x + self.mlp(self.ln2(x))
     return constrain(x, ("batch", "length", "embed")), new_kv
 
 
-def _remat_block(policy: str):
+def _remat_block(policy: str, groups=None):
   """A block's cache-free forward under ``jax.checkpoint`` (``nnx.remat``): ``full`` saves
   nothing inside the block (its input is saved by the caller's graph), ``dots`` saves the
   outputs of un-batched matmuls, i.e. the q/k/v/o and MLP projections (written as 2-D
@@ -359,7 +424,7 @@ def _remat_block(policy: str):
   saveable = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
   def run(block, x, positions, key_mask, segment_ids, branch_ids):
-    return block(x, positions, key_mask, None, 0, segment_ids, branch_ids)[0]
+    return block(x, positions, key_mask, None, 0, segment_ids, branch_ids, groups)[0]
   return nnx.remat(run, policy=saveable, prevent_cse=True)
 
 
@@ -385,32 +450,38 @@ class Transformer(nnx.Module):
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                attention_mask: jax.Array | None = None, cache: KVCache | None = None,
                segment_ids: jax.Array | None = None, branch_ids: jax.Array | None = None,
-               return_hidden: bool = False) -> Output:
+               groups: tuple[int, int] | None = None, return_hidden: bool = False) -> Output:
     """``tokens: [B, T]`` int; ``positions: [B, T]`` (default: cache.index + arange(T));
     ``attention_mask: [B, T]`` 1 for real tokens (keys at 0 are never attended to;
     default all ones); ``segment_ids: [B, T]`` for packed rows (tokens attend
     within their segment only; pass the per-segment ``positions`` too); ``branch_ids: [B, T]``
     for shared-prefix rows (``[prompt | response 1 | response 2 ...]``, see
     :func:`jaxopd.data.pipeline.share_prompt`: 0 = the shared prefix, j = response j; a token
-    attends to the prefix and its own response; pass each response's ``positions``)."""
+    attends to the prefix and its own response; pass each response's ``positions``);
+    ``groups = (P, G)`` (static) for grouped rows ``[prefix (P) | branch 1 | ... | branch G]`` of
+    equal-length branches (a prompt and its G sampled responses,
+    :func:`jaxopd.models.heads.group_rows`): the
+    prefix is encoded once and each branch attends to the prefix's valid tokens
+    (``attention_mask``) and to itself, never to another branch; pass each branch's ``positions``
+    (it continues the prefix) too."""
     x, hidden, new_cache = self._trunk(tokens, positions, attention_mask, cache, segment_ids, branch_ids,
-                                       return_hidden)
+                                       groups, return_hidden)
     return Output(self.unembed(x), hidden, new_cache)
 
   def final_hidden(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                    attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                   branch_ids: jax.Array | None = None) -> jax.Array:
+                   branch_ids: jax.Array | None = None, groups: tuple[int, int] | None = None) -> jax.Array:
     """The final (normed) hidden states ``[B, T, D]`` of :meth:`__call__`, without the head:
     a loss that needs the logits of only some positions at a time applies :meth:`unembed`
     to chunks of them (no ``[B, T, V]`` array)."""
-    return self._trunk(tokens, positions, attention_mask, None, segment_ids, branch_ids, False)[0]
+    return self._trunk(tokens, positions, attention_mask, None, segment_ids, branch_ids, groups, False)[0]
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                     attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
                     branch_ids: jax.Array | None = None):
     """The ``n_layers + 1`` hidden states ``[B, T, D]`` of ``return_hidden=True`` (embeddings, each
     block's output, the last one after the final norm), without the head."""
-    return self._trunk(tokens, positions, attention_mask, None, segment_ids, branch_ids, True)[1]
+    return self._trunk(tokens, positions, attention_mask, None, segment_ids, branch_ids, None, True)[1]
 
   def output_weight(self) -> jax.Array:
     """The head's weight ``[D, V]`` (``[D, 1]`` with ``head="score"``) in its storage dtype."""
@@ -425,7 +496,7 @@ class Transformer(nnx.Module):
     logits = _dense(x, w.astype(jnp.dtype(self.cfg.dtype)))
     return logits if self.score is not None else constrain(logits, ("batch", "length", "vocab"))
 
-  def _scan_blocks(self, x, positions, key_mask, segment_ids, branch_ids, run, return_hidden):
+  def _scan_blocks(self, x, positions, key_mask, segment_ids, branch_ids, groups, run, return_hidden):
     """The blocks as one ``lax.scan`` (``scan_layers``): the per-layer parameters are stacked
     along a new leading axis for the forward (one extra copy of the blocks' parameters, sharded
     like them; the state, checkpoints and HF import/export keep one module per layer), so XLA
@@ -439,15 +510,17 @@ class Transformer(nnx.Module):
       if run is not None:
         h = run(block, h, positions, key_mask, segment_ids, branch_ids)
       else:
-        h = block(h, positions, key_mask, None, 0, segment_ids, branch_ids)[0]
+        h = block(h, positions, key_mask, None, 0, segment_ids, branch_ids, groups)[0]
       return h, (h if return_hidden else None)
     x, ys = jax.lax.scan(body, x, stacked)
     return x, ([ys[i] for i in range(len(self.blocks))] if return_hidden else [])
 
-  def _trunk(self, tokens, positions, attention_mask, cache, segment_ids, branch_ids, return_hidden):
-    if (segment_ids is not None or branch_ids is not None) and cache is not None:
-      raise ValueError("segment_ids / branch_ids (packed or shared-prefix rows) are for training forwards, "
-                       "not with a KV cache")
+  def _trunk(self, tokens, positions, attention_mask, cache, segment_ids, branch_ids, groups, return_hidden):
+    if (segment_ids is not None or branch_ids is not None or groups is not None) and cache is not None:
+      raise ValueError("segment_ids / branch_ids / groups (packed, shared-prefix or grouped rows) are for "
+                       "training forwards, not with a KV cache")
+    if groups is not None and (segment_ids is not None or branch_ids is not None):
+      raise ValueError("groups (grouped rows) cannot be combined with segment_ids or branch_ids")
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     b, t = tokens.shape
@@ -465,9 +538,9 @@ class Transformer(nnx.Module):
     x = constrain(x, ("batch", "length", "embed"))
     hidden = [x] if return_hidden else None
     ks, vs = [], []
-    run = _remat_block(cfg.remat) if cache is None and cfg.remat != "none" else None
+    run = _remat_block(cfg.remat, groups) if cache is None and cfg.remat != "none" else None
     if cache is None and cfg.scan_layers:
-      x, states = self._scan_blocks(x, positions, key_mask, segment_ids, branch_ids, run, return_hidden)
+      x, states = self._scan_blocks(x, positions, key_mask, segment_ids, branch_ids, groups, run, return_hidden)
       if return_hidden:
         hidden.extend(states)
     for i, block in enumerate(() if cache is None and cfg.scan_layers else self.blocks):
@@ -475,7 +548,8 @@ class Transformer(nnx.Module):
       if run is not None:
         x, new_kv = run(block, x, positions, key_mask, segment_ids, branch_ids), None
       else:
-        x, new_kv = block(x, positions, key_mask, kv, start, segment_ids, branch_ids)
+        x, new_kv = block(x, positions, key_mask, kv, start, segment_ids, branch_ids, groups,
+                          None if cache is None else cache.layer_prefix(i))
       if cache is not None:
         ks.append(new_kv[0])
         vs.append(new_kv[1])
@@ -486,5 +560,5 @@ class Transformer(nnx.Module):
       hidden[-1] = x   # HF convention: the last hidden state is after the final norm
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(tuple(ks), tuple(vs), key_mask, cache.index + t)
+      new_cache = cache._replace(k=tuple(ks), v=tuple(vs), valid=key_mask, index=cache.index + t)
     return x, tuple(hidden) if return_hidden else None, new_cache
