@@ -141,6 +141,16 @@ def collect(workdir: str) -> dict:
   return out
 
 
+def seed_stats(results: list[dict], key: str) -> tuple[float, float]:
+  """``(mean, std)`` of a metric over the seeds' result records (population standard deviation;
+  NaN where no record has the metric, the std also with fewer than two)."""
+  import statistics
+  vals = [r[key] for r in results if isinstance(r.get(key), (int, float))]
+  if not vals:
+    return float("nan"), float("nan")
+  return sum(vals) / len(vals), statistics.pstdev(vals) if len(vals) > 1 else float("nan")
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True, help="experiment module[:preset]")

@@ -22,7 +22,6 @@ import argparse
 import collections
 import json
 import os
-import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -77,17 +76,6 @@ def dpo_stage(out, results):
   return None
 
 
-def mean(rs, k):
-  vals = [r[k] for r in rs if isinstance(r.get(k), (int, float))]
-  return sum(vals) / len(vals) if vals else float("nan")
-
-
-def std(rs, k):
-  """The standard deviation over seeds (population; NaN with fewer than two)."""
-  vals = [r[k] for r in rs if isinstance(r.get(k), (int, float))]
-  return statistics.pstdev(vals) if len(vals) > 1 else float("nan")
-
-
 def table(results, dpo, path):
   groups = collections.defaultdict(list)
   for r in results:
@@ -103,7 +91,7 @@ def table(results, dpo, path):
   for (method, kind), rs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
     cells = []
     for key, _, spec in cols:
-      v, sd = mean(rs, key), std(rs, key)
+      v, sd = sweep.seed_stats(rs, key)
       cells.append("-" if v != v else format(v, spec) + ("" if sd != sd or key.startswith("coef/") else
                                                           f" ± {format(sd, spec)}"))
     lines.append(f"| {method} | {kind} | {len(rs)} | " + " | ".join(cells) + " |")

@@ -121,11 +121,6 @@ def read(path, split):
     return [e for e in map(json.loads, f) if e.get("split") == split]
 
 
-def mean(rs, k):
-  vals = [r[k] for r in rs if isinstance(r.get(k), (int, float))]
-  return sum(vals) / len(vals) if vals else float("nan")
-
-
 def _ks(r):
   return sorted(int(k.split("@")[1]) for k in r if k.startswith("sample/pass@"))
 
@@ -178,13 +173,17 @@ def table(study, results, teacher, path):
   allc = cols + lvl_cols
   lines = ["| arm | seeds | " + " | ".join(c[1] for c in allc) + " |", "|" + " --- |" * (len(allc) + 2)]
   fmt = lambda v: "-" if v != v else f"{v:.3f}"
+
+  def cell(rs, k):     # mean ± std over seeds (the std where there are several)
+    v, sd = sweep.seed_stats(rs, k)
+    return fmt(v) + ("" if sd != sd else f" ± {sd:.3f}")
   for arm, rs in rows:
     for r in rs:
       tr = read(os.path.join(os.path.dirname(path), r["dir"]), "train")
       for k, _ in allc:
         if k.startswith("train:"):
           r[k] = tr[-1].get(k[6:], float("nan")) if tr else float("nan")
-    lines.append(f"| {arm} | {len(rs)} | " + " | ".join(fmt(mean(rs, k)) for k, _ in allc) + " |")
+    lines.append(f"| {arm} | {len(rs)} | " + " | ".join(cell(rs, k) for k, _ in allc) + " |")
   for name, ref in reference_rows(study, os.path.dirname(path), results, teacher):
     lines.append(f"| {name} | - | " + " | ".join(fmt(ref.get(k, float("nan"))) for k, _ in allc) + " |")
   with open(path, "w") as f:
