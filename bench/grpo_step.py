@@ -77,7 +77,7 @@ from jaxopd.methods import grpo  # noqa: E402
 from jaxopd.models import ModelConfig  # noqa: E402
 from jaxopd.sampling import SamplingConfig  # noqa: E402
 
-from common import cpu_snapshot, other_load, time_donated_step  # noqa: E402
+from common import cpu_snapshot, other_load, time_interleaved  # noqa: E402
 from common import compile_train_step, single_device_config, trl_settings, trl_step_timer  # noqa: E402
 
 PROMPTS, G, PROMPT, NEW = 4, 8, 32, 96
@@ -112,13 +112,11 @@ def model_cfg() -> ModelConfig:
 
 
 # --- jaxopd ---------------------------------------------------------------------------------------
-def jax_step_time(warmup, repeats):
+def jax_steps(warmup, repeats, rounds=3):
+  """The jaxopd step with ``method.share_prompt`` on (the default) and off, timed interleaved:
+  name -> ``{"median", "ts", "compile_s", "length", "reward"}``."""
   from jaxopd import rewards
   tok = tokenizer()
-  c = single_device_config(model_cfg(), PROMPTS, SEQ, LR)
-  m = load_config("grpo.py").method
-  m.group_size, m.eps_low, m.eps_high, m.beta_kl, m.aggregation = G, 0.2, 0.28, 0.0, "token_mean"
-  c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay, c.optim.clip_norm = 0.9, 0.95, 1e-8, 0.0, 1.0
 
   def host_reward(tokens, loss_mask):
     return reward_words(rewards.decode(tok, tokens, loss_mask)[1])
@@ -126,13 +124,26 @@ def jax_step_time(warmup, repeats):
   ids = np.stack([tok(t, add_special_tokens=False)["input_ids"] for t in prompt_texts()]).astype(np.int32)
   assert ids.shape == (PROMPTS, PROMPT)
   local = {"prompt": ids, "prompt_len": np.full((PROMPTS,), PROMPT, np.int32)}
-  exp = Experiment(roles={"policy": True}, loss_fn=grpo.make_loss_fn(m, NEW, False, grpo.share_group(m, 1)),
-                   rollout=grpo.make_rollout(scfg, G, grpo.make_reward("fn", 1, host_reward), m, 10**6, False),
-                   train_data=lambda shard: iter([local]))
-  compiled, state, frozen, batch, compile_s, _ = compile_train_step(c, exp, local)
-  step_s, ts, state, metrics = time_donated_step(compiled, state, frozen, batch, warmup, repeats)
-  length = float(metrics["response_length/mean"])
-  return step_s, ts, compile_s, length, float(metrics["reward/mean"])
+  steps, compile_s = {}, {}
+  for share in (True, False):
+    c = single_device_config(model_cfg(), PROMPTS, SEQ, LR)
+    m = load_config("grpo.py").method
+    m.group_size, m.eps_low, m.eps_high, m.beta_kl, m.aggregation = G, 0.2, 0.28, 0.0, "token_mean"
+    m.share_prompt = share
+    c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay, c.optim.clip_norm = 0.9, 0.95, 1e-8, 0.0, 1.0
+    exp = Experiment(roles={"policy": True}, loss_fn=grpo.make_loss_fn(m, NEW, False, grpo.share_group(m, 1)),
+                     rollout=grpo.make_rollout(scfg, G, grpo.make_reward("fn", 1, host_reward), m, 10**6, False),
+                     train_data=lambda shard: iter([local]))
+    compiled, state, frozen, batch, compile_s[share], _ = compile_train_step(c, exp, local)
+    steps[share] = dict(fn=compiled, state=state, frozen=frozen, batch=batch)
+  timed_steps = time_interleaved(steps, rounds, warmup, max(1, repeats // rounds))
+  out = {}
+  for share, r in timed_steps.items():
+    _, metrics = steps[share]["fn"](steps[share]["state"], steps[share]["frozen"], steps[share]["batch"])
+    out["shared prompt" if share else "row per sample"] = dict(
+        median=r["median"], ts=r["ts"], compile_s=compile_s[share], length=float(metrics["response_length/mean"]),
+        reward=float(metrics["reward/mean"]), losses=r["losses"])
+  return out
 
 
 # --- TRL ------------------------------------------------------------------------------------------
@@ -179,14 +190,19 @@ def trl_step_time(threads, warmup, repeats):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--warmup", type=int, default=2)
-  ap.add_argument("--repeats", type=int, default=8)
+  ap.add_argument("--repeats", type=int, default=9)
   a = ap.parse_args(argv)
   t_start = time.perf_counter()
   snap = cpu_snapshot()
-  med, ts, comp, length, r = jax_step_time(a.warmup, a.repeats)
-  print(f"jaxopd GRPO: {med * 1e3:8.1f} ms median of {a.repeats} (min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f}); "
-        f"compile {comp:.1f} s; response length {length:.1f}; reward {r:.4f}; {TOKENS / med:8.0f} tokens/s",
-        flush=True)
+  ours = jax_steps(a.warmup, a.repeats)
+  for name, o in ours.items():
+    print(f"jaxopd GRPO, {name:14s}: {o['median'] * 1e3:8.1f} ms median of {len(o['ts'])} (min "
+          f"{min(o['ts']) * 1e3:.1f}, max {max(o['ts']) * 1e3:.1f}); compile {o['compile_s']:.1f} s; response length "
+          f"{o['length']:.1f}; reward {o['reward']:.4f}; {TOKENS / o['median']:8.0f} tokens/s", flush=True)
+  shared, rows = ours["shared prompt"], ours["row per sample"]
+  print(f"losses of the first steps (equal in both layouts): {[round(x, 6) for x in shared['losses'][:3]]} vs "
+        f"{[round(x, 6) for x in rows['losses'][:3]]}; shared-prompt speed-up {rows['median'] / shared['median']:.2f}x")
+  med, length = shared["median"], shared["length"]
   trl_res, versions, settings = {}, {}, {}
   for th in (1, 2):
     t, tts, versions, settings = trl_step_time(th, a.warmup, a.repeats)
@@ -207,7 +223,9 @@ def main(argv=None):
       + (" -- CONTENDED, numbers are not trustworthy" if other > 0.25 else "")))
   print(json.dumps({
       "grpo_tokens_per_s": round(TOKENS / med, 1), "trl_tokens_per_s": round(TOKENS / trl_s, 1),
-      "ratio_vs_trl": round(ratio, 3), "grpo_step_ms": round(med * 1e3, 2), "trl_step_ms": round(trl_s * 1e3, 2),
+      "ratio_vs_trl": round(ratio, 3), "grpo_step_ms": round(med * 1e3, 2),
+      "grpo_row_per_sample_step_ms": round(rows["median"] * 1e3, 2),
+      "shared_prompt_speedup": round(rows["median"] / med, 3), "trl_step_ms": round(trl_s * 1e3, 2),
       "trl_step_ms_by_threads": {str(k): round(v * 1e3, 2) for k, v in trl_res.items()}, "trl_threads": best,
       "tokens_per_step": TOKENS, "jaxopd_response_length": length,
       "other_cpu_load": None if other is None else round(other, 3)}))
