@@ -56,11 +56,16 @@ METHODS = {
         "eval.contexts": 1, "eval.log_z": "(0.0,)"}),
     "distillspec": ("distillspec.py", "prompt", lambda p, r: {
         "method.data": "student", "method.prompt_len": p, "method.max_new_tokens": r, **NO_EVAL}),
+    "grpo": ("grpo.py", "prompt", lambda p, r: {
+        "method.reward": "fit_table:length_reward", "method.group_size": GROUP, "rollout.prompt_len": p,
+        "rollout.max_new_tokens": r, **NO_EVAL}),
 }
+GROUP = 8        # GRPO's samples per prompt in the cells (its batch counts prompts)
 FROZEN_ROLES = {"dpo": ["reference"], "tdpo": ["reference"], "sparsepo": ["reference"], "fdpg": ["base"],
-                "distillspec": ["target"], "sft": []}
+                "distillspec": ["target"], "sft": [], "grpo": []}
 TRAINABLE_ROLES = {"sft": ["policy"], "dpo": ["policy"], "tdpo": ["policy"], "sparsepo": ["policy"],
-                   "fdpg": ["policy"], "distillspec": ["draft"]}
+                   "fdpg": ["policy"], "distillspec": ["draft"], "grpo": ["policy"]}
+GRID_METHODS = ("sft", "dpo", "tdpo", "sparsepo", "fdpg", "distillspec")   # the README table's (GRPO: --cells grpo)
 
 # The grid of the README table: model -> topology (a slice its size is trained on).
 GRID = {"qwen2-0.5b": ("v5e:2x2", 1024), "qwen2-1.5b": ("v5e:4x4", 1024), "llama3-8b": ("v5p:2x2x4", 2048)}
@@ -85,17 +90,23 @@ def step_flops(method: str, cfg, batch: int, seq: int, remat: str, prompt: int =
   a frozen model one forward; a sampler its prefill and decode steps. SparsePO's mask head and
   f-DPG's host-side reward are not counted (small). Pairs (``prompt`` tokens of ``seq``, default
   half) are ``2 batch`` rows of ``seq`` or, with ``share``, ``batch`` rows of :func:`shared_len`
-  (attention counted over the whole row: the branch mask is applied to dense scores)."""
+  (attention counted over the whole row: the branch mask is applied to dense scores). GRPO:
+  ``batch`` prompts x :data:`GROUP` samples, each prompt prefilled once; the loss's forward over a
+  row per sample or, with ``share``, one grouped row per prompt (the prompt's attention over
+  itself, each response's over the prompt and itself), the LM head at the response slots only."""
   from jaxopd.models.presets import decode_flops, forward_flops, matmul_params
   p = prompt or seq // 2
   r = seq - p
   attention = lambda rows, n: (forward_flops(cfg, rows, n, head=False)
                                - rows * n * cfg.n_layers * 2 * matmul_params(cfg)[0])
 
+  def trained_from(trunk, head, attn):
+    again = {"none": 0.0, "full": trunk, "dots": attn}[remat]
+    return 3 * (trunk + head) + head + again
+
   def trained(rows, n=seq):
     full, trunk = forward_flops(cfg, rows, n), forward_flops(cfg, rows, n, head=False)
-    again = {"none": 0.0, "full": trunk, "dots": attention(rows, n)}[remat]
-    return 3 * full + (full - trunk) + again
+    return trained_from(trunk, full - trunk, attention(rows, n))
   frozen = lambda rows, n=seq: forward_flops(cfg, rows, n)
   if method == "sft":
     return trained(batch)
@@ -104,6 +115,15 @@ def step_flops(method: str, cfg, batch: int, seq: int, remat: str, prompt: int =
     return trained(rows, n) + frozen(rows, n)
   if method in ("fdpg", "distillspec"):     # sample from the trained model, score with the frozen one, train
     return decode_flops(cfg, batch, p, r) + frozen(batch) + trained(batch)
+  if method == "grpo":
+    block, lm_head = matmul_params(cfg)
+    per_key = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim      # a query-key pair's scores and weighted sum
+    if share:
+      tokens, attn = batch * (p + GROUP * r), per_key * batch * (p * p + GROUP * r * (p + r))
+    else:
+      tokens, attn = batch * GROUP * seq, per_key * batch * GROUP * seq * seq
+    trunk = tokens * 2 * cfg.n_layers * block + attn
+    return decode_flops(cfg, batch, p, r, samples=GROUP) + trained_from(trunk, batch * GROUP * r * 2 * lm_head, attn)
   raise ValueError(f"no FLOP count for method {method!r}")
 
 
@@ -146,8 +166,8 @@ def cell_args(method: str, model: str, topology: str, seq: int, batch: int, data
         "data.files.tokenizer": data["tokenizer"], "seq_len": seq, "batch_size": batch, "grad_accum": 1,
         "mesh.shape": "(1,-1,1)", "checkpoint.async_save": False}
   ov.update(extra(p, r))
-  if share:
-    ov["method.share_prompt"] = True
+  if share or method == "grpo":       # GRPO's default is True: its row-per-sample cells set False
+    ov["method.share_prompt"] = share
   if method == "fdpg":          # its build reads held-out prompts for evaluation (not part of the step)
     ov["data.files.eval"] = data["prompt"]
   for role in TRAINABLE_ROLES[method]:
@@ -226,16 +246,18 @@ HEADER = ("| method | model | topology | seq | batch | GiB per chip (used / HBM)
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True)
-  p.add_argument("--cells", default="grid", choices=("grid", "seq", "share"),
+  p.add_argument("--cells", default="grid", choices=("grid", "seq", "share", "grpo"),
                  help="grid: methods x models (each on its topology of GRID); seq: TDPO on --models[0] at "
                       "sequence 1024 / 2048 / 4096; share: DPO and TDPO on --models[0] with --prompt of the "
-                      "sequence, a row per response and the prompt shared (method.share_prompt)")
+                      "sequence, a row per response and the prompt shared (method.share_prompt); grpo: GRPO "
+                      "on --models[0], --batch prompts x 8 samples of --prompt + the rest of --seq tokens, "
+                      "a row per sample and grouped rows (method.share_prompt)")
   p.add_argument("--prompt", type=int, default=0, help="prompt tokens of a pair's sequence (default: half)")
-  p.add_argument("--methods", default=",".join(METHODS))
+  p.add_argument("--methods", default=",".join(GRID_METHODS))
   p.add_argument("--models", default=",".join(GRID))
   p.add_argument("--topology", default="", help="one topology for every cell (default: GRID's per model)")
   p.add_argument("--seq", type=int, default=0, help="sequence length (default: GRID's per model)")
-  p.add_argument("--batch", type=int, default=32, help="sequences per step (pairs for DPO/TDPO/SparsePO)")
+  p.add_argument("--batch", type=int, default=32, help="sequences per step (pairs for DPO/TDPO/SparsePO, prompts for GRPO)")
   p.add_argument("--remat", default="full", help="remat of the trainable roles: none | full | dots")
   p.add_argument("--scan_layers", default="true", choices=("true", "false"),
                  help="every role's blocks as one lax.scan (compile time independent of depth)")
@@ -266,7 +288,7 @@ def main(argv=None) -> int:
       cells.append(dict(method="tdpo", model=models[0], topology=topo, seq=seq, batch=a.batch))
   else:
     topo, seq = GRID[models[0]]
-    for method in ("dpo", "tdpo"):
+    for method in ("dpo", "tdpo") if a.cells == "share" else ("grpo",):
       for share in (False, True):
         cells.append(dict(method=method, model=models[0], topology=a.topology or topo, seq=a.seq or seq,
                           batch=a.batch, prompt=a.prompt or (a.seq or seq) // 2, share=share))
@@ -297,8 +319,9 @@ def main(argv=None) -> int:
                        "fsdp_ratio": round(r["fsdp_ratio"], 4),
                        "roofline_ms": round(1e3 * r["roofline_s"], 1), "flops_per_chip": r["flops_per_chip"],
                        "compile_s": r["compile_s"]})
-  settings = (f"FSDP over every chip, batch {a.batch} (pairs for DPO/TDPO/SparsePO), bf16 compute, float32 "
-              f"trainable parameters and AdamW state, bf16 frozen models, remat={a.remat} on trainable roles, "
+  settings = (f"FSDP over every chip, batch {a.batch} (pairs for DPO/TDPO/SparsePO, prompts x {GROUP} for GRPO), "
+              f"bf16 compute, float32 trainable parameters and AdamW state, bf16 frozen models, remat={a.remat} on "
+              f"trainable roles, "
               f"attention={a.attention}, scan_layers={a.scan_layers}")
   with open(os.path.join(a.out, "table.md"), "w") as f:
     f.write(settings + "\n\n" + HEADER + "\n" + "\n".join(rows) + "\n")

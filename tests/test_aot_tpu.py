@@ -38,12 +38,12 @@ def test_presets_have_the_published_parameter_counts():
     assert presets.num_params(cfg) == n, name
 
 
-def _tiny_cell(tmp_path, method, spec, chunk=64, remat="none", share=False, **model):
+def _tiny_cell(tmp_path, method, spec, chunk=64, remat="none", share=False, seq=64, **model):
   """The fit table's settings for ``method`` on a small model, unrolled, no remat, one position
-  chunk: a step without loops, so XLA's cost analysis counts all of it."""
-  data = fit_table.write_data(str(tmp_path), 32, 32, n=16)
+  chunk: a step without loops, so XLA's cost analysis counts all of it; prompts of 32 tokens."""
+  data = fit_table.write_data(str(tmp_path), 32, seq - 32, n=16)
   config = load_config(spec)
-  for a in fit_table.cell_args(method, "", "v5e:2x2", 64, 8, data, remat=remat, scan=False, share=share):
+  for a in fit_table.cell_args(method, "", "v5e:2x2", seq, 8, data, remat=remat, scan=False, share=share, prompt=32):
     if a.startswith("--config."):
       key, _, value = a[len("--config."):].partition("=")
       aot_memory.override(config, key, value)
@@ -83,6 +83,24 @@ def test_step_compiles_for_a_v5e_2x2_and_the_flop_count_matches_xla(tmp_path, me
   text = aot_memory.format_report(r, 16 * 2**30)
   assert "TPU v5 lite" in text and "XLA cost analysis" in text and "fits in 16.0 GiB" in text
   json.dumps(r)                              # the --json line is one JSON object
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_grpo_step_compiles_and_its_flop_count_matches_xla(tmp_path, share):
+  """GRPO's step (8 prompts x 8 samples: sampling, the host reward, the loss) compiled for a
+  v5e:2x2 with FSDP, a row per sample and grouped rows: with one new token the sampler's loop runs
+  once, which is what XLA's cost analysis counts, so fit_table's FLOP count (each prompt prefilled
+  once, the grouped rows' attention split, the head at the response slots) is XLA's within 5%;
+  grouped rows cost less."""
+  _needs_libtpu()
+  from jaxopd import methods
+  config = _tiny_cell(tmp_path, "grpo", "grpo.py:smoke", share=share, seq=33)
+  assert config.method.share_prompt == share and config.rollout.max_new_tokens == 1
+  r = aot_memory.report(config, methods.get("grpo").build(config), aot_memory.topology_devices("v5e:2x2"))
+  counted = fit_table.step_flops("grpo", table.arch(config, "policy"), 8, 33, "none", 32, share)
+  assert r["xla_flops"] * 4 == pytest.approx(counted, rel=0.05)
+  other = fit_table.step_flops("grpo", table.arch(config, "policy"), 8, 33, "none", 32, not share)
+  assert (counted < other) == share
 
 
 def test_splash_attention_step_compiles_for_a_v5e_2x2_with_the_real_kernel(tmp_path):

@@ -74,11 +74,13 @@ def forward_flops(cfg: ModelConfig, sequences: int, length: int, head: bool = Tr
   return float(sequences * length * per_token)
 
 
-def decode_flops(cfg: ModelConfig, sequences: int, prompt: int, new_tokens: int) -> float:
+def decode_flops(cfg: ModelConfig, sequences: int, prompt: int, new_tokens: int, samples: int = 1) -> float:
   """Sampling ``new_tokens`` per row after a ``prompt``-token prefill with a KV cache of
-  ``prompt + new_tokens`` slots (every slot is attended to, valid or not, as the sampler does)."""
+  ``prompt + new_tokens`` slots (every slot is attended to, valid or not, as the sampler does);
+  ``samples = G > 1``: each of the ``sequences`` prompts is prefilled once into a cache of its
+  ``prompt`` slots, then its G rows decode over those and their own ``new_tokens`` slots."""
   block, lm_head = matmul_params(cfg)
   slots = prompt + new_tokens
-  prefill = sequences * prompt * (cfg.n_layers * (2 * block + 4 * slots * cfg.n_heads * cfg.head_dim) + 2 * lm_head)
-  step = sequences * (cfg.n_layers * (2 * block + 4 * slots * cfg.n_heads * cfg.head_dim) + 2 * lm_head)
-  return float(prefill + new_tokens * step)
+  per_token = lambda keys: cfg.n_layers * (2 * block + 4 * keys * cfg.n_heads * cfg.head_dim) + 2 * lm_head
+  prefill = sequences * prompt * per_token(prompt if samples > 1 else slots)
+  return float(prefill + sequences * samples * new_tokens * per_token(slots))
