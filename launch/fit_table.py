@@ -3,6 +3,7 @@
   python launch/fit_table.py --out runs/fit_table                     # the table in launch/README.md
   python launch/fit_table.py --out runs/fit_seq --cells seq            # TDPO at sequence 1024 / 2048 / 4096
   python launch/fit_table.py --out runs/fit_share --cells share --models qwen2-1.5b --prompt 768   # prompt shared
+  python launch/fit_table.py --out runs/fit_grpo --cells grpo --models qwen2-0.5b --prompt 512 --seq 1536 --batch 8
   python launch/fit_table.py --out /tmp/f --cells grid --methods tdpo --models qwen2-0.5b --seq 256 --batch 8
 
 Each cell is one ``launch/aot_memory.py --json --topology T --preset M`` run in its own
@@ -12,7 +13,8 @@ data is synthetic and in the methods' own file formats (``config.data.task=files
 a word-level tokenizer and TRL-format records whose prompt and response lengths are
 exact, so every batch has the cell's shapes: SFT rows of ``seq`` tokens; DPO/TDPO/SparsePO
 pairs of ``seq``-token sequences; f-DPG and DistillSpec prompts of ``seq/2`` tokens,
-with ``seq/2`` new tokens sampled inside the step.
+with ``seq/2`` new tokens sampled inside the step; GRPO (``--cells grpo``) ``batch`` prompts of
+``--prompt`` tokens, each sampled 8 times to ``seq`` tokens inside the step.
 
 Settings of every cell (printed in the table's header): FSDP over every chip
 (``mesh.shape=(1,-1,1)``), bf16 compute, float32 trainable parameters (AdamW state
