@@ -16,10 +16,13 @@ global-norm clipping 1.0). So 32 sequences of 128 tokens are generated and train
 step: 4096 training tokens.
 
 jaxopd: ``Trainer.compiled_train_step`` (jitted, donated state, one CPU device) of an
-``Experiment`` made of ``jaxopd.methods.grpo.make_rollout`` (the KV-cache sampler with the
-prompt prefilled once per group, the reward through ``jax.pure_callback``) and
-``make_loss_fn`` (per-token log-probs from hidden states in chunks of 32 positions).
-Timed: median of ``--repeats`` steps after ``--warmup``, ``block_until_ready`` on the state.
+``Experiment`` made of ``jaxopd.methods.grpo.make_rollout`` (the KV-cache sampler with each
+prompt prefilled once and its cache kept once for its G rows, the reward through
+``jax.pure_callback``) and ``make_loss_fn`` (per-token log-probs at the response slots, from
+hidden states in chunks of 32 positions), twice: with ``method.share_prompt`` (the default: the
+loss's forward encodes each prompt once for its 8 samples, grouped rows) and without (a full
+row per sample), the two timed interleaved (``common.time_interleaved``: 3 rounds of
+``--repeats / 3`` steps each after ``--warmup``), ``block_until_ready`` on the state; medians.
 
 TRL: ``trl.GRPOTrainer`` (trl 1.16.0, torch 2.13.0+cpu) on ``transformers.LlamaForCausalLM``
 of the same config, GRPOConfig(per_device_train_batch_size=32, num_generations=8,
@@ -32,24 +35,28 @@ sampling. A ``TrainerCallback`` records ``perf_counter`` at ``on_step_begin`` /
 (``_prepare_inputs``), the loss, backward, clipping and the AdamW step. Median over the
 steps after the warm-up, with torch threads 1 and 2 (the faster is used).
 
-Measured (2-core Sapphire Rapids VM, jax 0.10.2, torch 2.13.0+cpu, transformers 5.24.0,
-trl 1.16.0, 2 warm-up + 8 timed steps, idle machine: other processes used 0.01 of the 2
-CPUs; 86 s in all):
+Measured (2-core Sapphire Rapids VM, jax 0.10.2, torch 2.13.0+cpu, transformers 5.25.0,
+trl 1.16.0, 2 warm-up + 9 timed steps per side, idle machine: other processes used 0.01 of the
+2 CPUs; 117 s in all):
 
-  jaxopd GRPO        1891 ms/step  2166 tokens/s  (every response 96 tokens)
-  TRL GRPO threads=2 1892 ms/step  2164 tokens/s  (threads=1: 2972 ms)
-  -> ratio_vs_trl 1.00 (aim >= 2x NOT met)
+  jaxopd GRPO, shared prompt   1461 ms/step  2804 tokens/s  (every response 96 tokens)
+  jaxopd GRPO, row per sample  1628 ms/step  2517 tokens/s  (shared prompt: 1.11x)
+  TRL GRPO threads=2           1796 ms/step  2281 tokens/s  (threads=1: 2959 ms)
+  -> ratio_vs_trl 1.23 (aim >= 2x NOT met)
 
-Where jaxopd's step goes (the same model, jitted alone, medians of 5): sampling the 32 x 96
-tokens 666 ms (6.9 ms per decode step of 32 rows; with the prompt prefilled once per group
-or the prompts repeated G times: 666 vs 662 ms, no difference at 32-token prompts, the
-decode loop dominates), the loss's forward + backward on 32 x 128 tokens 1021 ms (the
-gradient of a plain logits sum of the same model: 1167 ms; the chunked per-token terms cost
-nothing extra), the rest (AdamW, the reward callback, advantages) ~0.2 s. Model
-forward + backward at this size runs at ~0.6 of the float32 matmul peak
-(bench/preference_step.py), so a 2x needs a decode loop several times cheaper per step
-than XLA:CPU's while loop gives (its per-op dispatch dominates a [32, 1] forward) and
-cannot come from the training half; not attempted here.
+The same command at the start of this work (before the shared prompt and the shared prefix
+cache): jaxopd 1876 vs TRL 1882 ms, 1.00x.
+
+Where jaxopd's step goes (the same model, each part jitted alone; this VM is noisy, so
+ranges): sampling the 32 x 96 tokens 460-570 ms (~5 ms per decode step of 32 rows; before the
+shared prefix cache 530-630 ms), the loss's forward + backward 860 ms grouped vs 1010 ms a row
+per sample (medians of 7, interleaved). The floors: the 29 matmuls of one decode step at 32
+rows take 3.0 ms chained in a ``fori_loop`` in XLA (2.5 ms in eager torch), so 96 steps cannot
+go below ~290 ms; XLA flags (oneDNN, XNNPACK, single-threaded Eigen, no YNN fusion) and fusing
+q/k/v and gate/up into one matmul each changed that by nothing measurable. The grouped
+loss's 3200 tokens x 3 passes are ~90 GFLOP, 390 ms at this CPU's float32 matmul peak (~230
+GFLOP/s); model forward + backward runs at 0.5-0.6 of it here (bench/preference_step.py). A
+2x (<= 900 ms) needs both halves near their floors at once; not reached.
 
 The last line printed is one JSON object: grpo_tokens_per_s, trl_tokens_per_s,
 ratio_vs_trl (training tokens per second, generation included), the step times and the
