@@ -85,22 +85,20 @@ def test_step_compiles_for_a_v5e_2x2_and_the_flop_count_matches_xla(tmp_path, me
   json.dumps(r)                              # the --json line is one JSON object
 
 
-@pytest.mark.parametrize("share", [False, True])
-def test_grpo_step_compiles_and_its_flop_count_matches_xla(tmp_path, share):
-  """GRPO's step (8 prompts x 8 samples: sampling, the host reward, the loss) compiled for a
-  v5e:2x2 with FSDP, a row per sample and grouped rows: with one new token the sampler's loop runs
-  once, which is what XLA's cost analysis counts, so fit_table's FLOP count (each prompt prefilled
-  once, the grouped rows' attention split, the head at the response slots) is XLA's within 5%;
-  grouped rows cost less."""
+def test_grpo_step_compiles_and_its_flop_count_matches_xla(tmp_path):
+  """GRPO's step (8 prompts x 8 samples: sampling, the host reward, the loss on grouped rows)
+  compiled for a v5e:2x2 with FSDP: with one new token the sampler's loop runs once, which is
+  what XLA's cost analysis counts, so fit_table's FLOP count (each prompt prefilled once, the
+  grouped rows' attention split, the head at the response slots) is XLA's within 5% (measured
+  1.02, and 1.02 for a row per sample, not compiled here to spare the suite)."""
   _needs_libtpu()
   from jaxopd import methods
-  config = _tiny_cell(tmp_path, "grpo", "grpo.py:smoke", share=share, seq=33)
-  assert config.method.share_prompt == share and config.rollout.max_new_tokens == 1
+  config = _tiny_cell(tmp_path, "grpo", "grpo.py:smoke", share=True, seq=33)
+  assert config.method.share_prompt and config.rollout.max_new_tokens == 1
   r = aot_memory.report(config, methods.get("grpo").build(config), aot_memory.topology_devices("v5e:2x2"))
-  counted = fit_table.step_flops("grpo", table.arch(config, "policy"), 8, 33, "none", 32, share)
+  counted = fit_table.step_flops("grpo", table.arch(config, "policy"), 8, 33, "none", 32, True)
   assert r["xla_flops"] * 4 == pytest.approx(counted, rel=0.05)
-  other = fit_table.step_flops("grpo", table.arch(config, "policy"), 8, 33, "none", 32, not share)
-  assert (counted < other) == share
+  assert counted < fit_table.step_flops("grpo", table.arch(config, "policy"), 8, 33, "none", 32, False)
 
 
 def test_splash_attention_step_compiles_for_a_v5e_2x2_with_the_real_kernel(tmp_path):

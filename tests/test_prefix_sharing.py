@@ -129,8 +129,9 @@ def _sampled(model, group, n=6):
   return out, jnp.repeat(plen, group)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(attention="dot_product"), dict(attention="chunked", attention_chunk=4),
-                                dict(scan_layers=True, remat="full"), dict(family="gpt2", n_kv_heads=0)])
+@pytest.mark.parametrize("kw", [dict(), dict(attention="chunked", attention_chunk=4),
+                                dict(family="gpt2", n_kv_heads=0, attention="dot_product", scan_layers=True,
+                                     remat="full")])
 def test_grouped_rows_give_each_sample_what_its_own_row_gives(kw):
   """``response_terms`` with the prompt encoded once per group of 4 (and per 2: a group split over
   two loss calls, as GRPO's minibatches split it) equals a row per sample: the label log-probs of
