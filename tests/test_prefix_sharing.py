@@ -111,7 +111,7 @@ def test_layout_of_grouped_rows():
   slots]`` per group, the prompt's padding masked, each response's positions continuing its prompt."""
   tokens = jnp.asarray([[5, 6, 7, 8, 1, 0, 0], [5, 6, 9, 1, 0, 0, 0], [4, 3, 3, 1, 0, 0, 0], [4, 2, 1, 0, 0, 0, 0]])
   plen = jnp.asarray([2, 2, 1, 1])
-  rows = heads.group_rows(tokens, plen, prompt_width=3, group=2)   # P 3, N 4
+  rows = heads.grouped_rows(tokens, plen, prompt_width=3, group=2)   # P 3, N 4
   np.testing.assert_array_equal(rows["tokens"], [[5, 6, 7, 7, 8, 1, 0, 9, 1, 0, 0],
                                                  [4, 3, 3, 3, 3, 1, 0, 2, 1, 0, 0]])
   np.testing.assert_array_equal(rows["attention_mask"][:, :3], [[1, 1, 0], [1, 0, 0]])

@@ -166,9 +166,9 @@ def make_rollout(target: Target, divergence: str, scfg: SamplingConfig, eps: flo
   pseudo-reward carries no signal).
 
   ``group``: the rows of one context (k; 0 = the whole batch is one context, unconditional);
-  with ``group > 1`` each context's prompt is prefilled once and its KV cache copied to its
-  ``group`` rows (:func:`jaxopd.sampling.sample` with ``repeats``: the same samples as
-  sampling every row).
+  with ``group > 1`` each context's prompt is prefilled once and its KV cache kept once as the
+  shared prefix of its ``group`` rows (:func:`jaxopd.sampling.sample` with ``repeats``: the same
+  samples as sampling every row).
   As in disco (``disco/tuners/tuner.py``, ``losses/f_divergence.py``): log Z takes every sample
   of the batch before any advantage; the windowed baseline is updated once per context, in
   order, so a context's advantage uses the earlier contexts' rewards

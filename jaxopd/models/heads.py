@@ -15,7 +15,7 @@ divergences of DistillSpec/GKD/on-policy distillation and AlignDistil's teacher.
 
 :func:`response_terms` does the same for sampled rows (prompt, response, padding) on the
 response positions only, in response coordinates ``[R, N]``; with ``group = s`` (GRPO's s
-consecutive samples of one prompt) each prompt is encoded once (:func:`group_rows`).
+consecutive samples of one prompt) each prompt is encoded once (:func:`grouped_rows`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def head_terms(models: Mapping, hidden: Mapping, targets: jax.Array, fn: Callabl
   return map_chunks(per_chunk, (hidden, targets), chunk)
 
 
-def group_rows(tokens: jax.Array, prompt_len: jax.Array, prompt_width: int, group: int) -> dict:
+def grouped_rows(tokens: jax.Array, prompt_len: jax.Array, prompt_width: int, group: int) -> dict:
   """Sampled rows ``tokens [R, P + N]`` (the sampler's layout: prompt, response, padding; ``R``
   rows in runs of ``group`` consecutive rows that continue the same prompt) as grouped rows
   ``[R / group, P + group * N]``: ``[prompt (right-padded to P) | response 1 | ... | response
@@ -85,14 +85,14 @@ def group_rows(tokens: jax.Array, prompt_len: jax.Array, prompt_width: int, grou
 def response_hidden(model, tokens: jax.Array, prompt_len: jax.Array, prompt_width: int, group: int = 1):
   """``[R, N, D]``: the final hidden states that predict each response slot ``j`` of sampled rows
   ``tokens [R, P + N]`` (position ``prompt_len - 1 + j`` of a row); ``group > 1``: from one
-  grouped forward (:func:`group_rows`), each prompt encoded once for its ``group`` rows."""
+  grouped forward (:func:`grouped_rows`), each prompt encoded once for its ``group`` rows."""
   r, t = tokens.shape
   n = t - prompt_width
   plen = prompt_len.astype(jnp.int32)
   if group <= 1:
     h = model.final_hidden(tokens)
     return jnp.take_along_axis(h, (plen[:, None] - 1 + jnp.arange(n)[None, :])[..., None], axis=1)
-  rows = group_rows(tokens, plen, prompt_width, group)
+  rows = grouped_rows(tokens, plen, prompt_width, group)
   h = model.final_hidden(rows["tokens"], rows["positions"], attention_mask=rows["attention_mask"],
                          groups=(prompt_width, group))
   last = jnp.take_along_axis(h[:, :prompt_width], (plen[::group] - 1)[:, None, None], axis=1)   # [R/g, 1, D]

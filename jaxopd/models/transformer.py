@@ -460,7 +460,7 @@ class Transformer(nnx.Module):
     attends to the prefix and its own response; pass each response's ``positions``);
     ``groups = (P, G)`` (static) for grouped rows ``[prefix (P) | branch 1 | ... | branch G]`` of
     equal-length branches (a prompt and its G sampled responses,
-    :func:`jaxopd.models.heads.group_rows`): the
+    :func:`jaxopd.models.heads.grouped_rows`): the
     prefix is encoded once and each branch attends to the prefix's valid tokens
     (``attention_mask``) and to itself, never to another branch; pass each branch's ``positions``
     (it continues the prefix) too."""
