@@ -186,9 +186,28 @@ def table(study, results, teacher, path):
     lines.append(f"| {arm} | {len(rs)} | " + " | ".join(cell(rs, k) for k, _ in allc) + " |")
   for name, ref in reference_rows(study, os.path.dirname(path), results, teacher):
     lines.append(f"| {name} | - | " + " | ".join(fmt(ref.get(k, float("nan"))) for k, _ in allc) + " |")
+  lines += [""] + progress_table(rows, os.path.dirname(path), cell)
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
+
+
+def progress_table(rows, out, cell):
+  """pass@1 (held-out, all levels) at every evaluation step of the runs, per arm: how fast each
+  gets there (mean ± std over seeds)."""
+  at = {}
+  for arm, rs in rows:
+    for r in rs:
+      for e in read(os.path.join(out, r["dir"]), "eval"):
+        at.setdefault(arm, {}).setdefault(e["step"], []).append({"p": e["sample/pass@1"]})
+  steps = sorted({s for per in at.values() for s in per})
+  if not steps:
+    return []
+  lines = ["pass@1 at each evaluation step:", "", "| arm | " + " | ".join(f"step {s}" for s in steps) + " |",
+           "|" + " --- |" * (len(steps) + 1)]
+  for arm, per in at.items():
+    lines.append(f"| {arm} | " + " | ".join(cell(per[s], "p") if s in per else "-" for s in steps) + " |")
+  return lines
 
 
 def plot(study, results, out):
