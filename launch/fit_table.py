@@ -96,7 +96,7 @@ def step_flops(method: str, cfg, batch: int, seq: int, remat: str, prompt: int =
   ``batch`` prompts x :data:`GROUP` samples, each prompt prefilled once; the loss's forward over a
   row per sample or, with ``share``, one grouped row per prompt (the prompt's attention over
   itself, each response's over the prompt and itself), the LM head at the response slots only."""
-  from jaxopd.models.presets import decode_flops, forward_flops, matmul_params
+  from jaxopd.models.presets import decode_flops, forward_flops, matmul_params, token_flops
   p = prompt or seq // 2
   r = seq - p
   attention = lambda rows, n: (forward_flops(cfg, rows, n, head=False)
@@ -118,14 +118,13 @@ def step_flops(method: str, cfg, batch: int, seq: int, remat: str, prompt: int =
   if method in ("fdpg", "distillspec"):     # sample from the trained model, score with the frozen one, train
     return decode_flops(cfg, batch, p, r) + frozen(batch) + trained(batch)
   if method == "grpo":
-    block, lm_head = matmul_params(cfg)
-    per_key = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim      # a query-key pair's scores and weighted sum
-    if share:
-      tokens, attn = batch * (p + GROUP * r), per_key * batch * (p * p + GROUP * r * (p + r))
+    keys = lambda n: token_flops(cfg, n, head=False)
+    if share:       # a prompt's tokens attend over the prompt, a response's over the prompt and itself
+      tokens, trunk = batch * (p + GROUP * r), batch * (p * keys(p) + GROUP * r * keys(p + r))
     else:
-      tokens, attn = batch * GROUP * seq, per_key * batch * GROUP * seq * seq
-    trunk = tokens * 2 * cfg.n_layers * block + attn
-    return decode_flops(cfg, batch, p, r, samples=GROUP) + trained_from(trunk, batch * GROUP * r * 2 * lm_head, attn)
+      tokens, trunk = batch * GROUP * seq, batch * GROUP * seq * keys(seq)
+    head = batch * GROUP * r * 2 * matmul_params(cfg)[1]
+    return decode_flops(cfg, batch, p, r, samples=GROUP) + trained_from(trunk, head, trunk - tokens * keys(0))
   raise ValueError(f"no FLOP count for method {method!r}")
 
 

@@ -64,14 +64,19 @@ def matmul_params(cfg: ModelConfig) -> tuple[int, int]:
   return d * h * dh + 2 * d * kv * dh + h * dh * d + mlp, d * cfg.vocab_size
 
 
+def token_flops(cfg: ModelConfig, keys: int, head: bool = True) -> int:
+  """Matmul FLOPs of one token's forward attending over ``keys`` keys: 2 per multiply-add of every
+  weight, and ``4 keys h dh`` per block for the attention's scores and weighted sum.
+  ``head=False``: the trunk only."""
+  block, lm_head = matmul_params(cfg)
+  return cfg.n_layers * (2 * block + 4 * keys * cfg.n_heads * cfg.head_dim) + (2 * lm_head if head else 0)
+
+
 def forward_flops(cfg: ModelConfig, sequences: int, length: int, head: bool = True) -> float:
   """Matmul FLOPs of one forward over ``sequences`` rows of ``length`` tokens, as XLA executes
-  it: 2 per multiply-add of every weight per token, and the attention's scores and weighted sum
-  over all ``length`` keys (the causal mask does not skip work): ``4 length h dh`` per token
-  and block. ``head=False``: the trunk only."""
-  block, lm_head = matmul_params(cfg)
-  per_token = cfg.n_layers * (2 * block + 4 * length * cfg.n_heads * cfg.head_dim) + (2 * lm_head if head else 0)
-  return float(sequences * length * per_token)
+  it: every token attends over all ``length`` keys (the causal mask does not skip work;
+  :func:`token_flops`)."""
+  return float(sequences * length * token_flops(cfg, length, head))
 
 
 def decode_flops(cfg: ModelConfig, sequences: int, prompt: int, new_tokens: int, samples: int = 1) -> float:
@@ -79,8 +84,6 @@ def decode_flops(cfg: ModelConfig, sequences: int, prompt: int, new_tokens: int,
   ``prompt + new_tokens`` slots (every slot is attended to, valid or not, as the sampler does);
   ``samples = G > 1``: each of the ``sequences`` prompts is prefilled once into a cache of its
   ``prompt`` slots, then its G rows decode over those and their own ``new_tokens`` slots."""
-  block, lm_head = matmul_params(cfg)
   slots = prompt + new_tokens
-  per_token = lambda keys: cfg.n_layers * (2 * block + 4 * keys * cfg.n_heads * cfg.head_dim) + 2 * lm_head
-  prefill = sequences * prompt * per_token(prompt if samples > 1 else slots)
-  return float(prefill + sequences * samples * new_tokens * per_token(slots))
+  prefill = sequences * prompt * token_flops(cfg, prompt if samples > 1 else slots)
+  return float(prefill + sequences * samples * new_tokens * token_flops(cfg, slots))
