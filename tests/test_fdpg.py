@@ -112,7 +112,7 @@ def test_sampled_divergence_metrics_match_exact_values():
   log_p, log_z = _exact_target(base, target)
   exact = _exact_divs(_exact_logp(policy), log_p)
   rollout = jax.jit(make_rollout(target, "fkl", SCFG))
-  loss_fn = make_loss_fn("fkl", on_policy=True)
+  loss_fn = nnx.jit(make_loss_fn("fkl", on_policy=True))
   sums = {}
   for i in range(8):             # 8 x 1024 samples, log Z running over all of them
     batch, aux = rollout({"policy": policy, "base": base}, _batch(1024), jax.random.PRNGKey(i), aux)
@@ -246,7 +246,7 @@ def test_on_policy_importance_weight_is_exactly_one():
            "true_score": exact, "base_logp": exact, "alignment": jnp.ones(16), "weight": jnp.full(16, 1 / 16)}
 
   def grad(loss_fn, b):
-    return jax.grad(lambda p: loss_fn({"policy": nnx.merge(gd, p)}, b, None).loss)(params)
+    return jax.jit(jax.grad(lambda p: loss_fn({"policy": nnx.merge(gd, p)}, b, None).loss))(params)
   on = grad(make_loss_fn("fkl", on_policy=True), batch)
   ref = grad(make_loss_fn("fkl"), dict(batch, proposal_logp=exact))
   off = grad(make_loss_fn("fkl"), batch)

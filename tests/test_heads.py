@@ -40,8 +40,8 @@ def test_sft_loss_in_chunks_equals_full_logits(chunk):
   def full(m):
     nll, n, correct = sft_loss(m(toks, pos, segment_ids=seg).logits, toks, mask, seg)
     return nll, (n, correct)
-  (a, (na, ca)), ga = nnx.value_and_grad(chunked, has_aux=True)(pi)
-  (b, (nb, cb)), gb = nnx.value_and_grad(full, has_aux=True)(pi)
+  (a, (na, ca)), ga = nnx.jit(nnx.value_and_grad(chunked, has_aux=True))(pi)
+  (b, (nb, cb)), gb = nnx.jit(nnx.value_and_grad(full, has_aux=True))(pi)
   np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
   assert float(na) == float(nb) and float(ca) == float(cb)
   for x, y in zip(jax.tree.leaves(nnx.state(ga)), jax.tree.leaves(nnx.state(gb))):
@@ -65,8 +65,8 @@ def test_chunked_log_probs_and_kl_equal_full_logits_with_no_gradient_into_frozen
     zp, zr = p(toks).logits, jax.lax.stop_gradient(r(toks).logits)
     lp, kl = token_logprobs(zp, toks), forward_kl_per_token(zr, zp, 64)
     return jnp.sum(lp) + jnp.sum(kl), {"lp": lp, "kl": kl}
-  (va, ta), (gpa, gra) = nnx.value_and_grad(chunked, argnums=(0, 1), has_aux=True)(pi, ref)
-  (vb, tb), (gpb, _) = nnx.value_and_grad(full, argnums=(0, 1), has_aux=True)(pi, ref)
+  (va, ta), (gpa, gra) = nnx.jit(nnx.value_and_grad(chunked, argnums=(0, 1), has_aux=True))(pi, ref)
+  (vb, tb), (gpb, _) = nnx.jit(nnx.value_and_grad(full, argnums=(0, 1), has_aux=True))(pi, ref)
   for k in ("lp", "kl"):
     assert ta[k].shape == (2, 10)
     np.testing.assert_allclose(np.asarray(ta[k]), np.asarray(tb[k]), rtol=1e-5, atol=1e-6)

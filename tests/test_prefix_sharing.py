@@ -92,8 +92,9 @@ def test_each_branch_sees_what_its_own_row_sees(kw):
   model = Transformer(cfg, nnx.Rngs(params=3))
   recs = _pairs(seed=1)
   unshared, shared = _batches(recs)
-  h_rows = model.final_hidden(unshared["tokens"].reshape(-1, unshared["tokens"].shape[-1]))
-  h_shared = model.final_hidden(shared["tokens"], shared["positions"], branch_ids=shared["branch_ids"])
+  hidden = nnx.jit(lambda m, *a, **k: m.final_hidden(*a, **k))
+  h_rows = hidden(model, unshared["tokens"].reshape(-1, unshared["tokens"].shape[-1]))
+  h_shared = hidden(model, shared["tokens"], shared["positions"], branch_ids=shared["branch_ids"])
   for i, r in enumerate(recs):
     m = r["loss_mask"]
     p = int(np.argmax(m[0]))                       # prompt length (both sides)
@@ -182,7 +183,7 @@ def _loss_and_grads(loss_fn, models, batch):
   def f(p):
     out = loss_fn({**models, "policy": nnx.merge(gd, p)}, batch, None)
     return out.loss, out
-  (_, out), g = jax.value_and_grad(f, has_aux=True)(params)
+  (_, out), g = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
   return out, g
 
 

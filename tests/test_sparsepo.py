@@ -340,8 +340,8 @@ def test_dead_mask_stops_the_run_or_warns_naming_the_step(capsys):
   _dead(dead.u)
   loss_fn = sparsepo.make_loss_fn("learned", True, 0.5, chunk=4)
   gd, state = nnx.split(pol)
-  loss, grads = jax.value_and_grad(lambda st: loss_fn({"policy": nnx.merge(gd, st), "reference": ref, "mask": dead},
-                                                      batch, None).loss)(state)
+  loss, grads = jax.jit(jax.value_and_grad(
+      lambda st: loss_fn({"policy": nnx.merge(gd, st), "reference": ref, "mask": dead}, batch, None).loss))(state)
   np.testing.assert_allclose(float(loss) / 2, np.log(2.0), rtol=1e-6)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) == 0.0
   assert not np.allclose(np.asarray(pol(batch["tokens"][:, 0]).logits), np.asarray(ref(batch["tokens"][:, 0]).logits))
@@ -403,7 +403,7 @@ def test_step_no_gradient_into_policy_through_the_mask_input(mask, shared):
 
   def full(ps, fs):
     return loss_fn({**nnx.merge(p_gd, ps), **nnx.merge(f_gd, fs)}, batch, None).loss
-  g_params, g_frozen = jax.grad(full, argnums=(0, 1))(p_state, f_state)
+  g_params, g_frozen = jax.jit(jax.grad(full, argnums=(0, 1)))(p_state, f_state)
   assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_frozen)) == 0.0
   if mask == "learned":
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_params["mask"])) > 0.0
@@ -423,7 +423,7 @@ def test_step_no_gradient_into_policy_through_the_mask_input(mask, shared):
     u, d = u.reshape(2, 2), d.reshape(2, 2)
     pen = l1_penalty(w_u.reshape(2, 2, -1), w_d.reshape(2, 2, -1), m.reshape(2, 2, -1), 0.01, 0.02, shared)
     return jnp.sum(sparsepo_loss(u[:, 0], u[:, 1], d[:, 0], d[:, 1], 0.5) + pen)
-  g_const = jax.grad(const)(p_state)
+  g_const = jax.jit(jax.grad(const))(p_state)
   for a, b_ in zip(jax.tree.leaves(g_params["policy"]), jax.tree.leaves(g_const["policy"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-4, atol=1e-6)
 
@@ -529,8 +529,8 @@ def test_sparsepo_smoke_pipeline(tmp_path, capsys):
   batch = {k: jnp.asarray(v) for k, v in next(iter(exp.train_data(DataShard(0, 0, 1, c.batch_size)))).items()}
   init_mask = tr.make_models(tr.model_key)[0]["mask"]
   gd, ref_state = nnx.split(models["reference"])
-  g = jax.grad(lambda st: exp.loss_fn({"policy": nnx.merge(gd, st), "reference": models["reference"],
-                                       "mask": init_mask}, batch, None).loss)(ref_state)
+  g = jax.jit(jax.grad(lambda st: exp.loss_fn({"policy": nnx.merge(gd, st), "reference": models["reference"],
+                                               "mask": init_mask}, batch, None).loss))(ref_state)
   assert float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g)))) > 1e-2
   # A dead mask (every mixer weight negative) stops the experiment's evaluation, before any sampling.
   dead = nnx.clone(models["mask"])
