@@ -47,6 +47,12 @@ trl 1.16.0, 2 warm-up + 9 timed steps per side, idle machine: other processes us
 The same command at the start of this work (before the shared prompt and the shared prefix
 cache): jaxopd 1876 vs TRL 1882 ms, 1.00x.
 
+Re-run four times later on the same code (idle, other load <= 0.03): ratio_vs_trl 1.60, 1.27,
+1.07, 1.41 (jaxopd 1180-1504 ms, TRL 1558-1916 ms per step: this VM's speed drifts between
+runs on both sides). With the run above, five runs: median 1.27x, range 1.07-1.60. One run
+with XLA_FLAGS=--xla_cpu_use_fusion_emitters=false (the tests' compile-time flag) gave
+jaxopd 1581 ms, slower than every default run: runs keep XLA's defaults.
+
 Where jaxopd's step goes (the same model, each part jitted alone; this VM is noisy, so
 ranges): sampling the 32 x 96 tokens 460-570 ms (~5 ms per decode step of 32 rows; before the
 shared prefix cache 530-630 ms), the loss's forward + backward 860 ms grouped vs 1010 ms a row
