@@ -28,7 +28,7 @@ def _model(cfg, seed=0):
 
 
 # A jitted forward: one compile per shape, where an eager forward compiles each of its ops.
-_logits = nnx.jit(lambda m, *a, **k: m(*a, **k).logits)
+_forward = nnx.jit(lambda m, *a, **k: m(*a, **k))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -58,12 +58,12 @@ def test_left_padding_with_positions_matches_unpadded(name):
   cfg = CONFIGS[name]
   m = _model(cfg)
   toks = jax.random.randint(jax.random.key(2), (1, 7), 0, cfg.vocab_size)
-  ref = _logits(m, toks)
+  ref = _forward(m, toks).logits
   pad = 3
   padded = jnp.concatenate([jnp.zeros((1, pad), toks.dtype), toks], 1)
   mask = jnp.concatenate([jnp.zeros((1, pad), bool), jnp.ones((1, 7), bool)], 1)
   pos = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
-  out = _logits(m, padded, pos, attention_mask=mask)[:, pad:]
+  out = _forward(m, padded, pos, attention_mask=mask).logits[:, pad:]
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=1e-5)
   # The same through the cache: prefill padded prompt, then decode one token.
   cache = KVCache.zeros(cfg, 1, 16)
@@ -138,9 +138,9 @@ def test_packed_rows_equal_separate_forwards():
     rows, stats = pack([rec(a), rec(b)], seq_len=12)
     assert stats["rows"] == 1 and stats["fill"] == 9 / 12
     r = {k: jnp.asarray(v)[None] for k, v in rows[0].items()}
-    out = _logits(m, r["tokens"], r["positions"], segment_ids=r["segment_ids"])[0]
-    np.testing.assert_allclose(np.asarray(out[:5]), np.asarray(_logits(m, jnp.asarray(a)[None])[0]), atol=2e-5)
-    np.testing.assert_allclose(np.asarray(out[5:9]), np.asarray(_logits(m, jnp.asarray(b)[None])[0]), atol=2e-5)
+    out = _forward(m, r["tokens"], r["positions"], segment_ids=r["segment_ids"]).logits[0]
+    np.testing.assert_allclose(np.asarray(out[:5]), np.asarray(_forward(m, jnp.asarray(a)[None]).logits[0]), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(out[5:9]), np.asarray(_forward(m, jnp.asarray(b)[None]).logits[0]), atol=2e-5)
 
 
 def test_packed_sft_loss_equals_separate_examples_with_pad_equal_to_eos_and_no_bos():
@@ -159,9 +159,9 @@ def test_packed_sft_loss_equals_separate_examples_with_pad_equal_to_eos_and_no_b
   assert stats["rows"] == 2 and stats["fill"] == 12 / 20          # every EOS kept: 4 + 3 | 5 tokens
   assert rows[0]["segment_ids"].tolist() == [1] * 4 + [2] * 3 + [0] * 3
   r = {k: jnp.asarray(np.stack([row[k] for row in rows])) for k in rows[0]}
-  logits = _logits(m, r["tokens"], r["positions"], segment_ids=r["segment_ids"])
+  logits = _forward(m, r["tokens"], r["positions"], segment_ids=r["segment_ids"]).logits
   nll, n, _ = sft_loss(logits, r["tokens"], r["loss_mask"], r["segment_ids"])
-  sep = [sft_loss(_logits(m, jnp.asarray(t)[None]), jnp.asarray(t)[None], jnp.ones((1, len(t)), jnp.int32))
+  sep = [sft_loss(_forward(m, jnp.asarray(t)[None]).logits, jnp.asarray(t)[None], jnp.ones((1, len(t)), jnp.int32))
          for t in exs]
   assert float(n) == sum(float(x[1]) for x in sep) == sum(len(t) - 1 for t in exs)
   np.testing.assert_allclose(float(nll), sum(float(x[0]) for x in sep), rtol=1e-5)
@@ -185,9 +185,8 @@ def test_attention_implementations_equal_einsum(name, attention):
   pos = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
   seg = jnp.concatenate([jnp.ones((3, 7), jnp.int32), 2 * jnp.ones((3, 5), jnp.int32)], 1)
   seg_pos = jnp.concatenate([jnp.arange(7), jnp.arange(5)])[None].repeat(3, 0)
-  run = nnx.jit(lambda m, *a, **k: m(*a, **k))     # one compiled forward per case, not op-by-op
   for args, kw in (((toks,), {}), ((toks, pos), {"attention_mask": mask}), ((toks, seg_pos), {"segment_ids": seg})):
-    a, b = run(ref, *args, **kw).logits, run(fast, *args, **kw).logits
+    a, b = _forward(ref, *args, **kw).logits, _forward(fast, *args, **kw).logits
     valid = np.asarray(kw.get("attention_mask", jnp.ones_like(toks)), bool)
     np.testing.assert_allclose(np.asarray(b)[valid], np.asarray(a)[valid], atol=1e-5, rtol=1e-5)
 
@@ -200,8 +199,8 @@ def test_attention_implementations_equal_einsum(name, attention):
 
   cache_ref, cache_fast = KVCache.zeros(cfg, 3, 20), KVCache.zeros(fast.cfg, 3, 20)
   for t0, t1 in ((0, 5), (5, 6), (6, 7)):                    # prefill, then two decode steps
-    oa = run(ref, toks[:, t0:t1], cache=cache_ref)
-    ob = run(fast, toks[:, t0:t1], cache=cache_fast)
+    oa = _forward(ref, toks[:, t0:t1], cache=cache_ref)
+    ob = _forward(fast, toks[:, t0:t1], cache=cache_fast)
     np.testing.assert_allclose(np.asarray(ob.logits), np.asarray(oa.logits), atol=1e-5, rtol=1e-5)
     cache_ref, cache_fast = oa.cache, ob.cache
 
@@ -209,7 +208,7 @@ def test_attention_implementations_equal_einsum(name, attention):
   ra, rb = bf(cfg), bf(fast.cfg)
   nnx.update(ra, nnx.state(ref, nnx.Param))
   nnx.update(rb, nnx.state(ref, nnx.Param))
-  la, lb = np.asarray(run(ra, toks).logits, np.float32), np.asarray(run(rb, toks).logits, np.float32)
+  la, lb = np.asarray(_forward(ra, toks).logits, np.float32), np.asarray(_forward(rb, toks).logits, np.float32)
   assert np.abs(la - lb).max() < 2e-2 * np.abs(la).max()
 
 
@@ -234,14 +233,14 @@ def test_splash_attention_under_a_mesh_runs_per_shard_and_equals_einsum(name, mo
   local = splash._local
   monkeypatch.setattr(splash, "_local", lambda q, *a, **k: shapes.append(q.shape) or local(q, *a, **k))
   loss = lambda m: jnp.mean(jax.nn.log_softmax(m(toks, pos, attention_mask=mask).logits)[..., 0] * mask)
-  want = [_logits(ref, toks, pos, attention_mask=mask), _logits(ref, toks, segment_ids=seg)]
+  want = [_forward(ref, toks, pos, attention_mask=mask).logits, _forward(ref, toks, segment_ids=seg).logits]
   want_grad = nnx.jit(nnx.grad(loss))(ref)
   mesh = mesh_lib.make_mesh((2, 2, 2), 8)
   with jax.set_mesh(mesh), mesh_lib.use_rules(mesh_lib.rules_from_config(mesh_lib.DEFAULT_RULES)):
-    got = [_logits(fast, toks, pos, attention_mask=mask), _logits(fast, toks, segment_ids=seg)]
+    got = [_forward(fast, toks, pos, attention_mask=mask).logits, _forward(fast, toks, segment_ids=seg).logits]
     got_grad = nnx.jit(nnx.grad(loss))(fast)
     with pytest.raises(ConfigError, match="share_prompt"):
-      _logits(fast, toks, branch_ids=seg - 1)
+      _forward(fast, toks, branch_ids=seg - 1).logits
   assert shapes and set(shapes) == {(1, cfg.n_heads // 2, 128, cfg.head_dim)}   # 4 rows / 4, heads / 2, padded
   valid = np.asarray(mask, bool)
   np.testing.assert_allclose(np.asarray(got[0])[valid], np.asarray(want[0])[valid], atol=1e-5, rtol=1e-5)
