@@ -37,6 +37,7 @@ from jaxopd import logs
 from jaxopd import mesh as mesh_lib
 from jaxopd import optim
 from jaxopd import paths
+from jaxopd.data.pipeline import SmallDatasetError
 from jaxopd.experiment import DataShard, Experiment, LossOutput
 from jaxopd.models import Transformer, table
 
@@ -502,6 +503,8 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
   shard = DataShard(seed=c.seed, process_index=jax.process_index(), process_count=jax.process_count(),
                     local_batch=facts["local_batch"])
   data_iter = experiment.train_data(shard)
+  eval_shard = shard._replace(seed=c.seed + 1)
+  _check_eval_data(c, experiment, eval_shard)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), c.checkpoint.max_to_keep,
                                c.checkpoint.async_save)
   logs.write_config(workdir, c, main)
@@ -525,7 +528,6 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
 
   start = int(jax.device_get(state["step"]))
   summary = {"step": start, "train": {}, "eval": {}, "preempted": "", "resumed_from": resumed_from}
-  eval_shard = shard._replace(seed=c.seed + 1)
   step_fn = None
   pending = None          # (step, device metrics, tokens, t_dispatch) of the last dispatched step
   last_log = (time.perf_counter(), 0)
@@ -632,6 +634,23 @@ def _restore_intact(ckpt, step, abstract_state, data_iter, main):
         raise TrainingError(f"no intact checkpoint left in {ckpt.directory} (the damaged ones are in "
                             f"{os.path.dirname(moved)}); re-running the command starts this run afresh")
       step = older
+
+
+def _check_eval_data(c, experiment, shard) -> None:
+  """An evaluation set too small for one batch is a ConfigError before anything compiles (it
+  would otherwise surface at the first evaluation, after training)."""
+  if experiment.eval_data is None or not c.eval_batches:
+    return
+  try:
+    experiment.eval_data(shard)
+  except SmallDatasetError as e:
+    d = c.get("data") or {}
+    files = d.get("files") or {}
+    source = (f"config.data.files.eval={files.get('eval')!r}" if d.get("task") == "files" and files.get("eval")
+              else "the evaluation set")
+    raise config_lib.ConfigError(
+        f"{source}: {e}, config.batch_size={c.batch_size}: give it more records (the count of those kept is "
+        f"printed above), lower config.batch_size, or set config.eval_batches=0") from None
 
 
 def _evaluate(trainer, experiment, state, frozen, shard, c, step, logger) -> dict:

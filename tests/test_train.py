@@ -297,3 +297,21 @@ def test_evaluation_runs_in_training_microbatches():
       b = tr.to_global(next(exp.eval_data(DataShard(0, 0, 1, 32))), 32)
       temp[accum] = tr.compiled_eval_step(b).lower(state, frozen, b).compile().memory_analysis().temp_size_in_bytes
   assert temp[4] < 0.5 * temp[1], temp
+
+
+def test_an_eval_set_smaller_than_one_batch_is_a_config_error_before_anything_compiles(tmp_path, monkeypatch):
+  """Three eval records and a batch of 8: one line naming the source and config.batch_size, before the
+  state is initialised (it used to be a traceback at the first evaluation, after training)."""
+  from jaxopd.data.pipeline import batched_iterator
+  cfg = tiny_config(eval_every=2, eval_batches=1)
+  base = SFT.build(cfg)
+  few = toy.sort_task(3, cfg.seq_len, table.arch(cfg, "policy").vocab_size, cfg.seed, max_len=cfg.data.sort.max_symbols)
+  exp = Experiment(roles=base.roles, loss_fn=base.loss_fn, train_data=base.train_data,
+                   eval_data=lambda shard: batched_iterator(few, shard, shuffle=False, repeat=False))
+  monkeypatch.setattr(train.Trainer, "init", lambda self: pytest.fail("the state was initialised"))
+  with pytest.raises(ConfigError, match=r"^the evaluation set: dataset of 3 records is smaller than one batch "
+                                        rf"\(1 x {cfg.batch_size}\), config.batch_size={cfg.batch_size}: "):
+    train.run(cfg, tmp_path / "r", exp)
+  cfg.data.task, cfg.data.files.eval = "files", "pairs_eval.jsonl"    # a user's file is named
+  with pytest.raises(ConfigError, match=r"^config.data.files.eval='pairs_eval.jsonl': dataset of 3 records"):
+    train.run(cfg, tmp_path / "r2", exp)

@@ -14,6 +14,10 @@ import numpy as np
 from jaxopd.experiment import DataShard
 
 
+class SmallDatasetError(ValueError):
+  """A finite (``repeat=False``) dataset with fewer records than one global batch: nothing to read."""
+
+
 def batched_iterator(records: Sequence, shard: DataShard, *, shuffle: bool = True,
                      repeat: bool = True, drop_remainder: bool = True, rows: np.ndarray | None = None):
   """Batches of ``shard.local_batch`` records (dicts of equal-shape numpy arrays).
@@ -30,7 +34,7 @@ def batched_iterator(records: Sequence, shard: DataShard, *, shuffle: bool = Tru
   n, i = shard.process_count, shard.process_index
   ds = grain.MapDataset.source(records)
   if not repeat and drop_remainder and len(ds) < shard.local_batch * n:
-    raise ValueError(f"dataset of {len(ds)} records is smaller than one batch ({n} x {shard.local_batch})")
+    raise SmallDatasetError(f"dataset of {len(ds)} records is smaller than one batch ({n} x {shard.local_batch})")
   if shuffle:
     ds = ds.shuffle(seed=shard.seed)
   if repeat:
