@@ -252,7 +252,8 @@ def speculative_sample(target: Transformer, draft: Transformer, prompt: jax.Arra
     """Copies the scratch slots to main slots ``first[b] + j`` of each row (clamped to the scratch itself)."""
     put = jax.vmap(lambda x, u, i: jax.lax.dynamic_update_slice_in_dim(x, u, i, axis=1))
     ks, vs = ([put(x, x[:, :, size:], first) for x in kv] for kv in (cache.k, cache.v))
-    return cache._replace(k=tuple(ks), v=tuple(vs))
+    pos = jax.vmap(lambda x, i: jax.lax.dynamic_update_slice_in_dim(x, x[size:], i, axis=0))(cache.pos, first)
+    return cache._replace(k=tuple(ks), v=tuple(vs), pos=pos)
 
   def with_valid(cache, fed):
     return cache._replace(valid=jnp.concatenate([main_valid(fed), jnp.zeros((b, g1), bool)], axis=1))

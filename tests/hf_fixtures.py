@@ -171,3 +171,8 @@ def family_dirs(root: str) -> dict[str, str]:
       make_family_dir(path, family, seed=i)
     out[family] = path
   return out
+
+
+def shorter_is_better(prompts, completions, **_):
+  """A ``module:function`` reward for tests: shorter completions score higher."""
+  return [-len(c) / 10 for c in completions]

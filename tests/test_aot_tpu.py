@@ -27,10 +27,12 @@ def _needs_libtpu():
 
 def test_presets_have_the_published_parameter_counts():
   """Counts of the Hugging Face models (GPT-2 124,439,808; Qwen2-0.5B 494,032,768; Qwen2-1.5B
-  1,543,714,304; Llama-3-8B 8,030,261,248), from the Transformer's own parameters (eval_shape)
+  1,543,714,304; Llama-3(.1)-8B 8,030,261,248; SmolLM2-135M 134,515,008; Qwen3-8B 8,190,735,360;
+  Gemma-3-4B's text model 3,880,263,168), from the Transformer's own parameters (eval_shape)
   and from num_params."""
   published = {"gpt2-124m": 124_439_808, "qwen2-0.5b": 494_032_768, "qwen2-1.5b": 1_543_714_304,
-               "llama3-8b": 8_030_261_248}
+               "llama3-8b": 8_030_261_248, "llama3.1-8b": 8_030_261_248, "smollm2-135m": 134_515_008,
+               "qwen3-8b": 8_190_735_360, "gemma3-4b": 3_880_263_168}
   for name, n in published.items():
     cfg = presets.get(name)
     m = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))

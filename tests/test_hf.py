@@ -181,10 +181,11 @@ def test_bad_tensors_name_the_tensor_and_file(ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("edit, field", [
-    ({"model_type": "mistral"}, "model_type='mistral'"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0}}, "rope_parameters="),
+    ({"model_type": "phi3"}, "model_type='phi3'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 500.0, "factor": 8.0}}, "rope_parameters="),
     ({"attention_bias": True}, "attention_bias=True"),
-    ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1}, "use_sliding_window=True"),
+    ({"model_type": "qwen2", "layer_types": ["full_attention", "chunked_attention"]}, "layer_types="),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0}}, "transformers cannot read"),
 ])
 def test_unsupported_config_names_field_and_file(ckpts, tmp_path, edit, field):
   path = os.path.join(_copy(ckpts["llama"][0], tmp_path / "c"), "config.json")

@@ -1,11 +1,12 @@
 """Hugging Face checkpoints: config and safetensors import/export for :class:`Transformer`.
 
-Supported ``model_type``: ``gpt2``, ``llama`` and ``qwen2`` (Llama with q/k/v
-bias). HF is the weight format only; the model is always jaxopd's.
+Supported ``model_type``: ``gpt2``, ``llama`` (Llama 2/3.x), ``qwen2``, ``qwen3``,
+``mistral``, ``gemma2``, ``gemma3_text`` and ``olmo2``. HF is the weight format
+only; the model is always jaxopd's.
 
 * :func:`config_from_hf`: ``config.json`` -> :class:`ModelConfig`; a feature
-  the model cannot represent (rope scaling, a sliding window in use, biases it
-  lacks ...) is a ``ConfigError`` naming the field and the file.
+  the model cannot represent (yarn rotary scaling, output or MLP biases ...) is a
+  ``ConfigError`` naming the field and the file.
 * :func:`load_params` / :func:`load`: ``model.safetensors`` or the sharded
   ``model.safetensors.index.json`` + shards straight into each parameter's
   ``NamedSharding``: ``jax.make_array_from_callback`` reads, per device, only
@@ -13,8 +14,7 @@ bias). HF is the weight format only; the model is always jaxopd's.
 * :func:`export`: ``config.json`` + ``model.safetensors`` that
   ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
-A reward model (``architectures``: ``GPT2/Llama/Qwen2ForSequenceClassification``
-with one label) loads as a Transformer with ``head="score"``: HF's bias-free
+A reward model (``architectures``: ``*ForSequenceClassification`` with one label) loads as a Transformer with ``head="score"``: HF's bias-free
 ``score`` layer in place of the LM head.
 
 CLI: ``python -m jaxopd.models.hf export --workdir runs/X --model policy --out DIR``
@@ -51,25 +51,60 @@ EXPORT_DTYPES = {"float32": np.float32, "bfloat16": st_io.DTYPES["BF16"], "float
 
 
 # --- config -------------------------------------------------------------------
+# HF model_type -> (causal LM class, sequence-classification class) that export writes.
+ARCHITECTURES = {"gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+                 "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+                 "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+                 "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
+                 "mistral": ("MistralForCausalLM", "MistralForSequenceClassification"),
+                 "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+                 "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
+                 "olmo2": ("Olmo2ForCausalLM", None)}
+GEMMA = ("gemma2", "gemma3_text")
+LAYER_KINDS = {"full_attention": "full", "sliding_attention": "sliding"}
+
+
 def _read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
+  except UnicodeDecodeError:
+    raise ConfigError(f"{path}: not a UTF-8 text file") from None
 
 
 def config_from_hf(hf_dir: str, dtype: str = "float32", param_dtype: str = "float32") -> ModelConfig:
   """The :class:`ModelConfig` of ``hf_dir/config.json`` (``dtype``: compute dtype,
   ``param_dtype``: the dtype parameters are kept in, whatever the file's)."""
   path = os.path.join(hf_dir, "config.json")
-  hc = _read_json(path)
+  raw = _read_json(path)
+  if not isinstance(raw, dict):
+    raise ConfigError(f"{path}: must hold a JSON object")
+  return config_from_dict(raw, path, dtype, param_dtype)
+
+
+def config_from_dict(raw: dict, path: str, dtype: str = "float32", param_dtype: str = "float32") -> ModelConfig:
+  """:func:`config_from_hf` of a ``config.json``'s contents ``raw`` (``path`` names it in errors).
+  transformers' own config class reads it first, so older spellings (``rope_theta``,
+  ``rope_scaling``, ``sliding_window_pattern``) mean what they mean to transformers."""
+  import transformers
+  mt = raw.get("model_type")
+  if mt not in ARCHITECTURES:
+    hint = " (a Gemma 3 text model's config.json has gemma3_text)" if mt == "gemma3" else ""
+    raise ConfigError(f"{path}: model_type={mt!r}: supported: {', '.join(ARCHITECTURES)}{hint}")
+  try:
+    hc = transformers.AutoConfig.for_model(mt, **{k: v for k, v in raw.items() if k != "model_type"}).to_dict()
+  except Exception as e:   # transformers' strict config classes raise their own error types
+    raise ConfigError(f"{path}: transformers cannot read it as {mt}: {str(e).splitlines()[0]}") from None
 
   def bad(field, why):
-    raise ConfigError(f"{path}: {field}={hc.get(field)!r}: {why}")
+    raise ConfigError(f"{path}: {field}={hc.get(field, raw.get(field))!r}: {why}")
 
   def need(field, ok, why):
     if hc.get(field) is not None and not ok(hc[field]):
       bad(field, why)
 
-  mt = hc.get("model_type")
   archs = hc.get("architectures") or []
   head = "score" if any(a.endswith("ForSequenceClassification") for a in archs) else "lm"
   if head == "score":
@@ -77,44 +112,74 @@ def config_from_hf(hf_dir: str, dtype: str = "float32", param_dtype: str = "floa
     if labels != 1:
       raise ConfigError(f"{path}: id2label has {labels} labels: a reward model ({archs[0]}) has one output "
                         f"(num_labels=1)")
+  common = dict(dtype=dtype, param_dtype=param_dtype, head=head, tie_embeddings=bool(hc.get("tie_word_embeddings")))
   if mt == "gpt2":
     need("activation_function", lambda v: v in ("gelu_new", "gelu_pytorch_tanh"), "only the tanh GELU is supported")
     need("scale_attn_weights", lambda v: v, "unscaled attention is not supported")
     need("scale_attn_by_inverse_layer_idx", lambda v: not v, "is not supported")
     need("add_cross_attention", lambda v: not v, "cross-attention is not supported")
-    cfg = ModelConfig(family="gpt2", vocab_size=hc.get("vocab_size", 50257), d_model=hc.get("n_embd", 768),
-                      n_layers=hc.get("n_layer", 12), n_heads=hc.get("n_head", 12), d_ff=hc.get("n_inner") or 0,
-                      max_len=hc.get("n_positions", 1024), norm_eps=hc.get("layer_norm_epsilon", 1e-5),
-                      tie_embeddings=hc.get("tie_word_embeddings", True), dtype=dtype,
-                      param_dtype=param_dtype, head=head)
-  elif mt in ("llama", "qwen2"):
-    need("hidden_act", lambda v: v == "silu", "only silu (SwiGLU) is supported")
-    need("attention_bias", lambda v: not v, "an o_proj bias is not supported (q/k/v bias only: qwen2)")
-    need("mlp_bias", lambda v: not v, "MLP biases are not supported")
-    d, h = hc["hidden_size"], hc["num_attention_heads"]
-    need("head_dim", lambda v: v == d // h, f"must be hidden_size/num_attention_heads={d // h}")
-    theta = hc.get("rope_theta", 10000.0)
-    for field in ("rope_parameters", "rope_scaling"):
-      rp = hc.get(field) or {}
-      if rp.get("rope_type", rp.get("type", "default")) != "default":
-        bad(field, "only the default rotary embedding is supported (no scaling)")
-      if rp.get("partial_rotary_factor", 1.0) != 1.0:
-        bad(field, "partial rotary embeddings are not supported")
-      theta = rp.get("rope_theta", theta)
-    if mt == "qwen2":
-      n = hc.get("num_hidden_layers", 0)
-      need("use_sliding_window", lambda v: not v or hc.get("max_window_layers", 0) >= n,
-           "sliding-window attention is not supported")
-    need("layer_types", lambda v: all(t == "full_attention" for t in v), "only full attention is supported")
-    cfg = ModelConfig(family="llama", vocab_size=hc["vocab_size"], d_model=d, n_layers=hc["num_hidden_layers"],
-                      n_heads=h, n_kv_heads=hc.get("num_key_value_heads") or h, d_ff=hc["intermediate_size"],
-                      max_len=hc.get("max_position_embeddings", 2048), qkv_bias=mt == "qwen2",
-                      rope_theta=float(theta), norm_eps=hc.get("rms_norm_eps", 1e-6),
-                      tie_embeddings=hc.get("tie_word_embeddings", False), dtype=dtype,
-                      param_dtype=param_dtype, head=head)
-  else:
-    bad("model_type", "supported: gpt2, llama, qwen2")
+    cfg = ModelConfig(family="gpt2", vocab_size=hc["vocab_size"], d_model=hc["n_embd"], n_layers=hc["n_layer"],
+                      n_heads=hc["n_head"], d_ff=hc.get("n_inner") or 0, max_len=hc["n_positions"],
+                      norm_eps=hc["layer_norm_epsilon"], **common)
+    return cfg.validate(prefix=f"{path} (as jaxopd ModelConfig)")
+  act_field = "hidden_activation" if mt in GEMMA else "hidden_act"
+  acts = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+  need(act_field, lambda v: v in acts, f"supported: {', '.join(acts)}")
+  need("attention_bias", lambda v: not v, "attention output biases are not supported (q/k/v bias: qwen2 only)")
+  need("mlp_bias", lambda v: not v, "MLP biases are not supported")
+  need("use_bidirectional_attention", lambda v: not v, "only causal attention is supported")
+  d, h = hc["hidden_size"], hc["num_attention_heads"]
+  head_dim = hc.get("head_dim") or d // h
+  rope = _rope_fields(hc.get("rope_parameters") or {}, bad)
+  window = hc.get("sliding_window") or 0
+  types = tuple(LAYER_KINDS.get(t, t) for t in hc.get("layer_types") or ())
+  need("layer_types", lambda v: all(t in LAYER_KINDS for t in v), f"supported: {', '.join(LAYER_KINDS)}")
+  if not window:
+    if "sliding" in types:
+      bad("layer_types", "has sliding_attention layers but sliding_window is not set")
+    types = ()
+  elif len(set(types)) <= 1:
+    types, window = (), (0 if types and types[0] == "full" else window)
+  if rope.get("rope_local_theta") and "sliding" not in (types or (("sliding",) if window else ())):
+    rope.pop("rope_local_theta")
+  gemma = mt in GEMMA
+  cfg = ModelConfig(family="llama", vocab_size=hc["vocab_size"], d_model=d, n_layers=hc["num_hidden_layers"],
+                    n_heads=h, n_kv_heads=hc.get("num_key_value_heads") or h, d_ff=hc["intermediate_size"],
+                    max_len=hc.get("max_position_embeddings") or 2048, qkv_bias=mt == "qwen2",
+                    norm_eps=hc.get("rms_norm_eps") or 1e-6, d_head=0 if head_dim == d // h else head_dim,
+                    qk_norm={"qwen3": "head", "gemma3_text": "head", "olmo2": "full"}.get(mt, "none"),
+                    norm_layout="sandwich" if gemma else "post" if mt == "olmo2" else "pre",
+                    norm_plus_one=gemma, mlp_act=acts[hc.get(act_field) or "silu"], embed_scale=gemma,
+                    query_scalar=float(hc["query_pre_attn_scalar"]) if gemma else 0.0,
+                    attn_softcap=float(hc.get("attn_logit_softcapping") or 0.0),
+                    logit_softcap=float(hc.get("final_logit_softcapping") or 0.0),
+                    sliding_window=window, layer_types=types, hf_type=mt, **rope, **common)
   return cfg.validate(prefix=f"{path} (as jaxopd ModelConfig)")
+
+
+def _rope_fields(rp: dict, bad) -> dict:
+  """ModelConfig's rotary fields of transformers' ``rope_parameters`` (one dict, or one per layer
+  type: Gemma 3)."""
+  full, local = (rp.get("full_attention", {}), rp.get("sliding_attention")) if "full_attention" in rp else (rp, None)
+  kind = full.get("rope_type", full.get("type", "default"))
+  out = dict(rope_theta=float(full.get("rope_theta", 10000.0)), rope_type=kind)
+  if kind not in ("default", "linear", "llama3"):
+    bad("rope_parameters", "supported rotary types: default, linear, llama3")
+  for part in (full, local or {}):
+    if part.get("partial_rotary_factor", 1.0) != 1.0:
+      bad("rope_parameters", "partial rotary embeddings are not supported")
+  if kind != "default":
+    out["rope_factor"] = float(full["factor"])
+  if kind == "llama3":
+    out.update(rope_low_freq=float(full["low_freq_factor"]), rope_high_freq=float(full["high_freq_factor"]),
+               rope_original_len=int(full["original_max_position_embeddings"]))
+  if local is not None:
+    if local.get("rope_type", "default") != "default":
+      bad("rope_parameters", "sliding layers' rotary embedding must be the default type")
+    theta = float(local.get("rope_theta", 10000.0))
+    if theta != out["rope_theta"] or kind != "default":
+      out["rope_local_theta"] = theta
+  return out
 
 
 def check_compatible(hf_dir: str, cfg: ModelConfig, where: str = "config.model") -> ModelConfig:
@@ -187,10 +252,21 @@ def _layout(cfg: ModelConfig) -> tuple[dict[str, _Src], set[str]]:
   else:
     p = "model."
     out["embed"] = same(p + "embed_tokens.weight", v, d)
+    norms = {"pre": (("ln1", "input_layernorm"), ("ln2", "post_attention_layernorm")),
+             "sandwich": (("ln1", "input_layernorm"), ("ln1_post", "post_attention_layernorm"),
+                          ("ln2", "pre_feedforward_layernorm"), ("ln2_post", "post_feedforward_layernorm")),
+             "post": (("ln1_post", "post_attention_layernorm"), ("ln2_post", "post_feedforward_layernorm"))}
+    qk_width = {"head": dh, "full": None}.get(cfg.qk_norm, 0)
     for i in range(cfg.n_layers):
       b, k = f"{p}layers.{i}.", f"blocks.{i}."
-      out[k + "ln1.scale"] = same(b + "input_layernorm.weight", d)
-      out[k + "ln2.scale"] = same(b + "post_attention_layernorm.weight", d)
+      for ours, theirs in norms[cfg.norm_layout]:
+        out[f"{k}{ours}.scale"] = same(f"{b}{theirs}.weight", d)
+      if qk_width is not None and qk_width:
+        out[k + "attn.q_norm.scale"] = same(b + "self_attn.q_norm.weight", dh)
+        out[k + "attn.k_norm.scale"] = same(b + "self_attn.k_norm.weight", dh)
+      elif qk_width is None:
+        out[k + "attn.q_norm.scale"] = same(b + "self_attn.q_norm.weight", h * dh)
+        out[k + "attn.k_norm.scale"] = same(b + "self_attn.k_norm.weight", kv * dh)
       for w, n in (("q", h), ("k", kv), ("v", kv)):   # [n*dh, d] -> [d, n, dh]
         out[f"{k}attn.w{w}"] = _Src(f"{b}self_attn.{w}_proj.weight", (n * dh, d), ((n, dh), (d,)), (2, 0, 1))
         if cfg.qkv_bias:
@@ -339,26 +415,63 @@ def load(hf_dir: str, mesh=None, rules=None, dtype: str = "float32",
 
 # --- export -------------------------------------------------------------------
 def hf_config(cfg: ModelConfig, tokenizer=None):
-  """The transformers config (GPT2Config, LlamaConfig, or Qwen2Config when ``qkv_bias``) of ``cfg``."""
+  """The transformers config of ``cfg`` for its :attr:`~ModelConfig.export_type`; a ValueError
+  naming the field where that HF family cannot hold ``cfg`` (read back, it would differ)."""
   import transformers
-  ids = {}
+  ids = {"bos_token_id": None, "eos_token_id": None}
   if tokenizer is not None:
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
+  mt = cfg.export_type
   if cfg.family == "gpt2":
     return transformers.GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.d_model, n_layer=cfg.n_layers,
         n_head=cfg.n_heads, n_inner=cfg.ff_dim, activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=cfg.tie_embeddings,
-        **{"bos_token_id": None, "eos_token_id": None, **ids})
-  common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ff_dim,
-                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
-                max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                tie_word_embeddings=cfg.tie_embeddings, **{"bos_token_id": None, "eos_token_id": None, **ids})
-  if cfg.qkv_bias:
-    return transformers.Qwen2Config(**common)
-  return transformers.LlamaConfig(head_dim=cfg.head_dim, **common)
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=cfg.tie_embeddings, **ids)
+  rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+  if cfg.rope_type != "default":
+    rope["factor"] = cfg.rope_factor
+  if cfg.rope_type == "llama3":
+    rope.update(low_freq_factor=cfg.rope_low_freq, high_freq_factor=cfg.rope_high_freq,
+                original_max_position_embeddings=cfg.rope_original_len)
+  kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ff_dim,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+            head_dim=cfg.head_dim, max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
+            tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope, **ids)
+  kw["hidden_activation" if mt in GEMMA else "hidden_act"] = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[
+      cfg.mlp_act]
+  types = [{"full": "full_attention", "sliding": "sliding_attention"}[t]
+           for t in (cfg.layer_types or ["sliding" if cfg.sliding_window else "full"] * cfg.n_layers)]
+  if mt in ("qwen2", "qwen3", "gemma2", "gemma3_text"):
+    kw.update(layer_types=types, sliding_window=cfg.sliding_window or None)
+    if mt.startswith("qwen"):
+      kw.update(use_sliding_window=bool(cfg.sliding_window), max_window_layers=types.index("sliding_attention")
+                if "sliding_attention" in types else cfg.n_layers)
+  if mt == "mistral":
+    kw["sliding_window"] = cfg.sliding_window or None
+  if mt in GEMMA:
+    scalar = cfg.query_scalar or cfg.head_dim
+    kw.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar, attn_logit_softcapping=cfg.attn_softcap or None,
+              final_logit_softcapping=cfg.logit_softcap or None)
+  if mt == "gemma3_text":
+    local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+    kw["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+  hcfg = transformers.AutoConfig.for_model(mt, **kw)
+  ours, back = (_arch(c) for c in (cfg, config_from_dict(hcfg.to_dict(), f"export as {mt}")))
+  for f in ours:
+    if ours[f] != back[f]:
+      raise ValueError(f"export: {f}={ours[f]!r} cannot be written as HF model_type {mt!r} (it reads back as "
+                       f"{back[f]!r}); set config.model.hf_type to a family that has it")
+  return hcfg
+
+
+def _arch(cfg: ModelConfig) -> dict:
+  """The fields of ``cfg`` an HF config.json holds (widths as used, not as defaulted)."""
+  skip = {"hf_type", "head", "max_len", "dtype", "param_dtype", "attention", "attention_chunk", "remat",
+          "scan_layers", "init_std"}
+  out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig) if f.name not in skip}
+  out.update(d_ff=cfg.ff_dim, d_head=cfg.head_dim, n_kv_heads=cfg.kv_heads)
+  return out
 
 
 def export(model_or_params, model_config: ModelConfig, out_dir: str, tokenizer=None,
@@ -391,13 +504,14 @@ def export(model_or_params, model_config: ModelConfig, out_dir: str, tokenizer=N
     full[..., src.offset:src.offset + window.shape[-1]] = window.astype(out_dtype)
   os.makedirs(out_dir, exist_ok=True)
   hcfg = hf_config(model_config, tokenizer)
+  lm, score = ARCHITECTURES[hcfg.model_type]
   if model_config.head == "score":
+    if score is None:
+      raise ValueError(f"export: transformers has no sequence-classification model for {hcfg.model_type}")
     hcfg.num_labels = 1
-    hcfg.architectures = [{"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2"}[hcfg.model_type]
-                          + "ForSequenceClassification"]
+    hcfg.architectures = [score]
   else:
-    hcfg.architectures = [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                           "qwen2": "Qwen2ForCausalLM"}[hcfg.model_type]]
+    hcfg.architectures = [lm]
   hcfg.dtype = {np.dtype(v): k for k, v in EXPORT_DTYPES.items()}[next(iter(tensors.values())).dtype]
   hcfg.save_pretrained(out_dir)
   st_io.save(tensors, os.path.join(out_dir, SINGLE), metadata={"format": "pt"})

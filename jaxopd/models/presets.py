@@ -2,9 +2,8 @@
 
 ``PRESETS[name]`` is a :class:`ModelConfig` with the architecture of the named
 model, its fields taken from the model's Hugging Face ``config.json``
-(``hidden_size``, ``intermediate_size``, layers, heads, key/value heads, vocabulary,
-tied embeddings, q/k/v bias, ``rope_theta``, ``rms_norm_eps``,
-``max_position_embeddings``). Weights are random: these are shapes, not checkpoints
+(sizes, heads, vocabulary, tied embeddings, rotary base and scaling, norms, q/k norm,
+sliding windows: what :func:`jaxopd.models.hf.config_from_hf` reads). Weights are random: these are shapes, not checkpoints
 (a real checkpoint is ``init="hf:DIR"``, whose ``config.json`` gives the same fields).
 """
 
@@ -29,6 +28,31 @@ PRESETS = {
     "llama3-8b": ModelConfig(family="llama", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
                              n_kv_heads=8, d_ff=14336, max_len=8192, rope_theta=5e5, norm_eps=1e-5,
                              tie_embeddings=False),
+    # HuggingFaceTB/SmolLM2-135M-Instruct (the real model of the test suite: jaxopd.models.gguf)
+    "smollm2-135m": ModelConfig(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9,
+                                n_kv_heads=3, d_ff=1536, max_len=8192, rope_theta=1e5, norm_eps=1e-5,
+                                tie_embeddings=True),
+    # Qwen/Qwen3-1.7B
+    "qwen3-1.7b": ModelConfig(family="llama", vocab_size=151936, d_model=2048, n_layers=28, n_heads=16,
+                              n_kv_heads=8, d_ff=6144, d_head=128, qk_norm="head", max_len=40960, rope_theta=1e6,
+                              norm_eps=1e-6, tie_embeddings=True, hf_type="qwen3"),
+    # Qwen/Qwen3-8B
+    "qwen3-8b": ModelConfig(family="llama", vocab_size=151936, d_model=4096, n_layers=36, n_heads=32,
+                            n_kv_heads=8, d_ff=12288, d_head=128, qk_norm="head", max_len=40960, rope_theta=1e6,
+                            norm_eps=1e-6, tie_embeddings=False, hf_type="qwen3"),
+    # meta-llama/Llama-3.1-8B
+    "llama3.1-8b": ModelConfig(family="llama", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
+                               n_kv_heads=8, d_ff=14336, max_len=131072, rope_theta=5e5, norm_eps=1e-5,
+                               rope_type="llama3", rope_factor=8.0, rope_low_freq=1.0, rope_high_freq=4.0,
+                               rope_original_len=8192, tie_embeddings=False),
+    # google/gemma-3-4b-it (its text model): 5 sliding-window layers (1024) to 1 global
+    "gemma3-4b": ModelConfig(family="llama", vocab_size=262208, d_model=2560, n_layers=34, n_heads=8,
+                             n_kv_heads=4, d_ff=10240, d_head=256, qk_norm="head", norm_layout="sandwich",
+                             norm_plus_one=True, mlp_act="gelu_tanh", embed_scale=True, query_scalar=256.0,
+                             max_len=131072, rope_theta=1e6, rope_type="linear", rope_factor=8.0,
+                             rope_local_theta=1e4, sliding_window=1024,
+                             layer_types=tuple("full" if (i + 1) % 6 == 0 else "sliding" for i in range(34)),
+                             norm_eps=1e-6, tie_embeddings=True, hf_type="gemma3_text"),
 }
 
 
@@ -47,7 +71,8 @@ def num_params(cfg: ModelConfig) -> int:
     attn += h * dh + 2 * kv * dh
   attn += d if gpt2 else 0
   mlp = (2 * d * f + f + d) if gpt2 else 3 * d * f
-  norms = (2 if gpt2 else 1) * d * 2
+  norms = (2 if gpt2 else 1) * d * (4 if cfg.norm_layout == "sandwich" else 2)
+  norms += {"none": 0, "head": 2 * dh, "full": (h + kv) * dh}[cfg.qk_norm]
   per_layer = attn + mlp + norms
   total = cfg.n_layers * per_layer + cfg.vocab_size * d + (2 if gpt2 else 1) * d
   if gpt2:

@@ -9,6 +9,8 @@ query sees the padding keys before it (its output is garbage either way and no
 loss reads it; the einsum path gives it the valid keys instead). Grouped-query
 attention is the kernel's own (``num_q_heads`` a multiple of ``num_kv_heads``).
 Scores and softmax are float32 inside the kernel whatever the input dtype.
+A sliding window is the kernel's ``LocalMask`` (slot distance equals position
+distance within a row or a packed segment); soft-capping is the kernel's own.
 
 Not expressible: the shared-prefix branch mask (``branch_ids``: a prefix key
 must match every branch's id), refused with a one-line error; the KV-cache path
@@ -57,25 +59,29 @@ def _platform() -> str:
   return jax.default_backend()
 
 
-def _kernel(heads: int, t: int, interpret: bool):
+def _kernel(heads: int, t: int, interpret: bool, softcap: float = 0.0, window: int = 0):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   b = block_size(t)
   sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                         block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-  mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(heads)])
-  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret), sk
+  one = sm.LocalMask((t, t), (window - 1, 0), 0) if window else sm.CausalMask((t, t))
+  mask = sm.MultiHeadMask([one for _ in range(heads)])
+  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret,
+                            attn_logits_soft_cap=softcap or None), sk
 
 
-def _local(q, k, v, seg, interpret: bool):
+def _local(q, k, v, seg, interpret: bool, softcap: float = 0.0, window: int = 0):
   """The kernel on local blocks: ``q [B, H, T, Dh]``, ``k, v [B, KV, T, Dh]``, ``seg [B, T]``."""
-  kernel, sk = _kernel(q.shape[1], q.shape[2], interpret)
+  kernel, sk = _kernel(q.shape[1], q.shape[2], interpret, softcap, window)
   return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(s, s)))(q, k, v, seg)
 
 
-def attention(q, k, v, key_mask, segment_ids=None, branch_ids=None):
+def attention(q, k, v, key_mask, segment_ids=None, branch_ids=None, scale: float | None = None,
+              softcap: float = 0.0, window: int = 0):
   """``q [B, T, H, Dh]``, ``k, v [B, T, KV, Dh]``, ``key_mask [B, T]`` -> ``[B, T, H, Dh]``
-  (causal; ``segment_ids [B, T]`` for packed rows)."""
+  (causal; ``segment_ids [B, T]`` for packed rows; scores times ``scale``, default
+  ``1/sqrt(Dh)``, soft-capped at ``softcap`` if > 0; keys less than ``window`` back if > 0)."""
   if branch_ids is not None:
     raise ConfigError("config.model.attention='splash' cannot express the shared-prefix mask of "
                       "config.method.share_prompt (its segment ids cannot let prefix keys match every branch); "
@@ -87,14 +93,14 @@ def attention(q, k, v, key_mask, segment_ids=None, branch_ids=None):
   tp = padded_length(t)                 # padding at the end: segment 0, after every real query
   pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
   q, k, v, seg = (pad(x) if tp != t else x for x in (q, k, v, seg))
-  q = (q * (1.0 / math.sqrt(dh))).transpose(0, 2, 1, 3)
+  q = (q * (1.0 / math.sqrt(dh) if scale is None else scale)).transpose(0, 2, 1, 3)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   out = lambda o: o.transpose(0, 2, 1, 3)[:, :t]
   interpret = _platform() != "tpu"
   mesh = jax.sharding.get_abstract_mesh()
   rules = mesh_lib.active_rules()
   if mesh is None or mesh.empty or rules is None:
-    return out(_local(q, k, v, seg, interpret))
+    return out(_local(q, k, v, seg, interpret, softcap, window))
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
   n = lambda axes: int(np.prod([sizes[a] for a in axes])) if axes else 1
   batch = mesh_lib.mesh_axes("batch", rules)
@@ -108,6 +114,6 @@ def attention(q, k, v, key_mask, segment_ids=None, branch_ids=None):
   bspec = batch if len(batch) > 1 else (batch[0] if batch else None)
   hspec = heads if len(heads) > 1 else (heads[0] if heads else None)
   qs = P(bspec, hspec, None, None)
-  fn = jax.shard_map(functools.partial(_local, interpret=interpret), mesh=mesh,
+  fn = jax.shard_map(functools.partial(_local, interpret=interpret, softcap=softcap, window=window), mesh=mesh,
                      in_specs=(qs, qs, qs, P(bspec, None)), out_specs=qs, check_vma=False)
   return out(fn(q, k, v, seg))

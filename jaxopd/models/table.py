@@ -218,7 +218,10 @@ def run_record(workdir: str) -> dict:
 
 # Architecture fields compared between a block and a source (derived sizes: d_ff=0 means the default width).
 ARCH_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ff_dim", "qkv_bias",
-               "rope_theta", "norm_eps", "tie_embeddings", "max_len", "head")
+               "rope_theta", "norm_eps", "tie_embeddings", "max_len", "head", "head_dim", "qk_norm", "norm_layout",
+               "norm_plus_one", "mlp_act", "embed_scale", "query_scalar", "attn_softcap", "logit_softcap",
+               "rope_type", "rope_factor", "rope_low_freq", "rope_high_freq", "rope_original_len",
+               "sliding_window", "layer_types", "rope_local_theta")
 
 
 def compare(ours: ModelConfig, theirs: ModelConfig, ours_name: str, where: str, note: str = ""):
@@ -229,7 +232,7 @@ def compare(ours: ModelConfig, theirs: ModelConfig, ours_name: str, where: str, 
       continue
     a, b = getattr(ours, f), getattr(theirs, f)
     if a != b:
-      field = {"kv_heads": "n_kv_heads", "ff_dim": "d_ff"}.get(f, f)
+      field = {"kv_heads": "n_kv_heads", "ff_dim": "d_ff", "head_dim": "d_head"}.get(f, f)
       raise ConfigError(f"{ours_name}.{field}={a!r}{note} but {where} has {b!r}")
 
 
@@ -356,7 +359,7 @@ def add_heads(rec: dict, heads: Mapping[str, object]) -> dict:
 def _resume_arch(arch: dict | None) -> dict | None:
   """The architecture as a resume compares it: the attention implementation (and its chunk),
   the rematerialisation and the layer scan may change (the same function, the same parameters)."""
-  return None if arch is None else {k: v for k, v in arch.items()
+  return None if arch is None else {k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()
                                     if k not in ("attention", "attention_chunk", "remat", "scan_layers")}
 
 
@@ -373,8 +376,12 @@ def check_resume(recorded: Mapping[str, dict], now: Mapping[str, dict], workdir:
                 "arch": "its architecture differs from the one this run started with",
                 "trainable": "its trainability differs from the one this run started with",
                 "source": "its source differs from the one this run started with"}[field]
-        raise ConfigError(f"config.models.{name}: cannot resume {workdir}: {what} (recorded {a.get(field)!r}, "
-                          f"now {b.get(field)!r}); use a new workdir")
+        was, now_ = a.get(field), b.get(field)
+        if field == "arch" and was and now_:   # name the fields, not the whole architecture
+          keys = [k for k in sorted(set(was) | set(now_)) if was.get(k) != now_.get(k)]
+          was, now_ = ({k: x.get(k) for k in keys} for x in (was, now_))
+        raise ConfigError(f"config.models.{name}: cannot resume {workdir}: {what} (recorded {was!r}, "
+                          f"now {now_!r}); use a new workdir")
 
 
 def write_record(workdir: str, rec: dict) -> None:

@@ -1,11 +1,16 @@
-"""A decoder-only language model in Flax NNX: GPT-2 and Llama (Qwen2) families.
+"""A decoder-only language model in Flax NNX: GPT-2 and the rotary (Llama-like) families.
 
-One module, two families chosen by ``ModelConfig.family``:
+One module; ``ModelConfig.family`` picks the layout and per-family options the rest:
 
 * ``gpt2``: learned positions, LayerNorm with bias, GELU (tanh), biases on
   every projection, tied input/output embeddings.
-* ``llama``: RMSNorm, rotary positions (HF "rotate_half" layout), SwiGLU MLP,
-  grouped-query attention, no biases except the optional q/k/v bias of Qwen2.
+* ``llama``: RMSNorm, rotary positions (HF "rotate_half" layout), gated MLP,
+  grouped-query attention. Its options cover Qwen2/3, Llama 3.x, Mistral,
+  Gemma 2/3 and OLMo 2: q/k/v bias, q/k norm, an explicit head width, rotary
+  scaling (linear, llama3), (1 + w) norms before and/or after each sub-layer,
+  GeGLU, scaled embeddings, attention and final logit soft-capping, and
+  sliding-window layers (by position distance, so every attention path and the
+  KV cache agree) with their own rotary base.
 
 Every parameter is an ``nnx.Param`` with ``logical_axes`` metadata; the mesh
 rules in :mod:`jaxopd.mesh` turn those into shardings.
@@ -32,6 +37,12 @@ from jaxopd.mesh import constrain
 from jaxopd.models import splash
 
 FAMILIES = ("gpt2", "llama")
+QK_NORMS = ("none", "head", "full")
+NORM_LAYOUTS = ("pre", "sandwich", "post")
+MLP_ACTS = ("silu", "gelu_tanh")
+ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full", "sliding")
+HF_TYPES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "olmo2")
 ATTENTION = ("einsum", "dot_product", "chunked", "splash")
 REMAT = ("none", "full", "dots")
 HEADS = ("lm", "score")
@@ -68,6 +79,30 @@ class ModelConfig:
   init_std: float = 0.02           # normal init scale of every weight matrix
   head: str = "lm"                 # lm (next-token logits [B, T, V]) | score (one scalar per position [B, T, 1]:
                                    # a reward model, HF's *ForSequenceClassification with num_labels=1)
+  # Per-family options of the llama layout (defaults: Llama 2 / Qwen2).
+  d_head: int = 0                  # per-head width; 0 = d_model / n_heads (Qwen3 and Gemma set it)
+  qk_norm: str = "none"            # RMSNorm of queries and keys before the rotary embedding: none | head (per
+                                   # head: Qwen3, Gemma 3) | full (over all heads' projection: OLMo 2)
+  norm_layout: str = "pre"         # pre (norm before attention and MLP) | sandwich (before and after: Gemma 2/3)
+                                   # | post (after only: OLMo 2)
+  norm_plus_one: bool = False      # RMSNorm scales by (1 + w) (Gemma)
+  mlp_act: str = "silu"            # the gated MLP's activation: silu (SwiGLU) | gelu_tanh (GeGLU: Gemma)
+  embed_scale: bool = False        # embeddings times sqrt(d_model) (Gemma)
+  query_scalar: float = 0.0        # scores scaled by query_scalar^-1/2; 0 = head_dim (Gemma: query_pre_attn_scalar)
+  attn_softcap: float = 0.0        # scores -> c * tanh(scores / c) before masking; 0 = off (Gemma 2)
+  logit_softcap: float = 0.0       # final logits likewise; 0 = off (Gemma 2)
+  rope_type: str = "default"       # rotary scaling: default | linear (frequencies / rope_factor) | llama3
+  rope_factor: float = 1.0         # linear and llama3: the scaling factor
+  rope_low_freq: float = 1.0       # llama3: low_freq_factor
+  rope_high_freq: float = 4.0      # llama3: high_freq_factor
+  rope_original_len: int = 8192    # llama3: original_max_position_embeddings
+  sliding_window: int = 0          # a sliding layer's query sees keys less than this many positions back; 0 = none
+  layer_types: tuple = ()          # "full" or "sliding" per layer; () = all sliding if sliding_window, else full
+  rope_local_theta: float = 0.0    # sliding layers' rotary base, unscaled (Gemma 3); 0 = as the full layers
+  hf_type: str = ""                # the HF model_type export writes; "" = gpt2, or llama / qwen2 (by qkv_bias)
+
+  def __post_init__(self):
+    object.__setattr__(self, "layer_types", tuple(self.layer_types))   # hashable (a static model attribute)
 
   @property
   def kv_heads(self) -> int:
@@ -75,7 +110,18 @@ class ModelConfig:
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+    return self.d_head or self.d_model // self.n_heads
+
+  @property
+  def local_layers(self) -> tuple[bool, ...]:
+    """Per layer, whether it attends within ``sliding_window``."""
+    if not self.sliding_window:
+      return (False,) * self.n_layers
+    return tuple(t == "sliding" for t in self.layer_types) if self.layer_types else (True,) * self.n_layers
+
+  @property
+  def export_type(self) -> str:
+    return self.hf_type or ("gpt2" if self.family == "gpt2" else "qwen2" if self.qkv_bias else "llama")
 
   @property
   def ff_dim(self) -> int:
@@ -93,8 +139,10 @@ class ModelConfig:
     for f in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
       if getattr(self, f) <= 0:
         bad(f, "must be positive")
-    if self.d_model % self.n_heads:
-      bad("n_heads", f"must divide d_model={self.d_model}")
+    if self.d_head < 0:
+      bad("d_head", "must be >= 0")
+    if not self.d_head and self.d_model % self.n_heads:
+      bad("n_heads", f"must divide d_model={self.d_model} (or set d_head)")
     if self.n_kv_heads < 0 or self.n_heads % self.kv_heads:
       bad("n_kv_heads", f"must divide n_heads={self.n_heads}")
     if self.family == "gpt2" and self.n_kv_heads not in (0, self.n_heads):
@@ -102,7 +150,32 @@ class ModelConfig:
     if self.family == "gpt2" and self.qkv_bias:
       bad("qkv_bias", "gpt2 always has biases; this option is for llama")
     if self.family == "llama" and self.head_dim % 2:
-      bad("n_heads", "rotary embeddings need an even head_dim")
+      bad("d_head" if self.d_head else "n_heads", "rotary embeddings need an even head_dim")
+    for f, choices in (("qk_norm", QK_NORMS), ("norm_layout", NORM_LAYOUTS), ("mlp_act", MLP_ACTS),
+                       ("rope_type", ROPE_TYPES)):
+      if getattr(self, f) not in choices:
+        bad(f, f"must be one of {choices}")
+    if self.hf_type and self.hf_type not in HF_TYPES:
+      bad("hf_type", f"must be one of {HF_TYPES} (or empty)")
+    if self.family == "gpt2":
+      defaults = ModelConfig()
+      for f in ("d_head", "qk_norm", "norm_layout", "norm_plus_one", "mlp_act", "embed_scale", "query_scalar",
+                "attn_softcap", "logit_softcap", "rope_type", "sliding_window", "layer_types", "rope_local_theta"):
+        if getattr(self, f) != getattr(defaults, f):
+          bad(f, "is an option of the llama layout, not gpt2")
+      if self.hf_type not in ("", "gpt2"):
+        bad("hf_type", "must be gpt2 (or empty) for family gpt2")
+    for f in ("query_scalar", "attn_softcap", "logit_softcap", "rope_local_theta", "sliding_window"):
+      if getattr(self, f) < 0:
+        bad(f, "must be >= 0 (0 = off)")
+    if self.rope_type != "default" and (self.rope_factor <= 0 or self.rope_original_len <= 0
+                                        or self.rope_high_freq <= self.rope_low_freq):
+      bad("rope_type", "needs rope_factor > 0, rope_original_len > 0 and rope_high_freq > rope_low_freq")
+    if self.layer_types:
+      if len(self.layer_types) != self.n_layers or any(t not in LAYER_TYPES for t in self.layer_types):
+        bad("layer_types", f"must be {self.n_layers} entries (one per layer), each one of {LAYER_TYPES}")
+      if "sliding" in self.layer_types and not self.sliding_window:
+        bad("layer_types", "has sliding layers but sliding_window=0")
     if self.d_ff < 0:
       bad("d_ff", "must be >= 0")
     for f in ("dtype", "param_dtype"):
@@ -137,7 +210,8 @@ class KVCache(NamedTuple):
   """Fixed-size key/value cache, one buffer per layer so that decoding updates
   each in place: ``k``: L arrays ``[B, Hkv, S, Dh]``, ``v``: L arrays ``[B, Hkv, S, Dh]``
   (head-major: the attention matmuls read them without a transpose);
-  ``valid: [B, S]`` marks written, non-padding slots; ``index`` is the next slot to write.
+  ``valid: [B, S]`` marks written, non-padding slots; ``pos: [B, S]`` each slot's position (sliding
+  windows are measured in positions, not slots); ``index`` is the next slot to write.
 
   A *prefix* cache (:meth:`with_prefix`: ``prefix_k`` / ``prefix_v`` L arrays ``[Bp, Hkv, P, Dh]``,
   ``prefix_valid [Bp, P]``) holds a prompt shared by ``B / Bp`` consecutive rows once (GRPO's G
@@ -146,9 +220,11 @@ class KVCache(NamedTuple):
   v: tuple[jax.Array, ...]
   valid: jax.Array
   index: jax.Array
+  pos: jax.Array | None = None
   prefix_k: tuple[jax.Array, ...] = ()
   prefix_v: tuple[jax.Array, ...] = ()
   prefix_valid: jax.Array | None = None
+  prefix_pos: jax.Array | None = None
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, length: int | None = None) -> "KVCache":
@@ -158,16 +234,16 @@ class KVCache(NamedTuple):
     dt = jnp.dtype(cfg.dtype)
     return cls(tuple(jnp.zeros(k_shape, dt) for _ in range(cfg.n_layers)),
                tuple(jnp.zeros(v_shape, dt) for _ in range(cfg.n_layers)),
-               jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+               jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32), jnp.zeros((batch, length), jnp.int32))
 
   def with_prefix(self, prefix: "KVCache") -> "KVCache":
     """This cache (rows ``B``) continuing ``prefix``'s written slots (rows ``Bp``, ``B / Bp`` rows per
     prefix row, prompt-major) as a shared prefix."""
-    return self._replace(prefix_k=prefix.k, prefix_v=prefix.v, prefix_valid=prefix.valid)
+    return self._replace(prefix_k=prefix.k, prefix_v=prefix.v, prefix_valid=prefix.valid, prefix_pos=prefix.pos)
 
   def layer_prefix(self, i: int):
-    """Layer ``i``'s ``(keys, values, valid)`` of the shared prefix, or None."""
-    return (self.prefix_k[i], self.prefix_v[i], self.prefix_valid) if self.prefix_k else None
+    """Layer ``i``'s ``(keys, values, valid, positions)`` of the shared prefix, or None."""
+    return (self.prefix_k[i], self.prefix_v[i], self.prefix_valid, self.prefix_pos) if self.prefix_k else None
 
 
 class Output(NamedTuple):
@@ -198,32 +274,59 @@ def _ones(shape, axes, dtype) -> nnx.Param:
 
 
 class Norm(nnx.Module):
-  """LayerNorm (gpt2) or RMSNorm (llama), statistics in float32."""
+  """LayerNorm (gpt2) or RMSNorm (llama; scale ``1 + w`` with ``norm_plus_one``) over the last
+  ``dim`` features (default ``d_model``), statistics in float32."""
 
-  def __init__(self, cfg: ModelConfig):
+  def __init__(self, cfg: ModelConfig, dim: int = 0, axes=("embed",)):
     pd = jnp.dtype(cfg.param_dtype)
+    dim = dim or cfg.d_model
     self.rms = cfg.family == "llama"
+    self.plus_one = cfg.norm_plus_one
     self.eps = cfg.norm_eps
-    self.scale = _ones((cfg.d_model,), ("embed",), pd)
-    self.bias = None if self.rms else _zeros((cfg.d_model,), ("embed",), pd)
+    self.scale = (_zeros if self.plus_one else _ones)((dim,), axes, pd)
+    self.bias = None if self.rms else _zeros((dim,), axes, pd)
 
   def __call__(self, x):
     dt = x.dtype
     x = x.astype(jnp.float32)
     if self.rms:
       x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
-      return (x * self.scale[...]).astype(dt)
+      scale = self.scale[...].astype(jnp.float32)
+      return (x * (1.0 + scale if self.plus_one else scale)).astype(dt)
     mu = jnp.mean(x, -1, keepdims=True)
     var = jnp.mean(jnp.square(x - mu), -1, keepdims=True)
     x = (x - mu) * jax.lax.rsqrt(var + self.eps)
     return (x * self.scale[...] + self.bias[...]).astype(dt)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, HF layout (halves rotated). ``x: [B, T, H, Dh]``, ``positions: [B, T]``."""
+def inv_freq(cfg: ModelConfig, local: bool = False) -> jax.Array:
+  """The rotary frequencies ``[Dh/2]`` (float32, as transformers computes them) of a full layer,
+  or of a sliding one (``local``: ``rope_local_theta`` unscaled where it is set)."""
+  dh = cfg.head_dim
+  own = local and cfg.rope_local_theta > 0
+  theta = cfg.rope_local_theta if own else cfg.rope_theta
+  inv = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  if own or cfg.rope_type == "default":
+    return inv
+  if cfg.rope_type == "linear":
+    return inv / cfg.rope_factor
+  # llama3: long wavelengths divided by the factor, short ones kept, the band between interpolated.
+  f, old = cfg.rope_factor, cfg.rope_original_len
+  low_wl, high_wl = old / cfg.rope_low_freq, old / cfg.rope_high_freq
+  wl = 2 * math.pi / inv
+  scaled = jnp.where(wl > low_wl, inv / f, inv)
+  smooth = (old / wl - cfg.rope_low_freq) / (cfg.rope_high_freq - cfg.rope_low_freq)
+  smoothed = (1 - smooth) * scaled / f + smooth * scaled
+  return jnp.where((wl >= high_wl) & (wl <= low_wl), smoothed, scaled)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0, freqs: jax.Array | None = None) -> jax.Array:
+  """Rotary embedding, HF layout (halves rotated). ``x: [B, T, H, Dh]``, ``positions: [B, T]``;
+  ``freqs [Dh/2]`` (:func:`inv_freq`) or the default ones of base ``theta``."""
   dh = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
-  ang = positions.astype(jnp.float32)[..., None] * inv_freq           # [B, T, Dh/2]
+  if freqs is None:
+    freqs = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  ang = positions.astype(jnp.float32)[..., None] * freqs              # [B, T, Dh/2]
   cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, :, None, :]
   sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, :, None, :]
   xf = x.astype(jnp.float32)
@@ -247,28 +350,50 @@ class Attention(nnx.Module):
     self.bk = _zeros((kv, dh), ("kv_heads", "head_dim"), pd) if has_qkv_bias else None
     self.bv = _zeros((kv, dh), ("kv_heads", "head_dim"), pd) if has_qkv_bias else None
     self.bo = _zeros((d,), ("embed",), pd) if cfg.family == "gpt2" else None
+    per_head = cfg.qk_norm == "head"
+    self.q_norm = (None if cfg.qk_norm == "none" else
+                   Norm(cfg, dh, ("head_dim",)) if per_head else Norm(cfg, h * dh, (None,)))
+    self.k_norm = (None if cfg.qk_norm == "none" else
+                   Norm(cfg, dh, ("head_dim",)) if per_head else Norm(cfg, kv * dh, (None,)))
+
+  @property
+  def scale(self) -> float:
+    return 1.0 / math.sqrt(self.cfg.query_scalar or self.cfg.head_dim)
 
   def __call__(self, x, positions, key_mask, cache_kv=None, index=None, segment_ids=None, branch_ids=None,
-               groups=None, prefix_kv=None):
+               groups=None, prefix_kv=None, key_pos=None, local=False):
     """``x: [B, T, D]``; ``key_mask: [B, S]`` valid keys (S = T without cache);
     ``segment_ids: [B, T]`` (packed rows, no cache): attend only within a segment;
     ``branch_ids: [B, T]`` (shared-prefix rows, no cache): 0 marks the shared prefix, ``j > 0``
     the tokens of branch j (a response); a token attends to the prefix and its own branch;
     ``groups = (P, G)`` (grouped rows, no cache; see :meth:`Transformer.__call__`);
     ``cache_kv``: this layer's ``(k, v)`` (layouts in :class:`KVCache`), ``prefix_kv`` its shared
-    prefix (:meth:`KVCache.layer_prefix`, attended with einsum); returns (y, new (k, v))."""
+    prefix (:meth:`KVCache.layer_prefix`, attended with einsum); ``key_pos [B, S]``: the keys'
+    positions (default ``positions``); ``local``: a sliding-window layer (a bool, or a traced
+    one under ``scan_layers``); returns (y, new (k, v))."""
     cfg = self.cfg
     dt = x.dtype
+    b, t = x.shape[:2]
     q, k, v = (_dense(x, w[...].astype(dt)) for w in (self.wq, self.wk, self.wv))
     if self.bq is not None:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+    if self.q_norm is not None:
+      if cfg.qk_norm == "head":
+        q, k = self.q_norm(q), self.k_norm(k)
+      else:
+        q, k = (n(z.reshape(b, t, -1)).reshape(z.shape) for n, z in ((self.q_norm, q), (self.k_norm, k)))
     if cfg.family == "llama":
-      q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+      freqs = inv_freq(cfg)
+      if cfg.sliding_window and cfg.rope_local_theta:
+        freqs = jnp.where(local, inv_freq(cfg, True), freqs)
+      q, k = rope(q, positions, freqs=freqs), rope(k, positions, freqs=freqs)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
-    b, t, h, dh = q.shape
+    h, dh = q.shape[2:]
+    key_pos = positions if key_pos is None else key_pos
+    window = self._window(local)
     keys, values = k, v
     if groups is not None:
-      out = self._grouped_attention(q, k, v, key_mask, groups)
+      out = self._grouped_attention(q, k, v, key_mask, groups, positions, window)
     else:
       if cache_kv is None:
         q_slot = jnp.arange(t)
@@ -279,19 +404,23 @@ class Attention(nnx.Module):
         q_slot = index + jnp.arange(t)
       s = values.shape[1 if cache_kv is None else 2]      # [B, S, n, Dh] or the cache's [B, n, S, Dh]
       allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]   # [B, T, S]
+      allowed = window(allowed, positions, key_pos)
       if segment_ids is not None:
         allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
       if branch_ids is not None:
         allowed = allowed & ((branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :]))
       if cfg.attention == "splash" and cache_kv is None:
-        out = splash.attention(q, keys, values, key_mask, segment_ids, branch_ids)
+        out = self._splash(q, keys, values, key_mask, segment_ids, branch_ids, local)
       elif cache_kv is None:
         out = self._attend(q, keys, values, allowed)
       elif prefix_kv is not None:
-        out = self._einsum_attention(q, keys, values, allowed, "bnsk", False, prefix_kv)
+        pk, pv, pvalid, ppos = prefix_kv
+        rows = b // pk.shape[0]
+        p_allowed = window(jnp.broadcast_to(jnp.repeat(pvalid, rows, axis=0)[:, None, :], (b, t, pk.shape[2])),
+                           positions, jnp.repeat(ppos, rows, axis=0))
+        out = self._einsum_attention(q, keys, values, allowed, "bnsk", False, (pk, pv, p_allowed))
       elif cfg.attention == "dot_product":   # the cache holds [B, n, S, Dh]
-        out = jax.nn.dot_product_attention(q, keys.transpose(0, 2, 1, 3).astype(dt),
-                                           values.transpose(0, 2, 1, 3).astype(dt), mask=allowed[:, None])
+        out = self._dot_product(q, keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3), allowed)
       else:
         out = self._einsum_attention(q, keys, values, allowed, "bnsk", False)
     y = _dense(out.reshape(b, t, h * dh), self.wo[...].reshape(h * dh, -1).astype(dt))
@@ -299,13 +428,49 @@ class Attention(nnx.Module):
       y = y + self.bo[...].astype(dt)
     return y, (None if cache_kv is None else (keys, values))
 
+  def _window(self, local):
+    """``f(allowed [B, T, S], q_pos [B, T], k_pos [B, S])``: ``allowed`` narrowed to the keys less
+    than ``sliding_window`` positions back where this layer is ``local``."""
+    w = self.cfg.sliding_window
+    if not w or local is False:
+      return lambda allowed, q_pos, k_pos: allowed
+
+    def narrow(allowed, q_pos, k_pos):
+      near = (q_pos[:, :, None] - k_pos[:, None, :]) < w
+      return allowed & (near if local is True else (near | ~local))
+    return narrow
+
+  def _splash(self, q, keys, values, key_mask, segment_ids, branch_ids, local):
+    cfg = self.cfg
+    run = lambda w: splash.attention(q, keys, values, key_mask, segment_ids, branch_ids, scale=self.scale,
+                                     softcap=cfg.attn_softcap, window=w)
+    if not cfg.sliding_window or local is False:
+      return run(0)
+    if local is True:
+      return run(cfg.sliding_window)
+    return jax.lax.cond(local, lambda: run(cfg.sliding_window), lambda: run(0))
+
+  def _dot_product(self, q, keys, values, allowed):
+    """``jax.nn.dot_product_attention`` of ``q [B, T, h, Dh]`` over ``[B, S, kv, Dh]`` keys/values."""
+    if self.cfg.attn_softcap:
+      raise ConfigError(f"config.model.attention='dot_product' cannot soft-cap the attention scores "
+                        f"(attn_softcap={self.cfg.attn_softcap}, Gemma 2): use einsum, chunked or splash")
+    dt = q.dtype
+    return jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=allowed[:, None],
+                                        scale=self.scale)
+
+  def _scores(self, scores):
+    """Scaled (and soft-capped) float32 scores."""
+    scores = scores * self.scale
+    cap = self.cfg.attn_softcap
+    return cap * jnp.tanh(scores / cap) if cap else scores
+
   def _attend(self, q, keys, values, allowed):
     """Cache-free attention of ``q [B, T, h, Dh]`` over ``keys``/``values [B, S, kv, Dh]`` where
     ``allowed [B, T, S]``, by ``cfg.attention`` (einsum, dot_product or chunked)."""
     cfg = self.cfg
     if cfg.attention == "dot_product":
-      dt = q.dtype
-      return jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=allowed[:, None])
+      return self._dot_product(q, keys, values, allowed)
     if cfg.attention == "chunked":
       # One chunk of queries at a time: its [B, n, g, C, S] scores exist for one chunk in the forward
       # pass and are recomputed per chunk in the backward pass (map_chunks' checkpointed scan).
@@ -313,7 +478,7 @@ class Attention(nnx.Module):
                         (q, allowed), cfg.attention_chunk)
     return self._einsum_attention(q, keys, values, allowed, "bsnk", True)
 
-  def _grouped_attention(self, q, k, v, key_mask, groups):
+  def _grouped_attention(self, q, k, v, key_mask, groups, positions, window):
     """Attention of grouped rows ``[prefix (P) | branch 1 (N) | ... | branch G (N)]``: the prefix
     attends to itself causally; each branch to the prefix's valid keys and to itself causally,
     never to another branch. Computed as two attentions, so no masked branch-by-branch block is
@@ -326,20 +491,21 @@ class Attention(nnx.Module):
     b, t, h, dh = q.shape
     n = (t - p) // g
     split = lambda x: (x[:, :p], x[:, p:].reshape((b * g, n) + x.shape[2:]))
-    (qp, qs), (kp, ks), (vp, vs), (mp, ms) = split(q), split(k), split(v), split(key_mask)
+    (qp, qs), (kp, ks), (vp, vs), (mp, ms), (pp, ps) = (split(x) for x in (q, k, v, key_mask, positions))
     causal = lambda m: jnp.tril(jnp.ones((m, m), bool))[None]
-    out_p = self._attend(qp, kp, vp, causal(p) & mp[:, None, :])
+    out_p = self._attend(qp, kp, vp, window(causal(p) & mp[:, None, :], pp, pp))
     rep = lambda x: jnp.repeat(x, g, axis=0)
     allowed = jnp.concatenate([jnp.broadcast_to(rep(mp)[:, None, :], (b * g, n, p)),
                                causal(n) & ms[:, None, :]], axis=-1)
+    allowed = window(allowed, ps, jnp.concatenate([rep(pp), ps], axis=1))
     out_s = self._attend(qs, jnp.concatenate([rep(kp), ks], 1), jnp.concatenate([rep(vp), vs], 1), allowed)
     return jnp.concatenate([out_p, out_s.reshape(b, g * n, h, dh)], axis=1)
 
   def _einsum_attention(self, q, keys, values, allowed, k_spec, no_cache, prefix_kv=None):
     """Scores materialised ``[B, n, g, T, S]``, accumulated and kept in float32 (bf16 inputs
     too), masked, softmax; ``[B, T, h, Dh]``. With ``prefix_kv`` (a cache's shared prefix,
-    ``[Bp, n, P, Dh]`` keys and values and ``[Bp, P]`` valid slots) the scores of each group's
-    prefix come first, under one softmax with the row's own."""
+    ``[Bp, n, P, Dh]`` keys and values and the ``[B, T, P]`` keys each query may see) the scores
+    of each group's prefix come first, under one softmax with the row's own."""
     cfg = self.cfg
     dt = q.dtype
     b, t, h, dh = q.shape
@@ -347,15 +513,15 @@ class Attention(nnx.Module):
     n, g = cfg.kv_heads, h // cfg.kv_heads
     qg = q.reshape(b, t, n, g, dh)
     neg = jnp.finfo(jnp.float32).min
-    scores = jnp.einsum(f"btngk,{k_spec}->bngts", qg, keys.astype(dt),
-                        preferred_element_type=jnp.float32) / math.sqrt(dh)   # accumulated in float32
+    scores = self._scores(jnp.einsum(f"btngk,{k_spec}->bngts", qg, keys.astype(dt),
+                                     preferred_element_type=jnp.float32))   # accumulated in float32
     scores = jnp.where(allowed[:, None, None], scores, neg)
     if prefix_kv is not None:
-      pk, pv, pvalid = prefix_kv
+      pk, pv, p_allowed = prefix_kv
       bp, npre = pk.shape[0], pk.shape[2]
-      sp = jnp.einsum("bjtngk,bnsk->bjngts", qg.reshape(bp, b // bp, t, n, g, dh), pk.astype(dt),
-                      preferred_element_type=jnp.float32) / math.sqrt(dh)
-      sp = jnp.where(pvalid[:, None, None, None, None, :], sp, neg)
+      sp = self._scores(jnp.einsum("bjtngk,bnsk->bjngts", qg.reshape(bp, b // bp, t, n, g, dh), pk.astype(dt),
+                                   preferred_element_type=jnp.float32))
+      sp = jnp.where(p_allowed.reshape(bp, b // bp, 1, 1, t, npre), sp, neg)
       scores = jnp.concatenate([sp.reshape(b, n, g, t, npre), scores], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     if no_cache:
@@ -376,6 +542,7 @@ class MLP(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     pd = jnp.dtype(cfg.param_dtype)
     self.gpt2 = cfg.family == "gpt2"
+    self.act = cfg.mlp_act
     d, f, std = cfg.d_model, cfg.ff_dim, cfg.init_std
     out_std = std / math.sqrt(2 * cfg.n_layers)
     if self.gpt2:
@@ -394,37 +561,47 @@ class MLP(nnx.Module):
       h = jax.nn.gelu(_dense(x, self.w_in[...].astype(dt)) + self.b_in[...].astype(dt), approximate=True)
       h = constrain(h, ("batch", "length", "mlp"))
       return _dense(h, self.w_out[...].astype(dt)) + self.b_out[...].astype(dt)
-    h = jax.nn.silu(_dense(x, self.w_gate[...].astype(dt))) * _dense(x, self.w_up[...].astype(dt))
+    gate = _dense(x, self.w_gate[...].astype(dt))
+    gate = jax.nn.silu(gate) if self.act == "silu" else jax.nn.gelu(gate, approximate=True)
+    h = gate * _dense(x, self.w_up[...].astype(dt))
     h = constrain(h, ("batch", "length", "mlp"))
     return _dense(h, self.w_down[...].astype(dt))
 
 
 class Block(nnx.Module):
+  """Attention and MLP sub-layers, each ``x + post(f(pre(x)))``: ``pre`` norms for ``norm_layout``
+  pre and sandwich (``ln1``, ``ln2``), ``post`` norms for sandwich and post (``ln1_post``, ``ln2_post``)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.ln1 = Norm(cfg)
+    pre, post = cfg.norm_layout != "post", cfg.norm_layout != "pre"
+    self.ln1 = Norm(cfg) if pre else None
     self.attn = Attention(cfg, rngs)
-    self.ln2 = Norm(cfg)
+    self.ln1_post = Norm(cfg) if post else None
+    self.ln2 = Norm(cfg) if pre else None
     self.mlp = MLP(cfg, rngs)
+    self.ln2_post = Norm(cfg) if post else None
 
   def __call__(self, x, positions, key_mask, cache_kv=None, index=None, segment_ids=None, branch_ids=None,
-               groups=None, prefix_kv=None):
-    a, new_kv = self.attn(self.ln1(x), positions, key_mask, cache_kv, index, segment_ids, branch_ids, groups,
-                          prefix_kv)
-    x = x + a
-    x = x + self.mlp(self.ln2(x))
+               groups=None, prefix_kv=None, key_pos=None, local=False):
+    norm = lambda n, z: z if n is None else n(z)
+    a, new_kv = self.attn(norm(self.ln1, x), positions, key_mask, cache_kv, index, segment_ids, branch_ids, groups,
+                          prefix_kv, key_pos, local)
+    x = x + norm(self.ln1_post, a)
+    x = x + norm(self.ln2_post, self.mlp(norm(self.ln2, x)))
     return constrain(x, ("batch", "length", "embed")), new_kv
 
 
-def _remat_block(policy: str, groups=None):
+def _remat_block(policy: str, groups=None, local=False):
   """A block's cache-free forward under ``jax.checkpoint`` (``nnx.remat``): ``full`` saves
   nothing inside the block (its input is saved by the caller's graph), ``dots`` saves the
   outputs of un-batched matmuls, i.e. the q/k/v/o and MLP projections (written as 2-D
-  matmuls by :func:`_dense`), and recomputes the attention and elementwise work."""
+  matmuls by :func:`_dense`), and recomputes the attention and elementwise work. ``local``: a
+  bool, or None to take it (traced, under ``scan_layers``) as the last argument."""
   saveable = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
-  def run(block, x, positions, key_mask, segment_ids, branch_ids):
-    return block(x, positions, key_mask, None, 0, segment_ids, branch_ids, groups)[0]
+  def run(block, x, positions, key_mask, segment_ids, branch_ids, *traced):
+    layer_local = traced[0] if local is None else local
+    return block(x, positions, key_mask, None, 0, segment_ids, branch_ids, groups, local=layer_local)[0]
   return nnx.remat(run, policy=saveable, prevent_cse=True)
 
 
@@ -494,7 +671,12 @@ class Transformer(nnx.Module):
     :meth:`output_weight` array when the caller already holds it (inside a chunk loop)."""
     w = self.output_weight() if weight is None else weight
     logits = _dense(x, w.astype(jnp.dtype(self.cfg.dtype)))
-    return logits if self.score is not None else constrain(logits, ("batch", "length", "vocab"))
+    if self.score is not None:
+      return logits
+    cap = self.cfg.logit_softcap
+    if cap:
+      logits = (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(logits.dtype)
+    return constrain(logits, ("batch", "length", "vocab"))
 
   def _scan_blocks(self, x, positions, key_mask, segment_ids, branch_ids, groups, run, return_hidden):
     """The blocks as one ``lax.scan`` (``scan_layers``): the per-layer parameters are stacked
@@ -504,15 +686,19 @@ class Transformer(nnx.Module):
     graphdef, first = nnx.split(self.blocks[0])
     states = [first] + [nnx.split(b)[1] for b in self.blocks[1:]]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    mixed = len(set(self.cfg.local_layers)) > 1
+    local = jnp.asarray(self.cfg.local_layers) if mixed else None   # mixed layer types: a traced per-layer flag
 
-    def body(h, state):
+    def body(h, xs):
+      state, flag = xs
+      layer_local = self.cfg.local_layers[0] if flag is None else flag
       block = nnx.merge(graphdef, state)
       if run is not None:
-        h = run(block, h, positions, key_mask, segment_ids, branch_ids)
+        h = run(block, h, positions, key_mask, segment_ids, branch_ids, *(() if local is None else (layer_local,)))
       else:
-        h = block(h, positions, key_mask, None, 0, segment_ids, branch_ids, groups)[0]
+        h = block(h, positions, key_mask, None, 0, segment_ids, branch_ids, groups, local=layer_local)[0]
       return h, (h if return_hidden else None)
-    x, ys = jax.lax.scan(body, x, stacked)
+    x, ys = jax.lax.scan(body, x, (stacked, local))
     return x, ([ys[i] for i in range(len(self.blocks))] if return_hidden else [])
 
   def _trunk(self, tokens, positions, attention_mask, cache, segment_ids, branch_ids, groups, return_hidden):
@@ -529,27 +715,34 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
     new_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     if cache is None:
-      key_mask = new_mask
+      key_mask, key_pos = new_mask, positions
     else:
       key_mask = jax.lax.dynamic_update_slice_in_dim(cache.valid, new_mask, cache.index, axis=1)
+      key_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, positions.astype(jnp.int32), cache.index, axis=1)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+    if cfg.embed_scale:
+      x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
     if self.pos_embed is not None:
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
     x = constrain(x, ("batch", "length", "embed"))
     hidden = [x] if return_hidden else None
     ks, vs = [], []
-    run = _remat_block(cfg.remat, groups) if cache is None and cfg.remat != "none" else None
+    remat = cache is None and cfg.remat != "none"
     if cache is None and cfg.scan_layers:
+      mixed = len(set(cfg.local_layers)) > 1
+      run = _remat_block(cfg.remat, groups, None if mixed else cfg.local_layers[0]) if remat else None
       x, states = self._scan_blocks(x, positions, key_mask, segment_ids, branch_ids, groups, run, return_hidden)
       if return_hidden:
         hidden.extend(states)
+    runs = {local: _remat_block(cfg.remat, groups, local) for local in set(cfg.local_layers)} if remat else {}
     for i, block in enumerate(() if cache is None and cfg.scan_layers else self.blocks):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      if run is not None:
-        x, new_kv = run(block, x, positions, key_mask, segment_ids, branch_ids), None
+      local = cfg.local_layers[i]
+      if runs:
+        x, new_kv = runs[local](block, x, positions, key_mask, segment_ids, branch_ids), None
       else:
         x, new_kv = block(x, positions, key_mask, kv, start, segment_ids, branch_ids, groups,
-                          None if cache is None else cache.layer_prefix(i))
+                          None if cache is None else cache.layer_prefix(i), key_pos, local)
       if cache is not None:
         ks.append(new_kv[0])
         vs.append(new_kv[1])
@@ -560,5 +753,5 @@ class Transformer(nnx.Module):
       hidden[-1] = x   # HF convention: the last hidden state is after the final norm
     new_cache = None
     if cache is not None:
-      new_cache = cache._replace(k=tuple(ks), v=tuple(vs), valid=key_mask, index=cache.index + t)
+      new_cache = cache._replace(k=tuple(ks), v=tuple(vs), valid=key_mask, pos=key_pos, index=cache.index + t)
     return x, tuple(hidden) if return_hidden else None, new_cache
