@@ -5,6 +5,7 @@
   python launch/fit_table.py --out runs/fit_share --cells share --models qwen2-1.5b --prompt 768   # prompt shared
   python launch/fit_table.py --out runs/fit_grpo --cells grpo --models qwen2-0.5b --prompt 512 --seq 1536 --batch 8
   python launch/fit_table.py --out /tmp/f --cells grid --methods tdpo --models qwen2-0.5b --seq 256 --batch 8
+  python launch/fit_table.py --out runs/fit_families --methods sft,dpo --models qwen3-1.7b,gemma3-4b,qwen3-8b,llama3.1-8b
 
 Each cell is one ``launch/aot_memory.py --json --topology T --preset M`` run in its own
 process (the real train step of the method, built by its experiment module, lowered
@@ -71,6 +72,9 @@ GRID_METHODS = ("sft", "dpo", "tdpo", "sparsepo", "fdpg", "distillspec")   # the
 
 # The grid of the README table: model -> topology (a slice its size is trained on).
 GRID = {"qwen2-0.5b": ("v5e:2x2", 1024), "qwen2-1.5b": ("v5e:4x4", 1024), "llama3-8b": ("v5p:2x2x4", 2048)}
+# Current families on their natural slices (``--models`` picks them; launch/README.md's families table).
+SLICES = {**GRID, "qwen3-1.7b": ("v5e:2x4", 1024), "gemma3-4b": ("v5e:4x4", 1024), "qwen3-8b": ("v5p:2x2x4", 2048),
+          "llama3.1-8b": ("v5p:2x2x4", 2048)}
 
 
 def shared_len(prompt: int, response: int) -> int:
@@ -279,16 +283,16 @@ def main(argv=None) -> int:
   cells = []
   if a.cells == "grid":
     for model in models:
-      topo, seq = GRID[model]
+      topo, seq = SLICES[model]
       for method in a.methods.split(","):
         cells.append(dict(method=method, model=model, topology=a.topology or topo, seq=a.seq or seq,
                           batch=a.batch))
   elif a.cells == "seq":
-    topo = a.topology or GRID[models[0]][0]
+    topo = a.topology or SLICES[models[0]][0]
     for seq in (1024, 2048, 4096):
       cells.append(dict(method="tdpo", model=models[0], topology=topo, seq=seq, batch=a.batch))
   else:
-    topo, seq = GRID[models[0]]
+    topo, seq = SLICES[models[0]]
     for method in ("dpo", "tdpo") if a.cells == "share" else ("grpo",):
       for share in (False, True):
         cells.append(dict(method=method, model=models[0], topology=a.topology or topo, seq=a.seq or seq,

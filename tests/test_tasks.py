@@ -8,11 +8,12 @@ import pytest
 from jaxopd.tasks import arithmetic
 
 
-def test_checker_reads_the_first_number_of_the_completion():
+def test_checker_reads_the_last_number_of_the_completion():
   p = "<|im_start|>user\nWhat is 12 + 30? Reply with the number only.<|im_end|>\n<|im_start|>assistant\n"
   assert arithmetic.check(p, "42") == 1.0
   assert arithmetic.check(p, "The answer is 42.") == 1.0
-  assert arithmetic.check(p, "41, no, 42") == 0.0
+  assert arithmetic.check(p, "12 + 30 = 42") == 1.0
+  assert arithmetic.check(p, "42? No: 41") == 0.0
   assert arithmetic.check(p, "forty-two") == 0.0
   assert arithmetic.reward([p, p], ["42", ""]) == [1.0, 0.0]
   with pytest.raises(ValueError, match="no 'What is A \\+ B\\?' question"):

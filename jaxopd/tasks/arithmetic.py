@@ -2,10 +2,10 @@
 
 * ``python -m jaxopd.tasks.arithmetic data --out DIR``: ``DIR/train.jsonl`` and
   ``DIR/eval.jsonl``, TRL prompt records (``{"prompt": [{"role": "user", ...}]}``), disjoint
-  questions, a fixed seed; ``DIR/pairs.jsonl``: the train questions as preference pairs (the
-  sum chosen, a sum off by 1 to 10 rejected) for offline methods.
+  questions, a fixed seed; ``DIR/pairs.jsonl``: the train questions as preference pairs
+  ("A + B = sum" chosen, the same with a sum off by 1 to 10 rejected) for offline methods.
 * :func:`reward` (``--config.method.reward=jaxopd.tasks.arithmetic:reward``): 1 where the
-  first number of the completion is the sum, else 0 (TRL's reward signature).
+  last number of the completion is the sum, else 0 (TRL's reward signature).
 * ``python -m jaxopd.tasks.arithmetic eval --model hf:DIR|run:WORKDIR --prompts FILE``:
   pass@1 of greedy decoding on the prompts, one JSON line.
 """
@@ -42,13 +42,14 @@ def records(pairs) -> list[dict]:
 
 
 def check(prompt: str, completion: str) -> float:
-  """1.0 where the completion's first number is the sum asked for in ``prompt`` (the last question in it)."""
+  """1.0 where the completion's last number is the sum asked for in ``prompt`` (the last question in it):
+  "47 + 22 = 69" passes, as a bare "69" does."""
   asked = _ASKED.findall(prompt)
   if not asked:
     raise ValueError(f"no 'What is A + B?' question in the prompt {prompt[-80:]!r}")
   a, b = (int(x) for x in asked[-1])
-  got = _NUMBER.search(completion)
-  return float(got is not None and int(got.group()) == a + b)
+  got = _NUMBER.findall(completion)
+  return float(bool(got) and int(got[-1]) == a + b)
 
 
 def reward(prompts: list[str], completions: list[str], **_) -> list[float]:
@@ -57,13 +58,13 @@ def reward(prompts: list[str], completions: list[str], **_) -> list[float]:
 
 
 def preference_pairs(pairs, seed: int) -> list[dict]:
-  """Conversational pairs: the sum chosen, a wrong sum (off by 1 to 10) rejected."""
+  """Conversational pairs: "A + B = sum" chosen, the same with a wrong sum (off by 1 to 10) rejected."""
   rng = np.random.RandomState(seed)
   out = []
   for r, (a, b) in zip(records(pairs), pairs):
     wrong = a + b + int(rng.choice([-1, 1])) * int(rng.randint(1, 11))
-    out.append({**r, "chosen": [{"role": "assistant", "content": str(a + b)}],
-                "rejected": [{"role": "assistant", "content": str(wrong)}]})
+    out.append({**r, "chosen": [{"role": "assistant", "content": f"{a} + {b} = {a + b}"}],
+                "rejected": [{"role": "assistant", "content": f"{a} + {b} = {wrong}"}]})
   return out
 
 
