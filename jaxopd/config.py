@@ -11,6 +11,7 @@ import ml_collections
 
 from jaxopd import mesh as mesh_lib
 from jaxopd import optim
+from jaxopd.data.formats import OVER_LENGTH_POLICIES
 from jaxopd.errors import ConfigError
 from jaxopd.models import ModelConfig, table
 
@@ -100,6 +101,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
   except (ValueError, TypeError) as e:
     raise ConfigError(str(e)) from None
   table.check_fields(c)
+  if "data" in c and "over_length" in c.data:
+    _check(c.data.over_length in OVER_LENGTH_POLICIES, "data.over_length", c.data.over_length,
+           f"must be one of {OVER_LENGTH_POLICIES}")
 
   o = c.optim
   _check(o.name in ("adamw", "rmsprop"), "optim.name", o.name, "must be adamw or rmsprop")

@@ -109,6 +109,9 @@ class Experiment:
     parameters and the optimizer state is re-initialised (ProRL's reference reset; the
     schedule's count restarts with it); the train state counts the resets
     (``metrics["resets"]``). Needs snapshots.
+  host_fault() -> str or None: why a host function the step called (a ``module:function``
+    reward) failed in the last step, or None; the trainer stops with it in one line before that
+    step's state is saved (the function itself returns finite values, so no collective hangs).
   """
   roles: Mapping[str, bool]
   loss_fn: Callable[[dict, Batch, jax.Array], LossOutput]
@@ -121,6 +124,7 @@ class Experiment:
   updates_per_rollout: int = 1
   snapshots: Mapping[str, str] = dataclasses.field(default_factory=dict)
   reset: Callable[[jax.Array, dict], jax.Array] | None = None
+  host_fault: Callable[[], str | None] | None = None
 
   def __post_init__(self):
     if not self.roles or not any(self.roles.values()) and self.init_heads is None:

@@ -162,6 +162,10 @@ def check_resume_config(workdir: str, config) -> list[str]:
     return []
   old = paths.read_json(path)
   new = json.loads(config.to_json_best_effort())
+  was, now = _value(old, "method.name"), _value(new, "method.name")
+  if was is not None and was != now:
+    raise ConfigError(f"cannot resume {workdir}: it is a {was} run and config.method.name={now!r}; a run resumes "
+                      f"only with its own method (no resume_changes allows this): use a new --workdir")
   extra = tuple(config.get("resume_changes", ()))
   ok = lambda k: "*" in extra or any(k == p or k.startswith(p + ".") for p in RESUMABLE + extra)
   refused = [k for k in sorted(_diff(old, new, both=True)) if not ok(k)]

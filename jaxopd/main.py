@@ -116,7 +116,14 @@ def _one_line(msg: str) -> str:
 def _parse_flags(argv):
   """absl flag parsing, with config overrides' errors on one line (no traceback)."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    getattr(flags.FLAGS.config, "method", None)   # loaded lazily: here, so a missing module is one line
+    return rest
+  except OSError as e:   # ml_collections' "Failed loading config file ...", the OS's reason last
+    reason = str(e).strip().splitlines()[-1].strip()
+    known = sorted(n for n in os.listdir(experiments_dir()) if n.endswith(".py") and not n.startswith("_"))
+    print(f"error: --config: {reason} (the config modules: {', '.join(known)} in {experiments_dir()})",
+          file=sys.stderr)
   except flags.Error as e:
     print(f"error: {_one_line(str(e))}", file=sys.stderr)
   except (AttributeError, KeyError) as e:

@@ -159,8 +159,23 @@ def load(spec: str, tokenizer, probe_prompts: list[str], field: str = "config.me
     return out.astype(np.float32)
 
   call(list(probe_prompts), [""] * len(probe_prompts), "on a probe batch")
+  faults: list[str] = []
 
   def reward(tokens, loss_mask):
-    prompts, completions = decode(tokenizer, tokens, loss_mask)
-    return call(prompts, completions, "on sampled completions", finite=False)
+    """Inside a step (a host callback): a failure or a non-finite reward is recorded for
+    :attr:`reward.fault` and zeros are returned, so the step completes on every device."""
+    try:
+      prompts, completions = decode(tokenizer, tokens, loss_mask)
+      out = call(prompts, completions, "on sampled completions", finite=False)
+    except ConfigError as e:
+      faults.append(str(e))
+      return np.zeros((len(np.asarray(tokens)),), np.float32)
+    bad = ~np.isfinite(out)
+    if bad.any():
+      faults.append(f"{field}={spec!r}: returned {int(bad.sum())} non-finite rewards of {bad.size} "
+                    f"(e.g. {out[bad][0]}) on sampled completions")
+      out = np.where(bad, 0.0, out).astype(np.float32)
+    return out
+
+  reward.fault = lambda: faults[0] if faults else None
   return reward

@@ -542,13 +542,15 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
     step, dev_metrics, ntok = pending
     pending = None
     m = _host(dev_metrics)
-    if not m.pop("finite"):
+    fault = experiment.host_fault() if experiment.host_fault is not None else None
+    if fault or not m.pop("finite"):
       ckpt.wait()
       last = ckpt.latest_step()
+      why = (f"{fault}; this step is not saved" if fault else
+             f"non-finite loss={m['loss']} or grad_norm={m['grad_norm']}; the update was not applied")
       raise TrainingError(
-          f"step {step}: non-finite loss={m['loss']} or grad_norm={m['grad_norm']}; the update was "
-          f"not applied and the run stops. " + (f"Last good checkpoint: step {last} in {ckpt.directory}"
-                                               if last is not None else "No checkpoint was written before it"))
+          f"step {step}: {why} and the run stops. " + (f"Last good checkpoint: step {last} in {ckpt.directory}"
+                                                      if last is not None else "No checkpoint was written before it"))
     tokens_since += ntok
     summary["train"] = m
     if step % c.log_every == 0 or step == c.total_steps:

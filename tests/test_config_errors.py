@@ -79,9 +79,9 @@ def test_valid_config_resolves_mesh_and_batch():
   assert facts["mesh_shape"] == (2, 2, 2) and facts["dp"] == 4 and facts["local_batch"] == 8
 
 
-def _cli(*args, workdir):
+def _cli(*args, workdir, config="experiments/sft.py:smoke,sort"):
   env = dict(os.environ)
-  return subprocess.run([sys.executable, "-m", "jaxopd.main", "--config", "experiments/sft.py:smoke,sort",
+  return subprocess.run([sys.executable, "-m", "jaxopd.main", "--config", config,
                          "--workdir", str(workdir), *args], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=120)
 
@@ -98,9 +98,13 @@ def _cli(*args, workdir):
     ("--config.method.name=ppo", "config.method.name='ppo': must be one of ('sft', 'tdpo', "),
     ("--config.data.task=reviews --config.data.over_length=trunc",
      "config.data.over_length='trunc': must be one of ('truncate', 'drop')"),
+    ("--config.data.over_length=clip", "config.data.over_length='clip': must be one of ('truncate', 'drop')"),
+    ("--config=experiments/spt.py", "--config: [Errno 2] No such file or directory: 'experiments/spt.py' (the "
+                                    "config modules: aligndistil.py, "),
 ])
 def test_cli_reports_one_line_and_exits_2(arg, message, tmp_path):
-  p = _cli(*arg.split(), workdir=tmp_path / "w")
+  config = arg.split("=", 1)[1] if arg.startswith("--config=") else "experiments/sft.py:smoke,sort"
+  p = _cli(*([] if arg.startswith("--config=") else arg.split()), workdir=tmp_path / "w", config=config)
   assert p.returncode == 2, p.stderr[-2000:]
   errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and message in errors[0], p.stderr[-2000:]

@@ -30,6 +30,23 @@ def constant(prompts, completions):
   return [0.5] * len(completions)
 
 
+CALLS = [0]
+
+
+def nan_on_some(prompts, completions):
+  """Finite on the startup probe (empty completions), NaN for every 4th sampled completion."""
+  if not any(completions):
+    return [1.0] * len(completions)
+  return [float("nan") if i % 4 == 0 else 1.0 for i in range(len(completions))]
+
+
+def fails_at_step_2(prompts, completions):
+  CALLS[0] += 1
+  if CALLS[0] == 3:     # the probe, step 1, then step 2
+    raise KeyError("no answer for this prompt")
+  return [1.0] * len(completions)
+
+
 def first_half(prompts, completions):
   """1 for the first half of the completions, 0 for the rest: groups of a prompt-major batch of
   G rows per prompt are constant wherever a group falls in one half."""
@@ -294,6 +311,25 @@ def test_share_prompt_with_the_splash_kernel_is_a_one_line_error(tmp_path):
     grpo.build(c)
   c.method.share_prompt = False
   grpo._check(c)
+
+
+@pytest.mark.parametrize("fn,match", [
+    ("nan_on_some", r"step 1: config\.method\.reward='grpo_test_rewards:nan_on_some': returned 8 non-finite "
+                    r"rewards of 32 \(e\.g\. nan\) on sampled completions; this step is not saved and the run "
+                    r"stops\. No checkpoint was written before it"),
+    ("fails_at_step_2", r"step 2: config\.method\.reward='grpo_test_rewards:fails_at_step_2': on sampled "
+                        r"completions: KeyError: 'no answer for this prompt' .*; this step is not saved and the run "
+                        r"stops\. Last good checkpoint: step 1 in "),
+])
+def test_a_failing_or_non_finite_reward_function_stops_in_one_line(tmp_path, rewards_module, fn, match):
+  """On 8 devices the function runs in a host callback: it no longer raises there (which hung the
+  other devices' collectives, then aborted); the step completes, and the trainer stops naming the
+  function, the step, what went wrong and the last checkpoint, before that step is saved."""
+  c = _config(tmp_path, f"{rewards_module}:{fn}")
+  c.total_steps = 3
+  c.checkpoint.every = 1
+  with pytest.raises(train.TrainingError, match=match):
+    train.run(c, str(tmp_path / "run"), grpo.build(c))
 
 
 def test_reward_check_needs_the_digits_task(tmp_path):

@@ -269,6 +269,19 @@ def test_resume_refuses_changed_training_fields_unless_allowed(tmp_path):
   assert train.run(bad, w, SFT.build(bad))["step"] == 4
 
 
+def test_resume_with_another_method_is_refused_and_not_offered(tmp_path):
+  """A workdir of one method never resumes as another: the message offers no resume_changes, and
+  ``('*',)`` does not let it through."""
+  w = tmp_path / "w"
+  cfg = tiny_config(total_steps=1)
+  train.run(cfg, w, SFT.build(cfg))
+  other = tiny_config(total_steps=2, **{"method.name": "redi", "resume_changes": ("*",)})
+  with pytest.raises(ConfigError, match=rf"cannot resume {w}: it is a sft run and config\.method\.name='redi'; a "
+                                        rf"run resumes only with its own method \(no resume_changes allows this\)") as e:
+    logs.check_resume_config(str(w), other)
+  assert "--config.resume_changes=" not in str(e.value)
+
+
 def test_sft_with_packed_rows_trains(tmp_path, capsys):
   """config.method.pack: the sort task's examples packed several per row (printed with the fill);
   the loss falls; evaluation stays one example per row (the same eval records as unpacked)."""

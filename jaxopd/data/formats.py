@@ -34,6 +34,8 @@ from typing import Iterator
 
 import numpy as np
 
+OVER_LENGTH_POLICIES = ("truncate", "drop")   # examples longer than seq_len (config.data.over_length)
+
 FORMATS = ("preference", "prompt", "lm")
 POLICIES = ("truncate", "drop")
 KEYS = {"preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",),

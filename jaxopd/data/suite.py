@@ -124,9 +124,6 @@ def ensure(d: ml_collections.ConfigDict, verbose: bool = True) -> Suite:
                                            d.prompt_min_words, d.prompt_max_words)
   except ValueError as e:
     raise ConfigError(f"config.data: {e}") from None
-  if d.over_length not in tfds_builders.OVER_LENGTH_POLICIES:
-    raise ConfigError(f"config.data.over_length={d.over_length!r}: must be one of "
-                      f"{tfds_builders.OVER_LENGTH_POLICIES}")
   data_dir = os.path.abspath(d.data_dir)
   os.makedirs(data_dir, exist_ok=True)
   tfds.disable_progress_bar()     # our own one-line messages say what is built

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxopd.data import reviews
+from jaxopd.data.formats import OVER_LENGTH_POLICIES
 
 # Bump when reviews.py's grammar or these features change: the version is part
 # of the cache path, so stale data is never read as new.
@@ -257,7 +258,6 @@ class RecordStats(NamedTuple):
   unknown_tokens: int    # tokens that the tokenizer mapped to its unk id
 
 
-OVER_LENGTH_POLICIES = ("truncate", "drop")
 
 
 def _text(example: Mapping, key: str, i: int) -> str:

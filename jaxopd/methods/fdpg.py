@@ -591,8 +591,8 @@ def build(config) -> Experiment:
 
   loss_fn = make_loss_fn(m.divergence, on_policy=not m.offline, chunk=int(m.chunk))
   roles = {"policy": True, "base": False, **({"reward": False} if m.reward == rewards.MODEL else {})}
-  return Experiment(roles=roles, loss_fn=loss_fn,
-                    train_data=train_data, rollout=rollout, init_state=method_init, evaluate=make_evaluate(config, data, target))
+  return Experiment(roles=roles, loss_fn=loss_fn, train_data=train_data, rollout=rollout, init_state=method_init,
+                    evaluate=make_evaluate(config, data, target), host_fault=getattr(target.reward_fn, "fault", None))
 
 
 def make_evaluate(config, data: Data, target: Target):

@@ -439,7 +439,7 @@ def build(config) -> Experiment:
                            train_every=config.batch_size // m.train_groups if m.train_groups else 0),
       evaluate=evaluate, updates_per_rollout=mu,
       snapshots={"reference": "policy"} if uses_reference(m) else {},
-      reset=make_reset(m) if uses_reference(m) else None)
+      reset=make_reset(m) if uses_reference(m) else None, host_fault=getattr(host_fn, "fault", None))
 
 
 def report(config, workdir: str, summary: dict):
