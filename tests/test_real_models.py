@@ -16,6 +16,7 @@ from jaxopd import logs, train  # noqa: E402
 from jaxopd import methods  # noqa: E402
 from jaxopd.experiment import load_config  # noqa: E402
 from jaxopd.models import hf, table  # noqa: E402
+from jaxopd.errors import ConfigError  # noqa: E402
 
 EXP = {n: methods.get(n) for n in methods.NAMES}
 
@@ -324,3 +325,24 @@ def test_redi_with_shared_prompts_and_aligndistil_from_hf_dirs(families, files, 
   assert abs(losses[-1] - losses[0]) > 1e-4, losses
   rec = json.load(open(tmp_path / "aligndistil" / "models.json"))
   assert rec["rdpo"]["source"] == f"hf:{teachers['rdpo']}" and not rec["dpo"]["trainable"]
+
+
+def test_a_model_is_never_fed_another_vocabulary(families, files, tmp_path):
+  """An hf: policy on a task whose ids are its own (sort) or whose tokenizer is another (a
+  data.files.tokenizer of the same size as the model's but another vocabulary) is one line
+  before anything is built."""
+  c = _quiet(load_config("sft.py:smoke,sort"))
+  c.models.policy.init = f"hf:{families['llama']}"
+  with pytest.raises(ConfigError, match=rf"config\.models\.policy\.init='hf:{families['llama']}': the sort task "
+                                        rf"tokenizes with ids of its own than {families['llama']}'s tokenizer"):
+    EXP["sft"].build(c)
+  s = _quiet(load_config("sft.py"))
+  s.data.task = "files"
+  s.data.files.train = files["sft"]
+  s.data.files.tokenizer = families["llama"]
+  s.eval.num_prompts = 0
+  s.models.policy.init = f"hf:{families['qwen2']}"
+  assert len(hf.load_tokenizer(families["llama"])) == len(hf.load_tokenizer(families["qwen2"]))
+  with pytest.raises(ConfigError, match=rf"config\.data\.files\.tokenizer='{families['llama']}': its vocabulary "
+                                        rf"differs from the tokenizer of the model's hf: directory"):
+    EXP["sft"].build(s)

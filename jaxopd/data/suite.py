@@ -84,6 +84,12 @@ def file_records(d: ml_collections.ConfigDict, fmt: str, seq_len: int, max_promp
   if not os.path.isdir(tok_dir):
     raise ConfigError(f"config.data.files.tokenizer={tok_dir!r}: not a directory")
   tok = load_tokenizer(tok_dir)
+  if f.tokenizer and default_tokenizer and os.path.realpath(f.tokenizer) != os.path.realpath(default_tokenizer):
+    model_tok = load_tokenizer(default_tokenizer)
+    if model_tok.get_vocab() != tok.get_vocab():
+      raise ConfigError(f"config.data.files.tokenizer={f.tokenizer!r}: its vocabulary differs from the tokenizer of "
+                        f"the model's hf: directory {default_tokenizer}: the model would read another vocabulary's "
+                        f"ids (leave it empty to use the model's)")
   print(f"tokenizer: {tok_dir} (bos {tok.bos_token!r}, eos {tok.eos_token!r}, pad {tok.pad_token!r}, "
         f"{len(tok)} tokens)")
   schema = dict(ignore_keys=tuple(f.ignore_keys), allow_no_prompt=bool(f.allow_no_prompt))

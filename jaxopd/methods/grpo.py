@@ -400,6 +400,7 @@ def build(config) -> Experiment:
     from jaxopd.methods import tdpo
     suite = suite_lib.ensure(config.data, verbose=False)
     tok = suite.tokenizer
+    table.check_tokenizer(config, tok, "the reviews task")
     train_recs = suite_lib.prompt_records(suite, "train", config.rollout.prompt_len)
     host_fn = suite_lib.gold_reward_fn(suite) if m.reward == GOLD else None
     if config.eval.num_prompts:
@@ -407,6 +408,7 @@ def build(config) -> Experiment:
   else:
     suite = digits.ensure(config.data, verbose=False)
     tok = suite.tokenizer
+    table.check_tokenizer(config, tok, "the digits task")
     a_len = config.rollout.max_new_tokens - 1
     train_recs = digits.prompt_records(suite, "train", config.rollout.prompt_len, a_len)
     test_recs = digits.prompt_records(suite, "test", config.rollout.prompt_len, a_len)[:config.eval.num_prompts]

@@ -44,10 +44,12 @@ def build(config) -> Experiment:
   model_cfg = table.arch(config, "policy")
   evaluate = None
   if config.data.task == "sort":
+    table.check_tokenizer(config, None, "the sort task")
     train_records, eval_records = _sort_data(config, model_cfg.vocab_size)
     pad_id = toy.PAD
   elif config.data.task == "reviews":
     suite = suite_lib.ensure(config.data)
+    table.check_tokenizer(config, suite.tokenizer, "the reviews task")
     if len(suite.tokenizer) != model_cfg.vocab_size:
       raise ConfigError(f"config.model.vocab_size={model_cfg.vocab_size}: the reviews tokenizer has "
                         f"{len(suite.tokenizer)} tokens")
@@ -73,6 +75,7 @@ def build(config) -> Experiment:
       evaluate = sampled
   elif config.data.task == "digits":
     suite = digits.ensure(config.data)
+    table.check_tokenizer(config, suite.tokenizer, "the digits task")
     if len(suite.tokenizer) > model_cfg.vocab_size:
       raise ConfigError(f"config.model.vocab_size={model_cfg.vocab_size}: the digits tokenizer has "
                         f"{len(suite.tokenizer)} tokens")

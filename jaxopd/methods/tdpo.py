@@ -222,6 +222,7 @@ def pair_data(config):
                                                       default_tokenizer=table.tokenizer_dir(config))
     return train_recs, test_recs, None
   suite = suite_lib.ensure(config.data, verbose=False)
+  table.check_tokenizer(config, suite.tokenizer, "the reviews task")
   pc = prefs_config(config)
   train_recs, st = preferences.records(pc, "train", config.data.data_dir, suite.tokenizer, config.seq_len,
                                        config.data.over_length, config.prefs.prompt_len)
