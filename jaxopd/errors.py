@@ -12,6 +12,11 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the field."""
 
 
+class WeightFileError(ValueError):
+  """A weight file that is not what it claims (cut short, not safetensors, a tensor missing or of
+  another shape); the message names the file and the tensor."""
+
+
 class EnvironmentFault(Exception):
   """The machine, not the config: a full disk, a read-only or unwritable workdir, a path that is a file."""
 

@@ -40,7 +40,7 @@ def main(argv):
   from jaxopd import train
   from jaxopd import methods
   from jaxopd.data.formats import DataFormatError
-  from jaxopd.errors import EnvironmentFault, check_workdir, environment_fault
+  from jaxopd.errors import EnvironmentFault, WeightFileError, check_workdir, environment_fault
 
   config = flags.FLAGS.config
   try:
@@ -59,7 +59,8 @@ def main(argv):
     summary = train.run(config, workdir, experiment)
     if hasattr(module, "report") and not summary["preempted"]:
       module.report(config, workdir, summary)
-  except (config_lib.ConfigError, config_lib.mesh_lib.MeshError, DataFormatError, FileNotFoundError) as e:
+  except (config_lib.ConfigError, config_lib.mesh_lib.MeshError, DataFormatError, FileNotFoundError,
+          WeightFileError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except train.Interrupted as e:

@@ -4,6 +4,7 @@ TDPO and SparsePO by config fields alone (no jaxopd SFT stage), on 8 simulated d
 trained policy exports to a directory transformers loads with the same logits."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 pytest.importorskip("torch")
 
 import hf_fixtures  # noqa: E402
+from helpers import REPO  # noqa: E402
 from jaxopd import logs, train  # noqa: E402
 from jaxopd import methods  # noqa: E402
 from jaxopd.experiment import load_config  # noqa: E402
@@ -346,3 +348,34 @@ def test_a_model_is_never_fed_another_vocabulary(families, files, tmp_path):
   with pytest.raises(ConfigError, match=rf"config\.data\.files\.tokenizer='{families['llama']}': its vocabulary "
                                         rf"differs from the tokenizer of the model's hf: directory"):
     EXP["sft"].build(s)
+
+
+@pytest.mark.parametrize("damage", ["cut", "json"])
+def test_a_damaged_model_directory_is_one_line_from_the_cli(families, files, tmp_path, damage):
+  """A reference's model.safetensors cut short, or a policy's config.json with trailing garbage:
+  one line naming the file (exit 2), no traceback."""
+  import shutil
+  import subprocess
+  import sys
+  bad = str(tmp_path / "bad")
+  shutil.copytree(families["llama"], bad)
+  if damage == "cut":
+    path = f"{bad}/model.safetensors"
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+    roles = [f"--config.models.policy.init=hf:{families['llama']}", f"--config.models.reference.init=hf:{bad}"]
+    want = f"error: {path}: tensor "
+  else:
+    with open(f"{bad}/config.json", "a") as f:
+      f.write("garbage}")
+    roles = [f"--config.models.policy.init=hf:{bad}", f"--config.models.reference.init=hf:{families['llama']}"]
+    want = f"{bad}/config.json"   # read first by the tokenizer loader or by the model's config reader
+  p = subprocess.run([sys.executable, "-m", "jaxopd.main", "--config", "experiments/tdpo.py:dpo", "--workdir",
+                      str(tmp_path / "w"), *roles, "--config.data.task=files",
+                      f"--config.data.files.train={files['pairs']}", "--config.total_steps=1",
+                      "--config.optim.warmup_steps=0", "--config.batch_size=8", "--config.seq_len=64"],
+                     cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2, p.stderr[-3000:]
+  errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and (errors[0].startswith(want) or want in errors[0]), p.stderr[-3000:]
+  assert "Traceback" not in p.stderr

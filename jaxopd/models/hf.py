@@ -41,7 +41,7 @@ from flax import nnx
 from jaxopd import checkpoint as ckpt_lib
 from jaxopd import paths
 from jaxopd import mesh as mesh_lib
-from jaxopd.errors import ConfigError
+from jaxopd.errors import ConfigError, WeightFileError
 from jaxopd.models import safetensors_io as st_io
 from jaxopd.models.transformer import ModelConfig, Transformer
 
@@ -307,14 +307,14 @@ def _resolve(layout: dict[str, _Src], ignore: set[str], files: dict[str, str], l
     if name not in files:
       bare = name.split(".", 1)[1] if name.startswith(("transformer.", "model.")) else None
       if bare is None or bare not in files:
-        raise ValueError(f"{listing}: tensor {name!r} is missing (needed for jaxopd parameter {key})")
+        raise WeightFileError(f"{listing}: tensor {name!r} is missing (needed for jaxopd parameter {key})")
       name = bare
     out[key] = dataclasses.replace(src, name=name)
   used = {s.name for s in out.values()}
   known = used | ignore | {n.split(".", 1)[1] for n in ignore if "." in n}
   extra = sorted(set(files) - known)
   if extra:
-    raise ValueError(f"{listing}: unexpected tensor {extra[0]!r}" +
+    raise WeightFileError(f"{listing}: unexpected tensor {extra[0]!r}" +
                      (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "") + " for this config")
   return out
 
@@ -356,21 +356,21 @@ def load_params(hf_dir: str, abstract_params, model_cfg: ModelConfig | None = No
   handles = {}
   for key, sds in flat.items():
     if key not in srcs:
-      raise ValueError(f"{listing}: no HF tensor for jaxopd parameter {key!r} (is the target a {cfg.family} "
+      raise WeightFileError(f"{listing}: no HF tensor for jaxopd parameter {key!r} (is the target a {cfg.family} "
                        f"Transformer?)")
     src = srcs[key]
     path = files[src.name]
     if path not in handles:
       handles[path] = st_io.open_tensors(path)
     if src.name not in handles[path].keys():
-      raise ValueError(f"{listing}: tensor {src.name!r} is listed in {path}, which does not hold it")
+      raise WeightFileError(f"{listing}: tensor {src.name!r} is listed in {path}, which does not hold it")
     sl = handles[path][src.name]
     shape = tuple(sl.shape)
     if shape != src.shape:
-      raise ValueError(f"{path}: tensor {src.name!r} has shape {shape}, the config expects {src.shape} "
+      raise WeightFileError(f"{path}: tensor {src.name!r} has shape {shape}, the config expects {src.shape} "
                        f"(jaxopd parameter {key} {src.param_shape})")
     if tuple(sds.shape) != src.param_shape:
-      raise ValueError(f"{path}: tensor {src.name!r} gives {key} the shape {src.param_shape}, "
+      raise WeightFileError(f"{path}: tensor {src.name!r} gives {key} the shape {src.param_shape}, "
                        f"the target model has {tuple(sds.shape)}")
     cache = {}
 

@@ -18,6 +18,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from jaxopd.errors import WeightFileError
+
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
@@ -30,19 +32,19 @@ def read_header(path: str) -> tuple[dict, int]:
   with open(path, "rb") as f:
     head = f.read(8)
     if len(head) < 8:
-      raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+      raise WeightFileError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
     n = struct.unpack("<Q", head)[0]
     if n > size - 8:
-      raise ValueError(f"{path}: not a safetensors file (header length {n} exceeds the file, {size} bytes)")
+      raise WeightFileError(f"{path}: not a safetensors file (header length {n} exceeds the file, {size} bytes)")
     try:
       header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError):
-      raise ValueError(f"{path}: not a safetensors file (its header is not JSON)") from None
+      raise WeightFileError(f"{path}: not a safetensors file (its header is not JSON)") from None
   header.pop("__metadata__", None)
   for name, t in header.items():
     b, e = t["data_offsets"]
     if e > size - 8 - n:
-      raise ValueError(f"{path}: tensor {name!r} ends at byte {8 + n + e}, past the end of the file "
+      raise WeightFileError(f"{path}: tensor {name!r} ends at byte {8 + n + e}, past the end of the file "
                        f"({size} bytes): the file is truncated")
   return header, 8 + n
 
@@ -67,7 +69,7 @@ class Tensors:
   def __getitem__(self, name: str) -> np.ndarray:
     t = self.header[name]
     if t["dtype"] not in DTYPES:
-      raise ValueError(f"{self.path}: tensor {name!r} has dtype {t['dtype']}, which jaxopd does not read "
+      raise WeightFileError(f"{self.path}: tensor {name!r} has dtype {t['dtype']}, which jaxopd does not read "
                        f"(supported: {', '.join(DTYPES)})")
     b, e = t["data_offsets"]
     raw = self._map[self._start + b:self._start + e]
