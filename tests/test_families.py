@@ -210,3 +210,28 @@ def test_a_few_sgd_steps_lower_the_loss(ckpts, name):
     params = jax.tree.map(lambda p, d: p - 0.5 * d, params, g)
   print(f"{name}: NLL {losses}")
   assert losses[-1] < losses[0] - 0.05
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+def test_greedy_sampling_past_the_window_equals_transformers(ckpts, name):
+  """Greedy decoding of left-padded prompts past the sliding window (prompts 8 and 5 tokens, 10 new,
+  window 5): jaxopd's sampler, with a row per sample and with each prompt's cache shared by 2
+  rows (GRPO's layout), gives transformers' ``generate`` tokens."""
+  from jaxopd import sampling
+  model, _ = hf.load(ckpts[name]["float32"])
+  ref = ckpts[name]["torch"]
+  prompt, plen, n = TOKENS[:2, :8], np.array([8, 5]), 10
+  cfg = sampling.SamplingConfig(max_new_tokens=n, eos_id=127, pad_id=0, greedy=True)
+  graphdef, state = nnx.split(model)
+  run = jax.jit(lambda s, p, l, r: sampling.sample(nnx.merge(graphdef, s), p, l, jax.random.key(0), cfg, repeats=r),
+                static_argnums=3)
+  one = np.asarray(run(state, np.repeat(prompt, 2, 0), np.repeat(plen, 2), 1).tokens)
+  shared = np.asarray(run(state, prompt, plen, 2).tokens)
+  np.testing.assert_array_equal(shared, one)
+  left = np.stack([np.concatenate([np.zeros(8 - k, int), prompt[i, :k]]) for i, k in enumerate(plen)])
+  with torch.no_grad():
+    gen = ref.generate(torch.tensor(left), attention_mask=torch.tensor((left * 0 + (np.arange(8) >= 8 - plen[:, None]))
+                                                                        .astype(np.int64)),
+                       max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+  for i, k in enumerate(plen):
+    assert one[2 * i, k:k + n].tolist() == gen[i, 8:].tolist(), (name, i)

@@ -53,21 +53,29 @@ def test_the_converted_directory(smol, loaded):
   assert json.load(open(f"{smol}/config.json"))["dtype"] == "bfloat16"
 
 
-def test_logprobs_match_transformers_on_chat_text(loaded):
-  model, tok, ref = loaded
+def test_logprobs_match_transformers_on_chat_text(smol, loaded):
+  """jaxopd in float32 against transformers in float64 on the same bf16 weights: the log-probs of
+  the chat text's tokens within 1e-4 (measured 2.9e-5); over the whole vocabulary the largest
+  difference is at tokens of probability ~e^-27 and within 5e-4 (measured 1.2e-4; transformers'
+  own float32 forward is 6.5e-5 from its float64 one there)."""
+  model, tok, _ = loaded
+  ref = transformers.AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float64).eval()
   rows = [tok(_chat(tok, q, a))["input_ids"] for q, a in zip(QUESTIONS, ANSWERS)]
   t = max(map(len, rows))
   tokens = np.array([r + [tok.pad_token_id] * (t - len(r)) for r in rows])
   mask = np.array([[1] * len(r) + [0] * (t - len(r)) for r in rows])
   with torch.no_grad():
-    want = torch.log_softmax(ref(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.double(), -1).numpy()
+    want = torch.log_softmax(ref(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits, -1).numpy()
   graphdef, state = nnx.split(model)
   logits = jax.jit(lambda s, x, m: nnx.merge(graphdef, s)(x, attention_mask=m).logits)(state, tokens, mask)
   got = np.asarray(jax.nn.log_softmax(logits.astype(np.float32), -1), np.float64)
   valid = mask.astype(bool)
-  diff = np.abs(got - want)[valid].max()
-  print(f"SmolLM2 f32: max |log p diff| {diff:.2e} over {valid.sum()} chat tokens")
-  assert diff <= 1e-4
+  label = lambda lp: np.take_along_axis(lp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+  on_text = np.abs(label(got) - label(want))[valid[:, 1:]].max()
+  whole = np.abs(got - want)[valid].max()
+  print(f"SmolLM2 f32 vs transformers f64: max |log p diff| {on_text:.2e} on {valid[:, 1:].sum()} chat tokens, "
+        f"{whole:.2e} over the vocabulary")
+  assert on_text <= 1e-4 and whole <= 5e-4
 
 
 def test_greedy_sampler_equals_transformers_generate(loaded):
