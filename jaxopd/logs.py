@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any, Mapping
 
 import jax
@@ -46,8 +47,7 @@ class MetricLogger:
         paths.remove(self.path)
       for name in _event_files(tb_dir):
         paths.remove(paths.join(tb_dir, name))
-    from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(tb_dir)
+    self._tb = _Events(tb_dir)
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]):
     if not self.enabled:
@@ -57,11 +57,10 @@ class MetricLogger:
     if self._remote:
       self._lines.append(line)
     else:
-      with open(self.path, "a") as f:
-        f.write(line)
+      _append(self.path, line)
     for k, v in metrics.items():
       if isinstance(rec[k], float):
-        self._tb.add_scalar(f"{split}/{k}", rec[k], step)
+        self._tb.scalar(f"{split}/{k}", rec[k], step)
 
   def flush(self):
     """Writes buffered TensorBoard events (and, in cloud storage, metrics.jsonl): called with
@@ -75,6 +74,59 @@ class MetricLogger:
     self.flush()
     if self._tb is not None:
       self._tb.close()
+
+
+def _append(path: str, line: str) -> None:
+  """Appends ``line`` whole or not at all: a write the disk refuses is cut back off (no torn
+  record) and raised as an OSError naming ``path``."""
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  start = os.fstat(fd).st_size
+  try:
+    data = line.encode()
+    while data:
+      data = data[os.write(fd, data):]
+  except OSError as e:
+    os.ftruncate(fd, start)
+    raise OSError(e.errno, e.strerror, path) from None
+  finally:
+    os.close(fd)
+
+
+class _Events:
+  """TensorBoard scalars in an event file, written in this thread with tensorboardX's record
+  framing: a full disk fails the write that met it, naming the file (tensorboardX's writer thread
+  died on it with a traceback and left the run blocked on its full queue)."""
+
+  def __init__(self, tb_dir: str):
+    import socket
+    import time
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import RecordWriter
+    paths.makedirs(tb_dir)
+    self.path = paths.join(tb_dir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}")
+    self._writer = self._guard(RecordWriter, self.path)
+    self._record(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def _guard(self, fn, *args):
+    try:
+      return fn(*args)
+    except OSError as e:
+      raise OSError(e.errno, e.strerror, self.path) from None
+
+  def _record(self, event):
+    self._guard(self._writer.write, event.SerializeToString())
+
+  def scalar(self, tag: str, value: float, step: int):
+    import time
+    from tensorboardX.proto import event_pb2, summary_pb2
+    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=value)])
+    self._record(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+  def flush(self):
+    self._guard(self._writer.flush)
+
+  def close(self):
+    self._guard(self._writer.close)
 
 
 def truncate_after(path: str, step: int) -> int:

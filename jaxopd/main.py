@@ -77,7 +77,11 @@ def main(argv):
     sys.exit(4)
   except KeyboardInterrupt:   # Ctrl-C before the training loop (data, stages, compile); in it, it checkpoints
     print("interrupted (Ctrl-C) before the training loop; nothing of this run was saved", file=sys.stderr)
-    sys.exit(130)
+    # Leave without the interpreter's teardown: interrupted mid-compile, XLA's threads are still
+    # running, and tearing the runtime down under them segfaulted (exit 139 after this line).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
   except Exception as e:   # a full disk or a permission mid-run: one line, and what is left to resume from
     fault = environment_fault(e)
     if fault is None:

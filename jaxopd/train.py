@@ -527,6 +527,7 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
           + (f" ({' and '.join(dropped)} after it dropped)" if dropped else ""))
 
   start = int(jax.device_get(state["step"]))
+  step = start
   summary = {"step": start, "train": {}, "eval": {}, "preempted": "", "resumed_from": resumed_from}
   step_fn = None
   pending = None          # (step, device metrics, tokens, t_dispatch) of the last dispatched step
@@ -598,12 +599,17 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
                   flush=True)
           break
       flush()
-  except BaseException:   # a fault or signal mid-run: finish the checkpoint being written, so the last one is whole
+  except BaseException as e:   # a fault or signal mid-run: finish the checkpoint being written, so the last one is whole
     for close in (ckpt.close, logger.close):
       try:
         close()
-      except Exception:
+      except BaseException:    # (a second Ctrl-C may land in orbax's wait too)
         pass
+    if isinstance(e, KeyboardInterrupt):   # a second Ctrl-C in the loop: say what was saved
+      last = _latest_complete(ckpt)
+      raise Interrupted("SIGINT", f"interrupted (a second Ctrl-C) at step {step}; " + (
+          f"the latest complete checkpoint is step {last} in {ckpt.directory}: re-run the command to resume"
+          if last is not None else "no checkpoint of this run was complete: re-running starts afresh")) from None
     raise
   summary["step"] = int(jax.device_get(state["step"]))
   if start == c.total_steps:
@@ -617,6 +623,13 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
     bar.close()
   summary["state"], summary["frozen"], summary["trainer"] = state, frozen, trainer
   return summary
+
+
+def _latest_complete(ckpt):
+  """The newest step whose checkpoint directory is complete (orbax renames it to its number once
+  written), or None; read from the directory listing, which works whatever orbax's state."""
+  steps = [int(n) for n in paths.listdir(ckpt.directory) if n.isdigit()] if paths.exists(ckpt.directory) else []
+  return max(steps, default=None)
 
 
 def _restore_intact(ckpt, step, abstract_state, data_iter, main):

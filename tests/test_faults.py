@@ -99,6 +99,40 @@ def test_full_disk_stops_before_writing_and_the_run_resumes(tmp_path):
   assert "resumed from step 20 " in read("freed", "out") and "done: step 60" in read("freed", "out")
 
 
+@needs_mount
+def test_full_disk_while_logging_is_one_line_naming_the_file(tmp_path):
+  """The disk fills between checkpoints, while metrics.jsonl and the TensorBoard events are written
+  at every step: one line naming the log file and the latest checkpoint (exit 4), no writer-thread
+  traceback and no hang on its queue, metrics.jsonl whole records only; freed, the run resumes."""
+  import json
+  mnt = tmp_path / "disk"
+  mnt.mkdir()
+  cmd = lambda steps, extra: " ".join([sys.executable, "-m", "jaxopd.main", *ARGS, f"--config.total_steps={steps}",
+                                       *extra, "--workdir", str(mnt / "run")])
+  out = lambda name: f"> {tmp_path}/{name}.out 2> {tmp_path}/{name}.err; echo $? > {tmp_path}/{name}.rc"
+  logging = ["--config.checkpoint.every=0", "--config.log_every=1"]
+  script = "; ".join([
+      f"mount -t tmpfs -o size=8m tmpfs {mnt} || exit 99", f"{cmd(20, [])} {out('first')}",
+      f"avail=$(df -k --output=avail {mnt} | tail -1)",
+      f"dd if=/dev/zero of={mnt}/filler bs=1k count=$((avail - 12)) 2>/dev/null",
+      f"timeout 240 {cmd(600, logging)} {out('full')}", f"cp {mnt}/run/metrics.jsonl {tmp_path}/metrics.jsonl",
+      f"rm {mnt}/filler", f"{cmd(60, [])} {out('freed')}"])
+  p = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+  read = lambda name, ext: (tmp_path / f"{name}.{ext}").read_text()
+  assert read("first", "rc").strip() == "0", read("first", "err")[-2000:]
+  assert read("full", "rc").strip() == "4", read("full", "err")[-3000:]
+  errors = [l for l in read("full", "err").splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and re.fullmatch(
+      rf"error: {mnt}/run/(tb/events\.out\.tfevents\.\S+|metrics\.jsonl): No space left on device\. The latest "
+      rf"complete checkpoint is step 20: re-run the command to resume once fixed .*", errors[0]), errors
+  assert "Traceback" not in read("full", "err")
+  lines = read("metrics", "jsonl").splitlines()
+  assert len(lines) > 20 and all(json.loads(l)["step"] > 0 for l in lines)   # every record whole
+  assert read("freed", "rc").strip() == "0", read("freed", "err")[-3000:]
+  assert "resumed from step 20 " in read("freed", "out") and "done: step 60" in read("freed", "out")
+
+
 def test_fault_found_in_orbax_and_os_errors():
   ts = ValueError('RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/10.orbax-checkpoint-tmp/_sharding": '
                   "Failed to write 12281 bytes to file 8: No space left on device [os_error_code='28']")
@@ -161,3 +195,22 @@ def test_reading_another_runs_parameters_logs_no_orbax_warnings(tmp_path, caplog
     assert ckpt_lib.latest_step(str(tmp_path)) == 3
   assert step == 3 and (params["w"] == w).all()
   assert [r.getMessage() for r in caplog.records] == []
+
+
+def test_ctrl_c_during_init_and_compile_is_one_line_without_a_crash(tmp_path):
+  """Ctrl-C a second after the model table is printed (building the state, compiling): one line,
+  exit 130; the interpreter's teardown under XLA's running threads segfaulted here (exit 139)."""
+  import signal
+  import time
+  p = subprocess.Popen([sys.executable, "-m", "jaxopd.main", *ARGS, "--workdir", str(tmp_path / "w")], cwd=REPO,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in p.stdout:
+    if line.startswith("models:"):
+      break
+  time.sleep(1.0)
+  p.send_signal(signal.SIGINT)
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 130, err[-2000:]
+  assert "Fatal Python error" not in err and "Traceback" not in err, err[-2000:]
+  assert [l for l in err.splitlines() if l.strip()][-1] == ("interrupted (Ctrl-C) before the training loop; nothing "
+                                                            "of this run was saved")

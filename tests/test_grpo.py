@@ -292,6 +292,7 @@ def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, rewards_
     ({"distill": "reverse_kl", "lambda_d": 1.0}, r"config\.models\.teacher\.init='none'"),
     ({"distill": "rkl"}, r"config\.method\.distill='rkl': must be"),
     ({"aggregation": "mean"}, r"config\.method\.aggregation='mean': must be one of"),
+    ({"ratio_level": "seq"}, r"config\.method\.ratio_level='seq': must be one of \('token', 'sequence'\)"),
     ({"group_size": 1}, r"config\.method\.group_size=1: must be >= 2"),
     ({"train_groups": 3}, r"config\.method\.train_groups=3: must divide batch_size=8"),
     ({"updates_per_rollout": 3}, r"config\.method\.updates_per_rollout=3: the rollout's 32 rows"),

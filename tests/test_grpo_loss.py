@@ -272,3 +272,49 @@ def test_pass_at_k_matches_enumeration():
     prod = 1.0 - np.prod([1 - k / i for i in range(n - c + 1, n + 1)])  # Chen et al. 2021, numerically stable form
     np.testing.assert_allclose(pass_at_k(n, c, k), prod if n - c >= k else 1.0, rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(pass_at_k(200, 13, 1), 13 / 200, rtol=1e-12)
+
+
+def np_gspo(lp, lp_old, adv, mask, eps_low, eps_high, agg, max_len, rw):
+  """float64 GSPO (TRL's ``importance_sampling_level="sequence"``): per response the ratio
+  ``s = exp(sum_t m (lp - lp_old) / max(sum_t m, 1))``; every token's loss is
+  ``-min(s A, clip(s) A)``. Returns (loss_sum, count, d(loss_sum/count)/d lp)."""
+  lp, lp_old, a, raw, rw = _f64(lp), _f64(lp_old), _f64(adv), _f64(mask), _f64(rw)
+  n = np.maximum(raw.sum(1), 1.0)
+  s = np.exp(((lp - lp_old) * raw).sum(1) / n)
+  pg = -np.minimum(s * a, np.clip(s, 1 - eps_low, 1 + eps_high) * a)
+  clipped = ((a < 0) & (s < 1 - eps_low)) | ((a > 0) & (s > 1 + eps_high))
+  dpg_ds = np.where(clipped, 0.0, -a)
+  m = raw * rw[:, None]
+  if agg == "token_mean":
+    count, w = m.sum(), m
+  elif agg == "seq_mean_token_mean":
+    k = m.sum(1)
+    count, w = float((k > 0).sum()), m / np.maximum(k, 1)[:, None]
+  else:
+    count, w = float((rw > 0).sum() * (max_len or lp.shape[1])), m
+  loss_sum = (w * pg[:, None]).sum()
+  grad = (w.sum(1) * dpg_ds * s / n)[:, None] * raw       # d s / d lp_t = s m_t / n
+  return loss_sum, count, grad / count
+
+
+@pytest.mark.parametrize("agg", G.AGGREGATIONS)
+def test_gspo_sequence_ratio_value_and_gradient(agg):
+  """The sequence-level ratio against NumPy float64, rows on both sides of the clip range; at
+  lp = lp_old it is the token-level loss (both ratios 1)."""
+  lp, lp_old, _, mask, adv, rw = _batch(seed=3)
+  shift = np.array([0.5, -0.5, 0.05, 0.0, -0.4, 0.1, 0.45, -0.03], np.float32)   # per response
+  lp = (lp_old + shift[:, None] + 0.05 * np.random.default_rng(1).normal(size=lp.shape)).astype(np.float32)
+  want_sum, want_count, want_g = np_gspo(lp, lp_old, adv, mask, EPS_LOW, EPS_HIGH, agg, None, rw)
+  f = lambda x: G.policy_loss(x, lp_old, adv, mask, EPS_LOW, EPS_HIGH, aggregation=agg, row_weight=rw,
+                              ratio_level="sequence")
+  s, c, mets = f(jnp.asarray(lp))
+  np.testing.assert_allclose(float(c), want_count, rtol=1e-6)
+  np.testing.assert_allclose(float(s) / float(c), want_sum / want_count, rtol=RTOL, atol=ATOL)
+  assert float(mets["clip_ratio/low"][0]) > 0 and float(mets["clip_ratio/high"][0]) > 0
+  g = np.asarray(jax.grad(lambda x: (lambda s, c, _: s / c)(*f(x)))(jnp.asarray(lp)))
+  np.testing.assert_allclose(g, want_g, rtol=RTOL, atol=ATOL)
+  same = [G.policy_loss(jnp.asarray(lp_old), lp_old, adv, mask, EPS_LOW, EPS_HIGH, aggregation=agg, row_weight=rw,
+                        ratio_level=level)[0] for level in G.RATIO_LEVELS]
+  assert float(same[0]) == float(same[1])
+  with pytest.raises(ValueError, match="config.method.ratio_level='seq'"):
+    G.policy_loss(jnp.asarray(lp), lp_old, adv, mask, EPS_LOW, EPS_HIGH, ratio_level="seq")

@@ -328,3 +328,21 @@ def test_an_eval_set_smaller_than_one_batch_is_a_config_error_before_anything_co
   cfg.data.task, cfg.data.files.eval = "files", "pairs_eval.jsonl"    # a user's file is named
   with pytest.raises(ConfigError, match=r"^config.data.files.eval='pairs_eval.jsonl': dataset of 3 records"):
     train.run(cfg, tmp_path / "r2", exp)
+
+
+def test_a_second_ctrl_c_during_a_checkpoint_says_what_was_saved(tmp_path, monkeypatch):
+  """Python raises KeyboardInterrupt where a second Ctrl-C lands; in the checkpoint of step 4 (after
+  step 2's completed) the run stops with Interrupted naming step 2 as the latest complete checkpoint,
+  not "nothing of this run was saved"."""
+  cfg = tiny_config(total_steps=6)
+  cfg.checkpoint.every = 2
+  save = ckpt_lib.Checkpointer.save
+
+  def interrupted_at_4(self, state, *a, **kw):
+    if int(jax.device_get(state["step"])) == 4:
+      raise KeyboardInterrupt
+    return save(self, state, *a, **kw)
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "save", interrupted_at_4)
+  with pytest.raises(train.Interrupted, match=rf"interrupted \(a second Ctrl-C\) at step 4; the latest complete "
+                                              rf"checkpoint is step 2 in {tmp_path / 'w'}/checkpoints: re-run"):
+    train.run(cfg, tmp_path / "w", SFT.build(cfg))

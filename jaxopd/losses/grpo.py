@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from jaxopd.losses.divergences import _kl
 
 ADVANTAGES = ("grpo", "dr_grpo")
+RATIO_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "dr_grpo")
 DISTILL = ("reverse_kl", "forward_kl", "hard_ce")
@@ -106,15 +107,25 @@ def aggregate(values: jax.Array, m: jax.Array, mode: str, max_len: int, rows: ja
 
 
 def policy_loss(lp, lp_old, adv, mask, eps_low: float, eps_high: float, beta_kl: float = 0.0, lp_ref=None,
-                kl: str = "k3", aggregation: str = "token_mean", max_len: int | None = None, row_weight=None):
+                kl: str = "k3", aggregation: str = "token_mean", max_len: int | None = None, row_weight=None,
+                ratio_level: str = "token"):
   """``(loss_sum, count, metrics)`` of the clipped surrogate plus ``beta_kl`` times the KL
-  estimator; ``metrics``: name -> ``(sum, count)`` token means over the kept tokens."""
+  estimator; ``metrics``: name -> ``(sum, count)`` token means over the kept tokens.
+  ``ratio_level="sequence"`` (GSPO; TRL's ``importance_sampling_level="sequence"``): every token
+  of a response takes its sequence's ratio ``exp(mean_t (lp_t - lp_old_t))``, clipped as one."""
   lp = lp.astype(jnp.float32)
   lp_old = jax.lax.stop_gradient(lp_old.astype(jnp.float32))
   rows = jnp.ones(lp.shape[:1], jnp.float32) if row_weight is None else row_weight.astype(jnp.float32)
   m = mask.astype(jnp.float32) * rows[:, None]
   a = adv.astype(jnp.float32)[:, None]
-  rho = jnp.exp(lp - lp_old)
+  if ratio_level == "token":
+    rho = jnp.exp(lp - lp_old)
+  elif ratio_level == "sequence":
+    raw = mask.astype(jnp.float32)
+    log_rho = jnp.sum((lp - lp_old) * raw, axis=-1) / jnp.maximum(jnp.sum(raw, axis=-1), 1.0)
+    rho = jnp.broadcast_to(jnp.exp(log_rho)[:, None], lp.shape)
+  else:
+    raise ValueError(f"config.method.ratio_level={ratio_level!r}: must be one of {RATIO_LEVELS}")
   clipped = jnp.clip(rho, 1.0 - eps_low, 1.0 + eps_high)
   l = -jnp.minimum(rho * a, clipped * a)
   low = ((a < 0) & (rho < 1.0 - eps_low)).astype(jnp.float32)

@@ -62,7 +62,7 @@ from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled, heldout_nll, pass_at_k, to_host
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.models import heads
-from jaxopd.losses.grpo import (ADVANTAGES, AGGREGATIONS, DISTILL, KL_ESTIMATORS, SCHEDULES, aggregate,
+from jaxopd.losses.grpo import (ADVANTAGES, AGGREGATIONS, DISTILL, KL_ESTIMATORS, RATIO_LEVELS, SCHEDULES, aggregate,
                                 distill_per_token, distill_weight, group_advantages, group_std, kept_groups,
                                 policy_loss)
 from jaxopd.models import table
@@ -193,7 +193,7 @@ def make_loss_fn(m, max_len: int, check_reward: bool, group: int = 1):
     lp_ref = sampled_logprobs(models["reference"], batch, width, m.chunk, group) if with_ref else None
     lp_old = batch["lp_old"] if "lp_old" in batch else jax.lax.stop_gradient(lp)
     pg_sum, count, metrics = policy_loss(lp, lp_old, batch["adv"], msk, m.eps_low, m.eps_high, m.beta_kl, lp_ref,
-                                         m.kl, m.aggregation, max_len, w)
+                                         m.kl, m.aggregation, max_len, w, m.ratio_level)
     total = pg_sum if m.pg else jnp.float32(0.0)
     if teacher:
       d = terms["distill"]
@@ -236,7 +236,7 @@ def make_reset(m):
 def _check(c):
   m = c.method
   for f, allowed in (("advantage", ADVANTAGES), ("kl", KL_ESTIMATORS), ("aggregation", AGGREGATIONS),
-                     ("distill_schedule", SCHEDULES)):
+                     ("distill_schedule", SCHEDULES), ("ratio_level", RATIO_LEVELS)):
     if m[f] not in allowed:
       raise ConfigError(f"config.method.{f}={m[f]!r}: must be one of {allowed}")
   if m.distill and m.distill not in DISTILL:
