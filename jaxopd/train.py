@@ -599,7 +599,7 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
                   flush=True)
           break
       flush()
-  except BaseException as e:   # a fault or signal mid-run: finish the checkpoint being written, so the last one is whole
+  except BaseException as e:   # a fault or signal mid-run: finish the checkpoint being written (the last one whole)
     for close in (ckpt.close, logger.close):
       try:
         close()

@@ -65,6 +65,30 @@ def test_read_only_workdir_is_one_line(tmp_path):
   assert "Traceback" not in p.stderr
 
 
+def _fill_the_disk(tmp_path, free_kb: int, full_run: tuple, keep: str):
+  """On a private 8 MiB tmpfs: a 20-step run (checkpoints 10, 20); the disk filled to ``free_kb`` free;
+  the run continued as ``full_run = (steps, extra flags)``; ``keep`` (a shell command, ``{mnt}``
+  filled in) saves what the test reads; the filler removed and the run continued to 60 steps. Asserts
+  the first run ends 0 and the full one 4; returns ``(mnt, read(name, ext))`` of the runs' output."""
+  mnt = tmp_path / "disk"
+  mnt.mkdir()
+  cmd = lambda steps, extra=(): " ".join([sys.executable, "-m", "jaxopd.main", *ARGS, f"--config.total_steps={steps}",
+                                          *extra, "--workdir", str(mnt / "run")])
+  out = lambda name: f"> {tmp_path}/{name}.out 2> {tmp_path}/{name}.err; echo $? > {tmp_path}/{name}.rc"
+  script = "; ".join([
+      f"mount -t tmpfs -o size=8m tmpfs {mnt} || exit 99", f"{cmd(20)} {out('first')}",
+      f"avail=$(df -k --output=avail {mnt} | tail -1)",
+      f"dd if=/dev/zero of={mnt}/filler bs=1k count=$((avail - {free_kb})) 2>/dev/null",
+      f"timeout 240 {cmd(*full_run)} {out('full')}", keep.format(mnt=mnt), f"rm {mnt}/filler",
+      f"{cmd(60)} {out('freed')}"])
+  p = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+  read = lambda name, ext: (tmp_path / f"{name}.{ext}").read_text()
+  assert read("first", "rc").strip() == "0", read("first", "err")[-2000:]
+  assert read("full", "rc").strip() == "4", read("full", "err")[-3000:]
+  return mnt, read
+
+
 @needs_mount
 def test_full_disk_stops_before_writing_and_the_run_resumes(tmp_path):
   """On a private tmpfs: a 20-step run writes checkpoints 10 and 20; the disk is then filled to 300 KiB
@@ -72,22 +96,8 @@ def test_full_disk_stops_before_writing_and_the_run_resumes(tmp_path):
   a byte (the check asks for the state's bytes + 5% + 256 KiB, about 0.6 MiB), in one line naming it
   and the latest complete one (exit 4). With the filler removed, the same command resumes from 20 and
   finishes."""
-  mnt = tmp_path / "disk"
-  mnt.mkdir()
-  cmd = lambda steps: " ".join([sys.executable, "-m", "jaxopd.main", *ARGS, f"--config.total_steps={steps}",
-                                "--workdir", str(mnt / "run")])
-  out = lambda name: f"> {tmp_path}/{name}.out 2> {tmp_path}/{name}.err; echo $? > {tmp_path}/{name}.rc"
-  script = "; ".join([
-      f"mount -t tmpfs -o size=8m tmpfs {mnt} || exit 99", f"{cmd(20)} {out('first')}",
-      f"avail=$(df -k --output=avail {mnt} | tail -1)",
-      f"dd if=/dev/zero of={mnt}/filler bs=1k count=$((avail - 300)) 2>/dev/null",
-      f"{cmd(60)} {out('full')}", f"ls {mnt}/run/checkpoints > {tmp_path}/ckpts.txt",
-      f"rm {mnt}/filler", f"{cmd(60)} {out('freed')}"])
-  p = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert p.returncode == 0, p.stderr[-2000:]
-  read = lambda name, ext: (tmp_path / f"{name}.{ext}").read_text()
-  assert read("first", "rc").strip() == "0", read("first", "err")[-2000:]
-  assert read("full", "rc").strip() == "4", read("full", "err")[-3000:]
+  mnt, read = _fill_the_disk(tmp_path, free_kb=300, full_run=(60, []),
+                             keep=f"ls {{mnt}}/run/checkpoints > {tmp_path}/ckpts.txt")
   errors = [l for l in read("full", "err").splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and re.fullmatch(
       rf"error: {mnt}/run/checkpoints: no space left for checkpoint step 30 \(needs about .* MiB, .* MiB free\); "
@@ -105,23 +115,9 @@ def test_full_disk_while_logging_is_one_line_naming_the_file(tmp_path):
   at every step: one line naming the log file and the latest checkpoint (exit 4), no writer-thread
   traceback and no hang on its queue, metrics.jsonl whole records only; freed, the run resumes."""
   import json
-  mnt = tmp_path / "disk"
-  mnt.mkdir()
-  cmd = lambda steps, extra: " ".join([sys.executable, "-m", "jaxopd.main", *ARGS, f"--config.total_steps={steps}",
-                                       *extra, "--workdir", str(mnt / "run")])
-  out = lambda name: f"> {tmp_path}/{name}.out 2> {tmp_path}/{name}.err; echo $? > {tmp_path}/{name}.rc"
   logging = ["--config.checkpoint.every=0", "--config.log_every=1"]
-  script = "; ".join([
-      f"mount -t tmpfs -o size=8m tmpfs {mnt} || exit 99", f"{cmd(20, [])} {out('first')}",
-      f"avail=$(df -k --output=avail {mnt} | tail -1)",
-      f"dd if=/dev/zero of={mnt}/filler bs=1k count=$((avail - 12)) 2>/dev/null",
-      f"timeout 240 {cmd(600, logging)} {out('full')}", f"cp {mnt}/run/metrics.jsonl {tmp_path}/metrics.jsonl",
-      f"rm {mnt}/filler", f"{cmd(60, [])} {out('freed')}"])
-  p = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert p.returncode == 0, p.stderr[-2000:]
-  read = lambda name, ext: (tmp_path / f"{name}.{ext}").read_text()
-  assert read("first", "rc").strip() == "0", read("first", "err")[-2000:]
-  assert read("full", "rc").strip() == "4", read("full", "err")[-3000:]
+  mnt, read = _fill_the_disk(tmp_path, free_kb=12, full_run=(600, logging),
+                             keep=f"cp {{mnt}}/run/metrics.jsonl {tmp_path}/metrics.jsonl")
   errors = [l for l in read("full", "err").splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and re.fullmatch(
       rf"error: {mnt}/run/(tb/events\.out\.tfevents\.\S+|metrics\.jsonl): No space left on device\. The latest "

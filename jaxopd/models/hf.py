@@ -14,8 +14,8 @@ only; the model is always jaxopd's.
 * :func:`export`: ``config.json`` + ``model.safetensors`` that
   ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
-A reward model (``architectures``: ``*ForSequenceClassification`` with one label) loads as a Transformer with ``head="score"``: HF's bias-free
-``score`` layer in place of the LM head.
+A reward model (``architectures``: ``*ForSequenceClassification`` with one label) loads as a
+Transformer with ``head="score"``: HF's bias-free ``score`` layer in place of the LM head.
 
 CLI: ``python -m jaxopd.models.hf export --workdir runs/X --model policy --out DIR``
 (the latest checkpoint of a run). A run starts a model from an HF directory with
@@ -451,7 +451,8 @@ def hf_config(cfg: ModelConfig, tokenizer=None):
     kw["sliding_window"] = cfg.sliding_window or None
   if mt in GEMMA:
     scalar = cfg.query_scalar or cfg.head_dim
-    kw.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar, attn_logit_softcapping=cfg.attn_softcap or None,
+    kw.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+              attn_logit_softcapping=cfg.attn_softcap or None,
               final_logit_softcapping=cfg.logit_softcap or None)
   if mt == "gemma3_text":
     local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}

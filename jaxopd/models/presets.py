@@ -3,7 +3,8 @@
 ``PRESETS[name]`` is a :class:`ModelConfig` with the architecture of the named
 model, its fields taken from the model's Hugging Face ``config.json``
 (sizes, heads, vocabulary, tied embeddings, rotary base and scaling, norms, q/k norm,
-sliding windows: what :func:`jaxopd.models.hf.config_from_hf` reads). Weights are random: these are shapes, not checkpoints
+sliding windows: what :func:`jaxopd.models.hf.config_from_hf` reads). Weights are random: these
+are shapes, not checkpoints
 (a real checkpoint is ``init="hf:DIR"``, whose ``config.json`` gives the same fields).
 """
 

@@ -467,9 +467,9 @@ def check_tokenizer(config, tok, data_name: str) -> None:
     theirs = hf.load_tokenizer(path) if path else None
     if theirs is not None and (tok is None or theirs.get_vocab() != tok.get_vocab()):
       raise ConfigError(f"config.models.{name}.init={init!r}: {data_name} tokenizes with "
-                        f"{'ids of its own' if tok is None else 'another vocabulary'} than {path}'s tokenizer: the model "
-                        f"would read another vocabulary's ids (your data: config.data.task=files, whose tokenizer "
-                        f"defaults to the model's)")
+                        f"{'ids of its own' if tok is None else 'another vocabulary'} than {path}'s tokenizer: "
+                        f"the model would read another vocabulary's ids (your data: config.data.task=files, whose "
+                        f"tokenizer defaults to the model's)")
 
 
 def tokenizer_dir(config, name: str = "policy") -> str:
