@@ -182,6 +182,7 @@ def build(config) -> Experiment:
   else:
     suite = suite_lib.ensure(config.data, verbose=False)
     tok = suite.tokenizer
+    table.check_tokenizer(config, tok, "the reviews task")
     pairs, eval_recs, evaluate = tdpo.pair_data(config)
     train_recs = (suite_lib.prompt_records(suite, "train", config.rollout.prompt_len) if m.data == "on_policy"
                   else pairs)

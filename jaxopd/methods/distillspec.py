@@ -276,6 +276,7 @@ def load_data(config) -> Data:
       plen = np.stack([r["prompt_len"] for r in eval_recs])
     return Data(tok, train_recs, None, prompt, plen, None)
   suite = suite_lib.ensure(config.data, verbose=False)
+  table.check_tokenizer(config, suite.tokenizer, "the reviews task")
   prompt, plen = _eval_prompts(suite, config)
   return Data(suite.tokenizer, _records(suite, config, "train", "train"),
               _records(suite, config, "validation", "test", verbose=False), prompt, plen,

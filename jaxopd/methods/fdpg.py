@@ -376,6 +376,7 @@ class Data(NamedTuple):
 def load_data(config, verbose: bool = False) -> Data:
   if config.data.task != "files":
     suite = suite_lib.ensure(config.data, verbose=verbose)
+    table.check_tokenizer(config, suite.tokenizer, "the reviews task")
     return Data(suite.tokenizer, suite, None)
   default = table.tokenizer_dir(config, "policy") or table.tokenizer_dir(config, "base")
   tok, train, test = suite_lib.file_records(config.data, "prompt", config.seq_len,

@@ -178,6 +178,7 @@ def _same_traces(stage_dir: str, traces_dir: str):
 def _digits_data(config):
   from jaxopd.methods import grpo
   suite = digits.ensure(config.data, verbose=False)
+  table.check_tokenizer(config, suite.tokenizer, "the digits task")
   lines = traces.load(config.traces.workdir)
   train_recs = traces.pair_records(lines, suite.tokenizer, config.seq_len, int(config.traces.pairs_per_prompt))
   print(f"trace pairs: {len(train_recs)} (positive, negative) pairs from {config.traces.workdir}")

@@ -322,6 +322,7 @@ def build(config) -> Experiment:
                                                       default_tokenizer=table.tokenizer_dir(config))
   else:
     suite = suite_lib.ensure(config.data, verbose=False)
+    table.check_tokenizer(config, suite.tokenizer, "the reviews task")
     pc = tdpo.prefs_config(config)
     train_recs, st = preferences.records(pc, "train", config.data.data_dir, suite.tokenizer, config.seq_len,
                                          config.data.over_length, config.prefs.prompt_len)
