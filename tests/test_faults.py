@@ -194,19 +194,23 @@ def test_reading_another_runs_parameters_logs_no_orbax_warnings(tmp_path, caplog
 
 
 def test_ctrl_c_during_init_and_compile_is_one_line_without_a_crash(tmp_path):
-  """Ctrl-C a second after the model table is printed (building the state, compiling): one line,
-  exit 130; the interpreter's teardown under XLA's running threads segfaulted here (exit 139)."""
+  """Ctrl-C half a second after the model table is printed (building the state, compiling; the
+  persistent compilation cache off, so the compile takes seconds): one line, exit 130; the
+  interpreter's teardown under XLA's running threads segfaulted here (exit 139). Should a loaded
+  machine reach the loop first, the loop's own Ctrl-C path must be as clean."""
   import signal
   import time
+  env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
   p = subprocess.Popen([sys.executable, "-m", "jaxopd.main", *ARGS, "--workdir", str(tmp_path / "w")], cwd=REPO,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
   for line in p.stdout:
     if line.startswith("models:"):
       break
-  time.sleep(1.0)
+  time.sleep(0.5)
   p.send_signal(signal.SIGINT)
-  _, err = p.communicate(timeout=120)
+  out, err = p.communicate(timeout=120)
   assert p.returncode == 130, err[-2000:]
   assert "Fatal Python error" not in err and "Traceback" not in err, err[-2000:]
-  assert [l for l in err.splitlines() if l.strip()][-1] == ("interrupted (Ctrl-C) before the training loop; nothing "
-                                                            "of this run was saved")
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert lines[-1:] == ["interrupted (Ctrl-C) before the training loop; nothing of this run was saved"] or (
+      not lines and "SIGINT: checkpoint saved at step" in out), (out[-1000:], err[-1000:])
