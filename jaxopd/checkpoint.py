@@ -83,6 +83,14 @@ def _reader(directory: str, **kwargs) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True), **kwargs)
 
 
+def latest_complete(directory: str) -> int | None:
+  """The newest step under a checkpoints ``directory`` that was written whole, by its directory
+  name (orbax renames a step's directory to its number once written): readable whatever state
+  orbax is in (interrupted, or on a full disk); None when there is none."""
+  steps = [int(n) for n in paths.listdir(directory) if n.isdigit()] if paths.exists(directory) else []
+  return max(steps, default=None)
+
+
 def latest_step(workdir: str) -> int | None:
   """The latest checkpoint step of run ``workdir``; None, creating nothing, when it has none."""
   directory = os.path.join(workdir, "checkpoints")

@@ -1,6 +1,6 @@
 """Evaluation helpers shared by the methods.
 
-Speculative-decoding quantities follow METHODS.md: per-position acceptance
+Speculative-decoding quantities follow the DistillSpec paper: per-position acceptance
 ``beta = sum_v min(p, q) = 1 - TVD(p, q)`` under speculative sampling and
 ``1[argmax p == argmax q]`` under greedy decoding; ``alpha = E[beta]`` over
 draft-generated prefixes; block efficiency ``tau = (1 - alpha^(gamma+1)) /

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Any, Mapping
 
 import jax
@@ -99,9 +100,9 @@ class _Events:
 
   def __init__(self, tb_dir: str):
     import socket
-    import time
-    from tensorboardX.proto import event_pb2
+    from tensorboardX.proto import event_pb2, summary_pb2
     from tensorboardX.record_writer import RecordWriter
+    self._pb = event_pb2, summary_pb2
     paths.makedirs(tb_dir)
     self.path = paths.join(tb_dir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}")
     self._writer = self._guard(RecordWriter, self.path)
@@ -117,8 +118,7 @@ class _Events:
     self._guard(self._writer.write, event.SerializeToString())
 
   def scalar(self, tag: str, value: float, step: int):
-    import time
-    from tensorboardX.proto import event_pb2, summary_pb2
+    event_pb2, summary_pb2 = self._pb
     summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=value)])
     self._record(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 

@@ -86,11 +86,9 @@ def main(argv):
     fault = environment_fault(e)
     if fault is None:
       raise
-    # The latest complete step by its directory name (orbax renames a step's directory to its
-    # number once written; reading it through orbax on a full disk can fail too).
+    from jaxopd import checkpoint as ckpt_lib
     workdir = paths.resolve(flags.FLAGS.workdir)
-    steps = [int(n) for n in paths.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
-    last = max(steps, default=None)
+    last = ckpt_lib.latest_complete(os.path.join(workdir, "checkpoints"))
     if fault.startswith("?: "):
       fault = f"writing in {workdir}: {fault[3:]}"
     print(f"error: {fault}. The latest complete checkpoint is "

@@ -606,7 +606,7 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
       except BaseException:    # (a second Ctrl-C may land in orbax's wait too)
         pass
     if isinstance(e, KeyboardInterrupt):   # a second Ctrl-C in the loop: say what was saved
-      last = _latest_complete(ckpt)
+      last = ckpt_lib.latest_complete(ckpt.directory)
       raise Interrupted("SIGINT", f"interrupted (a second Ctrl-C) at step {step}; " + (
           f"the latest complete checkpoint is step {last} in {ckpt.directory}: re-run the command to resume"
           if last is not None else "no checkpoint of this run was complete: re-running starts afresh")) from None
@@ -623,13 +623,6 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
     bar.close()
   summary["state"], summary["frozen"], summary["trainer"] = state, frozen, trainer
   return summary
-
-
-def _latest_complete(ckpt):
-  """The newest step whose checkpoint directory is complete (orbax renames it to its number once
-  written), or None; read from the directory listing, which works whatever orbax's state."""
-  steps = [int(n) for n in paths.listdir(ckpt.directory) if n.isdigit()] if paths.exists(ckpt.directory) else []
-  return max(steps, default=None)
 
 
 def _restore_intact(ckpt, step, abstract_state, data_iter, main):

@@ -19,15 +19,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**overrides):
   """The SFT smoke config, quiet, with no periodic eval or checkpoint."""
-  c = load_config("sft.py:smoke,sort")
+  return quiet(load_config("sft.py:smoke,sort"), 4, **{"optim.warmup_steps": 1, **overrides})
+
+
+def quiet(c, steps: int, **overrides):
+  """``c`` for a test: ``steps`` steps, no progress bar, every step logged, no periodic evaluation
+  or checkpoint (the final checkpoint written synchronously), no warm-up; then ``overrides``
+  (dotted field names)."""
   c.progress = False
+  c.total_steps = steps
   c.log_every = 1
   c.eval_every = 0
   c.eval_batches = 0
   c.checkpoint.every = 0
   c.checkpoint.async_save = False
-  c.total_steps = 4
-  c.optim.warmup_steps = 1
+  c.optim.warmup_steps = 0
   for k, v in overrides.items():
     node = c
     *parents, leaf = k.split(".")

@@ -1,5 +1,5 @@
 """AlignDistil: the per-token teacher and loss against an independent NumPy float64
-implementation (values and gradients), the identities of METHODS.md, the chunked loss of the
+implementation (values and gradients), the paper's identities, the chunked loss of the
 method on padded batches of unequal lengths against the same reference on full logits, and a
 smoke run of the whole pipeline (SFT, pairs, DPO and reverse DPO stages, AlignDistil) on 8
 simulated devices."""
@@ -23,7 +23,7 @@ def _np_log_softmax(z):
 
 
 def np_terms(variant, z_pi, z_ref, z_dpo, z_rdpo, targets, beta0, beta2, T=1.0):
-  """float64 reference, written from METHODS.md."""
+  """float64 reference, written from the paper's formulas."""
   z_pi, z_ref, z_dpo = (np.asarray(z, np.float64) for z in (z_pi, z_ref, z_dpo))
   z_rdpo = None if z_rdpo is None else np.asarray(z_rdpo, np.float64)
   if variant == "gkd":

@@ -233,7 +233,7 @@ def test_fdpg_smoke_pipeline_resumes_its_method_state(tmp_path):
 
 
 def test_on_policy_importance_weight_is_exactly_one():
-  """On-policy the weight pi/q is 1 (METHODS.md): a sampler log-probability that differs from the
+  """On-policy the weight pi/q is 1 (the paper's identity): a sampler log-probability that differs from the
   forward pass's (as bf16 numerics make it, here by 5% of a sequence's log-prob) leaves the on-policy
   gradient equal to the one with q = the forward log-prob, i.e. -mean((R - b) grad log pi); the
   off-policy loss does reweight by exp(pi - q)."""

@@ -1,7 +1,7 @@
 """GRPO with ProRL's controls and on-policy distillation: the pieces of jaxopd/losses/grpo.py against independent
 NumPy float64 implementations (group advantages, KL estimators, the clipped policy loss under every aggregation with
 its metrics and gradient, the distillation divergences and their gradients, the distillation weight schedule), the
-METHODS.md identities (equal rewards give zero gradient; rho = 1 is REINFORCE with the group baseline; a hand-made
+the methods' identities (equal rewards give zero gradient; rho = 1 is REINFORCE with the group baseline; a hand-made
 clip-fraction case) and pass@k against brute-force enumeration."""
 
 import itertools
@@ -183,7 +183,7 @@ def test_policy_loss_value_metrics_and_gradient(agg, max_len, beta, kl, with_ref
 
 
 def test_equal_rewards_give_zero_gradient():
-  """METHODS.md: G responses of equal reward, beta_kl = 0 -> the loss gradient is exactly 0."""
+  """Identity: G responses of equal reward, beta_kl = 0 -> the loss gradient is exactly 0."""
   lp, lp_old, lp_ref, mask, _, _ = _batch(seed=5)
   rw = np.ones(lp.shape[0], np.float32)
   for kind in G.ADVANTAGES:
@@ -195,7 +195,7 @@ def test_equal_rewards_give_zero_gradient():
 
 
 def test_rho_one_is_reinforce_with_group_baseline():
-  """METHODS.md: lp_old = sg(lp) -> rho = 1, no clipping; the token_mean gradient is -A_b m / sum(m) per token."""
+  """Identity: lp_old = sg(lp) -> rho = 1, no clipping; the token_mean gradient is -A_b m / sum(m) per token."""
   lp, _, lp_ref, mask, _, _ = _batch(seed=6)
   rw = np.ones(lp.shape[0], np.float32)
   rewards = np.random.default_rng(6).integers(0, 2, (1, lp.shape[0])).astype(np.float32)

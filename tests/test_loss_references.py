@@ -1,10 +1,10 @@
-"""jaxopd.losses against independent NumPy float64 references written from METHODS.md.
+"""jaxopd.losses against independent NumPy float64 references written from the papers' formulas.
 
 Sections covered: Notation (token log-probs, response mask), DPO, TDPO (per-token
 forward KL, TDPO1/TDPO2, end-to-end composition and gradients) and Divergences
 (forward/reverse KL, generalized JSD, TVD, the token-averaged loss).
 
-The references below are written from the formulas of METHODS.md only, in
+The references below are written from the papers' formulas only, in
 float64. JAX runs in float32 (x64 is off), so the comparisons use float32
 tolerances:
 
@@ -14,7 +14,7 @@ tolerances:
   size ``log V`` or a sum of such over a sequence (float32 eps * |value| is then
   ~1e-6 per term and accumulates over T positions).
 
-Mask convention (METHODS.md Notation + jaxopd.losses.common): ``loss_mask[B, T]``
+Mask convention (jaxopd.losses.common): ``loss_mask[B, T]``
 is aligned with ``tokens``; position t of ``[B, T-1]`` arrays scores
 ``tokens[:, t+1]`` and is weighted by ``loss_mask[:, t+1]`` (as in the official
 TDPO code: ``labels[:, 1:]`` / ``logits[:, :-1]``).
@@ -38,7 +38,7 @@ SEEDS = [0, 1, 2]
 
 
 # ----------------------------------------------------------------------------------------------
-# NumPy float64 references (from METHODS.md)
+# NumPy float64 references (from the papers' formulas)
 # ----------------------------------------------------------------------------------------------
 
 def np_log_softmax(x):

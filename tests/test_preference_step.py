@@ -40,7 +40,7 @@ def test_policy_equal_reference_gives_log2_and_zero_rewards(loss):
 
 def test_gradients_flow_to_policy_only_and_tdpo2_ignores_chosen_kl_gradient():
   """The reference gets no gradient; TDPO2's policy gradient is that of
-  z = (R_w - R_l) - alpha (K_l - sg(K_w)) written here from the logits (METHODS.md), and differs from
+  z = (R_w - R_l) - alpha (K_l - sg(K_w)) written here from the logits (TDPO's formula), and differs from
   the one with K_w's gradient kept (so the detach is what the test checks)."""
   pol = Transformer(CFG, nnx.Rngs(params=0))
   ref = Transformer(CFG, nnx.Rngs(params=1))

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import hf_fixtures  # noqa: E402
+from helpers import quiet  # noqa: E402
 from jaxopd import checkpoint as ckpt_lib  # noqa: E402
 from jaxopd import logs, methods, sampling, train  # noqa: E402
 from jaxopd.experiment import load_config  # noqa: E402
@@ -103,17 +104,7 @@ def test_greedy_sampler_equals_transformers_generate(loaded):
 
 
 def _quiet(c, steps):
-  c.progress = False
-  c.total_steps = steps
-  c.log_every = 1
-  c.eval_every = 0
-  c.eval_batches = 0
-  c.checkpoint.every = 0
-  c.checkpoint.async_save = False
-  c.optim.warmup_steps = 0
-  c.mesh.shape = (1, 1, 1)
-  c.mesh.num_devices = 1
-  return c
+  return quiet(c, steps, **{"mesh.shape": (1, 1, 1), "mesh.num_devices": 1})
 
 
 def _run(name, c, workdir):

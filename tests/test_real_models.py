@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("torch")
 
 import hf_fixtures  # noqa: E402
-from helpers import REPO  # noqa: E402
+from helpers import REPO, quiet  # noqa: E402
 from jaxopd import logs, train  # noqa: E402
 from jaxopd import methods  # noqa: E402
 from jaxopd.experiment import load_config  # noqa: E402
@@ -42,19 +42,8 @@ def files(tmp_path_factory):
 
 
 def _quiet(c, steps=3):
-  c.progress = False
-  c.total_steps = steps
-  c.batch_size = 8
-  c.seq_len = 64
-  c.log_every = 1
-  c.eval_every = 0
-  c.eval_batches = 1
-  c.checkpoint.every = 0
-  c.checkpoint.async_save = False
-  c.optim.warmup_steps = 0
-  c.optim.lr = 1e-3
-  c.mesh.shape = (2, 2, 2)
-  return c
+  return quiet(c, steps, **{"batch_size": 8, "seq_len": 64, "eval_batches": 1, "optim.lr": 1e-3,
+                            "mesh.shape": (2, 2, 2)})
 
 
 def _run(module, c, workdir):

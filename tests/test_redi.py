@@ -1,5 +1,5 @@
 """REDI: the loss of the method on padded pairs of unequal lengths against an independent NumPy
-float64 implementation (value and gradient direction), the METHODS.md identity (alpha = 0 is
+float64 implementation (value and gradient direction), the paper's identity (alpha = 0 is
 the per-sequence token-normalised SFT loss on the positives), and a smoke run of the pipeline
 on 8 simulated devices whose loss leaves its start by gradient."""
 
@@ -65,7 +65,7 @@ def test_loss_matches_numpy_on_padded_pairs(alpha):
 
 
 def test_alpha_zero_is_token_normalised_sft_on_the_positives():
-  """METHODS.md: alpha = 0 equals the SFT loss on y+, normalised per sequence, then the mean over pairs."""
+  """Identity: alpha = 0 equals the SFT loss on y+, normalised per sequence, then the mean over pairs."""
   models, batch = _models(), _pairs(seed=3)
   pos, pos_m = batch["tokens"][:, 0], batch["loss_mask"][:, 0]
   logits = models["policy"](jnp.asarray(pos)).logits

@@ -1,5 +1,5 @@
 """SparsePO: the pure loss against an independent NumPy float64 reference written from
-METHODS.md (values and gradients), its identities (all-ones masks = TDPO1, w_d = 0
+the paper's formulas (values and gradients), its identities (all-ones masks = TDPO1, w_d = 0
 = DPO with per-token reward weights), the label-shift alignment of the masks, the
 MaPO normalisation, the learned mask head, no gradient into the policy through the
 mask input, and the smoke pipeline end to end.
@@ -32,7 +32,7 @@ LP_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
-# NumPy float64 references (from METHODS.md)
+# NumPy float64 references (from the paper's formulas)
 # ----------------------------------------------------------------------------------------------
 
 def np_log_softmax(x):

@@ -1,6 +1,6 @@
 """AlignDistil (Zhang et al., ACL 2025): alignment as adaptive token-level distillation.
 
-Pure per-token math on logits ``[..., V]`` (METHODS.md, "AlignDistil"; the
+Pure per-token math on logits ``[..., V]`` (the AlignDistil paper; the
 official OpenRLHF trainers ``aligndistil_trainer.py`` / ``aligndistil_offpolicy_trainer.py``).
 With ``z_pi`` the policy's logits, ``z_ref`` the SFT reference's, ``z_dpo`` a DPO
 model's and ``z_rdpo`` a reverse DPO model's (trained with chosen and rejected

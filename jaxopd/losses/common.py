@@ -1,6 +1,6 @@
 """Token log-probabilities and the SFT loss, with the label shift in one place.
 
-Convention (METHODS.md): ``tokens[B, T]`` and ``loss_mask[B, T]`` are aligned
+Convention: ``tokens[B, T]`` and ``loss_mask[B, T]`` are aligned
 (mask 1 on the response tokens themselves); ``logits[:, t]`` scores
 ``tokens[:, t + 1]``. :func:`token_logprobs` returns ``[B, T-1]`` values for
 targets ``tokens[:, 1:]`` and :func:`response_mask` the matching ``[B, T-1]``

@@ -2,7 +2,7 @@
 
 Both come as logits ``[..., V]``; every divergence is computed per position in
 float32 from log-softmaxes (never ``log(softmax)``), after dividing the logits
-by ``temperature``. Conventions (METHODS.md, GKD / TRL):
+by ``temperature``. Conventions (GKD / TRL):
 
 * ``forward_kl = KL(p || q)``, ``reverse_kl = KL(q || p)``;
 * ``jsd(beta)``: ``M = beta p + (1 - beta) q`` (logsumexp in log space),

@@ -138,7 +138,7 @@ def surrogate_loss(policy_logp: jax.Array, proposal_logp: jax.Array, log_score: 
                    baseline: jax.Array, f: str, weight: jax.Array | None = None):
   """Returns ``(loss_sum, n, pseudo_rewards)`` for samples ``[N]``:
   ``sum_x c_x w (-(R - b)) log pi(x)`` and ``n = sum_x c_x``, so the trainer's
-  ``loss_sum / n`` is the mean of METHODS.md; ``weight`` ``c`` (default 1 per row)
+  ``loss_sum / n`` is the paper's mean; ``weight`` ``c`` (default 1 per row)
   is :func:`context_weights` for several contexts. ``policy_logp`` is the summed
   response log-probability (with gradient); everything else is detached here.
 

@@ -1,5 +1,5 @@
-"""GRPO with DAPO's and ProRL's controls, and the on-policy distillation term (METHODS.md,
-"GRPO with ProRL's controls" and "On-policy distillation from a teacher").
+"""GRPO with DAPO's and ProRL's controls, and the on-policy distillation term (GRPO, DAPO,
+ProRL and VLA-OPD's papers).
 
 Pure math on plain arrays. Per prompt, G responses are scored ``r [N, G]``;
 :func:`group_advantages` turns them into one advantage per response, broadcast

@@ -1,6 +1,6 @@
 """Preference losses: DPO and TDPO (token-level DPO), pure functions on arrays.
 
-Math: METHODS.md. Sequences of a pair are scored with the same helpers as SFT
+Math: the DPO, TDPO, SimPO and REDI papers. Sequences of a pair are scored with the same helpers as SFT
 (``token_logprobs`` / ``response_mask``: position t scores token t+1).
 
 TDPO follows the official code (Vance0124/Token-level-Direct-Preference-

@@ -1,7 +1,7 @@
 """SparsePO (Christopoulou et al., Findings EMNLP 2025): per-token weights on the
 reward and KL terms of a TDPO1-style objective, pure functions on arrays.
 
-Math: METHODS.md (SparsePO). Every ``[N, T-1]`` array is aligned with
+Math: the SparsePO paper. Every ``[N, T-1]`` array is aligned with
 :func:`~jaxopd.losses.common.token_logprobs`: entry t belongs to the target
 ``tokens[:, t+1]``, with mask ``response_mask(loss_mask)[:, t]``. The token
 weights ``w_u``, ``w_d`` use the same layout, so ``w[:, t]`` multiplies the

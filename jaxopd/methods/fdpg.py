@@ -242,7 +242,7 @@ def make_loss_fn(divergence: str, on_policy: bool = False, chunk: int = 64):
   alignment, ``KL(pi || a)`` and the pseudo-reward.
 
   ``on_policy`` (samples drawn from the policy itself): the importance weight
-  ``pi / q`` is exactly 1 (METHODS.md), so ``q`` is taken to be the forward
+  ``pi / q`` is exactly 1 (on-policy), so ``q`` is taken to be the forward
   pass's own (detached) log-probability, not the sampler's: the two differ by
   the numerics of the two computations (in bf16 by percents over a sequence),
   which would otherwise bias the gradient."""

@@ -320,12 +320,9 @@ def inv_freq(cfg: ModelConfig, local: bool = False) -> jax.Array:
   return jnp.where((wl >= high_wl) & (wl <= low_wl), smoothed, scaled)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0, freqs: jax.Array | None = None) -> jax.Array:
-  """Rotary embedding, HF layout (halves rotated). ``x: [B, T, H, Dh]``, ``positions: [B, T]``;
-  ``freqs [Dh/2]`` (:func:`inv_freq`) or the default ones of base ``theta``."""
-  dh = x.shape[-1]
-  if freqs is None:
-    freqs = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+def rope(x: jax.Array, positions: jax.Array, freqs: jax.Array) -> jax.Array:
+  """Rotary embedding, HF layout (halves rotated). ``x: [B, T, H, Dh]``, ``positions: [B, T]``,
+  ``freqs [Dh/2]`` (:func:`inv_freq`)."""
   ang = positions.astype(jnp.float32)[..., None] * freqs              # [B, T, Dh/2]
   cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, :, None, :]
   sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, :, None, :]
@@ -386,7 +383,7 @@ class Attention(nnx.Module):
       freqs = inv_freq(cfg)
       if cfg.sliding_window and cfg.rope_local_theta:
         freqs = jnp.where(local, inv_freq(cfg, True), freqs)
-      q, k = rope(q, positions, freqs=freqs), rope(k, positions, freqs=freqs)
+      q, k = rope(q, positions, freqs), rope(k, positions, freqs)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     h, dh = q.shape[2:]
     key_pos = positions if key_pos is None else key_pos
@@ -678,7 +675,7 @@ class Transformer(nnx.Module):
       logits = (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(logits.dtype)
     return constrain(logits, ("batch", "length", "vocab"))
 
-  def _scan_blocks(self, x, positions, key_mask, segment_ids, branch_ids, groups, run, return_hidden):
+  def _scan_blocks(self, x, positions, key_mask, segment_ids, branch_ids, groups, remat, return_hidden):
     """The blocks as one ``lax.scan`` (``scan_layers``): the per-layer parameters are stacked
     along a new leading axis for the forward (one extra copy of the blocks' parameters, sharded
     like them; the state, checkpoints and HF import/export keep one module per layer), so XLA
@@ -686,19 +683,21 @@ class Transformer(nnx.Module):
     graphdef, first = nnx.split(self.blocks[0])
     states = [first] + [nnx.split(b)[1] for b in self.blocks[1:]]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-    mixed = len(set(self.cfg.local_layers)) > 1
-    local = jnp.asarray(self.cfg.local_layers) if mixed else None   # mixed layer types: a traced per-layer flag
+    kinds = set(self.cfg.local_layers)
+    uniform = kinds.pop() if len(kinds) == 1 else None           # mixed layer types: a traced per-layer flag
+    flags = None if uniform is not None else jnp.asarray(self.cfg.local_layers)
+    run = _remat_block(self.cfg.remat, groups, uniform) if remat else None
 
     def body(h, xs):
       state, flag = xs
-      layer_local = self.cfg.local_layers[0] if flag is None else flag
       block = nnx.merge(graphdef, state)
       if run is not None:
-        h = run(block, h, positions, key_mask, segment_ids, branch_ids, *(() if local is None else (layer_local,)))
+        h = run(block, h, positions, key_mask, segment_ids, branch_ids, *(() if flag is None else (flag,)))
       else:
-        h = block(h, positions, key_mask, None, 0, segment_ids, branch_ids, groups, local=layer_local)[0]
+        h = block(h, positions, key_mask, None, 0, segment_ids, branch_ids, groups,
+                  local=uniform if flag is None else flag)[0]
       return h, (h if return_hidden else None)
-    x, ys = jax.lax.scan(body, x, (stacked, local))
+    x, ys = jax.lax.scan(body, x, (stacked, flags))
     return x, ([ys[i] for i in range(len(self.blocks))] if return_hidden else [])
 
   def _trunk(self, tokens, positions, attention_mask, cache, segment_ids, branch_ids, groups, return_hidden):
@@ -729,9 +728,7 @@ class Transformer(nnx.Module):
     ks, vs = [], []
     remat = cache is None and cfg.remat != "none"
     if cache is None and cfg.scan_layers:
-      mixed = len(set(cfg.local_layers)) > 1
-      run = _remat_block(cfg.remat, groups, None if mixed else cfg.local_layers[0]) if remat else None
-      x, states = self._scan_blocks(x, positions, key_mask, segment_ids, branch_ids, groups, run, return_hidden)
+      x, states = self._scan_blocks(x, positions, key_mask, segment_ids, branch_ids, groups, remat, return_hidden)
       if return_hidden:
         hidden.extend(states)
     runs = {local: _remat_block(cfg.remat, groups, local) for local in set(cfg.local_layers)} if remat else {}
