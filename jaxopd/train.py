@@ -39,7 +39,7 @@ from jaxopd import optim
 from jaxopd import paths
 from jaxopd.data.pipeline import SmallDatasetError
 from jaxopd.experiment import DataShard, Experiment, LossOutput
-from jaxopd.models import Transformer, table
+from jaxopd.models import Transformer, lora, table
 
 
 class TrainingError(RuntimeError):
@@ -50,11 +50,15 @@ def _with_shardings(abstract, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def _split_models(models: dict, what: str):
-  graphdef, params, rest = nnx.split(models, nnx.Param, ...)
+def _split_models(models: dict, what: str, lora_roles=()):
+  """``(graphdef, trained params, frozen bases)`` of a dict of modules: the roles in
+  ``lora_roles`` train their adapters only, their other parameters are the bases."""
+  lora_roles = set(lora_roles)
+  trained = nnx.All(nnx.Param, lambda path, x: path[0] not in lora_roles or isinstance(x, lora.LoRAParam))
+  graphdef, params, bases, rest = nnx.split(models, trained, nnx.Param, ...)
   if jax.tree.leaves(rest):
     raise TypeError(f"{what} models hold non-Param state ({rest}); only nnx.Param is supported")
-  return graphdef, params
+  return graphdef, params, bases
 
 
 def _metric_parts(metrics, count) -> dict:
@@ -120,12 +124,19 @@ class Trainer:
                                      f"config.models.{name} ({r.source.spec()})")
     key = jax.random.PRNGKey(c.seed)
     self.model_key, self.step_key = jax.random.split(key)
+    # LoRA roles train their adapters; their bases are frozen, and serve the base:ROLE aliases.
+    self.lora_roles = [n for n, r in self.roles.items() if r.trainable and r.arch.lora_rank]
+    self.aliases = {n: r.source.model for n, r in self.roles.items() if r.source.kind == "base"}
     trainable, frozen = nnx.eval_shape(lambda: self.make_models(self.model_key))
     self.heads = sorted(set(trainable) - set(self.roles))
-    self.gd_params, _ = _split_models(trainable, "trainable")
-    self.gd_frozen, _ = _split_models(frozen, "frozen")
+    self.gd_params = _split_models(trainable, "trainable", self.lora_roles)[0]
+    self.gd_frozen = _split_models(frozen, "frozen")[0]
+    self.frozen_roles = list(frozen)
+    self.gd_alias = {n: nnx.split(nnx.eval_shape(lambda r=r: Transformer(r.arch, nnx.Rngs(0))))[0]
+                     for n, r in self.roles.items() if n in self.aliases}
     self.snapshots = dict(self.experiment.snapshots)
-    self.gd_snap = _split_models({n: trainable[s] for n, s in self.snapshots.items()}, "snapshot")[0]
+    self.snap_lora = {n: s for n, s in self.snapshots.items() if s in self.lora_roles}
+    self.gd_snap = _split_models({n: trainable[s] for n, s in self.snapshots.items()}, "snapshot", self.snap_lora)[0]
     self.mu = int(self.experiment.updates_per_rollout)
     self.tx, self.schedules = optim.make_optimizer(c.optim, c.total_steps * self.mu, list(trainable))
     abstract_state, abstract_frozen = jax.eval_shape(self._init)
@@ -147,7 +158,8 @@ class Trainer:
     names = list(self.experiment.roles)
     single = len(names) == 1 and self.experiment.init_heads is None
     keys = [rng] if single else list(jax.random.split(rng, len(names) + 1))
-    models = {n: Transformer(self.roles[n].arch, nnx.Rngs(params=k)) for n, k in zip(names, keys)}
+    models = {n: Transformer(self.roles[n].arch, nnx.Rngs(params=k)) for n, k in zip(names, keys)
+              if n not in self.aliases}
     trainable = {n: m for n, m in models.items() if self.roles[n].trainable}
     frozen = {n: m for n, m in models.items() if not self.roles[n].trainable}
     if self.experiment.init_heads is not None:
@@ -161,8 +173,8 @@ class Trainer:
   # --- state -----------------------------------------------------------------
   def _init(self):
     trainable, frozen = self.make_models(self.model_key)
-    _, params = _split_models(trainable, "trainable")
-    _, frozen_state = _split_models(frozen, "frozen")
+    _, params, bases = _split_models(trainable, "trainable", self.lora_roles)
+    frozen_state = nnx.merge_state(_split_models(frozen, "frozen")[1], bases)
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
              "opt_state": self.tx.init(params), "rng": self.step_key}
     if self.experiment.init_state is not None:
@@ -199,10 +211,15 @@ class Trainer:
 
   # --- the step ----------------------------------------------------------------
   def _merge(self, params, frozen, snapshots=None) -> dict:
-    """One dict of modules, every role, head and snapshot by name, from their arrays."""
-    out = {**nnx.merge(self.gd_params, params), **nnx.merge(self.gd_frozen, frozen)}
+    """One dict of modules, every role, head and snapshot by name, from their arrays (``frozen``:
+    the frozen roles' and the LoRA roles' base parameters)."""
+    part = lambda names: nnx.State({n: frozen[n] for n in names})
+    out = {**nnx.merge(self.gd_params, params, part(self.lora_roles)),
+           **nnx.merge(self.gd_frozen, part(self.frozen_roles))}
+    out.update({n: nnx.merge(self.gd_alias[n], frozen[owner]) for n, owner in self.aliases.items()})
     if self.snapshots:
-      out.update(nnx.merge(self.gd_snap, jax.lax.stop_gradient(snapshots)))
+      bases = nnx.State({n: frozen[s] for n, s in self.snap_lora.items()})
+      out.update(nnx.merge(self.gd_snap, jax.lax.stop_gradient(snapshots), bases))
     return out
 
   def _rollout(self, params, frozen, snaps, batch, rng, method_state):
@@ -346,10 +363,11 @@ class Trainer:
     reading its own slices; ``frozen_only`` (on resume): just the frozen roles, which are
     not checkpointed. Returns ``(state, frozen)``."""
     for name, r in self.roles.items():
-      if r.source.kind == "random" or (frozen_only and r.trainable):
+      whole = r.trainable and name not in self.lora_roles     # else frozen: a frozen role or a LoRA base
+      if r.source.kind in ("random", "base") or (frozen_only and whole):
         continue
-      tree = state["params"] if r.trainable else frozen
-      abstract = (self.abstract_state["params"] if r.trainable else self.abstract_frozen)[name]
+      tree = state["params"] if whole else frozen
+      abstract = (self.abstract_state["params"] if whole else self.abstract_frozen)[name]
       tree[name] = table.load(r, abstract)
     if not frozen_only:    # a snapshot starts as its role's loaded parameters (on resume: the checkpoint's)
       for name, src in self.snapshots.items():
@@ -470,22 +488,28 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
   rules = facts["rules"]
   main = logs.is_main_process()
   workdir = paths.resolve(workdir)
-  resumed_from = ckpt_lib.latest_step(workdir)      # reads only: nothing is written before the checks
-  recorded = table.run_record(workdir) if resumed_from is not None else {}
-  roles = table.resolve(c, pinned=recorded)
-  trainer = Trainer(c, experiment, mesh, rules, roles)
-  rec = table.add_heads(table.record(c, roles), trainer.heads)
-  changed = []
-  if resumed_from is not None:
-    table.check_resume(recorded, rec, workdir)     # before anything is written
-    changed = logs.check_resume_config(workdir, c)
-  if main:
-    print(table.describe(roles), flush=True)
-  # One run per workdir (process 0 holds the lock); cloud storage has no locks: not taken there.
-  lock = WorkdirLock(workdir) if main and not paths.is_remote(workdir) else None
-  if main and paths.is_remote(workdir):
-    print(f"note: {workdir} is in cloud storage, which has no locks: nothing stops a second run on it", flush=True)
+  # One run per workdir (process 0 holds the lock; cloud storage has no locks: not taken there).
+  # An existing workdir is locked before it is read (a live run may be rotating its checkpoints);
+  # a new one only after the checks, so a refused config creates nothing.
+  local = main and not paths.is_remote(workdir)
+  lock = WorkdirLock(workdir) if local and paths.isdir(workdir) else None
   try:
+    resumed_from = ckpt_lib.latest_step(workdir)
+    recorded = table.run_record(workdir) if resumed_from is not None else {}
+    roles = table.resolve(c, pinned=recorded)
+    trainer = Trainer(c, experiment, mesh, rules, roles)
+    rec = table.add_heads(table.record(c, roles), trainer.heads)
+    changed = []
+    if resumed_from is not None:
+      table.check_resume(recorded, rec, workdir)     # before anything is written
+      changed = logs.check_resume_config(workdir, c)
+    if main:
+      print(table.describe(roles), flush=True)
+    if local and lock is None:
+      lock = WorkdirLock(workdir)
+    if main and paths.is_remote(workdir):
+      print(f"note: {workdir} is in cloud storage, which has no locks: nothing stops a second run on it",
+            flush=True)
     return _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, rules, facts, main)
   finally:
     if lock is not None:

@@ -97,10 +97,10 @@ def topology_devices(name: str):
 
 def random_inits(config):
   """Every built role of ``config.models`` initialised at random (``stage:`` / ``hf:`` / ``run:``
-  inits replaced): a compile needs the shapes only."""
+  inits replaced; a ``base:ROLE`` role stays the base of its LoRA role): a compile needs the shapes only."""
   from jaxopd.models import table
   for r in config.models.values():
-    if r.init != table.NONE:
+    if r.init != table.NONE and not str(r.init).startswith("base:"):
       r.init = "random"
 
 

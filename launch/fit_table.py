@@ -59,15 +59,16 @@ METHODS = {
         "eval.contexts": 1, "eval.log_z": "(0.0,)"}),
     "distillspec": ("distillspec.py", "prompt", lambda p, r: {
         "method.data": "student", "method.prompt_len": p, "method.max_new_tokens": r, **NO_EVAL}),
+    "redi": ("redi.py", "preference", lambda p, r: NO_EVAL),
     "grpo": ("grpo.py", "prompt", lambda p, r: {
         "method.reward": "fit_table:length_reward", "method.group_size": GROUP, "rollout.prompt_len": p,
         "rollout.max_new_tokens": r, **NO_EVAL}),
 }
 GROUP = 8        # GRPO's samples per prompt in the cells (its batch counts prompts)
-FROZEN_ROLES = {"dpo": ["reference"], "tdpo": ["reference"], "sparsepo": ["reference"], "fdpg": ["base"],
-                "distillspec": ["target"], "sft": [], "grpo": []}
+FROZEN_ROLES = {"dpo": ["reference"], "tdpo": ["reference"], "sparsepo": ["reference"], "redi": ["reference"],
+                "fdpg": ["base"], "distillspec": ["target"], "sft": [], "grpo": []}
 TRAINABLE_ROLES = {"sft": ["policy"], "dpo": ["policy"], "tdpo": ["policy"], "sparsepo": ["policy"],
-                   "fdpg": ["policy"], "distillspec": ["draft"], "grpo": ["policy"]}
+                   "redi": ["policy"], "fdpg": ["policy"], "distillspec": ["draft"], "grpo": ["policy"]}
 GRID_METHODS = ("sft", "dpo", "tdpo", "sparsepo", "fdpg", "distillspec")   # the README table's (GRPO: --cells grpo)
 
 # The grid of the README table: model -> topology (a slice its size is trained on).
@@ -88,7 +89,8 @@ def shared_len(prompt: int, response: int) -> int:
   return share_prompt([[{"tokens": np.zeros_like(mask), "loss_mask": mask}]])[1]["row_len"]
 
 
-def step_flops(method: str, cfg, batch: int, seq: int, remat: str, prompt: int = 0, share: bool = False) -> float:
+def step_flops(method: str, cfg, batch: int, seq: int, remat: str, prompt: int = 0, share: bool = False,
+               lora: bool = False) -> float:
   """Matmul FLOPs of one train step of ``method`` (all chips), counted from the shapes
   (:func:`jaxopd.models.presets.forward_flops` / ``decode_flops``): a trained model costs a forward,
   a backward of twice that, the position chunks' LM heads once more (rematerialised by
@@ -99,7 +101,9 @@ def step_flops(method: str, cfg, batch: int, seq: int, remat: str, prompt: int =
   (attention counted over the whole row: the branch mask is applied to dense scores). GRPO:
   ``batch`` prompts x :data:`GROUP` samples, each prompt prefilled once; the loss's forward over a
   row per sample or, with ``share``, one grouped row per prompt (the prompt's attention over
-  itself, each response's over the prompt and itself), the LM head at the response slots only."""
+  itself, each response's over the prompt and itself), the LM head at the response slots only.
+  ``lora``: the trained model's backward computes no weight gradients (one forward's worth, not
+  two; the adapters' own matmuls are not counted)."""
   from jaxopd.models.presets import decode_flops, forward_flops, matmul_params, token_flops
   p = prompt or seq // 2
   r = seq - p
@@ -108,7 +112,7 @@ def step_flops(method: str, cfg, batch: int, seq: int, remat: str, prompt: int =
 
   def trained_from(trunk, head, attn):
     again = {"none": 0.0, "full": trunk, "dots": attn}[remat]
-    return 3 * (trunk + head) + head + again
+    return (2 if lora else 3) * (trunk + head) + head + again
 
   def trained(rows, n=seq):
     full, trunk = forward_flops(cfg, rows, n), forward_flops(cfg, rows, n, head=False)
@@ -163,7 +167,8 @@ def write_data(root: str, prompt_len: int, response_len: int, n: int = 64) -> di
 
 
 def cell_args(method: str, model: str, topology: str, seq: int, batch: int, data: dict, remat: str = "full",
-              scan: bool = True, attention: str = "dot_product", prompt: int = 0, share: bool = False):
+              scan: bool = True, attention: str = "dot_product", prompt: int = 0, share: bool = False,
+              lora: int = 0):
   spec, fmt, extra = METHODS[method]
   p = prompt or seq // 2
   r = seq - p
@@ -182,8 +187,31 @@ def cell_args(method: str, model: str, topology: str, seq: int, batch: int, data
   for role in FROZEN_ROLES[method]:
     ov.update({f"models.{role}.dtype": "bfloat16", f"models.{role}.param_dtype": "bfloat16",
                f"models.{role}.attention": attention, f"models.{role}.scan_layers": scan})
+  if lora:      # adapters on the trained role, its base frozen in bf16; a reference is that base
+    for role in TRAINABLE_ROLES[method]:
+      ov.update({f"models.{role}.lora.rank": lora, f"models.{role}.param_dtype": "bfloat16"})
+    for role in FROZEN_ROLES[method]:
+      if role in ("reference", "base"):
+        ov[f"models.{role}.init"] = "base:policy"
   return (["--config", spec, "--topology", topology, "--preset", model, "--json"]
           + [f"--config.{k}={v}" for k, v in ov.items()])
+
+
+def cell_config(method: str, data: dict, seq: int, batch: int, arch: dict | None = None, spec: str = "", **kw):
+  """The config a cell compiles, in this process: ``method``'s experiment config (or ``spec``) with
+  :func:`cell_args`' overrides (``kw``: its keyword arguments), random inits, then ``arch``
+  (dotted fields, e.g. a small ``model.d_model``)."""
+  import aot_memory
+  from jaxopd.experiment import load_config
+  config = load_config(spec or METHODS[method][0])
+  for a in cell_args(method, "", "", seq, batch, data, **kw):
+    if a.startswith("--config."):
+      key, _, value = a[len("--config."):].partition("=")
+      aot_memory.override(config, key, value)
+  aot_memory.random_inits(config)
+  for k, v in (arch or {}).items():
+    aot_memory.override(config, k, str(v))
+  return config
 
 
 def run_cell(args: list[str], timeout: int) -> dict:
@@ -212,9 +240,10 @@ def add_flops(cell: dict, r: dict, remat: str) -> dict:
     return r
   cfg = presets.get(cell["model"])
   flops = step_flops(cell["method"], cfg, cell["batch"], cell["seq"], remat, cell.get("prompt", 0),
-                     cell.get("share", False)) / r["devices"]
+                     cell.get("share", False), bool(cell.get("lora"))) / r["devices"]
   # FSDP check: per-chip parameter + optimizer bytes times the chips over one full copy
-  # (float32 parameters and AdamW's two float32 moments: 12 bytes per parameter).
+  # (float32 parameters and AdamW's two float32 moments: 12 bytes per parameter); with LoRA,
+  # the adapters' share of full fine-tuning's.
   fsdp = (r["params"] + r["opt_state"]) * r["devices"] / (12 * presets.num_params(cfg))
   return dict(r, flops_per_chip=flops, roofline_s=flops / r["chip"]["bf16_flops"], fsdp_ratio=fsdp)
 
@@ -228,7 +257,7 @@ def out_of_memory(r: dict):
 
 
 def row(cell: dict, r: dict) -> str:
-  name = cell["method"] + (f" (prompt {cell['prompt']}{', shared' if cell.get('share') else ''})"
+  name = cell["method"] + (f" LoRA r{cell['lora']}" if cell.get("lora") else "") + (f" (prompt {cell['prompt']}{', shared' if cell.get('share') else ''})"
                            if cell.get("prompt") else "")
   head = f"| {name} | {cell['model']} | {cell['topology']} | {cell['seq']} | {cell['batch']} |"
   oom = out_of_memory(r)
@@ -267,6 +296,8 @@ def main(argv=None) -> int:
   p.add_argument("--scan_layers", default="true", choices=("true", "false"),
                  help="every role's blocks as one lax.scan (compile time independent of depth)")
   p.add_argument("--attention", default="dot_product", help="every role's attention: einsum | dot_product | chunked | splash")
+  p.add_argument("--lora", type=int, default=0, help="LoRA rank of the trained roles (0: full fine-tuning); "
+                 "their base and a DPO-style reference (base:policy) then bf16, frozen")
   p.add_argument("--timeout", type=int, default=1800, help="seconds per compile")
   p.add_argument("--retable", action="store_true", help="rewrite table.md from --out's results.jsonl (no compile)")
   a = p.parse_args(argv)
@@ -286,7 +317,7 @@ def main(argv=None) -> int:
       topo, seq = SLICES[model]
       for method in a.methods.split(","):
         cells.append(dict(method=method, model=model, topology=a.topology or topo, seq=a.seq or seq,
-                          batch=a.batch))
+                          batch=a.batch, lora=a.lora))
   elif a.cells == "seq":
     topo = a.topology or SLICES[models[0]][0]
     for seq in (1024, 2048, 4096):
@@ -296,7 +327,7 @@ def main(argv=None) -> int:
     for method in ("dpo", "tdpo") if a.cells == "share" else ("grpo",):
       for share in (False, True):
         cells.append(dict(method=method, model=models[0], topology=a.topology or topo, seq=a.seq or seq,
-                          batch=a.batch, prompt=a.prompt or (a.seq or seq) // 2, share=share))
+                          batch=a.batch, prompt=a.prompt or (a.seq or seq) // 2, share=share, lora=a.lora))
   data = {}
   print(HEADER, flush=True)
   rows, summary = [], {}
@@ -308,7 +339,7 @@ def main(argv=None) -> int:
                                               cell["seq"] - p_len)
       r = run_cell(cell_args(cell["method"], cell["model"], cell["topology"], cell["seq"], cell["batch"],
                              data[cell["seq"], p_len], a.remat, a.scan_layers == "true", a.attention,
-                             cell.get("prompt", 0), cell.get("share", False)), a.timeout)
+                             cell.get("prompt", 0), cell.get("share", False), cell.get("lora", 0)), a.timeout)
       r = add_flops(cell, r, a.remat)
       f.write(json.dumps({"cell": cell, "remat": a.remat, "scan_layers": a.scan_layers, "attention": a.attention,
                           "report": r}) + "\n")
@@ -316,6 +347,7 @@ def main(argv=None) -> int:
       rows.append(row(cell, r))
       print(rows[-1], flush=True)
       key = f"{cell['method']}/{cell['model']}/{cell['topology']}/{cell['seq']}" + (
+          f"/lora{cell['lora']}" if cell.get("lora") else "") + (
           f"/prompt{cell['prompt']}{'/shared' if cell.get('share') else ''}" if cell.get("prompt") else "")
       oom = out_of_memory(r)
       summary[key] = ({"fits": False, "temp_gib": oom[0]} if oom else {"error": r["error"]} if "error" in r else

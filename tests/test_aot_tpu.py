@@ -16,7 +16,6 @@ sys.path.insert(0, os.path.join(REPO, "launch"))
 import aot_memory  # noqa: E402
 import fit_table  # noqa: E402
 
-from jaxopd.experiment import load_config  # noqa: E402
 from jaxopd.models import Transformer, presets, table  # noqa: E402
 
 
@@ -44,17 +43,12 @@ def _tiny_cell(tmp_path, method, spec, chunk=64, remat="none", share=False, seq=
   """The fit table's settings for ``method`` on a small model, unrolled, no remat, one position
   chunk: a step without loops, so XLA's cost analysis counts all of it; prompts of 32 tokens."""
   data = fit_table.write_data(str(tmp_path), 32, seq - 32, n=16)
-  config = load_config(spec)
-  for a in fit_table.cell_args(method, "", "v5e:2x2", seq, 8, data, remat=remat, scan=False, share=share, prompt=32):
-    if a.startswith("--config."):
-      key, _, value = a[len("--config."):].partition("=")
-      aot_memory.override(config, key, value)
-  aot_memory.random_inits(config)
-  arch = {"model.d_model": 256, "model.n_layers": 2, "model.n_heads": 4, "model.vocab_size": 512,
-          "method.chunk": chunk, **model}
-  for k, v in arch.items():
-    aot_memory.override(config, k, str(v))
-  return config
+  arch = {**TINY, "method.chunk": chunk, **model}
+  return fit_table.cell_config(method, data, seq, 8, arch, remat=remat, scan=False, share=share, prompt=32,
+                               spec=spec)
+
+
+TINY = {"model.d_model": 256, "model.n_layers": 2, "model.n_heads": 4, "model.vocab_size": 512}
 
 
 @pytest.mark.parametrize("method,spec,remat,share", [("tdpo", "tdpo.py:smoke", "none", False),
@@ -127,3 +121,30 @@ def test_unknown_topology_and_preset_are_one_line_errors(capsys, monkeypatch):
   _needs_libtpu()
   assert aot_memory.main(["--config", "experiments/sft.py:smoke,sort", "--topology", "v9x:1x1"]) == 2
   assert "error: --topology v9x:1x1" in capsys.readouterr().err
+
+
+def test_lora_step_compiles_for_a_v5e_2x2_with_one_base_copy(tmp_path):
+  """TDPO with a rank-16 LoRA policy and the reference declared base:policy (launch/fit_table.py
+  --lora), compiled for a v5e:2x2 under FSDP: the trained parameters are the adapters alone (their
+  float32 bytes over the 4 chips, the AdamW moments twice that) and the frozen bytes are one bf16
+  copy of the base (the reference holds none of its own)."""
+  _needs_libtpu()
+  from jaxopd import methods
+  from jaxopd.models import lora
+  data = fit_table.write_data(str(tmp_path), 32, 32, n=16)
+  config = fit_table.cell_config("tdpo", data, 64, 8, TINY, remat="none", scan=False, prompt=32, lora=16,
+                                 spec="tdpo.py:smoke")
+  assert config.models.reference.init == "base:policy"
+  r = aot_memory.report(config, methods.get("tdpo").build(config), aot_memory.topology_devices("v5e:2x2"))
+  cfg = table.arch(config, "policy")
+  m = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))
+  variables = jax.tree.leaves(nnx.state(m, lora.LoRAParam), is_leaf=lambda x: isinstance(x, nnx.Variable))
+  adapters = sum(v.size for v in variables)
+  # Under FSDP only the embed axis is split: A of q/k/v/gate/up and B of o/down; the others are replicated.
+  per_chip = sum(v.size / (4 if "embed" in v.get_metadata()["logical_axes"] else 1) for v in variables)
+  base = presets.num_params(cfg.without_lora())
+  print(f"adapters {adapters} ({adapters / base:.1%} of the base's {base}), {per_chip:.0f} per chip; per chip: "
+        f"params {r['params']} B, opt {r['opt_state']} B, frozen {r['frozen']} B")
+  assert r["params"] == pytest.approx(4 * per_chip, rel=0.02)
+  assert r["opt_state"] == pytest.approx(2 * 4 * per_chip, rel=0.02)
+  assert r["frozen"] == pytest.approx(2 * base / 4, rel=0.02)

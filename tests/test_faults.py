@@ -201,8 +201,13 @@ def test_ctrl_c_during_init_and_compile_is_one_line_without_a_crash(tmp_path):
   import signal
   import time
   env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
-  p = subprocess.Popen([sys.executable, "-m", "jaxopd.main", *ARGS, "--workdir", str(tmp_path / "w")], cwd=REPO,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  # Steps enough that the run cannot end before the signal lands.
+  # SIGINT at its default, as from a terminal: a child inherits an ignored SIGINT (as a worker of this
+  # suite may have it), and Python then installs no KeyboardInterrupt handler.
+  p = subprocess.Popen([sys.executable, "-m", "jaxopd.main", *ARGS, "--config.total_steps=100000",
+                        "--workdir", str(tmp_path / "w")], cwd=REPO,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   for line in p.stdout:
     if line.startswith("models:"):
       break

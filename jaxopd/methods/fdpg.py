@@ -471,7 +471,7 @@ def _fit_target(config, workdir: str) -> dict:
   Cached by its inputs under ``config.data.data_dir/fdpg_targets/`` (runs of a
   sweep share one fit) and copied to ``workdir/target.json``."""
   m = config.method
-  key = {"sft": config.models.base.init, "target": m.target, "words": m.words, "topic": m.topic,
+  key = {"sft": table.weights_init(config, "base"), "target": m.target, "words": m.words, "topic": m.topic,
          "topic_mean": m.topic_mean, "lambdas": list(m.lambdas), "reward_beta": m.reward_beta,
          "conditional": m.conditional, "fit_samples": m.fit_samples, "contexts": _eval_contexts(config),
          "max_new_tokens": config.rollout.max_new_tokens, "seed": config.seed, "reward": m.reward,
@@ -489,7 +489,7 @@ def _fit_target(config, workdir: str) -> dict:
           paths.write_json(path, cached, indent=2)
         return cached
   data = load_data(config)
-  base, _ = table.load_model(config.models.base.init, "base")
+  base, _ = table.load_model(table.weights_init(config, "base"), "base")
   reward_model = _load_reward_model(config)
   k = _eval_contexts(config)
   prompt, plen = _prompts(config, data, "test", k)

@@ -469,7 +469,7 @@ def hf_config(cfg: ModelConfig, tokenizer=None):
 def _arch(cfg: ModelConfig) -> dict:
   """The fields of ``cfg`` an HF config.json holds (widths as used, not as defaulted)."""
   skip = {"hf_type", "head", "max_len", "dtype", "param_dtype", "attention", "attention_chunk", "remat",
-          "scan_layers", "init_std"}
+          "scan_layers", "init_std", "lora_rank", "lora_alpha", "lora_targets", "lora_init"}
   out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig) if f.name not in skip}
   out.update(d_ff=cfg.ff_dim, d_head=cfg.head_dim, n_kv_heads=cfg.kv_heads)
   return out
@@ -531,6 +531,42 @@ def export_run(workdir: str, model: str, out_dir: str, tokenizer_dir: str = "", 
   return r.source.step
 
 
+def export_adapters(workdir: str, model: str, out_dir: str) -> int:
+  """Writes the adapters of LoRA model ``model`` of run ``workdir`` (latest checkpoint) in PEFT's
+  format (``adapter_config.json`` + ``adapter_model.safetensors``, loaded onto the base model by
+  ``peft.PeftModel.from_pretrained``); returns the checkpoint step."""
+  from jaxopd.models import lora, table
+  workdir = paths.resolve(workdir)
+  rec = table.run_record(workdir).get(model)
+  if rec is None or not (rec.get("arch") or {}).get("lora_rank"):
+    raise ValueError(f"export --adapters: model {model!r} of {workdir} "
+                     + ("was not trained with adapters (export it whole)" if rec else "is not in its models.json"))
+  step = ckpt_lib.latest_step(workdir)
+  if step is None:
+    raise FileNotFoundError(f"export --adapters: {workdir} has no checkpoint")
+  arch = ModelConfig(**rec["arch"])
+  flat = table.run_adapters(table.Source("run", workdir, model, step), model, arch)
+  layout, _ = _layout(arch.without_lora())
+  tensors, modules = {}, []
+  for key, (a, b) in lora.pairs(flat).items():
+    module = layout[key].name.removesuffix(".weight")
+    a, b = np.asarray(jax.device_get(a)), np.asarray(jax.device_get(b))
+    r = a.shape[-1]
+    tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
+    tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T)
+    modules.append(module.rsplit(".", 1)[1])
+  source = rec.get("source", "")
+  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": arch.lora_rank, "lora_alpha": arch.lora_alpha,
+            "lora_dropout": 0.0, "target_modules": sorted(set(modules)), "bias": "none", "fan_in_fan_out": False,
+            "use_rslora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+            "base_model_name_or_path": source[3:] if source.startswith("hf:") else None}
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  st_io.save(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+  return step
+
+
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m jaxopd.models.hf", description=__doc__.split("\n")[0])
   sub = ap.add_subparsers(dest="cmd", required=True)
@@ -541,10 +577,15 @@ def main(argv: list[str] | None = None) -> int:
   ex.add_argument("--tokenizer", default="", help="a tokenizer directory to save alongside (optional)")
   ex.add_argument("--dtype", default=None, choices=sorted(EXPORT_DTYPES),
                   help="dtype of the written tensors (default: the parameters')")
+  ex.add_argument("--adapters", action="store_true",
+                  help="a LoRA model: write its adapters alone, in PEFT's format (default: merged into the base)")
   args = ap.parse_args(argv)
   try:
-    step = export_run(args.workdir, args.model, args.out, args.tokenizer, args.dtype)
-    print(f"exported {args.model} of {args.workdir} (step {step}) to {args.out}")
+    if args.adapters:
+      step = export_adapters(args.workdir, args.model, args.out)
+    else:
+      step = export_run(args.workdir, args.model, args.out, args.tokenizer, args.dtype)
+    print(f"exported {args.model}{' adapters' if args.adapters else ''} of {args.workdir} (step {step}) to {args.out}")
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

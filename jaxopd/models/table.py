@@ -11,7 +11,8 @@ Each role a method needs (``policy``, ``reference``, ``base``, ``draft``,
   jaxopd run's checkpoint at ``STEP``, default its latest), or ``stage:NAME``
   (the output of the experiment's pipeline stage ``NAME``; its ``prepare``
   trains the stage and replaces this by ``run:...``. Give a role another init
-  and the stage is not run), or ``none``: the role is not built (an optional
+  and the stage is not run), ``base:ROLE`` (the LoRA role ``ROLE`` with its
+  adapters off, computed from its base arrays), or ``none``: the role is not built (an optional
   role a method uses only when an option asks for it: f-DPG's ``reward`` with
   ``config.method.reward=model``);
 * ``trainable``: an optimizer group (its key names the group in
@@ -33,6 +34,8 @@ Each role a method needs (``policy``, ``reference``, ``base``, ``draft``,
   ``full`` (only each block's input is kept for the backward pass) or ``dots``
   (the projections' matmul outputs are kept too); the same function, so a
   resume may switch it;
+* ``lora``: adapters (``rank`` > 0, ``alpha``, ``targets``, ``init``; :mod:`jaxopd.models.lora`):
+  only they are trained; the base is frozen like a frozen role;
 * ``scan_layers``: training forwards run the blocks as one ``lax.scan`` (compile
   time independent of depth); the parameters stay one module per layer, so a
   resume may switch it too.
@@ -52,27 +55,57 @@ import hashlib
 import os
 from typing import Mapping
 
+import jax
 import ml_collections
 
 from jaxopd import paths
 from jaxopd.errors import ConfigError
+from jaxopd.models import lora
 from jaxopd.models.transformer import ATTENTION, REMAT, ModelConfig
 
 DTYPES = ("float32", "bfloat16")
 ROLE_FIELDS = ("init", "trainable", "arch", "param_dtype", "dtype", "attention", "attention_chunk", "remat",
-               "scan_layers")
+               "scan_layers", "lora")
+LORA_FIELDS = ("rank", "alpha", "targets", "init")
 RECORD = "models.json"
 NONE = "none"                                           # init of a role that is not built
-_NOT_ARCH = ("dtype", "param_dtype", "attention", "attention_chunk", "remat", "scan_layers")   # per role
+_NOT_ARCH = ("dtype", "param_dtype", "attention", "attention_chunk", "remat", "scan_layers", "lora_rank",
+             "lora_alpha", "lora_targets", "lora_init")   # per role
 
 
 def role(init: str = "random", trainable: bool = True, arch: str = "auto", param_dtype: str = "float32",
          dtype: str = "float32", attention: str = "einsum", remat: str = "none",
-         scan_layers: bool = False, attention_chunk: int = 512) -> ml_collections.ConfigDict:
+         scan_layers: bool = False, attention_chunk: int = 512, lora_rank: int = 0) -> ml_collections.ConfigDict:
   """One entry of ``config.models`` (fields in the module docstring)."""
   return ml_collections.ConfigDict(dict(init=init, trainable=trainable, arch=arch, param_dtype=param_dtype,
                                         dtype=dtype, attention=attention, attention_chunk=attention_chunk,
-                                        remat=remat, scan_layers=scan_layers))
+                                        remat=remat, scan_layers=scan_layers,
+                                        lora=dict(rank=lora_rank, alpha=16.0, targets="all", init="kaiming")))
+
+
+def lora_fields(name: str, r) -> dict:
+  """The ModelConfig adapter fields of role ``r``'s ``lora`` block (none: rank 0)."""
+  lo = r.get("lora") or {}
+  extra = sorted(set(lo.keys()) - set(LORA_FIELDS))
+  if extra:
+    _bad(name, f"lora.{extra[0]}", lo[extra[0]], f"unknown field (lora has {', '.join(LORA_FIELDS)})")
+  rank = lo.get("rank", 0)
+  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+    _bad(name, "lora.rank", rank, "must be an integer >= 0 (0 = no adapters)")
+  if not rank:
+    return {}
+  targets = lo.get("targets", "all")
+  names = () if targets == "all" else tuple(t.strip() for t in str(targets).split(",") if t.strip())
+  if targets != "all" and (not names or any(t not in lora.TARGETS for t in names)):
+    _bad(name, "lora.targets", targets, f"must be all or a comma-separated list of {', '.join(lora.TARGETS)}")
+  if not isinstance(lo.get("alpha", 16.0), (int, float)) or lo.get("alpha", 16.0) <= 0:
+    _bad(name, "lora.alpha", lo.get("alpha"), "must be a positive number")
+  if lo.get("init", "kaiming") not in lora.INITS:
+    _bad(name, "lora.init", lo.get("init"), f"must be one of {lora.INITS}")
+  if not r.trainable:
+    _bad(name, "lora.rank", rank, "adapters are trained: this role is frozen (trainable=False)")
+  return dict(lora_rank=rank, lora_alpha=float(lo.get("alpha", 16.0)), lora_targets=names,
+              lora_init=lo.get("init", "kaiming"))
 
 
 def arch_block(cfg: ModelConfig | None = None) -> ml_collections.ConfigDict:
@@ -83,9 +116,9 @@ def arch_block(cfg: ModelConfig | None = None) -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  kind: str                  # random | hf | run
+  kind: str                  # random | hf | run | base
   path: str = ""             # absolute
-  model: str = ""            # run: the model of that run
+  model: str = ""            # run: the model of that run; base: the LoRA role whose base this is
   step: int | None = None    # run: the checkpoint step (None until resolved)
 
   def spec(self) -> str:
@@ -93,6 +126,8 @@ class Source:
       return "random"
     if self.kind == "hf":
       return f"hf:{self.path}"
+    if self.kind == "base":
+      return f"base:{self.model}"
     return f"run:{self.path}:{self.model}" + ("" if self.step is None else f"@{self.step}")
 
 
@@ -111,7 +146,7 @@ def _bad(name: str, field: str, value, why: str):
 def parse_init(name: str, value: str) -> Source:
   """The :class:`Source` an ``init`` string names (step None = latest); syntax only."""
   if not isinstance(value, str) or not value:
-    _bad(name, "init", value, "must be random, hf:DIR, run:WORKDIR[:MODEL][@STEP], stage:NAME or none")
+    _bad(name, "init", value, "must be random, hf:DIR, run:WORKDIR[:MODEL][@STEP], base:ROLE, stage:NAME or none")
   if value == "random":
     return Source("random")
   kind, _, rest = value.partition(":")
@@ -120,6 +155,8 @@ def parse_init(name: str, value: str) -> Source:
                               "trains the stage), or give hf:DIR / run:WORKDIR")
   if kind == "hf" and rest:
     return Source("hf", hf_dir(name, value, rest))
+  if kind == "base" and rest:
+    return Source("base", model=rest)
   if kind == "run" and rest:
     step = None
     if "@" in rest:
@@ -131,7 +168,7 @@ def parse_init(name: str, value: str) -> Source:
     if ":" in rest and "/" not in rest.rsplit(":", 1)[1]:   # run:gs://bucket/run has no model part
       path, model = rest.rsplit(":", 1)
     return Source("run", paths.resolve(path), model, step)
-  _bad(name, "init", value, "must be random, hf:DIR, run:WORKDIR[:MODEL][@STEP], stage:NAME or none")
+  _bad(name, "init", value, "must be random, hf:DIR, run:WORKDIR[:MODEL][@STEP], base:ROLE, stage:NAME or none")
 
 
 def hf_dir(name: str, value: str, rest: str) -> str:
@@ -171,6 +208,7 @@ def check_fields(config) -> None:
       _bad(name, "scan_layers", r.scan_layers, "must be True or False")
     if r.arch != "auto" and (r.arch not in config or not isinstance(config[r.arch], ml_collections.ConfigDict)):
       _bad(name, "arch", r.arch, "must be auto or the name of a ModelConfig block of this config (e.g. model)")
+    lora_fields(name, r)
     if isinstance(r.init, str) and (r.init.startswith("stage:") or r.init == NONE):
       continue
     parse_init(name, r.init)
@@ -244,6 +282,8 @@ def _resolve_role(config, name: str, pinned: Mapping[str, dict] | None = None) -
   r = config.models[name]
   src = parse_init(name, r.init)
   note = f" (arch of config.models.{name})"
+  if src.kind == "base":
+    return _base_role(config, name, src, pinned)
   if src.kind == "random":
     arch = _block(config, name, "model" if r.arch == "auto" else r.arch)
   elif src.kind == "hf":
@@ -277,10 +317,39 @@ def _resolve_role(config, name: str, pinned: Mapping[str, dict] | None = None) -
     arch = ModelConfig(**{k: v for k, v in rec[src.model]["arch"].items() if k not in _NOT_ARCH})
     if r.arch != "auto":
       compare(_block(config, name, r.arch), arch, f"config.{r.arch}", f"{src.spec()} ({RECORD})", note)
-  arch = dataclasses.replace(arch, dtype=r.dtype, param_dtype=r.param_dtype, attention=r.get("attention", "einsum"),
+  arch = dataclasses.replace(_per_role(arch, r), **lora_fields(name, r))
+  return Role(name, arch.validate(prefix=f"config.models.{name} architecture"), bool(r.trainable), src)
+
+
+def _per_role(arch: ModelConfig, r) -> ModelConfig:
+  """``arch`` with role ``r``'s dtypes, attention, remat and layer scan."""
+  return dataclasses.replace(arch, dtype=r.dtype, param_dtype=r.param_dtype, attention=r.get("attention", "einsum"),
                              attention_chunk=int(r.get("attention_chunk", 512)), remat=r.get("remat", "none"),
                              scan_layers=bool(r.get("scan_layers", False)))
-  return Role(name, arch.validate(prefix=f"config.models.{name} architecture"), bool(r.trainable), src)
+
+
+def _base_role(config, name: str, src: Source, pinned) -> Role:
+  """Role ``name`` declared ``init=base:OWNER``: OWNER's model with its adapters off, computed from
+  OWNER's base arrays (no copy, no load of its own)."""
+  r = config.models[name]
+  owner = src.model
+  if owner not in config.models or config.models[owner].init in (NONE,) or owner == name:
+    _bad(name, "init", r.init, f"names no other built role of config.models (it has {sorted(config.models)})")
+  if r.trainable:
+    _bad(name, "trainable", r.trainable, f"a base:{owner} role is the frozen base of {owner}")
+  if (r.get("lora") or {}).get("rank", 0):
+    _bad(name, "lora.rank", r.lora.rank, f"a base:{owner} role has no adapters of its own")
+  o = config.models[owner]
+  if str(o.init).startswith("base:"):
+    _bad(name, "init", r.init, f"config.models.{owner} is itself a base: role")
+  if not (o.get("lora") or {}).get("rank", 0):
+    _bad(name, "init", r.init, f"config.models.{owner} has no adapters (lora.rank=0), so its base is the "
+                               f"model itself, still being trained; give {name} its own init (e.g. {owner}'s)")
+  if r.param_dtype != o.param_dtype:
+    _bad(name, "param_dtype", r.param_dtype, f"{name} computes with config.models.{owner}'s base arrays, "
+                                             f"stored in {o.param_dtype}: set both alike")
+  base = _resolve_role(config, owner, pinned).arch.without_lora()
+  return Role(name, _per_role(base, r).validate(prefix=f"config.models.{name} architecture"), False, src)
 
 
 def resolve(config, pinned: Mapping[str, dict] | None = None) -> dict[str, Role]:
@@ -291,6 +360,12 @@ def resolve(config, pinned: Mapping[str, dict] | None = None) -> dict[str, Role]
   """
   check_fields(config)
   return {name: _resolve_role(config, name, pinned) for name in config.models if config.models[name].init != NONE}
+
+
+def weights_init(config, name: str) -> str:
+  """The init of the weights role ``name`` computes with: for a ``base:OWNER`` role, OWNER's."""
+  init = config.models[name].init
+  return config.models[init[5:]].init if isinstance(init, str) and init.startswith("base:") else init
 
 
 def built(config, name: str) -> bool:
@@ -359,8 +434,11 @@ def add_heads(rec: dict, heads: Mapping[str, object]) -> dict:
 def _resume_arch(arch: dict | None) -> dict | None:
   """The architecture as a resume compares it: the attention implementation (and its chunk),
   the rematerialisation and the layer scan may change (the same function, the same parameters)."""
-  return None if arch is None else {k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()
-                                    if k not in ("attention", "attention_chunk", "remat", "scan_layers")}
+  if arch is None:
+    return None
+  arch = {**dataclasses.asdict(ModelConfig()), **arch}     # a field added since the run started: its default
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()
+          if k not in ("attention", "attention_chunk", "remat", "scan_layers")}
 
 
 def check_resume(recorded: Mapping[str, dict], now: Mapping[str, dict], workdir: str):
@@ -392,8 +470,9 @@ def describe(roles: Mapping[str, Role]) -> str:
   parts = []
   for n, r in roles.items():
     a = r.arch
+    adapters = f", LoRA rank {a.lora_rank}" if a.lora_rank else ""
     parts.append(f"{n} ({'trained' if r.trainable else 'frozen'}, {a.family} d{a.d_model} L{a.n_layers} "
-                 f"V{a.vocab_size}, params {a.param_dtype}) <- {r.source.spec()}")
+                 f"V{a.vocab_size}, params {a.param_dtype}{adapters}) <- {r.source.spec()}")
   return "models: " + "; ".join(parts)
 
 
@@ -406,9 +485,43 @@ def load(r: Role, abstract_params):
   if r.source.kind == "hf":
     return hf.load_params(r.source.path, abstract_params, r.arch, where=f"config.models.{r.name}")
   if r.source.kind == "run":
+    rec = run_record(r.source.path).get(r.source.model) or {}
+    if (rec.get("arch") or {}).get("lora_rank"):
+      return _load_merged(r, rec, abstract_params)
     params, _ = ckpt_lib.load_params(r.source.path, r.source.model, r.name, abstract_params, r.source.step)
     return params
-  raise ValueError(f"config.models.{r.name}: a random role has no source to load")
+  raise ValueError(f"config.models.{r.name}: a {r.source.kind} role has no source to load")
+
+
+def _load_merged(r: Role, rec: dict, abstract_params):
+  """A LoRA-trained model of a run, its adapters folded into its base: the base from the source
+  that run recorded for it, the adapters from its checkpoint at ``r.source.step``."""
+  from jaxopd import checkpoint as ckpt_lib
+  arch = ModelConfig(**rec["arch"])
+  base_src = parse_init(r.name, rec["source"])
+  if base_src.kind not in ("hf", "run"):
+    raise ConfigError(f"config.models.{r.name}.init={r.source.spec()!r}: that model was trained with adapters on "
+                      f"a {base_src.kind} base, which cannot be re-read; start its run from hf:DIR or run:WORKDIR")
+  base = load(Role(r.name, arch.without_lora(), False, base_src), abstract_params)
+  flat, treedef = ckpt_lib.flatten(base)
+  merged = lora.merge({**flat, **run_adapters(r.source, r.name, arch)}, arch.lora_scale)
+  return ckpt_lib.unflatten(treedef, merged, list(flat))
+
+
+def run_adapters(src: Source, name: str, arch: ModelConfig, mesh=None) -> dict:
+  """The adapters (flattened, replicated on ``mesh``, default the first device) of model
+  ``src.model`` of run ``src.path`` at checkpoint ``src.step``; ``arch``: its recorded architecture."""
+  from flax import nnx
+
+  from jaxopd import checkpoint as ckpt_lib
+  from jaxopd.models.transformer import Transformer
+  from jaxopd import mesh as mesh_lib
+  mesh = mesh_lib.make_mesh((1, 1, 1), 1) if mesh is None else mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shapes = nnx.state(nnx.eval_shape(lambda: Transformer(arch, nnx.Rngs(0))), lora.LoRAParam)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
+  adapters, _ = ckpt_lib.load_params(src.path, src.model, name, abstract, src.step)
+  return ckpt_lib.flatten(adapters)[0]
 
 
 def load_model(init: str, name: str = "model", dtype: str = "float32", param_dtype: str = "float32", mesh=None,

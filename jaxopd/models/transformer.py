@@ -34,7 +34,7 @@ from flax import nnx
 from jaxopd.errors import ConfigError
 from jaxopd.losses.common import map_chunks
 from jaxopd.mesh import constrain
-from jaxopd.models import splash
+from jaxopd.models import lora, splash
 
 FAMILIES = ("gpt2", "llama")
 QK_NORMS = ("none", "head", "full")
@@ -100,9 +100,23 @@ class ModelConfig:
   layer_types: tuple = ()          # "full" or "sliding" per layer; () = all sliding if sliding_window, else full
   rope_local_theta: float = 0.0    # sliding layers' rotary base, unscaled (Gemma 3); 0 = as the full layers
   hf_type: str = ""                # the HF model_type export writes; "" = gpt2, or llama / qwen2 (by qkv_bias)
+  # LoRA adapters (jaxopd/models/lora.py; set per role by config.models.<role>.lora).
+  lora_rank: int = 0               # adapter rank; 0 = none
+  lora_alpha: float = 16.0         # the adapters' output is scaled by lora_alpha / lora_rank
+  lora_targets: tuple = ()         # projections with adapters, of q k v o gate up down; () = all seven
+  lora_init: str = "kaiming"       # A's init: kaiming (PEFT's default) | gaussian; B starts at zero
 
   def __post_init__(self):
-    object.__setattr__(self, "layer_types", tuple(self.layer_types))   # hashable (a static model attribute)
+    for f in ("layer_types", "lora_targets"):    # hashable (a static model attribute)
+      object.__setattr__(self, f, tuple(getattr(self, f)))
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+  def without_lora(self) -> "ModelConfig":
+    """The same model without adapters (its base)."""
+    return dataclasses.replace(self, lora_rank=0, lora_alpha=16.0, lora_targets=(), lora_init="kaiming")
 
   @property
   def kv_heads(self) -> int:
@@ -195,6 +209,17 @@ class ModelConfig:
       bad("head", f"must be one of {HEADS}")
     if self.norm_eps <= 0 or self.init_std <= 0:
       bad("norm_eps" if self.norm_eps <= 0 else "init_std", "must be positive")
+    if self.lora_rank < 0:
+      bad("lora_rank", "must be >= 0 (0 = no adapters)")
+    if self.lora_rank:
+      if self.family != "llama":
+        bad("lora_rank", "adapters are for the llama layout (gpt2's fused c_attn has no per-projection adapters)")
+      if self.lora_alpha <= 0:
+        bad("lora_alpha", "must be positive")
+      if any(t not in lora.TARGETS for t in self.lora_targets) or len(set(self.lora_targets)) != len(self.lora_targets):
+        bad("lora_targets", f"must be distinct names of {tuple(lora.TARGETS)}")
+      if self.lora_init not in lora.INITS:
+        bad("lora_init", f"must be one of {lora.INITS}")
     return self
 
   @classmethod
@@ -352,6 +377,8 @@ class Attention(nnx.Module):
                    Norm(cfg, dh, ("head_dim",)) if per_head else Norm(cfg, h * dh, (None,)))
     self.k_norm = (None if cfg.qk_norm == "none" else
                    Norm(cfg, dh, ("head_dim",)) if per_head else Norm(cfg, kv * dh, (None,)))
+    if cfg.lora_rank:
+      lora.attach(self, "attn", cfg, rngs)
 
   @property
   def scale(self) -> float:
@@ -371,7 +398,8 @@ class Attention(nnx.Module):
     cfg = self.cfg
     dt = x.dtype
     b, t = x.shape[:2]
-    q, k, v = (_dense(x, w[...].astype(dt)) for w in (self.wq, self.wk, self.wv))
+    q, k, v = (_dense(x, getattr(self, w)[...].astype(dt)) + lora.delta(self, w, x, cfg.lora_scale)
+               for w in ("wq", "wk", "wv"))
     if self.bq is not None:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if self.q_norm is not None:
@@ -420,7 +448,8 @@ class Attention(nnx.Module):
         out = self._dot_product(q, keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3), allowed)
       else:
         out = self._einsum_attention(q, keys, values, allowed, "bnsk", False)
-    y = _dense(out.reshape(b, t, h * dh), self.wo[...].reshape(h * dh, -1).astype(dt))
+    out = out.reshape(b, t, h * dh)
+    y = _dense(out, self.wo[...].reshape(h * dh, -1).astype(dt)) + lora.delta(self, "wo", out, cfg.lora_scale)
     if self.bo is not None:
       y = y + self.bo[...].astype(dt)
     return y, (None if cache_kv is None else (keys, values))
@@ -551,6 +580,12 @@ class MLP(nnx.Module):
       self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
       self.w_up = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
       self.w_down = _param(rngs, (f, d), ("mlp", "embed"), out_std, pd)
+    self.lora_scale = cfg.lora_scale
+    if cfg.lora_rank:
+      lora.attach(self, "mlp", cfg, rngs)
+
+  def _proj(self, x, name):
+    return _dense(x, getattr(self, name)[...].astype(x.dtype)) + lora.delta(self, name, x, self.lora_scale)
 
   def __call__(self, x):
     dt = x.dtype
@@ -558,11 +593,11 @@ class MLP(nnx.Module):
       h = jax.nn.gelu(_dense(x, self.w_in[...].astype(dt)) + self.b_in[...].astype(dt), approximate=True)
       h = constrain(h, ("batch", "length", "mlp"))
       return _dense(h, self.w_out[...].astype(dt)) + self.b_out[...].astype(dt)
-    gate = _dense(x, self.w_gate[...].astype(dt))
+    gate = self._proj(x, "w_gate")
     gate = jax.nn.silu(gate) if self.act == "silu" else jax.nn.gelu(gate, approximate=True)
-    h = gate * _dense(x, self.w_up[...].astype(dt))
+    h = gate * self._proj(x, "w_up")
     h = constrain(h, ("batch", "length", "mlp"))
-    return _dense(h, self.w_down[...].astype(dt))
+    return self._proj(h, "w_down")
 
 
 class Block(nnx.Module):
