@@ -18,7 +18,7 @@ runs the whole pipeline, each stage cached so a re-run skips what is done:
 The method: jaxopd/methods/tdpo.py. Presets (comma-separated): ``dpo``,
 ``tdpo1``, ``tdpo2`` (the loss; default tdpo2; ``dpo`` is the DPO baseline,
 ``--workdir runs/dpo``), ``smoke`` (tiny sizes, for tests). Defaults of the official code:
-beta 0.1, alpha 0.5. Measured numbers: experiments/README.md.
+beta 0.1, alpha 0.5. Measured numbers: experiments/tdpo.md.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def get_config(arg: str | None = None):
   tdpo.pipeline(c, smoke)        # model, data, the SFT stage, pairs, sampled evaluation; roles
 
   c.method.name = "tdpo"         # jaxopd/methods/tdpo.py
-  c.method.loss = "tdpo2"        # dpo | tdpo1 | tdpo2
+  c.method.loss = "tdpo2"        # dpo | ipo | tdpo1 | tdpo2 (jaxopd.methods.tdpo.PAIR_LOSSES)
   c.method.beta = 0.1            # inverse temperature of the implicit reward
   c.method.alpha = 0.5           # tdpo2: weight of the KL margin
   c.method.log_kl = True         # dpo: also compute the sequential KL (detached) for the metrics

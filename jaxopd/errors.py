@@ -17,6 +17,10 @@ class WeightFileError(ValueError):
   another shape); the message names the file and the tensor."""
 
 
+class TrainingError(RuntimeError):
+  """The run cannot go on (a non-finite loss or gradient, no intact checkpoint left)."""
+
+
 class EnvironmentFault(Exception):
   """The machine, not the config: a full disk, a read-only or unwritable workdir, a path that is a file."""
 

@@ -37,7 +37,7 @@ def main(argv):
   for handler in std_logging.getLogger().handlers:
     handler.addFilter(fault_filter)
   from jaxopd import config as config_lib
-  from jaxopd import train
+  from jaxopd import errors, runtime, train
   from jaxopd import methods
   from jaxopd.data.formats import DataFormatError
   from jaxopd.errors import EnvironmentFault, WeightFileError, check_workdir, environment_fault
@@ -63,13 +63,13 @@ def main(argv):
           WeightFileError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  except train.Interrupted as e:
+  except runtime.Interrupted as e:
     print(f"stopped: {e}", file=sys.stderr)
     sys.exit(130 if e.signal == "SIGINT" else 143)
-  except train.WorkdirBusy as e:
+  except runtime.WorkdirBusy as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  except train.TrainingError as e:
+  except errors.TrainingError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
   except EnvironmentFault as e:

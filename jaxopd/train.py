@@ -14,13 +14,7 @@ written after it, so the last good one stays the latest.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import json
 import os
-import signal
-import socket
-import sys
-import threading
 import time
 from typing import Any
 
@@ -37,13 +31,11 @@ from jaxopd import logs
 from jaxopd import mesh as mesh_lib
 from jaxopd import optim
 from jaxopd import paths
+from jaxopd import runtime
 from jaxopd.data.pipeline import SmallDatasetError
+from jaxopd.errors import TrainingError
 from jaxopd.experiment import DataShard, Experiment, LossOutput
 from jaxopd.models import Transformer, lora, table
-
-
-class TrainingError(RuntimeError):
-  """The run cannot go on (non-finite loss or gradient)."""
 
 
 def _with_shardings(abstract, shardings):
@@ -375,100 +367,6 @@ class Trainer:
     return state, frozen
 
 
-class _Preemption:
-  """SIGTERM or SIGINT (Ctrl-C) sets a flag; the loop checkpoints and stops at the next step
-  boundary (a second Ctrl-C interrupts at once). ``signal`` names the one received.
-
-  With several processes they must stop at the same step (the checkpoint is a
-  collective), so jax's preemption sync point decides: jax.distributed catches
-  SIGTERM on any host and names the first step every host can stop after
-  (SIGINT keeps Python's default there).
-  """
-
-  def __init__(self):
-    self.requested = False
-    self.signal = ""
-    self._old = {}
-    self._multi = jax.process_count() > 1 and jax.distributed.is_initialized()
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread() and not self._multi:
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def check(self, step: int) -> bool:
-    """Whether to checkpoint and stop after ``step``; called once per step on every process."""
-    if self._multi and not self.requested:
-      from jax.experimental import multihost_utils
-      self.requested = multihost_utils.reached_preemption_sync_point(step)
-      self.signal = self.signal or ("SIGTERM" if self.requested else "")
-    return self.requested
-
-  def _handle(self, signum, frame):
-    self.requested = True
-    self.signal = signal.Signals(signum).name
-    if signum == signal.SIGINT:     # the next Ctrl-C is Python's KeyboardInterrupt again
-      signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-
-
-class Interrupted(RuntimeError):
-  """A pipeline stage stopped by a signal after checkpointing; ``signal``: its name."""
-
-  def __init__(self, signal_name: str, message: str):
-    super().__init__(message)
-    self.signal = signal_name
-
-
-class WorkdirBusy(RuntimeError):
-  """Another live run holds the workdir's lock."""
-
-
-class WorkdirLock:
-  """An exclusive lock on ``workdir/.lock`` (``fcntl.flock``, so the kernel frees it when its
-  process dies): a second run on the same workdir is refused in one line naming the holder
-  (pid, host, start time, command); a lock file left by a dead run is reported and taken
-  over. On a file system without ``flock`` (some NFS) the lock is advisory only."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, ".lock")
-    os.makedirs(workdir, exist_ok=True)
-    self._f = open(self.path, "a+")
-    try:
-      fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      self._f.seek(0)
-      holder = self._f.read().strip()
-      self._f.close()
-      raise WorkdirBusy(f"{workdir} is in use by another run ({holder or 'holder unknown'}); wait for it to "
-                        f"finish or use another --workdir") from None
-    self._f.seek(0)
-    stale = self._f.read().strip()
-    if stale:
-      print(f"note: {self.path} was left by a run that did not exit cleanly ({stale}); taking it over",
-            flush=True)
-    self._f.seek(0)
-    self._f.truncate()
-    self._f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                  "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                  "command": " ".join(sys.argv)[:200]}))
-    self._f.flush()
-
-  def release(self):
-    """Empties the lock file (a clean exit) and frees the lock."""
-    if self._f.closed:
-      return
-    self._f.seek(0)
-    self._f.truncate()
-    self._f.flush()
-    fcntl.flock(self._f, fcntl.LOCK_UN)
-    self._f.close()
-
-
 def _host(metrics) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -479,7 +377,7 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
 
   Returns a summary: final ``step``, last ``train`` and ``eval`` metrics,
   ``preempted`` ("SIGTERM" or "SIGINT" when a signal stopped it after checkpointing, else ""),
-  ``resumed_from``. One run per workdir: a second is refused (:class:`WorkdirBusy`).
+  ``resumed_from``. One run per workdir: a second is refused (:class:`jaxopd.runtime.WorkdirBusy`).
   """
   c = config
   mesh_lib.maybe_initialize_distributed(c.distributed)
@@ -492,7 +390,7 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
   # An existing workdir is locked before it is read (a live run may be rotating its checkpoints);
   # a new one only after the checks, so a refused config creates nothing.
   local = main and not paths.is_remote(workdir)
-  lock = WorkdirLock(workdir) if local and paths.isdir(workdir) else None
+  lock = runtime.WorkdirLock(workdir) if local and paths.isdir(workdir) else None
   try:
     resumed_from = ckpt_lib.latest_step(workdir)
     recorded = table.run_record(workdir) if resumed_from is not None else {}
@@ -506,7 +404,7 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
     if main:
       print(table.describe(roles), flush=True)
     if local and lock is None:
-      lock = WorkdirLock(workdir)
+      lock = runtime.WorkdirLock(workdir)
     if main and paths.is_remote(workdir):
       print(f"note: {workdir} is in cloud storage, which has no locks: nothing stops a second run on it",
             flush=True)
@@ -535,7 +433,7 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
   if resumed_from is not None:
     if changed and main:
       print(f"resuming in {workdir}: config fields changed since the checkpoint: {', '.join(changed)}")
-    state, resumed_from = _restore_intact(ckpt, resumed_from, trainer.abstract_state, data_iter, main)
+    state, resumed_from = runtime.restore_intact(ckpt, resumed_from, trainer.abstract_state, data_iter, main)
     frozen = trainer.init_frozen()   # frozen models are not checkpointed: re-loaded from their pinned sources
     state, frozen = trainer.load_sources(state, frozen, frozen_only=True)
   else:
@@ -590,7 +488,7 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
         bar.set_postfix({"loss": f"{m['loss']:.4f}", rate_name: f"{m[rate_name]:.1f}"})
 
   try:
-    with jax.set_mesh(mesh), mesh_lib.use_rules(rules), _Preemption() as preempt:
+    with jax.set_mesh(mesh), mesh_lib.use_rules(rules), runtime.Preemption() as preempt:
       for step in range(start + 1, c.total_steps + 1):
         local = next(data_iter)
         batch = trainer.to_global(local, c.batch_size)
@@ -631,7 +529,7 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
         pass
     if isinstance(e, KeyboardInterrupt):   # a second Ctrl-C in the loop: say what was saved
       last = ckpt_lib.latest_complete(ckpt.directory)
-      raise Interrupted("SIGINT", f"interrupted (a second Ctrl-C) at step {step}; " + (
+      raise runtime.Interrupted("SIGINT", f"interrupted (a second Ctrl-C) at step {step}; " + (
           f"the latest complete checkpoint is step {last} in {ckpt.directory}: re-run the command to resume"
           if last is not None else "no checkpoint of this run was complete: re-running starts afresh")) from None
     raise
@@ -647,25 +545,6 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
     bar.close()
   summary["state"], summary["frozen"], summary["trainer"] = state, frozen, trainer
   return summary
-
-
-def _restore_intact(ckpt, step, abstract_state, data_iter, main):
-  """Restores the newest intact checkpoint, from ``step`` down; a damaged one (a file missing or cut
-  short) is reported, moved aside to ``WORKDIR/checkpoints.damaged/`` (kept, not deleted) and the next
-  older one tried. Returns ``(state, step)``; raises :class:`TrainingError` when none is intact."""
-  while True:
-    try:
-      return ckpt.restore(step, abstract_state, data_iter), step
-    except ckpt_lib.DamagedCheckpoint as e:
-      moved = ckpt.move_aside(step)
-      older = ckpt.latest_step()
-      if main:
-        print(f"checkpoint step {step} is damaged ({e}); moved aside to {moved}; "
-              + (f"falling back to step {older}" if older is not None else "no older checkpoint"), flush=True)
-      if older is None:
-        raise TrainingError(f"no intact checkpoint left in {ckpt.directory} (the damaged ones are in "
-                            f"{os.path.dirname(moved)}); re-running the command starts this run afresh")
-      step = older
 
 
 def _check_eval_data(c, experiment, shard) -> None:

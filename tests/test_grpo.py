@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxopd import mesh as mesh_lib
-from jaxopd import train
+from jaxopd import errors, train
 from jaxopd.errors import ConfigError
 from jaxopd.experiment import DataShard, load_config
 from jaxopd.methods import grpo
@@ -329,7 +329,7 @@ def test_a_failing_or_non_finite_reward_function_stops_in_one_line(tmp_path, rew
   c = _config(tmp_path, f"{rewards_module}:{fn}")
   c.total_steps = 3
   c.checkpoint.every = 1
-  with pytest.raises(train.TrainingError, match=match):
+  with pytest.raises(errors.TrainingError, match=match):
     train.run(c, str(tmp_path / "run"), grpo.build(c))
 
 
@@ -442,3 +442,29 @@ def test_smoke_on_the_reviews_task_with_its_gold_reward(tmp_path):
   grpo.report(c, workdir, s)
   summ = json.load(open(os.path.join(workdir, "summary.json")))
   assert 0 <= summ["before"]["sample/reward"] <= 1 and "sample/entropy" in summ["after"]
+
+
+def test_a_bf16_sampler_has_a_measured_mismatch_and_the_corrections_apply(tmp_path, rewards_module):
+  """The sampler at the policy's own precision agrees with the trainer's log-probs to float32
+  rounding (a KV-cache decode against a full forward); in bfloat16 the step logs the mismatch
+  (mean and per-response max |d log p|, the sampler-to-trainer KL), and TIS / MIS report what they
+  truncated or masked."""
+  seen = {}
+  for dtype, corr in (("", "none"), ("bfloat16", "none"), ("bfloat16", "tis"), ("bfloat16", "mis")):
+    c = _config(tmp_path, f"{rewards_module}:first_half", sampler_dtype=dtype, rollout_correction=corr,
+                rollout_cap=1.0003)   # the tiny model's bf16 mismatch is ~4e-4 nats per token
+    exp, tr = _trainer(c)
+    with jax.set_mesh(tr.mesh):
+      state, frozen = tr.init()
+      batch = _batches(exp, tr, c, 1)[0]
+      _, metrics = tr.compiled_train_step(batch)(state, frozen, batch)
+    seen[dtype, corr] = {k: float(v) for k, v in metrics.items() if k.startswith("rollout/")}
+    assert bool(metrics["finite"])
+  print(seen)
+  assert seen["", "none"]["rollout/logp_diff_seqmax"] < 1e-4
+  bf16 = seen["bfloat16", "none"]
+  assert bf16["rollout/logp_diff"] > 1e-4 and bf16["rollout/logp_diff_seqmax"] > bf16["rollout/logp_diff"]
+  assert 0 < seen["bfloat16", "tis"]["rollout/tis_truncated"] < 1
+  assert 0 < seen["bfloat16", "mis"]["rollout/mis_masked"] <= 1
+  with pytest.raises(ConfigError, match=r"config\.method\.sampler_dtype='float16': must be one of"):
+    grpo.build(_config(tmp_path, f"{rewards_module}:ones", sampler_dtype="float16"))

@@ -660,3 +660,16 @@ def test_invalid_divergence_arguments_raise():
     jsd(j(p), j(q), beta=-0.1)
   with pytest.raises(ValueError):
     divergence("kl", j(p), j(q))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
+def test_ipo_loss_matches_numpy(seed, beta):
+  """IPO (Azar et al. 2023): (R_w - R_l - 1/(2 beta))^2 and its gradient 2 (h - 1/(2 beta)), float64."""
+  from jaxopd.losses import ipo_loss
+  rw, rl, _, _ = rand_pairs(seed)
+  h = rw.astype(np.float64) - rl.astype(np.float64) - 1.0 / (2.0 * beta)
+  np.testing.assert_allclose(np.asarray(ipo_loss(j(rw), j(rl), beta)), h ** 2, **TOL)
+  gw, gl = jax.grad(lambda a, b_: jnp.sum(ipo_loss(a, b_, beta)), argnums=(0, 1))(j(rw), j(rl))
+  np.testing.assert_allclose(np.asarray(gw), 2 * h, **TOL)
+  np.testing.assert_allclose(np.asarray(gl), -2 * h, **TOL)

@@ -38,6 +38,18 @@ def test_policy_equal_reference_gives_log2_and_zero_rewards(loss):
   assert float(out.metrics["logps/chosen"]) < 0
 
 
+def test_ipo_is_one_table_entry_through_the_step():
+  """IPO, added as one function (jaxopd.losses.ipo_loss) and one entry of PAIR_LOSSES: with the
+  policy equal to the reference every pair's loss is (0 - 1/(2 beta))^2, and the preset exists."""
+  from jaxopd.experiment import load_config
+  from jaxopd.methods import tdpo
+  assert "ipo" in tdpo.PAIR_LOSSES and load_config("tdpo.py:ipo").method.loss == "ipo"
+  pol = Transformer(CFG, nnx.Rngs(params=0))
+  ref = Transformer(CFG, nnx.Rngs(params=0))
+  out = make_loss_fn("ipo", beta=0.1)({"policy": pol, "reference": ref}, _batch(), None)
+  np.testing.assert_allclose(float(out.loss) / float(out.count), (1 / (2 * 0.1)) ** 2, rtol=1e-6)
+
+
 def test_gradients_flow_to_policy_only_and_tdpo2_ignores_chosen_kl_gradient():
   """The reference gets no gradient; TDPO2's policy gradient is that of
   z = (R_w - R_l) - alpha (K_l - sg(K_w)) written here from the logits (TDPO's formula), and differs from
@@ -101,5 +113,5 @@ def test_metrics_match_a_direct_computation():
 
 
 def test_unknown_loss_is_an_error():
-  with pytest.raises(ValueError, match="config.method.loss='ipo'"):
-    make_loss_fn("ipo", beta=0.1)
+  with pytest.raises(ValueError, match="config.method.loss='orpo'"):
+    make_loss_fn("orpo", beta=0.1)

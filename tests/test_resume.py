@@ -91,7 +91,7 @@ def uninterrupted(tmp_path_factory):
   return train, evals
 
 
-# SIGTERM takes the same path as SIGINT (jaxopd.train._Preemption) and is sent to two processes
+# SIGTERM takes the same path as SIGINT (jaxopd.runtime.Preemption) and is sent to two processes
 # in tests/test_multihost.py; here SIGINT (Ctrl-C) and SIGKILL.
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_killed_and_resumed_run_matches_uninterrupted(sig, uninterrupted, tmp_path):

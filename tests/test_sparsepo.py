@@ -19,7 +19,7 @@ from flax import nnx
 
 from helpers import shared_smoke_stages
 from test_loss_references import rand_batch
-from jaxopd import train
+from jaxopd import errors, train
 from jaxopd.experiment import load_config
 from jaxopd.methods import sparsepo
 from jaxopd.losses import forward_kl_per_token, response_mask, tdpo_loss, dpo_loss, token_logprobs
@@ -352,7 +352,7 @@ def test_dead_mask_stops_the_run_or_warns_naming_the_step(capsys):
     c = ml_collections.ConfigDict(dict(seq_len=10, method=dict(mask="learned", shared=shared, mask_init=init)))
     return sparsepo.make_evaluate(c, None, [], recs)     # no suite: the check alone, on the probed pairs
   models = {"policy": pol, "reference": ref}
-  with pytest.raises(train.TrainingError, match=r"w_u is zero on every response token of the 4 probed sequences "
+  with pytest.raises(errors.TrainingError, match=r"w_u is zero on every response token of the 4 probed sequences "
                                                 r"at step 7 .*mask_init=positive"):
     evaluate(True)({**models, "mask": dead}, 7)
   indep = sparsepo.SparseMask(cfg.n_layers, cfg.d_model, False, nnx.Rngs(params=1))
@@ -535,7 +535,7 @@ def test_sparsepo_smoke_pipeline(tmp_path, capsys):
   # A dead mask (every mixer weight negative) stops the experiment's evaluation, before any sampling.
   dead = nnx.clone(models["mask"])
   dead.u.a[...] = -jnp.abs(dead.u.a[...]) - 0.1
-  with pytest.raises(train.TrainingError, match="w_u is zero on every response token .* at step 123"):
+  with pytest.raises(errors.TrainingError, match="w_u is zero on every response token .* at step 123"):
     exp.evaluate({**models, "mask": dead}, 123)
 
   # MaPO reuses the cached stages; no mask model, no mask group (its step: the unit tests above).

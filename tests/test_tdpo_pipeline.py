@@ -62,7 +62,7 @@ def test_tdpo_then_dpo_pipeline(tmp_path, capsys):
 
 def test_bad_method_fields_are_config_errors(tmp_path):
   from jaxopd.errors import ConfigError
-  for field, value, msg in [("loss", "ipo", "config.method.loss='ipo'"), ("beta", 0.0, "config.method.beta=0.0"),
+  for field, value, msg in [("loss", "orpo", "config.method.loss='orpo'"), ("beta", 0.0, "config.method.beta=0.0"),
                             ("alpha", 0.3, "only tdpo2 uses alpha")]:
     c = _config(tmp_path, "smoke,tdpo1" if field == "alpha" else "smoke")
     c.method[field] = value

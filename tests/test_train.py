@@ -15,7 +15,7 @@ from flax import nnx
 
 from helpers import SFT, params_of, tiny_config, two_model_experiment
 from jaxopd import checkpoint as ckpt_lib
-from jaxopd import logs, train
+from jaxopd import errors, logs, runtime, train
 from jaxopd import mesh as mesh_lib
 from jaxopd.errors import ConfigError
 from jaxopd.models import table
@@ -128,14 +128,14 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tm
     return Experiment(roles=base.roles, loss_fn=loss_fn, train_data=train_data)
 
   nan_dir = tmp_path / "nan"
-  with pytest.raises(train.TrainingError, match=f"step 5: non-finite loss.* Last good checkpoint: step 4 in "
+  with pytest.raises(errors.TrainingError, match=f"step 5: non-finite loss.* Last good checkpoint: step 4 in "
                                                 f"{nan_dir}/checkpoints$"):
     train.run(cfg, nan_dir, poisoned(5))
   c = ckpt_lib.Checkpointer(str(nan_dir / "checkpoints"))
   assert c.latest_step() == 4
   assert [r["step"] for r in logs.read_metrics(str(nan_dir), "train")] == [1, 2, 3, 4]
   # Before the first checkpoint, the message says there is none (it once said "step None").
-  with pytest.raises(train.TrainingError, match=r"step 1: non-finite loss.* No checkpoint was written before it$"):
+  with pytest.raises(errors.TrainingError, match=r"step 1: non-finite loss.* No checkpoint was written before it$"):
     train.run(cfg, tmp_path / "nan1", poisoned(1))
 
 
@@ -234,15 +234,15 @@ def test_rollout_hook_feeds_the_loss(tmp_path):
 def test_workdir_lock_is_exclusive_and_reports_a_stale_lock_file(tmp_path, capsys):
   """The lock is held until released (a second taker gets WorkdirBusy naming the holder); a lock
   file left by a dead run (non-empty, lock free) is reported and taken over."""
-  first = train.WorkdirLock(str(tmp_path))
-  with pytest.raises(train.WorkdirBusy, match=rf'{tmp_path} is in use by another run \(.*"pid": {os.getpid()}'):
-    train.WorkdirLock(str(tmp_path))
+  first = runtime.WorkdirLock(str(tmp_path))
+  with pytest.raises(runtime.WorkdirBusy, match=rf'{tmp_path} is in use by another run \(.*"pid": {os.getpid()}'):
+    runtime.WorkdirLock(str(tmp_path))
   first.release()
   assert (tmp_path / ".lock").read_text() == ""            # a clean exit leaves it empty
-  train.WorkdirLock(str(tmp_path)).release()
+  runtime.WorkdirLock(str(tmp_path)).release()
   assert "did not exit cleanly" not in capsys.readouterr().out
   (tmp_path / ".lock").write_text('{"pid": 1, "host": "gone"}')   # as a SIGKILLed run leaves it
-  again = train.WorkdirLock(str(tmp_path))
+  again = runtime.WorkdirLock(str(tmp_path))
   assert 'was left by a run that did not exit cleanly ({"pid": 1, "host": "gone"})' in capsys.readouterr().out
   again.release()
 
@@ -343,6 +343,6 @@ def test_a_second_ctrl_c_during_a_checkpoint_says_what_was_saved(tmp_path, monke
       raise KeyboardInterrupt
     return save(self, state, *a, **kw)
   monkeypatch.setattr(ckpt_lib.Checkpointer, "save", interrupted_at_4)
-  with pytest.raises(train.Interrupted, match=rf"interrupted \(a second Ctrl-C\) at step 4; the latest complete "
+  with pytest.raises(runtime.Interrupted, match=rf"interrupted \(a second Ctrl-C\) at step 4; the latest complete "
                                               rf"checkpoint is step 2 in {tmp_path / 'w'}/checkpoints: re-run"):
     train.run(cfg, tmp_path / "w", SFT.build(cfg))

@@ -46,6 +46,7 @@ from jaxopd.losses.divergences import _kl
 
 ADVANTAGES = ("grpo", "dr_grpo")
 RATIO_LEVELS = ("token", "sequence")
+CORRECTIONS = ("none", "tis", "mis")     # of a sampler whose log-probs differ from the trainer's
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "dr_grpo")
 DISTILL = ("reverse_kl", "forward_kl", "hard_ce")
@@ -106,13 +107,46 @@ def aggregate(values: jax.Array, m: jax.Array, mode: str, max_len: int, rows: ja
   raise ValueError(f"config.method.aggregation={mode!r}: must be one of {AGGREGATIONS}")
 
 
+def rollout_correction(lp_old, lp_rollout, mask, kind: str, cap: float):
+  """The correction of a sampler whose log-probs ``lp_rollout`` differ from the trainer's ``lp_old``
+  (a bf16 sampler, an inference engine), and the mismatch metrics, over the response tokens
+  ``mask``. ``kind``: ``none``; ``tis`` (token-level truncated importance sampling: each token's
+  policy-gradient term weighted by ``min(exp(lp_old - lp_rollout), cap)``); ``mis`` (sequence-level
+  masking: a response whose geometric-mean ratio ``exp(mean_t (lp_old - lp_rollout))`` lies outside
+  ``[1/cap, cap]`` leaves the loss, numerator and count). Returns ``(token weight [R, N], row keep
+  [R], metrics)``; metrics (``(sum, count)``): ``rollout/logp_diff`` (mean ``|lp_old - lp_rollout|``
+  per token), ``rollout/logp_diff_seqmax`` (its max within a response, averaged over responses),
+  ``rollout/kl`` (``KL(sampler || trainer)`` per response, from the sampler's own samples:
+  ``sum_t (lp_rollout - lp_old)``), and ``rollout/tis_truncated`` or ``rollout/mis_masked``."""
+  if kind not in CORRECTIONS:
+    raise ValueError(f"config.method.rollout_correction={kind!r}: must be one of {CORRECTIONS}")
+  m = mask.astype(jnp.float32)
+  d = jax.lax.stop_gradient(lp_old.astype(jnp.float32) - lp_rollout.astype(jnp.float32))
+  n = jnp.sum(m)
+  rows = jnp.float32(m.shape[0])
+  lengths = jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+  metrics = {"rollout/logp_diff": (jnp.sum(jnp.abs(d) * m), n),
+             "rollout/logp_diff_seqmax": (jnp.sum(jnp.max(jnp.abs(d) * m, axis=-1)), rows),
+             "rollout/kl": (jnp.sum(-d * m), rows)}
+  weight, keep = jnp.ones_like(m), jnp.ones(m.shape[:1], jnp.float32)
+  if kind == "tis":
+    weight = jnp.minimum(jnp.exp(d), cap)
+    metrics["rollout/tis_truncated"] = (jnp.sum((jnp.exp(d) > cap) * m), n)
+  elif kind == "mis":
+    keep = (jnp.abs(jnp.sum(d * m, axis=-1) / lengths) <= jnp.log(cap)).astype(jnp.float32)
+    metrics["rollout/mis_masked"] = (jnp.sum(1.0 - keep), rows)
+  return weight, keep, metrics
+
+
 def policy_loss(lp, lp_old, adv, mask, eps_low: float, eps_high: float, beta_kl: float = 0.0, lp_ref=None,
                 kl: str = "k3", aggregation: str = "token_mean", max_len: int | None = None, row_weight=None,
-                ratio_level: str = "token"):
+                ratio_level: str = "token", token_weight=None):
   """``(loss_sum, count, metrics)`` of the clipped surrogate plus ``beta_kl`` times the KL
   estimator; ``metrics``: name -> ``(sum, count)`` token means over the kept tokens.
   ``ratio_level="sequence"`` (GSPO; TRL's ``importance_sampling_level="sequence"``): every token
-  of a response takes its sequence's ratio ``exp(mean_t (lp_t - lp_old_t))``, clipped as one."""
+  of a response takes its sequence's ratio ``exp(mean_t (lp_t - lp_old_t))``, clipped as one.
+  ``token_weight [R, N]`` (no gradient): multiplies each token's surrogate term (TIS,
+  :func:`rollout_correction`); a zero ``row_weight`` drops a row from the loss and its count."""
   lp = lp.astype(jnp.float32)
   lp_old = jax.lax.stop_gradient(lp_old.astype(jnp.float32))
   rows = jnp.ones(lp.shape[:1], jnp.float32) if row_weight is None else row_weight.astype(jnp.float32)
@@ -128,6 +162,8 @@ def policy_loss(lp, lp_old, adv, mask, eps_low: float, eps_high: float, beta_kl:
     raise ValueError(f"config.method.ratio_level={ratio_level!r}: must be one of {RATIO_LEVELS}")
   clipped = jnp.clip(rho, 1.0 - eps_low, 1.0 + eps_high)
   l = -jnp.minimum(rho * a, clipped * a)
+  if token_weight is not None:
+    l = l * jax.lax.stop_gradient(token_weight.astype(jnp.float32))
   low = ((a < 0) & (rho < 1.0 - eps_low)).astype(jnp.float32)
   high = ((a > 0) & (rho > 1.0 + eps_high)).astype(jnp.float32)
   n = jnp.sum(m)

@@ -42,6 +42,12 @@ def dpo_loss(chosen_logratio: jax.Array, rejected_logratio: jax.Array, beta: flo
   return -jax.nn.log_sigmoid(beta * (chosen_logratio - rejected_logratio))
 
 
+def ipo_loss(chosen_logratio: jax.Array, rejected_logratio: jax.Array, beta: float) -> jax.Array:
+  """IPO (Azar et al. 2023): ``(R_w - R_l - 1 / (2 beta))^2`` per pair, ``R`` summed over the
+  response as in the paper (TRL's ``loss_type="ipo"`` averages the log-probs per token instead)."""
+  return jnp.square(chosen_logratio - rejected_logratio - 1.0 / (2.0 * beta))
+
+
 def tdpo_loss(chosen_logratio: jax.Array, rejected_logratio: jax.Array, chosen_kl: jax.Array,
               rejected_kl: jax.Array, beta: float, alpha: float = 0.5, variant: int = 2) -> jax.Array:
   """Per-pair TDPO loss.

@@ -36,7 +36,7 @@ Pipeline, each stage cached:
    ``summary.png`` in the workdir. With ``eval.mode = "quality"`` only the
    quality part is measured.
 
-Measured numbers: experiments/README.md (DistillSpec section).
+Measured numbers: experiments/distillspec.md.
 """
 
 from __future__ import annotations

@@ -24,6 +24,13 @@ The step (``rollout`` then ``loss_fn``, both inside the jitted train step):
    ``lambda_d(step)`` times that term is added (RPD); ``pg = False`` drops the RL term:
    pure on-policy distillation (VLA-OPD), the same aggregation and mask.
 
+The sampler may compute in another precision than the step (``sampler_dtype=bfloat16``); its
+log-probs of its own tokens are kept, the mismatch with the trainer's is logged every step
+(``rollout/logp_diff``, ``rollout/logp_diff_seqmax``, ``rollout/kl``), and
+``rollout_correction`` = ``tis`` (token weights ``min(pi_train / pi_sampler, rollout_cap)``) or
+``mis`` (responses whose geometric-mean ratio leaves ``[1/cap, cap]`` leave the loss) corrects it
+(:func:`jaxopd.losses.grpo.rollout_correction`).
+
 ProRL's reference reset: every ``reset_every`` steps, or when the step's ``kl`` exceeds
 ``reset_kl``, the reference becomes the current policy and the optimizer state is
 re-initialised (``resets`` counts them in the log).
@@ -62,9 +69,9 @@ from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled, heldout_nll, pass_at_k, to_host
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.models import heads
-from jaxopd.losses.grpo import (ADVANTAGES, AGGREGATIONS, DISTILL, KL_ESTIMATORS, RATIO_LEVELS, SCHEDULES, aggregate,
-                                distill_per_token, distill_weight, group_advantages, group_std, kept_groups,
-                                policy_loss)
+from jaxopd.losses.grpo import (ADVANTAGES, AGGREGATIONS, CORRECTIONS, DISTILL, KL_ESTIMATORS, RATIO_LEVELS,
+                                SCHEDULES, aggregate, distill_per_token, distill_weight, group_advantages, group_std,
+                                kept_groups, policy_loss, rollout_correction)
 from jaxopd.models import table
 from jaxopd.sampling import SamplingConfig, sample
 
@@ -141,14 +148,30 @@ def make_reward(kind: str, eos_id: int, host_fn=None, reward_pad: int = -1):
       lambda tt, mm: np.asarray(host_fn(tt, mm), np.float32), shape(t), t, m)
 
 
+def sampler_graph(arch, dtype: str):
+  """The graph of the policy computing in ``dtype`` (the sampler's precision; its weights are cast
+  to it at use), to merge the policy's state into; None for the policy's own."""
+  if not dtype or dtype == arch.dtype:
+    return None
+  from flax import nnx
+
+  from jaxopd.models.transformer import Transformer
+  return nnx.split(nnx.eval_shape(lambda: Transformer(dataclasses.replace(arch, dtype=dtype), nnx.Rngs(0))))[0]
+
+
 def make_rollout(scfg: SamplingConfig, group: int, reward_fn, m, total_steps: int, need_old: bool,
-                 train_every: int = 0):
+                 train_every: int = 0, sampler=None):
   """``rollout(models, batch, rng)``: G samples per prompt, scored; advantages, row weights,
-  the distillation weight and (``need_old``) the rollout-time log-probs (response coordinates,
-  each prompt encoded once with ``m.share_prompt``). ``train_every = k``: train on 1 in k of the
-  sampled groups, kept groups first (``batch_size / train_groups``)."""
+  the distillation weight, the sampler's log-probs of its tokens (``lp_rollout``) and
+  (``need_old``) the rollout-time log-probs (response coordinates, each prompt encoded once with
+  ``m.share_prompt``). ``train_every = k``: train on 1 in k of the sampled groups, kept groups
+  first (``batch_size / train_groups``). ``sampler``: :func:`sampler_graph`'s graph (None: the policy)."""
   def rollout(models, batch, rng):
-    out = sample(models["policy"], batch["prompt"], batch["prompt_len"], rng, scfg, repeats=group)
+    policy = models["policy"]
+    if sampler is not None:
+      from flax import nnx
+      policy = nnx.merge(sampler, nnx.state(policy))
+    out = sample(policy, batch["prompt"], batch["prompt_len"], rng, scfg, repeats=group)
     rep = lambda x: jnp.repeat(x, group, axis=0)
     extra = {k: rep(v) for k, v in batch.items() if k not in ("prompt", "prompt_len", "step")}
     r = reward_fn(models, out.tokens, out.loss_mask, extra)
@@ -160,7 +183,8 @@ def make_rollout(scfg: SamplingConfig, group: int, reward_fn, m, total_steps: in
             "weight": rep(kept.astype(jnp.float32)) if m.dynamic_sampling else jnp.ones_like(r),
             "group_std": rep(group_std(groups)), "kept": rep(kept.astype(jnp.float32)),
             "lambda_d": jnp.full_like(r, distill_weight(batch["step"][0], total_steps, m.lambda_d,
-                                                        m.distill_schedule))}
+                                                        m.distill_schedule)),
+            "lp_rollout": heads.response_slots(out.model_logprobs, rep(batch["prompt_len"]), scfg.max_new_tokens)}
     if train_every:         # DAPO's over-sampling: the kept groups first, in batch order
       order = jnp.argsort(~kept, stable=True)[:n // train_every]
       idx = (order[:, None] * group + jnp.arange(group)[None, :]).reshape(-1)
@@ -188,12 +212,15 @@ def make_loss_fn(m, max_len: int, check_reward: bool, group: int = 1):
                         m.distill_temperature)
     msk = heads.response_slots(batch["loss_mask"], batch["prompt_len"], max_len).astype(jnp.float32)
     w = batch["weight"]
-    mw = msk * w[:, None]
     lp = terms["lp"]
     lp_ref = sampled_logprobs(models["reference"], batch, width, m.chunk, group) if with_ref else None
     lp_old = batch["lp_old"] if "lp_old" in batch else jax.lax.stop_gradient(lp)
+    tw, keep, mismatch = rollout_correction(lp_old, batch["lp_rollout"], msk, m.rollout_correction, m.rollout_cap)
+    w = w * keep
+    mw = msk * w[:, None]
     pg_sum, count, metrics = policy_loss(lp, lp_old, batch["adv"], msk, m.eps_low, m.eps_high, m.beta_kl, lp_ref,
-                                         m.kl, m.aggregation, max_len, w, m.ratio_level)
+                                         m.kl, m.aggregation, max_len, w, m.ratio_level, tw)
+    metrics.update(mismatch)
     total = pg_sum if m.pg else jnp.float32(0.0)
     if teacher:
       d = terms["distill"]
@@ -202,7 +229,7 @@ def make_loss_fn(m, max_len: int, check_reward: bool, group: int = 1):
       metrics["distill"] = (jnp.sum(d * mw), jnp.sum(mw))
       metrics["lambda_d"] = (jnp.sum(batch["lambda_d"]), jnp.float32(tokens.shape[0]))
     if not m.pg:
-      metrics = {k: v for k, v in metrics.items() if k in ("distill", "lambda_d", "kl")}
+      metrics = {k: v for k, v in metrics.items() if k in ("distill", "lambda_d", "kl") or k.startswith("rollout/")}
     rows = jnp.float32(tokens.shape[0])
     per_row = lambda x: (jnp.sum(x), rows)
     metrics.update({
@@ -236,7 +263,8 @@ def make_reset(m):
 def _check(c):
   m = c.method
   for f, allowed in (("advantage", ADVANTAGES), ("kl", KL_ESTIMATORS), ("aggregation", AGGREGATIONS),
-                     ("distill_schedule", SCHEDULES), ("ratio_level", RATIO_LEVELS)):
+                     ("distill_schedule", SCHEDULES), ("ratio_level", RATIO_LEVELS),
+                     ("rollout_correction", CORRECTIONS), ("sampler_dtype", ("", "float32", "bfloat16"))):
     if m[f] not in allowed:
       raise ConfigError(f"config.method.{f}={m[f]!r}: must be one of {allowed}")
   if m.distill and m.distill not in DISTILL:
@@ -250,6 +278,9 @@ def _check(c):
       raise ConfigError(f"config.method.{f}={m[f]}: must be >= 0")
   if m.eps_low >= 1:
     raise ConfigError(f"config.method.eps_low={m.eps_low}: must be < 1 (the ratio's lower clip is 1 - eps_low)")
+  if m.rollout_cap <= 1:
+    raise ConfigError(f"config.method.rollout_cap={m.rollout_cap}: must be > 1 (TIS's truncation, MIS's band "
+                      f"[1/cap, cap])")
   if m.distill_temperature <= 0 or m.chunk <= 0:
     raise ConfigError("config.method.distill_temperature and config.method.chunk must be positive")
   if not m.pg and not m.distill:
@@ -438,7 +469,8 @@ def build(config) -> Experiment:
       loss_fn=make_loss_fn(m, config.rollout.max_new_tokens, m.reward == CHECK, share_group(m, config.grad_accum)),
       train_data=lambda shard: batched_iterator(train_recs, shard),
       rollout=make_rollout(scfg, m.group_size, reward_fn, m, config.total_steps, need_old=mu > 1,
-                           train_every=config.batch_size // m.train_groups if m.train_groups else 0),
+                           train_every=config.batch_size // m.train_groups if m.train_groups else 0,
+                           sampler=sampler_graph(policy, m.sampler_dtype)),
       evaluate=evaluate, updates_per_rollout=mu,
       snapshots={"reference": "policy"} if uses_reference(m) else {},
       reset=make_reset(m) if uses_reference(m) else None, host_fault=getattr(host_fn, "fault", None))

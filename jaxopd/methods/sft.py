@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxopd import paths
 from jaxopd import checkpoint as ckpt_lib
-from jaxopd import train
+from jaxopd import runtime, train
 from jaxopd.data import batched_iterator, digits, suite as suite_lib, toy
 from jaxopd.data.pipeline import pack
 from jaxopd.errors import ConfigError
@@ -180,13 +180,13 @@ def run_stage(config, node, model, what: str = "SFT base") -> str:
 
 def train_stage(s, workdir: str, build_fn, what: str):
   """Trains stage config ``s`` (experiment ``build_fn(s)``) in ``workdir`` unless that run is
-  finished; a preempted stage is :class:`jaxopd.train.Interrupted` (re-running resumes it)."""
+  finished; a preempted stage is :class:`jaxopd.runtime.Interrupted` (re-running resumes it)."""
   if ckpt_lib.finished(workdir, s.total_steps):
     return
   print(f"[stage] {what} -> {workdir} ({s.total_steps} steps)", flush=True)
   out = train.run(s, workdir, build_fn(s))
   if out["preempted"]:
-    raise train.Interrupted(out["preempted"], f"the {what} stage stopped at step {out['step']} "
+    raise runtime.Interrupted(out["preempted"], f"the {what} stage stopped at step {out['step']} "
                             f"({out['preempted']}, checkpointed); re-run the command to resume it")
 
 

@@ -35,8 +35,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from jaxopd import errors
 from jaxopd import paths
-from jaxopd import train
 from jaxopd.data import batched_iterator, preferences, reviews, suite as suite_lib
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled
@@ -361,7 +361,7 @@ def mask_weights(config, mask_model, reference, tokens, loss_mask):
   return tuple(np.asarray(x) for x in jax.device_get(out))
 
 
-class DeadMaskError(train.TrainingError):
+class DeadMaskError(errors.TrainingError):
   """The learned reward mask is zero on every probed response token: the run cannot learn the preference."""
 
 

@@ -24,7 +24,9 @@ Metrics use TRL's names: ``rewards/chosen`` (``beta R(y_w)`` for DPO, ``beta (R
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +39,7 @@ from jaxopd.data.pipeline import share_prompt as share_prompt_rows
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import evaluate_policy
 from jaxopd.experiment import Experiment, LossOutput, load_config
-from jaxopd.losses import dpo_loss, forward_kl, tdpo_loss
+from jaxopd.losses import dpo_loss, forward_kl, ipo_loss, tdpo_loss
 from jaxopd.losses.common import responses
 from jaxopd.models.heads import chunked_terms, label_logprob
 
@@ -45,7 +47,25 @@ from jaxopd.methods import sft
 from jaxopd.models import table
 from jaxopd.sampling import SamplingConfig
 
-LOSSES = ("dpo", "tdpo1", "tdpo2")
+@dataclasses.dataclass(frozen=True)
+class PairLoss:
+  """A preference loss: ``fn(r, kl, beta, alpha) -> [B]`` per pair from the log-ratios ``r`` and
+  sequential KLs ``kl`` (``[B, 2]``: chosen, rejected); ``kl``: whether it needs the KL (then it
+  also enters the implicit reward ``beta (r + kl)``)."""
+  fn: Callable
+  kl: bool = False
+
+
+# The preference losses by name: a new variant is one function and one entry.
+PAIR_LOSSES = {
+    "dpo": PairLoss(lambda r, kl, beta, alpha: dpo_loss(r[:, 0], r[:, 1], beta)),
+    "ipo": PairLoss(lambda r, kl, beta, alpha: ipo_loss(r[:, 0], r[:, 1], beta)),
+    "tdpo1": PairLoss(lambda r, kl, beta, alpha: tdpo_loss(r[:, 0], r[:, 1], kl[:, 0], kl[:, 1], beta, alpha, 1),
+                      kl=True),
+    "tdpo2": PairLoss(lambda r, kl, beta, alpha: tdpo_loss(r[:, 0], r[:, 1], kl[:, 0], kl[:, 1], beta, alpha, 2),
+                      kl=True),
+}
+LOSSES = tuple(PAIR_LOSSES)
 
 
 def pair_terms(models, rows, with_kl: bool, chunk: int):
@@ -67,29 +87,24 @@ def pair_terms(models, rows, with_kl: bool, chunk: int):
 
 
 def make_loss_fn(loss: str, beta: float, alpha: float = 0.5, log_kl: bool = True, chunk: int = 128):
-  """``loss_fn(models, batch, rng)`` for ``loss`` in ``dpo | tdpo1 | tdpo2``, on pair batches in
+  """``loss_fn(models, batch, rng)`` for ``loss`` of :data:`PAIR_LOSSES`, on pair batches in
   either layout (:func:`jaxopd.losses.common.responses`: a row per response, or shared-prefix rows).
 
-  ``log_kl``: DPO also computes the sequential KL, detached, for the metrics
-  (TDPO needs it for the loss anyway).
+  ``log_kl``: a loss without the KL also computes it, detached, for the metrics.
   """
-  if loss not in LOSSES:
+  if loss not in PAIR_LOSSES:
     raise ValueError(f"config.method.loss={loss!r}: must be one of {LOSSES}")
+  variant = PAIR_LOSSES[loss]
 
   def loss_fn(models, batch, rng):
     del rng
     rows = responses(batch)
     b = rows.mask.shape[0]
-    tdpo = loss != "dpo"
-    r, lps, kl = pair_terms(models, rows, tdpo or log_kl, chunk)
-    if kl is not None and not tdpo:
+    r, lps, kl = pair_terms(models, rows, variant.kl or log_kl, chunk)
+    if kl is not None and not variant.kl:
       kl = jax.lax.stop_gradient(kl)
-    if tdpo:
-      losses = tdpo_loss(r[:, 0], r[:, 1], kl[:, 0], kl[:, 1], beta, alpha, variant=int(loss[-1]))
-      reward = beta * jax.lax.stop_gradient(r + kl)
-    else:
-      losses = dpo_loss(r[:, 0], r[:, 1], beta)
-      reward = beta * jax.lax.stop_gradient(r)
+    losses = variant.fn(r, kl, beta, alpha)
+    reward = beta * jax.lax.stop_gradient(r + kl if variant.kl else r)
     metrics = {
         "rewards/chosen": jnp.sum(reward[:, 0]),
         "rewards/rejected": jnp.sum(reward[:, 1]),
@@ -156,9 +171,9 @@ def _check(c):
     raise ConfigError(f"config.method.alpha={c.method.alpha}: only tdpo2 uses alpha")
   if c.method.chunk <= 0:
     raise ConfigError(f"config.method.chunk={c.method.chunk}: must be positive")
-  if c.method.loss != "dpo" and not c.method.log_kl:
+  if PAIR_LOSSES[c.method.loss].kl and not c.method.log_kl:
     raise ConfigError(f"config.method.log_kl=False: {c.method.loss}'s loss is made of the sequential KL, so it is "
-                      f"always computed and logged; the option is for loss=dpo")
+                      f"always computed and logged; the option is for the losses without it")
   for f in ("prefs", "eval") if c.data.task == "reviews" else ():
     if c[f].prompt_len + c[f].max_new_tokens > c.model.max_len:
       raise ConfigError(f"config.{f}.max_new_tokens={c[f].max_new_tokens}: prompt_len + max_new_tokens "
