@@ -12,7 +12,7 @@ report's measurements: jaxopd/methods/distillspec.py.
 Presets: ``smoke``; ``gkd`` (JSD(0.5), mixed data, quality evaluation); a
 divergence (``fkl``, ``rkl``, ``jsd``, ``tvd``; default tvd) and a data source
 (``fixed``, ``teacher``, ``student``, ``mixed``; default student). Measured
-numbers: experiments/README.md (DistillSpec section).
+numbers: experiments/distillspec.md.
 """
 
 from __future__ import annotations

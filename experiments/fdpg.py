@@ -34,7 +34,7 @@ per-token entropy, distinct-1/2, self-BLEU.
 
 Presets: ``pointwise``, ``distributional``, ``rlhf``; ``fkl``, ``rkl``, ``tv``,
 ``js``; ``offline``, ``conditional``; ``smoke``. Measured numbers:
-experiments/README.md.
+experiments/fdpg.md.
 """
 
 from __future__ import annotations

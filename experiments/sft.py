@@ -14,7 +14,7 @@ Your own model and data: ``--config.models.policy.init=hf:DIR
 held-out per-token loss (nats; the corpus' exact entropy rate is its floor,
 printed by ``python -m jaxopd.data.build``) and, from samples on held-out
 prompts, the gold reward, per-token entropy, distinct-n.
-Measured numbers: experiments/README.md.
+Measured numbers: experiments/sft.md.
 
 Presets: ``smoke`` (tiny model, few steps, small data), ``sort`` (the in-code
 sort task of jaxopd/data/toy.py instead of the reviews corpus), ``digits`` (the

@@ -21,7 +21,7 @@ coloured by their token weights).
 
 Presets: ``mapo``, ``independent``, ``smoke``. Official IMDb setting: beta 0.8,
 no L1 (lambda 0), mask weight decay 0.01; here beta defaults to TDPO's 0.1 so
-that the two are compared at equal beta. Measured numbers: experiments/README.md.
+that the two are compared at equal beta. Measured numbers: experiments/sparsepo.md.
 """
 
 from __future__ import annotations
