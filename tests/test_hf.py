@@ -21,7 +21,7 @@ from jaxopd import checkpoint as ckpt_lib  # noqa: E402
 from jaxopd import mesh as mesh_lib  # noqa: E402
 from jaxopd import train  # noqa: E402
 from jaxopd.errors import ConfigError  # noqa: E402
-from jaxopd.models import hf  # noqa: E402
+from jaxopd.models import export, hf  # noqa: E402
 
 ATOL = 1e-4
 TOKENS = np.random.RandomState(0).randint(0, 128, (4, 16))
@@ -220,7 +220,7 @@ def test_run_from_hf_dir_and_export_cli(tmp_path):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(jax.device_get(nnx.to_pure_dict(nnx.state(want))))):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
-  assert hf.main(["export", "--workdir", str(tmp_path / "run"), "--model", "policy",
+  assert export.main(["--workdir", str(tmp_path / "run"), "--model", "policy",
                   "--out", str(tmp_path / "exported")]) == 0
   back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported"), dtype=torch.float32)
   tokens = TOKENS[:, :16] % 32

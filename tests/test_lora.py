@@ -21,7 +21,7 @@ from jaxopd import mesh as mesh_lib
 from jaxopd import methods, train
 from jaxopd.errors import ConfigError
 from jaxopd.experiment import DataShard, load_config
-from jaxopd.models import hf, lora
+from jaxopd.models import export, hf, lora
 
 RANK = 4
 sys.path.insert(0, os.path.join(REPO, "launch"))
@@ -157,7 +157,7 @@ def test_lora_dpo_trains_adapters_only_exports_and_resumes(llama, pairs, tmp_pat
   import peft
   import torch
   import transformers
-  assert hf.main(["export", "--workdir", str(w), "--adapters", "--out", str(tmp_path / "peft")]) == 0
+  assert export.main(["--workdir", str(w), "--adapters", "--out", str(tmp_path / "peft")]) == 0
   assert sorted(os.listdir(tmp_path / "peft")) == ["adapter_config.json", "adapter_model.safetensors"]
   hf_base = transformers.AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
   model = peft.PeftModel.from_pretrained(hf_base, str(tmp_path / "peft")).eval()
@@ -166,7 +166,7 @@ def test_lora_dpo_trains_adapters_only_exports_and_resumes(llama, pairs, tmp_pat
   print(f"PEFT adapters on the transformers base: max |logits diff| {np.abs(theirs - ours).max():.2e}")
   assert np.abs(theirs - ours).max() < 1e-4
   # Merged: a full HF directory.
-  assert hf.main(["export", "--workdir", str(w), "--out", str(tmp_path / "merged")]) == 0
+  assert export.main(["--workdir", str(w), "--out", str(tmp_path / "merged")]) == 0
   diff = np.abs(hf_fixtures.torch_logits(str(tmp_path / "merged"), tokens) - ours).max()
   print(f"merged export: max |logits diff| {diff:.2e}")
   assert diff < 1e-4

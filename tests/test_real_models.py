@@ -17,7 +17,7 @@ from helpers import REPO, quiet  # noqa: E402
 from jaxopd import logs, train  # noqa: E402
 from jaxopd import methods  # noqa: E402
 from jaxopd.experiment import load_config  # noqa: E402
-from jaxopd.models import hf, table  # noqa: E402
+from jaxopd.models import export, hf, table  # noqa: E402
 from jaxopd.errors import ConfigError  # noqa: E402
 
 EXP = {n: methods.get(n) for n in methods.NAMES}
@@ -79,7 +79,7 @@ def test_tdpo_from_hf_dir_and_jsonl_then_export(families, files, family, tmp_pat
   if family == "llama":
     assert "rewards/accuracies" in out["eval"]
 
-  assert hf.main(["export", "--workdir", str(tmp_path / "tdpo"), "--out", str(tmp_path / "exp"),
+  assert export.main(["--workdir", str(tmp_path / "tdpo"), "--out", str(tmp_path / "exp"),
                   "--tokenizer", path]) == 0
   tokens = np.random.RandomState(0).randint(0, 320, (2, 16))
   policy = out["trainer"].models(out["state"], out["frozen"])["policy"]

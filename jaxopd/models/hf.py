@@ -17,21 +17,18 @@ only; the model is always jaxopd's.
 A reward model (``architectures``: ``*ForSequenceClassification`` with one label) loads as a
 Transformer with ``head="score"``: HF's bias-free ``score`` layer in place of the LM head.
 
-CLI: ``python -m jaxopd.models.hf export --workdir runs/X --model policy --out DIR``
-(the latest checkpoint of a run). A run starts a model from an HF directory with
+A run's model is written out by :mod:`jaxopd.models.export`. A run starts a model from an HF directory with
 ``--config.models.<role>.init=hf:DIR`` (:mod:`jaxopd.models.table`), its
 architecture read from ``config.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import json
 import math
 import os
-import sys
 from typing import Any
 
 import jax
@@ -39,11 +36,10 @@ import numpy as np
 from flax import nnx
 
 from jaxopd import checkpoint as ckpt_lib
-from jaxopd import paths
 from jaxopd import mesh as mesh_lib
 from jaxopd.errors import ConfigError, WeightFileError
 from jaxopd.models import safetensors_io as st_io
-from jaxopd.models.transformer import ModelConfig, Transformer
+from jaxopd.models.transformer import ModelConfig, Transformer, compare_arch
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -184,10 +180,9 @@ def _rope_fields(rp: dict, bad) -> dict:
 
 def check_compatible(hf_dir: str, cfg: ModelConfig, where: str = "config.model") -> ModelConfig:
   """The checkpoint's config; ConfigError ``"{where}.{field}=..."`` where it differs from ``cfg``
-  (:func:`jaxopd.models.table.compare`)."""
-  from jaxopd.models import table
+  (:func:`jaxopd.models.transformer.compare_arch`)."""
   theirs = config_from_hf(hf_dir)
-  table.compare(cfg, theirs, where, os.path.join(hf_dir, "config.json"))
+  compare_arch(cfg, theirs, where, os.path.join(hf_dir, "config.json"))
   return theirs
 
 
@@ -519,78 +514,3 @@ def export(model_or_params, model_config: ModelConfig, out_dir: str, tokenizer=N
   if tokenizer is not None:
     tokenizer.save_pretrained(out_dir)
   return out_dir
-
-
-# --- CLI ----------------------------------------------------------------------
-def export_run(workdir: str, model: str, out_dir: str, tokenizer_dir: str = "", dtype: str | None = None) -> int:
-  """Exports model ``model`` of the latest checkpoint of run ``workdir`` (its architecture
-  from the run's ``models.json``); returns the checkpoint step."""
-  from jaxopd.models import table
-  params, r = table.load_model(f"run:{paths.resolve(workdir)}:{model}", model)
-  export(params, r.arch, out_dir, load_tokenizer(tokenizer_dir) if tokenizer_dir else None, dtype)
-  return r.source.step
-
-
-def export_adapters(workdir: str, model: str, out_dir: str) -> int:
-  """Writes the adapters of LoRA model ``model`` of run ``workdir`` (latest checkpoint) in PEFT's
-  format (``adapter_config.json`` + ``adapter_model.safetensors``, loaded onto the base model by
-  ``peft.PeftModel.from_pretrained``); returns the checkpoint step."""
-  from jaxopd.models import lora, table
-  workdir = paths.resolve(workdir)
-  rec = table.run_record(workdir).get(model)
-  if rec is None or not (rec.get("arch") or {}).get("lora_rank"):
-    raise ValueError(f"export --adapters: model {model!r} of {workdir} "
-                     + ("was not trained with adapters (export it whole)" if rec else "is not in its models.json"))
-  step = ckpt_lib.latest_step(workdir)
-  if step is None:
-    raise FileNotFoundError(f"export --adapters: {workdir} has no checkpoint")
-  arch = ModelConfig(**rec["arch"])
-  flat = table.run_adapters(table.Source("run", workdir, model, step), model, arch)
-  layout, _ = _layout(arch.without_lora())
-  tensors, modules = {}, []
-  for key, (a, b) in lora.pairs(flat).items():
-    module = layout[key].name.removesuffix(".weight")
-    a, b = np.asarray(jax.device_get(a)), np.asarray(jax.device_get(b))
-    r = a.shape[-1]
-    tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
-    tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T)
-    modules.append(module.rsplit(".", 1)[1])
-  source = rec.get("source", "")
-  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": arch.lora_rank, "lora_alpha": arch.lora_alpha,
-            "lora_dropout": 0.0, "target_modules": sorted(set(modules)), "bias": "none", "fan_in_fan_out": False,
-            "use_rslora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-            "base_model_name_or_path": source[3:] if source.startswith("hf:") else None}
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-    json.dump(config, f, indent=2)
-  st_io.save(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-  return step
-
-
-def main(argv: list[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m jaxopd.models.hf", description=__doc__.split("\n")[0])
-  sub = ap.add_subparsers(dest="cmd", required=True)
-  ex = sub.add_parser("export", help="a run's latest checkpoint -> an HF directory")
-  ex.add_argument("--workdir", required=True, help="the run directory (models.json, checkpoints/)")
-  ex.add_argument("--model", default="policy", help="which model (role) of the run")
-  ex.add_argument("--out", required=True, help="output directory")
-  ex.add_argument("--tokenizer", default="", help="a tokenizer directory to save alongside (optional)")
-  ex.add_argument("--dtype", default=None, choices=sorted(EXPORT_DTYPES),
-                  help="dtype of the written tensors (default: the parameters')")
-  ex.add_argument("--adapters", action="store_true",
-                  help="a LoRA model: write its adapters alone, in PEFT's format (default: merged into the base)")
-  args = ap.parse_args(argv)
-  try:
-    if args.adapters:
-      step = export_adapters(args.workdir, args.model, args.out)
-    else:
-      step = export_run(args.workdir, args.model, args.out, args.tokenizer, args.dtype)
-    print(f"exported {args.model}{' adapters' if args.adapters else ''} of {args.workdir} (step {step}) to {args.out}")
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,7 +1,8 @@
 """LoRA adapters on the decoder's projections: ``W x + (alpha / rank) B A x``, B starting at zero.
 
 A role with ``config.models.<role>.lora.rank > 0`` gets a pair of :class:`LoRAParam` matrices
-next to each targeted projection (``wq_lora_a``, ``wq_lora_b`` ...); the trainer trains those
+next to each targeted projection (``wq_lora_a``, ``wq_lora_b`` ...; applied by the decoder's
+``_adapted``); the trainer trains those
 alone and keeps the projections themselves frozen (not checkpointed, reloaded from the role's
 source on resume). The same base arrays serve a role declared ``init=base:<role>``: the model
 without its adapters. :func:`merge` folds adapters into the base (a ``run:`` source, a merged
@@ -48,18 +49,6 @@ def attach(module: nnx.Module, part: str, cfg, rngs: nnx.Rngs) -> None:
     setattr(module, name + "_lora_a", LoRAParam(a, logical_axes=tuple(axes[:n_in]) + (None,)))
     setattr(module, name + "_lora_b", LoRAParam(jnp.zeros((r,) + out_shape, jnp.float32),
                                                 logical_axes=(None,) + tuple(axes[n_in:])))
-
-
-def delta(module: nnx.Module, name: str, x: jax.Array, scale: float):
-  """The adapter term of weight ``name`` for input ``x [B, T, in]`` (0 when it has none)."""
-  from jaxopd.models.transformer import _dense
-  a = getattr(module, name + "_lora_a", None)
-  if a is None:
-    return 0
-  dt = x.dtype
-  b = getattr(module, name + "_lora_b")[...]
-  a = a[...]
-  return _dense(_dense(x, a.reshape(-1, a.shape[-1]).astype(dt)), (b * scale).astype(dt))
 
 
 def is_adapter(key: str) -> bool:

@@ -61,7 +61,8 @@ import ml_collections
 from jaxopd import paths
 from jaxopd.errors import ConfigError
 from jaxopd.models import lora
-from jaxopd.models.transformer import ATTENTION, REMAT, ModelConfig
+from jaxopd.models import hf
+from jaxopd.models.transformer import ATTENTION, REMAT, ModelConfig, compare_arch
 
 DTYPES = ("float32", "bfloat16")
 ROLE_FIELDS = ("init", "trainable", "arch", "param_dtype", "dtype", "attention", "attention_chunk", "remat",
@@ -254,31 +255,10 @@ def run_record(workdir: str) -> dict:
   return paths.read_json(path) if paths.isfile(path) else {}
 
 
-# Architecture fields compared between a block and a source (derived sizes: d_ff=0 means the default width).
-ARCH_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ff_dim", "qkv_bias",
-               "rope_theta", "norm_eps", "tie_embeddings", "max_len", "head", "head_dim", "qk_norm", "norm_layout",
-               "norm_plus_one", "mlp_act", "embed_scale", "query_scalar", "attn_softcap", "logit_softcap",
-               "rope_type", "rope_factor", "rope_low_freq", "rope_high_freq", "rope_original_len",
-               "sliding_window", "layer_types", "rope_local_theta")
-
-
-def compare(ours: ModelConfig, theirs: ModelConfig, ours_name: str, where: str, note: str = ""):
-  """ConfigError ``"{ours_name}.{field}=... but {where} has ..."`` at the first architecture
-  field that differs (``max_len`` only for gpt2, whose positions table depends on it)."""
-  for f in ARCH_FIELDS:
-    if f == "max_len" and ours.family != "gpt2" or f == "rope_theta" and ours.family == "gpt2":
-      continue
-    a, b = getattr(ours, f), getattr(theirs, f)
-    if a != b:
-      field = {"kv_heads": "n_kv_heads", "ff_dim": "d_ff", "head_dim": "d_head"}.get(f, f)
-      raise ConfigError(f"{ours_name}.{field}={a!r}{note} but {where} has {b!r}")
-
-
 def _resolve_role(config, name: str, pinned: Mapping[str, dict] | None = None) -> Role:
   """Role ``name`` of ``config.models`` with its architecture read and a ``run:`` step pinned
   (see :func:`resolve`)."""
   from jaxopd import checkpoint as ckpt_lib
-  from jaxopd.models import hf
   r = config.models[name]
   src = parse_init(name, r.init)
   note = f" (arch of config.models.{name})"
@@ -297,7 +277,7 @@ def _resolve_role(config, name: str, pinned: Mapping[str, dict] | None = None) -
       _bad(name, "init", r.init, why)
     arch = hf.config_from_hf(src.path)
     if r.arch != "auto":
-      compare(_block(config, name, r.arch), arch, f"config.{r.arch}", os.path.join(src.path, "config.json"), note)
+      compare_arch(_block(config, name, r.arch), arch, f"config.{r.arch}", os.path.join(src.path, "config.json"), note)
   else:
     rec = run_record(src.path)
     if not paths.isdir(paths.join(src.path, "checkpoints")):
@@ -316,7 +296,7 @@ def _resolve_role(config, name: str, pinned: Mapping[str, dict] | None = None) -
     src = dataclasses.replace(src, step=int(step))
     arch = ModelConfig(**{k: v for k, v in rec[src.model]["arch"].items() if k not in _NOT_ARCH})
     if r.arch != "auto":
-      compare(_block(config, name, r.arch), arch, f"config.{r.arch}", f"{src.spec()} ({RECORD})", note)
+      compare_arch(_block(config, name, r.arch), arch, f"config.{r.arch}", f"{src.spec()} ({RECORD})", note)
   arch = dataclasses.replace(_per_role(arch, r), **lora_fields(name, r))
   return Role(name, arch.validate(prefix=f"config.models.{name} architecture"), bool(r.trainable), src)
 
@@ -481,7 +461,6 @@ def load(r: Role, abstract_params):
   """Role ``r``'s parameters from its source, into the shardings and dtypes of
   ``abstract_params`` (each device reads its own slices)."""
   from jaxopd import checkpoint as ckpt_lib
-  from jaxopd.models import hf
   if r.source.kind == "hf":
     return hf.load_params(r.source.path, abstract_params, r.arch, where=f"config.models.{r.name}")
   if r.source.kind == "run":
@@ -532,7 +511,6 @@ def load_model(init: str, name: str = "model", dtype: str = "float32", param_dty
   from flax import nnx
 
   from jaxopd import mesh as mesh_lib
-  from jaxopd.models import hf
   c = ml_collections.ConfigDict({"models": {name: role(init, False, "auto", param_dtype, dtype)}})
   r = resolve(c)[name]
   mesh = mesh_lib.make_mesh((1, 1, 1), 1) if mesh is None else mesh
@@ -571,7 +549,6 @@ def check_tokenizer(config, tok, data_name: str) -> None:
   """Every language-model role started from an ``hf:`` directory that holds a tokenizer must hold
   the data's (``tok``; None: a task whose ids are its own): a model fed another vocabulary's ids
   trains without an error, on nonsense. (A reward role is checked by jaxopd.rewards.check_model.)"""
-  from jaxopd.models import hf
   for name in config.models:
     init = config.models[name].init
     if name == "reward" or not isinstance(init, str) or not init.startswith("hf:"):
@@ -587,6 +564,5 @@ def check_tokenizer(config, tok, data_name: str) -> None:
 
 def tokenizer_dir(config, name: str = "policy") -> str:
   """Role ``name``'s ``hf:`` directory when it holds a tokenizer, else ""."""
-  from jaxopd.models import hf
   path = source_dir(config, name)
   return path if path and any(os.path.isfile(os.path.join(path, f)) for f in hf.TOKENIZER_FILES) else ""

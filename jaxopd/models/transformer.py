@@ -231,6 +231,26 @@ class ModelConfig:
     return cls(**d).validate()
 
 
+# Architecture fields compared between a block and a source (derived sizes: d_ff=0 means the default width).
+ARCH_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ff_dim", "qkv_bias",
+               "rope_theta", "norm_eps", "tie_embeddings", "max_len", "head", "head_dim", "qk_norm", "norm_layout",
+               "norm_plus_one", "mlp_act", "embed_scale", "query_scalar", "attn_softcap", "logit_softcap",
+               "rope_type", "rope_factor", "rope_low_freq", "rope_high_freq", "rope_original_len",
+               "sliding_window", "layer_types", "rope_local_theta")
+
+
+def compare_arch(ours: ModelConfig, theirs: ModelConfig, ours_name: str, where: str, note: str = ""):
+  """ConfigError ``"{ours_name}.{field}=... but {where} has ..."`` at the first architecture
+  field that differs (``max_len`` only for gpt2, whose positions table depends on it)."""
+  for f in ARCH_FIELDS:
+    if f == "max_len" and ours.family != "gpt2" or f == "rope_theta" and ours.family == "gpt2":
+      continue
+    a, b = getattr(ours, f), getattr(theirs, f)
+    if a != b:
+      field = {"kv_heads": "n_kv_heads", "ff_dim": "d_ff", "head_dim": "d_head"}.get(f, f)
+      raise ConfigError(f"{ours_name}.{field}={a!r}{note} but {where} has {b!r}")
+
+
 class KVCache(NamedTuple):
   """Fixed-size key/value cache, one buffer per layer so that decoding updates
   each in place: ``k``: L arrays ``[B, Hkv, S, Dh]``, ``v``: L arrays ``[B, Hkv, S, Dh]``
@@ -284,6 +304,21 @@ def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
   b, t, d = x.shape
   out = x.reshape(b * t, d) @ w.reshape(d, -1)
   return out.reshape((b, t) + w.shape[1:])
+
+
+def _adapted(module: nnx.Module, name: str, x: jax.Array, scale: float) -> jax.Array:
+  """``x @ W`` for weight ``name`` of ``module``, plus its LoRA term ``scale (x A) B`` when it
+  has adapters (:mod:`jaxopd.models.lora`)."""
+  dt = x.dtype
+  w = getattr(module, name)[...]
+  if w.shape[0] != x.shape[-1]:         # several input dimensions (wo: [heads, head_dim, d])
+    w = w.reshape(x.shape[-1], -1)
+  y = _dense(x, w.astype(dt))
+  a = getattr(module, name + "_lora_a", None)
+  if a is None:
+    return y
+  a, b = a[...], getattr(module, name + "_lora_b")[...]
+  return y + _dense(_dense(x, a.reshape(-1, a.shape[-1]).astype(dt)), (b * scale).astype(dt))
 
 
 def _param(rngs: nnx.Rngs, shape, axes, std, dtype) -> nnx.Param:
@@ -398,8 +433,7 @@ class Attention(nnx.Module):
     cfg = self.cfg
     dt = x.dtype
     b, t = x.shape[:2]
-    q, k, v = (_dense(x, getattr(self, w)[...].astype(dt)) + lora.delta(self, w, x, cfg.lora_scale)
-               for w in ("wq", "wk", "wv"))
+    q, k, v = (_adapted(self, w, x, cfg.lora_scale) for w in ("wq", "wk", "wv"))
     if self.bq is not None:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if self.q_norm is not None:
@@ -449,7 +483,7 @@ class Attention(nnx.Module):
       else:
         out = self._einsum_attention(q, keys, values, allowed, "bnsk", False)
     out = out.reshape(b, t, h * dh)
-    y = _dense(out, self.wo[...].reshape(h * dh, -1).astype(dt)) + lora.delta(self, "wo", out, cfg.lora_scale)
+    y = _adapted(self, "wo", out, cfg.lora_scale)
     if self.bo is not None:
       y = y + self.bo[...].astype(dt)
     return y, (None if cache_kv is None else (keys, values))
@@ -585,7 +619,7 @@ class MLP(nnx.Module):
       lora.attach(self, "mlp", cfg, rngs)
 
   def _proj(self, x, name):
-    return _dense(x, getattr(self, name)[...].astype(x.dtype)) + lora.delta(self, name, x, self.lora_scale)
+    return _adapted(self, name, x, self.lora_scale)
 
   def __call__(self, x):
     dt = x.dtype
