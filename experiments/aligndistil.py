@@ -28,10 +28,10 @@ prompt file (on_policy), ``--config.models.{policy,reference,dpo,rdpo}.init=hf:D
 
 from __future__ import annotations
 
-from jaxopd import config as config_lib
+from jaxopd import config as config_lib, stages
 from jaxopd.experiment import parse_arg
 from jaxopd.losses.aligndistil import NEEDS, VARIANTS
-from jaxopd.methods import aligndistil, tdpo
+from jaxopd.methods import aligndistil
 
 DATA = aligndistil.DATA
 
@@ -49,7 +49,7 @@ def get_config(arg: str | None = None):
   c.eval_every = 100
   c.eval_batches = 8             # held-out pairs (their chosen side): loss and KL metrics
   c.checkpoint.every = 200
-  tdpo.pipeline(c, smoke)        # model, data, the SFT stage, pairs, sampled evaluation; policy, reference
+  stages.preference_pipeline(c, smoke)        # model, data, the SFT stage, pairs, sampled evaluation; policy, reference
   aligndistil.stages(c, smoke)   # the DPO and reverse-DPO stages; roles dpo, rdpo; config.rollout
 
   c.method.name = "aligndistil"  # jaxopd/methods/aligndistil.py

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxopd import config as config_lib
+from jaxopd import config as config_lib, stages
 from jaxopd.data import suite as suite_lib
 from jaxopd.experiment import parse_arg
 from jaxopd.losses import DIVERGENCES
-from jaxopd.methods import sft
 from jaxopd.methods.distillspec import DATA_SOURCES
 from jaxopd.models import table
 
@@ -50,7 +49,7 @@ def get_config(arg: str | None = None):
   c.model.n_kv_heads = 1
 
   # The frozen target: the main job's SFT base (an SFT stage, trained here if missing).
-  c.target = sft.stage("runs/sft_base", 1500)
+  c.target = stages.sft_stage("runs/sft_base", 1500)
   c.target.source = "policy"     # the model of target.workdir's checkpoint: "policy" (an SFT run, trained here if
                                  # missing) or "draft" (a distilled model of a run of this module, which must exist:
                                  # the "distil the target first, then the draft" setting)
@@ -63,7 +62,7 @@ def get_config(arg: str | None = None):
   del c.models["policy"]
 
   # The undistilled draft: an SFT stage of config.model, short (a weak draft leaves room for distillation).
-  c.draft_sft = sft.stage("runs/draft_sft_base", 300)
+  c.draft_sft = stages.sft_stage("runs/draft_sft_base", 300)
 
   c.method.name = "distillspec"  # jaxopd/methods/distillspec.py
   c.method.divergence = "tvd"    # fkl | rkl | jsd | tvd: D(p_target || q_draft) per token

@@ -41,11 +41,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxopd import config as config_lib
+from jaxopd import config as config_lib, stages
 from jaxopd.data import suite as suite_lib
 from jaxopd.experiment import parse_arg
 from jaxopd.losses.fdpg import F_DIVERGENCES
-from jaxopd.methods import fdpg, sft
+from jaxopd.methods import fdpg
 from jaxopd.models import table
 
 
@@ -64,7 +64,7 @@ def get_config(arg: str | None = None):
   c.model = suite_lib.default_model(smoke)   # the SFT base's architecture
   c.data = suite_lib.data_config(smoke)      # the reviews suite
   # the SFT base run (shared with TDPO)
-  c.sft = sft.stage("runs/sft_smoke" if smoke else "runs/sft_base", 20 if smoke else 1500)
+  c.sft = stages.sft_stage("runs/sft_smoke" if smoke else "runs/sft_base", 20 if smoke else 1500)
   c.models.policy = table.role(init="stage:sft")
   c.models.base = table.role(init="stage:sft", trainable=False)   # the base (proposal, target's a(x))
   c.models.reward = table.role(init="none", trainable=False)       # reward=model: a reward model (hf:DIR)

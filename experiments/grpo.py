@@ -38,10 +38,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxopd import config as config_lib
+from jaxopd import config as config_lib, stages
 from jaxopd.data import digits, suite as suite_lib
 from jaxopd.experiment import parse_arg
-from jaxopd.methods import sft
 from jaxopd.models import table
 
 PRESETS = ("smoke", "grpo", "dapo", "prorl", "opd", "rpd", "reviews")
@@ -106,9 +105,9 @@ def get_config(arg: str | None = None):
   c.method.share_prompt = True   # each prompt encoded once for its G samples in the loss's forwards (equal
                                  # results; False: a full row per sample, e.g. for attention=splash)
 
-  c.sft = sft.stage("runs/grpo_sft_base_smoke" if smoke else "runs/grpo_sft_base", 150 if smoke else 1500,
+  c.sft = stages.sft_stage("runs/grpo_sft_base_smoke" if smoke else "runs/grpo_sft_base", 150 if smoke else 1500,
                     config="sft.py:digits,smoke" if smoke else "sft.py:digits")
-  c.teacher = sft.stage("runs/grpo_teacher_smoke" if smoke else "runs/grpo_teacher", 150 if smoke else 3000,
+  c.teacher = stages.sft_stage("runs/grpo_teacher_smoke" if smoke else "runs/grpo_teacher", 150 if smoke else 3000,
                         config="sft.py:digits,smoke" if smoke else "sft.py:digits")
   c.models.policy = table.role(init="stage:sft")
   c.models.teacher = table.role(init="none", trainable=False)   # distill: stage:teacher (or hf:DIR / run:...)
@@ -137,8 +136,8 @@ def get_config(arg: str | None = None):
     c.data = suite_lib.data_config(smoke)
     c.model = suite_lib.default_model(smoke)
     m.reward = "gold"
-    c.sft = sft.stage("runs/sft_smoke" if smoke else "runs/sft_base", 20 if smoke else 1500)   # TDPO's SFT stage
-    c.teacher = sft.stage("runs/sft_teacher_smoke" if smoke else "runs/sft_teacher", 40 if smoke else 3000)
+    c.sft = stages.sft_stage("runs/sft_smoke" if smoke else "runs/sft_base", 20 if smoke else 1500)   # TDPO's SFT stage
+    c.teacher = stages.sft_stage("runs/sft_teacher_smoke" if smoke else "runs/sft_teacher", 40 if smoke else 3000)
     c.rollout.prompt_len, c.rollout.max_new_tokens = 16, 48
     c.seq_len = 64
     c.eval.num_prompts = 256     # held-out prompts (TDPO's evaluation); eval.samples is the digits task's

@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxopd import config as config_lib
+from jaxopd import config as config_lib, stages
 from jaxopd.data import digits
 from jaxopd.experiment import parse_arg
-from jaxopd.methods import sft, tdpo
 from jaxopd.models import table
 
 
@@ -51,7 +50,7 @@ def get_config(arg: str | None = None):
   c.eval_every = 100
   c.eval_batches = 8
   c.checkpoint.every = 200
-  tdpo.pipeline(c, smoke)        # model, data, the SFT stage, pairs, sampled evaluation; policy, reference
+  stages.preference_pipeline(c, smoke)        # model, data, the SFT stage, pairs, sampled evaluation; policy, reference
   # the reference (the starting model) only serves the metric logps/chosen_change and the eval KL;
   # --config.models.reference.init=none drops it
 
@@ -98,9 +97,9 @@ def digits_pipeline(c, smoke: bool):
   c.eval_every = 100
   c.checkpoint.every = 100
   recipe = "sft.py:digits,smoke" if smoke else "sft.py:digits"
-  c.sft = sft.stage("runs/grpo_sft_base_smoke" if smoke else "runs/grpo_sft_base", 150 if smoke else 1500,
+  c.sft = stages.sft_stage("runs/grpo_sft_base_smoke" if smoke else "runs/grpo_sft_base", 150 if smoke else 1500,
                     config=recipe)                       # GRPO's SFT base (easy levels): the student
-  c.teacher = sft.stage("runs/grpo_teacher_smoke" if smoke else "runs/grpo_teacher", 150 if smoke else 3000,
+  c.teacher = stages.sft_stage("runs/grpo_teacher_smoke" if smoke else "runs/grpo_teacher", 150 if smoke else 3000,
                         config=recipe)                   # GRPO's teacher (every level)
   c.traces = ml_collections.ConfigDict()
   c.traces.workdir = "runs/redi_traces_smoke" if smoke else "runs/redi_traces"   # cached traces.jsonl
@@ -110,7 +109,7 @@ def digits_pipeline(c, smoke: bool):
   c.traces.temperature = 2.0     # of the traces: at 1 the teacher passes 99.5% (45 pairs from 4000 prompts)
   c.traces.pairs_per_prompt = 1  # (positive, negative) pairs per prompt that has both
   c.traces.seed = 0              # the traces' sampling (not config.seed: seeds of stage 2 share one set)
-  c.positives = sft.stage("runs/redi_positives_smoke" if smoke else "runs/redi_positives", 40 if smoke else 500,
+  c.positives = stages.sft_stage("runs/redi_positives_smoke" if smoke else "runs/redi_positives", 40 if smoke else 500,
                           config=recipe)                 # stage 1: the SFT base on every positive trace
   c.models.policy = table.role(init="stage:positives")
   c.models.reference = table.role(init="stage:positives", trainable=False)   # metrics only; none drops it

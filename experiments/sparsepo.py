@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxopd import config as config_lib
+from jaxopd import config as config_lib, stages
 from jaxopd.experiment import parse_arg
-from jaxopd.methods import tdpo
 
 
 def get_config(arg: str | None = None):
@@ -46,7 +45,7 @@ def get_config(arg: str | None = None):
   c.eval_every = 100
   c.eval_batches = 8
   c.checkpoint.every = 200
-  tdpo.pipeline(c, smoke)        # TDPO's model, data, SFT stage, pairs, sampled evaluation; roles
+  stages.preference_pipeline(c, smoke)        # TDPO's model, data, SFT stage, pairs, sampled evaluation; roles
 
   c.method.name = "sparsepo"     # jaxopd/methods/sparsepo.py
   c.method.mask = "learned"      # learned (mask head on the reference's hidden states) | mapo (activations)

@@ -23,7 +23,7 @@ beta 0.1, alpha 0.5. Measured numbers: experiments/tdpo.md.
 
 from __future__ import annotations
 
-from jaxopd import config as config_lib
+from jaxopd import config as config_lib, stages
 from jaxopd.experiment import parse_arg
 from jaxopd.methods import tdpo
 
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
   c.eval_every = 100
   c.eval_batches = 8
   c.checkpoint.every = 200
-  tdpo.pipeline(c, smoke)        # model, data, the SFT stage, pairs, sampled evaluation; roles
+  stages.preference_pipeline(c, smoke)        # model, data, the SFT stage, pairs, sampled evaluation; roles
 
   c.method.name = "tdpo"         # jaxopd/methods/tdpo.py
   c.method.loss = "tdpo2"        # dpo | ipo | tdpo1 | tdpo2 (jaxopd.methods.tdpo.PAIR_LOSSES)

@@ -12,6 +12,20 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the field."""
 
 
+def one_of(block, where: str, field: str, choices) -> None:
+  """A ConfigError unless ``block[field]`` is one of ``choices`` (``where``: the block's name, e.g.
+  ``config.method``)."""
+  if block[field] not in choices:
+    raise ConfigError(f"{where}.{field}={block[field]!r}: must be one of {tuple(choices)}")
+
+
+def positive(block, where: str, *fields: str) -> None:
+  """A ConfigError for the first of ``fields`` of ``block`` that is not > 0."""
+  for f in fields:
+    if not block[f] > 0:
+      raise ConfigError(f"{where}.{f}={block[f]}: must be positive")
+
+
 class WeightFileError(ValueError):
   """A weight file that is not what it claims (cut short, not safetensors, a tensor missing or of
   another shape); the message names the file and the tensor."""

@@ -84,8 +84,8 @@ def check_model(policy_tokenizer, reward_dir: str, arch, field: str = "config.mo
     raise ConfigError(f"{field}: its vocab_size={arch.vocab_size} is smaller than the policy tokenizer's "
                       f"{len(policy_tokenizer)} tokens")
   if reward_dir:
-    from jaxopd.models import hf
-    theirs = hf.load_tokenizer(reward_dir)
+    from jaxopd.data.tokenizer import hf_tokenizer
+    theirs = hf_tokenizer(reward_dir)
     if theirs is not None and theirs.get_vocab() != policy_tokenizer.get_vocab():
       raise ConfigError(f"{field}: the tokenizer in {reward_dir} differs from the policy's: a reward model run "
                         f"on device reads the policy's token ids (score with another tokenizer through a "

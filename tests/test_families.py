@@ -109,7 +109,7 @@ def test_logprobs_match_transformers(ckpts, name, dtype):
   """Both sides compute in float32 from the same file (bf16 files: the same rounded weights)."""
   path = ckpts[name][dtype]
   ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-  model, _ = hf.load(path)
+  model = hf.load(path)
   assert model.cfg.export_type == json.load(open(os.path.join(path, "config.json")))["model_type"]
   want, got = _torch_logprobs(ref), _logprobs(model)
   diff = np.abs(got - want)[MASK].max()
@@ -118,7 +118,7 @@ def test_logprobs_match_transformers(ckpts, name, dtype):
 
 
 def test_family_options_are_read(ckpts):
-  cfgs = {name: hf.load(ckpts[name]["float32"])[0].cfg for name in FAMILIES}
+  cfgs = {name: hf.load(ckpts[name]["float32"]).cfg for name in FAMILIES}
   assert cfgs["qwen3"].head_dim == 24 and cfgs["qwen3"].qk_norm == "head"
   assert cfgs["llama3.1"].rope_type == "llama3" and cfgs["llama3.1"].tie_embeddings
   assert cfgs["mistral"].local_layers == (True,) * 4 and cfgs["mistral"].sliding_window == WINDOW
@@ -132,7 +132,7 @@ def test_family_options_are_read(ckpts):
 def test_kv_cache_decode_equals_full_forward(ckpts, name):
   """Prefill 6 tokens, then decode one token at a time past the window: each step's logits
   equal the full forward's at that position."""
-  model, _ = hf.load(ckpts[name]["float32"])
+  model = hf.load(ckpts[name]["float32"])
   full = _forward(model, TOKENS, np.ones_like(MASK))
   graphdef, state = nnx.split(model)
   step = jax.jit(lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c))
@@ -151,7 +151,7 @@ def test_kv_cache_decode_equals_full_forward(ckpts, name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_export_reloads_in_transformers(ckpts, name, tmp_path):
   ref = ckpts[name]["torch"]
-  model, _ = hf.load(ckpts[name]["float32"])
+  model = hf.load(ckpts[name]["float32"])
   out = hf.export(model, model.cfg, str(tmp_path / "out"))
   back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   assert type(back) is type(ref)
@@ -167,7 +167,7 @@ def test_export_reloads_in_transformers(ckpts, name, tmp_path):
 def test_attention_implementations_agree(ckpts, name):
   """einsum (the reference) = dot_product = chunked = splash, one block per layer and scanned;
   a window longer than the sequence = one as long as it = no window; one key fewer differs."""
-  model, _ = hf.load(ckpts[name]["float32"])
+  model = hf.load(ckpts[name]["float32"])
   ref = _logprobs(model)
   variants = [dict(attention="chunked", attention_chunk=4), dict(attention="splash"),
               dict(scan_layers=True), dict(scan_layers=True, remat="full"),
@@ -194,7 +194,7 @@ def test_attention_implementations_agree(ckpts, name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_few_sgd_steps_lower_the_loss(ckpts, name):
-  model, _ = hf.load(ckpts[name]["bfloat16"])
+  model = hf.load(ckpts[name]["bfloat16"])
   graphdef, params = nnx.split(model, nnx.Param)
 
   def loss(p):
@@ -218,7 +218,7 @@ def test_greedy_sampling_past_the_window_equals_transformers(ckpts, name):
   window 5): jaxopd's sampler, with a row per sample and with each prompt's cache shared by 2
   rows (GRPO's layout), gives transformers' ``generate`` tokens."""
   from jaxopd import sampling
-  model, _ = hf.load(ckpts[name]["float32"])
+  model = hf.load(ckpts[name]["float32"])
   ref = ckpts[name]["torch"]
   prompt, plen, n = TOKENS[:2, :8], np.array([8, 5]), 10
   cfg = sampling.SamplingConfig(max_new_tokens=n, eos_id=127, pad_id=0, greedy=True)

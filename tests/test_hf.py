@@ -21,6 +21,7 @@ from jaxopd import checkpoint as ckpt_lib  # noqa: E402
 from jaxopd import mesh as mesh_lib  # noqa: E402
 from jaxopd import train  # noqa: E402
 from jaxopd.errors import ConfigError  # noqa: E402
+from jaxopd.data.tokenizer import hf_tokenizer
 from jaxopd.models import export, hf  # noqa: E402
 
 ATOL = 1e-4
@@ -89,7 +90,7 @@ def ckpts(tmp_path_factory):
 @pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2"])
 def test_load_matches_transformers(ckpts, name):
   path, ref = ckpts[name]
-  model, tok = hf.load(path)
+  model, tok = hf.load(path), hf_tokenizer(path)
   assert model.cfg.family == ("gpt2" if name == "gpt2" else "llama")
   assert model.cfg.qkv_bias == (name == "qwen2") and model.cfg.tie_embeddings == (name != "llama")
   assert (tok is not None) == (name == "llama")
@@ -117,7 +118,7 @@ def test_load_sharded_on_2x2x2_mesh(ckpts, name, monkeypatch):
   monkeypatch.setattr(hf, "_read_block", spy)
   mesh = mesh_lib.make_mesh((2, 2, 2))
   rules = mesh_lib.DEFAULT_RULES
-  model, _ = hf.load(path, mesh, rules)
+  model = hf.load(path, mesh, rules)
   layout, _ = hf._layout(model.cfg)
   state = nnx.state(model, nnx.Param)
   params = ckpt_lib.flatten(state)[0]
@@ -138,7 +139,7 @@ def test_load_sharded_on_2x2x2_mesh(ckpts, name, monkeypatch):
 @pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2"])
 def test_export_reloads_in_transformers(ckpts, name, tmp_path):
   path, ref = ckpts[name]
-  model, tok = hf.load(path)
+  model, tok = hf.load(path), hf_tokenizer(path)
   out = hf.export(model, model.cfg, str(tmp_path / "out"), tokenizer=tok)
   back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   assert type(back) is type(ref)
@@ -149,7 +150,7 @@ def test_export_reloads_in_transformers(ckpts, name, tmp_path):
   original = {k: v.numpy() for k, v in ref.state_dict().items()}
   for k, v in load_file(os.path.join(out, hf.SINGLE)).items():
     np.testing.assert_array_equal(v, original[k], err_msg=k)
-  assert (hf.load_tokenizer(out) is not None) == (tok is not None)
+  assert (hf_tokenizer(out) is not None) == (tok is not None)
 
 
 def _copy(src, dst):
@@ -215,7 +216,7 @@ def test_run_from_hf_dir_and_export_cli(tmp_path):
   cfg = tiny_config(total_steps=1, **{"models.policy.init": f"hf:{tmp_path / 'hf'}", "optim.lr": 1e-12})
   out = train.run(cfg, tmp_path / "run", SFT.build(cfg))
   assert not hf.is_hf_dir(str(tmp_path / "run"))
-  want, _ = hf.load(str(tmp_path / "hf"))
+  want = hf.load(str(tmp_path / "hf"))
   got = params_of(out)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(jax.device_get(nnx.to_pure_dict(nnx.state(want))))):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
@@ -256,13 +257,13 @@ def test_bf16_checkpoint_loads_keeps_dtype_and_exports(families, name, tmp_path)
   assert {t["dtype"] for t in header.values()} == {"BF16"}
   tokens = np.random.RandomState(1).randint(0, 320, (2, 12))
   want = hf_fixtures.torch_logits(path, tokens)
-  f32, _ = hf.load(path)
+  f32 = hf.load(path)
   diff = np.abs(_logits(f32, tokens=tokens) - want).max()
   print(f"{name} bf16 file, float32 params: max |logits diff| {diff:.2e}")
   assert diff < ATOL
 
   mesh = mesh_lib.make_mesh((2, 2, 2))
-  bf16, _ = hf.load(path, mesh, mesh_lib.DEFAULT_RULES, param_dtype="bfloat16")
+  bf16 = hf.load(path, mesh, mesh_lib.DEFAULT_RULES, param_dtype="bfloat16")
   p16, p32 = jax.tree.leaves(nnx.state(bf16, nnx.Param)), jax.tree.leaves(nnx.state(f32, nnx.Param))
   assert {x.dtype for x in p16} == {np.dtype("bfloat16")}
   per_device = lambda leaves: sum(x.addressable_shards[0].data.nbytes for x in leaves)

@@ -75,7 +75,7 @@ def test_zero_b_is_the_base_and_the_reference_is_the_base(llama, pairs):
   bit, and so do the base:policy reference's; the trainable state is the adapters alone."""
   tr, _, state, frozen, _ = _trainer(_dpo(llama, pairs))
   models = tr.models(state, frozen)
-  base = hf.load(llama)[0]
+  base = hf.load(llama)
   tokens = np.random.RandomState(0).randint(0, 320, (2, 12))
   want = _logits(base, tokens)
   adapters = _flat(state["params"]["policy"])
@@ -144,7 +144,7 @@ def test_lora_dpo_trains_adapters_only_exports_and_resumes(llama, pairs, tmp_pat
   out = train.run(c, str(w), m.build(c))
   tr = out["trainer"]
   models = tr.models(out["state"], out["frozen"])
-  base = _flat(nnx.state(hf.load(llama)[0], nnx.Param))
+  base = _flat(nnx.state(hf.load(llama), nnx.Param))
   assert {k: v.tobytes() for k, v in _flat(out["frozen"]["policy"]).items()} == {k: v.tobytes()
                                                                                   for k, v in base.items()}
   moved = [k for k, v in _flat(out["state"]["params"]["policy"]).items() if k.endswith("_lora_b") and np.abs(v).max()]
@@ -261,7 +261,7 @@ def test_lora_grpo_on_a_sharded_mesh(llama, tmp_path):
   assert wq_a.sharding.spec[0] == "fsdp" and wq_b.sharding.spec[1] == "tensor"
   assert set(out["state"]["snapshots"]["reference"]["blocks"][0]["attn"]) == set(params["blocks"][0]["attn"])
   assert {x.dtype for x in jax.tree.leaves(out["frozen"]["policy"])} == {np.dtype("bfloat16")}
-  base = _flat(nnx.state(hf.load(llama, param_dtype="bfloat16")[0], nnx.Param))
+  base = _flat(nnx.state(hf.load(llama, param_dtype="bfloat16"), nnx.Param))
   got = _flat(out["frozen"]["policy"])
   assert all(np.array_equal(got[k], base[k]) for k in base)
   assert any(np.abs(v).max() > 0 for k, v in _flat(params).items() if k.endswith("_lora_b"))

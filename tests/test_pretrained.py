@@ -19,6 +19,7 @@ from helpers import quiet  # noqa: E402
 from jaxopd import checkpoint as ckpt_lib  # noqa: E402
 from jaxopd import logs, methods, sampling, train  # noqa: E402
 from jaxopd.experiment import load_config  # noqa: E402
+from jaxopd.data.tokenizer import hf_tokenizer
 from jaxopd.models import gguf, hf  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Name a colour of the sky.", "What is 2 + 3?"]
@@ -35,7 +36,7 @@ def smol():
 
 @pytest.fixture(scope="module")
 def loaded(smol):
-  model, tok = hf.load(smol)
+  model, tok = hf.load(smol), hf_tokenizer(smol)
   return model, tok, transformers.AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32).eval()
 
 
@@ -151,7 +152,7 @@ def test_dpo_and_grpo_train_the_real_model(smol, tmp_path):
   rec = logs.read_metrics(str(tmp_path / "grpo"), "train")[-1]
   print(f"GRPO step: {rec}")
   assert rec["grad_norm"] > 0
-  before = ckpt_lib.flatten(nnx.state(hf.load(smol)[0], nnx.Param))[0]
+  before = ckpt_lib.flatten(nnx.state(hf.load(smol), nnx.Param))[0]
   after = ckpt_lib.flatten(out["state"]["params"]["policy"])[0]
   assert set(before) == set(after)
   moved = [k for k in after if not np.array_equal(np.asarray(after[k]), np.asarray(before[k]))]

@@ -17,6 +17,7 @@ from helpers import REPO, quiet  # noqa: E402
 from jaxopd import logs, train  # noqa: E402
 from jaxopd import methods  # noqa: E402
 from jaxopd.experiment import load_config  # noqa: E402
+from jaxopd.data.tokenizer import hf_tokenizer
 from jaxopd.models import export, hf, table  # noqa: E402
 from jaxopd.errors import ConfigError  # noqa: E402
 
@@ -333,7 +334,7 @@ def test_a_model_is_never_fed_another_vocabulary(families, files, tmp_path):
   s.data.files.tokenizer = families["llama"]
   s.eval.num_prompts = 0
   s.models.policy.init = f"hf:{families['qwen2']}"
-  assert len(hf.load_tokenizer(families["llama"])) == len(hf.load_tokenizer(families["qwen2"]))
+  assert len(hf_tokenizer(families["llama"])) == len(hf_tokenizer(families["qwen2"]))
   with pytest.raises(ConfigError, match=rf"config\.data\.files\.tokenizer='{families['llama']}': its vocabulary "
                                         rf"differs from the tokenizer of the model's hf: directory"):
     EXP["sft"].build(s)

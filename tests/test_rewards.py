@@ -16,6 +16,7 @@ import hf_fixtures  # noqa: E402
 from jaxopd import rewards  # noqa: E402
 from jaxopd.errors import ConfigError  # noqa: E402
 from jaxopd.experiment import load_config  # noqa: E402
+from jaxopd.data.tokenizer import hf_tokenizer
 from jaxopd.models import Transformer, hf, table  # noqa: E402
 from jaxopd.sampling import SamplingConfig, sample  # noqa: E402
 
@@ -54,7 +55,7 @@ def test_reward_model_scores_as_transformers_and_exports(reward_dirs, family, tm
   model, role = table.load_model(f"hf:{path}", "reward", param_dtype="bfloat16")
   assert role.arch.head == "score" and model.lm_head is None and model.score[...].shape == (role.arch.d_model, 1)
   assert model.score[...].dtype == jnp.bfloat16
-  tok = hf.load_tokenizer(path)
+  tok = hf_tokenizer(path)
   pad = json.load(open(os.path.join(path, "config.json"))).get("pad_token_id")
   assert pad == (None if family == "llama" else tok.pad_token_id)   # jaxopd pads Llama rows with its EOS
   toks, mask, rows = _rows(tok)

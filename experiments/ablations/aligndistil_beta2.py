@@ -55,7 +55,8 @@ def token_signals(sets, batch: int = 64, spec: str = CONFIG + ":adaptive"):
   from jaxopd.experiment import load_config
   from jaxopd.losses.aligndistil import FLOOR, token_terms
   from jaxopd.losses.common import response_mask
-  from jaxopd.methods import aligndistil, sparsepo, tdpo
+  from jaxopd.methods import aligndistil, sparsepo
+  from jaxopd.tasks import pairs
   from jaxopd.models import table
   from jaxopd.models.heads import chunked_terms
 
@@ -65,7 +66,7 @@ def token_signals(sets, batch: int = 64, spec: str = CONFIG + ":adaptive"):
   aligndistil.prepare(c, None)
   beta = c.method.beta
   models = {n: table.load_model(c.models[n].init, n)[0] for n in ("reference", "dpo", "rdpo")}
-  _, test_recs, _ = tdpo.pair_data(c)
+  _, test_recs, _ = pairs.pair_data(c)
   tokens = np.stack([r["tokens"] for r in test_recs]).reshape(-1, c.seq_len)
   lmask = np.stack([r["loss_mask"] for r in test_recs]).reshape(-1, c.seq_len)
   gold = sparsepo.gold_tokens(suite_lib.ensure(c.data, verbose=False), tokens)[:, 1:]

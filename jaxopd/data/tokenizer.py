@@ -94,6 +94,34 @@ def load_tokenizer(path: str | os.PathLike):
   return tok
 
 
+def hf_tokenizer(hf_dir: str):
+  """The tokenizer saved in model directory ``hf_dir`` (:func:`load_tokenizer`), or None when it
+  holds no tokenizer files."""
+  from jaxopd.models.hf import TOKENIZER_FILES
+  if not any(os.path.isfile(os.path.join(hf_dir, f)) for f in TOKENIZER_FILES):
+    return None
+  return load_tokenizer(hf_dir)
+
+
+def check_tokenizer(config, tok, data_name: str) -> None:
+  """Every language-model role started from an ``hf:`` directory that holds a tokenizer must hold
+  the data's (``tok``; None: a task whose ids are its own): a model fed another vocabulary's ids
+  trains without an error, on nonsense. (A reward role is checked by jaxopd.rewards.check_model.)"""
+  from jaxopd.errors import ConfigError
+  from jaxopd.models import table
+  for name in config.models:
+    init = config.models[name].init
+    if name == "reward" or not isinstance(init, str) or not init.startswith("hf:"):
+      continue
+    path = table.source_dir(config, name)
+    theirs = hf_tokenizer(path) if path else None
+    if theirs is not None and (tok is None or theirs.get_vocab() != tok.get_vocab()):
+      raise ConfigError(f"config.models.{name}.init={init!r}: {data_name} tokenizes with "
+                        f"{'ids of its own' if tok is None else 'another vocabulary'} than {path}'s tokenizer: "
+                        f"the model would read another vocabulary's ids (your data: config.data.task=files, whose "
+                        f"tokenizer defaults to the model's)")
+
+
 def encode_words(tokenizer, words: Sequence[str]) -> tuple[list[int], list[int]]:
   """Token ids of ``words`` (no special tokens) and, per token, its word index.
 

@@ -6,7 +6,7 @@ Roles: ``policy`` (trained), ``reference`` (the SFT model), ``dpo`` (DPO on the
 pairs) and, for the ``adaptive`` / ``contrast`` teachers, ``rdpo`` (DPO on the
 same pairs with chosen and rejected swapped; ``none`` for ``theorem1`` / ``gkd``).
 On the reviews task the pipeline trains each as a cached stage (SFT, pairs,
-DPO, reverse DPO: :func:`jaxopd.methods.tdpo.run_dpo_stage`); give a role an
+DPO, reverse DPO: :func:`jaxopd.stages.run_dpo`); give a role an
 ``hf:DIR`` / ``run:WORKDIR`` init and its stage is not run.
 
 Data (``config.method.data``):
@@ -38,16 +38,17 @@ import os
 import jax.numpy as jnp
 import ml_collections
 
-from jaxopd import paths
+from jaxopd import paths, stages as stage_lib
 from jaxopd.data import batched_iterator, suite as suite_lib
-from jaxopd.errors import ConfigError
+from jaxopd.data.tokenizer import check_tokenizer
+from jaxopd.errors import ConfigError, one_of, positive
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import response_mask
 from jaxopd.losses.aligndistil import NEEDS, VARIANTS, sequence_loss, token_terms
 from jaxopd.models.heads import chunked_terms
-from jaxopd.methods import sft, tdpo
 from jaxopd.models import table
 from jaxopd.sampling import SamplingConfig, sample
+from jaxopd.tasks import pairs as pair_task, reviews
 
 DATA = ("on_policy", "off_policy")
 TEACHER_ROLES = ("dpo", "rdpo")
@@ -106,9 +107,9 @@ def make_rollout(scfg: SamplingConfig):
 def stages(c, smoke: bool = False):
   """The DPO and reverse-DPO stage blocks (``config.dpo``, ``config.rdpo``) and their roles."""
   recipe = "tdpo.py:dpo,smoke" if smoke else "tdpo.py:dpo"
-  c.dpo = tdpo.dpo_stage("runs/dpo_stage_smoke" if smoke else "runs/dpo_stage", 8 if smoke else 400,
+  c.dpo = stage_lib.dpo_stage("runs/dpo_stage_smoke" if smoke else "runs/dpo_stage", 8 if smoke else 400,
                          config=recipe)
-  c.rdpo = tdpo.dpo_stage("runs/rdpo_stage_smoke" if smoke else "runs/rdpo_stage", 8 if smoke else 400,
+  c.rdpo = stage_lib.dpo_stage("runs/rdpo_stage_smoke" if smoke else "runs/rdpo_stage", 8 if smoke else 400,
                           reverse=True, config=recipe)
   c.models.dpo = table.role(init="stage:dpo", trainable=False)
   c.models.rdpo = table.role(init="stage:rdpo", trainable=False)
@@ -120,15 +121,12 @@ def stages(c, smoke: bool = False):
 
 def _check(c):
   m = c.method
-  if m.variant not in VARIANTS:
-    raise ConfigError(f"config.method.variant={m.variant!r}: must be one of {VARIANTS}")
-  if m.data not in DATA:
-    raise ConfigError(f"config.method.data={m.data!r}: must be one of {DATA}")
+  one_of(m, "config.method", "variant", VARIANTS)
+  one_of(m, "config.method", "data", DATA)
   for f in ("beta", "beta2", "temperature"):
     if m[f] <= 0:
       raise ConfigError(f"config.method.{f}={m[f]}: must be positive")
-  if m.chunk <= 0:
-    raise ConfigError(f"config.method.chunk={m.chunk}: must be positive")
+  positive(m, "config.method", "chunk")
   if c.data.task not in ("reviews", "files"):
     raise ConfigError(f"config.data.task={c.data.task!r}: must be reviews or files")
   if "rdpo" in NEEDS[m.variant] and not table.built(c, "rdpo"):
@@ -155,12 +153,12 @@ def prepare(config, workdir: str):
   if config.data.task == "files":
     table.refuse_stages(config, "sft", "dpo", "rdpo")
     return config
-  tdpo.prepare_pairs(config)
-  sft_init = sft.stage_init(config.sft)
+  stage_lib.prepare_pairs(config)
+  sft_init = stage_lib.init_of(config.sft)
   for name in TEACHER_ROLES:
     if table.uses_stage(config, name):
       what = "reverse DPO (chosen and rejected swapped)" if name == "rdpo" else "DPO"
-      table.fill_stage(config, name, tdpo.run_dpo_stage(config, config[name], sft_init, what))
+      table.fill_stage(config, name, stage_lib.run_dpo(config, config[name], sft_init, what))
   return config
 
 
@@ -182,8 +180,8 @@ def build(config) -> Experiment:
   else:
     suite = suite_lib.ensure(config.data, verbose=False)
     tok = suite.tokenizer
-    table.check_tokenizer(config, tok, "the reviews task")
-    pairs, eval_recs, evaluate = tdpo.pair_data(config)
+    check_tokenizer(config, tok, "the reviews task")
+    pairs, eval_recs, evaluate = pair_task.pair_data(config)
     train_recs = (suite_lib.prompt_records(suite, "train", config.rollout.prompt_len) if m.data == "on_policy"
                   else pairs)
   policy = table.arch(config, "policy")
@@ -209,7 +207,7 @@ def report(config, workdir: str, summary: dict):
          "beta2": config.method.beta2, "after": summary["eval"]}
   if config.data.task == "reviews":
     models = summary["trainer"].models(summary["state"], summary["frozen"])
-    evaluate = tdpo.make_evaluate(config, suite_lib.ensure(config.data, verbose=False))
+    evaluate = reviews.evaluate(config, suite_lib.ensure(config.data, verbose=False))
     out["before"] = evaluate({**models, "policy": models["reference"]}, 0)
     out["dpo"] = evaluate({**models, "policy": models["dpo"]}, 0)
     keys = ["sample/reward", "sample/kl_ref", "sample/entropy", "sample/distinct2"]

@@ -51,17 +51,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopd import paths
+from jaxopd import paths, stages as stage_lib
 from jaxopd import checkpoint as ckpt_lib
 from jaxopd.data import batched_iterator, suite as suite_lib
-from jaxopd.errors import ConfigError
+from jaxopd.data.tokenizer import check_tokenizer
+from jaxopd.errors import ConfigError, one_of, positive
 from jaxopd.evaluation import (acceptance_on_draft_prefixes, block_efficiency, compiled, evaluate_policy, heldout_nll,
                                speedup)
 from jaxopd.evaluation import sampler as sample_call
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import DIVERGENCES, divergence as divergence_fn
 from jaxopd.models.heads import chunked_terms, label_logprob
-from jaxopd.methods import sft
 from jaxopd.models import Transformer, table
 from jaxopd.sampling import SamplingConfig, sample, speculative_sample
 
@@ -71,18 +71,15 @@ EVAL_MODES = ("spec", "quality")
 
 def _check(c):
   m, e = c.method, c.eval
-  if m.divergence not in DIVERGENCES:
-    raise ConfigError(f"config.method.divergence={m.divergence!r}: must be one of {DIVERGENCES}")
+  one_of(m, "config.method", "divergence", DIVERGENCES)
   if not 0.0 <= m.beta <= 1.0:
     raise ConfigError(f"config.method.beta={m.beta}: must be in [0, 1]")
   if m.divergence != "jsd" and m.beta != 0.5:
     raise ConfigError(f"config.method.beta={m.beta}: only divergence=jsd uses beta")
-  if m.chunk <= 0:
-    raise ConfigError(f"config.method.chunk={m.chunk}: must be positive")
+  positive(m, "config.method", "chunk")
   if m.temperature <= 0:
     raise ConfigError(f"config.method.temperature={m.temperature}: must be > 0")
-  if m.data not in DATA_SOURCES:
-    raise ConfigError(f"config.method.data={m.data!r}: must be one of {DATA_SOURCES}")
+  one_of(m, "config.method", "data", DATA_SOURCES)
   if m.mix_with not in ("fixed", "teacher"):
     raise ConfigError(f"config.method.mix_with={m.mix_with!r}: must be fixed or teacher")
   if not 0.0 <= m.mix_lambda <= 1.0:
@@ -102,8 +99,7 @@ def _check(c):
     if c.data.files.max_prompt_len and c.data.files.max_prompt_len != m.prompt_len:
       raise ConfigError(f"config.data.files.max_prompt_len={c.data.files.max_prompt_len}: distillspec's prompt "
                         f"length is config.method.prompt_len={m.prompt_len} (leave the files field at 0)")
-  if e.mode not in EVAL_MODES:
-    raise ConfigError(f"config.eval.mode={e.mode!r}: must be one of {EVAL_MODES}")
+  one_of(e, "config.eval", "mode", EVAL_MODES)
   if e.max_gamma < 1 or any(g < 1 for g in e.sd_gammas):
     raise ConfigError(f"config.eval.sd_gammas={tuple(e.sd_gammas)} / max_gamma={e.max_gamma}: gammas must be >= 1")
   stage_archs = (("config.model", c.model), ("config.target.model", c.target.model))
@@ -141,10 +137,10 @@ def prepare(config, workdir: str):
                         f"target.source=draft the target is a finished run of this module (train it first)")
   suite_lib.ensure(config.data)
   for what, node, model in stages:
-    sft.run_stage(config, node, model, f"{what} SFT")
+    stage_lib.run_sft(config, node, model, f"{what} SFT")
   steps = f"@{config.target.total_steps}" if config.target.source == "policy" else ""
   table.fill_stage(config, "target", f"run:{paths.resolve(config.target.workdir)}:{config.target.source}{steps}")
-  table.fill_stage(config, "draft_sft", sft.stage_init(config.draft_sft))
+  table.fill_stage(config, "draft_sft", stage_lib.init_of(config.draft_sft))
   return config
 
 
@@ -276,7 +272,7 @@ def load_data(config) -> Data:
       plen = np.stack([r["prompt_len"] for r in eval_recs])
     return Data(tok, train_recs, None, prompt, plen, None)
   suite = suite_lib.ensure(config.data, verbose=False)
-  table.check_tokenizer(config, suite.tokenizer, "the reviews task")
+  check_tokenizer(config, suite.tokenizer, "the reviews task")
   prompt, plen = _eval_prompts(suite, config)
   return Data(suite.tokenizer, _records(suite, config, "train", "train"),
               _records(suite, config, "validation", "test", verbose=False), prompt, plen,

@@ -1,6 +1,6 @@
 """f-DPG (Go et al., ICML 2023) as an on-policy method of the one trainer: targets,
 the rollout (sample, score, update log Z and the baseline), the loss, the
-pipeline (the SFT base of :mod:`jaxopd.methods.tdpo`, the target fit),
+pipeline (the SFT base of :mod:`jaxopd.stages`, the target fit),
 evaluation against the true target and the report. Config: experiments/fdpg.py.
 
 A target is ``p(x) = P(x) / Z`` with ``log P(x) = log a(x) + log phi(x)``: ``a``
@@ -31,16 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopd import paths
+from jaxopd import paths, stages as stage_lib
 from jaxopd import rewards
 from jaxopd.data import batched_iterator, group_rows, reviews, suite as suite_lib
-from jaxopd.errors import ConfigError
+from jaxopd.data.tokenizer import check_tokenizer
+from jaxopd.errors import ConfigError, one_of
 from jaxopd.evaluation import compiled, distinct_n, self_bleu, to_host, token_entropy
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import token_logprobs, response_mask
 from jaxopd.losses.fdpg import (F_DIVERGENCES, Baseline, LogZ, context_weights, divergence_estimates,
                                 group_baselines, pseudo_reward, surrogate_loss)
-from jaxopd.methods import sft
 from jaxopd.models import Transformer, heads, table
 from jaxopd.sampling import SamplingConfig, sample
 
@@ -289,18 +289,15 @@ def _scfg(c, tok) -> SamplingConfig:
 
 def _check(c):
   m = c.method
-  if m.target not in TARGETS:
-    raise ConfigError(f"config.method.target={m.target!r}: must be one of {TARGETS}")
-  if m.divergence not in F_DIVERGENCES:
-    raise ConfigError(f"config.method.divergence={m.divergence!r}: must be one of {F_DIVERGENCES}")
+  one_of(m, "config.method", "target", TARGETS)
+  one_of(m, "config.method", "divergence", F_DIVERGENCES)
   if m.target != "pointwise" and m.eps != -1.0:
     raise ConfigError(f"config.method.eps={m.eps}: the floor applies to pointwise targets only (leave it at -1)")
   if m.target == "rlhf" and m.reward_beta <= 0:
     raise ConfigError(f"config.method.reward_beta={m.reward_beta}: must be positive")
   if m.target == "distributional" and not 0.0 < m.topic_mean < 1.0:
     raise ConfigError(f"config.method.topic_mean={m.topic_mean}: must be in (0, 1)")
-  if m.topic not in reviews.TOPIC_NAMES:
-    raise ConfigError(f"config.method.topic={m.topic!r}: must be one of {reviews.TOPIC_NAMES}")
+  one_of(m, "config.method", "topic", reviews.TOPIC_NAMES)
   if c.data.task not in ("reviews", "files"):
     raise ConfigError(f"config.data.task={c.data.task!r}: must be reviews or files (prompt files)")
   rewards.check_config(c, "gold", "the reviews task's")
@@ -376,7 +373,7 @@ class Data(NamedTuple):
 def load_data(config, verbose: bool = False) -> Data:
   if config.data.task != "files":
     suite = suite_lib.ensure(config.data, verbose=verbose)
-    table.check_tokenizer(config, suite.tokenizer, "the reviews task")
+    check_tokenizer(config, suite.tokenizer, "the reviews task")
     return Data(suite.tokenizer, suite, None)
   default = table.tokenizer_dir(config, "policy") or table.tokenizer_dir(config, "base")
   tok, train, test = suite_lib.file_records(config.data, "prompt", config.seq_len,
@@ -431,7 +428,7 @@ def prepare(config, workdir: str):
     table.refuse_stages(config, "sft")
   else:
     suite_lib.ensure(config.data)
-    table.fill_stage(config, "sft", sft.run_stage(config, config.sft, config.model))
+    table.fill_stage(config, "sft", stage_lib.run_sft(config, config.sft, config.model))
   fit = _fit_target(config, workdir)
   with config.unlocked():
     if config.method.target == "distributional" and not config.method.lambdas:

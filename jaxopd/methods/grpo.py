@@ -54,7 +54,6 @@ there is one, entropy, distinct-n of held-out samples).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 
@@ -62,11 +61,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopd import paths
-from jaxopd import rewards
-from jaxopd.data import batched_iterator, digits, suite as suite_lib, traces
-from jaxopd.errors import ConfigError
-from jaxopd.evaluation import compiled, heldout_nll, pass_at_k, to_host
+from jaxopd import paths, rewards, stages
+from jaxopd.data import batched_iterator, digits, suite as suite_lib
+from jaxopd.data.tokenizer import check_tokenizer
+from jaxopd.errors import ConfigError, one_of
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.models import heads
 from jaxopd.losses.grpo import (ADVANTAGES, AGGREGATIONS, CORRECTIONS, DISTILL, KL_ESTIMATORS, RATIO_LEVELS,
@@ -74,6 +72,7 @@ from jaxopd.losses.grpo import (ADVANTAGES, AGGREGATIONS, CORRECTIONS, DISTILL, 
                                 kept_groups, policy_loss, rollout_correction)
 from jaxopd.models import table
 from jaxopd.sampling import SamplingConfig, sample
+from jaxopd.tasks import digits as digits_task, reviews
 
 TASKS = ("digits", "reviews", "files")
 CHECK = "check"
@@ -269,8 +268,7 @@ def _check(c):
       raise ConfigError(f"config.method.{f}={m[f]!r}: must be one of {allowed}")
   if m.distill and m.distill not in DISTILL:
     raise ConfigError(f"config.method.distill={m.distill!r}: must be '' (none) or one of {DISTILL}")
-  if c.data.task not in TASKS:
-    raise ConfigError(f"config.data.task={c.data.task!r}: must be one of {TASKS}")
+  one_of(c.data, "config.data", "task", TASKS)
   if m.group_size < 2:
     raise ConfigError(f"config.method.group_size={m.group_size}: must be >= 2 (advantages are relative to a group)")
   for f in ("eps_low", "eps_high", "beta_kl", "reset_kl", "lambda_d"):
@@ -331,13 +329,6 @@ def _check(c):
                       f"{c.rollout.prompt_len} + {c.rollout.max_new_tokens}")
 
 
-def _scfg(c, tok, temperature=None) -> SamplingConfig:
-  eos = tok.eos_token_id
-  return SamplingConfig(max_new_tokens=c.rollout.max_new_tokens, eos_id=eos,
-                        pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
-                        temperature=c.rollout.temperature if temperature is None else temperature)
-
-
 def prepare(config, workdir: str):
   """The SFT base (``config.sft``; digits: on the easy levels) and, for the distillation variants,
   the teacher (``config.teacher``: the same recipe, longer; digits: on every level), each a cached
@@ -350,72 +341,8 @@ def prepare(config, workdir: str):
   (digits.ensure if config.data.task == "digits" else suite_lib.ensure)(config.data)
   for name in ("sft", "teacher"):
     if table.uses_stage(config, name):
-      table.fill_stage(config, name, train_stage(config, name))
+      table.fill_stage(config, name, stages.run_base(config, name))
   return config
-
-
-def train_stage(config, name: str) -> str:
-  """Trains SFT stage ``config[name]`` unless finished (``sft``: the SFT base, on the digits task
-  on the easy levels; ``teacher``: on every level) and returns its pinned ``run:`` init."""
-  from jaxopd.methods import sft
-  node = config[name]
-  is_digits = config.data.task == "digits"
-  s = sft.stage_config(config, node, config.model)
-  if name == "teacher" and is_digits:
-    s.data = copy.deepcopy(s.data)
-    s.data.sft_max_level = s.data.max_level
-  what = "SFT base" + (" (easy levels)" if is_digits else "") if name == "sft" else "teacher (SFT, longer)"
-  sft.train_stage(s, node.workdir, sft.build, what)
-  return sft.stage_init(node)
-
-
-def _eval_draw(scfg, n, model, prompt, plen, answer, alen, rng):
-  out, ok = traces.draw(scfg, n, model, prompt, plen, answer, alen, rng)
-  return ok, jnp.mean(out.lengths.astype(jnp.float32))
-
-
-def evaluate_pass_at_k(model, records, scfg: SamplingConfig, n: int, rng, batch: int = 64) -> dict:
-  """``pass@k`` (k = 1, 2, 4, ... <= n; unbiased from n samples per prompt) overall and per level,
-  ``greedy`` (the greedy pass rate), ``length`` (mean sampled response length)."""
-  draw = compiled(_eval_draw, (scfg, n), model)
-  draw_greedy = compiled(_eval_draw, (dataclasses.replace(scfg, greedy=True), 1), model)
-  level = np.asarray([int(r["level"]) for r in records])
-  correct, greedy_ok, lengths = [], [], []
-  for i in range(0, len(records), batch):
-    chunk = records[i:i + batch]
-    arrs = [jnp.asarray(np.stack([r[k] for r in chunk])) for k in ("prompt", "prompt_len", "answer", "answer_len")]
-    ok, length = to_host(draw(*arrs, jax.random.fold_in(rng, i)))
-    g, _ = to_host(draw_greedy(*arrs, rng))
-    correct.append(np.asarray(ok).sum(axis=1))
-    greedy_ok.append(np.asarray(g)[:, 0])
-    lengths.append(float(length) * len(chunk))
-  correct, greedy_ok = np.concatenate(correct), np.concatenate(greedy_ok)
-  ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= n]
-  out = {"greedy": float(np.mean(greedy_ok)), "length": sum(lengths) / len(records)}
-  for k in ks:
-    out[f"pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in correct]))
-  for lv in sorted(set(level.tolist())):
-    sel = level == lv
-    for k in ks:
-      out[f"level{lv}/pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in correct[sel]]))
-    out[f"level{lv}/greedy"] = float(np.mean(greedy_ok[sel]))
-  return out
-
-
-def make_evaluate(config, suite, test_recs):
-  """``evaluate(models, step)``: :func:`evaluate_pass_at_k` of the policy on the held-out prompts
-  (``sample/...``) and its per-token NLL on the held-out SFT examples of the easy levels
-  (``heldout/nll_easy``: forgetting of what the SFT base was trained on)."""
-  scfg = _scfg(config, suite.tokenizer, config.eval.temperature)
-  easy, _ = digits.sft_records(suite, "test", config.seq_len, max_level=config.data.sft_max_level, verbose=False)
-
-  def evaluate(models, step):
-    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
-    res = {f"sample/{k}": v for k, v in evaluate_pass_at_k(models["policy"], test_recs, scfg, config.eval.samples,
-                                                           rng).items()}
-    res["heldout/nll_easy"] = heldout_nll(models["policy"], easy, min(64, len(easy)))
-    return res
-  return evaluate
 
 
 def build(config) -> Experiment:
@@ -428,23 +355,22 @@ def build(config) -> Experiment:
                                                 max_prompt_len=config.rollout.prompt_len,
                                                 default_tokenizer=table.tokenizer_dir(config))
   elif config.data.task == "reviews":
-    from jaxopd.methods import tdpo
     suite = suite_lib.ensure(config.data, verbose=False)
     tok = suite.tokenizer
-    table.check_tokenizer(config, tok, "the reviews task")
+    check_tokenizer(config, tok, "the reviews task")
     train_recs = suite_lib.prompt_records(suite, "train", config.rollout.prompt_len)
     host_fn = suite_lib.gold_reward_fn(suite) if m.reward == GOLD else None
     if config.eval.num_prompts:
-      evaluate = tdpo.make_evaluate(config, suite)    # gold reward, KL to the reference, entropy, distinct-n
+      evaluate = reviews.evaluate(config, suite)    # gold reward, KL to the reference, entropy, distinct-n
   else:
     suite = digits.ensure(config.data, verbose=False)
     tok = suite.tokenizer
-    table.check_tokenizer(config, tok, "the digits task")
+    check_tokenizer(config, tok, "the digits task")
     a_len = config.rollout.max_new_tokens - 1
     train_recs = digits.prompt_records(suite, "train", config.rollout.prompt_len, a_len)
     test_recs = digits.prompt_records(suite, "test", config.rollout.prompt_len, a_len)[:config.eval.num_prompts]
     if config.eval.num_prompts and config.eval.samples:
-      evaluate = make_evaluate(config, suite, test_recs)
+      evaluate = digits_task.evaluate(config, suite, test_recs)
   policy = table.arch(config, "policy")
   if len(tok) > policy.vocab_size:
     raise ConfigError(f"config.models.policy: its vocab_size={policy.vocab_size} is smaller than the tokenizer's "
@@ -461,7 +387,7 @@ def build(config) -> Experiment:
     probe = [tok.decode(r["prompt"][:int(r["prompt_len"])].tolist(), skip_special_tokens=True)
              for r in train_recs[:2]]
     host_fn = rewards.load(m.reward, tok, probe_prompts=probe)
-  scfg = _scfg(config, tok)
+  scfg = digits_task.sampling_config(config, tok)
   reward_fn = make_reward(m.reward, scfg.eos_id, host_fn, reward_pad)
   mu = int(m.updates_per_rollout)
   return Experiment(
@@ -483,8 +409,7 @@ def report(config, workdir: str, summary: dict):
                                                   "dynamic_sampling", "distill", "lambda_d", "pg")},
          "after": summary["eval"]}
   if config.data.task == "reviews" and config.eval.num_prompts:
-    from jaxopd.methods import tdpo
-    evaluate = tdpo.make_evaluate(config, suite_lib.ensure(config.data, verbose=False))
+    evaluate = reviews.evaluate(config, suite_lib.ensure(config.data, verbose=False))
     p = config.models.policy
     if table.parse_init("policy", p.init).kind != "random":
       out["before"] = evaluate({"policy": table.load_model(p.init, "policy", dtype=p.dtype,
@@ -495,31 +420,6 @@ def report(config, workdir: str, summary: dict):
       if name in out:
         print(f"{name:<14}" + "".join(f"{out[name].get(k, float('nan')):>12.4f}" for k in keys))
   if config.data.task == "digits":
-    digits_report(config, out, {"before": config.models.policy, "teacher": config.models.teacher})
+    digits_task.report(config, out, {"before": config.models.policy, "teacher": config.models.teacher})
   paths.write_json(os.path.join(workdir, "summary.json"), out, indent=2)
   print(f"wrote {os.path.join(workdir, 'summary.json')}")
-
-
-def digits_report(config, out: dict, sources: dict) -> dict:
-  """Adds to ``out`` (which holds ``"after"``, the run's last evaluation) the digits evaluation
-  of each ``sources`` entry (name -> a role block of ``config.models``, or an init string;
-  ``none`` / ``random`` skipped) and prints the pass@k table; returns ``out``."""
-  if not (config.eval.num_prompts and config.eval.samples):
-    return out
-  suite = digits.ensure(config.data, verbose=False)
-  recs = digits.prompt_records(suite, "test", config.rollout.prompt_len, config.rollout.max_new_tokens - 1,
-                               verbose=False)[:config.eval.num_prompts]
-  evaluate = make_evaluate(config, suite, recs)
-  for name, r in sources.items():
-    r = table.role(init=r) if isinstance(r, str) else r
-    if r.init != table.NONE and table.parse_init(name, r.init).kind != "random":
-      model = table.load_model(r.init, name, dtype=r.dtype, param_dtype=r.param_dtype)[0]
-      out[name] = evaluate({"policy": model}, 0)
-  ks = sorted(int(k.split("@")[1]) for k in out["after"] if k.startswith("sample/pass@"))
-  keys = [f"sample/pass@{k}" for k in ks] + ["sample/greedy", "heldout/nll_easy"]
-  width = max(14, *(len(n) + 2 for n in out))
-  print("\n" + " " * width + "".join(f"{k.split('/')[-1]:>12}" for k in keys))
-  for name in [*sources, "after"]:
-    if name in out:
-      print(f"{name:<{width}}" + "".join(f"{out[name].get(k, float('nan')):>12.4f}" for k in keys))
-  return out

@@ -22,9 +22,9 @@ Data (``config.data.task``):
   stage 1 = SFT of the student (the digits SFT base, easy levels) on every positive trace
   (``config.positives``, a cached stage), stage 2 = this loss on (positive, negative)
   pairs of the same prompt, from the stage-1 model; evaluation pass@k per level and the
-  held-out NLL of the easy levels (GRPO's, :func:`jaxopd.methods.grpo.make_evaluate`).
+  held-out NLL of the easy levels (:func:`jaxopd.tasks.digits.evaluate`).
 * ``reviews`` / ``files``: the preference pipeline's pairs
-  (:func:`jaxopd.methods.tdpo.pair_data`: the reviews pairs, best vs worst of the SFT
+  (:func:`jaxopd.tasks.pairs.pair_data`: the reviews pairs, best vs worst of the SFT
   model's samples by gold reward, or your pair files), from the SFT base.
 
 Metrics: ``logps/chosen_norm``, ``logps/rejected_norm`` (length-normalised
@@ -41,14 +41,15 @@ import os
 import jax
 import jax.numpy as jnp
 
-from jaxopd import paths
+from jaxopd import paths, stages as stage_lib
 from jaxopd.data import digits, traces
-from jaxopd.errors import ConfigError
+from jaxopd.data.tokenizer import check_tokenizer
+from jaxopd.errors import ConfigError, one_of, positive
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import dpo_loss, redi_loss, simpo_loss
 from jaxopd.losses.common import responses
-from jaxopd.methods import tdpo
 from jaxopd.models import heads, table
+from jaxopd.tasks import digits as digits_task, pairs as pair_task
 
 
 LOSSES = ("redi", "simpo", "dpo")
@@ -92,11 +93,9 @@ def make_loss_fn(alpha: float, with_reference: bool, loss: str = "redi", beta: f
 
 
 def _check(c):
-  if c.method.chunk <= 0:
-    raise ConfigError(f"config.method.chunk={c.method.chunk}: must be positive")
+  positive(c.method, "config.method", "chunk")
   m = c.method
-  if m.loss not in LOSSES:
-    raise ConfigError(f"config.method.loss={m.loss!r}: must be one of {LOSSES}")
+  one_of(m, "config.method", "loss", LOSSES)
   if m.alpha < 0:
     raise ConfigError(f"config.method.alpha={m.alpha}: must be >= 0")
   if m.loss != "redi" and m.alpha != 0.8:
@@ -129,15 +128,14 @@ def prepare(config, workdir: str):
   del workdir
   _check(config)
   if config.data.task != "digits":
-    return tdpo.prepare_pairs(config)
-  from jaxopd.methods import grpo, sft
+    return stage_lib.prepare_pairs(config)
   suite = digits.ensure(config.data)
-  base = grpo.train_stage(config, "sft")
+  base = stage_lib.run_base(config, "sft")
   t = config.traces
-  teacher = grpo.train_stage(config, "teacher") if t.teacher == "stage:teacher" else t.teacher
+  teacher = stage_lib.run_base(config, "teacher") if t.teacher == "stage:teacher" else t.teacher
   table.parse_init("teacher", teacher)
   prompts = digits.prompt_records(suite, "train", config.rollout.prompt_len, config.rollout.max_new_tokens - 1)
-  scfg = grpo._scfg(config, suite.tokenizer, t.temperature)
+  scfg = digits_task.sampling_config(config, suite.tokenizer, t.temperature)
   traces.prepare(t, lambda: table.load_model(teacher, "teacher")[0], teacher, suite, prompts, scfg, int(t.seed))
   lines = traces.load(t.workdir)
   st = traces.statistics(lines, t.pairs_per_prompt)
@@ -148,14 +146,13 @@ def prepare(config, workdir: str):
         f"{st['prompts_only_negative']} only negative: no pair); positive rate per level: {rates}")
   if table.uses_stage(config, "positives"):
     node = config.positives
-    s = sft.stage_config(config, node, config.model)
+    s = stage_lib.sft_config(config, node, config.model)
     s.models.policy.init = base
     train_recs = traces.positive_records(lines, suite.tokenizer, s.seq_len)
     eval_recs, _ = digits.sft_records(suite, "test", s.seq_len, verbose=False)   # the gold answers, every level
     _same_traces(node.workdir, t.workdir)
-    sft.train_stage(s, node.workdir, lambda s: sft.experiment(train_recs, eval_recs),
-                    f"stage 1: SFT on the {len(train_recs)} positive traces")
-    table.fill_stage(config, "positives", sft.stage_init(node))
+    table.fill_stage(config, "positives", stage_lib.run_sft_on(
+        s, node, train_recs, eval_recs, f"stage 1: SFT on the {len(train_recs)} positive traces"))
   return config
 
 
@@ -176,9 +173,8 @@ def _same_traces(stage_dir: str, traces_dir: str):
 
 
 def _digits_data(config):
-  from jaxopd.methods import grpo
   suite = digits.ensure(config.data, verbose=False)
-  table.check_tokenizer(config, suite.tokenizer, "the digits task")
+  check_tokenizer(config, suite.tokenizer, "the digits task")
   lines = traces.load(config.traces.workdir)
   train_recs = traces.pair_records(lines, suite.tokenizer, config.seq_len, int(config.traces.pairs_per_prompt))
   print(f"trace pairs: {len(train_recs)} (positive, negative) pairs from {config.traces.workdir}")
@@ -189,15 +185,15 @@ def _digits_data(config):
   if config.eval.num_prompts and config.eval.samples:
     test = digits.prompt_records(suite, "test", config.rollout.prompt_len, config.rollout.max_new_tokens - 1,
                                  verbose=False)[:config.eval.num_prompts]
-    evaluate = grpo.make_evaluate(config, suite, test)
+    evaluate = digits_task.evaluate(config, suite, test)
   return train_recs, None, evaluate
 
 
 def build(config) -> Experiment:
   _check(config)
-  train_recs, test_recs, evaluate = (_digits_data if config.data.task == "digits" else tdpo.pair_data)(config)
+  train_recs, test_recs, evaluate = (_digits_data if config.data.task == "digits" else pair_task.pair_data)(config)
   with_ref = table.built(config, "reference")
-  train_data, eval_data = tdpo.pair_batches(train_recs, test_recs, config.method.share_prompt)
+  train_data, eval_data = pair_task.pair_batches(train_recs, test_recs, config.method.share_prompt)
   return Experiment(roles={"policy": True, **({"reference": False} if with_ref else {})},
                     loss_fn=make_loss_fn(float(config.method.alpha), with_ref, config.method.loss,
                                          float(config.method.beta), float(config.method.gamma), int(config.method.chunk)),
@@ -210,13 +206,12 @@ def report(config, workdir: str, summary: dict):
   the start) and the trained policy; summary.json (other tasks: no report)."""
   if config.data.task != "digits":
     return
-  from jaxopd.methods import grpo, sft
   t = config.traces
-  teacher = sft.stage_init(config.teacher) if t.teacher == "stage:teacher" else t.teacher
+  teacher = stage_lib.init_of(config.teacher) if t.teacher == "stage:teacher" else t.teacher
   out = {"method": {"alpha": float(config.method.alpha)}, "traces": traces.statistics(traces.load(t.workdir),
                                                                                       int(t.pairs_per_prompt)),
          "after": summary["eval"]}
-  grpo.digits_report(config, out, {"sft base": sft.stage_init(config.sft), "teacher": teacher,
+  digits_task.report(config, out, {"sft base": stage_lib.init_of(config.sft), "teacher": teacher,
                                    "before": config.models.policy})
   paths.write_json(os.path.join(workdir, "summary.json"), out, indent=2)
   print(f"wrote {os.path.join(workdir, 'summary.json')}")

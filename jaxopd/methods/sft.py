@@ -1,5 +1,5 @@
-"""SFT: next-token cross-entropy on the response tokens (loss mask); also the SFT
-stage of the other pipelines (:func:`stage`, :func:`run_stage`).
+"""SFT: next-token cross-entropy on the response tokens (loss mask); the other pipelines'
+SFT stages train this experiment (:mod:`jaxopd.stages`).
 
 Data (``config.data.task``): the reviews corpus of the controlled suite
 (jaxopd/data/reviews.py, built into ``config.data.data_dir`` on first use),
@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from jaxopd import paths
-from jaxopd import checkpoint as ckpt_lib
-from jaxopd import runtime, train
 from jaxopd.data import batched_iterator, digits, suite as suite_lib, toy
+from jaxopd.data.tokenizer import check_tokenizer
 from jaxopd.data.pipeline import pack
-from jaxopd.errors import ConfigError
+from jaxopd.errors import ConfigError, positive
 from jaxopd.evaluation import evaluate_policy
-from jaxopd.experiment import Experiment, LossOutput, load_config
+from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses.common import sft_mask
 from jaxopd.models import table
 from jaxopd.models.heads import chunked_terms, label_logprob
@@ -44,12 +41,12 @@ def build(config) -> Experiment:
   model_cfg = table.arch(config, "policy")
   evaluate = None
   if config.data.task == "sort":
-    table.check_tokenizer(config, None, "the sort task")
+    check_tokenizer(config, None, "the sort task")
     train_records, eval_records = _sort_data(config, model_cfg.vocab_size)
     pad_id = toy.PAD
   elif config.data.task == "reviews":
     suite = suite_lib.ensure(config.data)
-    table.check_tokenizer(config, suite.tokenizer, "the reviews task")
+    check_tokenizer(config, suite.tokenizer, "the reviews task")
     if len(suite.tokenizer) != model_cfg.vocab_size:
       raise ConfigError(f"config.model.vocab_size={model_cfg.vocab_size}: the reviews tokenizer has "
                         f"{len(suite.tokenizer)} tokens")
@@ -75,7 +72,7 @@ def build(config) -> Experiment:
       evaluate = sampled
   elif config.data.task == "digits":
     suite = digits.ensure(config.data)
-    table.check_tokenizer(config, suite.tokenizer, "the digits task")
+    check_tokenizer(config, suite.tokenizer, "the digits task")
     if len(suite.tokenizer) > model_cfg.vocab_size:
       raise ConfigError(f"config.model.vocab_size={model_cfg.vocab_size}: the digits tokenizer has "
                         f"{len(suite.tokenizer)} tokens")
@@ -107,8 +104,7 @@ def build(config) -> Experiment:
       raise ConfigError(f"config.method.pack=True: {len(train_records)} packed rows are fewer than one batch "
                         f"(config.batch_size={config.batch_size})")
 
-  if config.method.chunk <= 0:
-    raise ConfigError(f"config.method.chunk={config.method.chunk}: must be positive")
+  positive(config.method, "config.method", "chunk")
   return experiment(train_records, eval_records, evaluate, config.method.chunk)
 
 
@@ -140,56 +136,3 @@ def experiment(train_records, eval_records=None, evaluate=None, chunk: int = 128
       if eval_records else None,
       evaluate=evaluate,
   )
-
-
-# --- the SFT stage of other pipelines ------------------------------------------------
-
-def stage(workdir: str, total_steps: int, config: str = "sft.py") -> ml_collections.ConfigDict:
-  """The config block of an SFT stage: its run directory, its length, and the config module
-  whose recipe it follows (``"sft.py[:preset]"``, looked up in experiments/); the model,
-  data, seed and mesh come from the pipeline's config (:func:`run_stage`)."""
-  b = ml_collections.ConfigDict()
-  b.workdir = workdir            # the stage's run (trained here if unfinished, reused otherwise)
-  b.total_steps = total_steps    # its length
-  b.config = config              # its recipe: a config module of experiments/ ("sft.py[:preset]")
-  return b
-
-
-def stage_config(config, node, model):
-  """The SFT config of stage ``node`` of pipeline ``config``, for architecture ``model``."""
-  s = load_config(node.config)
-  if s.method.name != "sft":
-    raise ConfigError(f"{node.config!r}: an SFT stage needs an SFT config (its method is {s.method.name!r})")
-  s.model = model
-  s.data = config.data
-  s.seed = config.seed
-  s.mesh = config.mesh
-  s.progress = config.progress
-  s.total_steps = node.total_steps
-  s.optim.warmup_steps = min(s.optim.warmup_steps, s.total_steps)
-  s.checkpoint.every = min(s.checkpoint.every, s.total_steps)
-  return s
-
-
-def run_stage(config, node, model, what: str = "SFT base") -> str:
-  """Trains SFT stage ``node`` unless its run is finished; returns the pinned ``run:`` init of
-  its policy (for :func:`jaxopd.models.table.fill_stage`)."""
-  train_stage(stage_config(config, node, model), node.workdir, build, what)
-  return stage_init(node)
-
-
-def train_stage(s, workdir: str, build_fn, what: str):
-  """Trains stage config ``s`` (experiment ``build_fn(s)``) in ``workdir`` unless that run is
-  finished; a preempted stage is :class:`jaxopd.runtime.Interrupted` (re-running resumes it)."""
-  if ckpt_lib.finished(workdir, s.total_steps):
-    return
-  print(f"[stage] {what} -> {workdir} ({s.total_steps} steps)", flush=True)
-  out = train.run(s, workdir, build_fn(s))
-  if out["preempted"]:
-    raise runtime.Interrupted(out["preempted"], f"the {what} stage stopped at step {out['step']} "
-                            f"({out['preempted']}, checkpointed); re-run the command to resume it")
-
-
-def stage_init(node) -> str:
-  """The ``run:`` init of SFT stage ``node``'s policy, pinned at its final step."""
-  return f"run:{paths.resolve(node.workdir)}:policy@{node.total_steps}"

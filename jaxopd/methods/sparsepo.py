@@ -1,6 +1,6 @@
 """SparsePO (Christopoulou et al., Findings EMNLP 2025; official code
-huawei-noah/HEBO, folder SparsePO) on TDPO's preference pipeline (its stages,
-sampled evaluation and report, :mod:`jaxopd.methods.tdpo`). Config:
+huawei-noah/HEBO, folder SparsePO) on the preference pipeline (its stages
+:func:`jaxopd.stages.prepare_pairs`, its evaluation and report :mod:`jaxopd.tasks.pairs`). Config:
 experiments/sparsepo.py.
 
 The step: token masks from the frozen reference model, then the pure loss of
@@ -31,20 +31,18 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxopd import errors
-from jaxopd import paths
+from jaxopd import errors, paths, stages as stage_lib
 from jaxopd.data import batched_iterator, preferences, reviews, suite as suite_lib
-from jaxopd.errors import ConfigError
+from jaxopd.errors import ConfigError, one_of, positive
 from jaxopd.evaluation import compiled
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import forward_kl, response_mask
 from jaxopd.models.heads import chunked_terms, label_logprob
 from jaxopd.losses.sparsepo import activation_mask, l1_penalty, sequence_terms, sparsepo_loss
-from jaxopd.methods import tdpo
+from jaxopd.tasks import pairs as pair_task, reviews as reviews_task
 from jaxopd.models import table
 
 MASKS = ("learned", "mapo")
@@ -254,17 +252,13 @@ def label(config) -> str:
 
 def _check(c):
   m = c.method
-  if m.mask not in MASKS:
-    raise ConfigError(f"config.method.mask={m.mask!r}: must be one of {MASKS}")
-  if m.beta <= 0:
-    raise ConfigError(f"config.method.beta={m.beta}: must be positive")
+  one_of(m, "config.method", "mask", MASKS)
+  positive(m, "config.method", "beta")
   for f in ("lambda_u", "lambda_d"):
     if m[f] < 0:
       raise ConfigError(f"config.method.{f}={m[f]}: must be >= 0")
-  if m.mask_init not in INITS:
-    raise ConfigError(f"config.method.mask_init={m.mask_init!r}: must be one of {INITS}")
-  if m.chunk <= 0:
-    raise ConfigError(f"config.method.chunk={m.chunk}: must be positive")
+  one_of(m, "config.method", "mask_init", INITS)
+  positive(m, "config.method", "chunk")
   if m.mask == "mapo":
     if not m.shared:
       raise ConfigError("config.method.shared=False: MaPO has one mask for both terms (use mask=learned)")
@@ -278,23 +272,14 @@ def _check(c):
                         "drops this group)")
 
 
-def _tdpo_view(config, loss="tdpo1"):
-  """The config as jaxopd.methods.tdpo reads it (data, SFT base, pairs, evaluation)."""
-  v = config.copy_and_resolve_references()
-  v.method = ml_collections.ConfigDict(dict(name="tdpo", loss=loss, beta=config.method.beta, alpha=0.5,
-                                            log_kl=True, chunk=config.method.chunk))
-  return v
-
-
 def prepare(config, workdir: str):
   """TDPO's stages 1-3 (data, SFT base, pairs; cached); policy and reference start from the SFT base,
   the mask head from its initialiser."""
   if config.method.mask == "mapo" and "mask" in config.optim.groups:
     del config.optim.groups["mask"]        # --config.method.mask=mapo on the default config
   _check(config)
-  view = tdpo.prepare(_tdpo_view(config), workdir)
-  config.models = view.models
-  return config
+  del workdir
+  return stage_lib.prepare_pairs(config)
 
 
 def gold_tokens(suite, tokens: np.ndarray) -> np.ndarray:
@@ -316,19 +301,9 @@ def build(config) -> Experiment:
   _check(config)
   model_cfg = table.arch(config, "policy")
   m = config.method
-  suite = None
-  if config.data.task == "files":
-    _, train_recs, test_recs = suite_lib.file_records(config.data, "preference", config.seq_len,
-                                                      default_tokenizer=table.tokenizer_dir(config))
-  else:
-    suite = suite_lib.ensure(config.data, verbose=False)
-    table.check_tokenizer(config, suite.tokenizer, "the reviews task")
-    pc = tdpo.prefs_config(config)
-    train_recs, st = preferences.records(pc, "train", config.data.data_dir, suite.tokenizer, config.seq_len,
-                                         config.data.over_length, config.prefs.prompt_len)
-    test_recs, _ = preferences.records(pc, "test", config.data.data_dir, suite.tokenizer, config.seq_len,
-                                       config.data.over_length, config.prefs.prompt_len)
-    print(f"preference pairs: {st}")
+  train_recs, test_recs, _ = pair_task.pair_data(config)
+  suite = None if config.data.task == "files" else suite_lib.ensure(config.data, verbose=False)
+  if suite is not None:     # the gold-reward tokens, for the mask's statistics
     train_recs = [dict(r, gold=gold_tokens(suite, r["tokens"])) for r in train_recs]
     test_recs = [dict(r, gold=gold_tokens(suite, r["tokens"])) for r in test_recs]
   loss_fn = make_loss_fn(m.mask, m.shared, m.beta, m.lambda_u, m.lambda_d, m.chunk)
@@ -399,7 +374,7 @@ def make_evaluate(config, suite, test_recs, probe_recs=()):
   """The dead-mask check (:func:`check_masks`, learned mask) on the held-out pairs and ``probe_recs`` (the
   first training pairs), then, with a suite, TDPO's sampled evaluation and the mask's AUROC on the held-out
   pairs' reward-bearing tokens."""
-  sample_eval = tdpo.make_evaluate(config, suite) if suite is not None else None
+  sample_eval = reviews_task.evaluate(config, suite) if suite is not None else None
   test_recs = list(test_recs or [])
   learned = config.method.mask == "learned"
   recs = list(test_recs) + (list(probe_recs) if learned else [])
@@ -426,7 +401,7 @@ def make_evaluate(config, suite, test_recs, probe_recs=()):
 
 def examples(config, suite, models, n: int, split: str = "test") -> list[dict]:
   """The first ``n`` held-out pairs' responses (chosen, then rejected) with their per-token weights."""
-  pc = tdpo.prefs_config(config)
+  pc = stage_lib.prefs_config(config)
   recs, _ = preferences.records(pc, split, config.data.data_dir, suite.tokenizer, config.seq_len,
                                 config.data.over_length, config.prefs.prompt_len)
   recs = recs[:max(1, (n + 1) // 2)]
@@ -504,7 +479,7 @@ def heatmap(panels: dict, path: str, key: str = "w_u"):
 
 def report(config, workdir: str, summary: dict):
   """TDPO's before/after table and summary files, the mask statistics, mask_examples.json and heatmap.png."""
-  tdpo.report(_tdpo_view(config, loss=label(config)), workdir, summary)
+  pair_task.report(config, workdir, summary, label(config))
   ev = summary["eval"]
   names = ("u", "d") if config.method.mask == "learned" and not config.method.shared else ("u",)
   for n in names:

@@ -23,11 +23,16 @@ from jaxopd.models import safetensors_io as st_io
 from jaxopd.models.transformer import ModelConfig
 
 
+def _tokenizer(path: str):
+  import transformers
+  return transformers.AutoTokenizer.from_pretrained(path)
+
+
 def export_run(workdir: str, model: str, out_dir: str, tokenizer_dir: str = "", dtype: str | None = None) -> int:
   """Exports model ``model`` of the latest checkpoint of run ``workdir`` (its architecture
   from the run's ``models.json``); returns the checkpoint step."""
   params, r = table.load_model(f"run:{paths.resolve(workdir)}:{model}", model)
-  hf.export(params, r.arch, out_dir, hf.load_tokenizer(tokenizer_dir) if tokenizer_dir else None, dtype)
+  hf.export(params, r.arch, out_dir, _tokenizer(tokenizer_dir) if tokenizer_dir else None, dtype)
   return r.source.step
 
 

@@ -387,25 +387,16 @@ def abstract_model(cfg: ModelConfig, mesh, rules) -> tuple[Any, Any]:
   return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
 
 
-def load_tokenizer(hf_dir: str):
-  """The tokenizer of ``hf_dir`` (:func:`jaxopd.data.tokenizer.load_tokenizer`) when tokenizer
-  files are there, else None."""
-  if not any(os.path.isfile(os.path.join(hf_dir, f)) for f in TOKENIZER_FILES):
-    return None
-  from jaxopd.data.tokenizer import load_tokenizer as load_tok
-  return load_tok(hf_dir)
-
-
 def load(hf_dir: str, mesh=None, rules=None, dtype: str = "float32",
-         param_dtype: str = "float32") -> tuple[Transformer, Any]:
-  """``(Transformer, tokenizer or None)`` from ``hf_dir``; parameters (in ``param_dtype``)
+         param_dtype: str = "float32") -> Transformer:
+  """The Transformer of ``hf_dir``; parameters (in ``param_dtype``)
   created in their shardings on ``mesh`` (default: the first device) under ``rules``
   (default: :data:`jaxopd.mesh.DEFAULT_RULES`); ``dtype`` is the compute dtype."""
   cfg = config_from_hf(hf_dir, dtype, param_dtype)
   mesh = mesh_lib.make_mesh((1, 1, 1), 1) if mesh is None else mesh
   rules = mesh_lib.rules_from_config(mesh_lib.DEFAULT_RULES if rules is None else rules)
   graphdef, abstract = abstract_model(cfg, mesh, rules)
-  return nnx.merge(graphdef, load_params(hf_dir, abstract)), load_tokenizer(hf_dir)
+  return nnx.merge(graphdef, load_params(hf_dir, abstract))
 
 
 # --- export -------------------------------------------------------------------

@@ -545,23 +545,6 @@ def source_dir(config, name: str) -> str:
   return parse_init(name, r.init).path
 
 
-def check_tokenizer(config, tok, data_name: str) -> None:
-  """Every language-model role started from an ``hf:`` directory that holds a tokenizer must hold
-  the data's (``tok``; None: a task whose ids are its own): a model fed another vocabulary's ids
-  trains without an error, on nonsense. (A reward role is checked by jaxopd.rewards.check_model.)"""
-  for name in config.models:
-    init = config.models[name].init
-    if name == "reward" or not isinstance(init, str) or not init.startswith("hf:"):
-      continue
-    path = source_dir(config, name)
-    theirs = hf.load_tokenizer(path) if path else None
-    if theirs is not None and (tok is None or theirs.get_vocab() != tok.get_vocab()):
-      raise ConfigError(f"config.models.{name}.init={init!r}: {data_name} tokenizes with "
-                        f"{'ids of its own' if tok is None else 'another vocabulary'} than {path}'s tokenizer: "
-                        f"the model would read another vocabulary's ids (your data: config.data.task=files, whose "
-                        f"tokenizer defaults to the model's)")
-
-
 def tokenizer_dir(config, name: str = "policy") -> str:
   """Role ``name``'s ``hf:`` directory when it holds a tokenizer, else ""."""
   path = source_dir(config, name)

@@ -132,13 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     print(" ".join(write_data(args.out, args.train, args.eval, args.seed)))
     return 0
   from jaxopd.errors import ConfigError
-  from jaxopd.models import hf, table
+  from jaxopd.data.tokenizer import load_tokenizer
+  from jaxopd.models import table
   try:
     model, _ = table.load_model(args.model, "policy")
     tok_dir = args.tokenizer or (args.model[3:] if args.model.startswith("hf:") else "")
     if not tok_dir:
       raise ConfigError("--tokenizer: needed for a run: model (the hf: directory it started from)")
-    tok = hf.load_tokenizer(tok_dir)
+    tok = load_tokenizer(tok_dir)
     with open(args.prompts) as f:
       prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
   except (ConfigError, OSError, ValueError) as e:

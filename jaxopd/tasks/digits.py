@@ -1,0 +1,97 @@
+"""The digits task (:mod:`jaxopd.data.digits`): pass@k per difficulty level of sampled answers, the
+greedy pass rate and the held-out NLL of the easy levels, and the before/after table of a run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopd.data import digits, traces
+from jaxopd.evaluation import compiled, heldout_nll, pass_at_k, to_host
+from jaxopd.models import table
+from jaxopd.sampling import SamplingConfig
+
+
+def sampling_config(c, tok, temperature=None) -> SamplingConfig:
+  """The rollout's sampling settings (``config.rollout``) with ``tok``'s EOS and pad."""
+  eos = tok.eos_token_id
+  return SamplingConfig(max_new_tokens=c.rollout.max_new_tokens, eos_id=eos,
+                        pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
+                        temperature=c.rollout.temperature if temperature is None else temperature)
+
+
+def _eval_draw(scfg, n, model, prompt, plen, answer, alen, rng):
+  out, ok = traces.draw(scfg, n, model, prompt, plen, answer, alen, rng)
+  return ok, jnp.mean(out.lengths.astype(jnp.float32))
+
+
+def evaluate_pass_at_k(model, records, scfg: SamplingConfig, n: int, rng, batch: int = 64) -> dict:
+  """``pass@k`` (k = 1, 2, 4, ... <= n; unbiased from n samples per prompt) overall and per level,
+  ``greedy`` (the greedy pass rate), ``length`` (mean sampled response length)."""
+  draw = compiled(_eval_draw, (scfg, n), model)
+  draw_greedy = compiled(_eval_draw, (dataclasses.replace(scfg, greedy=True), 1), model)
+  level = np.asarray([int(r["level"]) for r in records])
+  correct, greedy_ok, lengths = [], [], []
+  for i in range(0, len(records), batch):
+    chunk = records[i:i + batch]
+    arrs = [jnp.asarray(np.stack([r[k] for r in chunk])) for k in ("prompt", "prompt_len", "answer", "answer_len")]
+    ok, length = to_host(draw(*arrs, jax.random.fold_in(rng, i)))
+    g, _ = to_host(draw_greedy(*arrs, rng))
+    correct.append(np.asarray(ok).sum(axis=1))
+    greedy_ok.append(np.asarray(g)[:, 0])
+    lengths.append(float(length) * len(chunk))
+  correct, greedy_ok = np.concatenate(correct), np.concatenate(greedy_ok)
+  ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= n]
+  out = {"greedy": float(np.mean(greedy_ok)), "length": sum(lengths) / len(records)}
+  for k in ks:
+    out[f"pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in correct]))
+  for lv in sorted(set(level.tolist())):
+    sel = level == lv
+    for k in ks:
+      out[f"level{lv}/pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in correct[sel]]))
+    out[f"level{lv}/greedy"] = float(np.mean(greedy_ok[sel]))
+  return out
+
+
+def evaluate(config, suite, test_recs):
+  """``evaluate(models, step)``: :func:`evaluate_pass_at_k` of the policy on the held-out prompts
+  (``sample/...``) and its per-token NLL on the held-out SFT examples of the easy levels
+  (``heldout/nll_easy``: forgetting of what the SFT base was trained on)."""
+  scfg = sampling_config(config, suite.tokenizer, config.eval.temperature)
+  easy, _ = digits.sft_records(suite, "test", config.seq_len, max_level=config.data.sft_max_level, verbose=False)
+
+  def run(models, step):
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
+    res = {f"sample/{k}": v for k, v in evaluate_pass_at_k(models["policy"], test_recs, scfg, config.eval.samples,
+                                                           rng).items()}
+    res["heldout/nll_easy"] = heldout_nll(models["policy"], easy, min(64, len(easy)))
+    return res
+  return run
+
+
+def report(config, out: dict, sources: dict) -> dict:
+  """Adds to ``out`` (which holds ``"after"``, the run's last evaluation) the digits evaluation
+  of each ``sources`` entry (name -> a role block of ``config.models``, or an init string;
+  ``none`` / ``random`` skipped) and prints the pass@k table; returns ``out``."""
+  if not (config.eval.num_prompts and config.eval.samples):
+    return out
+  suite = digits.ensure(config.data, verbose=False)
+  recs = digits.prompt_records(suite, "test", config.rollout.prompt_len, config.rollout.max_new_tokens - 1,
+                               verbose=False)[:config.eval.num_prompts]
+  run = evaluate(config, suite, recs)
+  for name, r in sources.items():
+    r = table.role(init=r) if isinstance(r, str) else r
+    if r.init != table.NONE and table.parse_init(name, r.init).kind != "random":
+      model = table.load_model(r.init, name, dtype=r.dtype, param_dtype=r.param_dtype)[0]
+      out[name] = run({"policy": model}, 0)
+  ks = sorted(int(k.split("@")[1]) for k in out["after"] if k.startswith("sample/pass@"))
+  keys = [f"sample/pass@{k}" for k in ks] + ["sample/greedy", "heldout/nll_easy"]
+  width = max(14, *(len(n) + 2 for n in out))
+  print("\n" + " " * width + "".join(f"{k.split('/')[-1]:>12}" for k in keys))
+  for name in [*sources, "after"]:
+    if name in out:
+      print(f"{name:<{width}}" + "".join(f"{out[name].get(k, float('nan')):>12.4f}" for k in keys))
+  return out
