@@ -65,9 +65,11 @@ from jaxopd.sampling import SamplingConfig  # noqa: E402
 from common import compile_train_step, cpu_snapshot, other_load, single_device_config  # noqa: E402
 from common import time_interleaved  # noqa: E402
 
-PROMPTS, PROMPT, RESPONSE = 8, 32, 96
+from common import pick  # noqa: E402
+
+PROMPTS, PROMPT, RESPONSE = pick((8, 32, 96), (2, 4, 4))
 SEQ = PROMPT + RESPONSE
-VOCAB, D, LAYERS, HEADS, FF, LR = 1024, 256, 4, 4, 1024, 3e-4
+VOCAB, D, LAYERS, HEADS, FF, LR = pick((1024, 256, 4, 4, 1024, 3e-4), (1024, 32, 1, 2, 64, 3e-4))
 EXPECTED = {"tdpo2": 1.0, "aligndistil_off": 0.75, "aligndistil_off16": 1.5, "aligndistil_on": None}
 
 
@@ -98,9 +100,9 @@ def steps():
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--warmup", type=int, default=2)
-  ap.add_argument("--repeats", type=int, default=5)
-  ap.add_argument("--rounds", type=int, default=2)
+  ap.add_argument("--warmup", type=int, default=pick(2, 0))
+  ap.add_argument("--repeats", type=int, default=pick(5, 1))
+  ap.add_argument("--rounds", type=int, default=pick(2, 1))
   a = ap.parse_args(argv)
   t_start = time.perf_counter()
   snap = cpu_snapshot()

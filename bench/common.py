@@ -3,10 +3,18 @@ processes used while a benchmark ran: the machine is shared, so timings taken
 under load are flagged, not trusted), the single-device config and compiled
 train step the step benchmarks share, timing (a function; a donated train
 step; several donated steps interleaved), XLA's FLOP count and the machine's
-float32 matmul peak."""
+float32 matmul peak; the tiny mode the tests run the scripts in."""
 
 import os
 import time
+
+# JAXOPD_BENCH=tiny: every script runs at tiny sizes, one timed step (tests/test_bench.py keeps them running).
+TINY = os.environ.get("JAXOPD_BENCH") == "tiny"
+
+
+def pick(real, tiny):
+  """``real``, or ``tiny`` when the scripts run in their tiny mode (``JAXOPD_BENCH=tiny``)."""
+  return tiny if TINY else real
 
 
 def cpu_snapshot():
@@ -112,6 +120,35 @@ def compile_train_step(config, experiment, local_batch):
   return compiled, state, frozen, batch, time.perf_counter() - t0, facts
 
 
+def trainer_step(config, method: str) -> dict:
+  """The real trainer's step for ``config`` (one CPU device; the experiment built by ``method``),
+  compiled, on the experiment's own first batch: ``dict(fn, state, frozen, batch, compile_s,
+  model_cfg, metrics)`` (``fn(state, frozen, batch) -> (state, metrics)``, the state donated)."""
+  import jax
+  from jaxopd import config as config_lib
+  from jaxopd import mesh as mesh_lib
+  from jaxopd import methods, train
+  from jaxopd.experiment import DataShard
+  from jaxopd.models import table
+  exp = methods.get(method).build(config)
+  facts = config_lib.validate(config, 1, 1)
+  tr = train.Trainer(config, exp, mesh_lib.make_mesh((1, 1, 1), 1), facts["rules"])
+  state, frozen = tr.init()
+  local = next(exp.train_data(DataShard(seed=0, process_index=0, process_count=1, local_batch=config.batch_size)))
+  with jax.set_mesh(tr.mesh), mesh_lib.use_rules(tr.rules):
+    batch = tr.to_global(local, config.batch_size)
+    step = tr.compiled_train_step(batch)
+
+  def fn(state, frozen, batch):
+    with jax.set_mesh(tr.mesh), mesh_lib.use_rules(tr.rules):
+      return step(state, frozen, batch)
+  t0 = time.perf_counter()
+  state, metrics = fn(state, frozen, batch)     # compiles, and is a warm-up step
+  jax.block_until_ready(metrics)
+  return dict(fn=fn, state=state, frozen=frozen, batch=batch, compile_s=time.perf_counter() - t0,
+              model_cfg=table.arch(config, "policy"), metrics=metrics)
+
+
 def timed(fn, *args, warmup: int, repeats: int) -> float:
   """Median seconds of ``fn(*args)`` (outputs blocked on) after ``warmup`` calls."""
   import statistics
@@ -140,12 +177,13 @@ def xla_flops(compiled):
   return float(ca["flops"])
 
 
-def matmul_peak(rows: int) -> dict:
+def matmul_peak(rows: int, dims: tuple = (256, 704)) -> dict:
   """The machine's practical float32 peak: median GFLOP/s of jitted matmuls, the
-  model-shaped ``[rows, 256] @ [256, F]`` ones and two large square ones."""
+  model-shaped ones (``rows`` tokens, ``dims`` = (d_model, d_ff)) and two large square ones."""
   import jax
   import jax.numpy as jnp
-  sizes = [(rows, 256, 704), (rows, 704, 256), (rows, 256, 1024), (1024, 1024, 1024), (2048, 2048, 2048)]
+  d, f = dims
+  sizes = [(rows, d, f), (rows, f, d), (rows, d, 4 * d)] + pick([(1024, 1024, 1024), (2048, 2048, 2048)], [])
   mm = jax.jit(jnp.matmul)
   out = {}
   key = jax.random.PRNGKey(0)

@@ -93,9 +93,11 @@ from jaxopd.sampling import SamplingConfig  # noqa: E402
 from common import cpu_snapshot, other_load, time_interleaved  # noqa: E402
 from common import compile_train_step, single_device_config, trl_settings, trl_step_timer  # noqa: E402
 
-PROMPTS, G, PROMPT, NEW = 4, 8, 32, 96
+from common import pick  # noqa: E402
+
+PROMPTS, G, PROMPT, NEW = pick((4, 8, 32, 96), (2, 2, 4, 4))
 SEQ = PROMPT + NEW
-VOCAB, D, LAYERS, HEADS, FF = 1024, 256, 4, 4, 1024
+VOCAB, D, LAYERS, HEADS, FF = pick((1024, 256, 4, 4, 1024), (1024, 32, 1, 2, 64))
 LR = 1e-6
 TOKENS = PROMPTS * G * SEQ
 WORDS = [f"w{i}" for i in range(VOCAB - 2)]
@@ -202,8 +204,8 @@ def trl_step_time(threads, warmup, repeats):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--warmup", type=int, default=2)
-  ap.add_argument("--repeats", type=int, default=9)
+  ap.add_argument("--warmup", type=int, default=pick(2, 0))
+  ap.add_argument("--repeats", type=int, default=pick(9, 1))
   a = ap.parse_args(argv)
   t_start = time.perf_counter()
   snap = cpu_snapshot()

@@ -24,7 +24,10 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "launch")]
+sys.path[:0] = [REPO, os.path.join(REPO, "launch"), os.path.dirname(os.path.abspath(__file__))]
+
+
+from common import pick  # noqa: E402
 
 
 def _bytes(tree) -> int:
@@ -36,43 +39,37 @@ def measure(preset: str, seq: int, pairs: int, rank: int, repeats: int, data: di
   import jax
   import aot_memory
   import fit_table
-  from jaxopd import config as config_lib
-  from jaxopd import mesh as mesh_lib
-  from jaxopd import methods, train
-  from jaxopd.experiment import DataShard
-  config = fit_table.cell_config("dpo", data, seq, pairs, remat="none", scan=True, lora=rank)
-  aot_memory.apply_preset(config, preset)
+  from common import trainer_step
+  tiny = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.n_kv_heads": 1, "model.d_ff": 64,
+          "model.vocab_size": 1024}
+  config = fit_table.cell_config("dpo", data, seq, pairs, arch=None if preset else tiny, remat="none", scan=True,
+                                 lora=rank)
+  if preset:
+    aot_memory.apply_preset(config, preset)
   for role in config.models:     # the CPU's own precision, and its own mesh
     config.models[role].dtype = config.models[role].param_dtype = "float32"
   config.mesh.shape, config.mesh.num_devices = (1, 1, 1), 1
-  exp = methods.get("tdpo").build(config)
-  facts = config_lib.validate(config, 1, 1)
-  tr = train.Trainer(config, exp, mesh_lib.make_mesh((1, 1, 1), 1), facts["rules"])
-  state, frozen = tr.init()
-  local = next(exp.train_data(DataShard(seed=0, process_index=0, process_count=1, local_batch=pairs)))
-  with jax.set_mesh(tr.mesh), mesh_lib.use_rules(tr.rules):
-    batch = tr.to_global(local, pairs)
-    step = tr.compiled_train_step(batch)
-    trained = _bytes(state["params"]) + _bytes(state["opt_state"])
-    held = _bytes(frozen)
-    times = []
-    for i in range(2 + repeats):
-      t = time.perf_counter()
-      state, metrics = step(state, frozen, batch)
-      jax.block_until_ready(metrics)
-      if i >= 2:
-        times.append(time.perf_counter() - t)
+  st = trainer_step(config, "tdpo")
+  trained = _bytes(st["state"]["params"]) + _bytes(st["state"]["opt_state"])
+  held = _bytes(st["frozen"])
+  times = []
+  for i in range(1 + repeats):      # the first step (a warm-up) ran in trainer_step
+    t = time.perf_counter()
+    st["state"], metrics = st["fn"](st["state"], st["frozen"], st["batch"])
+    jax.block_until_ready(metrics)
+    if i >= 1:
+      times.append(time.perf_counter() - t)
   return {"step_s": statistics.median(times), "times": [round(x, 3) for x in times],
           "trained_bytes": trained, "frozen_bytes": held, "loss": float(metrics["loss"])}
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--preset", default="smollm2-135m")
-  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--preset", default=pick("smollm2-135m", ""))
+  p.add_argument("--seq", type=int, default=pick(128, 16))
   p.add_argument("--pairs", type=int, default=2)
-  p.add_argument("--rank", type=int, default=16)
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--rank", type=int, default=pick(16, 2))
+  p.add_argument("--repeats", type=int, default=pick(5, 1))
   a = p.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import fit_table

@@ -29,9 +29,10 @@ import common  # noqa: E402
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--data_dir", default="data", help="where the reviews corpus is (built there if missing)")
-  p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--data_dir", default=common.pick("data", ""),
+                 help="where the reviews corpus is (built there if missing; tiny mode: a temporary directory)")
+  p.add_argument("--warmup", type=int, default=common.pick(3, 0))
+  p.add_argument("--repeats", type=int, default=common.pick(20, 1))
   return p.parse_args(argv)
 
 
@@ -45,11 +46,13 @@ def main(argv=None):
   from jaxopd.experiment import DataShard, load_config
   from jaxopd.methods import sft
 
+  import tempfile
+  tmp = tempfile.mkdtemp(prefix="bench-packing-")
   load = common.cpu_snapshot()
   out = {}
   for packed in (False, True):
-    c = load_config("sft.py")
-    c.data.data_dir = args.data_dir
+    c = load_config(common.pick("sft.py", "sft.py:smoke"))
+    c.data.data_dir = args.data_dir or tmp
     c.mesh.shape, c.mesh.num_devices, c.progress = (1, 1, 1), 1, False
     c.eval.num_prompts = 0
     c.method.pack = packed

@@ -124,9 +124,11 @@ from jaxopd.experiment import Experiment  # noqa: E402
 from jaxopd.models import ModelConfig, Transformer  # noqa: E402
 from jaxopd.methods.tdpo import make_loss_fn  # noqa: E402
 
-PAIRS, PROMPT, RESPONSE = 8, 32, 96
+from common import pick  # noqa: E402
+
+PAIRS, PROMPT, RESPONSE = pick((8, 32, 96), (2, 4, 4))
 SEQ = PROMPT + RESPONSE
-VOCAB, D, LAYERS, HEADS, FF = 1024, 256, 4, 4, 1024
+VOCAB, D, LAYERS, HEADS, FF = pick((1024, 256, 4, 4, 1024), (1024, 32, 1, 2, 64))
 BETA, ALPHA, LR = 0.1, 0.5, 3e-4
 TOKENS = PAIRS * 2 * SEQ
 
@@ -241,8 +243,8 @@ def trl_step_time(threads, warmup, repeats):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--warmup", type=int, default=3)
-  ap.add_argument("--repeats", type=int, default=10)
+  ap.add_argument("--warmup", type=int, default=pick(3, 0))
+  ap.add_argument("--repeats", type=int, default=pick(10, 1))
   a = ap.parse_args(argv)
   t_start = time.perf_counter()
   snap = _cpu_snapshot()

@@ -47,8 +47,10 @@ from jaxopd.models import ModelConfig  # noqa: E402
 from common import compile_train_step, cpu_snapshot, other_load, single_device_config  # noqa: E402
 from common import time_interleaved  # noqa: E402
 
-PAIRS, VOCAB, D, LAYERS, HEADS, FF, LR = 8, 1024, 256, 4, 4, 1024, 3e-4
-WORKLOADS = {"long_prompt": (256, 128), "peers": (32, 96)}
+from common import pick  # noqa: E402
+
+PAIRS, VOCAB, D, LAYERS, HEADS, FF, LR = pick((8, 1024, 256, 4, 4, 1024, 3e-4), (2, 1024, 32, 1, 2, 64, 3e-4))
+WORKLOADS = pick({"long_prompt": (256, 128), "peers": (32, 96)}, {"long_prompt": (8, 4), "peers": (4, 4)})
 LOSSES = {"dpo": dict(loss="dpo", beta=0.1, log_kl=False), "tdpo2": dict(loss="tdpo2", beta=0.1, alpha=0.5)}
 
 
@@ -68,9 +70,9 @@ def batches(prompt: int, response: int, seed: int = 0):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--warmup", type=int, default=2)
-  ap.add_argument("--repeats", type=int, default=4)
-  ap.add_argument("--rounds", type=int, default=2)
+  ap.add_argument("--warmup", type=int, default=pick(2, 1))   # >= 1: the first two losses are printed
+  ap.add_argument("--repeats", type=int, default=pick(4, 1))
+  ap.add_argument("--rounds", type=int, default=pick(2, 1))
   a = ap.parse_args(argv)
   t_start = time.perf_counter()
   snap = cpu_snapshot()

@@ -165,11 +165,13 @@ from jaxopd.evaluation import block_efficiency, speedup  # noqa: E402
 from jaxopd.models import KVCache, ModelConfig, Transformer  # noqa: E402
 from jaxopd.sampling import SamplingConfig, sample, speculative_sample  # noqa: E402
 
-BATCH, PROMPT, NEW = 8, 32, 96
-ROUNDS = 5
+from common import pick  # noqa: E402
+
+BATCH, PROMPT, NEW = pick((8, 32, 96), (2, 4, 8))
+ROUNDS = pick(5, 1)
 GAMMAS = (2, 4)
 THREADS = (2, 1)      # torch thread counts tried; the faster is used (see the HF probe)
-PROBE_NEW = 16
+PROBE_NEW = pick(16, 2)
 
 TARGET = ModelConfig(family="llama", vocab_size=1024, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4,
                      d_ff=704, max_len=256, tie_embeddings=False, norm_eps=1e-5, rope_theta=10000.0,

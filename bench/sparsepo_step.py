@@ -41,7 +41,7 @@ for p in (ROOT, HERE):
     sys.path.insert(0, p)
 
 from common import compile_train_step, cpu_snapshot, other_load, single_device_config  # noqa: E402
-from common import time_interleaved  # noqa: E402
+from common import pick, time_interleaved  # noqa: E402
 from preference_step import ALPHA, BETA, LR, PAIRS, SEQ, TOKENS, model_cfg, synthetic_batch  # noqa: E402
 
 from jaxopd.methods import sparsepo, tdpo as preference  # noqa: E402
@@ -77,9 +77,9 @@ def build_step(name):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--warmup", type=int, default=2)
-  ap.add_argument("--repeats", type=int, default=5)
-  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--warmup", type=int, default=pick(2, 0))
+  ap.add_argument("--repeats", type=int, default=pick(5, 1))
+  ap.add_argument("--rounds", type=int, default=pick(3, 1))
   a = ap.parse_args(argv)
   snap = cpu_snapshot()
   t_start = time.perf_counter()

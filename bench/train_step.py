@@ -86,8 +86,10 @@ from jaxopd.experiment import DataShard, LossOutput, load_config  # noqa: E402
 from jaxopd.methods import sft  # noqa: E402
 from jaxopd.train import Trainer  # noqa: E402
 
-WARMUP, REPEATS = 5, 20
-BATCH, SEQ = 16, 128
+from common import pick  # noqa: E402
+
+WARMUP, REPEATS = pick((5, 20), (0, 1))
+BATCH, SEQ = pick((16, 128), (2, 16))
 
 
 def parse_args(argv=None):

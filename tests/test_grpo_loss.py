@@ -384,3 +384,40 @@ def test_no_mismatch_when_the_sampler_is_the_trainer():
     tw, keep, mets = G.rollout_correction(jnp.asarray(lp_old), jnp.asarray(lp_old), jnp.asarray(mask), kind, 2.0)
     assert np.all(np.asarray(tw) == 1) and np.all(np.asarray(keep) == 1)
     assert all(float(v[0]) == 0 for v in mets.values())
+
+
+def test_gspo_equals_trl_sequence_level_loss():
+  """GSPO against TRL 1.16's own ``GRPOTrainer._compute_loss`` (``importance_sampling_level=
+  "sequence"``, ``loss_type="grpo"``: a mean per response, then over responses; no KL) on the
+  same log-probs: the loss and its gradient with respect to the policy's log-probs."""
+  torch = pytest.importorskip("torch")
+  trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
+  import collections
+  import types
+  rng = np.random.default_rng(7)
+  r, n = 6, 9
+  lp_old = rng.normal(-2.0, 0.5, (r, n)).astype(np.float32)
+  shift = np.array([0.5, -0.5, 0.05, 0.0, -0.4, 0.3], np.float32)      # both sides of the clip range
+  lp = (lp_old + shift[:, None] + 0.05 * rng.normal(size=(r, n))).astype(np.float32)
+  mask = (np.arange(n)[None, :] < np.array([9, 4, 7, 1, 9, 5])[:, None]).astype(np.float32)
+  adv = np.array([1.0, -1.2, 0.7, -0.3, 0.9, -0.8], np.float32)
+  lp_t = torch.tensor(lp, requires_grad=True)
+  acc = types.SimpleNamespace(gather=lambda x: x, reduce=lambda x, reduction="sum": x, sync_gradients=True)
+  fake = types.SimpleNamespace(
+      _get_per_token_logps_and_entropies=lambda *a, **k: (lp_t, torch.zeros(r, n), None),
+      top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="sequence", beta=0.0,
+      args=types.SimpleNamespace(delta=None, use_bias_correction_kl=False), loss_type="grpo",
+      epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, use_vllm=False, vllm_importance_sampling_correction=False,
+      model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+      _entropy_bonus_enabled=False, aux_loss_enabled=False, accelerator=acc,
+      _metrics={"train": collections.defaultdict(list)})
+  inputs = {"prompt_ids": torch.zeros(r, 2, dtype=torch.long), "prompt_mask": torch.ones(r, 2, dtype=torch.long),
+            "completion_ids": torch.zeros(r, n, dtype=torch.long), "completion_mask": torch.tensor(mask),
+            "advantages": torch.tensor(adv), "old_per_token_logps": torch.tensor(lp_old)}
+  want = trl_grpo.GRPOTrainer._compute_loss(fake, None, inputs)
+  want.backward()
+  f = lambda x: (lambda s, c, _: s / c)(*G.policy_loss(x, lp_old, adv, mask, EPS_LOW, EPS_HIGH,
+                                                       aggregation="seq_mean_token_mean", ratio_level="sequence"))
+  np.testing.assert_allclose(float(f(jnp.asarray(lp))), float(want), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(jax.grad(f)(jnp.asarray(lp))), lp_t.grad.numpy(), rtol=1e-5, atol=1e-7)
+  assert fake._metrics["train"]["clip_ratio/region_mean"][0] > 0      # the clip binds on some responses

