@@ -37,15 +37,18 @@ measured in the same process on the model's shapes):
 
 The goals (sampler >= 3x generate, steps >= 0.70 of the peak) are not met. Where the time goes
 (``--only profile``, same shapes):
-* Sampling is neither compute- nor bandwidth-bound: a decode step at batch 8 takes 51-64 ms,
-  while reading every float32 weight once (0.54 GB at the 36 GB/s a jitted sum reaches) takes
-  14.9 ms and its FLOPs 7 ms at the peak. generate takes 67-88 ms a step, so 3x would need
-  ~25 ms: about 1.7x the weight-read floor. The rest is per-layer work over 30 layers: the KV
-  cache's slice / update / stack copies (about a third of a step on the toy model,
-  bench/sampling.py's docstring, whose in-place per-layer cache sketch was 2x faster) and the
-  attention's layout copies. Not done here: that rewrite of the cache.
-* DPO: the policy's forward + backward with full logits (TRL's way) takes 4691 ms and the
-  reference's forward 1560 ms: 6251 ms, TRL's step. jaxopd's step is 6.3-7.4 s: the vocabulary
+* Sampling: a decode step at batch 8 takes 40-64 ms (40.0 ms idle, ``--only profile``). Its
+  dots alone (the 30 layers' seven projections and the vocabulary head at M = 8, chained in a
+  ``fori_loop``) take 32.6 ms: the step is its small-M dots. XLA:CPU reads the weights through
+  them at ~17 GB/s, under half the 36 GB/s a jitted sum over the same 0.54 GB reaches (a 14.9 ms
+  floor); their FLOPs would take 7 ms at the peak. generate takes 67-88 ms a step, so 3x would
+  need ~25 ms. The lever measured: the same dots with bfloat16 weights and inputs (float32
+  accumulation) take 16.0 ms, 2.0x faster; but the model's bfloat16 compute mode is no faster
+  as a whole (39.7 ms a step: its other ops in bfloat16), and bfloat16 weights with float32
+  compute (a convert before each dot) gain 10% (36.1 ms). A mode with bfloat16 dot inputs and
+  float32 elsewhere is the next change to try; not done.
+* DPO: the policy's forward + backward with full logits (TRL's way) takes 4398-4691 ms and the
+  reference's forward 1524-1560 ms: 5.9-6.3 s, TRL's step. jaxopd's step is 6.3-7.4 s: the vocabulary
   head in chunks of ``method.chunk`` positions costs 0.2-1.1 s over the full-logits form
   (chunk 64: 6537 ms, 256: 6307 ms, 32: 7032 ms in one process), AdamW over 135M parameters the
   rest. Both sides run the layers' matmuls at ~0.5 of the peak; 0.7 is not reached by either.
@@ -321,9 +324,9 @@ def bench_grpo(path, tok, s, out, tmp):
 def bench_profile(path, tok, s, out, tmp):
   """The parts of the three workloads timed alone (same shapes, same process): the floor of a decode
   step (reading every float32 weight once, at the memory bandwidth a jitted sum over them reaches),
-  a decode step of the sampler's own model call at batch 8; the DPO step's policy forward + backward
-  and reference forward (the model's logits, TRL's way) and its vocabulary-wide chunk loop; GRPO's
-  rollout (sampling its 64 rows) alone."""
+  its dots alone at batch 8 in float32 and bfloat16, the sampler's decode step at batch 8 in three
+  precisions; the DPO step's policy forward + backward and reference forward (full logits, TRL's
+  way) and the trunk's forward; GRPO's rollout (sampling its 64 rows) alone."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -340,6 +343,38 @@ def bench_profile(path, tok, s, out, tmp):
   read = timed(jax.jit(jnp.sum), flat, warmup=2, repeats=s["repeats"] + 2)
   res = {"weight_gb": nbytes / 1e9, "read_gb_per_s": nbytes / read / 1e9, "decode_floor_ms": 1e3 * read}
   del flat
+  # A decode step's dots alone at batch 8: every layer's seven projections and the head, chained.
+  rs = np.random.RandomState(0)
+  d, f, qd, kvd = cfg.d_model, cfg.ff_dim, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+  shapes = [(d, qd), (d, kvd), (d, kvd), (qd, d), (d, f), (d, f), (f, d)] * cfg.n_layers + [(d, cfg.vocab_size)]
+  ws = [rs.randn(*sh).astype(np.float32) * 0.02 for sh in shapes]
+  for dt in ("float32", "bfloat16"):
+    def chain(x, ws, dt=dt):
+      dot = lambda a, w: jnp.dot(a.astype(dt), w, preferred_element_type=jnp.float32)
+      def body(i, y):
+        for j in range(0, len(ws) - 1, 7):
+          q, k, v = dot(y, ws[j]), dot(y, ws[j + 1]), dot(y, ws[j + 2])
+          y = y + 1e-3 * dot(q + k.sum() + v.sum(), ws[j + 3])
+          y = y + 1e-3 * dot(dot(y, ws[j + 4]) * dot(y, ws[j + 5]), ws[j + 6])
+        return y + 1e-9 * dot(y, ws[-1]).sum()
+      return jax.lax.fori_loop(0, 16, body, x)
+    w = [jnp.asarray(x, dt) for x in ws]
+    t = timed(jax.jit(chain), jnp.ones((8, d), jnp.float32), w, warmup=1, repeats=s["repeats"])
+    res[f"decode_dots_{dt}_ms"] = 1e3 * t / 16
+  del ws, w
+  # The sampler's decode step at batch 8 in three precisions (compute, weights).
+  ids, _ = chat_prompts(tok, 8, long=False)
+  prompt = np.asarray(ids, np.int32)
+  plen = np.full((len(ids),), prompt.shape[1], np.int32)
+  for dtype, pdt in (("float32", "float32"), ("bfloat16", "bfloat16"), ("float32", "bfloat16")):
+    m, _ = table.load_model(f"hf:{path}", "policy", dtype=dtype, param_dtype=pdt)
+    g, state = nnx.split(m)
+    ts = {}
+    for n in (1, 33):
+      sc = SamplingConfig(max_new_tokens=n, eos_id=cfg.vocab_size, pad_id=tok.pad_token_id)
+      fn = jax.jit(lambda st, pr, pl, r, sc=sc, g=g: sample(nnx.merge(g, st), pr, pl, r, sc).tokens)
+      ts[n] = timed(fn, state, prompt, plen, jax.random.PRNGKey(0), warmup=1, repeats=s["repeats"])
+    res[f"decode_step_{dtype}_weights_{pdt}_ms"] = 1e3 * (ts[33] - ts[1]) / 32
   # DPO's parts: the policy's forward + backward and the reference's forward on the step's rows.
   seq = s["prompt"] + s["response"] + 2
   rows = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2 * s["pairs"], seq)), jnp.int32)

@@ -418,6 +418,6 @@ def test_gspo_equals_trl_sequence_level_loss():
   want.backward()
   f = lambda x: (lambda s, c, _: s / c)(*G.policy_loss(x, lp_old, adv, mask, EPS_LOW, EPS_HIGH,
                                                        aggregation="seq_mean_token_mean", ratio_level="sequence"))
-  np.testing.assert_allclose(float(f(jnp.asarray(lp))), float(want), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(float(f(jnp.asarray(lp))), want.item(), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(np.asarray(jax.grad(f)(jnp.asarray(lp))), lp_t.grad.numpy(), rtol=1e-5, atol=1e-7)
   assert fake._metrics["train"]["clip_ratio/region_mean"][0] > 0      # the clip binds on some responses
