@@ -30,23 +30,29 @@ Measured (2 idle cores, AMD EPYC, float32; one command, 2026-12-07; matmul peak 
 measured in the same process on the model's shapes):
 
   workload                          jaxopd         peer                  ratio   of the matmul peak
-  sample, batch 8, 128 new          8189 ms        generate 11322 ms     1.38x   0.16 (first run: 1.32x)
-  sample, batch 32, 128 new         14222 ms       generate 17793 ms     1.25x   0.34 (first run: 1.21x)
+  sample, batch 8, 128 new          8189 ms        generate 11322 ms     1.38x   0.16 (other runs: 1.32x, 1.32x)
+  sample, batch 32, 128 new         14222 ms       generate 17793 ms     1.25x   0.34 (other runs: 1.21x, 1.20x)
+  the same, bfloat16 matmul operands                                     1.61x (b8), 1.59x (b32)
   DPO step, 4 pairs of 64 + 96      7363 ms        TRL 6304 ms           0.86x   0.48 vs TRL 0.56
   GRPO step, 8 x 8, 128 new         58367 ms       TRL 62550 ms          1.07x   0.49 vs TRL 0.45
 
 The goals (sampler >= 3x generate, steps >= 0.70 of the peak) are not met. Where the time goes
 (``--only profile``, same shapes):
-* Sampling: a decode step at batch 8 takes 40-64 ms (40.0 ms idle, ``--only profile``). Its
+* Sampling: a decode step at batch 8 takes 39-64 ms (39-40 ms idle, ``--only profile``). Its
   dots alone (the 30 layers' seven projections and the vocabulary head at M = 8, chained in a
-  ``fori_loop``) take 32.6 ms: the step is its small-M dots. XLA:CPU reads the weights through
-  them at ~17 GB/s, under half the 36 GB/s a jitted sum over the same 0.54 GB reaches (a 14.9 ms
-  floor); their FLOPs would take 7 ms at the peak. generate takes 67-88 ms a step, so 3x would
-  need ~25 ms. The lever measured: the same dots with bfloat16 weights and inputs (float32
-  accumulation) take 16.0 ms, 2.0x faster; but the model's bfloat16 compute mode is no faster
-  as a whole (39.7 ms a step: its other ops in bfloat16), and bfloat16 weights with float32
-  compute (a convert before each dot) gain 10% (36.1 ms). A mode with bfloat16 dot inputs and
-  float32 elsewhere is the next change to try; not done.
+  ``fori_loop``) take 32.6-36.1 ms: the step is its small-M dots. XLA:CPU reads the weights
+  through them at ~15-17 GB/s, under half the 36 GB/s a jitted sum over the same 0.54 GB reaches
+  (a 14.7 ms floor); their FLOPs would take 7 ms at the peak. The categorical draw over the
+  49152-token vocabulary takes 4.4 ms of the rest. generate takes 64-88 ms a step, so 3x would
+  need ~25 ms.
+  What was done: ``matmul_dtype=bfloat16`` (a role field: the projections' and head's operands in
+  bfloat16, accumulated in float32, everything else float32), since the same dots take 16.0-20.3
+  ms with bfloat16 operands. The decode step: 29.8-30.9 ms (bf16 or f32 weights) against 39.1 in
+  float32; the model's plain bfloat16 compute (43.4 ms) and bfloat16 weights with float32 compute
+  (36.1-43.4 ms; a convert before each dot) do not gain. The sampler with bfloat16 matmul
+  operands, in the ``sample`` workload: 1.61x generate at batch 8 and 1.59x at batch 32 (its
+  log-probs differ from the float32 model's: it is GRPO's low-precision sampler case).
+  Timings of one configuration move 10-25% between processes.
 * DPO: the policy's forward + backward with full logits (TRL's way) takes 4398-4691 ms and the
   reference's forward 1524-1560 ms: 5.9-6.3 s, TRL's step. jaxopd's step is 6.3-7.4 s: the vocabulary
   head in chunks of ``method.chunk`` positions costs 0.2-1.1 s over the full-logits form
@@ -60,6 +66,7 @@ The goals (sampler >= 3x generate, steps >= 0.70 of the peak) are not met. Where
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -167,11 +174,15 @@ def bench_sample(path, tok, s, out, tmp):
   import torch
   from flax import nnx
   from transformers import GenerationConfig
-  from jaxopd.models import table
+  from jaxopd.models import Transformer, table
   from jaxopd.sampling import SamplingConfig, sample
   model, _ = table.load_model(f"hf:{path}", "policy")
   cfg = model.cfg
   gd, st = nnx.split(model)
+  # The same weights with bfloat16 matmul operands (float32 accumulation and the rest float32).
+  mm = nnx.eval_shape(lambda: Transformer(dataclasses.replace(cfg, matmul_dtype="bfloat16"), nnx.Rngs(params=0)))
+  nnx.update(mm, nnx.state(model))
+  gd_mm, _ = nnx.split(mm)
   hf = hf_model(path, os.cpu_count() or 2)
   for b in s["batches"]:
     ids, _ = chat_prompts(tok, b, long=False)
@@ -179,8 +190,10 @@ def bench_sample(path, tok, s, out, tmp):
     b, p = prompt.shape
     scfg = SamplingConfig(max_new_tokens=s["new"], eos_id=cfg.vocab_size, pad_id=tok.pad_token_id)
     f = jax.jit(lambda st, pr, pl, r: sample(nnx.merge(gd, st), pr, pl, r, scfg))
+    f_mm = jax.jit(lambda st, pr, pl, r: sample(nnx.merge(gd_mm, st), pr, pl, r, scfg))
     plen = np.full((b,), p, np.int32)
     ours = lambda: f(st, prompt, plen, jax.random.PRNGKey(0)).tokens
+    ours_mm = lambda: f_mm(st, prompt, plen, jax.random.PRNGKey(0)).tokens
     gc = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=s["new"],
                           min_new_tokens=s["new"], pad_token_id=tok.pad_token_id, eos_token_id=None)
     tp = torch.from_numpy(prompt.astype(np.int64))
@@ -189,14 +202,15 @@ def bench_sample(path, tok, s, out, tmp):
       with torch.no_grad():
         return hf.generate(tp, attention_mask=torch.ones_like(tp), generation_config=gc)
     assert theirs().shape == (b, p + s["new"])
-    jax.block_until_ready(ours())
-    ts = {"jaxopd": [], "hf": []}
+    jax.block_until_ready((ours(), ours_mm()))
+    ts = {"jaxopd": [], "jaxopd_bf16_dots": [], "hf": []}
     for _ in range(s["rounds"] * 2 - 1 if s["rounds"] > 1 else 1):
-      for name, fn in (("jaxopd", lambda: jax.block_until_ready(ours())), ("hf", theirs)):
+      for name, fn in (("jaxopd", lambda: jax.block_until_ready(ours())), ("hf", theirs),
+                       ("jaxopd_bf16_dots", lambda: jax.block_until_ready(ours_mm()))):
         t0 = time.perf_counter()
         fn()
         ts[name].append(time.perf_counter() - t0)
-    j, h = statistics.median(ts["jaxopd"]), statistics.median(ts["hf"])
+    j, h, jm = (statistics.median(ts[k]) for k in ("jaxopd", "hf", "jaxopd_bf16_dots"))
     toks = b * s["new"]
     flops = decode_flops(cfg, b, p, s["new"])
     pk = peak(cfg, b)
@@ -204,10 +218,11 @@ def bench_sample(path, tok, s, out, tmp):
     print(f"sample batch {b:3d}, prompt {p}, {s['new']} new: jaxopd {1e3 * j:8.0f} ms ({toks / j:7.0f} tok/s), "
           f"generate {1e3 * h:8.0f} ms ({toks / h:7.0f} tok/s): {h / j:.2f}x; jaxopd at {flops / j / pk:.3f} of the "
           f"matmul peak at {b} rows ({pk / 1e9:.0f} GFLOP/s), {weight_bytes * s['new'] / j / 1e9:.1f} GB/s of weights "
-          "read", flush=True)
+          f"read; with bfloat16 matmul operands {1e3 * jm:8.0f} ms: {h / jm:.2f}x", flush=True)
     out[f"sample_b{b}"] = dict(jaxopd_s=j, hf_s=h, ratio=h / j, jaxopd_tok_s=toks / j, hf_tok_s=toks / h,
                                fraction_of_peak=flops / j / pk, peak_gflops=pk / 1e9, prompt_len=p,
-                               weight_gb_per_s=weight_bytes * s["new"] / j / 1e9)
+                               weight_gb_per_s=weight_bytes * s["new"] / j / 1e9, bf16_dots_s=jm,
+                               bf16_dots_ratio=h / jm)
 
 
 # --- DPO --------------------------------------------------------------------------------------------
@@ -324,8 +339,8 @@ def bench_grpo(path, tok, s, out, tmp):
 def bench_profile(path, tok, s, out, tmp):
   """The parts of the three workloads timed alone (same shapes, same process): the floor of a decode
   step (reading every float32 weight once, at the memory bandwidth a jitted sum over them reaches),
-  its dots alone at batch 8 in float32 and bfloat16, the sampler's decode step at batch 8 in three
-  precisions; the DPO step's policy forward + backward and reference forward (full logits, TRL's
+  its dots alone at batch 8 in float32 and bfloat16, the sampler's decode step at batch 8 in five
+  precisions and its categorical draw alone; the DPO step's policy forward + backward and reference forward (full logits, TRL's
   way) and the trunk's forward; GRPO's rollout (sampling its 64 rows) alone."""
   import jax
   import jax.numpy as jnp
@@ -333,7 +348,7 @@ def bench_profile(path, tok, s, out, tmp):
   from flax import nnx
   from common import timed
   from jaxopd.losses import token_logprobs
-  from jaxopd.models import table
+  from jaxopd.models import Transformer, table
   from jaxopd.sampling import SamplingConfig, sample
   model, _ = table.load_model(f"hf:{path}", "policy")
   cfg = model.cfg
@@ -362,19 +377,28 @@ def bench_profile(path, tok, s, out, tmp):
     t = timed(jax.jit(chain), jnp.ones((8, d), jnp.float32), w, warmup=1, repeats=s["repeats"])
     res[f"decode_dots_{dt}_ms"] = 1e3 * t / 16
   del ws, w
-  # The sampler's decode step at batch 8 in three precisions (compute, weights).
+  # The sampler's decode step at batch 8 in five precisions (compute, weights, matmul operands), and
+  # its categorical draw over the vocabulary alone.
   ids, _ = chat_prompts(tok, 8, long=False)
   prompt = np.asarray(ids, np.int32)
   plen = np.full((len(ids),), prompt.shape[1], np.int32)
-  for dtype, pdt in (("float32", "float32"), ("bfloat16", "bfloat16"), ("float32", "bfloat16")):
-    m, _ = table.load_model(f"hf:{path}", "policy", dtype=dtype, param_dtype=pdt)
+  for dtype, pdt, mmd in (("float32", "float32", ""), ("bfloat16", "bfloat16", ""), ("float32", "bfloat16", ""),
+                          ("float32", "float32", "bfloat16"), ("float32", "bfloat16", "bfloat16")):
+    base, _ = table.load_model(f"hf:{path}", "policy", dtype=dtype, param_dtype=pdt)
+    m = nnx.eval_shape(lambda: Transformer(dataclasses.replace(base.cfg, matmul_dtype=mmd), nnx.Rngs(params=0)))
+    nnx.update(m, nnx.state(base))
     g, state = nnx.split(m)
     ts = {}
     for n in (1, 33):
       sc = SamplingConfig(max_new_tokens=n, eos_id=cfg.vocab_size, pad_id=tok.pad_token_id)
       fn = jax.jit(lambda st, pr, pl, r, sc=sc, g=g: sample(nnx.merge(g, st), pr, pl, r, sc).tokens)
       ts[n] = timed(fn, state, prompt, plen, jax.random.PRNGKey(0), warmup=1, repeats=s["repeats"])
-    res[f"decode_step_{dtype}_weights_{pdt}_ms"] = 1e3 * (ts[33] - ts[1]) / 32
+    res[f"decode_step_{dtype}_weights_{pdt}_dots_{mmd or dtype}_ms"] = 1e3 * (ts[33] - ts[1]) / 32
+  logits = jax.random.normal(jax.random.PRNGKey(0), (8, cfg.vocab_size))
+  draws = lambda lg, k: jax.lax.fori_loop(0, 16, lambda i, c: c + jax.random.categorical(
+      jax.random.fold_in(k, i), lg, axis=-1), jnp.zeros((8,), jnp.int32))
+  res["decode_categorical_draw_ms"] = 1e3 * timed(jax.jit(draws), logits, jax.random.PRNGKey(1), warmup=1,
+                                                  repeats=s["repeats"]) / 16
   # DPO's parts: the policy's forward + backward and the reference's forward on the step's rows.
   seq = s["prompt"] + s["response"] + 2
   rows = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2 * s["pairs"], seq)), jnp.int32)

@@ -95,7 +95,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
          f"must divide batch_size={c.batch_size}")
   _check(c.seq_len > 1, "seq_len", c.seq_len, "must be at least 2")
   try:
-    for f in ("dtype", "param_dtype", "attention", "attention_chunk", "remat", "scan_layers"):
+    for f in ("dtype", "param_dtype", "matmul_dtype", "attention", "attention_chunk", "remat", "scan_layers"):
       _check(f not in c.model, f"model.{f}", c.model.get(f), f"per role: config.models.<role>.{f}")
     model = ModelConfig.from_config(c.model)
   except (ValueError, TypeError) as e:

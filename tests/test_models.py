@@ -114,6 +114,32 @@ def test_bfloat16_compute_close_to_float32():
   assert float(jnp.max(jnp.abs(a - b.astype(jnp.float32)))) < 0.05 * float(jnp.max(jnp.abs(a))) + 0.02
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
+def test_bfloat16_matmuls_with_float32_compute(family):
+  """``matmul_dtype=bfloat16``: every projection and the head multiply bf16-rounded operands with a
+  float32 result (checked on one projection against NumPy float64 of the rounded operands); the
+  model's logits stay float32 and close to the float32 model's, and differ from them."""
+  import ml_dtypes
+  from jaxopd.models.transformer import _dense
+  rng = np.random.default_rng(0)
+  x, w = rng.normal(size=(2, 5, 32)).astype(np.float32), rng.normal(size=(32, 3, 4)).astype(np.float32)
+  r = lambda a: np.asarray(a, ml_dtypes.bfloat16).astype(np.float64)
+  want = (r(x).reshape(10, 32) @ r(w).reshape(32, 12)).reshape(2, 5, 3, 4)
+  got = _dense(jnp.asarray(x), jnp.asarray(w), "bfloat16")
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  cfg = CONFIGS[family]
+  m32 = _model(cfg)
+  mm = Transformer(ModelConfig(**{**cfg.__dict__, "matmul_dtype": "bfloat16"}), nnx.Rngs(params=0))
+  nnx.update(mm, nnx.state(m32))
+  toks = jax.random.randint(jax.random.key(4), (2, 8), 0, cfg.vocab_size)
+  a, b = m32(toks).logits, mm(toks).logits
+  assert b.dtype == jnp.float32 and not np.array_equal(np.asarray(a), np.asarray(b))
+  assert float(jnp.max(jnp.abs(a - b))) < 0.05 * float(jnp.max(jnp.abs(a))) + 0.02
+  with pytest.raises(ValueError, match="matmul_dtype"):
+    ModelConfig(**{**cfg.__dict__, "matmul_dtype": "float16"}).validate()
+
+
 @pytest.mark.parametrize("field,value,msg", [
     ("family", "gpt3", "config.model.family"),
     ("n_heads", 5, "config.model.n_heads"),

@@ -189,6 +189,12 @@ def test_model_table_run_source_pinned_and_resume_checks(tmp_path):
   bad.models.policy.param_dtype = "float16"
   with pytest.raises(ConfigError, match=r"config\.models\.policy\.param_dtype='float16': must be one of"):
     SFT.build(bad)
+  bad.models.policy.param_dtype = "float32"
+  bad.models.policy.matmul_dtype = "float16"
+  with pytest.raises(ConfigError, match=r"config\.models\.policy\.matmul_dtype='float16': must be empty"):
+    SFT.build(bad)
+  bad.models.policy.matmul_dtype = "bfloat16"
+  assert table.arch(bad, "policy").matmul_dtype == "bfloat16"
 
 
 def test_frozen_role_in_bfloat16_halves_its_bytes(tmp_path):

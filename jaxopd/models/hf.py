@@ -454,7 +454,7 @@ def hf_config(cfg: ModelConfig, tokenizer=None):
 
 def _arch(cfg: ModelConfig) -> dict:
   """The fields of ``cfg`` an HF config.json holds (widths as used, not as defaulted)."""
-  skip = {"hf_type", "head", "max_len", "dtype", "param_dtype", "attention", "attention_chunk", "remat",
+  skip = {"hf_type", "head", "max_len", "dtype", "param_dtype", "matmul_dtype", "attention", "attention_chunk", "remat",
           "scan_layers", "init_std", "lora_rank", "lora_alpha", "lora_targets", "lora_init"}
   out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig) if f.name not in skip}
   out.update(d_ff=cfg.ff_dim, d_head=cfg.head_dim, n_kv_heads=cfg.kv_heads)

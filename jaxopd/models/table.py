@@ -24,6 +24,9 @@ Each role a method needs (``policy``, ``reference``, ``base``, ``draft``,
   with ``hf:`` / ``run:`` every field is then checked against the source;
 * ``param_dtype`` (storage: ``float32`` | ``bfloat16``) and ``dtype``
   (compute). A bf16 frozen reference takes half the memory of a float32 one;
+* ``matmul_dtype``: the projections' and LM head's operands (empty: ``dtype``); ``bfloat16`` with
+  float32 compute reads bf16 weights and inputs, accumulated in float32 (on the CPU a decode step's
+  dots run 2x faster: bench/real_model.py), the rest in float32;
 * ``attention``: ``einsum`` (scores materialised, float32 softmax),
   ``dot_product`` (``jax.nn.dot_product_attention``: XLA on CPU/TPU, cuDNN
   flash attention on GPU where it applies) or ``chunked`` (the einsum over
@@ -65,12 +68,12 @@ from jaxopd.models import hf
 from jaxopd.models.transformer import ATTENTION, REMAT, ModelConfig, compare_arch
 
 DTYPES = ("float32", "bfloat16")
-ROLE_FIELDS = ("init", "trainable", "arch", "param_dtype", "dtype", "attention", "attention_chunk", "remat",
-               "scan_layers", "lora")
+ROLE_FIELDS = ("init", "trainable", "arch", "param_dtype", "dtype", "matmul_dtype", "attention", "attention_chunk",
+               "remat", "scan_layers", "lora")
 LORA_FIELDS = ("rank", "alpha", "targets", "init")
 RECORD = "models.json"
 NONE = "none"                                           # init of a role that is not built
-_NOT_ARCH = ("dtype", "param_dtype", "attention", "attention_chunk", "remat", "scan_layers", "lora_rank",
+_NOT_ARCH = ("dtype", "param_dtype", "matmul_dtype", "attention", "attention_chunk", "remat", "scan_layers", "lora_rank",
              "lora_alpha", "lora_targets", "lora_init")   # per role
 
 
@@ -79,7 +82,7 @@ def role(init: str = "random", trainable: bool = True, arch: str = "auto", param
          scan_layers: bool = False, attention_chunk: int = 512, lora_rank: int = 0) -> ml_collections.ConfigDict:
   """One entry of ``config.models`` (fields in the module docstring)."""
   return ml_collections.ConfigDict(dict(init=init, trainable=trainable, arch=arch, param_dtype=param_dtype,
-                                        dtype=dtype, attention=attention, attention_chunk=attention_chunk,
+                                        dtype=dtype, matmul_dtype="", attention=attention, attention_chunk=attention_chunk,
                                         remat=remat, scan_layers=scan_layers,
                                         lora=dict(rank=lora_rank, alpha=16.0, targets="all", init="kaiming")))
 
@@ -201,6 +204,8 @@ def check_fields(config) -> None:
     for f in ("param_dtype", "dtype"):
       if r[f] not in DTYPES:
         _bad(name, f, r[f], f"must be one of {DTYPES}")
+    if r.get("matmul_dtype", "") not in ("",) + DTYPES:
+      _bad(name, "matmul_dtype", r.matmul_dtype, f"must be empty (the compute dtype) or one of {DTYPES}")
     if r.get("attention", "einsum") not in ATTENTION:
       _bad(name, "attention", r.attention, f"must be one of {ATTENTION}")
     if r.get("remat", "none") not in REMAT:
@@ -303,7 +308,8 @@ def _resolve_role(config, name: str, pinned: Mapping[str, dict] | None = None) -
 
 def _per_role(arch: ModelConfig, r) -> ModelConfig:
   """``arch`` with role ``r``'s dtypes, attention, remat and layer scan."""
-  return dataclasses.replace(arch, dtype=r.dtype, param_dtype=r.param_dtype, attention=r.get("attention", "einsum"),
+  return dataclasses.replace(arch, dtype=r.dtype, param_dtype=r.param_dtype, matmul_dtype=r.get("matmul_dtype", ""),
+                             attention=r.get("attention", "einsum"),
                              attention_chunk=int(r.get("attention_chunk", 512)), remat=r.get("remat", "none"),
                              scan_layers=bool(r.get("scan_layers", False)))
 

@@ -64,6 +64,8 @@ class ModelConfig:
   tie_embeddings: bool = True      # share input embedding and output projection
   dtype: str = "float32"           # compute dtype: float32 or bfloat16
   param_dtype: str = "float32"     # parameter storage dtype: float32 or bfloat16 (norm and softmax math stay float32)
+  matmul_dtype: str = ""           # the projections' and LM head's operands: "" = dtype; bfloat16 with float32
+                                   # compute: bf16 inputs and weights, accumulated in float32 (the rest float32)
   attention: str = "einsum"        # einsum (scores materialised, float32 softmax) | dot_product
                                    # (jax.nn.dot_product_attention: cuDNN flash attention on GPU where it applies)
                                    # | chunked (einsum over query chunks, rematerialised: scores of one chunk
@@ -195,6 +197,8 @@ class ModelConfig:
     for f in ("dtype", "param_dtype"):
       if getattr(self, f) not in ("float32", "bfloat16"):
         bad(f, "must be float32 or bfloat16")
+    if self.matmul_dtype not in ("", "float32", "bfloat16"):
+      bad("matmul_dtype", "must be empty (the compute dtype), float32 or bfloat16")
     if self.attention not in ATTENTION:
       bad("attention", f"must be one of {ATTENTION}")
     if self.attention_chunk <= 0:
@@ -297,23 +301,28 @@ class Output(NamedTuple):
   cache: KVCache | None                  # the updated cache when one was given
 
 
-def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
+def _dense(x: jax.Array, w: jax.Array, mm: str = "") -> jax.Array:
   """``x[B, T, D] @ w[D, ...]`` as one 2-D matmul on ``[B*T, D]``: XLA:CPU otherwise
   materialises transposed copies for the weight gradients of 3-D activations
-  (bench/train_step.py: the backward was ~4.5x the forward; 446 -> 324 ms/step)."""
+  (bench/train_step.py: the backward was ~4.5x the forward; 446 -> 324 ms/step). ``mm``
+  (``ModelConfig.matmul_dtype``): both operands in that dtype, accumulated in ``x``'s."""
   b, t, d = x.shape
-  out = x.reshape(b * t, d) @ w.reshape(d, -1)
+  x2, w2 = x.reshape(b * t, d), w.reshape(d, -1)
+  if mm and jnp.dtype(mm) != x.dtype:
+    out = jnp.dot(x2.astype(mm), w2.astype(mm), preferred_element_type=x.dtype)
+  else:
+    out = x2 @ w2
   return out.reshape((b, t) + w.shape[1:])
 
 
-def _adapted(module: nnx.Module, name: str, x: jax.Array, scale: float) -> jax.Array:
-  """``x @ W`` for weight ``name`` of ``module``, plus its LoRA term ``scale (x A) B`` when it
-  has adapters (:mod:`jaxopd.models.lora`)."""
+def _adapted(module: nnx.Module, name: str, x: jax.Array, scale: float, mm: str = "") -> jax.Array:
+  """``x @ W`` for weight ``name`` of ``module`` (operands in ``mm``, see :func:`_dense`), plus its
+  LoRA term ``scale (x A) B`` when it has adapters (:mod:`jaxopd.models.lora`)."""
   dt = x.dtype
   w = getattr(module, name)[...]
   if w.shape[0] != x.shape[-1]:         # several input dimensions (wo: [heads, head_dim, d])
     w = w.reshape(x.shape[-1], -1)
-  y = _dense(x, w.astype(dt))
+  y = _dense(x, w.astype(mm or dt), mm)
   a = getattr(module, name + "_lora_a", None)
   if a is None:
     return y
@@ -433,7 +442,7 @@ class Attention(nnx.Module):
     cfg = self.cfg
     dt = x.dtype
     b, t = x.shape[:2]
-    q, k, v = (_adapted(self, w, x, cfg.lora_scale) for w in ("wq", "wk", "wv"))
+    q, k, v = (_adapted(self, w, x, cfg.lora_scale, cfg.matmul_dtype) for w in ("wq", "wk", "wv"))
     if self.bq is not None:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if self.q_norm is not None:
@@ -483,7 +492,7 @@ class Attention(nnx.Module):
       else:
         out = self._einsum_attention(q, keys, values, allowed, "bnsk", False)
     out = out.reshape(b, t, h * dh)
-    y = _adapted(self, "wo", out, cfg.lora_scale)
+    y = _adapted(self, "wo", out, cfg.lora_scale, cfg.matmul_dtype)
     if self.bo is not None:
       y = y + self.bo[...].astype(dt)
     return y, (None if cache_kv is None else (keys, values))
@@ -615,18 +624,20 @@ class MLP(nnx.Module):
       self.w_up = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
       self.w_down = _param(rngs, (f, d), ("mlp", "embed"), out_std, pd)
     self.lora_scale = cfg.lora_scale
+    self.matmul_dtype = cfg.matmul_dtype
     if cfg.lora_rank:
       lora.attach(self, "mlp", cfg, rngs)
 
   def _proj(self, x, name):
-    return _adapted(self, name, x, self.lora_scale)
+    return _adapted(self, name, x, self.lora_scale, self.matmul_dtype)
 
   def __call__(self, x):
     dt = x.dtype
     if self.gpt2:
-      h = jax.nn.gelu(_dense(x, self.w_in[...].astype(dt)) + self.b_in[...].astype(dt), approximate=True)
+      mm = self.matmul_dtype
+      h = jax.nn.gelu(_dense(x, self.w_in[...].astype(mm or dt), mm) + self.b_in[...].astype(dt), approximate=True)
       h = constrain(h, ("batch", "length", "mlp"))
-      return _dense(h, self.w_out[...].astype(dt)) + self.b_out[...].astype(dt)
+      return _dense(h, self.w_out[...].astype(mm or dt), mm) + self.b_out[...].astype(dt)
     gate = self._proj(x, "w_gate")
     gate = jax.nn.silu(gate) if self.act == "silu" else jax.nn.gelu(gate, approximate=True)
     h = gate * self._proj(x, "w_up")
@@ -736,7 +747,8 @@ class Transformer(nnx.Module):
     """Logits of final hidden states ``x [B, T, D]`` in the compute dtype; ``weight``: the
     :meth:`output_weight` array when the caller already holds it (inside a chunk loop)."""
     w = self.output_weight() if weight is None else weight
-    logits = _dense(x, w.astype(jnp.dtype(self.cfg.dtype)))
+    mm = self.cfg.matmul_dtype
+    logits = _dense(x, w.astype(mm or self.cfg.dtype), mm)
     if self.score is not None:
       return logits
     cap = self.cfg.logit_softcap
