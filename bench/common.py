@@ -121,32 +121,18 @@ def compile_train_step(config, experiment, local_batch):
 
 
 def trainer_step(config, method: str) -> dict:
-  """The real trainer's step for ``config`` (one CPU device; the experiment built by ``method``),
-  compiled, on the experiment's own first batch: ``dict(fn, state, frozen, batch, compile_s,
-  model_cfg, metrics)`` (``fn(state, frozen, batch) -> (state, metrics)``, the state donated)."""
-  import jax
-  from jaxopd import config as config_lib
-  from jaxopd import mesh as mesh_lib
-  from jaxopd import methods, train
+  """The real trainer's step for ``config`` (one CPU device) with the experiment ``method`` builds,
+  compiled ahead of time (:func:`compile_train_step`) on that experiment's first batch:
+  ``dict(fn, state, frozen, batch, compile_s, model_cfg)`` (``fn(state, frozen, batch) -> (state,
+  metrics)``, the state donated)."""
+  from jaxopd import methods
   from jaxopd.experiment import DataShard
   from jaxopd.models import table
   exp = methods.get(method).build(config)
-  facts = config_lib.validate(config, 1, 1)
-  tr = train.Trainer(config, exp, mesh_lib.make_mesh((1, 1, 1), 1), facts["rules"])
-  state, frozen = tr.init()
   local = next(exp.train_data(DataShard(seed=0, process_index=0, process_count=1, local_batch=config.batch_size)))
-  with jax.set_mesh(tr.mesh), mesh_lib.use_rules(tr.rules):
-    batch = tr.to_global(local, config.batch_size)
-    step = tr.compiled_train_step(batch)
-
-  def fn(state, frozen, batch):
-    with jax.set_mesh(tr.mesh), mesh_lib.use_rules(tr.rules):
-      return step(state, frozen, batch)
-  t0 = time.perf_counter()
-  state, metrics = fn(state, frozen, batch)     # compiles, and is a warm-up step
-  jax.block_until_ready(metrics)
-  return dict(fn=fn, state=state, frozen=frozen, batch=batch, compile_s=time.perf_counter() - t0,
-              model_cfg=table.arch(config, "policy"), metrics=metrics)
+  fn, state, frozen, batch, compile_s, _ = compile_train_step(config, exp, local)
+  return dict(fn=fn, state=state, frozen=frozen, batch=batch, compile_s=compile_s,
+              model_cfg=table.arch(config, "policy"))
 
 
 def timed(fn, *args, warmup: int, repeats: int) -> float:

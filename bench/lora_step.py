@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "launch"), os.path.dirname(os.path.abspath(__file__))]
@@ -36,10 +34,9 @@ def _bytes(tree) -> int:
 
 
 def measure(preset: str, seq: int, pairs: int, rank: int, repeats: int, data: dict) -> dict:
-  import jax
   import aot_memory
   import fit_table
-  from common import trainer_step
+  from common import time_donated_step, trainer_step
   tiny = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.n_kv_heads": 1, "model.d_ff": 64,
           "model.vocab_size": 1024}
   config = fit_table.cell_config("dpo", data, seq, pairs, arch=None if preset else tiny, remat="none", scan=True,
@@ -52,14 +49,8 @@ def measure(preset: str, seq: int, pairs: int, rank: int, repeats: int, data: di
   st = trainer_step(config, "tdpo")
   trained = _bytes(st["state"]["params"]) + _bytes(st["state"]["opt_state"])
   held = _bytes(st["frozen"])
-  times = []
-  for i in range(1 + repeats):      # the first step (a warm-up) ran in trainer_step
-    t = time.perf_counter()
-    st["state"], metrics = st["fn"](st["state"], st["frozen"], st["batch"])
-    jax.block_until_ready(metrics)
-    if i >= 1:
-      times.append(time.perf_counter() - t)
-  return {"step_s": statistics.median(times), "times": [round(x, 3) for x in times],
+  med, times, _, metrics = time_donated_step(st["fn"], st["state"], st["frozen"], st["batch"], 2, repeats)
+  return {"step_s": med, "times": [round(x, 3) for x in times],
           "trained_bytes": trained, "frozen_bytes": held, "loss": float(metrics["loss"])}
 
 

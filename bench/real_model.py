@@ -80,12 +80,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, HERE]
 
-from common import TINY, cpu_snapshot, matmul_peak, other_load, pick, trainer_step, trl_settings  # noqa: E402
-from common import trl_step_timer  # noqa: E402
+from common import TINY, cpu_snapshot, matmul_peak, other_load, pick, time_donated_step, trainer_step  # noqa: E402
+from common import trl_settings, trl_step_timer  # noqa: E402
 from jaxopd.models.presets import decode_flops, forward_flops  # noqa: E402
 
 SIZES = pick(dict(batches=(8, 32), new=128, pairs=4, prompt=64, response=96, prompts=8, group=8, grpo_new=128,
-                  micro=4, warmup=2, repeats=5, grpo_warmup=1, grpo_repeats=2, rounds=3),
+                  micro=4, warmup=2, repeats=5, grpo_warmup=1, grpo_repeats=2, rounds=5),
              dict(batches=(2,), new=4, pairs=2, prompt=6, response=6, prompts=2, group=2, grpo_new=4,
                   micro=1, warmup=0, repeats=1, grpo_warmup=0, grpo_repeats=1, rounds=1))
 LR = 1e-6
@@ -204,7 +204,7 @@ def bench_sample(path, tok, s, out, tmp):
     assert theirs().shape == (b, p + s["new"])
     jax.block_until_ready((ours(), ours_mm()))
     ts = {"jaxopd": [], "jaxopd_bf16_dots": [], "hf": []}
-    for _ in range(s["rounds"] * 2 - 1 if s["rounds"] > 1 else 1):
+    for _ in range(s["rounds"]):
       for name, fn in (("jaxopd", lambda: jax.block_until_ready(ours())), ("hf", theirs),
                        ("jaxopd_bf16_dots", lambda: jax.block_until_ready(ours_mm()))):
         t0 = time.perf_counter()
@@ -256,7 +256,6 @@ def bench_dpo(path, tok, s, out, tmp):
   st = trainer_step(c, "tdpo")
   tokens = 2 * s["pairs"] * seq          # jaxopd's rows, padded to seq_len (TRL pads to the longest)
   j = _time_steps(st, s["warmup"], s["repeats"])
-  torch_threads(os.cpu_count() or 2)
   pol, ref = hf_model(path, os.cpu_count() or 2), hf_model(path, os.cpu_count() or 2)
   timer = trl_step_timer()
   args = DPOConfig(output_dir=os.path.join(tmp, "trl_dpo"), per_device_train_batch_size=s["pairs"], max_length=seq,
@@ -300,7 +299,6 @@ def bench_grpo(path, tok, s, out, tmp):
   st = trainer_step(c, "grpo")
   j = _time_steps(st, s["grpo_warmup"], s["grpo_repeats"])
   j_len = float(st["metrics"]["response_length/mean"])
-  torch_threads(os.cpu_count() or 2)
   pol = hf_model(path, os.cpu_count() or 2)
   timer = trl_step_timer()
   n = s["grpo_warmup"] + s["grpo_repeats"]
@@ -427,20 +425,10 @@ def bench_profile(path, tok, s, out, tmp):
 
 
 def _time_steps(st, warmup: int, repeats: int) -> float:
-  import jax
-  ts = []
-  for i in range(warmup + repeats):
-    t0 = time.perf_counter()
-    st["state"], st["metrics"] = st["fn"](st["state"], st["frozen"], st["batch"])
-    jax.block_until_ready(st["metrics"])
-    if i >= warmup:
-      ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
-
-
-def torch_threads(n: int):
-  import torch
-  torch.set_num_threads(n)
+  """Median seconds of ``st``'s step (:func:`common.trainer_step`); its state and metrics move on."""
+  med, _, st["state"], st["metrics"] = time_donated_step(st["fn"], st["state"], st["frozen"], st["batch"], warmup,
+                                                         repeats)
+  return med
 
 
 def main(argv=None) -> int:

@@ -97,10 +97,8 @@ def load_tokenizer(path: str | os.PathLike):
 def hf_tokenizer(hf_dir: str):
   """The tokenizer saved in model directory ``hf_dir`` (:func:`load_tokenizer`), or None when it
   holds no tokenizer files."""
-  from jaxopd.models.hf import TOKENIZER_FILES
-  if not any(os.path.isfile(os.path.join(hf_dir, f)) for f in TOKENIZER_FILES):
-    return None
-  return load_tokenizer(hf_dir)
+  from jaxopd.models.hf import has_tokenizer
+  return load_tokenizer(hf_dir) if has_tokenizer(hf_dir) else None
 
 
 def check_tokenizer(config, tok, data_name: str) -> None:

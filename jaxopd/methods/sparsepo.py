@@ -42,7 +42,7 @@ from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import forward_kl, response_mask
 from jaxopd.models.heads import chunked_terms, label_logprob
 from jaxopd.losses.sparsepo import activation_mask, l1_penalty, sequence_terms, sparsepo_loss
-from jaxopd.tasks import pairs as pair_task, reviews as reviews_task
+from jaxopd.tasks import pairs as pair_task
 from jaxopd.models import table
 
 MASKS = ("learned", "mapo")
@@ -301,7 +301,7 @@ def build(config) -> Experiment:
   _check(config)
   model_cfg = table.arch(config, "policy")
   m = config.method
-  train_recs, test_recs, _ = pair_task.pair_data(config)
+  train_recs, test_recs, sample_eval = pair_task.pair_data(config)
   suite = None if config.data.task == "files" else suite_lib.ensure(config.data, verbose=False)
   if suite is not None:     # the gold-reward tokens, for the mask's statistics
     train_recs = [dict(r, gold=gold_tokens(suite, r["tokens"])) for r in train_recs]
@@ -318,8 +318,8 @@ def build(config) -> Experiment:
                     train_data=lambda shard: batched_iterator(train_recs, shard),
                     eval_data=(lambda shard: batched_iterator(test_recs, shard, shuffle=False, repeat=False))
                     if test_recs else None,
-                    evaluate=make_evaluate(config, suite, test_recs, probe)
-                    if suite is not None or m.mask == "learned" else None)
+                    evaluate=make_evaluate(config, sample_eval, test_recs, probe)
+                    if sample_eval is not None or m.mask == "learned" else None)
 
 
 def _token_weights(mask, reference, mask_model, tokens, loss_mask):
@@ -370,11 +370,10 @@ def check_masks(config, w_u, w_d, m, step: int) -> None:
           f"reward weights w_u, no KL term); {fix}", flush=True)
 
 
-def make_evaluate(config, suite, test_recs, probe_recs=()):
+def make_evaluate(config, sample_eval, test_recs, probe_recs=()):
   """The dead-mask check (:func:`check_masks`, learned mask) on the held-out pairs and ``probe_recs`` (the
-  first training pairs), then, with a suite, TDPO's sampled evaluation and the mask's AUROC on the held-out
-  pairs' reward-bearing tokens."""
-  sample_eval = reviews_task.evaluate(config, suite) if suite is not None else None
+  first training pairs), then ``sample_eval`` (the reviews task's sampled evaluation, or None) and the
+  mask's AUROC on the held-out pairs' reward-bearing tokens."""
   test_recs = list(test_recs or [])
   learned = config.method.mask == "learned"
   recs = list(test_recs) + (list(probe_recs) if learned else [])

@@ -387,6 +387,11 @@ def abstract_model(cfg: ModelConfig, mesh, rules) -> tuple[Any, Any]:
   return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
 
 
+def has_tokenizer(hf_dir: str) -> bool:
+  """Whether model directory ``hf_dir`` holds tokenizer files."""
+  return any(os.path.isfile(os.path.join(hf_dir, f)) for f in TOKENIZER_FILES)
+
+
 def load(hf_dir: str, mesh=None, rules=None, dtype: str = "float32",
          param_dtype: str = "float32") -> Transformer:
   """The Transformer of ``hf_dir``; parameters (in ``param_dtype``)

@@ -554,4 +554,4 @@ def source_dir(config, name: str) -> str:
 def tokenizer_dir(config, name: str = "policy") -> str:
   """Role ``name``'s ``hf:`` directory when it holds a tokenizer, else ""."""
   path = source_dir(config, name)
-  return path if path and any(os.path.isfile(os.path.join(path, f)) for f in hf.TOKENIZER_FILES) else ""
+  return path if path and hf.has_tokenizer(path) else ""
