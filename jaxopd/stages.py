@@ -1,25 +1,66 @@
-"""The cached stages of the pipelines: an SFT base, a teacher, DPO models, the reviews task's
-preference pairs. A stage is a run directory trained by the one trainer unless its run is already
-finished; its product is the pinned ``run:`` init of its policy, which
-:func:`jaxopd.models.table.fill_stage` gives the roles declared ``stage:<name>``. A stage's recipe is
-a config module of experiments/ (``"sft.py"``, ``"tdpo.py:dpo"``); the model, data, seed and mesh
-come from the pipeline's config. Methods declare which stages they use (their ``prepare``) and run
-no other method's code: the experiments a stage trains are looked up by name
-(:func:`jaxopd.methods.get`)."""
+"""The pipelines' stages: an SFT base, a teacher, DPO models, teacher traces, f-DPG's target fit.
+
+A stage is a kind, the inputs that define it, and a function that fills a directory; the
+directory is ``ROOT/KIND-HASH``, HASH a digest of the inputs (:func:`run`). Re-running a
+finished stage does nothing, a changed input makes a new directory, and ``stage.json`` records
+the inputs a product was made from. A stage that trains uses the one trainer on a config module
+of experiments/ (``"sft.py"``, ``"tdpo.py:dpo"``) with the pipeline's model, data, seed and mesh;
+an upstream stage's directory is among its inputs, so a change re-runs what follows it only.
+Methods declare which stages they use (their ``prepare``); a stage's experiment is looked up by
+name in the registry (:func:`jaxopd.methods.get`), so no method imports another.
+"""
 
 from __future__ import annotations
 
 import copy
-import os
+import datetime
+import hashlib
+import json
 
 import ml_collections
 
-from jaxopd import checkpoint as ckpt_lib
 from jaxopd import paths, runtime
 from jaxopd.data import preferences, suite as suite_lib
 from jaxopd.errors import ConfigError
 from jaxopd.experiment import load_config
 from jaxopd.models import table
+
+RECORD = "stage.json"
+# Fields of a stage's training config that do not change its product.
+RUN_ONLY = ("progress", "mesh", "distributed", "checkpoint", "log_every", "resume_changes")
+
+
+def key(inputs: dict) -> str:
+  """The digest that addresses a stage's directory: 12 hex digits of the inputs' canonical JSON."""
+  return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def directory(root: str, kind: str, inputs: dict) -> str:
+  """Where the stage of ``kind`` with ``inputs`` lives (or will): ``ROOT/KIND-HASH``."""
+  return paths.join(paths.resolve(root), f"{kind}-{key(inputs)}")
+
+
+def record(where: str) -> dict | None:
+  """A stage directory's record (``kind``, ``key``, ``inputs``, ``done``, ``finished``), or None."""
+  path = paths.join(where, RECORD)
+  return paths.read_json(path) if paths.isfile(path) else None
+
+
+def run(root: str, kind: str, inputs: dict, produce) -> str:
+  """The stage ``kind`` with ``inputs``: its directory, filled by ``produce(directory)`` unless its
+  record says it is done. A stage stopped part-way (``produce`` raised) keeps its directory, so the
+  next run resumes it there."""
+  where = directory(root, kind, inputs)
+  rec = record(where)
+  if rec and rec["done"]:
+    print(f"[stage] {kind}: reused {where}", flush=True)
+    return where
+  rec = {"kind": kind, "key": key(inputs), "inputs": json.loads(json.dumps(inputs, default=str)), "done": False}
+  paths.write_json(paths.join(where, RECORD), rec, indent=2)
+  produce(where)
+  rec.update(done=True, finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+  paths.write_json(paths.join(where, RECORD), rec, indent=2)
+  return where
 
 
 def _build(method: str):
@@ -27,22 +68,29 @@ def _build(method: str):
   return methods.get(method).build
 
 
-def train(s, workdir: str, build_fn, what: str):
-  """Trains stage config ``s`` (experiment ``build_fn(s)``) in ``workdir`` unless that run is
-  finished; a preempted stage is :class:`jaxopd.runtime.Interrupted` (re-running resumes it)."""
+def train_inputs(s, **extra) -> dict:
+  """A training stage's inputs: its config less :data:`RUN_ONLY`, plus ``extra``."""
+  return {**{k: v for k, v in s.to_dict().items() if k not in RUN_ONLY}, **extra}
+
+
+def train(s, root: str, kind: str, build_fn, what: str, **extra) -> str:
+  """Trains stage config ``s`` (experiment ``build_fn(s)``) as stage ``kind`` under ``root`` unless
+  it is done; returns the pinned ``run:`` init of its policy. A preempted stage is
+  :class:`jaxopd.runtime.Interrupted` (re-running resumes it)."""
   from jaxopd import train as train_lib
-  if ckpt_lib.finished(workdir, s.total_steps):
-    return
-  print(f"[stage] {what} -> {workdir} ({s.total_steps} steps)", flush=True)
-  out = train_lib.run(s, workdir, build_fn(s))
-  if out["preempted"]:
-    raise runtime.Interrupted(out["preempted"], f"the {what} stage stopped at step {out['step']} "
-                              f"({out['preempted']}, checkpointed); re-run the command to resume it")
+
+  def produce(where):
+    print(f"[stage] {what} -> {where} ({s.total_steps} steps)", flush=True)
+    out = train_lib.run(s, where, build_fn(s))
+    if out["preempted"]:
+      raise runtime.Interrupted(out["preempted"], f"the {what} stage stopped at step {out['step']} "
+                                f"({out['preempted']}, checkpointed); re-run the command to resume it")
+  return init_of(run(root, kind, train_inputs(s, **extra), produce), s.total_steps)
 
 
-def init_of(node) -> str:
-  """The ``run:`` init of stage ``node``'s policy, pinned at its final step."""
-  return f"run:{paths.resolve(node.workdir)}:policy@{node.total_steps}"
+def init_of(where: str, total_steps: int) -> str:
+  """The ``run:`` init of a training stage's policy, pinned at its final step."""
+  return f"run:{where}:policy@{total_steps}"
 
 
 def _shorten(s, total_steps: int):
@@ -54,22 +102,26 @@ def _shorten(s, total_steps: int):
 # --- SFT stages ---------------------------------------------------------------------------------
 
 def sft_stage(workdir: str, total_steps: int, config: str = "sft.py") -> ml_collections.ConfigDict:
-  """The config block of an SFT stage: its run directory, its length, and the config module
-  whose recipe it follows (``"sft.py[:preset]"``, looked up in experiments/)."""
+  """The config block of an SFT stage: the root its runs live under, its length, and the config
+  module whose recipe it follows (``"sft.py[:preset]"``, looked up in experiments/)."""
   b = ml_collections.ConfigDict()
-  b.workdir = workdir            # the stage's run (trained here if unfinished, reused otherwise)
+  b.workdir = workdir            # the root of the stage's runs (ROOT/sft-HASH, one per set of inputs)
   b.total_steps = total_steps    # its length
   b.config = config              # its recipe: a config module of experiments/ ("sft.py[:preset]")
   return b
 
 
-def sft_config(config, node, model):
-  """The SFT config of stage ``node`` of pipeline ``config``, for architecture ``model``."""
+def sft_config(config, name: str, model=None):
+  """The SFT config of stage ``config[name]`` of pipeline ``config``, for architecture ``model``
+  (default ``config.model``); on the digits task ``teacher`` trains on every level."""
+  node = config[name]
   s = load_config(node.config)
   if s.method.name != "sft":
     raise ConfigError(f"{node.config!r}: an SFT stage needs an SFT config (its method is {s.method.name!r})")
-  s.model = model
-  s.data = config.data
+  s.model = config.model if model is None else model
+  s.data = copy.deepcopy(config.data)
+  if name == "teacher" and config.data.task == "digits":
+    s.data.sft_max_level = s.data.max_level
   s.seed = config.seed
   s.mesh = config.mesh
   s.progress = config.progress
@@ -77,71 +129,69 @@ def sft_config(config, node, model):
   return s
 
 
-def run_sft(config, node, model, what: str = "SFT base") -> str:
-  """Trains SFT stage ``node`` unless its run is finished; returns its pinned ``run:`` init."""
-  train(sft_config(config, node, model), node.workdir, _build("sft"), what)
-  return init_of(node)
+def sft_dir(config, name: str, model=None) -> str:
+  """The directory of SFT stage ``config[name]`` (trained or not)."""
+  return directory(config[name].workdir, "sft", train_inputs(sft_config(config, name, model)))
 
 
-def run_base(config, name: str) -> str:
-  """SFT stage ``config[name]``: ``sft`` the SFT base (on the digits task its easy levels),
-  ``teacher`` the same recipe on every level; returns its pinned ``run:`` init."""
-  node = config[name]
-  is_digits = config.data.task == "digits"
-  s = sft_config(config, node, config.model)
-  if name == "teacher" and is_digits:
-    s.data = copy.deepcopy(s.data)
-    s.data.sft_max_level = s.data.max_level
-  what = "SFT base" + (" (easy levels)" if is_digits else "") if name == "sft" else "teacher (SFT, longer)"
-  train(s, node.workdir, _build("sft"), what)
-  return init_of(node)
+def sft_init(config, name: str, model=None) -> str:
+  """The pinned ``run:`` init of SFT stage ``config[name]`` (trained or not)."""
+  return init_of(sft_dir(config, name, model), config[name].total_steps)
 
 
-def run_sft_on(s, node, train_records, eval_records, what: str) -> str:
-  """Trains SFT config ``s`` on ``{"tokens", "loss_mask"}`` records in stage ``node`` (REDI's stage 1
-  on the teacher's positive traces); returns its pinned ``run:`` init."""
+def run_sft(config, name: str, model=None, what: str = "") -> str:
+  """Trains SFT stage ``config[name]`` unless it is done; returns its pinned ``run:`` init."""
+  if not what:
+    digits = config.data.task == "digits"
+    what = {"sft": "SFT base" + (" (easy levels)" if digits else ""), "teacher": "teacher (SFT, longer)"}.get(
+        name, f"{name} SFT")
+  return train(sft_config(config, name, model), config[name].workdir, "sft", _build("sft"), what)
+
+
+def run_sft_on(s, node, train_records, eval_records, what: str, source: str) -> str:
+  """Trains SFT config ``s`` on ``{"tokens", "loss_mask"}`` records drawn from directory ``source``
+  (an input of the stage) under ``node.workdir`` (REDI's stage 1 on the teacher's positive
+  traces); returns its pinned ``run:`` init."""
   from jaxopd import methods
   sft = methods.get("sft")
-  train(s, node.workdir, lambda s: sft.experiment(train_records, eval_records), what)
-  return init_of(node)
+  return train(s, node.workdir, "sft", lambda s: sft.experiment(train_records, eval_records), what,
+               records=paths.resolve(source))
 
 
 # --- DPO stages (AlignDistil's DPO and reverse-DPO models) -------------------------------------
 
 def dpo_stage(workdir: str, total_steps: int, reverse: bool = False, config: str = "tdpo.py:dpo"):
-  """The config block of a DPO stage: its run directory, length, whether it is the reverse
-  model (chosen and rejected swapped), and the recipe it follows (a TDPO config module of
+  """The config block of a DPO stage: the root its runs live under, its length, whether it is the
+  reverse model (chosen and rejected swapped), and the recipe it follows (a TDPO config module of
   experiments/); model, data, pairs, SFT base, seed and mesh come from the pipeline's config."""
   b = ml_collections.ConfigDict()
-  b.workdir = workdir            # the stage's run (trained here if unfinished, reused otherwise)
+  b.workdir = workdir            # the root of the stage's runs (ROOT/dpo-HASH, one per set of inputs)
   b.total_steps = total_steps    # its length
   b.reverse = reverse            # train on rejected over chosen
   b.config = config              # its recipe: "tdpo.py:dpo" (DPO) or another loss of experiments/tdpo.py
   return b
 
 
-def run_dpo(config, node, sft_init: str, what: str = "DPO") -> str:
-  """Trains DPO stage ``node`` (policy and reference from ``sft_init``, on pipeline ``config``'s
-  pairs) unless its run is finished; returns its pinned ``run:`` init. A finished run trained
-  with the other pair order is a ConfigError (the two stages need two directories)."""
+def dpo_config(config, name: str):
+  """The TDPO config of DPO stage ``config[name]``: policy and reference from the SFT stage, on
+  pipeline ``config``'s pairs."""
+  node = config[name]
   s = load_config(node.config)
   if s.method.name != "tdpo":
     raise ConfigError(f"{node.config!r}: a DPO stage needs a TDPO config (its method is {s.method.name!r})")
   for k in ("model", "data", "prefs", "sft", "eval", "seed", "mesh", "progress"):
-    s[k] = config[k]
-  s.models.policy.init = s.models.reference.init = sft_init
+    s[k] = copy.deepcopy(config[k])
+  s.models.policy.init = s.models.reference.init = sft_init(config, "sft")
   s.method.swap = bool(node.reverse)
   s.compare_with = ""
   _shorten(s, node.total_steps)
   s.eval_every = 0
-  recorded = os.path.join(node.workdir, "config.json")
-  if paths.isfile(recorded):
-    was = bool(paths.read_json(recorded).get("method", {}).get("swap", False))
-    if was != s.method.swap:
-      raise ConfigError(f"{node.workdir}: this DPO run was trained with method.swap={was}, the {what} stage needs "
-                        f"swap={s.method.swap}; give the stage its own workdir")
-  train(s, node.workdir, _build("tdpo"), what)
-  return init_of(node)
+  return s
+
+
+def run_dpo(config, name: str, what: str = "DPO") -> str:
+  """Trains DPO stage ``config[name]`` unless it is done; returns its pinned ``run:`` init."""
+  return train(dpo_config(config, name), config[name].workdir, "dpo", _build("tdpo"), what)
 
 
 # --- the preference pipeline (TDPO, DPO, SparsePO, REDI and AlignDistil on the reviews task) -------
@@ -183,11 +233,11 @@ def preference_pipeline(c, smoke: bool = False):
 
 
 def prefs_config(c):
-  """The preference-pair dataset's config (:mod:`jaxopd.data.preferences`) of pipeline ``c``."""
+  """The preference-pair dataset's config (:mod:`jaxopd.data.preferences`) of pipeline ``c``: pairs
+  sampled from its SFT stage (whose directory, and so its inputs, names the dataset)."""
   d, p = c.data, c.prefs
-  steps = paths.read_json(os.path.join(c.sft.workdir, "config.json"))["total_steps"]
   return preferences.make_config(
-      policy_workdir=paths.resolve(c.sft.workdir), policy_step=int(steps), world_seed=d.world_seed,
+      policy_workdir=sft_dir(c, "sft"), policy_step=int(c.sft.total_steps), world_seed=d.world_seed,
       prompts_num_train=d.num_prompts_train, prompts_num_test=d.num_prompts_test,
       prompt_min_words=d.prompt_min_words, prompt_max_words=d.prompt_max_words, num_train=p.num_train,
       num_test=p.num_test, k=p.k, mode=p.mode, bt_temperature=p.bt_temperature, temperature=p.temperature,
@@ -203,7 +253,7 @@ def prepare_pairs(config):
   if config.data.task != "reviews":
     raise ConfigError(f"config.data.task={config.data.task!r}: must be reviews or files")
   suite_lib.ensure(config.data)
-  sft_init = run_sft(config, config.sft, config.model)
+  init = run_sft(config, "sft")
   pc = prefs_config(config)
   print(f"[stage] preferences {pc.name} (k={pc.k}, {pc.mode}) in {config.data.data_dir}", flush=True)
   preferences.prepare(pc, config.data.data_dir)
@@ -211,5 +261,5 @@ def prepare_pairs(config):
     st = preferences.statistics(pc, split, config.data.data_dir)
     print(f"  {split}: {st['pairs']} pairs, chosen reward {st['chosen_reward']:.3f}, "
           f"rejected {st['rejected_reward']:.3f}, label accuracy {st['label_accuracy']:.3f}")
-  table.fill_stage(config, "sft", sft_init)
+  table.fill_stage(config, "sft", init)
   return config

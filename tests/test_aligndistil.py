@@ -5,6 +5,7 @@ smoke run of the whole pipeline (SFT, pairs, DPO and reverse DPO stages, AlignDi
 simulated devices."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -134,16 +135,17 @@ def test_method_loss_chunked_on_padded_batch_matches_numpy(len_norm):
   assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g)) > 0
 
 
-def test_smoke_pipeline_stages_and_report(tmp_path, capsys):
+def test_smoke_pipeline_stages_and_report(tmp_path):
   """On-policy AlignDistil (adaptive) after the cached stages SFT, pairs, DPO and reverse DPO (both
-  trained here, in their own workdirs): every metric logged, the loss and the KL to the teacher
-  fall by gradient; a re-run reuses both DPO stages; a reverse stage pointed at the DPO run is a
-  one-line error; off_policy + gkd builds without a reverse DPO model and trains on chosen responses."""
+  trained here, each recorded with its inputs): every metric logged, the loss and the KL to the
+  teacher fall by gradient; a re-run reuses every stage, a changed input re-runs its stage only; the
+  two DPO stages under one root are two directories; off_policy + gkd builds without a reverse DPO
+  model and trains on chosen responses."""
   from helpers import shared_smoke_stages
-  from jaxopd import logs, train
-  from jaxopd.errors import ConfigError
+  from jaxopd import logs, stages, train
   from jaxopd.experiment import load_config
   from jaxopd.methods import aligndistil as M
+  from jaxopd.models import table
 
   def config(arg="smoke"):
     c = load_config(f"aligndistil.py:{arg}")
@@ -154,10 +156,12 @@ def test_smoke_pipeline_stages_and_report(tmp_path, capsys):
   c = config()
   with shared_smoke_stages(c):
     c = M.prepare(c, str(tmp_path / "run"))
-  out = capsys.readouterr().out
-  assert "[stage] DPO ->" in out and "[stage] reverse DPO (chosen and rejected swapped) ->" in out
-  assert c.models.dpo.init == f"run:{tmp_path / 'dpo'}:policy@{c.dpo.total_steps}"
-  assert json.load(open(tmp_path / "rdpo" / "config.json"))["method"]["swap"] is True
+  dirs = {n: table.parse_init(n, c.models[n].init).path for n in ("reference", "dpo", "rdpo")}
+  assert [os.path.dirname(dirs[n]) for n in ("dpo", "rdpo")] == [str(tmp_path / "dpo"), str(tmp_path / "rdpo")]
+  done = {n: stages.record(d) for n, d in dirs.items()}
+  assert all(r["done"] for r in done.values())
+  assert done["dpo"]["inputs"]["method"]["swap"] is False and done["rdpo"]["inputs"]["method"]["swap"] is True
+  assert done["dpo"]["inputs"]["models"]["policy"]["init"] == c.models.reference.init   # from the SFT stage
   s = train.run(c, str(tmp_path / "run"), M.build(c))
   M.report(c, str(tmp_path / "run"), s)
   recs = logs.read_metrics(str(tmp_path / "run"), "train")
@@ -170,18 +174,22 @@ def test_smoke_pipeline_stages_and_report(tmp_path, capsys):
   assert {"before", "dpo", "after"} <= set(summ) and "sample/reward" in summ["after"]
   assert summ["before"]["sample/kl_ref"] == pytest.approx(0.0, abs=1e-5)
 
+  # A re-run reuses every stage (their records untouched); a changed input of the reverse stage
+  # makes a new reverse-DPO directory and re-runs that stage only.
   again = config()
+  again.rdpo.total_steps += 1
   with shared_smoke_stages(again):
-    M.prepare(again, str(tmp_path / "run2"))
-  out = capsys.readouterr().out
-  assert "[stage] DPO" not in out and "[stage] reverse" not in out
-  bad = config()
-  bad.rdpo.workdir = str(tmp_path / "dpo2")
-  bad.dpo.workdir = str(tmp_path / "rdpo")
-  with pytest.raises(ConfigError, match=r"rdpo: this DPO run was trained with method\.swap=True, the DPO stage "
-                                        r"needs swap=False"):
-    with shared_smoke_stages(bad):
-      M.prepare(bad, str(tmp_path / "run3"))
+    again = M.prepare(again, str(tmp_path / "run2"))
+  assert {n: stages.record(d) for n, d in dirs.items()} == done
+  assert again.models.dpo.init == c.models.dpo.init and again.models.reference.init == c.models.reference.init
+  new = table.parse_init("rdpo", again.models.rdpo.init).path
+  assert new != dirs["rdpo"] and stages.record(new)["inputs"]["total_steps"] == c.rdpo.total_steps + 1
+  assert sorted(os.listdir(tmp_path / "rdpo")) == sorted([os.path.basename(dirs["rdpo"]), os.path.basename(new)])
+  # Both stages under one root: two directories (the pair order is an input), not one run reused.
+  same = config()
+  same.rdpo.workdir = same.dpo.workdir
+  assert len({stages.directory(same[n].workdir, "dpo", stages.train_inputs(stages.dpo_config(same, n)))
+              for n in ("dpo", "rdpo")}) == 2
 
   g = config("smoke,gkd,off_policy")
   assert g.models.rdpo.init == "none" and g.method.beta2 == 10.0

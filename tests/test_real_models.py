@@ -14,7 +14,7 @@ pytest.importorskip("torch")
 
 import hf_fixtures  # noqa: E402
 from helpers import REPO, quiet  # noqa: E402
-from jaxopd import logs, train  # noqa: E402
+from jaxopd import logs, stages, train  # noqa: E402
 from jaxopd import methods  # noqa: E402
 from jaxopd.experiment import load_config  # noqa: E402
 from jaxopd.data.tokenizer import hf_tokenizer
@@ -229,7 +229,7 @@ def test_fdpg_rlhf_with_a_reward_model_directory(families, tmp_path):
   c.optim.lr = 3e-3
   c, out = _run("fdpg", c, tmp_path / "fdpg")
   fit = json.load(open(tmp_path / "fdpg" / "target.json"))
-  assert fit["key"]["reward_source"] == table.fingerprint(table.parse_init("reward", f"hf:{rm}"))
+  assert stages.record(fit["stage"])["inputs"]["reward_source"] == table.fingerprint(table.parse_init("reward", f"hf:{rm}"))
   rec = json.load(open(tmp_path / "fdpg" / "models.json"))
   assert rec["reward"]["trainable"] is False and rec["reward"]["arch"]["head"] == "score"
   after, base, target = out["eval"]["sample/alignment"], fit["base_reward"], fit["target_reward"]

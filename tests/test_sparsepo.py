@@ -19,13 +19,13 @@ from flax import nnx
 
 from helpers import shared_smoke_stages
 from test_loss_references import rand_batch
-from jaxopd import errors, train
+from jaxopd import errors, stages, train
 from jaxopd.experiment import load_config
 from jaxopd.methods import sparsepo
 from jaxopd.losses import forward_kl_per_token, response_mask, tdpo_loss, dpo_loss, token_logprobs
 from jaxopd.losses.sparsepo import (activation_mask, l1_penalty, mask_l1, sequence_terms, sparsepo_loss,
                                     znorm_minmax)
-from jaxopd.models import ModelConfig, Transformer
+from jaxopd.models import ModelConfig, Transformer, table
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 LP_TOL = dict(rtol=1e-5, atol=1e-5)
@@ -542,8 +542,10 @@ def test_sparsepo_smoke_pipeline(tmp_path, capsys):
   m = load_config("sparsepo.py:smoke,mapo")
   m.data.data_dir, m.sft.workdir, m.progress = c.data.data_dir, c.sft.workdir, False
   assert "mask" not in m.optim.groups
+  sft = table.parse_init("reference", c.models.reference.init).path
+  done = stages.record(sft)
   m = SPARSEPO.prepare(m, str(tmp_path / "mapo"))
-  assert "[stage] SFT base" not in capsys.readouterr().out
+  assert m.models.reference.init == c.models.reference.init and stages.record(sft) == done   # reused
   exp = SPARSEPO.build(m)
   assert exp.roles == {"policy": True, "reference": False} and exp.init_heads is None
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from helpers import shared_smoke_stages
-from jaxopd import train
+from jaxopd import stages, train
 from jaxopd.errors import ConfigError
 from jaxopd.experiment import load_config
 from jaxopd.methods import sft, tdpo as TDPO
+from jaxopd.models import table
 
 
 def _config(root, arg="smoke"):
@@ -27,13 +28,14 @@ def _run(module, cfg, workdir):
     cfg = module.prepare(cfg, str(workdir))
   summary = train.run(cfg, str(workdir), module.build(cfg))
   module.report(cfg, str(workdir), summary)
+  summary["sft"] = table.parse_init("reference", cfg.models.reference.init).path   # the SFT stage used
   return summary
 
 
 def test_tdpo_then_dpo_pipeline(tmp_path, capsys):
   s = _run(TDPO, _config(tmp_path), tmp_path / "tdpo")
-  out = capsys.readouterr().out
-  assert "[stage] preferences" in out   # the SFT base may come from another smoke test of this session
+  sft = stages.record(s["sft"])      # the SFT base may come from another smoke test of this session
+  assert sft["done"] and sft["kind"] == "sft"
   ev = s["eval"]
   for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "logps/rejected", "kl/chosen", "kl/rejected", "kl/margin", "sample/reward", "sample/kl_ref",
@@ -53,7 +55,7 @@ def test_tdpo_then_dpo_pipeline(tmp_path, capsys):
   cfg.compare_with = str(tmp_path / "tdpo")
   s2 = _run(TDPO, cfg, tmp_path / "dpo")
   out = capsys.readouterr().out
-  assert "[stage] SFT base" not in out
+  assert s2["sft"] == s["sft"] and stages.record(s["sft"]) == sft   # reused, not trained again
   assert "tdpo2 (" in out and "dpo (after)" in out
   assert "kl/rejected" in s2["eval"]          # DPO logs the (detached) sequential KL too
   losses = [r["loss"] for r in logs.read_metrics(str(tmp_path / "dpo"), "train")]

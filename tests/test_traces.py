@@ -87,16 +87,19 @@ def _smoke_config(tmp_path):
 def test_redi_on_teacher_traces_two_stages_train_by_gradient_and_report(tmp_path):
   """The smoke pipeline on 8 devices: the traces' labels are the rule (the response is the
   prompt's digits sorted, then EOS), stage 1 trains on the positives, stage 2 (REDI) moves its
-  loss by gradient from the stage-1 model, and the report evaluates all four models; changed
-  trace settings on the same directory, or a stage-1 run of other traces, are one-line errors,
-  not a reuse."""
+  loss by gradient from the stage-1 model, and the report evaluates all four models; stage 1's
+  record names the traces it trained on, and other trace settings address another directory."""
   from helpers import DIGITS_STAGES, shared_smoke_stages
-  from jaxopd import checkpoint as ckpt_lib, logs, train
+  from jaxopd import checkpoint as ckpt_lib, logs, stages, train
   from jaxopd.methods import redi
+  from jaxopd.models import table
   c = _smoke_config(tmp_path)
   with shared_smoke_stages(c, stages=DIGITS_STAGES):
     c = redi.prepare(c, str(tmp_path / "run"))
-  lines = traces.load(c.traces.workdir)
+  policy = table.parse_init("policy", c.models.policy.init)
+  where = stages.record(policy.path)["inputs"]["records"]      # stage 1's record names the traces it read
+  assert os.path.dirname(where) == os.path.abspath(c.traces.workdir) and stages.record(where)["done"]
+  lines = traces.load(where)
   assert len(lines) == c.traces.num_prompts * c.traces.samples
   for t in lines:
     words = t["prompt"].split()
@@ -105,13 +108,13 @@ def test_redi_on_teacher_traces_two_stages_train_by_gradient_and_report(tmp_path
     assert t["label"] == right, t
   n_pos = sum(t["label"] for t in lines)
   both = {t["prompt_index"] for t in lines if t["label"]} & {t["prompt_index"] for t in lines if not t["label"]}
-  with open(os.path.join(c.traces.workdir, "statistics.json")) as f:
+  with open(os.path.join(where, "statistics.json")) as f:
     st = json.load(f)
   assert (st["positives"], st["prompts_both"], st["pairs"]) == (n_pos, len(both), len(both))
   assert n_pos >= 8 and len(both) >= c.batch_size, st
-  assert ckpt_lib.finished(c.positives.workdir, c.positives.total_steps)
-  assert c.models.policy.init == c.models.reference.init == \
-      f"run:{os.path.abspath(c.positives.workdir)}:policy@{c.positives.total_steps}"
+  assert ckpt_lib.finished(policy.path, c.positives.total_steps)
+  assert c.models.policy.init == c.models.reference.init == f"run:{policy.path}:policy@{c.positives.total_steps}"
+  assert os.path.dirname(policy.path) == os.path.abspath(c.positives.workdir)
 
   s = train.run(c, str(tmp_path / "run"), redi.build(c))
   recs = logs.read_metrics(str(tmp_path / "run"), "train")
@@ -124,15 +127,12 @@ def test_redi_on_teacher_traces_two_stages_train_by_gradient_and_report(tmp_path
     assert "sample/pass@1" in summary[name] and "heldout/nll_easy" in summary[name], name
   assert summary["traces"]["pairs"] == len(both)
 
+  # Other trace settings are another traces stage (not the finished one reused).
   c2 = _smoke_config(tmp_path)
   c2.traces.temperature = 0.9
   with shared_smoke_stages(c2, stages=DIGITS_STAGES):
-    with pytest.raises(ConfigError, match=r"config\.traces\.workdir=.*temperature: 0\.5 there, 0\.9 here"):
-      redi.prepare(c2, str(tmp_path / "run2"))
-  c2.traces.workdir = str(tmp_path / "traces_t09")   # new traces, but the stage-1 run of the old ones
-  with shared_smoke_stages(c2, stages=DIGITS_STAGES):
-    with pytest.raises(ConfigError, match=r"config\.positives\.workdir=.*trained on other traces"):
-      redi.prepare(c2, str(tmp_path / "run2"))
+    other = redi._traces_dir(c2, digits.ensure(c2.data, verbose=False))
+  assert other != where and os.path.dirname(other) == os.path.dirname(where) and stages.record(other) is None
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -69,7 +69,7 @@ def dpo_stage(out, results):
   for r in results:
     if r["method"] in ("adaptive", "contrast", "theorem1", "gkd") and r.get("exit") == 0:
       with open(os.path.join(out, r["dir"], "config.json")) as f:
-        path = json.load(f)["dpo"]["workdir"]
+        path = json.load(f)["models"]["dpo"]["init"][len("run:"):].split(":")[0]   # the DPO stage's directory
       ev = evals(path)
       if ev:
         return {"method": "dpo", "data": "offline", "path": path, **ev[-1]}

@@ -128,13 +128,13 @@ def retime(results, out, rounds):
   if not ok:
     return
   from jaxopd.methods import distillspec as ds
+  from jaxopd.models import table
   with open(os.path.join(out, ok[0]["name"], "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   g = int(_gamma(ok[0]))
   suite = suite_lib.ensure(config.data, verbose=False)
-  target = ds.on_one_device(ds.load_model(config.target.workdir,
-                                          config.target.get("source", "policy")))
-  drafts = {"draft_sft": ds.on_one_device(ds.load_model(config.draft_sft.workdir))}
+  target = ds.on_one_device(table.load_model(config.models.target.init, "target")[0])
+  drafts = {"draft_sft": ds.on_one_device(table.load_model(config.models.draft.init, "draft")[0])}
   drafts.update({r["name"]: ds.on_one_device(ds.load_model(os.path.join(out, r["name"]), "draft"))
                  for r in ok})
   prompt, plen = ds._eval_prompts(suite, config)
@@ -195,8 +195,8 @@ def table(results, path):
     return
   g = _gamma(ok[0])
   lines = matrix(ok, g) + ["| divergence | data | seeds | alpha greedy | alpha sampling | tau greedy (formula) | tau sampling (formula) | "
-           f"speed-up greedy: measured (formula) | speed-up sampling: measured (formula) | "
-           f"SD time vs undistilled draft (greedy / sampling) | draft gold reward | draft held-out NLL |",
+           "speed-up greedy: measured (formula) | speed-up sampling: measured (formula) | "
+           "SD time vs undistilled draft (greedy / sampling) | draft gold reward | draft held-out NLL |",
            "|" + " --- |" * 12]
   rt = "rt_speedup/greedy" in ok[0]
   if rt:     # the joint re-timing replaces the per-run timings

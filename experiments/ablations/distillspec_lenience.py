@@ -45,11 +45,12 @@ def main(argv=None):
   from jaxopd.data import suite as suite_lib
   from jaxopd.evaluation import compiled
   from jaxopd.methods import distillspec as ds
+  from jaxopd.models import table
   with open(os.path.join(a.run, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   suite = suite_lib.ensure(config.data, verbose=False)
-  target = ds.on_one_device(ds.load_model(config.target.workdir))
-  drafts = {"draft_sft": ds.load_model(config.draft_sft.workdir),
+  target = ds.on_one_device(table.load_model(config.models.target.init, "target")[0])
+  drafts = {"draft_sft": table.load_model(config.models.draft.init, "draft")[0],
             "distilled": ds.load_model(a.run, source="draft")}
   config.eval.num_prompts = a.prompts
   prompt, plen = ds._eval_prompts(suite, config)
@@ -85,7 +86,7 @@ def main(argv=None):
     for r in results:
       f.write(json.dumps(r) + "\n")
   lines = ["| decoder | lenience | tokens per target call | ms / token | speed-up vs target | gold reward | "
-           f"target NLL of output (nats/token) |", "|" + " --- |" * 7]
+           "target NLL of output (nats/token) |", "|" + " --- |" * 7]
   for r in results:
     lines.append(f"| {r['decoder']} | {r['lenience'] if r['lenience'] is not None else '-'} | "
                  f"{r.get('tau', float('nan')):.2f} | {r['ms_per_token']:.3f} | {r['speedup']:.2f} | "

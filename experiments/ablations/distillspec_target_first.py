@@ -96,15 +96,17 @@ def compare(out, small_target, small_draft, teacher_draft, rounds) -> dict:
   from flax import nnx
   from jaxopd.data import suite as suite_lib
   from jaxopd.methods import distillspec as ds
+  from jaxopd.models import table
 
   def cfg(workdir):
     with open(os.path.join(workdir, "config.json")) as f:
       return ml_collections.ConfigDict(json.load(f))
   c_small, c_draft = cfg(small_target), cfg(small_draft)
   load = lambda workdir, source: ds.on_one_device(ds.load_model(workdir, source))
-  teacher = load(c_small.target.workdir, "policy")
+  stage = lambda init: ds.on_one_device(table.load_model(init)[0])   # a stage's pinned run: init, as the run used it
+  teacher = stage(c_small.models.target.init)
   small = load(small_target, "draft")
-  small_sft = load(c_small.draft_sft.workdir, "policy")
+  small_sft = stage(c_small.models.draft.init)
   d_small = load(small_draft, "draft")
   d_teacher = load(teacher_draft, "draft")
   config = c_draft      # eval settings (prompts, budgets, temperature): every stage shares them

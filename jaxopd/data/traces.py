@@ -5,15 +5,15 @@ A teacher samples ``k`` responses to each of the first ``num_prompts`` train pro
 is labelled by the task's exact checker (:func:`jaxopd.data.digits.check`): positive
 when it is exactly the answer then EOS, negative otherwise. Lengths are kept as sampled.
 
-Stored once per setting in ``DIR/traces.jsonl`` (:func:`prepare`), one line per trace in
-TRL's unpaired-preference form plus what the records need exactly::
+Written by :func:`write` into a stage directory (:func:`jaxopd.stages.run`, addressed by
+:func:`settings`) as ``traces.jsonl``, one line per trace in TRL's unpaired-preference form
+plus what the records need exactly::
 
   {"prompt": "sort 3 1 =", "completion": "1 3", "label": true, "truncated": false,
    "level": 2, "prompt_index": 17}
 
 (``truncated``: the response reached the budget without EOS, so no EOS is appended when
-it is encoded), with ``DIR/config.json`` (the teacher and sampling settings; a directory
-made with other settings is an error, not reused) and ``DIR/statistics.json``.
+it is encoded), and ``statistics.json``.
 
 Records for the trainer:
 
@@ -52,34 +52,23 @@ def draw(scfg: SamplingConfig, n: int, model, prompt, plen, answer, alen, rng):
 
 
 def settings(teacher: str, node, scfg: SamplingConfig, seed: int, data_name: str) -> dict:
-  """What a traces directory is made from (its ``config.json``)."""
+  """What a set of traces is made from: the inputs of its stage."""
   return {"teacher": teacher, "num_prompts": int(node.num_prompts), "samples": int(node.samples),
           "temperature": float(scfg.temperature), "max_new_tokens": int(scfg.max_new_tokens), "seed": int(seed),
           "data": data_name}
 
 
-def prepare(node, model, teacher: str, suite, prompt_recs, scfg: SamplingConfig, seed: int,
-            batch: int = 64) -> str:
-  """Samples and labels the traces into ``node.workdir`` unless it holds them already; returns
-  the directory. ``model``: a zero-argument function giving the teacher (called only when
-  sampling is needed); ``teacher``: its init string (recorded)."""
+def write(where: str, node, model, teacher: str, suite, prompt_recs, scfg: SamplingConfig, seed: int,
+          batch: int = 64) -> None:
+  """Samples and labels ``node.samples`` traces for each of the first ``node.num_prompts`` prompts
+  into directory ``where``. ``model``: a zero-argument function giving the teacher; ``teacher``: its
+  init string."""
   from jaxopd.evaluation import compiled, to_host
-  want = settings(teacher, node, scfg, seed, suite.builder_config.name)
-  path = os.path.join(node.workdir, "config.json")
-  if os.path.isfile(os.path.join(node.workdir, FILE)) and os.path.isfile(path):
-    with open(path) as f:
-      have = json.load(f)
-    if have != want:
-      diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-      raise ConfigError(f"config.traces.workdir={node.workdir!r}: its traces were made with other settings "
-                        f"({', '.join(f'{k}: {have.get(k)!r} there, {want.get(k)!r} here' for k in diff)}); "
-                        f"give these traces their own workdir")
-    return node.workdir
   if node.num_prompts > len(prompt_recs):
     raise ConfigError(f"config.traces.num_prompts={node.num_prompts}: the train split has {len(prompt_recs)} prompts")
   recs = prompt_recs[:node.num_prompts]
   print(f"[stage] traces: {node.samples} samples of {teacher} for each of {len(recs)} prompts "
-        f"(temperature {scfg.temperature}) -> {node.workdir}", flush=True)
+        f"(temperature {scfg.temperature}) -> {where}", flush=True)
   m = model()
   fn = compiled(draw, (scfg, int(node.samples)), m)
   tok = suite.tokenizer
@@ -99,17 +88,12 @@ def prepare(node, model, teacher: str, suite, prompt_recs, scfg: SamplingConfig,
         body = resp if truncated else resp[:-1]
         lines.append({"prompt": tok.decode(p), "completion": tok.decode(body), "label": bool(ok[j, g] > 0.5),
                       "truncated": truncated, "level": int(r["level"]), "prompt_index": i + j})
-  os.makedirs(node.workdir, exist_ok=True)
-  tmp = os.path.join(node.workdir, FILE + ".tmp")
-  with open(tmp, "w") as f:
+  os.makedirs(where, exist_ok=True)
+  with open(os.path.join(where, FILE), "w") as f:
     for line in lines:
       f.write(json.dumps(line) + "\n")
-  with open(os.path.join(node.workdir, "statistics.json"), "w") as f:
+  with open(os.path.join(where, "statistics.json"), "w") as f:
     json.dump(statistics(lines, int(node.pairs_per_prompt)), f, indent=2)
-  with open(path, "w") as f:
-    json.dump(want, f, indent=2)
-  os.replace(tmp, os.path.join(node.workdir, FILE))   # last: a directory with traces.jsonl is complete
-  return node.workdir
 
 
 def load(workdir: str) -> list[dict]:

@@ -139,14 +139,11 @@ def _check(c):
     raise ConfigError(f"config.seq_len={c.seq_len}: on-policy sequences are prompt + response, so it must equal "
                       f"config.rollout.prompt_len + config.rollout.max_new_tokens = "
                       f"{c.rollout.prompt_len} + {c.rollout.max_new_tokens}")
-  if paths.resolve(c.dpo.workdir) == paths.resolve(c.rdpo.workdir):
-    raise ConfigError(f"config.rdpo.workdir={c.rdpo.workdir!r}: the reverse DPO stage needs its own run directory "
-                      f"(config.dpo.workdir is the same)")
 
 
 def prepare(config, workdir: str):
   """Data, SFT base and pairs (TDPO's cached stages), then the DPO and reverse DPO stages
-  (cached runs in ``config.dpo.workdir`` / ``config.rdpo.workdir``). With
+  (stages under ``config.dpo.workdir`` / ``config.rdpo.workdir``). With
   ``config.data.task = "files"`` no stage is trained: every role needs a source."""
   del workdir
   _check(config)
@@ -154,11 +151,10 @@ def prepare(config, workdir: str):
     table.refuse_stages(config, "sft", "dpo", "rdpo")
     return config
   stage_lib.prepare_pairs(config)
-  sft_init = stage_lib.init_of(config.sft)
   for name in TEACHER_ROLES:
     if table.uses_stage(config, name):
       what = "reverse DPO (chosen and rejected swapped)" if name == "rdpo" else "DPO"
-      table.fill_stage(config, name, stage_lib.run_dpo(config, config[name], sft_init, what))
+      table.fill_stage(config, name, stage_lib.run_dpo(config, name, what))
   return config
 
 

@@ -126,21 +126,16 @@ def prepare(config, workdir: str):
   if config.data.task == "files":
     table.refuse_stages(config, "draft_sft", "target")
     return config
-  stages = []
-  if table.uses_stage(config, "draft_sft"):
-    stages.append(("draft", config.draft_sft, config.model))
-  if table.uses_stage(config, "target"):
-    if config.target.source == "policy":
-      stages.insert(0, ("target", config.target, config.target.model))
-    elif not ckpt_lib.finished(config.target.workdir, 0):
-      raise ConfigError(f"config.target.workdir={config.target.workdir!r}: no checkpoint; with "
-                        f"target.source=draft the target is a finished run of this module (train it first)")
+  drafted = config.target.source == "draft"     # the target: a finished run of this module, not a stage
+  if table.uses_stage(config, "target") and drafted and not ckpt_lib.finished(config.target.workdir, 0):
+    raise ConfigError(f"config.target.workdir={config.target.workdir!r}: no checkpoint; with "
+                      f"target.source=draft the target is a finished run of this module (train it first)")
   suite_lib.ensure(config.data)
-  for what, node, model in stages:
-    stage_lib.run_sft(config, node, model, f"{what} SFT")
-  steps = f"@{config.target.total_steps}" if config.target.source == "policy" else ""
-  table.fill_stage(config, "target", f"run:{paths.resolve(config.target.workdir)}:{config.target.source}{steps}")
-  table.fill_stage(config, "draft_sft", stage_lib.init_of(config.draft_sft))
+  if table.uses_stage(config, "target"):
+    table.fill_stage(config, "target", f"run:{paths.resolve(config.target.workdir)}:draft" if drafted else
+                     stage_lib.run_sft(config, "target", config.target.model, "target SFT"))
+  if table.uses_stage(config, "draft_sft"):
+    table.fill_stage(config, "draft_sft", stage_lib.run_sft(config, "draft_sft", config.model, "draft SFT"))
   return config
 
 

@@ -21,8 +21,6 @@ sampling setting is refused (:func:`check_sampling`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from typing import Callable, NamedTuple
 
@@ -419,7 +417,7 @@ def _prompts(c, data: Data, split: str, n: int | None = None):
 # --- stages --------------------------------------------------------------------
 
 def prepare(config, workdir: str):
-  """Data and SFT base (TDPO's cached stages), then the target fit (cached in workdir/target.json).
+  """Data and SFT base (cached stages), then the target fit (a stage; copied to workdir/target.json).
 
   With ``config.data.task = "files"`` (your prompts and reward function) no SFT
   stage is trained: policy and base need an ``hf:DIR`` or ``run:WORKDIR`` init."""
@@ -428,7 +426,7 @@ def prepare(config, workdir: str):
     table.refuse_stages(config, "sft")
   else:
     suite_lib.ensure(config.data)
-    table.fill_stage(config, "sft", stage_lib.run_sft(config, config.sft, config.model))
+    table.fill_stage(config, "sft", stage_lib.run_sft(config, "sft"))
   fit = _fit_target(config, workdir)
   with config.unlocked():
     if config.method.target == "distributional" and not config.method.lambdas:
@@ -465,26 +463,24 @@ def _load_reward_model(c):
 def _fit_target(config, workdir: str) -> dict:
   """lambda (distributional) and the true target's log Z per evaluation context, from base samples.
 
-  Cached by its inputs under ``config.data.data_dir/fdpg_targets/`` (runs of a
-  sweep share one fit) and copied to ``workdir/target.json``."""
+  A stage under ``config.data.data_dir/fdpg_targets/`` (:func:`jaxopd.stages.run`: runs of a sweep
+  share one fit), copied to ``workdir/target.json``."""
   m = config.method
-  key = {"sft": table.weights_init(config, "base"), "target": m.target, "words": m.words, "topic": m.topic,
-         "topic_mean": m.topic_mean, "lambdas": list(m.lambdas), "reward_beta": m.reward_beta,
-         "conditional": m.conditional, "fit_samples": m.fit_samples, "contexts": _eval_contexts(config),
-         "max_new_tokens": config.rollout.max_new_tokens, "seed": config.seed, "reward": m.reward,
-         "reward_source": _reward_fingerprint(config),
-         "prompts": config.data.files.eval if config.data.task == "files" else "reviews"}
-  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-  shared = os.path.join(config.data.data_dir, "fdpg_targets", f"{digest}.json")
-  path = os.path.join(workdir, "target.json")
-  for p in (path, shared):
-    if paths.exists(p):
-      cached = paths.read_json(p)
-      if cached["key"] == key:
-        if p == shared:
-          paths.makedirs(workdir)
-          paths.write_json(path, cached, indent=2)
-        return cached
+  inputs = {"sft": table.weights_init(config, "base"), "target": m.target, "words": m.words, "topic": m.topic,
+            "topic_mean": m.topic_mean, "lambdas": list(m.lambdas), "reward_beta": m.reward_beta,
+            "conditional": m.conditional, "fit_samples": m.fit_samples, "contexts": _eval_contexts(config),
+            "max_new_tokens": config.rollout.max_new_tokens, "seed": config.seed, "reward": m.reward,
+            "reward_source": _reward_fingerprint(config),
+            "prompts": config.data.files.eval if config.data.task == "files" else "reviews"}
+  where = stage_lib.run(os.path.join(config.data.data_dir, "fdpg_targets"), "target", inputs,
+                        lambda where: paths.write_json(os.path.join(where, "target.json"), _fit(config), indent=2))
+  out = {**paths.read_json(os.path.join(where, "target.json")), "stage": where}
+  paths.write_json(os.path.join(workdir, "target.json"), out, indent=2)
+  return out
+
+
+def _fit(config) -> dict:
+  m = config.method
   data = load_data(config)
   base, _ = table.load_model(table.weights_init(config, "base"), "base")
   reward_model = _load_reward_model(config)
@@ -509,7 +505,7 @@ def _fit_target(config, workdir: str) -> dict:
       ctx_ids.append(np.full(n, ci))
       done += n
   feats, ctx_ids = np.concatenate(feats), np.concatenate(ctx_ids)
-  out = {"key": key} if m.target == "rlhf" else {"key": key, "base_rate": float(feats[:, 0].mean())}
+  out = {} if m.target == "rlhf" else {"base_rate": float(feats[:, 0].mean())}
   if m.target == "pointwise":
     log_phi = np.where(feats[:, 0] > 0, 0.0, -np.inf)
   elif m.target == "distributional":
@@ -542,9 +538,6 @@ def _fit_target(config, workdir: str) -> dict:
         + (f", lambda {out['lambdas']}" if "lambdas" in out else "")
         + f", log Z {np.round(log_z[:4], 4).tolist()}{' ...' if k > 4 else ''} "
         f"({m.fit_samples} base samples per context)", flush=True)
-  for p in (path, shared):
-    paths.makedirs(os.path.dirname(p))
-    paths.write_json(p, out, indent=2)
   return out
 
 

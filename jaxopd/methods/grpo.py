@@ -341,7 +341,7 @@ def prepare(config, workdir: str):
   (digits.ensure if config.data.task == "digits" else suite_lib.ensure)(config.data)
   for name in ("sft", "teacher"):
     if table.uses_stage(config, name):
-      table.fill_stage(config, name, stages.run_base(config, name))
+      table.fill_stage(config, name, stages.run_sft(config, name))
   return config
 
 

@@ -130,14 +130,15 @@ def prepare(config, workdir: str):
   if config.data.task != "digits":
     return stage_lib.prepare_pairs(config)
   suite = digits.ensure(config.data)
-  base = stage_lib.run_base(config, "sft")
+  base = stage_lib.run_sft(config, "sft")
   t = config.traces
-  teacher = stage_lib.run_base(config, "teacher") if t.teacher == "stage:teacher" else t.teacher
+  teacher = stage_lib.run_sft(config, "teacher") if t.teacher == "stage:teacher" else t.teacher
   table.parse_init("teacher", teacher)
   prompts = digits.prompt_records(suite, "train", config.rollout.prompt_len, config.rollout.max_new_tokens - 1)
   scfg = digits_task.sampling_config(config, suite.tokenizer, t.temperature)
-  traces.prepare(t, lambda: table.load_model(teacher, "teacher")[0], teacher, suite, prompts, scfg, int(t.seed))
-  lines = traces.load(t.workdir)
+  where = stage_lib.run(t.workdir, "traces", _traces_inputs(config, suite), lambda where: traces.write(
+      where, t, lambda: table.load_model(teacher, "teacher")[0], teacher, suite, prompts, scfg, int(t.seed)))
+  lines = traces.load(where)
   st = traces.statistics(lines, t.pairs_per_prompt)
   rates = " ".join(f"L{k} {v:.2f}" for k, v in st["positive_rate_per_level"].items())
   print(f"traces: {st['traces']} ({st['positives']} positive, {st['negatives']} negative, "
@@ -146,38 +147,38 @@ def prepare(config, workdir: str):
         f"{st['prompts_only_negative']} only negative: no pair); positive rate per level: {rates}")
   if table.uses_stage(config, "positives"):
     node = config.positives
-    s = stage_lib.sft_config(config, node, config.model)
+    s = stage_lib.sft_config(config, "positives")
     s.models.policy.init = base
     train_recs = traces.positive_records(lines, suite.tokenizer, s.seq_len)
     eval_recs, _ = digits.sft_records(suite, "test", s.seq_len, verbose=False)   # the gold answers, every level
-    _same_traces(node.workdir, t.workdir)
     table.fill_stage(config, "positives", stage_lib.run_sft_on(
-        s, node, train_recs, eval_recs, f"stage 1: SFT on the {len(train_recs)} positive traces"))
+        s, node, train_recs, eval_recs, f"stage 1: SFT on the {len(train_recs)} positive traces", where))
   return config
 
 
-def _same_traces(stage_dir: str, traces_dir: str):
-  """Stage 1 records the traces it trains on (``traces.json``); a stage-1 run made from other traces
-  is a ConfigError, not a silent reuse."""
-  want = {"traces": paths.resolve(traces_dir), **paths.read_json(os.path.join(traces_dir, "config.json"))}
-  path = os.path.join(stage_dir, "traces.json")
-  if paths.isfile(path):
-    have = paths.read_json(path)
-    if have != want:
-      raise ConfigError(f"config.positives.workdir={stage_dir!r}: this stage-1 run was trained on other traces "
-                        f"({have.get('traces')}, {have.get('temperature')=}, {have.get('num_prompts')=}); give it "
-                        f"its own workdir")
-    return
-  paths.makedirs(stage_dir)
-  paths.write_json(path, want, indent=2)
+def _teacher(config) -> str:
+  t = config.traces
+  return stage_lib.sft_init(config, "teacher") if t.teacher == "stage:teacher" else t.teacher
+
+
+def _traces_inputs(config, suite) -> dict:
+  """The inputs of the traces stage (the teacher, its sampling, the prompts)."""
+  t = config.traces
+  scfg = digits_task.sampling_config(config, suite.tokenizer, t.temperature)
+  return traces.settings(_teacher(config), t, scfg, int(t.seed), suite.builder_config.name)
+
+
+def _traces_dir(config, suite) -> str:
+  return stage_lib.directory(config.traces.workdir, "traces", _traces_inputs(config, suite))
 
 
 def _digits_data(config):
   suite = digits.ensure(config.data, verbose=False)
   check_tokenizer(config, suite.tokenizer, "the digits task")
-  lines = traces.load(config.traces.workdir)
+  where = _traces_dir(config, suite)
+  lines = traces.load(where)
   train_recs = traces.pair_records(lines, suite.tokenizer, config.seq_len, int(config.traces.pairs_per_prompt))
-  print(f"trace pairs: {len(train_recs)} (positive, negative) pairs from {config.traces.workdir}")
+  print(f"trace pairs: {len(train_recs)} (positive, negative) pairs from {where}")
   if len(train_recs) < config.batch_size:
     raise ConfigError(f"config.batch_size={config.batch_size}: the traces give only {len(train_recs)} pairs "
                       f"(raise config.traces.num_prompts or samples)")
@@ -206,12 +207,10 @@ def report(config, workdir: str, summary: dict):
   the start) and the trained policy; summary.json (other tasks: no report)."""
   if config.data.task != "digits":
     return
-  t = config.traces
-  teacher = stage_lib.init_of(config.teacher) if t.teacher == "stage:teacher" else t.teacher
-  out = {"method": {"alpha": float(config.method.alpha)}, "traces": traces.statistics(traces.load(t.workdir),
-                                                                                      int(t.pairs_per_prompt)),
-         "after": summary["eval"]}
-  digits_task.report(config, out, {"sft base": stage_lib.init_of(config.sft), "teacher": teacher,
+  where = _traces_dir(config, digits.ensure(config.data, verbose=False))
+  out = {"method": {"alpha": float(config.method.alpha)},
+         "traces": traces.statistics(traces.load(where), int(config.traces.pairs_per_prompt)), "after": summary["eval"]}
+  digits_task.report(config, out, {"sft base": stage_lib.sft_init(config, "sft"), "teacher": _teacher(config),
                                    "before": config.models.policy})
   paths.write_json(os.path.join(workdir, "summary.json"), out, indent=2)
   print(f"wrote {os.path.join(workdir, 'summary.json')}")
