@@ -1,28 +1,13 @@
 """The experiment-module contract: the seam every method plugs into.
 
-A method is a library module ``jaxopd/methods/<name>.py``; an experiment is a
-config module ``experiments/<name>.py`` that defines only
-``get_config(arg: str | None) -> ml_collections.ConfigDict``, starting from
-:func:`jaxopd.config.base_config` and naming its method in
-``config.method.name``; ``arg`` is a comma-separated preset list such as
-``"smoke,tdpo1"`` (see :func:`parse_arg`). The method module defines
-
-* ``build(config) -> Experiment``: the method's pieces, below;
-
-and optionally, for multi-stage pipelines run by ``jaxopd.main``:
-
-* ``prepare(config, workdir) -> config``: earlier stages (build data, train a
-  base model with the same trainer, construct preference pairs), each cached
-  so a re-run skips it; returns the config with the ``stage:NAME`` inits of
-  ``config.models`` replaced by the stages' runs (``table.fill_stage``);
-* ``report(config, workdir, summary)``: after training, a summary table,
-  ``summary.json`` and plots in ``workdir``.
-
-The trainer (:mod:`jaxopd.train`) owns everything else: mesh, sharding, jit,
-optimizer, gradient accumulation, checkpoints, logging and eval cadence. A
-method never calls ``jax.jit``, never touches a mesh and never writes a file;
-host-side evaluation compiles its sampling and scoring through
-:func:`jaxopd.evaluation.compiled` (module-level functions, cached by jax).
+A method is a library module ``jaxopd/methods/<name>.py`` defining ``build(config) ->``
+:class:`Experiment` (optionally also ``prepare(config, workdir) -> config``, cached earlier stages,
+and ``report(config, workdir, summary)``); an experiment is a config module ``experiments/<name>.py``
+defining ``get_config(arg)`` (``arg``: a comma-separated preset list, :func:`parse_arg`).
+The trainer (:mod:`jaxopd.train`) owns everything else: mesh, sharding, jit, optimizer, gradient
+accumulation, checkpoints, logging and eval cadence. A method never calls ``jax.jit``, never touches
+a mesh and never writes a file; host-side evaluation compiles through :func:`jaxopd.evaluation.compiled`.
+The full contract: experiments/design.md, "Adding a method".
 """
 
 from __future__ import annotations

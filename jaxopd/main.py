@@ -44,7 +44,7 @@ def main(argv):
 
   config = flags.FLAGS.config
   try:
-    module = methods.get(config.method.name)
+    method = methods.get(config.method.name)
     workdir = flags.FLAGS.workdir
     import jax
     from jaxopd import mesh as mesh_lib
@@ -53,12 +53,11 @@ def main(argv):
             f"({jax.local_device_count()} per process)", flush=True)
     config_lib.validate(config, len(jax.devices()), jax.process_count())   # before any stage compiles
     check_workdir(workdir)
-    if hasattr(module, "prepare"):     # earlier pipeline stages (data, base model), cached
-      config = module.prepare(config, workdir)
-    experiment = module.build(config)
+    config = method.prepare(config, workdir)     # earlier pipeline stages (data, base model), reused if done
+    experiment = method.build(config)
     summary = train.run(config, workdir, experiment)
-    if hasattr(module, "report") and not summary["preempted"]:
-      module.report(config, workdir, summary)
+    if not summary["preempted"]:
+      method.report(config, workdir, summary)
   except (config_lib.ConfigError, config_lib.mesh_lib.MeshError, DataFormatError, FileNotFoundError,
           WeightFileError) as e:
     print(f"error: {e}", file=sys.stderr)

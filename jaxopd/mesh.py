@@ -3,14 +3,13 @@
 Every parameter and activation carries *logical* axis names (``embed``,
 ``mlp``, ``heads``, ``vocab``, ``batch`` ...). A rule table from the config maps
 each logical name to a mesh axis (``data``, ``fsdp``, ``tensor``), a tuple of
-mesh axes, or ``None`` (replicated). Data parallel, FSDP and tensor parallel
-are therefore config changes only:
+mesh axes, or ``None`` (replicated) (:func:`logical_to_spec`). A mesh axis of size 1
+shards nothing, so one rule table serves every layout and the parallelism is the
+mesh shape alone (:func:`make_mesh`):
 
   mesh.shape = (8, 1, 1)   pure data parallel
   mesh.shape = (1, 8, 1)   FSDP: parameters sharded over ``fsdp`` on ``embed``
   mesh.shape = (2, 2, 2)   all three
-
-A mesh axis of size 1 shards nothing, so one rule table serves all layouts.
 """
 
 from __future__ import annotations

@@ -6,11 +6,9 @@ Everything a run writes goes through here or through a library that speaks the s
 checkpoints (orbax / tensorstore), ``metrics.jsonl``, TensorBoard events (tensorboardX's
 ``gs://`` writer, which needs ``google-cloud-storage``), ``config.json``, ``models.json``,
 ``summary.json`` and the report's plots; pipeline stages and ``run:WORKDIR`` sources are read
-the same way. Local paths are made absolute; URLs are kept as they are.
-
-Cloud storage has no append and no locks: there :class:`jaxopd.logs.MetricLogger` keeps the
-run's metric lines and rewrites ``metrics.jsonl`` whole at every checkpoint and at the end (as
-tensorboardX re-uploads an event file), and the one-run-per-workdir lock is not taken.
+the same way. Local paths are made absolute (:func:`resolve`); URLs are kept as they are.
+Cloud storage has no append and no locks (:class:`jaxopd.logs.MetricLogger` rewrites
+``metrics.jsonl`` whole; experiments/design.md, "A run directory may be a URL").
 """
 
 from __future__ import annotations

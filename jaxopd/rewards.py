@@ -1,29 +1,13 @@
 """Reward sources for on-policy methods: a Python function named ``module:function``, or a
 reward model (``model``: the run's ``reward`` role, a Hugging Face sequence-classification
-directory run on device by :func:`score`).
+directory run on device by :func:`score`). Usage: experiments/design.md, "Bring your own model and data".
 
-The function is the user's (a verifier, a heuristic, a call to a scorer), TRL's
-reward-function convention: called with keyword arguments
-
-  ``fn(prompts=list[str], completions=list[str]) -> sequence of floats``
-
-one call per sampled batch, on the host (inside a jitted step through
-``jax.pure_callback``, which hands the callback the whole batch on one device).
-Prompts and completions are decoded with the run's tokenizer, special tokens
-(chat-template markers, EOS, padding) removed. :func:`load` imports the
-function and calls it once on a probe batch, so a wrong name, a wrong signature
-or a wrong return shape is a one-line :class:`ConfigError` before anything is
-compiled. At training time a non-finite reward is passed on, so the step is
-non-finite and the trainer stops with its one-line error naming the step.
-
-A reward model (``config.models.reward.init=hf:DIR``, ``architectures``
-``Llama/Qwen2/GPT2ForSequenceClassification`` with one label) scores each
-sampled row on device, inside the step, as ``transformers`` does: the score
-head's output at the row's last token that is not the model's pad token
-(with ``pad == eos`` the EOS is not scored; with no pad id, the last token).
-It reads the policy's token ids, so it must share the policy's tokenizer
-(checked when its directory has one); a reward model with another tokenizer is
-a ``module:function`` reward that re-tokenizes.
+The function is the user's (a verifier, a heuristic, a call to a scorer), in TRL's convention
+``fn(prompts=list[str], completions=list[str]) -> sequence of floats`` on the decoded texts
+(:func:`decode`). :func:`load` imports it and calls it once on a probe batch, so a wrong name, a
+wrong signature or a wrong return shape is a one-line :class:`ConfigError` before anything is
+compiled. A reward model reads the policy's token ids, so it must share the policy's tokenizer
+(:func:`check_model`); one with another tokenizer is a ``module:function`` reward that re-tokenizes.
 """
 
 from __future__ import annotations
@@ -65,7 +49,8 @@ def score(model, tokens: jax.Array, loss_mask: jax.Array, pad_id: int) -> jax.Ar
   (the sampler's layout: prompt, response, then padding; ``loss_mask`` 1 on the response).
 
   The row's real tokens are those up to its last response token; the reward is the score
-  at the last of them that is not ``pad_id`` (transformers' rule; ``pad_id=-1``: the last)."""
+  at the last of them that is not ``pad_id`` (transformers' rule; with ``pad == eos`` the EOS is not
+  scored; ``pad_id=-1``: the last)."""
   idx = jnp.arange(tokens.shape[1])
   end = jnp.max(jnp.where(loss_mask.astype(bool), idx, -1), axis=1) + 1     # one past the response
   real = idx[None, :] < end[:, None]
@@ -121,7 +106,8 @@ def pad_id(hf_dir: str) -> int:
 
 def decode(tokenizer, tokens, loss_mask) -> tuple[list[str], list[str]]:
   """Texts of sampled rows ``tokens [B, T]`` (prompt, response, padding): the completion is the
-  tokens where ``loss_mask`` is 1, the prompt the tokens before it."""
+  tokens where ``loss_mask`` is 1, the prompt the tokens before it; special tokens (chat-template
+  markers, EOS, padding) removed."""
   tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask)
   prompts, completions = [], []
   for row, m in zip(tokens.tolist(), loss_mask.tolist()):
@@ -133,7 +119,9 @@ def decode(tokenizer, tokens, loss_mask) -> tuple[list[str], list[str]]:
 
 def load(spec: str, tokenizer, probe_prompts: list[str], field: str = "config.method.reward"):
   """``(tokens [B, T], loss_mask [B, T]) -> float32 [B]`` from the function ``spec`` names,
-  checked on ``probe_prompts`` (with empty completions)."""
+  checked on ``probe_prompts`` (with empty completions). It is called once per sampled batch, on
+  the host (inside a jitted step through ``jax.pure_callback``, which hands it the whole batch on
+  one device)."""
   if not is_function(spec):
     raise ConfigError(f"{field}={spec!r}: must be 'module:function' (a module on the Python path)")
   mod_name, _, fn_name = spec.partition(":")

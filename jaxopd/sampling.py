@@ -1,4 +1,4 @@
-"""Jitted KV-cache sampling and speculative decoding.
+"""Jitted KV-cache sampling (:func:`sample`) and speculative decoding (:func:`speculative_sample`).
 
 Layout. Prompts come right-padded (``prompt[B, P]`` with ``prompt_len[B]``),
 as datasets store them. Inside, each row is shifted to be *left*-padded so
@@ -7,11 +7,6 @@ out of attention and the positions count real tokens only. The result is
 shifted back: ``tokens[B, P + N]`` right-padded, prompt then response, with
 ``loss_mask`` on the response (up to and including EOS) - the record format
 the train step consumes.
-
-``sample`` runs a ``lax.while_loop`` over a fixed-size cache and stops early
-when every row has emitted EOS. ``speculative_sample`` runs one
-``lax.while_loop`` over draft-then-verify rounds for the whole batch; each row
-keeps its own token count (its own cache write position) and acceptance count.
 """
 
 from __future__ import annotations
@@ -116,7 +111,8 @@ def _right_align(x, shift):
 def sample(model: Transformer, prompt: jax.Array, prompt_len: jax.Array, rng: jax.Array,
            cfg: SamplingConfig, repeats: int = 1) -> SampleOutput:
   """Samples ``cfg.max_new_tokens`` tokens after each prompt. Pure; jit it (or call
-  it inside a jitted step). Same ``rng`` -> same samples on any mesh.
+  it inside a jitted step). Same ``rng`` -> same samples on any mesh. One ``lax.while_loop``
+  over a fixed-size cache, stopping early once every row has emitted EOS.
 
   ``repeats = G``: G samples per prompt, rows ``[B * G]`` prompt-major (row ``b * G + g``
   is prompt b's sample g); each prompt is prefilled once and its KV cache kept once, as the
@@ -216,7 +212,7 @@ def speculative_sample(target: Transformer, draft: Transformer, prompt: jax.Arra
 
   Batched: one ``lax.while_loop`` over rounds for the whole batch, until every
   row is done (finished rows run on, masked). Rows advance by different
-  amounts, so row b's token at buffer slot s sits at cache slot s of a
+  amounts (each keeps its own token and acceptance counts), so row b's token at buffer slot s sits at cache slot s of a
   per-row *main* region, committed with a per-row window write; each model
   call of a round writes its new keys/values to a shared *scratch* region
   after the main one (an in-place update at a common index) and attends to

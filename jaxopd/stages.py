@@ -153,7 +153,7 @@ def run_sft_on(s, node, train_records, eval_records, what: str, source: str) -> 
   (an input of the stage) under ``node.workdir`` (REDI's stage 1 on the teacher's positive
   traces); returns its pinned ``run:`` init."""
   from jaxopd import methods
-  sft = methods.get("sft")
+  sft = methods.get("sft").module
   return train(s, node.workdir, "sft", lambda s: sft.experiment(train_records, eval_records), what,
                records=paths.resolve(source))
 

@@ -17,6 +17,14 @@ from jaxopd.models import table
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def tiny_models(cfg, roles, seeds=None) -> dict:
+  """Random models of ``ModelConfig`` ``cfg`` by role, the i-th role's parameters seeded ``seeds[i]``
+  (default ``i``): the loss tests' models."""
+  from jaxopd.models import Transformer
+  seeds = range(len(roles)) if seeds is None else seeds
+  return {n: Transformer(cfg, nnx.Rngs(params=s)) for n, s in zip(roles, seeds)}
+
+
 def tiny_config(**overrides):
   """The SFT smoke config, quiet, with no periodic eval or checkpoint."""
   return quiet(load_config("sft.py:smoke,sort"), 4, **{"optim.warmup_steps": 1, **overrides})

@@ -94,9 +94,10 @@ def test_identities_of_methods_md():
 
 
 def _tiny_models(vocab=V):
-  from jaxopd.models import ModelConfig, Transformer
-  cfg = ModelConfig(vocab_size=vocab, d_model=16, n_layers=1, n_heads=2, max_len=32)
-  return {n: Transformer(cfg, nnx.Rngs(params=i)) for i, n in enumerate(("policy", "reference", "dpo", "rdpo"))}
+  from helpers import tiny_models
+  from jaxopd.models import ModelConfig
+  return tiny_models(ModelConfig(vocab_size=vocab, d_model=16, n_layers=1, n_heads=2, max_len=32),
+                     ("policy", "reference", "dpo", "rdpo"))
 
 
 @pytest.mark.parametrize("len_norm", [True, False])
@@ -135,6 +136,7 @@ def test_method_loss_chunked_on_padded_batch_matches_numpy(len_norm):
   assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g)) > 0
 
 
+@pytest.mark.pipeline
 def test_smoke_pipeline_stages_and_report(tmp_path):
   """On-policy AlignDistil (adaptive) after the cached stages SFT, pairs, DPO and reverse DPO (both
   trained here, each recorded with its inputs): every metric logged, the loss and the KL to the

@@ -24,6 +24,7 @@ def test_every_script_is_listed():
   assert SCRIPTS == sorted(KEYS)
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bench_runs(script, tmp_path):
   if script == "real_model.py":      # the real model's tokenizer on a tiny random model

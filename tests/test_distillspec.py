@@ -139,6 +139,7 @@ def test_on_policy_tvd_raises_measured_acceptance(tmp_path):
   assert after[1] > before[1] + 0.1, (before, after)      # speculative sampling's acceptance rate
 
 
+@pytest.mark.pipeline
 def test_smoke_pipeline_and_report(tmp_path, capsys):
   from helpers import shared_smoke_stages
   c = load_config("distillspec.py:smoke,mixed")

@@ -193,6 +193,7 @@ def test_reading_another_runs_parameters_logs_no_orbax_warnings(tmp_path, caplog
   assert [r.getMessage() for r in caplog.records] == []
 
 
+@pytest.mark.pipeline
 def test_ctrl_c_during_init_and_compile_is_one_line_without_a_crash(tmp_path):
   """Ctrl-C half a second after the model table is printed (building the state, compiling; the
   persistent compilation cache off, so the compile takes seconds): one line, exit 130; the

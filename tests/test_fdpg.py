@@ -185,6 +185,7 @@ def test_non_ancestral_sampling_is_refused():
       check_sampling(SamplingConfig(max_new_tokens=3, eos_id=1, **kw))
 
 
+@pytest.mark.pipeline
 def test_fdpg_smoke_pipeline_resumes_its_method_state(tmp_path):
   """experiments/fdpg.py end to end (smoke sizes, offline, distributional): the
   target fit, training, report; stopped at step 3 and resumed to step 6, the

@@ -268,6 +268,7 @@ def test_prorl_reset_copies_the_policy_into_the_reference_and_reinitialises_the_
     _close(state["opt_state"], tr.tx.init(state["params"]), rtol=0, atol=0)
 
 
+@pytest.mark.pipeline
 def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, rewards_module):
   """4 steps with the KL, the reference (a snapshot in the train state) reset at step 3 and the
   rollout's RNG: 2 steps then a resume to 4 give the uninterrupted run's parameters, reference and
@@ -363,6 +364,7 @@ def _smoke(preset, stages, **method):
   return c
 
 
+@pytest.mark.pipeline
 def test_smoke_prorl_pipeline_trains_by_gradient_resets_and_reports_pass_at_k(smoke_stages, tmp_path):
   """ProRL's settings (decoupled clip, k3 KL to a reference reset every 3 steps, dynamic sampling,
   temperature 1.2) from the smoke SFT base on 8 devices: the policy's parameters move (no weight
@@ -399,6 +401,7 @@ def test_smoke_prorl_pipeline_trains_by_gradient_resets_and_reports_pass_at_k(sm
   assert summ["before"]["sample/pass@4"] >= summ["before"]["sample/pass@1"]
 
 
+@pytest.mark.pipeline
 def test_smoke_on_policy_distillation_lowers_the_reverse_kl_to_the_teacher(smoke_stages, tmp_path):
   """VLA-OPD (no RL term; reverse KL to the teacher on the policy's own samples) from the smoke SFT
   base toward the smoke teacher (the same recipe on every level): the token-mean KL of the last
@@ -419,6 +422,7 @@ def test_smoke_on_policy_distillation_lowers_the_reverse_kl_to_the_teacher(smoke
   assert "clip_ratio/low" not in recs[0]
 
 
+@pytest.mark.pipeline
 def test_smoke_on_the_reviews_task_with_its_gold_reward(tmp_path):
   """GRPO on the reviews task (the ``reviews`` preset) from the session's shared smoke SFT base, the
   reward the gold reward on the host: continuous rewards, so groups carry a signal (grad_norm > 0

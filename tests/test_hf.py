@@ -207,6 +207,7 @@ def _tiny_llama_dir(path):
   return model
 
 
+@pytest.mark.pipeline
 def test_run_from_hf_dir_and_export_cli(tmp_path):
   """A run starts from an HF directory (lr ~0: its weights stay); the export CLI writes its
   checkpoint back out as an HF directory with the same logits; a mismatched model field is a

@@ -133,6 +133,7 @@ def test_lora_dpo_equals_full_dpo_on_merged_weights(llama, pairs):
   assert worst < 1e-4
 
 
+@pytest.mark.pipeline
 def test_lora_dpo_trains_adapters_only_exports_and_resumes(llama, pairs, tmp_path):
   """By flags: a LoRA DPO run moves the adapters and leaves every base weight bit-identical;
   the PEFT export loads onto the transformers base with PEFT and gives jaxopd's logits; the
@@ -232,6 +233,7 @@ def test_adapters_under_scan_remat_and_every_attention(llama, attention):
     np.testing.assert_allclose(outs[1][1][k], g, rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.pipeline
 def test_lora_grpo_on_a_sharded_mesh(llama, tmp_path):
   """GRPO by flags with a LoRA policy whose bfloat16 base is sharded over fsdp=2 x tensor=2 (x data=2),
   layers scanned and rematerialised, two microbatches, a KL reference (the policy's snapshot:
@@ -252,7 +254,7 @@ def test_lora_grpo_on_a_sharded_mesh(llama, tmp_path):
   g.rollout.prompt_len, g.rollout.max_new_tokens, g.seq_len = 24, 8, 32
   g.optim.lr = 1e-2
   m = methods.get("grpo")
-  out = train.run(m.prepare(g, str(tmp_path / "g")) if hasattr(m, "prepare") else g, str(tmp_path / "g"), m.build(g))
+  out = train.run(m.prepare(g, str(tmp_path / "g")), str(tmp_path / "g"), m.build(g))
   rec = logs.read_metrics(str(tmp_path / "g"), "train")
   assert all(np.isfinite(r["loss"]) for r in rec) and rec[-1]["grad_norm"] > 0
   params = out["state"]["params"]["policy"]
@@ -267,6 +269,7 @@ def test_lora_grpo_on_a_sharded_mesh(llama, tmp_path):
   assert any(np.abs(v).max() > 0 for k, v in _flat(params).items() if k.endswith("_lora_b"))
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("method", ["sft", "dpo", "tdpo", "sparsepo", "redi", "fdpg", "distillspec", "grpo"])
 def test_every_method_trains_a_lora_policy_by_flags(tmp_path, method):
   """Each method with its trained role given adapters and its reference / f-DPG base declared
@@ -280,7 +283,7 @@ def test_every_method_trains_a_lora_policy_by_flags(tmp_path, method):
   config = quiet(config, 2, **{"optim.lr": 1e-2})
   m = methods.get(config.method.name)
   w = str(tmp_path / "w")
-  if hasattr(m, "prepare") and method != "fdpg":   # f-DPG's prepare fits its target on a loaded base (hf:, run:)
+  if method != "fdpg":   # f-DPG's prepare fits its target on a loaded base (hf:, run:)
     config = m.prepare(config, w)
   out = train.run(config, w, m.build(config))
   role = fit_table.TRAINABLE_ROLES[method][0]

@@ -41,6 +41,7 @@ def _losses(workdir):
   return [r["step"] for r in recs], np.array([r["loss"] for r in recs])
 
 
+@pytest.mark.pipeline
 def test_two_processes_match_one_stop_together_and_resume_in_one(tmp_path, monkeypatch):
   """Two processes x 4 devices, mesh (2, 2, 2): the losses of one process on 8
   devices. SIGTERM to process 1 alone stops both at one step with one

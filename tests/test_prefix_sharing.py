@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import tiny_models
 from jaxopd.data.pipeline import share_prompt
 from jaxopd.methods import redi, tdpo
 from jaxopd.models import ModelConfig, Transformer, heads
@@ -174,7 +175,7 @@ def test_grouped_rows_are_refused_with_a_cache_and_splash_names_share_prompt():
 
 
 def _models(seed_ref=1):
-  return {"policy": Transformer(CFG, nnx.Rngs(params=0)), "reference": Transformer(CFG, nnx.Rngs(params=seed_ref))}
+  return tiny_models(CFG, ("policy", "reference"), (0, seed_ref))
 
 
 def _loss_and_grads(loss_fn, models, batch):
@@ -218,6 +219,7 @@ def test_redi_losses_and_gradients_equal_in_both_layouts(loss):
   _assert_equal_outputs(a, b, ga, gb)
 
 
+@pytest.mark.pipeline
 def test_tdpo_run_with_shared_prompts_equals_the_row_per_response_run(tmp_path, capsys):
   """The smoke pipeline on 8 simulated devices, both layouts: equal losses at every step
   (log 2 at the start, then lower by gradient), so equal updates."""

@@ -110,11 +110,11 @@ def _quiet(c, steps):
 
 def _run(name, c, workdir):
   m = methods.get(name)
-  if hasattr(m, "prepare"):
-    c = m.prepare(c, str(workdir))
+  c = m.prepare(c, str(workdir))
   return train.run(c, str(workdir), m.build(c))
 
 
+@pytest.mark.pipeline
 def test_dpo_and_grpo_train_the_real_model(smol, tmp_path):
   """Offline: DPO on chat pairs, the first loss log 2 (policy = reference), then moved. On-policy:
   GRPO with a ``module:function`` reward on chat prompts: samples, non-zero advantages, a

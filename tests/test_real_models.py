@@ -49,11 +49,11 @@ def _quiet(c, steps=3):
 
 def _run(module, c, workdir):
   m = EXP[module]
-  if hasattr(m, "prepare"):
-    c = m.prepare(c, str(workdir))
+  c = m.prepare(c, str(workdir))
   return c, train.run(c, str(workdir), m.build(c))
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_tdpo_from_hf_dir_and_jsonl_then_export(families, files, family, tmp_path, capsys):
   """TDPO2 with policy and a bfloat16 frozen reference from a bf16 HF directory, on JSONL pairs
@@ -95,6 +95,7 @@ def test_tdpo_from_hf_dir_and_jsonl_then_export(families, files, family, tmp_pat
   assert diff16 < 0.05 * np.abs(ours).max()
 
 
+@pytest.mark.pipeline
 def test_sft_and_sparsepo_from_hf_dirs(families, files, tmp_path):
   """SFT (prompt/completion JSONL) from the bf16 GPT-2 directory (bos = eos = pad) and
   SparsePO (learned masks, initialised at 1) from the Qwen2 one, by fields only; each trains (its loss
@@ -120,6 +121,7 @@ def test_sft_and_sparsepo_from_hf_dirs(families, files, tmp_path):
   assert set(out["state"]["params"]) == {"policy", "mask"}
 
 
+@pytest.mark.pipeline
 def test_gkd_from_hf_dirs_on_a_prompt_file(families, tmp_path):
   """GKD (JSD(0.5), mixed student/teacher batches) with a bf16 Qwen2-style target and a smaller
   draft of the same tokenizer, both HF directories, on a JSONL file of conversational prompts (chat
@@ -173,6 +175,7 @@ def wrong_length(prompts, completions):
 '''
 
 
+@pytest.mark.pipeline
 def test_fdpg_rlhf_from_hf_dir_with_a_reward_function(families, tmp_path, monkeypatch):
   """f-DPG toward P = a exp(r / beta) with r a user function named module:function (called on the
   decoded prompts and completions), policy and base from the bf16 Qwen2-style directory, one context
@@ -206,6 +209,7 @@ def test_fdpg_rlhf_from_hf_dir_with_a_reward_function(families, tmp_path, monkey
   assert after > base_reward + 0.02, (base_reward, after)
 
 
+@pytest.mark.pipeline
 def test_fdpg_rlhf_with_a_reward_model_directory(families, tmp_path):
   """f-DPG toward P = a exp(r / beta) with r a bf16 Qwen2ForSequenceClassification directory (the
   frozen reward role, run on device inside the step, the policy's tokenizer) by fields only on
@@ -264,6 +268,7 @@ def test_hf_model_id_resolves_offline_to_the_local_cache(families, tmp_path, mon
     table.parse_init("policy", "hf:acme/missing")
 
 
+@pytest.mark.pipeline
 def test_grpo_from_hf_dir_with_prompt_file_and_a_reward_function(families, tmp_path, monkeypatch):
   """GRPO by fields only on (2, 2, 2): the policy from the bf16 Qwen2-style directory (its tokenizer:
   no BOS, its own pad), prompts from a JSONL file, the reward a user function named module:function
@@ -291,6 +296,7 @@ def test_grpo_from_hf_dir_with_prompt_file_and_a_reward_function(families, tmp_p
   assert np.mean(r[-5:]) > np.mean(r[:5]) + 0.02, r
 
 
+@pytest.mark.pipeline
 def test_redi_with_shared_prompts_and_aligndistil_from_hf_dirs(families, files, tmp_path):
   """REDI (the paper's alpha 0.8) on conversational JSONL pairs from the bf16 Qwen2 directory (no
   BOS, pad == eos, chat template) with each pair's prompt shared, and off-policy AlignDistil (the

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import tiny_models
 from jaxopd.losses import sft_loss
 from jaxopd.methods import redi as R
 from jaxopd.models import ModelConfig, Transformer
@@ -33,8 +34,7 @@ def _pairs(seed=0, b=4, t=10):
 
 
 def _models():
-  cfg = ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, max_len=32)
-  return {"policy": Transformer(cfg, nnx.Rngs(params=0)), "reference": Transformer(cfg, nnx.Rngs(params=1))}
+  return tiny_models(ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, max_len=32), ("policy", "reference"))
 
 
 def np_redi(logits, tokens, mask, alpha):
@@ -78,6 +78,7 @@ def test_alpha_zero_is_token_normalised_sft_on_the_positives():
   assert "logps/chosen_change" not in out.metrics
 
 
+@pytest.mark.pipeline
 def test_smoke_pipeline(tmp_path):
   """REDI after TDPO's cached stages (the session's shared smoke SFT base and pairs): the loss
   falls, the positives' log-likelihood change is logged from step 1 (0 at the start: policy ==

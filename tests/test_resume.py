@@ -93,6 +93,7 @@ def uninterrupted(tmp_path_factory):
 
 # SIGTERM takes the same path as SIGINT (jaxopd.runtime.Preemption) and is sent to two processes
 # in tests/test_multihost.py; here SIGINT (Ctrl-C) and SIGKILL.
+@pytest.mark.pipeline
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_killed_and_resumed_run_matches_uninterrupted(sig, uninterrupted, tmp_path):
   w = tmp_path / "run"

@@ -483,6 +483,7 @@ def test_auroc_matches_pairwise_count():
 SPARSEPO = sparsepo
 
 
+@pytest.mark.pipeline
 def test_sparsepo_smoke_pipeline(tmp_path, capsys):
   """The smoke run trains: the loss leaves log 2, the policy moves by gradient (its group has no weight decay),
   the mask is not all zero; a dead mask stops the experiment's evaluation naming the step."""

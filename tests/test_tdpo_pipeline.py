@@ -32,6 +32,7 @@ def _run(module, cfg, workdir):
   return summary
 
 
+@pytest.mark.pipeline
 def test_tdpo_then_dpo_pipeline(tmp_path, capsys):
   s = _run(TDPO, _config(tmp_path), tmp_path / "tdpo")
   sft = stages.record(s["sft"])      # the SFT base may come from another smoke test of this session
@@ -72,6 +73,7 @@ def test_bad_method_fields_are_config_errors(tmp_path):
       TDPO.prepare(c, str(tmp_path / "w"))
 
 
+@pytest.mark.pipeline
 def test_tdpo_on_your_own_preference_file(tmp_path):
   """task=files: TRL-format JSONL pairs and an HF tokenizer dir, policy and reference from an
   existing SFT run (run:WORKDIR); without an init for them the SFT stage is refused."""

@@ -84,6 +84,7 @@ def _smoke_config(tmp_path):
   return c
 
 
+@pytest.mark.pipeline
 def test_redi_on_teacher_traces_two_stages_train_by_gradient_and_report(tmp_path):
   """The smoke pipeline on 8 devices: the traces' labels are the rule (the response is the
   prompt's digits sorted, then EOS), stage 1 trains on the positives, stage 2 (REDI) moves its

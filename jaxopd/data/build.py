@@ -7,10 +7,9 @@ Layout under DATA_DIR (what is already there is reused, never rebuilt):
   reviews_corpus/{config}/{version}/        TFDS array_record dataset
   reviews_prompts/{config}/{version}/       TFDS array_record dataset
 
-Why statistics: they are what an experiment's expectations are checked
-against -- the entropy rate is the floor of an SFT model's per-token loss on
-this corpus, the mean gold reward is the base policy's expected reward, and
-the reward-bearing fraction is the density SparsePO's masks should find.
+The statistics are what experiments are checked against: the entropy rate floors an SFT model's
+per-token loss, the mean gold reward is the base policy's, and the reward-bearing fraction is the
+density SparsePO's masks should find.
 """
 
 from __future__ import annotations

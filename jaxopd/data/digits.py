@@ -1,38 +1,14 @@
 """Digits: a verifiable task with difficulty levels, for GRPO / on-policy RL.
 
-Ops (one per dataset, ``config.data.op``); level ``L`` is drawn uniformly in
-``[min_level, max_level]`` per example; every digit is a word of its own:
+Ops (one per dataset, ``config.data.op``; :func:`draw`): ``sort`` (``"sort 3 1 4 1 ="`` -> ``"1 1 3 4"``)
+and ``add`` (``"add 1 2 + 3 4 ="`` -> ``"4 6"``); the level ``L`` (digits per number) is uniform in
+``[min_level, max_level]`` per example, and every digit is a word of its own. Longer inputs are
+harder, so a small SFT base trained on the easy levels (``level <= sft_max_level``) passes the hard
+ones rarely but not never: a reward signal GRPO can climb. The reward is exact match (:func:`check`).
 
-* ``sort``: ``L`` digits, answer them sorted ascending:
-  prompt ``"sort 3 1 4 1 ="`` -> answer ``"1 1 3 4"``.
-* ``add``: two ``L``-digit numbers (no leading zeros), answer their sum:
-  prompt ``"add 1 2 + 3 4 ="`` -> answer ``"4 6"`` (``L`` or ``L + 1`` digits).
-
-Longer inputs are harder, so a small SFT base trained on the easy levels
-(``level <= sft_max_level``) passes the hard ones rarely but not never: a
-reward signal GRPO can climb. The reward is exact match (:func:`check`).
-
-Tokenizer (built in code, like Qwen2's): word level over ``VOCABULARY``,
-``<|endoftext|>`` (id 0) is both EOS and pad, there is no BOS and encoding
-adds nothing; an HF tokenizer dir ``data_dir/digits_tokenizer`` loaded with
-``AutoTokenizer`` (:func:`jaxopd.data.tokenizer.load_tokenizer`).
-
-Dataset: the TFDS builder ``digits_tasks`` (array_record, numpy-only
-features, no TensorFlow), one BuilderConfig per (op, seed, sizes, levels),
-its name spelling them all out; splits train/test of ``prompt`` (Text),
-``answer`` (Text), ``level`` (int32). Example ``i`` of a split is draw ``i``
-of ``split_rng(seed, "digits_tasks/" + op, split)`` (stored order = drawing
-order, so growing a split keeps its first examples).
-
-Records (right-padded with pad == eos):
-
-* :func:`sft_records`: ``tokens[T]`` = prompt, answer, EOS; ``loss_mask[T]``
-  1 on the answer and the EOS only.
-* :func:`prompt_records`: ``prompt[P]``, ``prompt_len``, ``answer[A]`` (the
-  answer's ids, no EOS), ``answer_len``, ``level``, for the sampler and
-  :func:`check`.
-
-Rows longer than the given lengths are dropped and counted (and printed).
+Entry points: :func:`ensure` (the tokenizer, :func:`build_tokenizer`, and the TFDS dataset
+``digits_tasks``, :class:`DigitsTasks`), then :func:`sft_records` and :func:`prompt_records`
+(right-padded trainer records; rows longer than the given lengths are dropped, counted and printed).
 """
 
 from __future__ import annotations
@@ -101,7 +77,11 @@ def default_model(smoke: bool = False) -> ml_collections.ConfigDict:
 
 
 def build_tokenizer(out_dir: str | os.PathLike):
-  """Writes the word-level digits tokenizer to ``out_dir``; returns it as loaded back from disk."""
+  """Writes the word-level digits tokenizer to ``out_dir``; returns it as loaded back from disk.
+
+  Like Qwen2's: ``<|endoftext|>`` (id 0) is both EOS and pad, there is no BOS and encoding adds
+  nothing; an ordinary HF tokenizer dir (:func:`jaxopd.data.tokenizer.load_tokenizer`).
+  """
   from tokenizers import Tokenizer, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
 
@@ -135,7 +115,9 @@ def ensure_tokenizer(data_dir: str | os.PathLike) -> tuple[object, bool]:
 
 
 def draw(op: str, level: int, rng: np.random.Generator) -> tuple[str, str]:
-  """One ``(prompt, answer)`` of ``op`` at ``level``."""
+  """One ``(prompt, answer)`` of ``op`` at ``level``: ``sort``: ``level`` digits, answered sorted
+  ascending; ``add``: two ``level``-digit numbers (no leading zeros), answered by their sum
+  (``level`` or ``level + 1`` digits)."""
   if op == "sort":
     digits = rng.integers(0, 10, size=level)
     return f"sort {_words(digits)} =", _words(np.sort(digits))
@@ -189,7 +171,13 @@ def digits_config(op: str = "sort", seed: int = 0, num_train: int = 20000, num_t
 
 
 class DigitsTasks(tfds.core.GeneratorBasedBuilder):
-  """Sort / add examples with uniformly drawn levels; answers computed exactly."""
+  """Sort / add examples with uniformly drawn levels; answers computed exactly.
+
+  One BuilderConfig per (op, seed, sizes, levels), its name spelling them all out; array_record,
+  numpy-only features (no TensorFlow). Example ``i`` of a split is draw ``i`` of
+  ``split_rng(seed, "digits_tasks/" + op, split)`` (stored order = drawing order, so growing a
+  split keeps its first examples).
+  """
 
   code_path = _code_path_override
   VERSION = _VERSION
@@ -312,7 +300,8 @@ def sft_records(suite: DigitsSuite, split: str, seq_len: int, max_level: int | N
 def prompt_records(suite: DigitsSuite, split: str, prompt_len: int, answer_len: int,
                    verbose: bool = True) -> list[dict]:
   """Right-padded prompts and answers for the sampler and :func:`check`: ``{"prompt": [prompt_len],
-  "prompt_len": (), "answer": [answer_len], "answer_len": (), "level": ()}``, all int32."""
+  "prompt_len": (), "answer": [answer_len], "answer_len": (), "level": ()}``, all int32 (the answer's
+  ids without EOS)."""
   pad = suite.tokenizer.pad_token_id
   prompts, answers, lvls = _examples(suite, split)
   out, long_prompt, long_answer = [], 0, 0

@@ -1,27 +1,15 @@
-"""Real data: JSONL / Parquet files in the TRL formats, validated and encoded
-into the trainer's fixed-shape records.
+"""Real data: JSONL / Parquet files in the TRL formats, encoded into the trainer's fixed-shape records.
 
-Formats (one record per line / row; TRL names):
+Formats (one record per line / row; TRL names; :func:`load`, :func:`encode`, :func:`load_tfds`):
 
-* ``preference``: ``{"prompt": str, "chosen": str, "rejected": str}``;
-* conversational preference: ``"chosen"``/``"rejected"`` are message lists
-  ``[{"role": ..., "content": ...}]`` (``"prompt"`` optional, also a message
-  list), rendered with the tokenizer's chat template;
+* ``preference``: ``{"prompt": str, "chosen": str, "rejected": str}``, or conversational: ``"chosen"`` /
+  ``"rejected"`` (and the optional ``"prompt"``) are message lists ``[{"role": ..., "content": ...}]``,
+  rendered with the tokenizer's chat template;
 * ``prompt``: ``{"prompt": str}`` or a message list, for on-policy methods;
-* ``lm``: ``{"text": str}`` or ``{"prompt": str, "completion": str}`` or
-  ``{"messages": [...]}`` for SFT.
+* ``lm``: ``{"text": str}`` or ``{"prompt": str, "completion": str}`` or ``{"messages": [...]}`` for SFT.
 
-Records are strict: a malformed record stops with ``file:line: field ...``; so
-does a key the format does not have (a misspelled ``"promt"`` names the nearest
-known key; keys a dataset carries on purpose are listed in ``ignore_keys``), a
-record of another shape than the file's first (strings and message lists, or
-``text`` and ``prompt``/``completion``, mixed in one file), and a missing prompt
-unless ``allow_no_prompt`` (a conversational pair without ``"prompt"`` takes the
-messages its two sides share as the prompt, TRL's implicit prompt). Examples
-longer than ``seq_len`` follow ``policy``: ``"truncate"`` (keep the prompt's end
-and the response's start) or ``"drop"``; pairs whose two sides are the same
-tokens (no gradient) and empty responses are dropped. :class:`EncodeStats`
-counts each and callers print them.
+Records are strict (a bad one stops with ``file:line: field ...``) and whatever is dropped or truncated
+is counted in :class:`EncodeStats`; the rules: experiments/design.md, "Bring your own model and data".
 """
 
 from __future__ import annotations
@@ -220,7 +208,10 @@ def encode(records, fmt: str, tokenizer, seq_len: int, policy: str = "drop",
 
   ``ignore_keys``: keys of the records that are not the format's and are skipped
   (any other unknown key is an error); ``allow_no_prompt``: a preference pair of
-  strings, or an lm ``completion``, may come without a prompt.
+  strings, or an lm ``completion``, may come without a prompt. Every record must have
+  the first's shape (strings or message lists; ``text`` or ``prompt``/``completion``).
+  ``policy`` for examples longer than ``seq_len``: ``"truncate"`` (keep the prompt's end
+  and the response's start) or ``"drop"``.
   """
   if fmt not in FORMATS:
     raise ValueError(f"format={fmt!r}: must be one of {FORMATS}")

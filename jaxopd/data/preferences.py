@@ -1,16 +1,11 @@
 """Preference construction from a policy: sample K continuations per prompt,
-score them with the gold reward, keep a (chosen, rejected) pair per prompt.
+score them with the gold reward, keep a (chosen, rejected) pair per prompt
+(:func:`generate`, which also describes the pairing modes).
 
 Stored as a TFDS dataset (``reviews_preferences``, array_record) in the TRL
 text format (prompt / chosen / rejected, plus both rewards), so it is read
 through the same encoder as real JSONL/Parquet preference data
 (:func:`jaxopd.data.formats.encode`).
-
-Pairing: ``best_worst`` takes the highest- and lowest-reward samples of a
-prompt (prompts whose K rewards are all equal are skipped and counted);
-``bradley_terry`` takes two distinct samples and labels the first as chosen
-with probability ``sigmoid((r1 - r2) / bt_temperature)`` (noisy labels),
-drawing the coin from the builder's seed.
 """
 
 from __future__ import annotations
@@ -89,7 +84,13 @@ class ReviewsPreferences(tfds.core.GeneratorBasedBuilder):
 
 def generate(c: PreferencesConfig, split: str, n: int, data_dir: str):
   """Yields ``{"prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"}`` texts
-  for the first ``n`` prompts of ``split``."""
+  for the first ``n`` prompts of ``split``.
+
+  Pairing: ``best_worst`` takes the highest- and lowest-reward samples of a prompt (prompts whose
+  K rewards are all equal are skipped); ``bradley_terry`` takes two distinct samples and labels the
+  first as chosen with probability ``sigmoid((r1 - r2) / bt_temperature)`` (noisy labels), drawing
+  the coin from ``c.seed``.
+  """
   from jaxopd.data.build import tokenizer_dir
   from jaxopd.data.tokenizer import load_tokenizer
   from jaxopd.evaluation import sampler

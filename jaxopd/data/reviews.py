@@ -1,84 +1,13 @@
-"""The reviews world: a seeded stochastic grammar of short movie reviews.
+"""The reviews world: a seeded stochastic grammar of short movie reviews (:class:`World`).
 
 Why a synthetic world: the papers' tasks (IMDb sentiment, HH, TL;DR) cannot be
 downloaded or trained on a laptop CPU, but their *structure* can be rebuilt
-with everything known exactly: the generating distribution (so a model's loss
-has a known floor, the grammar's entropy rate), the reward (so preference
-labels, reward hacking and KL-regularised optima are measurable against the
-truth), and which words carry that reward (so SparsePO's token masks can be
-scored against ground truth).
-
-A review is a list of words (punctuation "," and "." are words too), e.g.
-
-  i watched this thriller last night . the score was not very catchy , but
-  the cast performed brilliantly . i give it seven out of ten .
-
-Structure a model has to learn (all stochastic, all seeded):
-* a latent review polarity ``z`` in {+1, -1} that each clause follows with a
-  world-specific probability (sentiment consistency across the review) and
-  that the closing rating/recommendation also follows;
-* topics (acting, music, plot, ...) drawn without replacement within a review,
-  each with its own nouns, verbs, neutral modifiers and sentiment adjectives
-  (topic agreement);
-* agreement: was/were with the noun's number, a/an with the next word,
-  "did not like" vs "never liked" (verb form after negation);
-* negation, intensifiers/downtoners and contrast clauses ("X , but Y");
-* neutral sentences (who directed it, where it was watched) and a rating
-  ("i give it seven out of ten") that correlates with the reward without
-  carrying it.
-
-Gold reward (exact, from the fixed lexicon; the same for every world)
------------------------------------------------------------------------
-Word categories (disjoint): sentiment words ``SENTIMENT`` (signed strength
-s != 0), negations ``NEGATIONS`` ("not", "never"), intensifiers
-``INTENSIFIERS`` (factor f > 0, f != 1: "very" 1.5, "somewhat" 0.5, ...),
-contrast words ``CONTRASTS`` ("but", "yet", "however"), boundaries ","
-"and" "." and everything else, which is neutral (unknown words included).
-
-* A *clause* is a maximal span without a clause break; clause breaks are
-  ",", "and", ".", and the contrast words. A *sentence* ends at ".".
-* A negation or intensifier *binds* the first sentiment word after it in its
-  clause (it skips neutral words and other negations/intensifiers; if the
-  clause ends first it binds nothing).
-* A contrast word binds the last sentiment word before it in its sentence
-  (it looks back across "," and "and" but not across ".").
-* Sentiment word i contributes
-    c_i = s_i * prod(f of intensifiers bound to i) * (-1)^(#negations bound to i)
-              * CONTRAST_WEIGHT^(#contrast words bound to i),   CONTRAST_WEIGHT = 0.5,
-  so in "X , but Y" the last sentiment word of X counts half and Y counts fully.
-* ``gold_score(words) = sum_i c_i`` and
-  ``gold_reward(words) = sigmoid(gold_score / REWARD_SCALE)`` in (0, 1).
-
-Reward-bearing positions
-------------------------
-``reward_positions(words)`` = indices of all sentiment words plus every
-negation, intensifier or contrast word that binds a sentiment word.
-Property: when ``reward_is_local(words)`` holds -- every negation, intensifier
-and contrast word binds a sentiment word, no clause holds two sentiment words,
-and each contrast word's target is the only sentiment word between the
-previous "." and it -- index i is in ``reward_positions(words)`` iff deleting
-word i changes ``gold_score`` (and, away from float saturation at
-|score| > ~70, ``gold_reward``). Why: under those conditions deleting a word
-changes at most one contribution, by a factor != 1 or to zero, and no binding
-re-routes (neutral words never matter: bindings skip them and no rule counts
-distances). Every grammar sample satisfies ``reward_is_local``; free text
-(e.g. a policy's samples) may not, in which case deleting a sentiment word can
-hand its negation to the next sentiment word of the clause and the two sets
-can differ -- the positions then still say which words the rules apply to.
-
-Exact likelihood
-----------------
-The grammar is a program of categorical choices. ``World.log_prob(words)``
-sums the probability of every derivation of ``words`` (including the end of
-the review) by replaying the program with forced choices, depth first,
-pruning a derivation at the first word it could not have produced; word
-choices are read straight off the text, so only structural choices branch.
-``World.entropy_rate`` is then mean(-log p) / mean(#words + 1) in nats per
-token, the "+1" being the end-of-review token an LM also predicts: the floor
-of an SFT model's per-token loss on this corpus. ``World.prefix_log_prob``
-is the exact probability that a review starts with given words, hence the
-true next-word distribution and the true conditional of a continuation given
-a prompt (for divergence-to-target evaluations). Cost: a few ms per review.
+with everything known exactly: the generating distribution (:meth:`World.log_prob`:
+a model's loss has a known floor, the grammar's entropy rate), the reward
+(:func:`gold_reward`, rules in :func:`parse_reward`: preference labels, reward hacking
+and KL-regularised optima are measurable against the truth), and which words carry
+that reward (:func:`reward_positions`: SparsePO's token masks can be scored against
+ground truth).
 """
 
 from __future__ import annotations
@@ -283,7 +212,7 @@ def _as_words(words, fn: str) -> list[str]:
 class RewardParse:
   """How the gold-reward rules apply to one text.
 
-  contributions: sentiment word index -> c_i (see the module docstring).
+  contributions: sentiment word index -> c_i (see :func:`parse_reward`).
   binds: operator (negation / intensifier / contrast) index -> the sentiment
     word index it binds; operators that bind nothing are absent.
   """
@@ -292,7 +221,24 @@ class RewardParse:
 
 
 def parse_reward(words: Sequence[str]) -> RewardParse:
-  """Applies the gold-reward rules; the one place they are implemented."""
+  """Applies the gold-reward rules; the one place they are implemented.
+
+  The rules (exact, from the fixed lexicon; the same for every world). Word categories are
+  disjoint: sentiment words ``SENTIMENT`` (signed strength s != 0), negations ``NEGATIONS``,
+  intensifiers ``INTENSIFIERS`` (factor f > 0, f != 1: "very" 1.5, "somewhat" 0.5, ...), contrast
+  words ``CONTRASTS``, boundaries "," "and" "." and everything else, neutral (unknown words too).
+
+  * A *clause* is a maximal span without a clause break (",", "and", ".", the contrast words);
+    a *sentence* ends at ".".
+  * A negation or intensifier *binds* the first sentiment word after it in its clause
+    (skipping neutral words and other negations/intensifiers; nothing if the clause ends first).
+  * A contrast word binds the last sentiment word before it in its sentence (looking back
+    across "," and "and" but not across ".").
+  * Sentiment word i contributes
+    ``c_i = s_i * prod(f bound to i) * (-1)^(#negations bound) * CONTRAST_WEIGHT^(#contrasts bound)``,
+    so in "X , but Y" the last sentiment word of X counts half and Y counts fully.
+  * ``gold_score = sum_i c_i``; ``gold_reward = sigmoid(gold_score / REWARD_SCALE)`` in (0, 1).
+  """
   words = _as_words(words, "parse_reward")
   binds: dict[int, int] = {}
   pending: list[int] = []           # negations/intensifiers waiting in this clause
@@ -335,10 +281,17 @@ def gold_reward(words: Sequence[str]) -> float:
 
 
 def reward_positions(words: Sequence[str]) -> list[int]:
-  """Sorted word indices that carry reward: sentiment words and bound operators.
+  """Sorted word indices that carry reward: every sentiment word plus every negation,
+  intensifier or contrast word that binds one (:func:`parse_reward`).
 
-  See the module docstring for the exact rule and when it coincides with
-  "deleting the word changes the reward" (always, on grammar samples).
+  When :func:`reward_is_local` holds (always, on grammar samples), index i is in the result
+  iff deleting word i changes ``gold_score`` (and, away from float saturation at
+  |score| > ~70, ``gold_reward``): deleting a word then changes at most one contribution,
+  by a factor != 1 or to zero, and no binding re-routes (neutral words never matter:
+  bindings skip them and no rule counts distances). Free text (e.g. a policy's samples)
+  may not be local: deleting a sentiment word can hand its negation to the next sentiment
+  word of the clause, and the two sets can differ; the positions then still say which
+  words the rules apply to.
   """
   parse = parse_reward(words)
   return sorted(set(parse.contributions) | set(parse.binds))
@@ -608,7 +561,21 @@ class World:
   """One seeded reviews world: word subsets, frequencies and grammar probabilities.
 
   ``World(seed)`` is a pure function of ``seed``: same seed, same world, and
-  ``sample(s, n)`` is a pure function of (world seed, ``s``).
+  ``sample(s, n)`` is a pure function of (world seed, ``s``). A review is a list of words
+  ("," and "." are words too), e.g. ``i watched this thriller last night . the score was not
+  very catchy , but the cast performed brilliantly . i give it seven out of ten .``
+
+  Structure a model has to learn (all stochastic, all seeded):
+
+  * a latent review polarity ``z`` in {+1, -1} that each clause, and the closing
+    rating/recommendation, follows with a world-specific probability (sentiment consistency);
+  * topics (acting, music, plot, ...) drawn without replacement within a review, each with
+    its own nouns, verbs, neutral modifiers and sentiment adjectives (topic agreement);
+  * agreement: was/were with the noun's number, a/an with the next word, "did not like" vs
+    "never liked" (verb form after negation);
+  * negation, intensifiers/downtoners and contrast clauses ("X , but Y");
+  * neutral sentences (who directed it, where it was watched) and a rating ("i give it seven
+    out of ten") that correlates with the reward without carrying it.
   """
 
   def __init__(self, seed: int):
@@ -957,7 +924,10 @@ class World:
 
     With ``polarity`` (+1/-1): the joint log p(review, z=polarity). Sums over
     every derivation, so it is exact even where two derivations give the
-    same words.
+    same words: the grammar is a program of categorical choices, replayed with
+    forced choices, depth first, pruning a derivation at the first word it could
+    not have produced; word choices are read straight off the text, so only
+    structural choices branch. Cost: a few ms per review.
     """
     words = _as_words(words, "log_prob")
     if polarity not in (None, 1, -1):
@@ -985,7 +955,8 @@ class World:
 
     Tokens are the words plus the end-of-review token, as an LM with an EOS
     predicts them; the estimate is mean(-log p) / mean(#words + 1) (a ratio
-    estimator; its standard error comes from the delta method).
+    estimator; its standard error comes from the delta method): the floor of an
+    SFT model's per-token loss on this corpus.
     """
     _check_count(n, "n")
     if n < 2:

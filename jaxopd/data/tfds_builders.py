@@ -5,21 +5,11 @@ reading code (``tfds.data_source`` -> random-access source -> grain) uses for
 real TFDS datasets. ``file_format="array_record"`` plus numpy-only features
 (Text, Scalar, Tensor) build and read without TensorFlow installed.
 
-Datasets (one BuilderConfig per world seed and split sizes; the config name
-spells them out, so different sizes never share a cache directory):
-
-* ``reviews_corpus``: LM corpus for SFT, splits train/validation/test. Each
-  example: ``text`` (words joined by spaces), ``num_words``, ``gold_reward``,
-  ``reward_positions`` (word indices, see ``reviews.reward_positions``),
-  ``polarity`` (the latent review sentiment z) and ``log_prob`` (exact
-  log p(text) under the world, end of review included, in nats; float32 on
-  disk, as TFDS stores floats).
-* ``reviews_prompts``: review prefixes for on-policy / preference tasks,
-  splits train/test. Each example: ``prompt``, ``num_words``.
-
-Example ``i`` of a split is draw ``i`` of ``World(seed)`` with the generator
-``split_rng(seed, dataset, split)``; shuffling is disabled so the stored order
-is the drawing order (grain shuffles at read time).
+Datasets: ``reviews_corpus`` (:class:`ReviewsCorpus`) and ``reviews_prompts`` (:class:`ReviewsPrompts`),
+built and read by :func:`prepare` / :func:`load`; one BuilderConfig per world seed and split sizes (the
+config name spells them out, so different sizes never share a cache directory). Example ``i`` of a split
+is draw ``i`` of ``World(seed)`` with :func:`split_rng`; shuffling is disabled so the stored order is the
+drawing order (grain shuffles at read time).
 """
 
 from __future__ import annotations
@@ -123,7 +113,13 @@ _code_path_override = tfds.core.utils.classproperty(classmethod(_no_code_path))
 
 
 class ReviewsCorpus(tfds.core.GeneratorBasedBuilder):
-  """Reviews sampled from ``reviews.World(seed)``, with gold reward and exact log-prob."""
+  """Reviews sampled from ``reviews.World(seed)``, with gold reward and exact log-prob.
+
+  The LM corpus for SFT, splits train/validation/test. Each example: ``text`` (words joined by
+  spaces), ``num_words``, ``gold_reward``, ``reward_positions`` (word indices, see
+  ``reviews.reward_positions``), ``polarity`` (the latent review sentiment z) and ``log_prob`` (exact
+  log p(text) under the world, end of review included, in nats; float32 on disk, as TFDS stores floats).
+  """
 
   code_path = _code_path_override
   VERSION = _VERSION
@@ -172,7 +168,8 @@ class ReviewsCorpus(tfds.core.GeneratorBasedBuilder):
 
 
 class ReviewsPrompts(tfds.core.GeneratorBasedBuilder):
-  """Review prefixes from ``World(seed).prompts`` for on-policy and preference tasks."""
+  """Review prefixes from ``World(seed).prompts`` for on-policy and preference tasks (splits
+  train/test; ``prompt``, ``num_words``)."""
 
   code_path = _code_path_override
   VERSION = _VERSION

@@ -1,4 +1,4 @@
-"""A real Hugging Face tokenizer for the reviews world (one token per word).
+"""A real Hugging Face tokenizer for the reviews world (one token per word; :func:`build_tokenizer`).
 
 Why word level: the gold reward and its reward-bearing positions are defined
 on words, so a tokenizer that maps each word to exactly one token makes token
@@ -6,11 +6,8 @@ position = word index + 1 (the +1 is the BOS the tokenizer prepends), and
 SparsePO-style token masks can be scored against the truth without alignment
 guesswork. It is still an ordinary HF tokenizer dir (``tokenizer.json`` +
 ``tokenizer_config.json``) loaded with ``AutoTokenizer``, so a real model's
-tokenizer goes through the same code path (``load_tokenizer``), and
-``word_token_positions`` handles tokenizers that split words.
-
-Ids: ``<pad>`` 0 (the trainer right-pads with 0), ``<bos>`` 1, ``<eos>`` 2,
-``<unk>`` 3, then the vocabulary in sorted order.
+tokenizer goes through the same code path (:func:`load_tokenizer`), and
+:func:`word_token_positions` handles tokenizers that split words.
 """
 
 from __future__ import annotations
@@ -30,6 +27,8 @@ def build_tokenizer(vocab, out_dir: str | os.PathLike):
     words must be unique, non-empty and free of whitespace.
   The returned object is what ``load_tokenizer(out_dir)`` gives, so callers
   never hold a tokenizer that differs from the one on disk.
+  Ids: ``<pad>`` 0 (the trainer right-pads with 0), ``<bos>`` 1, ``<eos>`` 2, ``<unk>`` 3, then
+  the words in sorted order.
   """
   from tokenizers import Tokenizer, models, pre_tokenizers, processors
   from transformers import PreTrainedTokenizerFast

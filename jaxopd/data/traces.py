@@ -1,28 +1,12 @@
 """Teacher traces labelled by a verifiable rule (REDI's data), on the digits task.
 
-A teacher samples ``k`` responses to each of the first ``num_prompts`` train prompts
-(temperature ``temperature``, the response budget of the prompt records); each response
-is labelled by the task's exact checker (:func:`jaxopd.data.digits.check`): positive
-when it is exactly the answer then EOS, negative otherwise. Lengths are kept as sampled.
-
-Written by :func:`write` into a stage directory (:func:`jaxopd.stages.run`, addressed by
-:func:`settings`) as ``traces.jsonl``, one line per trace in TRL's unpaired-preference form
-plus what the records need exactly::
-
-  {"prompt": "sort 3 1 =", "completion": "1 3", "label": true, "truncated": false,
-   "level": 2, "prompt_index": 17}
-
-(``truncated``: the response reached the budget without EOS, so no EOS is appended when
-it is encoded), and ``statistics.json``.
-
-Records for the trainer:
-
-* :func:`positive_records`: SFT records (``tokens[T]``, ``loss_mask[T]``) of every
-  positive trace (REDI's stage 1);
-* :func:`pair_records`: ``tokens[2, T]``, ``loss_mask[2, T]`` (0 = positive, 1 = negative),
-  up to ``pairs_per_prompt`` pairs per prompt that has both a positive and a negative:
-  its i-th positive with its i-th negative, in sampling order (each trace in one pair at
-  most); prompts with only positives or only negatives give no pair and are counted.
+A teacher samples ``k`` responses to each of the first ``num_prompts`` train prompts (config:
+experiments/redi.py, preset ``digits``); each is labelled by the task's exact checker
+(:func:`jaxopd.data.digits.check`): positive when it is exactly the answer then EOS, negative
+otherwise; lengths are kept as sampled. :func:`write` stores them in a stage directory
+(:func:`jaxopd.stages.run`, addressed by :func:`settings`) as ``traces.jsonl`` and
+``statistics.json``; :func:`positive_records` (REDI's stage 1) and :func:`pair_records` (stage 2)
+turn them into trainer records.
 """
 
 from __future__ import annotations
@@ -62,7 +46,17 @@ def write(where: str, node, model, teacher: str, suite, prompt_recs, scfg: Sampl
           batch: int = 64) -> None:
   """Samples and labels ``node.samples`` traces for each of the first ``node.num_prompts`` prompts
   into directory ``where``. ``model``: a zero-argument function giving the teacher; ``teacher``: its
-  init string."""
+  init string.
+
+  ``traces.jsonl`` holds one line per trace in TRL's unpaired-preference form plus what the
+  records need exactly::
+
+    {"prompt": "sort 3 1 =", "completion": "1 3", "label": true, "truncated": false,
+     "level": 2, "prompt_index": 17}
+
+  (``truncated``: the response reached the budget without EOS, so no EOS is appended when it
+  is encoded).
+  """
   from jaxopd.evaluation import compiled, to_host
   if node.num_prompts > len(prompt_recs):
     raise ConfigError(f"config.traces.num_prompts={node.num_prompts}: the train split has {len(prompt_recs)} prompts")
@@ -97,7 +91,7 @@ def write(where: str, node, model, teacher: str, suite, prompt_recs, scfg: Sampl
 
 
 def load(workdir: str) -> list[dict]:
-  """The traces of a directory made by :func:`prepare`."""
+  """The traces of a directory made by :func:`write`."""
   with open(os.path.join(workdir, FILE)) as f:
     return [json.loads(line) for line in f]
 
@@ -150,14 +144,17 @@ def _too_long(n: int, seq_len: int):
 
 
 def positive_records(lines: list[dict], tok, seq_len: int) -> list[dict]:
-  """SFT records of every positive trace (stage 1)."""
+  """SFT records (``tokens[T]``, ``loss_mask[T]``) of every positive trace (stage 1)."""
   out = [_encode(tok, t, seq_len) for t in lines if t["label"]]
   _too_long(sum(o is None for o in out), seq_len)
   return [{"tokens": a, "loss_mask": m} for a, m in out]
 
 
 def pair_records(lines: list[dict], tok, seq_len: int, pairs_per_prompt: int = 1) -> list[dict]:
-  """Pair records (positive, negative) of the prompts that have both (module docstring)."""
+  """Pair records ``tokens[2, T]``, ``loss_mask[2, T]`` (0 = positive, 1 = negative): up to
+  ``pairs_per_prompt`` per prompt that has both labels, its i-th positive with its i-th negative,
+  in sampling order (each trace in one pair at most); prompts with one label only give no pair
+  (:func:`statistics` counts them)."""
   out, long = [], 0
   for p, n in _by_prompt(lines).values():
     for pos, neg in list(zip(p, n))[:pairs_per_prompt]:

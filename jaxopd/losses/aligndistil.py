@@ -2,20 +2,10 @@
 
 Pure per-token math on logits ``[..., V]`` (the AlignDistil paper; the
 official OpenRLHF trainers ``aligndistil_trainer.py`` / ``aligndistil_offpolicy_trainer.py``).
-With ``z_pi`` the policy's logits, ``z_ref`` the SFT reference's, ``z_dpo`` a DPO
-model's and ``z_rdpo`` a reverse DPO model's (trained with chosen and rejected
-swapped), ``beta0`` the DPO reward scale and ``beta2`` the boost:
-
-* ``theorem1``: ``z* = w z_dpo + (1 - w) z_ref``, ``w = beta0 / beta2``, ``c = beta2``;
-* ``contrast``: ``z* = z_dpo + w (z_dpo - z_rdpo)``, ``w = beta0 / beta2``, ``c = beta2``;
-* ``adaptive`` (AlignDistil): ``d = sum_v |p_dpo(v) - p_rdpo(v)|`` (in [0, 2], no 1/2),
-  ``w = beta2 d + 1e-3``, ``z* = z_dpo + w (z_dpo - z_rdpo)``, ``c = beta0 / w``;
-* ``gkd``: ``z* = z_dpo``, ``c = 1`` (reverse-KL distillation into the DPO model).
-
-The per-token loss is ``c KL(q || softmax(z* / T))`` with ``q = softmax(z_pi / T)``
-(reverse KL over the whole vocabulary, float32); ``z*`` and ``c`` carry no
-gradient. ``c`` is not clipped (the official code's choice): where the two DPO
-models agree it reaches ``beta0 / 1e-3``.
+The per-token loss (:func:`token_terms`) is ``c KL(q || softmax(z* / T))`` with
+``q = softmax(z_pi / T)`` (reverse KL over the whole vocabulary, float32), toward a teacher
+``z*`` with coefficient ``c`` built per variant from the DPO, reverse-DPO and reference
+models' logits (:func:`teacher`); ``z*`` and ``c`` carry no gradient.
 """
 
 from __future__ import annotations
@@ -32,7 +22,18 @@ FLOOR = 1e-3          # the official code's floor of the adaptive weight
 
 def teacher(variant: str, z_dpo, z_rdpo, z_ref, beta0: float, beta2: float):
   """``(z* [..., V], c [...])`` float32, both without gradient. ``z_rdpo`` is unused by
-  ``theorem1`` / ``gkd`` and ``z_ref`` by all but ``theorem1`` (pass None)."""
+  ``theorem1`` / ``gkd`` and ``z_ref`` by all but ``theorem1`` (pass None).
+
+  ``z_dpo``: a DPO model's logits, ``z_rdpo``: a reverse DPO model's (trained with chosen and
+  rejected swapped), ``z_ref``: the SFT reference's; ``beta0`` the DPO reward scale, ``beta2`` the boost:
+
+  * ``theorem1``: ``z* = w z_dpo + (1 - w) z_ref``, ``w = beta0 / beta2``, ``c = beta2``;
+  * ``contrast``: ``z* = z_dpo + w (z_dpo - z_rdpo)``, ``w = beta0 / beta2``, ``c = beta2``;
+  * ``adaptive`` (AlignDistil): ``d = sum_v |p_dpo(v) - p_rdpo(v)|`` (in [0, 2], no 1/2),
+    ``w = beta2 d + 1e-3``, ``z* = z_dpo + w (z_dpo - z_rdpo)``, ``c = beta0 / w``; ``c`` is not
+    clipped (the official code's choice): where the two DPO models agree it reaches ``beta0 / 1e-3``;
+  * ``gkd``: ``z* = z_dpo``, ``c = 1`` (reverse-KL distillation into the DPO model).
+  """
   if variant not in VARIANTS:
     raise ValueError(f"config.method.variant={variant!r}: must be one of {VARIANTS}")
   f32 = lambda z: jax.lax.stop_gradient(z.astype(jnp.float32))

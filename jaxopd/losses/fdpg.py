@@ -2,25 +2,11 @@
 
 Target ``p(x) = P(x) / Z`` with ``log P`` given per sample. Samples come from a
 proposal ``q`` (the policy itself when on-policy). With ``log t = log pi(x) -
-(log P(x) - log Z)`` the pseudo-reward is ``R = -f'(t)``:
-
-=========  ======================  ======================================
-f          R(t)                    stable form in ``u = log t``
-=========  ======================  ======================================
-fkl        1 / t     (this is DPG) ``exp(-u)``
-rkl        -(log t + 1)            ``-(u + 1)``
-tv         -0.5 sign(t - 1)        ``-0.5 sign(u)``
-js         -log(2t / (1 + t))      ``softplus(-u) - log 2``
-=========  ======================  ======================================
-
-Pointwise targets have ``log P = -inf`` where the constraint fails
-(``u = +inf``): fkl gives 0, tv -0.5, js -log 2, all finite; rkl gives
-``-inf``, so reverse KL needs the epsilon floor ``b_eps = max(b, eps)``
-applied where ``log P`` is built (see :func:`pointwise_log_score`).
-
+(log P(x) - log Z)`` the pseudo-reward is ``R = -f'(t)`` (:func:`pseudo_reward`).
 As in disco's ``FDivergenceLoss``: the baseline is a windowed moving average of
-past pseudo-rewards, taken *before* this batch is added; the loss is
-``mean(w * -(R - b) * log pi(x))`` with ``w = sg(pi / q)`` and R, b detached.
+past pseudo-rewards, taken *before* this batch is added (:class:`Baseline`,
+:func:`group_baselines`); the loss is ``mean(w * -(R - b) * log pi(x))`` with
+``w = sg(pi / q)`` and R, b detached (:func:`surrogate_loss`).
 """
 
 from __future__ import annotations
@@ -41,7 +27,21 @@ def pointwise_log_score(base_logp: jax.Array, satisfied: jax.Array, eps: float =
 
 
 def pseudo_reward(log_t: jax.Array, f: str) -> jax.Array:
-  """``R = -f'(t)`` from ``log t``; see the table in the module docstring."""
+  """``R = -f'(t)`` from ``u = log t``:
+
+  =========  ======================  ======================================
+  f          R(t)                    stable form in ``u = log t``
+  =========  ======================  ======================================
+  fkl        1 / t     (this is DPG) ``exp(-u)``
+  rkl        -(log t + 1)            ``-(u + 1)``
+  tv         -0.5 sign(t - 1)        ``-0.5 sign(u)``
+  js         -log(2t / (1 + t))      ``softplus(-u) - log 2``
+  =========  ======================  ======================================
+
+  Pointwise targets have ``log P = -inf`` where the constraint fails (``u = +inf``): fkl gives 0,
+  tv -0.5, js -log 2, all finite; rkl gives ``-inf``, so reverse KL needs the epsilon floor
+  ``b_eps = max(b, eps)`` of :func:`pointwise_log_score`.
+  """
   if f == "fkl":
     return jnp.exp(-log_t)
   if f == "rkl":

@@ -5,34 +5,10 @@ Pure math on plain arrays. Per prompt, G responses are scored ``r [N, G]``;
 :func:`group_advantages` turns them into one advantage per response, broadcast
 to its tokens. :func:`policy_loss` takes per-token log-probs of the sampled
 tokens ``[B, T]`` (current policy ``lp``, rollout-time policy ``lp_old``,
-reference ``lp_ref``), the mask of response tokens and ``adv [B]``:
-
-  ``rho_t = exp(lp_t - lp_old_t)``,
-  ``l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta_kl k_t``,
-
-with ``k_t`` one of the estimators of :func:`kl_estimate` (``u = lp_ref - lp``).
-It returns a *sum* and its count, as every loss in jaxopd (the trainer divides
-the global sums), per aggregation mode:
-
-* ``token_mean`` (DAPO, the default): ``sum m l / sum m``;
-* ``seq_mean_token_mean`` (the original GRPO): the mean over sequences of each
-  sequence's token mean;
-* ``dr_grpo`` (Dr. GRPO): ``sum m l / (sequences x max_len)``, a constant
-  normaliser, so long and short responses weigh by their tokens.
-
-``row_weight [B]`` in {0, 1} drops rows (DAPO's dynamic sampling drops the
-groups whose rewards are all equal: :func:`kept_groups`) from the loss and its
-count alike.
-
-The advantage's std is torch's unbiased one (``ddof = 1``), as in TRL and verl.
-The clip fractions follow TRL: ``clip_ratio/low`` counts tokens with ``A < 0``
-and ``rho < 1 - eps_low`` (the clipped branch is the min there), ``high`` those
-with ``A > 0`` and ``rho > 1 + eps_high``.
-
-:func:`distill_per_token` is the teacher term of on-policy distillation on the
-student's own samples: reverse KL ``KL(q || p_T)`` (VLA-OPD's choice), forward
-KL, or the cross-entropy of the teacher's argmax token; RPD adds it to GRPO
-weighted by :func:`distill_weight`.
+reference ``lp_ref``), the mask of response tokens and ``adv [B]``, and returns a *sum*
+and its count, as every loss in jaxopd (the trainer divides the global sums).
+:func:`distill_per_token` is the teacher term of on-policy distillation on the student's
+own samples; RPD adds it to GRPO weighted by :func:`distill_weight`.
 """
 
 from __future__ import annotations
@@ -68,7 +44,8 @@ def group_advantages(rewards: jax.Array, kind: str = "grpo", eps: float = 1e-6) 
 
 
 def group_std(rewards: jax.Array) -> jax.Array:
-  """``[N, G] -> [N]``: each group's unbiased std (torch's ``std``; 0 for equal rewards)."""
+  """``[N, G] -> [N]``: each group's unbiased std (torch's ``std``, ``ddof = 1``, as in TRL and verl;
+  0 for equal rewards)."""
   r = rewards.astype(jnp.float32)
   centred = jnp.where(kept_groups(r)[..., None], r - jnp.mean(r, axis=-1, keepdims=True), 0.0)
   return jnp.sqrt(jnp.sum(centred ** 2, axis=-1) / max(r.shape[-1] - 1, 1))
@@ -94,7 +71,13 @@ def kl_estimate(lp: jax.Array, lp_ref: jax.Array, kind: str = "k3") -> jax.Array
 
 def aggregate(values: jax.Array, m: jax.Array, mode: str, max_len: int, rows: jax.Array):
   """``(sum, count)`` of per-token ``values [B, T]`` under mask ``m`` (row weights applied) in
-  aggregation ``mode``; ``rows [B]``: the row weights (for ``dr_grpo``'s sequence count)."""
+  aggregation ``mode``; ``rows [B]``: the row weights (for ``dr_grpo``'s sequence count):
+
+  * ``token_mean`` (DAPO, the default): ``sum m l / sum m``;
+  * ``seq_mean_token_mean`` (the original GRPO): the mean over sequences of each sequence's token mean;
+  * ``dr_grpo`` (Dr. GRPO): ``sum m l / (sequences x max_len)``, a constant normaliser, so long and
+    short responses weigh by their tokens.
+  """
   if mode == "token_mean":
     return jnp.sum(values * m), jnp.sum(m)
   if mode == "seq_mean_token_mean":
@@ -142,11 +125,16 @@ def policy_loss(lp, lp_old, adv, mask, eps_low: float, eps_high: float, beta_kl:
                 kl: str = "k3", aggregation: str = "token_mean", max_len: int | None = None, row_weight=None,
                 ratio_level: str = "token", token_weight=None):
   """``(loss_sum, count, metrics)`` of the clipped surrogate plus ``beta_kl`` times the KL
-  estimator; ``metrics``: name -> ``(sum, count)`` token means over the kept tokens.
+  estimator, per token ``l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta_kl k_t``
+  with ``rho_t = exp(lp_t - lp_old_t)`` and ``k_t`` from :func:`kl_estimate`, reduced by :func:`aggregate`;
+  ``metrics``: name -> ``(sum, count)`` token means over the kept tokens. The clip fractions follow
+  TRL: ``clip_ratio/low`` counts tokens with ``A < 0`` and ``rho < 1 - eps_low`` (the clipped branch
+  is the min there), ``high`` those with ``A > 0`` and ``rho > 1 + eps_high``.
   ``ratio_level="sequence"`` (GSPO; TRL's ``importance_sampling_level="sequence"``): every token
   of a response takes its sequence's ratio ``exp(mean_t (lp_t - lp_old_t))``, clipped as one.
   ``token_weight [R, N]`` (no gradient): multiplies each token's surrogate term (TIS,
-  :func:`rollout_correction`); a zero ``row_weight`` drops a row from the loss and its count."""
+  :func:`rollout_correction`); a zero ``row_weight`` drops a row from the loss and its count (DAPO's
+  dynamic sampling drops the groups whose rewards are all equal: :func:`kept_groups`)."""
   lp = lp.astype(jnp.float32)
   lp_old = jax.lax.stop_gradient(lp_old.astype(jnp.float32))
   rows = jnp.ones(lp.shape[:1], jnp.float32) if row_weight is None else row_weight.astype(jnp.float32)
@@ -183,7 +171,7 @@ def policy_loss(lp, lp_old, adv, mask, eps_low: float, eps_high: float, beta_kl:
 def distill_per_token(student_logits, teacher_logits, kind: str = "reverse_kl", temperature: float = 1.0):
   """Per position ``[...]``: ``KL(q || p)`` (``reverse_kl``), ``KL(p || q)`` (``forward_kl``) or
   ``-log q(argmax p)`` (``hard_ce``), ``q = softmax(student / T)``, ``p = softmax(teacher / T)``;
-  float32, no gradient into the teacher."""
+  float32, no gradient into the teacher. Reverse KL is VLA-OPD's choice."""
   lq = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
   z_t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
   if kind == "hard_ce":

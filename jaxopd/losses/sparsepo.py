@@ -8,11 +8,7 @@ weights ``w_u``, ``w_d`` use the same layout, so ``w[:, t]`` multiplies the
 log-ratio and the KL of token t+1. In the official code (huawei-noah/HEBO,
 SparsePO) the weight of token t+1 is computed from the reference model's
 states at position t (``reference_states[:, :-1]``), the states that score it;
-:mod:`jaxopd.methods.sparsepo` does the same.
-
-Signs follow the official code: ``D(y) = sum_t m_t w_d,t sum_v p_ref (lp_pi -
-lp_ref)`` is minus the weighted forward KL, and the logit is ``(U_w - U_l) -
-(D_w - D_l)``; with all-ones weights it is TDPO1's ``(R_w - R_l) - (K_l - K_w)``.
+:mod:`jaxopd.methods.sparsepo` does the same. Signs: :func:`sequence_terms`.
 """
 
 from __future__ import annotations
@@ -27,6 +23,9 @@ def sequence_terms(lp_pi: jax.Array, lp_ref: jax.Array, token_kl: jax.Array, m: 
 
   ``lp_*`` are target log-probs (``token_logprobs``), ``token_kl`` the per-token
   forward ``KL(p_ref || p_pi)`` (``forward_kl_per_token``), ``m`` the response mask.
+  Signs follow the official code: ``D(y) = sum_t m_t w_d,t sum_v p_ref (lp_pi - lp_ref)`` is minus
+  the weighted forward KL, and the logit (:func:`sparsepo_loss`) is ``(U_w - U_l) - (D_w - D_l)``;
+  with all-ones weights it is TDPO1's ``(R_w - R_l) - (K_l - K_w)``.
   """
   u = jnp.sum(m * w_u * (lp_pi - lp_ref), axis=-1)
   d = -jnp.sum(m * w_d * token_kl, axis=-1)

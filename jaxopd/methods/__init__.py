@@ -1,23 +1,45 @@
-"""Methods as library code: ``jaxopd/methods/<name>.py`` defines ``build(config) ->
-Experiment`` and optionally ``prepare`` / ``report`` (the contract is in
-:mod:`jaxopd.experiment`); ``config.method.name`` says which one a config runs.
+"""The methods' registry: ``jaxopd/methods/<name>.py`` defines ``build(config) -> Experiment``
+and may define ``prepare`` and ``report``; :func:`get` gives a :class:`Method` with all three
+(the contract is in :mod:`jaxopd.experiment`). ``config.method.name`` says which one a config runs.
 
-Adding a method is one file here (its loss from :mod:`jaxopd.losses`, its data
-and evaluation, its ``build``), its name in :data:`NAMES`, and one config
-module ``experiments/<name>.py``.
+Adding a method is one file here (its loss from :mod:`jaxopd.losses`, its data and evaluation,
+its ``build``), its name in :data:`NAMES`, and one config module ``experiments/<name>.py``.
 """
 
 from __future__ import annotations
 
 import importlib
+import types
+from typing import Callable, NamedTuple
 
 from jaxopd.errors import ConfigError
 
 NAMES = ("sft", "tdpo", "sparsepo", "fdpg", "distillspec", "aligndistil", "redi", "grpo")
 
 
-def get(name: str):
-  """The method module ``jaxopd.methods.<name>``; an unknown name is a :class:`ConfigError`."""
+class Method(NamedTuple):
+  """A method's hooks. ``build(config) -> Experiment``; ``prepare(config, workdir) -> config`` runs
+  its earlier stages (none: the config as given); ``report(config, workdir, summary)`` writes its
+  tables and plots (none: nothing); ``module``: the method's module."""
+  name: str
+  module: types.ModuleType
+  build: Callable
+  prepare: Callable
+  report: Callable
+
+
+def _unchanged(config, workdir):
+  del workdir
+  return config
+
+
+def _no_report(config, workdir, summary):
+  del config, workdir, summary
+
+
+def get(name: str) -> Method:
+  """The method ``name``; an unknown name is a :class:`ConfigError`."""
   if name not in NAMES:
     raise ConfigError(f"config.method.name={name!r}: must be one of {NAMES}")
-  return importlib.import_module(f"jaxopd.methods.{name}")
+  m = importlib.import_module(f"jaxopd.methods.{name}")
+  return Method(name, m, m.build, getattr(m, "prepare", _unchanged), getattr(m, "report", _no_report))

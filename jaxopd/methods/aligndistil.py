@@ -2,51 +2,32 @@
 from a teacher made of a DPO model, a reverse DPO model and the SFT reference.
 Config and commands: experiments/aligndistil.py; math: :mod:`jaxopd.losses.aligndistil`.
 
-Roles: ``policy`` (trained), ``reference`` (the SFT model), ``dpo`` (DPO on the
-pairs) and, for the ``adaptive`` / ``contrast`` teachers, ``rdpo`` (DPO on the
-same pairs with chosen and rejected swapped; ``none`` for ``theorem1`` / ``gkd``).
-On the reviews task the pipeline trains each as a cached stage (SFT, pairs,
-DPO, reverse DPO: :func:`jaxopd.stages.run_dpo`); give a role an
-``hf:DIR`` / ``run:WORKDIR`` init and its stage is not run.
-
-Data (``config.method.data``):
-
-* ``on_policy``: responses sampled from the policy inside the step (one per
-  prompt, ``config.rollout``), the paper's main setting;
-* ``off_policy``: the chosen responses of the preference pairs.
-
-The loss is computed from the models' final hidden states in chunks of
-``config.method.chunk`` positions, each model's LM head inside the chunk loop
-(rematerialised in the backward pass), so no ``[B, T, V]`` logits array of the
-four models exists in the step.
-
-Metrics (token means unless said): ``kl/teacher`` (to the distillation target
-``softmax(z*)``), ``kl/reference`` (to the SFT model), ``coef/mean``,
-``coef/max`` (the largest ``c_t`` of the step's batch; with ``grad_accum > 1``
-the mean over microbatches of their largest), ``coef/above_10`` (the fraction
-of tokens with ``c_t > 10``), ``reward/token`` (the DPO token reward of the
-trained tokens) and ``reward/expected`` (its expectation under the policy),
-``kl/teacher_seq`` (per sequence, summed over tokens), ``length``.
-Evaluation on the reviews task is TDPO's: gold reward, sequence KL to the SFT
-reference, entropy and distinct-n of held-out samples.
+Roles: ``policy`` (trained), ``reference`` (the SFT model), ``dpo`` and, for the ``adaptive`` /
+``contrast`` teachers, ``rdpo`` (``none`` for ``theorem1`` / ``gkd``). On the reviews task
+:func:`prepare` trains each as a cached stage (:func:`jaxopd.stages.run_dpo`); give a role an
+``hf:DIR`` / ``run:WORKDIR`` init and its stage is not run. Data (``config.method.data``):
+``on_policy`` (one response per prompt, sampled from the policy in the step: :func:`make_rollout`)
+or ``off_policy`` (the chosen responses of the pairs). Loss and metrics: :func:`make_loss_fn`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax.numpy as jnp
 import ml_collections
 
-from jaxopd import paths, stages as stage_lib
+from jaxopd import options, paths, stages as stage_lib
 from jaxopd.data import batched_iterator, suite as suite_lib
 from jaxopd.data.tokenizer import check_tokenizer
-from jaxopd.errors import ConfigError, one_of, positive
+from jaxopd.errors import ConfigError
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import response_mask
 from jaxopd.losses.aligndistil import NEEDS, VARIANTS, sequence_loss, token_terms
 from jaxopd.models.heads import chunked_terms
 from jaxopd.models import table
+from jaxopd.options import one_of, option, positive
 from jaxopd.sampling import SamplingConfig, sample
 from jaxopd.tasks import pairs as pair_task, reviews
 
@@ -62,7 +43,16 @@ def make_loss_fn(variant: str, beta0: float, beta2: float, temperature: float = 
                  len_norm: bool = True):
   """``loss_fn(models, batch, rng)``: the mean over sequences of the length-normalised
   ``sum_t m_t c_t KL(q_t || softmax(z*_t / T))``. ``batch``: ``tokens``/``loss_mask``
-  ``[B, T]`` (sampled rows) or ``[B, 2, T]`` (preference pairs: the chosen side is used)."""
+  ``[B, T]`` (sampled rows) or ``[B, 2, T]`` (preference pairs: the chosen side is used).
+
+  Computed from the models' final hidden states in chunks of ``chunk`` positions, each model's LM
+  head inside the chunk loop (rematerialised in the backward pass), so no ``[B, T, V]`` logits of
+  the four models exist in the step. Metrics (token means unless said): ``kl/teacher`` (to
+  ``softmax(z*)``), ``kl/reference`` (to the SFT model), ``coef/mean``, ``coef/max`` (the largest
+  ``c_t`` of the step's batch; with ``grad_accum > 1`` the mean over microbatches of their largest),
+  ``coef/above_10`` (the fraction of tokens with ``c_t > 10``), ``reward/token`` (the DPO token
+  reward of the trained tokens), ``reward/expected`` (its expectation under the policy),
+  ``kl/teacher_seq`` (per sequence, summed over tokens), ``length``."""
   if variant not in VARIANTS:
     raise ConfigError(f"config.method.variant={variant!r}: must be one of {VARIANTS}")
   names = ("policy", "reference") + NEEDS[variant]
@@ -119,14 +109,19 @@ def stages(c, smoke: bool = False):
   c.rollout.temperature = 1.0
 
 
-def _check(c):
-  m = c.method
-  one_of(m, "config.method", "variant", VARIANTS)
-  one_of(m, "config.method", "data", DATA)
-  for f in ("beta", "beta2", "temperature"):
-    if m[f] <= 0:
-      raise ConfigError(f"config.method.{f}={m[f]}: must be positive")
-  positive(m, "config.method", "chunk")
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+  variant: str = option(one_of(*VARIANTS))
+  data: str = option(one_of(*DATA))
+  beta: float = option(positive)
+  beta2: float = option(positive)        # the boost of the adaptive teacher
+  temperature: float = option(positive)
+  chunk: int = option(positive)
+  len_norm: bool = option()              # per-sequence length normalisation
+
+
+def _check(c) -> Options:
+  m = Options.of(c.method)
   if c.data.task not in ("reviews", "files"):
     raise ConfigError(f"config.data.task={c.data.task!r}: must be reviews or files")
   if "rdpo" in NEEDS[m.variant] and not table.built(c, "rdpo"):
@@ -139,6 +134,7 @@ def _check(c):
     raise ConfigError(f"config.seq_len={c.seq_len}: on-policy sequences are prompt + response, so it must equal "
                       f"config.rollout.prompt_len + config.rollout.max_new_tokens = "
                       f"{c.rollout.prompt_len} + {c.rollout.max_new_tokens}")
+  return m
 
 
 def prepare(config, workdir: str):
@@ -164,8 +160,7 @@ def _scfg(c, tok) -> SamplingConfig:
 
 
 def build(config) -> Experiment:
-  _check(config)
-  m = config.method
+  m = _check(config)
   evaluate = None
   if config.data.task == "files":
     fmt = "prompt" if m.data == "on_policy" else "preference"

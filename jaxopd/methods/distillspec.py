@@ -1,46 +1,19 @@
 """DistillSpec (Zhou et al., ICLR 2024): distil a small draft toward a frozen
 target for speculative decoding; with ``eval.mode = "quality"`` (preset
 ``gkd``) the same module is the GKD baseline (Agarwal et al., ICLR 2024).
+Config and commands: experiments/distillspec.py; measured numbers: experiments/distillspec.md.
 
-Config and commands: experiments/distillspec.py.
-
-Pipeline, each stage cached:
-1. data: the reviews suite (``config.data``);
-2. target: the main job's SFT base (``config.target.workdir``, trained here
-   with experiments/sft.py's recipe if missing: Llama 4 layers, d128); or,
-   with ``config.target.source = "draft"``, the distilled model of a finished
-   run of this module (distil the target first, then the draft:
-   experiments/ablations/distillspec_target_first.py);
-3. draft: the same SFT recipe on ``config.model`` (1 layer, d32, same
-   tokenizer), ``config.draft_sft.total_steps`` (300) steps, in
-   ``config.draft_sft.workdir``: the undistilled draft;
-4. distillation: the draft starts from stage 3 and minimises the token-averaged
-   divergence ``sum m D(p_target || q_draft) / sum m`` (``method.divergence``
-   at ``method.temperature``) over the response tokens of batches from
-   ``method.data``: ``fixed`` (corpus reviews), ``teacher`` (sampled from the
-   target), ``student`` (sampled from the draft, on-policy, no gradient
-   through sampling) or ``mixed`` (each microbatch student-generated with
-   probability ``method.mix_lambda``, else ``method.mix_with``; the coin is
-   drawn with the step's PRNG key inside the jitted rollout). Generated
-   responses use ``method.temperature`` too, as the paper samples and scores
-   at the same temperature.
-5. report: for the target, the undistilled and the distilled draft: acceptance
-   under greedy and temperature-``eval.temperature`` decoding, both as
-   ``1 - TVD`` / argmax agreement on draft-generated prefixes and from actual
-   speculative-decoding runs (``eval.sd_gammas``); block efficiency for gamma
-   1..``eval.max_gamma`` (i.i.d. formula) next to the measured one; wall-clock
-   time per token at batch 1 of plain target decoding and of SD with each
-   draft (median of ``eval.timing_repeats``), the measured cost ratio c and
-   the formula's speed-up ``tau / (gamma c + 1)``; draft quality (gold reward
-   of samples, held-out NLL, sequence KL to the target). ``summary.json`` and
-   ``summary.png`` in the workdir. With ``eval.mode = "quality"`` only the
-   quality part is measured.
-
-Measured numbers: experiments/distillspec.md.
+Pipeline, each stage cached: the reviews data, the target and the undistilled draft (SFT stages:
+:func:`prepare`); distillation: the draft, started from its SFT stage, minimises the token-averaged
+divergence ``sum m D(p_target || q_draft) / sum m`` (:func:`make_loss_fn`) over batches of the data
+source ``method.data`` (:func:`make_rollout`); :func:`report` compares the target, the undistilled
+and the distilled draft (acceptance, block efficiency, speed-up: :func:`measure`; draft quality:
+:func:`quality`; ``summary.json``, ``summary.png``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
@@ -51,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopd import paths, stages as stage_lib
+from jaxopd import options, paths, stages as stage_lib
 from jaxopd import checkpoint as ckpt_lib
 from jaxopd.data import batched_iterator, suite as suite_lib
 from jaxopd.data.tokenizer import check_tokenizer
-from jaxopd.errors import ConfigError, one_of, positive
+from jaxopd.errors import ConfigError
 from jaxopd.evaluation import (acceptance_on_draft_prefixes, block_efficiency, compiled, evaluate_policy, heldout_nll,
                                speedup)
 from jaxopd.evaluation import sampler as sample_call
@@ -63,29 +36,65 @@ from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import DIVERGENCES, divergence as divergence_fn
 from jaxopd.models.heads import chunked_terms, label_logprob
 from jaxopd.models import Transformer, table
+from jaxopd.options import one_of, option, positive, within
 from jaxopd.sampling import SamplingConfig, sample, speculative_sample
 
-DATA_SOURCES = ("fixed", "teacher", "student", "mixed")
+
+def _fixed(batch):
+  return batch["tokens"].astype(jnp.int32), batch["loss_mask"].astype(jnp.int32)
+
+
+def _generate(model, batch, rng, scfg):
+  out = sample(model, batch["prompt"], batch["prompt_len"], rng, scfg)
+  return out.tokens, out.loss_mask
+
+
+def _mixed(draft, target, batch, rng, scfg, mix_lambda, mix_with):
+  """Student-generated with probability ``mix_lambda`` (the coin drawn with ``rng``), else ``mix_with``."""
+  k_coin, k_gen = jax.random.split(rng)
+  coin = jax.random.uniform(k_coin) < mix_lambda
+  source = lambda name: lambda: DATA_TABLE[name](draft, target, batch, k_gen, scfg, mix_lambda, mix_with)[:2]
+  tokens, mask = jax.lax.cond(coin, source("student"), source(mix_with))
+  return tokens, mask, coin.astype(jnp.float32)
+
+
+# The training data sources by name (:func:`make_rollout`), each
+# ``fn(draft, target, batch, rng, scfg, mix_lambda, mix_with) -> (tokens, loss_mask, student)``, ``student``
+# the (scalar) fraction of the rows sampled from the draft.
+DATA_TABLE = {
+    "fixed": lambda draft, target, batch, rng, scfg, mix_lambda, mix_with: (*_fixed(batch), jnp.zeros(())),
+    "teacher": lambda draft, target, batch, rng, scfg, mix_lambda, mix_with: (
+        *_generate(target, batch, rng, scfg), jnp.zeros(())),
+    "student": lambda draft, target, batch, rng, scfg, mix_lambda, mix_with: (
+        *_generate(draft, batch, rng, scfg), jnp.ones(())),
+    "mixed": _mixed,
+}
+DATA_SOURCES = tuple(DATA_TABLE)
 EVAL_MODES = ("spec", "quality")
 
 
-def _check(c):
-  m, e = c.method, c.eval
-  one_of(m, "config.method", "divergence", DIVERGENCES)
-  if not 0.0 <= m.beta <= 1.0:
-    raise ConfigError(f"config.method.beta={m.beta}: must be in [0, 1]")
-  if m.divergence != "jsd" and m.beta != 0.5:
-    raise ConfigError(f"config.method.beta={m.beta}: only divergence=jsd uses beta")
-  positive(m, "config.method", "chunk")
-  if m.temperature <= 0:
-    raise ConfigError(f"config.method.temperature={m.temperature}: must be > 0")
-  one_of(m, "config.method", "data", DATA_SOURCES)
-  if m.mix_with not in ("fixed", "teacher"):
-    raise ConfigError(f"config.method.mix_with={m.mix_with!r}: must be fixed or teacher")
-  if not 0.0 <= m.mix_lambda <= 1.0:
-    raise ConfigError(f"config.method.mix_lambda={m.mix_lambda}: must be in [0, 1]")
-  if m.data != "mixed" and (m.mix_lambda != 0.5 or m.mix_with != "fixed"):
-    raise ConfigError("config.method.mix_lambda / mix_with: only data=mixed uses them")
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+  divergence: str = option(one_of(*DIVERGENCES))
+  beta: float = option(within(0, 1))         # jsd's mixture weight
+  chunk: int = option(positive)              # positions per chunk of the vocabulary-wide terms
+  temperature: float = option(lambda v: None if v > 0 else "must be > 0")
+  data: str = option(one_of(*DATA_SOURCES))  # the training batches' source
+  mix_with: str = option(lambda v: None if v in ("fixed", "teacher") else "must be fixed or teacher")
+  mix_lambda: float = option(within(0, 1))   # mixed: probability of a student-generated microbatch
+  t2_scale: bool = option()                  # the divergence times temperature^2
+  prompt_len: int = option()                 # of generated batches
+  max_new_tokens: int = option()             # of generated batches
+
+  def __post_init__(self):
+    if self.divergence != "jsd" and self.beta != 0.5:
+      self.refuse("beta", "only divergence=jsd uses beta")
+    if self.data != "mixed" and (self.mix_lambda != 0.5 or self.mix_with != "fixed"):
+      raise ConfigError("config.method.mix_lambda / mix_with: only data=mixed uses them")
+
+
+def _check(c) -> Options:
+  m, e = Options.of(c.method), c.eval
   if m.prompt_len + m.max_new_tokens != c.seq_len:
     raise ConfigError(f"config.method.max_new_tokens={m.max_new_tokens}: prompt_len + max_new_tokens must equal "
                       f"seq_len={c.seq_len} (generated and corpus batches share one shape)")
@@ -113,6 +122,7 @@ def _check(c):
   if c.data.task == "reviews" and c.model.vocab_size != c.target.model.vocab_size:
     raise ConfigError(f"config.model.vocab_size={c.model.vocab_size}: the draft must share the target's "
                       f"vocabulary ({c.target.model.vocab_size})")
+  return m
 
 
 # --- stages ----------------------------------------------------------------------
@@ -120,6 +130,11 @@ def _check(c):
 def prepare(config, workdir: str):
   """Stages 1-3 (data, target SFT, draft SFT), each cached; the draft starts from stage 3.
 
+  The target is the main job's SFT base (``config.target.workdir``, trained with experiments/sft.py's
+  recipe if missing); or, with ``config.target.source = "draft"``, the distilled model of a finished
+  run of this module (distil the target first, then the draft:
+  experiments/ablations/distillspec_target_first.py). The undistilled draft is the same SFT recipe
+  on ``config.model`` (same tokenizer), in ``config.draft_sft.workdir``.
   With ``config.data.task = "files"`` (your prompts) nothing is built: draft and
   target need an ``hf:DIR`` or ``run:WORKDIR`` init."""
   _check(config)
@@ -152,29 +167,20 @@ def make_rollout(data: str, scfg: SamplingConfig, mix_lambda: float = 0.5, mix_w
   ``batch`` holds corpus rows (``tokens``, ``loss_mask`` ``[B, T]``) and prompts
   (``prompt [B, P]``, ``prompt_len [B]``); generated rows are ``P + N = T``
   tokens. Adds ``student [B]``: 1 where the rows were sampled from the draft.
-  """
-  def fixed(batch):
-    return batch["tokens"].astype(jnp.int32), batch["loss_mask"].astype(jnp.int32)
 
-  def generate(model, batch, rng):
-    out = sample(model, batch["prompt"], batch["prompt_len"], rng, scfg)
-    return out.tokens, out.loss_mask
+  ``data``: ``fixed`` (corpus reviews), ``teacher`` (sampled from the target), ``student`` (sampled
+  from the draft, on-policy, no gradient through sampling) or ``mixed`` (each microbatch
+  student-generated with probability ``mix_lambda``, else ``mix_with``; the coin is drawn with the
+  step's PRNG key inside the jitted rollout). ``scfg`` samples at ``method.temperature``, as the
+  paper samples and scores at the same temperature.
+  """
+  if data not in DATA_TABLE:
+    raise ValueError(f"config.method.data={data!r}: must be one of {DATA_SOURCES}")
+  source = DATA_TABLE[data]
 
   def rollout(models, batch, rng):
-    draft, target = models["draft"], models["target"]
     b = batch["prompt"].shape[0]
-    if data == "fixed":
-      (tokens, mask), student = fixed(batch), jnp.zeros(())
-    elif data == "teacher":
-      (tokens, mask), student = generate(target, batch, rng), jnp.zeros(())
-    elif data == "student":
-      (tokens, mask), student = generate(draft, batch, rng), jnp.ones(())
-    else:
-      k_coin, k_gen = jax.random.split(rng)
-      coin = jax.random.uniform(k_coin) < mix_lambda
-      other = (lambda: fixed(batch)) if mix_with == "fixed" else (lambda: generate(target, batch, k_gen))
-      tokens, mask = jax.lax.cond(coin, lambda: generate(draft, batch, k_gen), other)
-      student = coin.astype(jnp.float32)
+    tokens, mask, student = source(models["draft"], models["target"], batch, rng, scfg, mix_lambda, mix_with)
     return {"tokens": tokens, "loss_mask": mask, "student": jnp.full((b,), student, jnp.float32)}
   return rollout
 
@@ -275,7 +281,7 @@ def load_data(config) -> Data:
 
 
 def build(config) -> Experiment:
-  _check(config)
+  m = _check(config)
   data = load_data(config)
   tok = data.tokenizer
   draft_cfg, target_cfg = table.arch(config, "draft"), table.arch(config, "target")
@@ -295,7 +301,6 @@ def build(config) -> Experiment:
       if need > arch.max_len:
         raise ConfigError(f"config.eval.max_new_tokens={e.max_new_tokens}: prompt ({data.prompt.shape[1]}) + "
                           f"max_new_tokens + gamma + 2 = {need} exceeds config.models.{name}'s max_len={arch.max_len}")
-  m = config.method
   scfg = SamplingConfig(max_new_tokens=m.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                         temperature=m.temperature)
   eval_recs = data.eval
@@ -457,7 +462,8 @@ def quality(config, suite, models: dict) -> dict:
 def report(config, workdir: str, summary: dict):
   """Undistilled vs distilled draft (and the target): table, summary.json, summary.png.
   With ``task=files``: summary.json with the final evaluation (the report's corpus NLL, gold
-  reward and speculative-decoding timings are measured on the reviews task only)."""
+  reward and speculative-decoding timings are measured on the reviews task only). With
+  ``eval.mode = "quality"`` only the quality part (:func:`quality`) is measured."""
   from jaxopd import logs
   m = config.method
   if config.data.task == "files":

@@ -5,17 +5,11 @@ evaluation against the true target and the report. Config: experiments/fdpg.py.
 
 A target is ``p(x) = P(x) / Z`` with ``log P(x) = log a(x) + log phi(x)``: ``a``
 is the frozen base model (role ``base``), ``phi`` a scorer of the sampled
-sequence (:class:`Target`). Each step the rollout samples from the proposal
-(the policy itself, or in offline mode a frozen copy that is replaced by the
-policy when the policy gets closer to the target, as disco's
-``_update_proposal_if_better`` does), scores the samples, adds them to the
-running estimate of ``Z`` (per context) *before* they are used (disco's
-order), and hands the batch to the loss with the baseline taken before this
-batch's pseudo-rewards are added. The method state (log Z, baseline, offline
-proposal and its bookkeeping) lives in the trainer's ``state["method"]`` (:func:`init_state`).
-
-Importance weights are valid only under pure ancestral sampling: any other
-sampling setting is refused (:func:`check_sampling`).
+sequence (:class:`Target`). Each step :func:`make_rollout` samples from the proposal (the policy,
+or offline a frozen copy replaced by the policy when it gets closer to the target, as disco's
+``_update_proposal_if_better`` does) and updates log Z and the baseline in disco's order; the method
+state lives in the trainer's ``state["method"]`` (:func:`init_state`). Importance weights are valid
+only under pure ancestral sampling: any other sampling setting is refused (:func:`check_sampling`).
 """
 
 from __future__ import annotations
@@ -29,20 +23,52 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopd import paths, stages as stage_lib
+from jaxopd import options, paths, stages as stage_lib
 from jaxopd import rewards
 from jaxopd.data import batched_iterator, group_rows, reviews, suite as suite_lib
 from jaxopd.data.tokenizer import check_tokenizer
-from jaxopd.errors import ConfigError, one_of
+from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled, distinct_n, self_bleu, to_host, token_entropy
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import token_logprobs, response_mask
 from jaxopd.losses.fdpg import (F_DIVERGENCES, Baseline, LogZ, context_weights, divergence_estimates,
                                 group_baselines, pseudo_reward, surrogate_loss)
 from jaxopd.models import Transformer, heads, table
+from jaxopd.options import one_of, option, positive
 from jaxopd.sampling import SamplingConfig, sample
 
 TARGETS = ("pointwise", "distributional", "rlhf")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+  """``config.method`` (experiments/fdpg.py comments each field), declared in the order of its checks."""
+  target: str = option(one_of(*TARGETS))
+  divergence: str = option(one_of(*F_DIVERGENCES))
+  eps: float = option()             # pointwise: b's floor; -1 = auto
+  words: str = option()             # pointwise: "|"-separated
+  topic: str = option(one_of(*reviews.TOPIC_NAMES))
+  topic_mean: float = option()      # distributional: target E_p[phi]
+  lambdas: tuple = option()         # distributional: () until prepare() fits them
+  reward_beta: float = option()     # rlhf: P = a exp(r / beta)
+  reward: str = option()            # rlhf: gold | module:function | model
+  conditional: bool = option()      # one log Z per training prompt
+  offline: bool = option()          # sample from a proposal
+  proposal_every: int = option(positive)
+  baseline_window: int = option(positive)
+  fit_samples: int = option(positive)
+  samples_per_context: int = option(positive)
+  chunk: int = option(positive)
+
+  def __post_init__(self):
+    if self.target != "pointwise" and self.eps != -1.0:
+      self.refuse("eps", "the floor applies to pointwise targets only (leave it at -1)")
+    if self.target == "rlhf" and self.reward_beta <= 0:
+      self.refuse("reward_beta", "must be positive")
+    if self.target == "distributional" and not 0.0 < self.topic_mean < 1.0:
+      self.refuse("topic_mean", "must be in (0, 1)")
+    if self.reward != "gold" and self.target != "rlhf":
+      self.refuse("reward", "only target=rlhf uses a reward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,22 +311,11 @@ def _scfg(c, tok) -> SamplingConfig:
                         top_p=c.rollout.top_p)
 
 
-def _check(c):
-  m = c.method
-  one_of(m, "config.method", "target", TARGETS)
-  one_of(m, "config.method", "divergence", F_DIVERGENCES)
-  if m.target != "pointwise" and m.eps != -1.0:
-    raise ConfigError(f"config.method.eps={m.eps}: the floor applies to pointwise targets only (leave it at -1)")
-  if m.target == "rlhf" and m.reward_beta <= 0:
-    raise ConfigError(f"config.method.reward_beta={m.reward_beta}: must be positive")
-  if m.target == "distributional" and not 0.0 < m.topic_mean < 1.0:
-    raise ConfigError(f"config.method.topic_mean={m.topic_mean}: must be in (0, 1)")
-  one_of(m, "config.method", "topic", reviews.TOPIC_NAMES)
+def _check(c) -> Options:
+  m = Options.of(c.method)
   if c.data.task not in ("reviews", "files"):
     raise ConfigError(f"config.data.task={c.data.task!r}: must be reviews or files (prompt files)")
   rewards.check_config(c, "gold", "the reviews task's")
-  if m.reward != "gold" and m.target != "rlhf":
-    raise ConfigError(f"config.method.reward={m.reward!r}: only target=rlhf uses a reward")
   if c.data.task == "files":
     if m.target != "rlhf" or m.reward == "gold":
       raise ConfigError(f"config.method.target={m.target!r}: with task=files the target is rlhf with your reward "
@@ -316,9 +331,6 @@ def _check(c):
   if m.conditional and per_host % m.samples_per_context:
     raise ConfigError(f"config.method.samples_per_context={m.samples_per_context}: must divide each host's "
                       f"microbatch config.batch_size / config.grad_accum / processes = {per_host}")
-  for f in ("proposal_every", "baseline_window", "fit_samples", "samples_per_context", "chunk"):
-    if m[f] <= 0:
-      raise ConfigError(f"config.method.{f}={m[f]}: must be positive")
   if c.seq_len != prompt_len(c) + c.rollout.max_new_tokens:
     raise ConfigError(f"config.seq_len={c.seq_len}: f-DPG's sequences are prompt + response, so it must equal "
                       f"{prompt_len(c)} + config.rollout.max_new_tokens={c.rollout.max_new_tokens}")
@@ -332,13 +344,14 @@ def _check(c):
                       f"{_eval_contexts(c)} evaluation contexts")
   check_sampling(SamplingConfig(max_new_tokens=1, eos_id=0, temperature=c.rollout.temperature,
                                      top_k=c.rollout.top_k, top_p=c.rollout.top_p))
+  return m
 
 
-def _eps(c) -> float:
+def _eps(m) -> float:
   """The pointwise floor actually used (reverse KL needs one: log P = -inf where b = 0)."""
-  if c.method.eps != -1.0:
-    return float(c.method.eps)
-  return 1e-3 if (c.method.target == "pointwise" and c.method.divergence == "rkl") else 0.0
+  if m.eps != -1.0:
+    return float(m.eps)
+  return 1e-3 if (m.target == "pointwise" and m.divergence == "rkl") else 0.0
 
 
 def _eval_contexts(c) -> int:
@@ -421,7 +434,7 @@ def prepare(config, workdir: str):
 
   With ``config.data.task = "files"`` (your prompts and reward function) no SFT
   stage is trained: policy and base need an ``hf:DIR`` or ``run:WORKDIR`` init."""
-  _check(config)
+  m = _check(config)
   if config.data.task == "files":
     table.refuse_stages(config, "sft")
   else:
@@ -429,7 +442,7 @@ def prepare(config, workdir: str):
     table.fill_stage(config, "sft", stage_lib.run_sft(config, "sft"))
   fit = _fit_target(config, workdir)
   with config.unlocked():
-    if config.method.target == "distributional" and not config.method.lambdas:
+    if m.target == "distributional" and not m.lambdas:
       config.method.lambdas = tuple(fit["lambdas"])
     config.eval.log_z = tuple(fit["log_z"])
   return config
@@ -542,13 +555,12 @@ def _fit(config) -> dict:
 
 
 def build(config) -> Experiment:
-  _check(config)
+  m = _check(config)
   if len(config.eval.log_z) != _eval_contexts(config):
     raise ConfigError(f"config.eval.log_z has {len(config.eval.log_z)} values for {_eval_contexts(config)} "
                       f"evaluation contexts: run through jaxopd.main (prepare() fits them)")
-  if config.method.target == "distributional" and not config.method.lambdas:
+  if m.target == "distributional" and not m.lambdas:
     raise ConfigError("config.method.lambdas is empty: run through jaxopd.main (prepare() fits them)")
-  m = config.method
   data = load_data(config)
   model_cfg = table.arch(config, "policy")
   if len(data.tokenizer) > model_cfg.vocab_size:
@@ -564,7 +576,7 @@ def build(config) -> Experiment:
     records = [{"prompt": bos, "prompt_len": np.int32(1), "context": np.int32(0)}] * max(config.batch_size, 64)
   num_contexts = len(records) if m.conditional else 1
   k = int(m.samples_per_context) if m.conditional else 1
-  rollout = make_rollout(target, m.divergence, scfg, eps=_eps(config), offline=bool(m.offline),
+  rollout = make_rollout(target, m.divergence, scfg, eps=_eps(m), offline=bool(m.offline),
                          proposal_every=int(m.proposal_every) * config.grad_accum, group=k if m.conditional else 0,
                          chunk=int(m.chunk))
 

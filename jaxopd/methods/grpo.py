@@ -1,55 +1,14 @@
 """GRPO with DAPO's and ProRL's controls, on-policy distillation (VLA-OPD) and RL with a
 teacher term (RPD), through the one train step. Math: :mod:`jaxopd.losses.grpo`;
-config and commands: experiments/grpo.py.
+config and commands: experiments/grpo.py (every field commented there).
 
-The step (``rollout`` then ``loss_fn``, both inside the jitted train step):
-
-1. each prompt of the batch is prefilled once and ``config.method.group_size`` = G
-   responses are sampled from it (``config.rollout``: length budget, temperature);
-2. each response is scored (``config.method.reward``): ``check`` (the digits task's exact
-   checker, on device), ``gold`` (the reviews task's gold reward, on the host), ``model`` (the ``reward`` role, a Hugging Face
-   sequence-classification directory, on device) or ``module:function`` (your function on
-   the decoded texts, on the host, :mod:`jaxopd.rewards`);
-3. advantages per group (``grpo`` / ``dr_grpo``); with ``dynamic_sampling`` the groups
-   whose rewards are all equal leave the loss (``kept_fraction`` is logged), and with
-   ``train_groups = n > 0`` the step trains on n of the batch's groups, kept ones first
-   (DAPO's over-sampling: sample ``batch_size`` prompts' groups, train on n);
-4. the clipped surrogate with ``eps_low`` / ``eps_high``, ``beta_kl`` times a KL estimator
-   (``k1`` / ``k2`` / ``k3``) to the ``reference`` (a copy of the policy taken at the start
-   and at each ProRL reset, held in the train state: ``beta_kl = 0`` builds none), one of
-   three aggregations; ``updates_per_rollout = mu > 1``: mu optimizer updates per rollout
-   on its minibatches, with the rollout-time log-probs as ``pi_old``;
-5. with ``config.method.distill`` set (``reverse_kl`` / ``forward_kl`` / ``hard_ce``), a
-   frozen ``teacher`` scores every position of the policy's own samples and
-   ``lambda_d(step)`` times that term is added (RPD); ``pg = False`` drops the RL term:
-   pure on-policy distillation (VLA-OPD), the same aggregation and mask.
-
-The sampler may compute in another precision than the step (``sampler_dtype=bfloat16``); its
-log-probs of its own tokens are kept, the mismatch with the trainer's is logged every step
-(``rollout/logp_diff``, ``rollout/logp_diff_seqmax``, ``rollout/kl``), and
-``rollout_correction`` = ``tis`` (token weights ``min(pi_train / pi_sampler, rollout_cap)``) or
-``mis`` (responses whose geometric-mean ratio leaves ``[1/cap, cap]`` leave the loss) corrects it
-(:func:`jaxopd.losses.grpo.rollout_correction`).
-
-ProRL's reference reset: every ``reset_every`` steps, or when the step's ``kl`` exceeds
-``reset_kl``, the reference becomes the current policy and the optimizer state is
-re-initialised (``resets`` counts them in the log).
-
-Per-token quantities come from the models' final hidden states in chunks of
-``config.method.chunk`` positions with the LM head inside the chunk loop (no ``[B, T, V]``
-logits of any model in the step), at the response slots only (``[R, N]``). With
-``config.method.share_prompt`` (the default) each forward encodes a prompt once for the
-rows that continue it (:func:`share_group`; the model's grouped rows), and the sampler keeps
-each prompt's KV cache once for its G rows.
-
-Metrics (TRL / verl names where they exist): ``reward/mean``, ``reward/std`` (mean over
-groups of the group's std), ``pass@1`` (check reward), ``kept_fraction``,
-``clip_ratio/low|high|region``, ``kl``, ``entropy``, ``response_length/mean``,
-``distill`` (the teacher term's token mean), ``resets``. Evaluation on the digits task:
-pass@k for k = 1, 2, 4, ... up to ``config.eval.samples`` per difficulty level (the
-unbiased estimator from n samples per prompt), the greedy pass rate and the held-out NLL of
-the easy levels; on the reviews task TDPO's (gold reward, sequence KL to the reference when
-there is one, entropy, distinct-n of held-out samples).
+Inside the jitted train step, :func:`make_rollout` prefills each prompt once, samples
+``config.method.group_size`` = G responses from it, scores them (:func:`make_reward`) and computes
+the group advantages; :func:`make_loss_fn` applies the clipped surrogate, the optional KL to the
+``reference`` (ProRL's resets: :func:`make_reset`) and the optional teacher term
+(``config.method.distill``; ``pg = False``: pure on-policy distillation). Per-token quantities come
+from the models' final hidden states in chunks, at the response slots only (:func:`token_terms`;
+no ``[B, T, V]`` logits in the step), each prompt encoded once for its rows (:func:`share_group`).
 """
 
 from __future__ import annotations
@@ -61,16 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopd import paths, rewards, stages
+from jaxopd import options, paths, rewards, stages, tasks
 from jaxopd.data import batched_iterator, digits, suite as suite_lib
-from jaxopd.data.tokenizer import check_tokenizer
-from jaxopd.errors import ConfigError, one_of
+from jaxopd.errors import ConfigError
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.models import heads
 from jaxopd.losses.grpo import (ADVANTAGES, AGGREGATIONS, CORRECTIONS, DISTILL, KL_ESTIMATORS, RATIO_LEVELS,
                                 SCHEDULES, aggregate, distill_per_token, distill_weight, group_advantages, group_std,
                                 kept_groups, policy_loss, rollout_correction)
 from jaxopd.models import table
+from jaxopd.options import at_least, one_of, option
 from jaxopd.sampling import SamplingConfig, sample
 from jaxopd.tasks import digits as digits_task, reviews
 
@@ -78,6 +37,50 @@ TASKS = ("digits", "reviews", "files")
 CHECK = "check"
 GOLD = "gold"
 BUILTIN = {"digits": (CHECK, "the digits task's checker"), "reviews": (GOLD, "the reviews task's gold reward")}
+SAMPLER_DTYPES = ("", "float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+  """``config.method`` (experiments/grpo.py comments each field), declared in the order of its checks."""
+  advantage: str = option(one_of(*ADVANTAGES))
+  kl: str = option(one_of(*KL_ESTIMATORS))
+  aggregation: str = option(one_of(*AGGREGATIONS))
+  distill_schedule: str = option(one_of(*SCHEDULES))
+  ratio_level: str = option(one_of(*RATIO_LEVELS))
+  rollout_correction: str = option(one_of(*CORRECTIONS))
+  sampler_dtype: str = option(one_of(*SAMPLER_DTYPES))   # "": the policy's
+  distill: str = option(lambda v: None if not v or v in DISTILL else f"must be '' (none) or one of {DISTILL}")
+  group_size: int = option(lambda v: None if v >= 2 else "must be >= 2 (advantages are relative to a group)")
+  eps_low: float = option(at_least(0), lambda v: None if v < 1 else
+                          "must be < 1 (the ratio's lower clip is 1 - eps_low)")
+  eps_high: float = option(at_least(0))
+  beta_kl: float = option(at_least(0))
+  reset_kl: float = option(at_least(0))
+  lambda_d: float = option(at_least(0))
+  rollout_cap: float = option(lambda v: None if v > 1 else "must be > 1 (TIS's truncation, MIS's band [1/cap, cap])")
+  distill_temperature: float = option()
+  chunk: int = option()
+  updates_per_rollout: int = option(at_least(1))
+  reward: str = option()   # check | gold | module:function | model (checked against the task in _check)
+  pg: bool = option()      # the RL term
+  dynamic_sampling: bool = option()
+  train_groups: int = option()   # 0: all (checked against batch_size in _check)
+  reset_every: int = option()
+  share_prompt: bool = option()
+
+  def __post_init__(self):
+    if self.distill_temperature <= 0 or self.chunk <= 0:
+      raise ConfigError("config.method.distill_temperature and config.method.chunk must be positive")
+    if not self.pg and not self.distill:
+      self.refuse("pg", "with no RL term the loss is the distillation term; set config.method.distill "
+                  "(reverse_kl, forward_kl or hard_ce)")
+    if self.distill and self.lambda_d == 0:
+      raise ConfigError(f"config.method.distill={self.distill!r} with lambda_d=0: the term would weigh nothing "
+                        f"(set lambda_d > 0, or distill='')")
+    if (self.reset_every or self.reset_kl) and not uses_reference(self):
+      raise ConfigError("config.method.reset_every / reset_kl: a reset moves the reference, and there is none "
+                        "(beta_kl=0 or pg=False builds no reference model)")
 
 
 def uses_reference(m) -> bool:
@@ -137,7 +140,11 @@ def sampled_logprobs(model, rows, prompt_width: int, chunk: int, group: int = 1)
 
 
 def make_reward(kind: str, eos_id: int, host_fn=None, reward_pad: int = -1):
-  """``reward(models, tokens, loss_mask, batch) -> [R]`` float32, inside the step."""
+  """``reward(models, tokens, loss_mask, batch) -> [R]`` float32, inside the step: ``check`` (the
+  digits task's exact checker, on device), ``gold`` (the reviews task's gold reward, on the host:
+  ``host_fn``), ``model`` (the ``reward`` role, a Hugging Face sequence-classification directory, on
+  device) or ``module:function`` (your function on the decoded texts, on the host: ``host_fn`` from
+  :func:`jaxopd.rewards.load`)."""
   if kind == CHECK:
     return lambda models, t, m, b: digits.check(t, m, b["answer"], b["answer_len"], eos_id)
   if kind == rewards.MODEL:
@@ -199,7 +206,12 @@ def make_rollout(scfg: SamplingConfig, group: int, reward_fn, m, total_steps: in
 
 def make_loss_fn(m, max_len: int, check_reward: bool, group: int = 1):
   """The loss on rollout rows of ``max_len`` response slots; ``group = s``: runs of s consecutive
-  rows share a prompt (:func:`share_group`), which each per-token forward encodes once."""
+  rows share a prompt (:func:`share_group`), which each per-token forward encodes once.
+
+  Metrics (TRL / verl names where they exist): ``reward/mean``, ``reward/std`` (mean over groups
+  of the group's std), ``pass@1`` (check reward), ``kept_fraction``, ``clip_ratio/low|high|region``,
+  ``kl``, ``entropy``, ``response_length/mean``, ``distill`` (the teacher term's token mean) and the
+  sampler-mismatch ``rollout/*`` (:func:`jaxopd.losses.grpo.rollout_correction`)."""
   teacher = "teacher" if m.distill else ""
   with_ref = uses_reference(m)
 
@@ -243,7 +255,11 @@ def make_loss_fn(m, max_len: int, check_reward: bool, group: int = 1):
 
 
 def make_reset(m):
-  """ProRL's reference reset rule: every ``reset_every`` steps and/or when ``kl > reset_kl``."""
+  """ProRL's reference reset rule: every ``reset_every`` steps and/or when ``kl > reset_kl``.
+
+  The ``reference`` is a copy of the policy taken at the start and at each reset, held in the train
+  state (``beta_kl = 0`` builds none); at a reset it becomes the current policy and the optimizer
+  state is re-initialised (``resets`` counts them in the log)."""
   if not (m.reset_every or m.reset_kl):
     return None
 
@@ -259,45 +275,16 @@ def make_reset(m):
 
 # --- config checks, data, build ---------------------------------------------------------------
 
-def _check(c):
-  m = c.method
-  for f, allowed in (("advantage", ADVANTAGES), ("kl", KL_ESTIMATORS), ("aggregation", AGGREGATIONS),
-                     ("distill_schedule", SCHEDULES), ("ratio_level", RATIO_LEVELS),
-                     ("rollout_correction", CORRECTIONS), ("sampler_dtype", ("", "float32", "bfloat16"))):
-    if m[f] not in allowed:
-      raise ConfigError(f"config.method.{f}={m[f]!r}: must be one of {allowed}")
-  if m.distill and m.distill not in DISTILL:
-    raise ConfigError(f"config.method.distill={m.distill!r}: must be '' (none) or one of {DISTILL}")
-  one_of(c.data, "config.data", "task", TASKS)
-  if m.group_size < 2:
-    raise ConfigError(f"config.method.group_size={m.group_size}: must be >= 2 (advantages are relative to a group)")
-  for f in ("eps_low", "eps_high", "beta_kl", "reset_kl", "lambda_d"):
-    if m[f] < 0:
-      raise ConfigError(f"config.method.{f}={m[f]}: must be >= 0")
-  if m.eps_low >= 1:
-    raise ConfigError(f"config.method.eps_low={m.eps_low}: must be < 1 (the ratio's lower clip is 1 - eps_low)")
-  if m.rollout_cap <= 1:
-    raise ConfigError(f"config.method.rollout_cap={m.rollout_cap}: must be > 1 (TIS's truncation, MIS's band "
-                      f"[1/cap, cap])")
-  if m.distill_temperature <= 0 or m.chunk <= 0:
-    raise ConfigError("config.method.distill_temperature and config.method.chunk must be positive")
-  if not m.pg and not m.distill:
-    raise ConfigError("config.method.pg=False: with no RL term the loss is the distillation term; set "
-                      "config.method.distill (reverse_kl, forward_kl or hard_ce)")
-  if m.distill and m.lambda_d == 0:
-    raise ConfigError(f"config.method.distill={m.distill!r} with lambda_d=0: the term would weigh nothing "
-                      f"(set lambda_d > 0, or distill='')")
+def _check(c) -> Options:
+  m = Options.of(c.method)
+  if c.data.task not in TASKS:
+    raise ConfigError(f"config.data.task={c.data.task!r}: must be one of {TASKS}")
   if not m.distill and table.built(c, "teacher"):
     raise ConfigError(f"config.models.teacher.init={c.models.teacher.init!r}: only config.method.distill uses a "
                       f"teacher (leave it at none)")
   if m.distill and not table.built(c, "teacher"):
     raise ConfigError(f"config.models.teacher.init='none': config.method.distill={m.distill!r} needs a teacher "
                       f"(stage:teacher, hf:DIR or run:WORKDIR)")
-  if (m.reset_every or m.reset_kl) and not uses_reference(m):
-    raise ConfigError("config.method.reset_every / reset_kl: a reset moves the reference, and there is none "
-                      "(beta_kl=0 or pg=False builds no reference model)")
-  if m.updates_per_rollout < 1:
-    raise ConfigError(f"config.method.updates_per_rollout={m.updates_per_rollout}: must be >= 1")
   rows = c.batch_size * m.group_size if not m.train_groups else m.train_groups * m.group_size
   if m.updates_per_rollout > 1 and rows % (m.updates_per_rollout * c.grad_accum):
     raise ConfigError(f"config.method.updates_per_rollout={m.updates_per_rollout}: the rollout's {rows} rows must "
@@ -327,6 +314,7 @@ def _check(c):
     raise ConfigError(f"config.seq_len={c.seq_len}: sampled sequences are prompt + response, so it must equal "
                       f"config.rollout.prompt_len + config.rollout.max_new_tokens = "
                       f"{c.rollout.prompt_len} + {c.rollout.max_new_tokens}")
+  return m
 
 
 def prepare(config, workdir: str):
@@ -346,31 +334,10 @@ def prepare(config, workdir: str):
 
 
 def build(config) -> Experiment:
-  _check(config)
-  m = config.method
-  evaluate = None
-  host_fn = None
-  if config.data.task == "files":
-    tok, train_recs, _ = suite_lib.file_records(config.data, "prompt", config.seq_len,
-                                                max_prompt_len=config.rollout.prompt_len,
-                                                default_tokenizer=table.tokenizer_dir(config))
-  elif config.data.task == "reviews":
-    suite = suite_lib.ensure(config.data, verbose=False)
-    tok = suite.tokenizer
-    check_tokenizer(config, tok, "the reviews task")
-    train_recs = suite_lib.prompt_records(suite, "train", config.rollout.prompt_len)
-    host_fn = suite_lib.gold_reward_fn(suite) if m.reward == GOLD else None
-    if config.eval.num_prompts:
-      evaluate = reviews.evaluate(config, suite)    # gold reward, KL to the reference, entropy, distinct-n
-  else:
-    suite = digits.ensure(config.data, verbose=False)
-    tok = suite.tokenizer
-    check_tokenizer(config, tok, "the digits task")
-    a_len = config.rollout.max_new_tokens - 1
-    train_recs = digits.prompt_records(suite, "train", config.rollout.prompt_len, a_len)
-    test_recs = digits.prompt_records(suite, "test", config.rollout.prompt_len, a_len)[:config.eval.num_prompts]
-    if config.eval.num_prompts and config.eval.samples:
-      evaluate = digits_task.evaluate(config, suite, test_recs)
+  m = _check(config)
+  data = tasks.get(config, "prompts")(config)
+  tok, train_recs = data.tokenizer, data.train
+  host_fn = data.gold if m.reward == GOLD else None
   policy = table.arch(config, "policy")
   if len(tok) > policy.vocab_size:
     raise ConfigError(f"config.models.policy: its vocab_size={policy.vocab_size} is smaller than the tokenizer's "
@@ -397,7 +364,7 @@ def build(config) -> Experiment:
       rollout=make_rollout(scfg, m.group_size, reward_fn, m, config.total_steps, need_old=mu > 1,
                            train_every=config.batch_size // m.train_groups if m.train_groups else 0,
                            sampler=sampler_graph(policy, m.sampler_dtype)),
-      evaluate=evaluate, updates_per_rollout=mu,
+      evaluate=data.evaluate, updates_per_rollout=mu,
       snapshots={"reference": "policy"} if uses_reference(m) else {},
       reset=make_reset(m) if uses_reference(m) else None, host_fault=getattr(host_fn, "fault", None))
 

@@ -1,70 +1,82 @@
 """REDI (Xu et al., 2025): reinforcement distillation from positive and negative traces,
-reference-free. Config: experiments/redi.py; loss: :func:`jaxopd.losses.redi_loss`.
+reference-free: ``loss = -log pi(y+) / |y+| + alpha log pi(y-) / |y-|`` per pair
+(:func:`jaxopd.losses.redi_loss`), with the paper's baselines SimPO and DPO on the same pairs
+(:data:`LOSS_TABLE`). Config and commands: experiments/redi.py.
 
-Per pair of a positive trace ``y+`` (the chosen side) and a negative one ``y-``
-(the rejected side) for the same prompt:
-``loss = -log pi(y+) / |y+| + alpha log pi(y-) / |y-|`` (``alpha = 0.8`` the
-paper's asymmetric weighting, ``1`` the symmetric case, ``0`` SFT on the
-positives), averaged over pairs. ``config.method.loss`` also offers the paper's baselines on
-the same pairs (the loss types of its official trainer): ``simpo``
-(``-log sigmoid(beta (log pi(y+)/|y+| - log pi(y-)/|y-|) - gamma)``, reference-free) and
-``dpo`` (``beta``, against the ``reference``).
-
-Roles: ``policy`` (trained); ``reference`` (frozen: the starting model) only for
-the metric ``logps/chosen_change`` and the sampled evaluation's KL; REDI's and
-SimPO's losses never use it (DPO's does), and ``--config.models.reference.init=none`` drops it (no
-forward, no memory).
-
-Data (``config.data.task``):
-
-* ``digits``: REDI's own setting (experiments/redi.py:digits). A teacher's traces on the
-  digits task labelled by its exact checker (:mod:`jaxopd.data.traces`: ``config.traces``),
-  stage 1 = SFT of the student (the digits SFT base, easy levels) on every positive trace
-  (``config.positives``, a cached stage), stage 2 = this loss on (positive, negative)
-  pairs of the same prompt, from the stage-1 model; evaluation pass@k per level and the
-  held-out NLL of the easy levels (:func:`jaxopd.tasks.digits.evaluate`).
-* ``reviews`` / ``files``: the preference pipeline's pairs
-  (:func:`jaxopd.tasks.pairs.pair_data`: the reviews pairs, best vs worst of the SFT
-  model's samples by gold reward, or your pair files), from the SFT base.
-
-Metrics: ``logps/chosen_norm``, ``logps/rejected_norm`` (length-normalised
-log-likelihoods), ``logps/margin_norm`` (their difference), ``logps/chosen_change``
-(the positives' length-normalised log-likelihood minus the reference's: REDI's
-point is that it must not collapse), ``rewards/accuracies`` (pairs whose
-normalised positive log-likelihood is the larger).
+The ``reference`` (frozen) serves only the metric ``logps/chosen_change`` and the sampled
+evaluation's KL, unless ``loss=dpo``; ``models.reference.init=none`` drops it. On ``digits``
+(REDI's setting) the pairs are a teacher's traces labelled by the task's checker (the traces
+stage), trained after stage 1, SFT on every positive trace (``config.positives``); on
+``reviews`` / ``files`` they are the preference pipeline's pairs (:mod:`jaxopd.tasks.pairs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
 
-from jaxopd import paths, stages as stage_lib
+from jaxopd import options, paths, stages as stage_lib
 from jaxopd.data import digits, traces
 from jaxopd.data.tokenizer import check_tokenizer
-from jaxopd.errors import ConfigError, one_of, positive
+from jaxopd.errors import ConfigError
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import dpo_loss, redi_loss, simpo_loss
 from jaxopd.losses.common import responses
 from jaxopd.models import heads, table
+from jaxopd.options import at_least, one_of, option, positive
 from jaxopd.tasks import digits as digits_task, pairs as pair_task
 
 
-LOSSES = ("redi", "simpo", "dpo")
+# The losses by name, each ``fn(lp, n, ref, beta, gamma, alpha) -> [B]`` from the pairs' summed
+# log-probs ``lp``, lengths ``n`` and reference log-probs ``ref`` (``[B, 2]``; 0 = positive), and
+# whether it needs the reference on both sides: REDI and the baselines of its official trainer.
+LOSS_TABLE = {
+    "redi": (lambda lp, n, ref, beta, gamma, alpha: redi_loss(lp[:, 0], n[:, 0], lp[:, 1], n[:, 1], alpha), False),
+    "simpo": (lambda lp, n, ref, beta, gamma, alpha: simpo_loss(lp[:, 0], n[:, 0], lp[:, 1], n[:, 1], beta, gamma),
+              False),
+    "dpo": (lambda lp, n, ref, beta, gamma, alpha: dpo_loss(lp[:, 0] - ref[:, 0], lp[:, 1] - ref[:, 1], beta), True),
+}
+LOSSES = tuple(LOSS_TABLE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+  chunk: int = option(positive)
+  loss: str = option(one_of(*LOSSES))
+  alpha: float = option(at_least(0))
+  beta: float = option()
+  gamma: float = option()
+  share_prompt: bool = option()
+
+  def __post_init__(self):
+    if self.loss != "redi" and self.alpha != 0.8:
+      self.refuse("alpha", f"only loss=redi uses alpha (loss={self.loss!r})")
+    if self.loss == "redi" and (self.beta != 2.0 or self.gamma != 1.0):
+      raise ConfigError(f"config.method.{'beta' if self.beta != 2.0 else 'gamma'}: loss=redi uses neither beta nor "
+                        f"gamma (they are simpo's and dpo's)")
+    if self.loss == "dpo" and self.gamma != 1.0:
+      self.refuse("gamma", "only loss=simpo uses gamma")
+    if self.loss != "redi" and self.beta <= 0:
+      self.refuse("beta", "must be positive")
 
 
 def make_loss_fn(alpha: float, with_reference: bool, loss: str = "redi", beta: float = 2.0, gamma: float = 1.0,
                  chunk: int = 64):
   """``loss_fn(models, batch, rng)`` on pair batches (0 = positive, 1 = negative) in either layout
-  (:func:`jaxopd.losses.common.responses`: a row per response, or shared-prefix rows).
+  (:func:`jaxopd.losses.common.responses`: a row per response, or shared-prefix rows). Metrics:
+  ``logps/chosen_norm``, ``logps/rejected_norm``, ``logps/margin_norm`` (length-normalised),
+  ``logps/chosen_change`` (the positives' against the reference's: REDI's point is that it must not
+  collapse) and ``rewards/accuracies``.
 
   ``loss``: ``redi`` (``alpha``), or the paper's baselines on the same pairs (the loss types of
   REDI's official trainer): ``simpo`` (reference-free, ``beta``, ``gamma``) and ``dpo`` (``beta``,
   against the ``reference``)."""
   if loss not in LOSSES:
     raise ValueError(f"config.method.loss={loss!r}: must be one of {LOSSES}")
+  fn, both_sides = LOSS_TABLE[loss]
 
   def loss_fn(models, batch, rng):
     del rng
@@ -74,14 +86,9 @@ def make_loss_fn(alpha: float, with_reference: bool, loss: str = "redi", beta: f
     lp = rows.sums(heads.token_logprobs(models["policy"], rows.tokens, chunk, **rows.forward))
     ref = None
     if with_reference:   # DPO's loss needs both sides; the metric only the positives
-      r = rows if loss == "dpo" else rows.response(0)
+      r = rows if both_sides else rows.response(0)
       ref = r.sums(heads.token_logprobs(models["reference"], r.tokens, chunk, frozen=True, **r.forward))
-    if loss == "redi":
-      losses = redi_loss(lp[:, 0], n[:, 0], lp[:, 1], n[:, 1], alpha)
-    elif loss == "simpo":
-      losses = simpo_loss(lp[:, 0], n[:, 0], lp[:, 1], n[:, 1], beta, gamma)
-    else:
-      losses = dpo_loss(lp[:, 0] - ref[:, 0], lp[:, 1] - ref[:, 1], beta)
+    losses = fn(lp, n, ref, beta, gamma, alpha)
     norm = jax.lax.stop_gradient(lp / jnp.maximum(n, 1.0))
     metrics = {"logps/chosen_norm": jnp.sum(norm[:, 0]), "logps/rejected_norm": jnp.sum(norm[:, 1]),
                "logps/margin_norm": jnp.sum(norm[:, 0] - norm[:, 1]),
@@ -92,22 +99,9 @@ def make_loss_fn(alpha: float, with_reference: bool, loss: str = "redi", beta: f
   return loss_fn
 
 
-def _check(c):
-  positive(c.method, "config.method", "chunk")
-  m = c.method
-  one_of(m, "config.method", "loss", LOSSES)
-  if m.alpha < 0:
-    raise ConfigError(f"config.method.alpha={m.alpha}: must be >= 0")
-  if m.loss != "redi" and m.alpha != 0.8:
-    raise ConfigError(f"config.method.alpha={m.alpha}: only loss=redi uses alpha (loss={m.loss!r})")
-  if m.loss == "redi" and (m.beta != 2.0 or m.gamma != 1.0):
-    raise ConfigError(f"config.method.{'beta' if m.beta != 2.0 else 'gamma'}: loss=redi uses neither beta nor "
-                      f"gamma (they are simpo's and dpo's)")
-  if m.loss == "dpo" and m.gamma != 1.0:
-    raise ConfigError(f"config.method.gamma={m.gamma}: only loss=simpo uses gamma")
-  if m.loss != "redi" and m.beta <= 0:
-    raise ConfigError(f"config.method.beta={m.beta}: must be positive")
-  if m.loss == "dpo" and not table.built(c, "reference"):
+def _check(c) -> Options:
+  m = Options.of(c.method)
+  if LOSS_TABLE[m.loss][1] and not table.built(c, "reference"):
     raise ConfigError("config.models.reference.init='none': loss=dpo needs the reference")
   if c.data.task not in ("reviews", "files", "digits"):
     raise ConfigError(f"config.data.task={c.data.task!r}: must be reviews, files or digits")
@@ -120,6 +114,7 @@ def _check(c):
         raise ConfigError(f"config.traces.{f}={t[f]}: must be >= 1")
     if t.samples < 2:
       raise ConfigError(f"config.traces.samples={t.samples}: a pair needs at least 2 samples per prompt")
+  return m
 
 
 def prepare(config, workdir: str):
@@ -191,13 +186,12 @@ def _digits_data(config):
 
 
 def build(config) -> Experiment:
-  _check(config)
+  m = _check(config)
   train_recs, test_recs, evaluate = (_digits_data if config.data.task == "digits" else pair_task.pair_data)(config)
   with_ref = table.built(config, "reference")
-  train_data, eval_data = pair_task.pair_batches(train_recs, test_recs, config.method.share_prompt)
+  train_data, eval_data = pair_task.pair_batches(train_recs, test_recs, m.share_prompt)
   return Experiment(roles={"policy": True, **({"reference": False} if with_ref else {})},
-                    loss_fn=make_loss_fn(float(config.method.alpha), with_ref, config.method.loss,
-                                         float(config.method.beta), float(config.method.gamma), int(config.method.chunk)),
+                    loss_fn=make_loss_fn(float(m.alpha), with_ref, m.loss, float(m.beta), float(m.gamma), int(m.chunk)),
                     train_data=train_data,
                     eval_data=eval_data, evaluate=evaluate)
 

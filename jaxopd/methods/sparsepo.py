@@ -3,29 +3,17 @@ huawei-noah/HEBO, folder SparsePO) on the preference pipeline (its stages
 :func:`jaxopd.stages.prepare_pairs`, its evaluation and report :mod:`jaxopd.tasks.pairs`). Config:
 experiments/sparsepo.py.
 
-The step: token masks from the frozen reference model, then the pure loss of
-:mod:`jaxopd.losses.sparsepo`. Batch as in :mod:`jaxopd.methods.tdpo`: ``tokens[B, 2, T]``, ``loss_mask[B, 2, T]``
-(0 = chosen, 1 = rejected), and optionally ``gold[B, 2, T]`` (1 on the tokens
-that carry the gold reward, for the mask statistics only). The reference runs
-once with ``return_hidden=True``; its logits and hidden states are detached
-where they are produced, so the policy gets no gradient through the mask input.
-
-Masks (``w[:, t]`` weights target token t+1 and is computed from the reference
-states at position t, as the official ``reference_states[:, :-1]``):
-
-* ``learned``: :class:`SparseMask`, a trainable model ("mask", its own optimizer
-  group) with one head shared by ``w_u`` and ``w_d`` or one head each; its init
-  (:class:`MaskHead`) keeps the output positive on average by default, and each
-  eval checks that it is not all zeros (:func:`check_masks`: stops or warns);
-* ``mapo``: :func:`jaxopd.losses.sparsepo.activation_mask` of the reference's
-  residual stream (the embeddings, every block's output, the final-norm
-  output: what ``Transformer(return_hidden=True)`` exposes) and its logits. The
-  official MaPO also hooks MLP post-activations, q/k/v and the intra-block
-  residual points, which this model does not expose. One mask for both terms.
+The step (:func:`make_loss_fn`): token masks from the frozen reference model (:func:`token_weights`:
+``learned`` or ``mapo``), then the pure loss of :mod:`jaxopd.losses.sparsepo`. Batch as in
+:mod:`jaxopd.methods.tdpo`: ``tokens[B, 2, T]``, ``loss_mask[B, 2, T]`` (0 = chosen, 1 = rejected), and
+optionally ``gold[B, 2, T]`` (1 on the tokens that carry the gold reward, for the mask statistics
+only). The reference's logits and hidden states are detached where they are produced, so the policy
+gets no gradient through the mask input.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -34,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopd import errors, paths, stages as stage_lib
+from jaxopd import errors, options, paths, stages as stage_lib
 from jaxopd.data import batched_iterator, preferences, reviews, suite as suite_lib
-from jaxopd.errors import ConfigError, one_of, positive
+from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import forward_kl, response_mask
@@ -44,8 +32,8 @@ from jaxopd.models.heads import chunked_terms, label_logprob
 from jaxopd.losses.sparsepo import activation_mask, l1_penalty, sequence_terms, sparsepo_loss
 from jaxopd.tasks import pairs as pair_task
 from jaxopd.models import table
+from jaxopd.options import at_least, one_of, option, positive
 
-MASKS = ("learned", "mapo")
 INITS = ("positive", "uniform", "ones")     # the learned mask's initialisers (MaskHead); the first is the default
 DEFAULT_INIT = INITS[0]
 PROBE_TRAIN_PAIRS = 64                      # training pairs the dead-mask check probes (with the held-out ones)
@@ -128,18 +116,37 @@ class SparseMask(nnx.Module):
     return w_u, (w_u if self.d is None else self.d(hidden))
 
 
+def _learned_weights(mask_model, hidden, ref_logit_mean, m):
+  stacked = jnp.stack([h[:, :-1] for h in hidden[1:]])      # the states after each block, as the official
+  return mask_model(jax.lax.stop_gradient(stacked))
+
+
+def _mapo_weights(mask_model, hidden, ref_logit_mean, m):
+  w = activation_mask({"resid": [h[:, :-1] for h in hidden], "logits": [ref_logit_mean[..., None]]}, m)
+  return w, w
+
+
+# The masks by name (:func:`token_weights`), each ``fn(mask_model, hidden, ref_logit_mean, m) -> (w_u, w_d)``,
+# and whether it reads ``ref_logit_mean`` (the step computes that vocabulary-wide term only then; else None).
+MASK_TABLE = {"learned": (_learned_weights, False), "mapo": (_mapo_weights, True)}
+MASKS = tuple(MASK_TABLE)
+
+
 def token_weights(mask: str, mask_model, hidden, ref_logit_mean, m):
   """``(w_u, w_d)``, each ``[N, T-1]`` aligned with ``token_logprobs``, from the reference's
   detached outputs: ``hidden`` (``n_layers + 1`` arrays ``[N, T, D]``) and ``ref_logit_mean``
   ``[N, T-1]``, the mean over the vocabulary of its logits at each position (MaPO's logit
-  activation: the mask averages each activation over its trailing dimensions anyway)."""
-  if mask == "learned":
-    stacked = jnp.stack([h[:, :-1] for h in hidden[1:]])      # the states after each block, as the official
-    return mask_model(jax.lax.stop_gradient(stacked))
-  if mask == "mapo":
-    w = activation_mask({"resid": [h[:, :-1] for h in hidden], "logits": [ref_logit_mean[..., None]]}, m)
-    return w, w
-  raise ValueError(f"config.method.mask={mask!r}: must be one of {MASKS}")
+  activation: the mask averages each activation over its trailing dimensions anyway).
+
+  ``learned``: ``mask_model``, a :class:`SparseMask` (role "mask", its own optimizer group) on the
+  states after each block; each eval checks that it is not all zeros (:func:`check_masks`: stops or
+  warns). ``mapo``: :func:`jaxopd.losses.sparsepo.activation_mask` of the reference's residual
+  stream (the embeddings, every block's output, the final-norm output) and its logits, one mask for
+  both terms; the official MaPO also hooks MLP post-activations, q/k/v and the intra-block residual
+  points, which this model does not expose."""
+  if mask not in MASK_TABLE:
+    raise ValueError(f"config.method.mask={mask!r}: must be one of {MASKS}")
+  return MASK_TABLE[mask][0](mask_model, hidden, ref_logit_mean, m)
 
 
 def _logit_mean(z):
@@ -181,7 +188,7 @@ def make_loss_fn(mask: str, shared: bool, beta: float, lambda_u: float = 0.0, la
     def terms(z, targets):       # the LM heads inside the chunk loop: no [N, T, V] logits
       out = {"lp_pi": label_logprob(z["policy"], targets), "lp_ref": label_logprob(z["reference"], targets),
              "kl": forward_kl(z["reference"], z["policy"])}
-      if mask == "mapo":
+      if MASK_TABLE[mask][1]:
         out["mean"] = _logit_mean(z["reference"])
       return out
     tt = chunked_terms({"policy": models["policy"], "reference": models["reference"]}, flat, terms, chunk,
@@ -250,26 +257,33 @@ def label(config) -> str:
   return "mapo" if m.mask == "mapo" else f"sparsepo-{'shared' if m.shared else 'indep'}"
 
 
-def _check(c):
-  m = c.method
-  one_of(m, "config.method", "mask", MASKS)
-  positive(m, "config.method", "beta")
-  for f in ("lambda_u", "lambda_d"):
-    if m[f] < 0:
-      raise ConfigError(f"config.method.{f}={m[f]}: must be >= 0")
-  one_of(m, "config.method", "mask_init", INITS)
-  positive(m, "config.method", "chunk")
-  if m.mask == "mapo":
-    if not m.shared:
-      raise ConfigError("config.method.shared=False: MaPO has one mask for both terms (use mask=learned)")
-    if m.lambda_u or m.lambda_d:
-      raise ConfigError(f"config.method.lambda_u={m.lambda_u}, lambda_d={m.lambda_d}: the MaPO mask is "
-                        f"detached, an L1 penalty on it does nothing (use 0)")
-    if m.mask_init != DEFAULT_INIT:
-      raise ConfigError(f"config.method.mask_init={m.mask_init!r}: only the learned mask is initialised")
-    if "mask" in c.optim.groups:
-      raise ConfigError("config.optim.groups.mask: MaPO has no mask model to train (the preset ':mapo' "
-                        "drops this group)")
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+  mask: str = option(one_of(*MASKS))
+  shared: bool = option()                  # learned: one mask for w_u and w_d
+  beta: float = option(positive)
+  lambda_u: float = option(at_least(0))    # L1 penalty on w_u (learned only)
+  lambda_d: float = option(at_least(0))    # L1 penalty on w_d (learned only)
+  mask_init: str = option(one_of(*INITS))  # the learned mask's initialiser (MaskHead)
+  chunk: int = option(positive)            # positions per chunk of the vocabulary-wide terms
+
+  def __post_init__(self):
+    if self.mask == "mapo":
+      if not self.shared:
+        self.refuse("shared", "MaPO has one mask for both terms (use mask=learned)")
+      if self.lambda_u or self.lambda_d:
+        raise ConfigError(f"config.method.lambda_u={self.lambda_u}, lambda_d={self.lambda_d}: the MaPO mask is "
+                          f"detached, an L1 penalty on it does nothing (use 0)")
+      if self.mask_init != DEFAULT_INIT:
+        self.refuse("mask_init", "only the learned mask is initialised")
+
+
+def _check(c) -> Options:
+  m = Options.of(c.method)
+  if m.mask == "mapo" and "mask" in c.optim.groups:
+    raise ConfigError("config.optim.groups.mask: MaPO has no mask model to train (the preset ':mapo' "
+                      "drops this group)")
+  return m
 
 
 def prepare(config, workdir: str):
@@ -298,9 +312,8 @@ def gold_tokens(suite, tokens: np.ndarray) -> np.ndarray:
 
 
 def build(config) -> Experiment:
-  _check(config)
+  m = _check(config)
   model_cfg = table.arch(config, "policy")
-  m = config.method
   train_recs, test_recs, sample_eval = pair_task.pair_data(config)
   suite = None if config.data.task == "files" else suite_lib.ensure(config.data, verbose=False)
   if suite is not None:     # the gold-reward tokens, for the mask's statistics

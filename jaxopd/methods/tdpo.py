@@ -3,23 +3,12 @@ step (its loss table :data:`PAIR_LOSSES`). The pipeline it runs on (data, SFT ba
 sampled pairs labelled by the gold reward) is :func:`jaxopd.stages.prepare_pairs`, its
 data and report :mod:`jaxopd.tasks.pairs`. Config: experiments/tdpo.py (``:dpo`` for DPO).
 
-The step runs policy and frozen reference on chosen and rejected sequences,
-then the pure losses of :mod:`jaxopd.losses.preference`.
-
-Batch: ``tokens[B, 2, T]``, ``loss_mask[B, 2, T]`` (pair axis: 0 = chosen,
-1 = rejected), the pair axis folded into the batch for one forward per model;
-or, with ``config.method.share_prompt``, one row per pair ``[prompt | chosen |
-rejected]`` (``tokens``, ``loss_mask``, ``positions``, ``branch_ids`` ``[B, L]``:
-:func:`jaxopd.data.pipeline.share_prompt`), the prompt encoded once and each
-response attending to it and to itself only (equal losses and gradients:
-tests/test_prefix_sharing.py). The reference's outputs are detached where they
-are produced.
-
-Metrics use TRL's names: ``rewards/chosen`` (``beta R(y_w)`` for DPO, ``beta (R
-+ K)`` for TDPO as in the official code), ``rewards/rejected``,
-``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
-``logps/rejected``; plus the sequential KL ``kl/chosen``, ``kl/rejected``,
-``kl/margin`` (= K_l - K_w).
+The step runs policy and frozen reference (its outputs detached where they are produced) on
+chosen and rejected sequences, then the pure losses of :mod:`jaxopd.losses.preference`.
+Batch: ``tokens[B, 2, T]``, ``loss_mask[B, 2, T]`` (pair axis: 0 = chosen, 1 = rejected),
+the pair axis folded into the batch for one forward per model; or, with
+``config.method.share_prompt``, one row per pair ``[prompt | chosen | rejected]``
+(:func:`jaxopd.data.pipeline.share_prompt`; equal losses and gradients: tests/test_prefix_sharing.py).
 """
 
 from __future__ import annotations
@@ -30,8 +19,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxopd import stages
-from jaxopd.errors import ConfigError, one_of, positive
+from jaxopd import options, stages
+from jaxopd.errors import ConfigError
+from jaxopd.options import at_least, one_of, option, positive
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import dpo_loss, forward_kl, ipo_loss, tdpo_loss
 from jaxopd.losses.common import responses
@@ -83,6 +73,11 @@ def make_loss_fn(loss: str, beta: float, alpha: float = 0.5, log_kl: bool = True
   either layout (:func:`jaxopd.losses.common.responses`: a row per response, or shared-prefix rows).
 
   ``log_kl``: a loss without the KL also computes it, detached, for the metrics.
+
+  Metrics use TRL's names: ``rewards/chosen`` (``beta R(y_w)`` for DPO, ``beta (R + K)`` for TDPO
+  as in the official code), ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
+  ``logps/chosen``, ``logps/rejected``; plus the sequential KL ``kl/chosen``, ``kl/rejected``,
+  ``kl/margin`` (= K_l - K_w).
   """
   if loss not in PAIR_LOSSES:
     raise ValueError(f"config.method.loss={loss!r}: must be one of {LOSSES}")
@@ -114,21 +109,31 @@ def make_loss_fn(loss: str, beta: float, alpha: float = 0.5, log_kl: bool = True
   return loss_fn
 
 
-def _check(c):
-  one_of(c.method, "config.method", "loss", LOSSES)
-  positive(c.method, "config.method", "beta")
-  if c.method.alpha < 0:
-    raise ConfigError(f"config.method.alpha={c.method.alpha}: must be >= 0")
-  if c.method.loss != "tdpo2" and c.method.alpha != 0.5:
-    raise ConfigError(f"config.method.alpha={c.method.alpha}: only tdpo2 uses alpha")
-  positive(c.method, "config.method", "chunk")
-  if PAIR_LOSSES[c.method.loss].kl and not c.method.log_kl:
-    raise ConfigError(f"config.method.log_kl=False: {c.method.loss}'s loss is made of the sequential KL, so it is "
-                      f"always computed and logged; the option is for the losses without it")
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+  loss: str = option(one_of(*LOSSES))
+  beta: float = option(positive)
+  alpha: float = option(at_least(0))   # tdpo2's weight of the KL margin
+  chunk: int = option(positive)
+  log_kl: bool = option()              # a loss without the KL also logs it (detached)
+  share_prompt: bool = option()        # one row per pair, the prompt encoded once
+  swap: bool = option()                # train on rejected over chosen (the reverse-DPO stage)
+
+  def __post_init__(self):
+    if self.loss != "tdpo2" and self.alpha != 0.5:
+      self.refuse("alpha", "only tdpo2 uses alpha")
+    if PAIR_LOSSES[self.loss].kl and not self.log_kl:
+      raise ConfigError(f"config.method.log_kl=False: {self.loss}'s loss is made of the sequential KL, so it is "
+                        f"always computed and logged; the option is for the losses without it")
+
+
+def _check(c) -> Options:
+  m = Options.of(c.method)
   for f in ("prefs", "eval") if c.data.task == "reviews" else ():
     if c[f].prompt_len + c[f].max_new_tokens > c.model.max_len:
       raise ConfigError(f"config.{f}.max_new_tokens={c[f].max_new_tokens}: prompt_len + max_new_tokens "
                         f"exceeds config.model.max_len={c.model.max_len}")
+  return m
 
 
 def prepare(config, workdir: str):
@@ -140,9 +145,8 @@ def prepare(config, workdir: str):
 
 
 def build(config) -> Experiment:
-  _check(config)
+  m = _check(config)
   train_recs, test_recs, evaluate = pairs.pair_data(config)
-  m = config.method
   if m.swap:
     train_recs, test_recs = pairs.swapped(train_recs), (pairs.swapped(test_recs) if test_recs else test_recs)
   loss_fn = make_loss_fn(m.loss, m.beta, m.alpha, m.log_kl, m.chunk)

@@ -1,21 +1,14 @@
 """Per-position quantities of models' next-token distributions, with no ``[B, T, V]`` array.
 
-:func:`chunked_terms` runs each model's trunk once (``final_hidden``: the final
-normed hidden states ``[B, T, D]``) and then, over chunks of ``chunk`` positions
-(:func:`~jaxopd.losses.common.map_chunks`: one ``lax.scan``, its body under
-``jax.checkpoint``), applies every model's LM head inside the loop and hands the
-chunk's logits to the caller's ``fn``. So only one chunk of each model's logits
-(``[B, chunk, V]``) is alive at a time, in the forward pass and in the backward
-pass (where the chunk's logits are recomputed from the saved hidden states);
-the head's weight gradient is accumulated across chunks by the scan.
-
-Every method's vocabulary-wide quantities go through here: label log-probs, the
-SFT loss and accuracy, entropies, the per-token KL of TDPO/SparsePO, the
-divergences of DistillSpec/GKD/on-policy distillation and AlignDistil's teacher.
-
-:func:`response_terms` does the same for sampled rows (prompt, response, padding) on the
-response positions only, in response coordinates ``[R, N]``; with ``group = s`` (GRPO's s
-consecutive samples of one prompt) each prompt is encoded once (:func:`grouped_rows`).
+:func:`chunked_terms` runs each model's trunk once (the final normed hidden states ``[B, T, D]``)
+and then applies every model's LM head over chunks of positions (:func:`head_terms`), so only one
+chunk of each model's logits (``[B, chunk, V]``) is alive at a time, forward and backward. Every
+method's vocabulary-wide quantities go through here: label log-probs, the SFT loss and accuracy,
+entropies, the per-token KL of TDPO/SparsePO, the divergences of DistillSpec/GKD/on-policy
+distillation and AlignDistil's teacher. :func:`response_terms` does the same for sampled rows
+(prompt, response, padding) on the response positions only, in response coordinates ``[R, N]``;
+with ``group = s`` (GRPO's s consecutive samples of one prompt) each prompt is encoded once
+(:func:`grouped_rows`).
 """
 
 from __future__ import annotations
@@ -50,7 +43,11 @@ def head_terms(models: Mapping, hidden: Mapping, targets: jax.Array, fn: Callabl
                frozen: Iterable[str] = ()) -> dict:
   """The chunk loop of :func:`chunked_terms`: ``fn(logits, targets)`` over chunks of ``chunk``
   positions of ``hidden`` (name -> ``[B, C, D]``, the final states that predict ``targets [B, C]``),
-  each model's head applied inside the loop; names in ``frozen`` get no gradient."""
+  each model's head applied inside the loop; names in ``frozen`` get no gradient.
+
+  One ``lax.scan`` (:func:`~jaxopd.losses.common.map_chunks`), its body under ``jax.checkpoint``: in
+  the backward pass a chunk's logits are recomputed from the saved hidden states, and the head's
+  weight gradient is accumulated across chunks by the scan."""
   frozen = set(frozen)
   stop = lambda name, x: jax.lax.stop_gradient(x) if name in frozen else x
   hidden = {n: stop(n, hidden[n]) for n in models}

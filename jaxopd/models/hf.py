@@ -2,24 +2,13 @@
 
 Supported ``model_type``: ``gpt2``, ``llama`` (Llama 2/3.x), ``qwen2``, ``qwen3``,
 ``mistral``, ``gemma2``, ``gemma3_text`` and ``olmo2``. HF is the weight format
-only; the model is always jaxopd's.
-
-* :func:`config_from_hf`: ``config.json`` -> :class:`ModelConfig`; a feature
-  the model cannot represent (yarn rotary scaling, output or MLP biases ...) is a
-  ``ConfigError`` naming the field and the file.
-* :func:`load_params` / :func:`load`: ``model.safetensors`` or the sharded
-  ``model.safetensors.index.json`` + shards straight into each parameter's
-  ``NamedSharding``: ``jax.make_array_from_callback`` reads, per device, only
-  that device's slice from the file (``safe_open(...).get_slice``).
-* :func:`export`: ``config.json`` + ``model.safetensors`` that
-  ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
-
-A reward model (``architectures``: ``*ForSequenceClassification`` with one label) loads as a
-Transformer with ``head="score"``: HF's bias-free ``score`` layer in place of the LM head.
-
-A run's model is written out by :mod:`jaxopd.models.export`. A run starts a model from an HF directory with
-``--config.models.<role>.init=hf:DIR`` (:mod:`jaxopd.models.table`), its
-architecture read from ``config.json``.
+only; the model is always jaxopd's. :func:`config_from_hf` reads ``config.json`` (a feature the
+model cannot represent is a ``ConfigError`` naming the field and the file); :func:`load_params` /
+:func:`load` read single or sharded safetensors straight into each parameter's ``NamedSharding``,
+each device reading only its slice; :func:`export` writes what ``transformers`` loads (a run's
+model: :mod:`jaxopd.models.export`). A reward model (``*ForSequenceClassification`` with one label)
+loads with ``head="score"``: HF's bias-free ``score`` layer in place of the LM head. A run starts a
+model from an HF directory with ``--config.models.<role>.init=hf:DIR`` (:mod:`jaxopd.models.table`).
 """
 
 from __future__ import annotations
@@ -83,7 +72,8 @@ def config_from_hf(hf_dir: str, dtype: str = "float32", param_dtype: str = "floa
 def config_from_dict(raw: dict, path: str, dtype: str = "float32", param_dtype: str = "float32") -> ModelConfig:
   """:func:`config_from_hf` of a ``config.json``'s contents ``raw`` (``path`` names it in errors).
   transformers' own config class reads it first, so older spellings (``rope_theta``,
-  ``rope_scaling``, ``sliding_window_pattern``) mean what they mean to transformers."""
+  ``rope_scaling``, ``sliding_window_pattern``) mean what they mean to transformers. A feature
+  the model cannot represent (yarn rotary scaling, output or MLP biases ...) is a ConfigError."""
   import transformers
   mt = raw.get("model_type")
   if mt not in ARCHITECTURES:
@@ -337,7 +327,9 @@ def _read_block(sl, src: _Src, idx: tuple) -> np.ndarray:
 def load_params(hf_dir: str, abstract_params, model_cfg: ModelConfig | None = None,
                 where: str = "config.model") -> Any:
   """The checkpoint in ``hf_dir`` as ``abstract_params`` (one Transformer's ``nnx.Param`` state
-  of ``ShapeDtypeStruct``s with shardings), each device reading only its own slice.
+  of ``ShapeDtypeStruct``s with shardings), each device reading only its own slice
+  (``jax.make_array_from_callback`` over ``safe_open(...).get_slice``), from ``model.safetensors``
+  or the sharded ``model.safetensors.index.json`` + shards.
 
   With ``model_cfg``, a differing architecture field is a ConfigError (see
   :func:`check_compatible`). A missing, unexpected or mis-shaped tensor is a

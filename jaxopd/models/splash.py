@@ -1,30 +1,13 @@
 """``model.attention = "splash"``: the TPU splash-attention Pallas kernel
-(``jax.experimental.pallas.ops.tpu.splash_attention``) for training forwards.
+(``jax.experimental.pallas.ops.tpu.splash_attention``) for training forwards (:func:`attention`).
 
-Causal attention with padding and packed segments, expressed as the kernel's
-segment ids: a valid token of segment ``s`` gets id ``s + 1`` (``1`` without
-packing), a padding token ``0``. A valid query then sees exactly the keys the
-einsum path lets it see (valid, same segment, at or before it); a padding
-query sees the padding keys before it (its output is garbage either way and no
-loss reads it; the einsum path gives it the valid keys instead). Grouped-query
-attention is the kernel's own (``num_q_heads`` a multiple of ``num_kv_heads``).
-Scores and softmax are float32 inside the kernel whatever the input dtype.
-A sliding window is the kernel's ``LocalMask`` (slot distance equals position
-distance within a row or a packed segment); soft-capping is the kernel's own.
-
-Not expressible: the shared-prefix branch mask (``branch_ids``: a prefix key
-must match every branch's id), refused with a one-line error; the KV-cache path
-(prefill and decode) uses the einsum path.
-
-The kernel works on one example ``[heads, T, Dh]``: it is vmapped over the
-batch and, under a mesh, run in a ``shard_map`` over the batch and head axes
-(the mesh rules' ``batch`` and ``heads`` axes; the sequence is not split), and
-sequences are padded at the end to a multiple of 128, the kernel's block. KV
-heads that the tensor axis does not divide are repeated to the query heads
-first. Off TPU (tests, the CPU) the kernel runs in Pallas' interpret
-mode: the same kernel code, slowly; the target is read from the mesh's devices,
-so an ahead-of-time compile for abstract TPU devices on a CPU host gets the
-real kernel.
+Causal attention with padding and packed segments, expressed as the kernel's segment ids, lets a
+valid query see exactly the keys the einsum path lets it see; grouped-query attention, sliding
+windows and soft-capping are the kernel's own, scores and softmax float32 inside it whatever the
+input dtype. Not expressible: the shared-prefix branch mask (``branch_ids``: a prefix key must match
+every branch's id), refused with a one-line error; the KV-cache path (prefill and decode) uses the
+einsum path. Off TPU (tests, the CPU) the kernel runs in Pallas' interpret mode: the same kernel
+code, slowly.
 """
 
 from __future__ import annotations
@@ -81,7 +64,19 @@ def attention(q, k, v, key_mask, segment_ids=None, branch_ids=None, scale: float
               softcap: float = 0.0, window: int = 0):
   """``q [B, T, H, Dh]``, ``k, v [B, T, KV, Dh]``, ``key_mask [B, T]`` -> ``[B, T, H, Dh]``
   (causal; ``segment_ids [B, T]`` for packed rows; scores times ``scale``, default
-  ``1/sqrt(Dh)``, soft-capped at ``softcap`` if > 0; keys less than ``window`` back if > 0)."""
+  ``1/sqrt(Dh)``, soft-capped at ``softcap`` if > 0; keys less than ``window`` back if > 0).
+
+  Segment ids: a valid token of segment ``s`` gets id ``s + 1`` (``1`` without packing), a padding
+  token ``0``, so a valid query sees the valid keys of its segment at or before it; a padding query
+  sees the padding keys before it (its output is garbage either way and no loss reads it; the
+  einsum path gives it the valid keys instead). ``H`` must be a multiple of ``KV``. The window is
+  the kernel's ``LocalMask`` (slot distance equals position distance within a row or a packed
+  segment). The kernel works on one example ``[heads, T, Dh]``: vmapped over the batch and, under
+  a mesh, run in a ``shard_map`` over the mesh rules' ``batch`` and ``heads`` axes (the sequence is
+  not split); sequences are padded at the end to :func:`padded_length`; KV heads that the tensor
+  axis does not divide are repeated to the query heads first. TPU or interpret mode is read from
+  the mesh's devices, so an ahead-of-time compile for abstract TPU devices on a CPU host gets the
+  real kernel."""
   if branch_ids is not None:
     raise ConfigError("config.model.attention='splash' cannot express the shared-prefix mask of "
                       "config.method.share_prompt (its segment ids cannot let prefix keys match every branch); "

@@ -1,53 +1,14 @@
 """The model table: ``config.models.<role>``, the models a run builds, owned by the trainer.
 
-Each role a method needs (``policy``, ``reference``, ``base``, ``draft``,
-``target`` ...) is one entry, made by :func:`role`:
-
-* ``init``: where its parameters come from:
-  ``random`` (initialised from the seed), ``hf:DIR`` (a Hugging Face directory, or a
-  model id ``org/name`` resolved offline to its snapshot in the local HF cache:
-  ``config.json`` + safetensors, bf16/fp16/fp32, sharded index files included),
-  ``run:WORKDIR[:MODEL][@STEP]`` (model ``MODEL``, default ``policy``, of a
-  jaxopd run's checkpoint at ``STEP``, default its latest), or ``stage:NAME``
-  (the output of the experiment's pipeline stage ``NAME``; its ``prepare``
-  trains the stage and replaces this by ``run:...``. Give a role another init
-  and the stage is not run), ``base:ROLE`` (the LoRA role ``ROLE`` with its
-  adapters off, computed from its base arrays), or ``none``: the role is not built (an optional
-  role a method uses only when an option asks for it: f-DPG's ``reward`` with
-  ``config.method.reward=model``);
-* ``trainable``: an optimizer group (its key names the group in
-  ``config.optim.groups``) or frozen (no gradient, not checkpointed, reloaded
-  from its source on resume);
-* ``arch``: ``auto`` (the source's architecture: ``config.json`` of ``hf:``,
-  the recorded one of ``run:``; for ``random``, the ``config.model`` block) or
-  the name of a ModelConfig block of this config (``model``, ``target_model``):
-  with ``hf:`` / ``run:`` every field is then checked against the source;
-* ``param_dtype`` (storage: ``float32`` | ``bfloat16``) and ``dtype``
-  (compute). A bf16 frozen reference takes half the memory of a float32 one;
-* ``matmul_dtype``: the projections' and LM head's operands (empty: ``dtype``); ``bfloat16`` with
-  float32 compute reads bf16 weights and inputs, accumulated in float32 (on the CPU a decode step's
-  dots run 2x faster: bench/real_model.py), the rest in float32;
-* ``attention``: ``einsum`` (scores materialised, float32 softmax),
-  ``dot_product`` (``jax.nn.dot_product_attention``: XLA on CPU/TPU, cuDNN
-  flash attention on GPU where it applies) or ``chunked`` (the einsum over
-  ``attention_chunk`` queries at a time, rematerialised: memory linear in the
-  length, for training forwards; decoding uses einsum); the same function, so
-  a resume may switch it.
-* ``remat``: rematerialisation of each block in training forwards: ``none``,
-  ``full`` (only each block's input is kept for the backward pass) or ``dots``
-  (the projections' matmul outputs are kept too); the same function, so a
-  resume may switch it;
-* ``lora``: adapters (``rank`` > 0, ``alpha``, ``targets``, ``init``; :mod:`jaxopd.models.lora`):
-  only they are trained; the base is frozen like a frozen role;
-* ``scan_layers``: training forwards run the blocks as one ``lax.scan`` (compile
-  time independent of depth); the parameters stay one module per layer, so a
-  resume may switch it too.
-
-:func:`resolve` turns the table into :class:`Role` s (architecture + pinned
-source) and is the one place that reads sources' metadata; the trainer records
-the resolved table in ``WORKDIR/models.json`` (init as written, the source with
-its step pinned, a fingerprint of its files) and, on resume, reloads frozen
-roles from the recorded step and refuses to go on when a source changed.
+Each role a method needs (``policy``, ``reference``, ``base``, ``draft``, ``target`` ...) is one
+entry, made by :func:`role` (its fields there and in experiments/design.md, "Models: the table of
+roles"); ``init`` says where its parameters come from (:func:`parse_init`): ``random``, ``hf:DIR``,
+``run:WORKDIR[:MODEL][@STEP]``, ``stage:NAME`` (replaced by ``run:...`` once the experiment's
+``prepare`` has trained the stage), ``base:ROLE`` or ``none`` (not built).
+:func:`resolve` turns the table into :class:`Role` s (architecture + pinned source) and is the one
+place that reads sources' metadata; the trainer records the resolved table in ``WORKDIR/models.json``
+(:func:`record`: init as written, the source with its step pinned, a fingerprint of its files) and,
+on resume, reloads frozen roles from the recorded step and refuses to go on when a source changed.
 """
 
 from __future__ import annotations
@@ -80,7 +41,27 @@ _NOT_ARCH = ("dtype", "param_dtype", "matmul_dtype", "attention", "attention_chu
 def role(init: str = "random", trainable: bool = True, arch: str = "auto", param_dtype: str = "float32",
          dtype: str = "float32", attention: str = "einsum", remat: str = "none",
          scan_layers: bool = False, attention_chunk: int = 512, lora_rank: int = 0) -> ml_collections.ConfigDict:
-  """One entry of ``config.models`` (fields in the module docstring)."""
+  """One entry of ``config.models``:
+
+  * ``init``: ``random`` (from the seed), ``hf:DIR`` (a Hugging Face directory, or a model id
+    ``org/name`` resolved offline to its snapshot in the local HF cache), ``run:WORKDIR[:MODEL][@STEP]``
+    (model ``MODEL``, default ``policy``, of a jaxopd run's checkpoint at ``STEP``, default its
+    latest), ``stage:NAME`` (the experiment's pipeline stage ``NAME``; give the role another init
+    and the stage is not run), ``base:ROLE`` (the LoRA role ``ROLE`` with its adapters off,
+    computed from its base arrays) or ``none`` (not built: an optional role, e.g. f-DPG's
+    ``reward`` with ``config.method.reward=model``);
+  * ``trainable``: an optimizer group (its key names the group in ``config.optim.groups``) or
+    frozen (no gradient, not checkpointed, reloaded from its source on resume);
+  * ``arch``: ``auto`` (the source's architecture; ``config.model`` for ``random``) or the name of
+    a ModelConfig block of this config, then checked field by field against an ``hf:`` / ``run:``
+    source;
+  * ``param_dtype`` (storage), ``dtype`` (compute), ``matmul_dtype`` (the projections' and LM
+    head's operands, empty: ``dtype``; ``bfloat16`` with float32 compute: on the CPU a decode
+    step's dots run 2x faster, bench/real_model.py), ``attention`` / ``attention_chunk``, ``remat``
+    and ``scan_layers``, as :class:`~jaxopd.models.transformer.ModelConfig`'s (a resume may switch
+    the last three: :func:`_resume_arch`); ``lora``: adapters (:mod:`jaxopd.models.lora`), then
+    only they are trained and the base is frozen like a frozen role.
+  """
   return ml_collections.ConfigDict(dict(init=init, trainable=trainable, arch=arch, param_dtype=param_dtype,
                                         dtype=dtype, matmul_dtype="", attention=attention, attention_chunk=attention_chunk,
                                         remat=remat, scan_layers=scan_layers,

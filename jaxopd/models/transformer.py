@@ -1,24 +1,15 @@
 """A decoder-only language model in Flax NNX: GPT-2 and the rotary (Llama-like) families.
 
-One module; ``ModelConfig.family`` picks the layout and per-family options the rest:
-
-* ``gpt2``: learned positions, LayerNorm with bias, GELU (tanh), biases on
-  every projection, tied input/output embeddings.
-* ``llama``: RMSNorm, rotary positions (HF "rotate_half" layout), gated MLP,
-  grouped-query attention. Its options cover Qwen2/3, Llama 3.x, Mistral,
-  Gemma 2/3 and OLMo 2: q/k/v bias, q/k norm, an explicit head width, rotary
-  scaling (linear, llama3), (1 + w) norms before and/or after each sub-layer,
-  GeGLU, scaled embeddings, attention and final logit soft-capping, and
-  sliding-window layers (by position distance, so every attention path and the
-  KV cache agree) with their own rotary base.
-
-Every parameter is an ``nnx.Param`` with ``logical_axes`` metadata; the mesh
-rules in :mod:`jaxopd.mesh` turn those into shardings.
-
-The same attention code serves training and decoding: without a cache it is
-plain causal attention over ``T`` tokens; with a :class:`KVCache` the ``T`` new
-tokens are written at ``cache.index`` and attend to every valid slot at or
-before their own, so prefill and one-token decode are the same call.
+One module (:class:`Transformer`); ``ModelConfig.family`` picks the layout, per-family options
+(commented on :class:`ModelConfig`) the rest. ``gpt2``: learned positions, LayerNorm with bias,
+GELU (tanh), biases on every projection, tied input/output embeddings. ``llama``: RMSNorm, rotary
+positions (HF "rotate_half" layout), gated MLP, grouped-query attention; its options cover
+Qwen2/3, Llama 3.x, Mistral, Gemma 2/3 and OLMo 2 (sliding-window layers by position distance,
+so every attention path and the KV cache agree). Every parameter is an ``nnx.Param`` with
+``logical_axes`` metadata, which the mesh rules of :mod:`jaxopd.mesh` turn into shardings.
+The same attention code serves training and decoding: with a :class:`KVCache` the ``T`` new
+tokens are written at ``cache.index`` and attend to every valid slot at or before their own, so
+prefill and one-token decode are the same call.
 """
 
 from __future__ import annotations

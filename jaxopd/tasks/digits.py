@@ -1,5 +1,6 @@
-"""The digits task (:mod:`jaxopd.data.digits`): pass@k per difficulty level of sampled answers, the
-greedy pass rate and the held-out NLL of the easy levels, and the before/after table of a run."""
+"""The digits task (:mod:`jaxopd.data.digits`): SFT records of the easy levels, pass@k per
+difficulty level of sampled answers, the greedy pass rate and the held-out NLL of the easy levels,
+and the before/after table of a run."""
 
 from __future__ import annotations
 
@@ -10,9 +11,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopd.data import digits, traces
+from jaxopd.data.tokenizer import check_tokenizer
+from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled, heldout_nll, pass_at_k, to_host
 from jaxopd.models import table
 from jaxopd.sampling import SamplingConfig
+from jaxopd.tasks import Prompts, SftData
+
+
+def sft_data(config, arch) -> SftData:
+  """The gold answers of levels up to ``config.data.sft_max_level`` (the SFT base of GRPO and REDI;
+  the teacher stage raises it to every level); pass@k is the RL methods' evaluation, not SFT's."""
+  suite = digits.ensure(config.data)
+  check_tokenizer(config, suite.tokenizer, "the digits task")
+  if len(suite.tokenizer) > arch.vocab_size:
+    raise ConfigError(f"config.model.vocab_size={arch.vocab_size}: the digits tokenizer has "
+                      f"{len(suite.tokenizer)} tokens")
+  if config.eval.num_prompts:
+    raise ConfigError("config.eval.num_prompts: sampled evaluation needs the reviews task's gold reward; "
+                      "set it to 0 with task=digits (experiments/sft.py:digits; pass@k is GRPO's evaluation)")
+  lv = config.data.sft_max_level
+  train, _ = digits.sft_records(suite, "train", config.seq_len, max_level=lv)
+  evals, _ = digits.sft_records(suite, "test", config.seq_len, max_level=lv)
+  return SftData(train, evals, suite.tokenizer.pad_token_id)
 
 
 def sampling_config(c, tok, temperature=None) -> SamplingConfig:
@@ -21,6 +42,18 @@ def sampling_config(c, tok, temperature=None) -> SamplingConfig:
   return SamplingConfig(max_new_tokens=c.rollout.max_new_tokens, eos_id=eos,
                         pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
                         temperature=c.rollout.temperature if temperature is None else temperature)
+
+
+def prompts(config) -> Prompts:
+  """Every level's prompts with their answers (the checker's reference, up to the response budget
+  less the EOS); the evaluation: pass@k per level on ``config.eval.num_prompts`` held-out prompts."""
+  suite = digits.ensure(config.data, verbose=False)
+  check_tokenizer(config, suite.tokenizer, "the digits task")
+  a_len = config.rollout.max_new_tokens - 1
+  train = digits.prompt_records(suite, "train", config.rollout.prompt_len, a_len)
+  test = digits.prompt_records(suite, "test", config.rollout.prompt_len, a_len)[:config.eval.num_prompts]
+  return Prompts(suite.tokenizer, train, test,
+                 evaluate(config, suite, test) if config.eval.num_prompts and config.eval.samples else None)
 
 
 def _eval_draw(scfg, n, model, prompt, plen, answer, alen, rng):

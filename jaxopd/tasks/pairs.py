@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import os
 
-from jaxopd import paths, stages
-from jaxopd.data import batched_iterator, preferences, suite as suite_lib
-from jaxopd.data.tokenizer import check_tokenizer
+from jaxopd import paths, tasks
+from jaxopd.data import batched_iterator, suite as suite_lib
 from jaxopd.data.pipeline import share_prompt as share_prompt_rows
-from jaxopd.models import table
 from jaxopd.tasks import reviews
 
 
@@ -20,22 +18,10 @@ def swapped(records):
 
 
 def pair_data(config):
-  """``(train_records, test_records, evaluate)`` of the preference pipeline: your pair files
-  (``task=files``; no sampled evaluation, no gold reward) or the reviews pairs with the
-  sampled gold-reward evaluation (:func:`jaxopd.tasks.reviews.evaluate`)."""
-  if config.data.task == "files":
-    _, train_recs, test_recs = suite_lib.file_records(config.data, "preference", config.seq_len,
-                                                      default_tokenizer=table.tokenizer_dir(config))
-    return train_recs, test_recs, None
-  suite = suite_lib.ensure(config.data, verbose=False)
-  check_tokenizer(config, suite.tokenizer, "the reviews task")
-  pc = stages.prefs_config(config)
-  train_recs, st = preferences.records(pc, "train", config.data.data_dir, suite.tokenizer, config.seq_len,
-                                       config.data.over_length, config.prefs.prompt_len)
-  test_recs, _ = preferences.records(pc, "test", config.data.data_dir, suite.tokenizer, config.seq_len,
-                                     config.data.over_length, config.prefs.prompt_len)
-  print(f"preference pairs: {st}")
-  return train_recs, test_recs, reviews.evaluate(config, suite)
+  """``(train_records, test_records, evaluate)`` of task ``config.data.task``'s pairs: your pair
+  files (no sampled evaluation) or the reviews pipeline's sampled pairs with the gold-reward
+  evaluation."""
+  return tasks.get(config, "pairs")(config)
 
 
 def pair_batches(train_recs, test_recs, share_prompt: bool = False):

@@ -1,14 +1,60 @@
-"""The reviews task (the controlled suite of :mod:`jaxopd.data.reviews`): its sampled evaluation
-with the gold reward, shared by every method that trains on it."""
+"""The reviews task (the controlled suite of :mod:`jaxopd.data.reviews`): its SFT corpus, the
+preference pipeline's sampled pairs, and the sampled evaluation with the gold reward shared by
+every method that trains on it."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
 
-from jaxopd.data import suite as suite_lib
+from jaxopd import stages
+from jaxopd.data import preferences, suite as suite_lib
+from jaxopd.data.tokenizer import check_tokenizer
+from jaxopd.errors import ConfigError
 from jaxopd.evaluation import evaluate_policy
 from jaxopd.sampling import SamplingConfig
+from jaxopd.tasks import Prompts, SftData
+
+
+def sft_data(config, arch) -> SftData:
+  """The reviews corpus (train; validation for the held-out loss), and the sampled evaluation when
+  ``config.eval.num_prompts``."""
+  suite = suite_lib.ensure(config.data)
+  check_tokenizer(config, suite.tokenizer, "the reviews task")
+  if len(suite.tokenizer) != arch.vocab_size:
+    raise ConfigError(f"config.model.vocab_size={arch.vocab_size}: the reviews tokenizer has "
+                      f"{len(suite.tokenizer)} tokens")
+  train, _ = suite_lib.sft_records(suite, "train", config.seq_len, config.data.over_length)
+  evals, _ = suite_lib.sft_records(suite, "validation", config.seq_len, config.data.over_length)
+  e = config.eval
+  if e.num_prompts and e.prompt_len + e.max_new_tokens > arch.max_len:
+    raise ConfigError(f"config.eval.max_new_tokens={e.max_new_tokens}: prompt_len + max_new_tokens exceeds "
+                      f"config.model.max_len={arch.max_len}")
+  return SftData(train, evals, suite.tokenizer.pad_token_id, evaluate(config, suite) if e.num_prompts else None)
+
+
+def pair_data(config):
+  """``(train_records, test_records, evaluate)``: the pairs sampled from the SFT stage and labelled
+  by the gold reward (:func:`jaxopd.stages.prepare_pairs`), with the sampled evaluation."""
+  suite = suite_lib.ensure(config.data, verbose=False)
+  check_tokenizer(config, suite.tokenizer, "the reviews task")
+  pc = stages.prefs_config(config)
+  train, st = preferences.records(pc, "train", config.data.data_dir, suite.tokenizer, config.seq_len,
+                                  config.data.over_length, config.prefs.prompt_len)
+  test, _ = preferences.records(pc, "test", config.data.data_dir, suite.tokenizer, config.seq_len,
+                                config.data.over_length, config.prefs.prompt_len)
+  print(f"preference pairs: {st}")
+  return train, test, evaluate(config, suite)
+
+
+def prompts(config) -> Prompts:
+  """The suite's train prompts, with the gold reward and (``config.eval.num_prompts``) the sampled
+  evaluation."""
+  suite = suite_lib.ensure(config.data, verbose=False)
+  check_tokenizer(config, suite.tokenizer, "the reviews task")
+  train = suite_lib.prompt_records(suite, "train", config.rollout.prompt_len)
+  return Prompts(suite.tokenizer, train, None, evaluate(config, suite) if config.eval.num_prompts else None,
+                 suite_lib.gold_reward_fn(suite))
 
 
 def evaluate(config, suite):
