@@ -85,7 +85,8 @@ def get_config(arg: str | None = None):
   c.method.eps_low = 0.2         # the ratio's clip below: 1 - eps_low
   c.method.eps_high = 0.28       # ... above: 1 + eps_high (DAPO's clip-higher; = eps_low for PPO's)
   c.method.ratio_level = "token" # token | sequence (GSPO: one ratio per response, the mean log-ratio's exp)
-  c.method.sampler_dtype = ""    # the sampler's compute dtype: "" = the policy's | float32 | bfloat16
+  c.method.sampler_dtype = ""    # the sampler's compute dtype: "" = the policy's | float32 | bfloat16 |
+                                 # bfloat16_matmul (bf16 operands of the matmuls only: the faster on CPU)
   c.method.rollout_correction = "none"  # none | tis (token IS weights, truncated) | mis (mask responses)
   c.method.rollout_cap = 2.0     # TIS's truncation C; MIS keeps responses with ratio in [1/C, C]
   c.method.beta_kl = 0.0         # KL-to-reference weight; 0 builds no reference model

@@ -102,7 +102,7 @@ def digits_pipeline(c, smoke: bool):
   c.teacher = stages.sft_stage("runs/grpo_teacher_smoke" if smoke else "runs/grpo_teacher", 150 if smoke else 3000,
                         config=recipe)                   # GRPO's teacher (every level)
   c.traces = ml_collections.ConfigDict()
-  c.traces.workdir = "runs/redi_traces_smoke" if smoke else "runs/redi_traces"   # cached traces.jsonl
+  c.traces.workdir = "runs/redi_traces_smoke" if smoke else "runs/redi_traces"   # root of the traces stages
   c.traces.teacher = "stage:teacher"   # the traces' model: stage:teacher, hf:DIR or run:WORKDIR[:MODEL][@STEP]
   c.traces.num_prompts = 64 if smoke else 4000   # train prompts sampled
   c.traces.samples = 4           # responses per prompt

@@ -452,9 +452,10 @@ def test_a_bf16_sampler_has_a_measured_mismatch_and_the_corrections_apply(tmp_pa
   """The sampler at the policy's own precision agrees with the trainer's log-probs to float32
   rounding (a KV-cache decode against a full forward); in bfloat16 the step logs the mismatch
   (mean and per-response max |d log p|, the sampler-to-trainer KL), and TIS / MIS report what they
-  truncated or masked."""
+  truncated or masked; with bfloat16 operands of the matmuls only the mismatch is smaller."""
   seen = {}
-  for dtype, corr in (("", "none"), ("bfloat16", "none"), ("bfloat16", "tis"), ("bfloat16", "mis")):
+  for dtype, corr in (("", "none"), ("bfloat16", "none"), ("bfloat16", "tis"), ("bfloat16", "mis"),
+                      ("bfloat16_matmul", "none")):
     c = _config(tmp_path, f"{rewards_module}:first_half", sampler_dtype=dtype, rollout_correction=corr,
                 rollout_cap=1.0003)   # the tiny model's bf16 mismatch is ~4e-4 nats per token
     exp, tr = _trainer(c)
@@ -470,5 +471,7 @@ def test_a_bf16_sampler_has_a_measured_mismatch_and_the_corrections_apply(tmp_pa
   assert bf16["rollout/logp_diff"] > 1e-4 and bf16["rollout/logp_diff_seqmax"] > bf16["rollout/logp_diff"]
   assert 0 < seen["bfloat16", "tis"]["rollout/tis_truncated"] < 1
   assert 0 < seen["bfloat16", "mis"]["rollout/mis_masked"] <= 1
+  mm = seen["bfloat16_matmul", "none"]     # bf16 operands only: a mismatch, measured, below full bf16's
+  assert seen["", "none"]["rollout/logp_diff"] < mm["rollout/logp_diff"] < bf16["rollout/logp_diff"]
   with pytest.raises(ConfigError, match=r"config\.method\.sampler_dtype='float16': must be one of"):
     grpo.build(_config(tmp_path, f"{rewards_module}:ones", sampler_dtype="float16"))

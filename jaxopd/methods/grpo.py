@@ -37,7 +37,7 @@ TASKS = ("digits", "reviews", "files")
 CHECK = "check"
 GOLD = "gold"
 BUILTIN = {"digits": (CHECK, "the digits task's checker"), "reviews": (GOLD, "the reviews task's gold reward")}
-SAMPLER_DTYPES = ("", "float32", "bfloat16")
+SAMPLER_DTYPES = ("", "float32", "bfloat16", "bfloat16_matmul")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Options(options.Options):
   distill_schedule: str = option(one_of(*SCHEDULES))
   ratio_level: str = option(one_of(*RATIO_LEVELS))
   rollout_correction: str = option(one_of(*CORRECTIONS))
-  sampler_dtype: str = option(one_of(*SAMPLER_DTYPES))   # "": the policy's
+  sampler_dtype: str = option(one_of(*SAMPLER_DTYPES))   # "": the policy's; bfloat16_matmul: matmul_dtype
   distill: str = option(lambda v: None if not v or v in DISTILL else f"must be '' (none) or one of {DISTILL}")
   group_size: int = option(lambda v: None if v >= 2 else "must be >= 2 (advantages are relative to a group)")
   eps_low: float = option(at_least(0), lambda v: None if v < 1 else
@@ -156,13 +156,16 @@ def make_reward(kind: str, eos_id: int, host_fn=None, reward_pad: int = -1):
 
 def sampler_graph(arch, dtype: str):
   """The graph of the policy computing in ``dtype`` (the sampler's precision; its weights are cast
-  to it at use), to merge the policy's state into; None for the policy's own."""
-  if not dtype or dtype == arch.dtype:
+  to it at use), to merge the policy's state into; None for the policy's own. ``bfloat16_matmul``:
+  the projections' and head's operands in bfloat16, accumulated and the rest in float32
+  (:attr:`jaxopd.models.ModelConfig.matmul_dtype`)."""
+  new = {"matmul_dtype": "bfloat16"} if dtype == "bfloat16_matmul" else {"dtype": dtype}
+  if not dtype or all(getattr(arch, k) == v for k, v in new.items()):
     return None
   from flax import nnx
 
   from jaxopd.models.transformer import Transformer
-  return nnx.split(nnx.eval_shape(lambda: Transformer(dataclasses.replace(arch, dtype=dtype), nnx.Rngs(0))))[0]
+  return nnx.split(nnx.eval_shape(lambda: Transformer(dataclasses.replace(arch, **new), nnx.Rngs(0))))[0]
 
 
 def make_rollout(scfg: SamplingConfig, group: int, reward_fn, m, total_steps: int, need_old: bool,
