@@ -56,7 +56,7 @@ def main(argv):
     config = method.prepare(config, workdir)     # earlier pipeline stages (data, base model), reused if done
     experiment = method.build(config)
     summary = train.run(config, workdir, experiment)
-    if not summary["preempted"]:
+    if not summary.preempted:
       method.report(config, workdir, summary)
   except (config_lib.ConfigError, config_lib.mesh_lib.MeshError, DataFormatError, FileNotFoundError,
           WeightFileError) as e:
@@ -95,12 +95,12 @@ def main(argv):
              "none: re-running starts afresh") + " (a checkpoint being written is never taken as the latest)",
           file=sys.stderr)
     sys.exit(4)
-  if summary["preempted"]:
-    sys.exit(130 if summary["preempted"] == "SIGINT" else 143)
-  ev = summary["eval"]
-  tr = summary["train"]
+  if summary.preempted:
+    sys.exit(130 if summary.preempted == "SIGINT" else 143)
+  ev = summary.eval
+  tr = summary.train
   shown = [k for k in ("loss", "accuracy", "rewards/accuracies", "sample/reward", "sample/kl_ref") if k in ev]
-  print(f"done: step {summary['step']}" + (f" | train loss {tr['loss']:.4f}" if "loss" in tr else "")
+  print(f"done: step {summary.step}" + (f" | train loss {tr['loss']:.4f}" if "loss" in tr else "")
         + "".join(f" | eval {k} {ev[k]:.4f}" for k in shown) + f" | {paths.resolve(flags.FLAGS.workdir)}")
 
 

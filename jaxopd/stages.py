@@ -82,9 +82,9 @@ def train(s, root: str, kind: str, build_fn, what: str, **extra) -> str:
   def produce(where):
     print(f"[stage] {what} -> {where} ({s.total_steps} steps)", flush=True)
     out = train_lib.run(s, where, build_fn(s))
-    if out["preempted"]:
-      raise runtime.Interrupted(out["preempted"], f"the {what} stage stopped at step {out['step']} "
-                                f"({out['preempted']}, checkpointed); re-run the command to resume it")
+    if out.preempted:
+      raise runtime.Interrupted(out.preempted, f"the {what} stage stopped at step {out.step} "
+                                f"({out.preempted}, checkpointed); re-run the command to resume it")
   return init_of(run(root, kind, train_inputs(s, **extra), produce), s.total_steps)
 
 

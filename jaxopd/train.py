@@ -371,14 +371,26 @@ def _host(metrics) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def run(config, workdir: str, experiment: Experiment) -> dict:
-  """Trains ``experiment`` under ``config`` in ``workdir`` (a local path or a URL such as
-  ``gs://bucket/run``: :mod:`jaxopd.paths`); resumes if a checkpoint is there.
+@dataclasses.dataclass
+class RunResult:
+  """What :func:`run` returns: the final ``step``; the step it ``resumed_from`` (None: a fresh
+  run); the last ``train`` and ``eval`` metrics; ``preempted`` ("SIGTERM" or "SIGINT" when a
+  signal stopped it after checkpointing, else ""); the final ``state``, the frozen models'
+  arrays ``frozen`` and the ``trainer`` (``trainer.models(state, frozen)``: the modules by role)."""
+  step: int
+  resumed_from: int | None
+  train: dict = dataclasses.field(default_factory=dict)
+  eval: dict = dataclasses.field(default_factory=dict)
+  preempted: str = ""
+  state: Any = None
+  frozen: Any = None
+  trainer: Any = None
 
-  Returns a summary: final ``step``, last ``train`` and ``eval`` metrics,
-  ``preempted`` ("SIGTERM" or "SIGINT" when a signal stopped it after checkpointing, else ""),
-  ``resumed_from``. One run per workdir: a second is refused (:class:`jaxopd.runtime.WorkdirBusy`).
-  """
+
+def run(config, workdir: str, experiment: Experiment) -> RunResult:
+  """Trains ``experiment`` under ``config`` in ``workdir`` (a local path or a URL such as
+  ``gs://bucket/run``: :mod:`jaxopd.paths`); resumes if a checkpoint is there. One run per
+  workdir: a second is refused (:class:`jaxopd.runtime.WorkdirBusy`)."""
   c = config
   mesh_lib.maybe_initialize_distributed(c.distributed)
   facts = config_lib.validate(c, len(jax.devices()), jax.process_count())
@@ -414,7 +426,7 @@ def run(config, workdir: str, experiment: Experiment) -> dict:
       lock.release()
 
 
-def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, rules, facts, main) -> dict:
+def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, rules, facts, main) -> RunResult:
   """The body of :func:`run` once the checks passed and the workdir is locked."""
   params_fallbacks = [f for f in trainer.replicated_fallbacks if "opt_state" not in f[0]]
   if params_fallbacks and main:
@@ -450,7 +462,7 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
 
   start = int(jax.device_get(state["step"]))
   step = start
-  summary = {"step": start, "train": {}, "eval": {}, "preempted": "", "resumed_from": resumed_from}
+  summary = RunResult(step=start, resumed_from=resumed_from)
   step_fn = None
   pending = None          # (step, device metrics, tokens, t_dispatch) of the last dispatched step
   last_log = (time.perf_counter(), 0)
@@ -475,7 +487,7 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
           f"step {step}: {why} and the run stops. " + (f"Last good checkpoint: step {last} in {ckpt.directory}"
                                                       if last is not None else "No checkpoint was written before it"))
     tokens_since += ntok
-    summary["train"] = m
+    summary.train = m
     if step % c.log_every == 0 or step == c.total_steps:
       now = time.perf_counter()
       dt = now - last_log[0]
@@ -510,12 +522,12 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
         if do_eval or do_ckpt or stop:
           flush()
         if do_eval:
-          summary["eval"] = _evaluate(trainer, experiment, state, frozen, eval_shard, c, step, logger)
+          summary.eval = _evaluate(trainer, experiment, state, frozen, eval_shard, c, step, logger)
         if do_ckpt or stop:
           ckpt.save(state, data_iter, force=True)
           logger.flush()
         if stop:
-          summary["preempted"] = preempt.signal
+          summary.preempted = preempt.signal
           if main:
             print(f"{preempt.signal}: checkpoint saved at step {step}; stopping (re-run the command to resume)",
                   flush=True)
@@ -533,17 +545,17 @@ def _train(c, experiment, workdir, trainer, rec, resumed_from, changed, mesh, ru
           f"the latest complete checkpoint is step {last} in {ckpt.directory}: re-run the command to resume"
           if last is not None else "no checkpoint of this run was complete: re-running starts afresh")) from None
     raise
-  summary["step"] = int(jax.device_get(state["step"]))
+  summary.step = int(jax.device_get(state["step"]))
   if start == c.total_steps:
     if main:
       print(f"{workdir}: already trained to total_steps={c.total_steps}; evaluating the final state")
     with jax.set_mesh(mesh), mesh_lib.use_rules(rules):
-      summary["eval"] = _evaluate(trainer, experiment, state, frozen, eval_shard, c, start, None)
+      summary.eval = _evaluate(trainer, experiment, state, frozen, eval_shard, c, start, None)
   ckpt.close()
   logger.close()
   if bar is not None:
     bar.close()
-  summary["state"], summary["frozen"], summary["trainer"] = state, frozen, trainer
+  summary.state, summary.frozen, summary.trainer = state, frozen, trainer
   return summary
 
 

@@ -68,7 +68,7 @@ def two_model_experiment(config):
 
 
 def params_of(summary, name="policy"):
-  return jax.device_get(nnx.to_pure_dict(summary["state"]["params"][name]))
+  return jax.device_get(nnx.to_pure_dict(summary.state["params"][name]))
 
 
 DIGITS_STAGES = {"sft": "digits_sft_base", "teacher": "digits_teacher"}   # GRPO's and REDI's smoke stages

@@ -132,7 +132,7 @@ def test_on_policy_tvd_raises_measured_acceptance(tmp_path):
 
   before = measured(models["draft"], models["target"])
   s = train.run(c, str(tmp_path / "toy"), exp)
-  models = s["trainer"].models(s["state"], s["frozen"])
+  models = s.trainer.models(s.state, s.frozen)
   after = measured(models["draft"], models["target"])
   print("acceptance before", before, "after", after)
   assert after[0] > before[0] + 0.1, (before, after)      # 1 - TVD on draft prefixes
@@ -152,11 +152,11 @@ def test_smoke_pipeline_and_report(tmp_path, capsys):
   DS.report(c, str(tmp_path / "run"), s)
   draft = table.parse_init("draft", c.models.draft.init).path   # the target stage may come from another test
   assert os.path.dirname(draft) == str(tmp_path / "draft") and stages.record(draft)["done"]
-  ev = s["eval"]
+  ev = s.eval
   for k in ("loss", "acceptance/greedy", "acceptance/sampling", "nll/draft", "nll/target", "alpha/greedy",
             "alpha/sampling", "sample/reward", "sample/kl_ref"):
     assert k in ev, k
-  assert 0 <= ev["alpha/sampling"] <= 1 and 0 <= s["train"]["data/student"] <= 1
+  assert 0 <= ev["alpha/sampling"] <= 1 and 0 <= s.train["data/student"] <= 1
   from jaxopd import logs
   train_recs = logs.read_metrics(str(tmp_path / "run"), "train")
   assert train_recs[-1]["loss"] < train_recs[0]["loss"], train_recs   # distillation moved the draft
@@ -173,7 +173,7 @@ def test_smoke_pipeline_and_report(tmp_path, capsys):
   g = load_config("distillspec.py:smoke,gkd")
   assert (g.method.divergence, g.method.data, g.eval.mode) == ("jsd", "mixed", "quality")
   c.eval.mode = "quality"
-  models = s["trainer"].models(s["state"], s["frozen"])
+  models = s.trainer.models(s.state, s.frozen)
   ev = DS.make_evaluate(c, DS.load_data(c))(models, 0)
   assert "sample/reward" in ev and "alpha/greedy" not in ev
 

@@ -213,8 +213,8 @@ def test_fdpg_smoke_pipeline_resumes_its_method_state(tmp_path):
   with shared_smoke_stages(config(6)) as c:
     c = fd.prepare(c, work)              # the target fit is cached in work/target.json
   s = train.run(c, work, fd.build(c))
-  assert s["resumed_from"] == 3
-  aux = s["state"]["method"]
+  assert s.resumed_from == 3
+  aux = s.state["method"]
   assert float(aux["log_z"].count[0]) == 6 * c.batch_size
   assert int(aux["rollouts"]) == 6 and bool(aux["proposal_set"])
   fd.report(c, work, s)
@@ -227,7 +227,7 @@ def test_fdpg_smoke_pipeline_resumes_its_method_state(tmp_path):
   # sampled KL estimate to tell).
   assert c.optim.weight_decay == 0.0
   assert all(r["grad_norm"] > 0 for r in logs.read_metrics(work, "train"))
-  models = s["trainer"].models(s["state"], s["frozen"])
+  models = s.trainer.models(s.state, s.frozen)
   moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(nnx.state(models["policy"], nnx.Param)),
                                                               jax.tree.leaves(nnx.state(models["base"], nnx.Param))))
   assert moved > 1e-4, moved

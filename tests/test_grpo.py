@@ -282,9 +282,9 @@ def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, rewards_
   whole = run(tmp_path / "whole", 4)
   run(tmp_path / "cut", 2)
   resumed = run(tmp_path / "cut", 4)
-  assert resumed["resumed_from"] == 2 and int(resumed["state"]["resets"]) == 1
+  assert resumed.resumed_from == 2 and int(resumed.state["resets"]) == 1
   for k in ("params", "snapshots", "opt_state"):
-    _close(resumed["state"][k], whole["state"][k], rtol=0, atol=0)
+    _close(resumed.state[k], whole.state[k], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("change,match", [
@@ -395,7 +395,7 @@ def test_smoke_prorl_pipeline_trains_by_gradient_resets_and_reports_pass_at_k(sm
                                                         jax.tree.leaves(nnx.to_pure_dict(nnx.state(base)))))
   assert moved > 0
   for k in ("sample/pass@1", "sample/pass@4", "sample/greedy", "sample/level2/pass@1", "sample/level5/pass@4"):
-    assert k in s["eval"] and 0 <= s["eval"][k] <= 1, k
+    assert k in s.eval and 0 <= s.eval[k] <= 1, k
   grpo.report(c, workdir, s)
   summ = json.load(open(os.path.join(workdir, "summary.json")))
   assert summ["before"]["sample/pass@4"] >= summ["before"]["sample/pass@1"]
@@ -442,7 +442,7 @@ def test_smoke_on_the_reviews_task_with_its_gold_reward(tmp_path):
   s = train.run(c, workdir, grpo.build(c))
   recs = logs.read_metrics(workdir, "train")
   assert np.mean([r["kept_fraction"] for r in recs]) > 0.5 and all(r["grad_norm"] > 0 for r in recs), recs
-  assert "sample/reward" in s["eval"] and "sample/kl_ref" not in s["eval"]
+  assert "sample/reward" in s.eval and "sample/kl_ref" not in s.eval
   grpo.report(c, workdir, s)
   summ = json.load(open(os.path.join(workdir, "summary.json")))
   assert 0 <= summ["before"]["sample/reward"] <= 1 and "sample/entropy" in summ["after"]

@@ -226,7 +226,7 @@ def test_run_from_hf_dir_and_export_cli(tmp_path):
                   "--out", str(tmp_path / "exported")]) == 0
   back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported"), dtype=torch.float32)
   tokens = TOKENS[:, :16] % 32
-  policy = out["trainer"].models(out["state"], out["frozen"])["policy"]
+  policy = out.trainer.models(out.state, out.frozen)["policy"]
   diff = np.abs(_torch_logits(back.eval(), tokens) - np.asarray(policy(tokens).logits)).max()
   print(f"hf: init -> run -> export CLI: max |logits diff| {diff:.2e}")
   assert diff < ATOL

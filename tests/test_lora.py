@@ -143,12 +143,12 @@ def test_lora_dpo_trains_adapters_only_exports_and_resumes(llama, pairs, tmp_pat
   w = tmp_path / "dpo"
   m = methods.get("tdpo")
   out = train.run(c, str(w), m.build(c))
-  tr = out["trainer"]
-  models = tr.models(out["state"], out["frozen"])
+  tr = out.trainer
+  models = tr.models(out.state, out.frozen)
   base = _flat(nnx.state(hf.load(llama), nnx.Param))
-  assert {k: v.tobytes() for k, v in _flat(out["frozen"]["policy"]).items()} == {k: v.tobytes()
+  assert {k: v.tobytes() for k, v in _flat(out.frozen["policy"]).items()} == {k: v.tobytes()
                                                                                   for k, v in base.items()}
-  moved = [k for k, v in _flat(out["state"]["params"]["policy"]).items() if k.endswith("_lora_b") and np.abs(v).max()]
+  moved = [k for k, v in _flat(out.state["params"]["policy"]).items() if k.endswith("_lora_b") and np.abs(v).max()]
   assert len(moved) == 14, moved
   tokens = np.random.RandomState(1).randint(0, 320, (2, 12))
   ours = _logits(models["policy"], tokens)
@@ -176,9 +176,9 @@ def test_lora_dpo_trains_adapters_only_exports_and_resumes(llama, pairs, tmp_pat
   cut = tmp_path / "cut"
   shutil.copytree(w, cut, ignore=lambda d, names: ["4"] if d.endswith("checkpoints") else [])
   again = train.run(c, str(cut), m.build(c))
-  assert again["resumed_from"] == 2 and again["step"] == 4
-  for k, v in _flat(out["state"]["params"]).items():
-    np.testing.assert_array_equal(_flat(again["state"]["params"])[k], v, err_msg=k)
+  assert again.resumed_from == 2 and again.step == 4
+  for k, v in _flat(out.state["params"]).items():
+    np.testing.assert_array_equal(_flat(again.state["params"])[k], v, err_msg=k)
 
 
 def test_lora_errors_are_one_line(llama, pairs):
@@ -257,14 +257,14 @@ def test_lora_grpo_on_a_sharded_mesh(llama, tmp_path):
   out = train.run(m.prepare(g, str(tmp_path / "g")), str(tmp_path / "g"), m.build(g))
   rec = logs.read_metrics(str(tmp_path / "g"), "train")
   assert all(np.isfinite(r["loss"]) for r in rec) and rec[-1]["grad_norm"] > 0
-  params = out["state"]["params"]["policy"]
+  params = out.state["params"]["policy"]
   wq_a = params["blocks"][0]["attn"]["wq_lora_a"]
   wq_b = params["blocks"][0]["attn"]["wq_lora_b"]
   assert wq_a.sharding.spec[0] == "fsdp" and wq_b.sharding.spec[1] == "tensor"
-  assert set(out["state"]["snapshots"]["reference"]["blocks"][0]["attn"]) == set(params["blocks"][0]["attn"])
-  assert {x.dtype for x in jax.tree.leaves(out["frozen"]["policy"])} == {np.dtype("bfloat16")}
+  assert set(out.state["snapshots"]["reference"]["blocks"][0]["attn"]) == set(params["blocks"][0]["attn"])
+  assert {x.dtype for x in jax.tree.leaves(out.frozen["policy"])} == {np.dtype("bfloat16")}
   base = _flat(nnx.state(hf.load(llama, param_dtype="bfloat16"), nnx.Param))
-  got = _flat(out["frozen"]["policy"])
+  got = _flat(out.frozen["policy"])
   assert all(np.array_equal(got[k], base[k]) for k in base)
   assert any(np.abs(v).max() > 0 for k, v in _flat(params).items() if k.endswith("_lora_b"))
 
@@ -287,9 +287,9 @@ def test_every_method_trains_a_lora_policy_by_flags(tmp_path, method):
     config = m.prepare(config, w)
   out = train.run(config, w, m.build(config))
   role = fit_table.TRAINABLE_ROLES[method][0]
-  trained = _flat(out["state"]["params"][role])
+  trained = _flat(out.state["params"][role])
   assert trained and all(lora.is_adapter(k) for k in trained)
   assert any(np.abs(v).max() > 0 for k, v in trained.items() if k.endswith("_lora_b"))
-  fresh = out["trainer"].init()[1][role]
-  assert all(np.array_equal(v, _flat(fresh)[k]) for k, v in _flat(out["frozen"][role]).items())
-  assert np.isfinite(out["train"]["loss"])
+  fresh = out.trainer.init()[1][role]
+  assert all(np.array_equal(v, _flat(fresh)[k]) for k, v in _flat(out.frozen[role]).items())
+  assert np.isfinite(out.train["loss"])

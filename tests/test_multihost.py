@@ -80,7 +80,7 @@ def test_two_processes_match_one_stop_together_and_resume_in_one(tmp_path, monke
   # The two-process checkpoint (arrays and both data-iterator states) resumes in one process.
   shutil.copytree(tmp_path / "two", tmp_path / "resumed")
   res = train.run(cfg, tmp_path / "resumed", SFT.build(cfg))
-  assert res["resumed_from"] == stopped
+  assert res.resumed_from == stopped
   steps, resumed = _losses(tmp_path / "resumed")
   assert steps == list(range(1, stopped + 3))
   np.testing.assert_allclose(resumed, one, rtol=1e-5)

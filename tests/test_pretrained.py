@@ -153,7 +153,7 @@ def test_dpo_and_grpo_train_the_real_model(smol, tmp_path):
   print(f"GRPO step: {rec}")
   assert rec["grad_norm"] > 0
   before = ckpt_lib.flatten(nnx.state(hf.load(smol), nnx.Param))[0]
-  after = ckpt_lib.flatten(out["state"]["params"]["policy"])[0]
+  after = ckpt_lib.flatten(out.state["params"]["policy"])[0]
   assert set(before) == set(after)
   moved = [k for k in after if not np.array_equal(np.asarray(after[k]), np.asarray(before[k]))]
   assert len(moved) > 100, len(moved)

@@ -74,16 +74,16 @@ def test_tdpo_from_hf_dir_and_jsonl_then_export(families, files, family, tmp_pat
   losses = [r["loss"] for r in logs.read_metrics(str(tmp_path / "tdpo"), "train")]
   assert losses[0] == pytest.approx(np.log(2), abs=1e-4)
   assert abs(losses[-1] - losses[0]) > 1e-3, losses
-  assert {x.dtype for x in jax.tree.leaves(out["frozen"]["reference"])} == {np.dtype("bfloat16")}
+  assert {x.dtype for x in jax.tree.leaves(out.frozen["reference"])} == {np.dtype("bfloat16")}
   rec = json.load(open(tmp_path / "tdpo" / "models.json"))
   assert rec["reference"]["source"] == f"hf:{path}" and rec["reference"]["arch"]["param_dtype"] == "bfloat16"
   if family == "llama":
-    assert "rewards/accuracies" in out["eval"]
+    assert "rewards/accuracies" in out.eval
 
   assert export.main(["--workdir", str(tmp_path / "tdpo"), "--out", str(tmp_path / "exp"),
                   "--tokenizer", path]) == 0
   tokens = np.random.RandomState(0).randint(0, 320, (2, 16))
-  policy = out["trainer"].models(out["state"], out["frozen"])["policy"]
+  policy = out.trainer.models(out.state, out.frozen)["policy"]
   ours = np.asarray(jax.jit(lambda t: policy(t).logits)(tokens))
   diff = np.abs(hf_fixtures.torch_logits(str(tmp_path / "exp"), tokens) - ours).max()
   print(f"{family}: trained policy exported (float32): max |logits diff| {diff:.2e}")
@@ -118,7 +118,7 @@ def test_sft_and_sparsepo_from_hf_dirs(families, files, tmp_path):
   s, out = _run("sparsepo", s, tmp_path / "sparsepo")
   losses = [r["loss"] for r in logs.read_metrics(str(tmp_path / "sparsepo"), "train")]
   assert abs(losses[-1] - losses[0]) > 1e-4, losses
-  assert set(out["state"]["params"]) == {"policy", "mask"}
+  assert set(out.state["params"]) == {"policy", "mask"}
 
 
 @pytest.mark.pipeline
@@ -151,7 +151,7 @@ def test_gkd_from_hf_dirs_on_a_prompt_file(families, tmp_path):
   before_models = {n: table.load_model(c.models[n].init, n)[0] for n in ("draft", "target")}
   before = distillspec.make_evaluate(c, data)(before_models, 0)
   c, out = _run("distillspec", c, tmp_path / "gkd")
-  after = out["eval"]
+  after = out.eval
   print(f"GKD on files: KL(draft||target) {before['sample/kl_ref']:.3f} -> {after['sample/kl_ref']:.3f}, "
         f"entropy {before['sample/entropy']:.3f} -> {after['sample/entropy']:.3f}")
   assert after["sample/kl_ref"] < 0.8 * before["sample/kl_ref"], (before, after)
@@ -204,7 +204,7 @@ def test_fdpg_rlhf_from_hf_dir_with_a_reward_function(families, tmp_path, monkey
     fdpg.make_target(bad, fdpg.load_data(bad))
   c, out = _run("fdpg", c, tmp_path / "fdpg")
   base_reward = json.load(open(tmp_path / "fdpg" / "target.json"))["base_reward"]
-  after = out["eval"]["sample/alignment"]
+  after = out.eval["sample/alignment"]
   print(f"f-DPG with a reward function: reward of base samples {base_reward:.4f} -> policy {after:.4f}")
   assert after > base_reward + 0.02, (base_reward, after)
 
@@ -236,7 +236,7 @@ def test_fdpg_rlhf_with_a_reward_model_directory(families, tmp_path):
   assert stages.record(fit["stage"])["inputs"]["reward_source"] == table.fingerprint(table.parse_init("reward", f"hf:{rm}"))
   rec = json.load(open(tmp_path / "fdpg" / "models.json"))
   assert rec["reward"]["trainable"] is False and rec["reward"]["arch"]["head"] == "score"
-  after, base, target = out["eval"]["sample/alignment"], fit["base_reward"], fit["target_reward"]
+  after, base, target = out.eval["sample/alignment"], fit["base_reward"], fit["target_reward"]
   print(f"f-DPG with a reward model: reward of base samples {base:.4f} -> policy {after:.4f} "
         f"(the target's {target:.4f})")
   # the policy went a good part of the way to the target's reward, well beyond the noise of 64 samples
@@ -310,7 +310,7 @@ def test_redi_with_shared_prompts_and_aligndistil_from_hf_dirs(families, files, 
   r, out = _run("redi", r, tmp_path / "redi")
   losses = [x["loss"] for x in logs.read_metrics(str(tmp_path / "redi"), "train")]
   assert abs(losses[-1] - losses[0]) > 1e-3, losses
-  assert "logps/chosen_change" in out["train"]
+  assert "logps/chosen_change" in out.train
 
   teachers = {n: hf_fixtures.make_family_dir(str(tmp_path / n), "qwen2", seed=s) for n, s in (("dpo", 5), ("rdpo", 6))}
   a = _quiet(load_config("aligndistil.py:off_policy"))

@@ -95,7 +95,7 @@ def test_smoke_pipeline(tmp_path):
   assert abs(recs[0]["logps/chosen_change"]) < 0.05 and recs[-1]["loss"] < recs[0]["loss"], recs
   for k in ("logps/chosen_norm", "logps/rejected_norm", "logps/margin_norm", "rewards/accuracies",
             "sample/reward", "sample/kl_ref"):
-    assert k in s["eval"], k
+    assert k in s.eval, k
   c.models.reference.init = "none"
   assert set(R.build(c).roles) == {"policy"}
 

@@ -500,7 +500,7 @@ def test_sparsepo_smoke_pipeline(tmp_path, capsys):
   summary = train.run(c, str(tmp_path / "sp"), exp)
   SPARSEPO.report(c, str(tmp_path / "sp"), summary)
   out = capsys.readouterr().out
-  ev = summary["eval"]
+  ev = summary.eval
   for k in ("rewards/accuracies", "kl/chosen", "kl/margin", "sample/reward", "sample/kl_ref", "mask/u_zero",
             "mask/u_gold", "mask/u_other", "mask/d_zero", "mask/auroc_u", "mask/auroc_d"):
     assert k in ev, k
@@ -522,8 +522,8 @@ def test_sparsepo_smoke_pipeline(tmp_path, capsys):
   # (b) the policy moved from its start (the reference's SFT weights) by gradient: no weight decay acts on it,
   # and at pi = ref with the initial mask the loss gives it a gradient (the KL term's is 0 there: only the
   # reward term, through w_u, contributes), which the official init's dead mask would not.
-  tr = summary["trainer"]
-  models = tr.models(summary["state"], summary["frozen"])
+  tr = summary.trainer
+  models = tr.models(summary.state, summary.frozen)
   pol, ref = (nnx.to_pure_dict(nnx.state(models[n], nnx.Param)) for n in ("policy", "reference"))
   assert max(float(jnp.abs(jnp.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(pol),
                                                                       jax.tree.leaves(ref))) > 1e-4

@@ -28,16 +28,15 @@ def _run(module, cfg, workdir):
     cfg = module.prepare(cfg, str(workdir))
   summary = train.run(cfg, str(workdir), module.build(cfg))
   module.report(cfg, str(workdir), summary)
-  summary["sft"] = table.parse_init("reference", cfg.models.reference.init).path   # the SFT stage used
-  return summary
+  return summary, table.parse_init("reference", cfg.models.reference.init).path   # and the SFT stage used
 
 
 @pytest.mark.pipeline
 def test_tdpo_then_dpo_pipeline(tmp_path, capsys):
-  s = _run(TDPO, _config(tmp_path), tmp_path / "tdpo")
-  sft = stages.record(s["sft"])      # the SFT base may come from another smoke test of this session
+  s, sft_dir = _run(TDPO, _config(tmp_path), tmp_path / "tdpo")
+  sft = stages.record(sft_dir)      # the SFT base may come from another smoke test of this session
   assert sft["done"] and sft["kind"] == "sft"
-  ev = s["eval"]
+  ev = s.eval
   for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "logps/rejected", "kl/chosen", "kl/rejected", "kl/margin", "sample/reward", "sample/kl_ref",
             "sample/entropy", "sample/distinct2"):
@@ -54,11 +53,11 @@ def test_tdpo_then_dpo_pipeline(tmp_path, capsys):
   # DPO reuses the cached SFT base and pairs, and the report compares with TDPO.
   cfg = _config(tmp_path, "smoke,dpo")
   cfg.compare_with = str(tmp_path / "tdpo")
-  s2 = _run(TDPO, cfg, tmp_path / "dpo")
+  s2, sft_dir2 = _run(TDPO, cfg, tmp_path / "dpo")
   out = capsys.readouterr().out
-  assert s2["sft"] == s["sft"] and stages.record(s["sft"]) == sft   # reused, not trained again
+  assert sft_dir2 == sft_dir and stages.record(sft_dir) == sft   # reused, not trained again
   assert "tdpo2 (" in out and "dpo (after)" in out
-  assert "kl/rejected" in s2["eval"]          # DPO logs the (detached) sequential KL too
+  assert "kl/rejected" in s2.eval          # DPO logs the (detached) sequential KL too
   losses = [r["loss"] for r in logs.read_metrics(str(tmp_path / "dpo"), "train")]
   assert losses[-1] < np.log(2) - 1e-3, losses   # DPO's loss left log 2 too
 
@@ -103,8 +102,8 @@ def test_tdpo_on_your_own_preference_file(tmp_path):
   with pytest.raises(ConfigError, match=r"config\.models\.policy\.init='stage:sft': with task=files no SFT stage"):
     TDPO.prepare(c, str(tmp_path / "tdpo"))
   c.models.policy.init = c.models.reference.init = f"run:{tmp_path / 'sft'}"
-  summary = _run(TDPO, c, tmp_path / "tdpo")
-  assert "rewards/accuracies" in summary["eval"] and "sample/reward" not in summary["eval"]
+  summary, _ = _run(TDPO, c, tmp_path / "tdpo")
+  assert "rewards/accuracies" in summary.eval and "sample/reward" not in summary.eval
 
 
 def test_log_kl_is_refused_where_it_would_do_nothing(tmp_path):

@@ -44,7 +44,7 @@ def test_mesh_2x2x2_matches_one_device(tmp_path):
   cfg = tiny_config(**{"mesh.shape": (2, 2, 2)})
   eight = train.run(cfg, tmp_path / "eight", SFT.build(cfg))
   # The state really is sharded on all three axes.
-  wq = eight["state"]["params"]["policy"]["blocks"][0]["attn"]["wq"]
+  wq = eight.state["params"]["policy"]["blocks"][0]["attn"]["wq"]
   assert wq[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
   assert len(wq[...].sharding.device_set) == 8
   np.testing.assert_allclose(_losses(tmp_path / "eight"), _losses(tmp_path / "one"), rtol=1e-5)
@@ -60,9 +60,9 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
   b = train.run(cfg, tmp_path / "b", SFT.build(cfg))
   np.testing.assert_allclose(_losses(tmp_path / "b"), _losses(tmp_path / "a"), rtol=1e-5)
   _assert_trees_close(params_of(b), params_of(a), rtol=1e-4, atol=1e-5)
-  assert set(a["eval"]) == set(b["eval"]) >= {"loss", "accuracy"}
-  for k in a["eval"]:
-    np.testing.assert_allclose(b["eval"][k], a["eval"][k], rtol=1e-5)
+  assert set(a.eval) == set(b.eval) >= {"loss", "accuracy"}
+  for k in a.eval:
+    np.testing.assert_allclose(b.eval[k], a.eval[k], rtol=1e-5)
 
 
 def test_param_groups_have_their_own_lr_and_decay(tmp_path):
@@ -234,7 +234,7 @@ def test_rollout_hook_feeds_the_loss(tmp_path):
   exp = Experiment(roles=base.roles, loss_fn=base.loss_fn, train_data=base.train_data,
                    rollout=rollout)
   out = train.run(cfg, tmp_path / "r", exp)
-  assert out["train"]["count"] == cfg.batch_size * (cfg.seq_len - 1)
+  assert out.train["count"] == cfg.batch_size * (cfg.seq_len - 1)
 
 
 def test_workdir_lock_is_exclusive_and_reports_a_stale_lock_file(tmp_path, capsys):
@@ -269,10 +269,10 @@ def test_resume_refuses_changed_training_fields_unless_allowed(tmp_path):
     train.run(bad, w, SFT.build(bad))
   assert (w / "config.json").read_text() == before and not (w / "checkpoints" / "3").exists()
   longer = tiny_config(total_steps=3, **{"log_every": 2})       # length and cadence may change
-  assert train.run(longer, w, SFT.build(longer))["step"] == 3
+  assert train.run(longer, w, SFT.build(longer)).step == 3
   bad.total_steps = 4
   bad.resume_changes = ("optim.lr",)
-  assert train.run(bad, w, SFT.build(bad))["step"] == 4
+  assert train.run(bad, w, SFT.build(bad)).step == 4
 
 
 def test_resume_with_another_method_is_refused_and_not_offered(tmp_path):
@@ -298,7 +298,7 @@ def test_sft_with_packed_rows_trains(tmp_path, capsys):
   assert m and int(m[2]) < int(m[1]), out
   losses = [r["loss"] for r in logs.read_metrics(str(tmp_path / "packed"), "train")]
   assert losses[-1] < losses[0] - 0.2, losses
-  assert "loss" in s["eval"]
+  assert "loss" in s.eval
 
 
 def test_evaluation_runs_in_training_microbatches():

@@ -195,9 +195,9 @@ def build(config) -> Experiment:
 def report(config, workdir: str, summary: dict):
   """Before (the SFT reference) / after table of the sampled evaluation, and summary.json."""
   out = {"variant": config.method.variant, "data": config.method.data, "beta": config.method.beta,
-         "beta2": config.method.beta2, "after": summary["eval"]}
+         "beta2": config.method.beta2, "after": summary.eval}
   if config.data.task == "reviews":
-    models = summary["trainer"].models(summary["state"], summary["frozen"])
+    models = summary.trainer.models(summary.state, summary.frozen)
     evaluate = reviews.evaluate(config, suite_lib.ensure(config.data, verbose=False))
     out["before"] = evaluate({**models, "policy": models["reference"]}, 0)
     out["dpo"] = evaluate({**models, "policy": models["dpo"]}, 0)

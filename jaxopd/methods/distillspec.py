@@ -468,19 +468,19 @@ def report(config, workdir: str, summary: dict):
   m = config.method
   if config.data.task == "files":
     res = {"method": {k: m[k] for k in ("divergence", "beta", "temperature", "data", "mix_lambda", "mix_with")},
-           "steps": summary["step"], "eval_mode": config.eval.mode, "eval": summary["eval"],
+           "steps": summary.step, "eval_mode": config.eval.mode, "eval": summary.eval,
            "curves": logs.read_metrics(workdir, "eval")}
     paths.write_json(os.path.join(workdir, "summary.json"), res, indent=2)
     print(f"wrote {os.path.join(workdir, 'summary.json')} (task=files: the final evaluation only)")
     return
   suite = suite_lib.ensure(config.data, verbose=False)
-  models = summary["trainer"].models(summary["state"], summary["frozen"])
+  models = summary.trainer.models(summary.state, summary.frozen)
   target, distilled = models["target"], models["draft"]
   drafts = {"distilled": distilled}
   if config.models.draft.init != "random":
     drafts = {"draft_sft": table.load_model(config.models.draft.init, "draft")[0], **drafts}
   res = {"method": {k: m[k] for k in ("divergence", "beta", "temperature", "data", "mix_lambda", "mix_with")},
-         "steps": summary["step"], "eval_mode": config.eval.mode,
+         "steps": summary.step, "eval_mode": config.eval.mode,
          "quality": quality(config, suite, {"target": target, **drafts})}
   q = res["quality"]
   print(f"\n{'model':<12}{'gold reward':>12}{'held-out NLL':>14}{'KL to target':>14}{'entropy':>10}")

@@ -645,9 +645,9 @@ def report(config, workdir: str, summary: dict):
   from jaxopd import logs
   data = load_data(config)
   evaluate = make_evaluate(config, data, make_target(config, data))
-  models = summary["trainer"].models(summary["state"], summary["frozen"])
+  models = summary.trainer.models(summary.state, summary.frozen)
   before = evaluate({**models, "policy": models["base"]}, 0)
-  after = summary["eval"]
+  after = summary.eval
   print("\n" + f"{'':<12}" + "".join(f"{k.split('/')[-1]:>18}" for k in KEYS))
   for name, r in (("base", before), (f"{config.method.divergence} (after)", after)):
     print(f"{name:<12}" + "".join(f"{r.get(k, float('nan')):>18.4f}" for k in KEYS))

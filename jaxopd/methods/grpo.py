@@ -377,7 +377,7 @@ def report(config, workdir: str, summary: dict):
   variants) and the trained policy (after), on the digits task; summary.json."""
   out = {"method": {k: config.method[k] for k in ("advantage", "aggregation", "beta_kl", "eps_low", "eps_high",
                                                   "dynamic_sampling", "distill", "lambda_d", "pg")},
-         "after": summary["eval"]}
+         "after": summary.eval}
   if config.data.task == "reviews" and config.eval.num_prompts:
     evaluate = reviews.evaluate(config, suite_lib.ensure(config.data, verbose=False))
     p = config.models.policy

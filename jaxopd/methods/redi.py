@@ -203,7 +203,7 @@ def report(config, workdir: str, summary: dict):
     return
   where = _traces_dir(config, digits.ensure(config.data, verbose=False))
   out = {"method": {"alpha": float(config.method.alpha)},
-         "traces": traces.statistics(traces.load(where), int(config.traces.pairs_per_prompt)), "after": summary["eval"]}
+         "traces": traces.statistics(traces.load(where), int(config.traces.pairs_per_prompt)), "after": summary.eval}
   digits_task.report(config, out, {"sft base": stage_lib.sft_init(config, "sft"), "teacher": _teacher(config),
                                    "before": config.models.policy})
   paths.write_json(os.path.join(workdir, "summary.json"), out, indent=2)

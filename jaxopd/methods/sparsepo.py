@@ -492,7 +492,7 @@ def heatmap(panels: dict, path: str, key: str = "w_u"):
 def report(config, workdir: str, summary: dict):
   """TDPO's before/after table and summary files, the mask statistics, mask_examples.json and heatmap.png."""
   pair_task.report(config, workdir, summary, label(config))
-  ev = summary["eval"]
+  ev = summary.eval
   names = ("u", "d") if config.method.mask == "learned" and not config.method.shared else ("u",)
   for n in names:
     print(f"mask w_{n}: zero fraction {ev.get(f'mask/{n}_zero', float('nan')):.3f}, mean "
@@ -502,7 +502,7 @@ def report(config, workdir: str, summary: dict):
   if config.data.task == "files":
     return
   suite = suite_lib.ensure(config.data, verbose=False)
-  models = summary["trainer"].models(summary["state"], summary["frozen"])
+  models = summary.trainer.models(summary.state, summary.frozen)
   exs = examples(config, suite, models, config.heatmap_examples)
   paths.write_json(os.path.join(workdir, "mask_examples.json"), {"label": label(config), "examples": exs})
   heatmap({label(config): exs}, os.path.join(workdir, "heatmap.png"))

@@ -43,14 +43,14 @@ def report(config, workdir: str, summary: dict, label: str):
   from jaxopd import logs
   if config.data.task == "files":
     paths.write_json(os.path.join(workdir, "summary.json"),
-                     {"loss": label, "beta": config.method.beta, "after": summary["eval"]}, indent=2)
+                     {"loss": label, "beta": config.method.beta, "after": summary.eval}, indent=2)
     print(f"wrote {os.path.join(workdir, 'summary.json')} (task=files: no sampled before/after evaluation)")
     return
   suite = suite_lib.ensure(config.data, verbose=False)
   evaluate = reviews.evaluate(config, suite)
-  models = summary["trainer"].models(summary["state"], summary["frozen"])
+  models = summary.trainer.models(summary.state, summary.frozen)
   before = evaluate({**models, "policy": models["reference"]}, 0)
-  rows = {"sft (before)": before, f"{label} (after)": summary["eval"]}
+  rows = {"sft (before)": before, f"{label} (after)": summary.eval}
   curves = {label: logs.read_metrics(workdir, "eval")}
   other = config.compare_with
   if other and paths.exists(os.path.join(other, "summary.json")) and \
@@ -63,7 +63,7 @@ def report(config, workdir: str, summary: dict, label: str):
   for name, r in rows.items():
     print(f"{name:<24}" + "".join(f"{r.get(k, float('nan')):>14.4f}" for k in keys))
   paths.write_json(os.path.join(workdir, "summary.json"), {"loss": label, "beta": config.method.beta,
-                                                          "before": before, "after": summary["eval"]}, indent=2)
+                                                          "before": before, "after": summary.eval}, indent=2)
   _plot(curves, before, os.path.join(workdir, "summary.png"))
   print(f"wrote {os.path.join(workdir, 'summary.json')} and summary.png")
 
