@@ -62,10 +62,7 @@ def get_config(arg: str | None = None):
   c.log_every = 5
 
   c.model = digits.default_model(smoke)
-  c.data = digits.data_config(smoke)
-  files = suite_lib.data_config().files    # task=files: your prompt file (config.data.files.train)
-  c.data.files = files
-  c.data.over_length = "drop"
+  c.data = digits.data_config(smoke)     # with the fields of task=files (your prompt file)
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompt_len = 16      # padded prompt tokens (sort, level 10: 12)

@@ -26,8 +26,9 @@ from jaxopd.experiment import load_config
 from jaxopd.models import table
 
 RECORD = "stage.json"
-# Fields of a stage's training config that do not change its product.
-RUN_ONLY = ("progress", "mesh", "distributed", "checkpoint", "log_every", "resume_changes")
+# Fields of a stage's training config that do not change its product (its weights).
+RUN_ONLY = ("progress", "mesh", "distributed", "checkpoint", "log_every", "resume_changes", "eval_every",
+            "eval_batches")
 
 
 def key(inputs: dict) -> str:

@@ -76,11 +76,11 @@ def test_the_key_is_of_the_inputs_alone():
 
 
 def test_training_stage_inputs_leave_out_what_does_not_change_the_product():
-  """The progress bar, mesh, checkpoint cadence and logging do not move an SFT stage; its
+  """The progress bar, mesh, checkpoint and evaluation cadence and logging do not move an SFT stage; its
   length and recipe do. The teacher on digits trains on every level, the base on the easy ones."""
   c = load_config("grpo.py:smoke")
   base = stages.sft_dir(c, "sft")
-  c.progress, c.mesh.shape = not c.progress, (1, 2, 4)
+  c.progress, c.mesh.shape, c.eval_every = not c.progress, (1, 2, 4), c.eval_every + 1
   assert stages.sft_dir(c, "sft") == base
   c.sft.total_steps += 1
   assert stages.sft_dir(c, "sft") != base

@@ -51,6 +51,9 @@ def data_config(smoke: bool = False) -> ml_collections.ConfigDict:
   d.min_level = 2                # level = number of digits (per number, for add), uniform in [min, max]
   d.max_level = 10
   d.sft_max_level = 5            # the SFT base trains on levels <= this (the easy ones)
+  from jaxopd.data import suite
+  files = suite.data_config()    # task=files (your prompt file, config.data.files.train): its fields
+  d.files, d.over_length = files.files, files.over_length
   if smoke:
     d.num_train, d.num_test = 256, 64
   return d
