@@ -49,7 +49,8 @@ def get_config(arg: str | None = None):
   c.model.n_kv_heads = 1
 
   # The frozen target: the main job's SFT base (an SFT stage, trained here if missing).
-  c.target = stages.sft_stage("runs/sft_base", 1500)
+  c.pipeline = ("draft_sft", "target")   # the stages, in order (jaxopd.stages.prepare); each runs if a role uses it
+  c.target = stages.sft_stage("runs/sft_base", 1500, what="target SFT")
   c.target.source = "policy"     # the model of target.workdir's checkpoint: "policy" (an SFT run, trained here if
                                  # missing) or "draft" (a distilled model of a run of this module, which must exist:
                                  # the "distil the target first, then the draft" setting)
@@ -62,7 +63,7 @@ def get_config(arg: str | None = None):
   del c.models["policy"]
 
   # The undistilled draft: an SFT stage of config.model, short (a weak draft leaves room for distillation).
-  c.draft_sft = stages.sft_stage("runs/draft_sft_base", 300)
+  c.draft_sft = stages.sft_stage("runs/draft_sft_base", 300, what="draft SFT")
 
   c.method.name = "distillspec"  # jaxopd/methods/distillspec.py
   c.method.divergence = "tvd"    # fkl | rkl | jsd | tvd: D(p_target || q_draft) per token

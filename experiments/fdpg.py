@@ -64,7 +64,8 @@ def get_config(arg: str | None = None):
   c.model = suite_lib.default_model(smoke)   # the SFT base's architecture
   c.data = suite_lib.data_config(smoke)      # the reviews suite
   # the SFT base run (shared with TDPO)
-  c.sft = stages.sft_stage("runs/sft_smoke" if smoke else "runs/sft_base", 20 if smoke else 1500)
+  c.pipeline = ("sft",)          # the stages, in order (jaxopd.stages.prepare)
+  c.sft = stages.sft_stage("runs/sft_smoke" if smoke else "runs/sft_base", 20 if smoke else 1500, what="SFT base")
   c.models.policy = table.role(init="stage:sft")
   c.models.base = table.role(init="stage:sft", trainable=False)   # the base (proposal, target's a(x))
   c.models.reward = table.role(init="none", trainable=False)       # reward=model: a reward model (hf:DIR)

@@ -103,10 +103,12 @@ def get_config(arg: str | None = None):
   c.method.share_prompt = True   # each prompt encoded once for its G samples in the loss's forwards (equal
                                  # results; False: a full row per sample, e.g. for attention=splash)
 
+  c.pipeline = ("sft", "teacher")   # the stages, in order (jaxopd.stages.prepare); each runs if a role uses it
   c.sft = stages.sft_stage("runs/grpo_sft_base_smoke" if smoke else "runs/grpo_sft_base", 150 if smoke else 1500,
-                    config="sft.py:digits,smoke" if smoke else "sft.py:digits")
+                    config="sft.py:digits,smoke" if smoke else "sft.py:digits", what="SFT base (easy levels)")
   c.teacher = stages.sft_stage("runs/grpo_teacher_smoke" if smoke else "runs/grpo_teacher", 150 if smoke else 3000,
-                        config="sft.py:digits,smoke" if smoke else "sft.py:digits")
+                        config="sft.py:digits,smoke" if smoke else "sft.py:digits", what="teacher (SFT, longer)",
+                        all_levels=True)
   c.models.policy = table.role(init="stage:sft")
   c.models.teacher = table.role(init="none", trainable=False)   # distill: stage:teacher (or hf:DIR / run:...)
   c.models.reward = table.role(init="none", trainable=False)    # reward=model: hf:DIR
@@ -134,8 +136,10 @@ def get_config(arg: str | None = None):
     c.data = suite_lib.data_config(smoke)
     c.model = suite_lib.default_model(smoke)
     m.reward = "gold"
-    c.sft = stages.sft_stage("runs/sft_smoke" if smoke else "runs/sft_base", 20 if smoke else 1500)   # TDPO's SFT stage
-    c.teacher = stages.sft_stage("runs/sft_teacher_smoke" if smoke else "runs/sft_teacher", 40 if smoke else 3000)
+    c.sft = stages.sft_stage("runs/sft_smoke" if smoke else "runs/sft_base", 20 if smoke else 1500,
+                             what="SFT base")   # TDPO's SFT stage
+    c.teacher = stages.sft_stage("runs/sft_teacher_smoke" if smoke else "runs/sft_teacher", 40 if smoke else 3000,
+                                 what="teacher (SFT, longer)")
     c.rollout.prompt_len, c.rollout.max_new_tokens = 16, 48
     c.seq_len = 64
     c.eval.num_prompts = 256     # held-out prompts (TDPO's evaluation); eval.samples is the digits task's

@@ -98,10 +98,12 @@ def digits_pipeline(c, smoke: bool):
   c.checkpoint.every = 100
   recipe = "sft.py:digits,smoke" if smoke else "sft.py:digits"
   c.sft = stages.sft_stage("runs/grpo_sft_base_smoke" if smoke else "runs/grpo_sft_base", 150 if smoke else 1500,
-                    config=recipe)                       # GRPO's SFT base (easy levels): the student
+                    config=recipe, what="SFT base (easy levels)")   # GRPO's SFT base: the student
   c.teacher = stages.sft_stage("runs/grpo_teacher_smoke" if smoke else "runs/grpo_teacher", 150 if smoke else 3000,
-                        config=recipe)                   # GRPO's teacher (every level)
+                        config=recipe, what="teacher (SFT, longer)", all_levels=True)   # GRPO's teacher
+  c.pipeline = ("sft", "teacher", "traces", "positives")   # the stages, in order (jaxopd.stages.prepare)
   c.traces = ml_collections.ConfigDict()
+  c.traces.kind = "traces"       # a data stage: the teacher's answers, labelled by the checker
   c.traces.workdir = "runs/redi_traces_smoke" if smoke else "runs/redi_traces"   # root of the traces stages
   c.traces.teacher = "stage:teacher"   # the traces' model: stage:teacher, hf:DIR or run:WORKDIR[:MODEL][@STEP]
   c.traces.num_prompts = 64 if smoke else 4000   # train prompts sampled
@@ -110,7 +112,8 @@ def digits_pipeline(c, smoke: bool):
   c.traces.pairs_per_prompt = 1  # (positive, negative) pairs per prompt that has both
   c.traces.seed = 0              # the traces' sampling (not config.seed: seeds of stage 2 share one set)
   c.positives = stages.sft_stage("runs/redi_positives_smoke" if smoke else "runs/redi_positives", 40 if smoke else 500,
-                          config=recipe)                 # stage 1: the SFT base on every positive trace
+                          config=recipe, what="stage 1")   # stage 1: the SFT base on every positive trace
+  c.positives.kind = "positives"
   c.models.policy = table.role(init="stage:positives")
   c.models.reference = table.role(init="stage:positives", trainable=False)   # metrics only; none drops it
   if smoke:

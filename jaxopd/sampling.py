@@ -49,6 +49,14 @@ class SamplingConfig:
     return not self.greedy and self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0
 
 
+def rollout_config(c, tok, temperature=None) -> SamplingConfig:
+  """The rollout's sampling settings (``c.rollout``) with ``tok``'s EOS and pad (EOS where it has none)."""
+  eos = tok.eos_token_id
+  return SamplingConfig(max_new_tokens=c.rollout.max_new_tokens, eos_id=eos,
+                        pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
+                        temperature=c.rollout.temperature if temperature is None else temperature)
+
+
 class SampleOutput(NamedTuple):
   tokens: jax.Array           # [B, P+N] int32: prompt, response, pad
   loss_mask: jax.Array        # [B, P+N] int32: 1 on response tokens (incl. EOS)

@@ -16,14 +16,16 @@ import copy
 import datetime
 import hashlib
 import json
+from typing import Callable, NamedTuple
 
 import ml_collections
 
-from jaxopd import paths, runtime
-from jaxopd.data import preferences, suite as suite_lib
+from jaxopd import paths, runtime, tasks
+from jaxopd.data import digits, preferences, suite as suite_lib, traces
 from jaxopd.errors import ConfigError
 from jaxopd.experiment import load_config
 from jaxopd.models import table
+from jaxopd.sampling import rollout_config
 
 RECORD = "stage.json"
 # Fields of a stage's training config that do not change its product (its weights).
@@ -102,13 +104,18 @@ def _shorten(s, total_steps: int):
 
 # --- SFT stages ---------------------------------------------------------------------------------
 
-def sft_stage(workdir: str, total_steps: int, config: str = "sft.py") -> ml_collections.ConfigDict:
-  """The config block of an SFT stage: the root its runs live under, its length, and the config
-  module whose recipe it follows (``"sft.py[:preset]"``, looked up in experiments/)."""
+def sft_stage(workdir: str, total_steps: int, config: str = "sft.py", what: str = "SFT",
+              all_levels: bool = False) -> ml_collections.ConfigDict:
+  """The config block of an SFT stage: the root its runs live under, its length, the config
+  module whose recipe it follows (``"sft.py[:preset]"``, looked up in experiments/), and on the
+  digits task whether it trains on every level (a teacher) or the easy ones."""
   b = ml_collections.ConfigDict()
+  b.kind = "sft"
   b.workdir = workdir            # the root of the stage's runs (ROOT/sft-HASH, one per set of inputs)
   b.total_steps = total_steps    # its length
   b.config = config              # its recipe: a config module of experiments/ ("sft.py[:preset]")
+  b.what = what                  # its name in the log
+  b.all_levels = all_levels      # digits: every level (else up to config.data.sft_max_level)
   return b
 
 
@@ -121,7 +128,7 @@ def sft_config(config, name: str, model=None):
     raise ConfigError(f"{node.config!r}: an SFT stage needs an SFT config (its method is {s.method.name!r})")
   s.model = config.model if model is None else model
   s.data = copy.deepcopy(config.data)
-  if name == "teacher" and config.data.task == "digits":
+  if node.get("all_levels") and "sft_max_level" in s.data:
     s.data.sft_max_level = s.data.max_level
   s.seed = config.seed
   s.mesh = config.mesh
@@ -140,13 +147,9 @@ def sft_init(config, name: str, model=None) -> str:
   return init_of(sft_dir(config, name, model), config[name].total_steps)
 
 
-def run_sft(config, name: str, model=None, what: str = "") -> str:
+def run_sft(config, name: str, model=None) -> str:
   """Trains SFT stage ``config[name]`` unless it is done; returns its pinned ``run:`` init."""
-  if not what:
-    digits = config.data.task == "digits"
-    what = {"sft": "SFT base" + (" (easy levels)" if digits else ""), "teacher": "teacher (SFT, longer)"}.get(
-        name, f"{name} SFT")
-  return train(sft_config(config, name, model), config[name].workdir, "sft", _build("sft"), what)
+  return train(sft_config(config, name, model), config[name].workdir, "sft", _build("sft"), config[name].what)
 
 
 def run_sft_on(s, node, train_records, eval_records, what: str, source: str) -> str:
@@ -166,6 +169,7 @@ def dpo_stage(workdir: str, total_steps: int, reverse: bool = False, config: str
   reverse model (chosen and rejected swapped), and the recipe it follows (a TDPO config module of
   experiments/); model, data, pairs, SFT base, seed and mesh come from the pipeline's config."""
   b = ml_collections.ConfigDict()
+  b.kind = "dpo"
   b.workdir = workdir            # the root of the stage's runs (ROOT/dpo-HASH, one per set of inputs)
   b.total_steps = total_steps    # its length
   b.reverse = reverse            # train on rejected over chosen
@@ -208,9 +212,11 @@ def preference_pipeline(c, smoke: bool = False):
   c.models.policy = table.role(init="stage:sft")
   c.models.reference = table.role(init="stage:sft", trainable=False)
   # The smoke model is not the default architecture: its own SFT run (experiments/sft.py's recipe).
-  c.sft = sft_stage("runs/sft_smoke" if smoke else "runs/sft_base", 20 if smoke else 1500)
+  c.sft = sft_stage("runs/sft_smoke" if smoke else "runs/sft_base", 20 if smoke else 1500, what="SFT base")
 
+  c.pipeline = ("sft", "prefs")  # the stages, in order (jaxopd.stages.prepare)
   c.prefs = ml_collections.ConfigDict()
+  c.prefs.kind = "pairs"         # a data stage: pairs sampled from the SFT stage, labelled by the gold reward
   c.prefs.num_train = 2000       # prompts -> train pairs
   c.prefs.num_test = 200         # held-out prompts -> eval pairs
   c.prefs.k = 4                  # samples per prompt
@@ -245,16 +251,13 @@ def prefs_config(c):
       max_new_tokens=p.max_new_tokens, prompt_len=p.prompt_len, seed=c.seed)
 
 
-def prepare_pairs(config):
-  """The preference pipeline's stages (data, SFT base, pairs), or nothing with ``task=files``;
-  the ``stage:sft`` roles get the SFT base."""
-  if config.data.task == "files":
-    table.refuse_stages(config, "sft")
-    return config
+def _pairs(config, name, filled) -> None:
+  """Kind ``pairs``: the preference pairs sampled from stage ``sft`` (a TFDS dataset in
+  ``config.data.data_dir`` named by a digest of its inputs)."""
+  del name, filled
   if config.data.task != "reviews":
-    raise ConfigError(f"config.data.task={config.data.task!r}: must be reviews or files")
-  suite_lib.ensure(config.data)
-  init = run_sft(config, "sft")
+    raise ConfigError(f"config.data.task={config.data.task!r}: the sampled preference pairs are of the reviews "
+                      f"task (or give pair files: task=files)")
   pc = prefs_config(config)
   print(f"[stage] preferences {pc.name} (k={pc.k}, {pc.mode}) in {config.data.data_dir}", flush=True)
   preferences.prepare(pc, config.data.data_dir)
@@ -262,5 +265,132 @@ def prepare_pairs(config):
     st = preferences.statistics(pc, split, config.data.data_dir)
     print(f"  {split}: {st['pairs']} pairs, chosen reward {st['chosen_reward']:.3f}, "
           f"rejected {st['rejected_reward']:.3f}, label accuracy {st['label_accuracy']:.3f}")
-  table.fill_stage(config, "sft", init)
-  return config
+
+
+# --- the digits traces and REDI's stage 1 -------------------------------------------------------
+
+def source(config, init: str) -> str:
+  """``init``, or for ``stage:NAME`` the pinned ``run:`` init of SFT stage ``NAME`` (trained or not)."""
+  return sft_init(config, init[len("stage:"):]) if init.startswith("stage:") else init
+
+
+def traces_dir(config) -> str:
+  """The directory of traces stage ``config.traces`` (made or not): its teacher, sampling and
+  prompts are its inputs."""
+  t = config.traces
+  teacher = source(config, t.teacher)
+  suite = digits.ensure(config.data, verbose=False)
+  scfg = rollout_config(config, suite.tokenizer, t.temperature)
+  return directory(t.workdir, "traces", traces.settings(teacher, t, scfg, int(t.seed), suite.builder_config.name))
+
+
+def _traces(config, name, filled) -> None:
+  """Kind ``traces``: ``config.traces.samples`` answers of the teacher to each of the first
+  ``num_prompts`` digits train prompts, labelled by the task's checker."""
+  t = config[name]
+  teacher = filled.traces.teacher
+  table.parse_init("teacher", teacher)
+  suite = digits.ensure(config.data)
+  prompts = digits.prompt_records(suite, "train", config.rollout.prompt_len, config.rollout.max_new_tokens - 1)
+  scfg = rollout_config(config, suite.tokenizer, t.temperature)
+  where = run(t.workdir, "traces", traces.settings(teacher, t, scfg, int(t.seed), suite.builder_config.name),
+              lambda where: traces.write(where, t, lambda: table.load_model(teacher, "teacher")[0], teacher, suite,
+                                         prompts, scfg, int(t.seed)))
+  st = traces.statistics(traces.load(where), t.pairs_per_prompt)
+  rates = " ".join(f"L{k} {v:.2f}" for k, v in st["positive_rate_per_level"].items())
+  print(f"traces: {st['traces']} ({st['positives']} positive, {st['negatives']} negative, "
+        f"{st['negatives_truncated']} of them cut at the budget); {st['prompts_both']} of {st['prompts']} prompts "
+        f"have both -> {st['pairs']} pairs ({st['prompts_only_positive']} prompts only positive, "
+        f"{st['prompts_only_negative']} only negative: no pair); positive rate per level: {rates}")
+
+
+def _positives(config, name, filled) -> str:
+  """Kind ``positives`` (REDI's stage 1): SFT stage ``config[name]`` from stage ``sft`` on every
+  positive trace of stage ``traces`` (held out: the gold answers of every level)."""
+  where = traces_dir(filled)
+  s = sft_config(config, name)
+  s.models.policy.init = sft_init(config, "sft")
+  suite = digits.ensure(config.data, verbose=False)
+  train_recs = traces.positive_records(traces.load(where), suite.tokenizer, s.seq_len)
+  eval_recs, _ = digits.sft_records(suite, "test", s.seq_len, verbose=False)
+  return run_sft_on(s, config[name], train_recs, eval_recs,
+                    f"stage 1: SFT on the {len(train_recs)} positive traces", where)
+
+
+# --- a pipeline: the stages a config declares -------------------------------------------------
+
+class Kind(NamedTuple):
+  """A kind of stage: ``run(config, name, filled)`` makes stage ``config[name]`` (``filled``: the
+  config with the earlier stages' inits) and returns its ``run:`` init, or None for data;
+  ``after(config, name)``: the stages it builds on; a ``data`` stage always runs (the method
+  reads its product), a model stage only when a role or a later stage uses it."""
+  run: Callable
+  after: Callable
+  data: bool = False
+
+
+KINDS = {
+    "sft": Kind(lambda c, n, f: run_sft(c, n, c[n].get("model")), lambda c, n: ()),
+    "pairs": Kind(_pairs, lambda c, n: ("sft",), data=True),
+    "dpo": Kind(lambda c, n, f: run_dpo(c, n, "reverse DPO (chosen and rejected swapped)" if c[n].reverse else "DPO"),
+                lambda c, n: ("sft", "prefs")),
+    "traces": Kind(_traces, lambda c, n: (c[n].teacher[len("stage:"):],) if c[n].teacher.startswith("stage:") else (),
+                   data=True),
+    "positives": Kind(_positives, lambda c, n: ("sft", "traces")),
+}
+
+
+def staged(config) -> dict[str, str]:
+  """``{stage: first field naming it}`` over the roles' inits and the traces' teacher."""
+  fields = [(f"config.models.{n}.init", r.init) for n, r in config.models.items()]
+  if "traces" in config:
+    fields.append(("config.traces.teacher", config.traces.teacher))
+  out = {}
+  for field, v in fields:
+    if isinstance(v, str) and v.startswith("stage:"):
+      out.setdefault(v[len("stage:"):], f"{field}={v!r}")
+  return out
+
+
+def fill(config, name: str, init: str) -> None:
+  """Replaces ``stage:NAME`` by ``init`` in ``config``'s roles and the traces' teacher."""
+  for r in config.models.values():
+    if r.init == f"stage:{name}":
+      r.init = init
+  if "traces" in config and config.traces.teacher == f"stage:{name}":
+    config.traces.teacher = init
+
+
+def prepare(config):
+  """Runs the stages ``config.pipeline`` names, in order, that the run needs (a stage a role or
+  a later stage uses; data stages always), each reused when done; returns a copy of ``config``
+  whose ``stage:NAME`` inits are the stages' pinned ``run:`` inits. Your own data (a task
+  without built-in stages, e.g. ``files``) runs none: every role needs a source."""
+  pipeline = tuple(config.get("pipeline", ()))
+  staged_ = staged(config)
+  for name, field in staged_.items():
+    if name not in pipeline:
+      raise ConfigError(f"{field}: no stage {name!r} in config.pipeline={pipeline}")
+  if staged_ and not tasks.has_stages(config):
+    name, field = next(iter(staged_.items()))
+    raise ConfigError(f"{field.split('=')[0]}='stage:{name}': with task={config.data.task} no SFT stage is "
+                      f"trained here; start it from your model (hf:DIR) or a run (run:WORKDIR)")
+  filled = copy.deepcopy(config)
+  if not tasks.has_stages(config):
+    return filled
+  need = set(staged_)
+  for name in reversed(pipeline):
+    kind = config[name].get("kind")
+    if kind not in KINDS:
+      raise ConfigError(f"config.{name}.kind={kind!r}: must be one of {tuple(KINDS)}")
+    if name in need or KINDS[kind].data:
+      need.add(name)
+      need.update(KINDS[kind].after(config, name))
+  if need:
+    tasks.ensure(config)
+  for name in pipeline:
+    if name in need:
+      init = KINDS[config[name].kind].run(config, name, filled)
+      if init:
+        fill(filled, name, init)
+  return filled

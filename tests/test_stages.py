@@ -88,3 +88,68 @@ def test_training_stage_inputs_leave_out_what_does_not_change_the_product():
   assert t["data"]["sft_max_level"] == c.data.max_level != stages.train_inputs(stages.sft_config(c, "sft"))[
       "data"]["sft_max_level"]
   assert set(stages.RUN_ONLY).isdisjoint(t)
+
+
+def _declared(tmp_path, task="reviews"):
+  """A config declaring a pipeline of three toy stages: ``base`` (a model), ``prefs`` (data, after
+  ``base``) and ``extra`` (a model no role uses unless a test points one at it)."""
+  c = load_config("tdpo.py:smoke")
+  c.data.task = task
+  c.pipeline = ("base", "prefs", "extra")
+  for name, kind in (("base", "model"), ("prefs", "data"), ("extra", "model")):
+    c[name] = {"kind": kind, "workdir": str(tmp_path / name)}
+  c.models.policy.init = c.models.reference.init = "stage:base"
+  return c
+
+
+@pytest.fixture
+def toy_kinds(monkeypatch):
+  calls = []
+
+  def model(config, name, filled):
+    calls.append(name)
+    return f"run:{config[name].workdir}:policy@1"
+
+  def data(config, name, filled):
+    calls.append(name)
+    assert filled.models.policy.init.startswith("run:")   # the earlier stage is filled in by now
+
+  monkeypatch.setattr(stages, "KINDS", {"model": stages.Kind(model, lambda c, n: ()),
+                                         "data": stages.Kind(data, lambda c, n: ("base",), data=True)})
+  monkeypatch.setattr(stages.tasks, "ensure", lambda config: None)
+  return calls
+
+
+def test_the_declared_pipeline_runs_in_order_what_the_run_uses(tmp_path, toy_kinds):
+  """The stages of ``config.pipeline`` run in order: a data stage always, a model stage when a role
+  (or a later stage) uses it; the result is a copy with the roles' ``stage:`` inits filled and the
+  given config unchanged."""
+  c = _declared(tmp_path)
+  out = stages.prepare(c)
+  assert toy_kinds == ["base", "prefs"]                       # extra: no role uses it
+  assert out.models.policy.init == out.models.reference.init == f"run:{tmp_path / 'base'}:policy@1"
+  assert c.models.policy.init == "stage:base"                 # the caller's config is not mutated
+
+  toy_kinds.clear()
+  c.models.reference.init = "stage:extra"
+  out = stages.prepare(c)
+  assert toy_kinds == ["base", "prefs", "extra"] and out.models.reference.init.startswith(f"run:{tmp_path / 'extra'}")
+
+
+def test_pipeline_mistakes_are_one_line(tmp_path, toy_kinds):
+  c = _declared(tmp_path)
+  c.models.reference.init = "stage:teacher"
+  with pytest.raises(stages.ConfigError, match=r"config\.models\.reference\.init='stage:teacher': no stage "
+                                               r"'teacher' in config\.pipeline=\('base', 'prefs', 'extra'\)"):
+    stages.prepare(c)
+  c = _declared(tmp_path)
+  c.prefs.kind = "pairz"
+  with pytest.raises(stages.ConfigError, match=r"config\.prefs\.kind='pairz': must be one of \('model', 'data'\)"):
+    stages.prepare(c)
+  c = _declared(tmp_path, task="files")       # your own data: no built-in stage runs
+  with pytest.raises(stages.ConfigError, match=r"config\.models\.policy\.init='stage:base': with task=files no SFT "
+                                               r"stage is trained here"):
+    stages.prepare(c)
+  assert toy_kinds == []
+  c.models.policy.init = c.models.reference.init = "hf:/somewhere"
+  assert stages.prepare(c).models.policy.init == "hf:/somewhere" and toy_kinds == []

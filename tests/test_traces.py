@@ -132,7 +132,7 @@ def test_redi_on_teacher_traces_two_stages_train_by_gradient_and_report(tmp_path
   c2 = _smoke_config(tmp_path)
   c2.traces.temperature = 0.9
   with shared_smoke_stages(c2, stages=DIGITS_STAGES):
-    other = redi._traces_dir(c2, digits.ensure(c2.data, verbose=False))
+    other = stages.traces_dir(c2)
   assert other != where and os.path.dirname(other) == os.path.dirname(where) and stages.record(other) is None
 
 

@@ -63,7 +63,7 @@ def token_signals(sets, batch: int = 64, spec: str = CONFIG + ":adaptive"):
   c = load_config(spec)
   for s in sets:
     aot_memory.override(c, *s.split("=", 1))
-  aligndistil.prepare(c, None)
+  c = aligndistil.prepare(c, None)
   beta = c.method.beta
   models = {n: table.load_model(c.models[n].init, n)[0] for n in ("reference", "dpo", "rdpo")}
   _, test_recs, _ = pairs.pair_data(c)

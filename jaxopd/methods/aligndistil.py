@@ -18,7 +18,7 @@ import os
 import jax.numpy as jnp
 import ml_collections
 
-from jaxopd import options, paths, stages as stage_lib
+from jaxopd import options, paths, stages as stage_lib, tasks
 from jaxopd.data import batched_iterator, suite as suite_lib
 from jaxopd.data.tokenizer import check_tokenizer
 from jaxopd.errors import ConfigError
@@ -30,6 +30,8 @@ from jaxopd.models import table
 from jaxopd.options import one_of, option, positive
 from jaxopd.sampling import SamplingConfig, sample
 from jaxopd.tasks import pairs as pair_task, reviews
+
+TASKS = ("reviews", "files")   # the tasks it trains on (jaxopd.tasks)
 
 DATA = ("on_policy", "off_policy")
 TEACHER_ROLES = ("dpo", "rdpo")
@@ -101,6 +103,7 @@ def stages(c, smoke: bool = False):
                          config=recipe)
   c.rdpo = stage_lib.dpo_stage("runs/rdpo_stage_smoke" if smoke else "runs/rdpo_stage", 8 if smoke else 400,
                           reverse=True, config=recipe)
+  c.pipeline = (*c.pipeline, "dpo", "rdpo")   # each runs if a role uses it
   c.models.dpo = table.role(init="stage:dpo", trainable=False)
   c.models.rdpo = table.role(init="stage:rdpo", trainable=False)
   c.rollout = ml_collections.ConfigDict()
@@ -122,8 +125,7 @@ class Options(options.Options):
 
 def _check(c) -> Options:
   m = Options.of(c.method)
-  if c.data.task not in ("reviews", "files"):
-    raise ConfigError(f"config.data.task={c.data.task!r}: must be reviews or files")
+  tasks.require(c, TASKS)
   if "rdpo" in NEEDS[m.variant] and not table.built(c, "rdpo"):
     raise ConfigError(f"config.models.rdpo.init='none': variant {m.variant!r} needs the reverse DPO model "
                       f"(stage:rdpo, hf:DIR or run:WORKDIR)")
@@ -138,20 +140,12 @@ def _check(c) -> Options:
 
 
 def prepare(config, workdir: str):
-  """Data, SFT base and pairs (TDPO's cached stages), then the DPO and reverse DPO stages
-  (stages under ``config.dpo.workdir`` / ``config.rdpo.workdir``). With
-  ``config.data.task = "files"`` no stage is trained: every role needs a source."""
+  """The stages ``config.pipeline`` declares: data, SFT base and pairs, then the DPO and reverse
+  DPO models (each cached; a stage no role uses is not run). With ``config.data.task = "files"``
+  no stage is trained: every role needs a source."""
   del workdir
   _check(config)
-  if config.data.task == "files":
-    table.refuse_stages(config, "sft", "dpo", "rdpo")
-    return config
-  stage_lib.prepare_pairs(config)
-  for name in TEACHER_ROLES:
-    if table.uses_stage(config, name):
-      what = "reverse DPO (chosen and rejected swapped)" if name == "rdpo" else "DPO"
-      table.fill_stage(config, name, stage_lib.run_dpo(config, name, what))
-  return config
+  return stage_lib.prepare(config)
 
 
 def _scfg(c, tok) -> SamplingConfig:

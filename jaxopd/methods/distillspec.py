@@ -13,6 +13,7 @@ and the distilled draft (acceptance, block efficiency, speed-up: :func:`measure`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import statistics
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopd import options, paths, stages as stage_lib
+from jaxopd import options, paths, stages as stage_lib, tasks
 from jaxopd import checkpoint as ckpt_lib
 from jaxopd.data import batched_iterator, suite as suite_lib
 from jaxopd.data.tokenizer import check_tokenizer
@@ -38,6 +39,8 @@ from jaxopd.models.heads import chunked_terms, label_logprob
 from jaxopd.models import Transformer, table
 from jaxopd.options import one_of, option, positive, within
 from jaxopd.sampling import SamplingConfig, sample, speculative_sample
+
+TASKS = ("reviews", "files")   # the tasks it trains on (jaxopd.tasks)
 
 
 def _fixed(batch):
@@ -98,8 +101,7 @@ def _check(c) -> Options:
   if m.prompt_len + m.max_new_tokens != c.seq_len:
     raise ConfigError(f"config.method.max_new_tokens={m.max_new_tokens}: prompt_len + max_new_tokens must equal "
                       f"seq_len={c.seq_len} (generated and corpus batches share one shape)")
-  if c.data.task not in ("reviews", "files"):
-    raise ConfigError(f"config.data.task={c.data.task!r}: must be reviews or files (prompt files)")
+  tasks.require(c, TASKS)
   if c.data.task == "files":
     if m.data == "fixed" or (m.data == "mixed" and m.mix_with == "fixed"):
       raise ConfigError(f"config.method.data={m.data!r}: with task=files the training file holds prompts "
@@ -138,20 +140,13 @@ def prepare(config, workdir: str):
   With ``config.data.task = "files"`` (your prompts) nothing is built: draft and
   target need an ``hf:DIR`` or ``run:WORKDIR`` init."""
   _check(config)
-  if config.data.task == "files":
-    table.refuse_stages(config, "draft_sft", "target")
-    return config
-  drafted = config.target.source == "draft"     # the target: a finished run of this module, not a stage
-  if table.uses_stage(config, "target") and drafted and not ckpt_lib.finished(config.target.workdir, 0):
-    raise ConfigError(f"config.target.workdir={config.target.workdir!r}: no checkpoint; with "
-                      f"target.source=draft the target is a finished run of this module (train it first)")
-  suite_lib.ensure(config.data)
-  if table.uses_stage(config, "target"):
-    table.fill_stage(config, "target", f"run:{paths.resolve(config.target.workdir)}:draft" if drafted else
-                     stage_lib.run_sft(config, "target", config.target.model, "target SFT"))
-  if table.uses_stage(config, "draft_sft"):
-    table.fill_stage(config, "draft_sft", stage_lib.run_sft(config, "draft_sft", config.model, "draft SFT"))
-  return config
+  if config.target.source == "draft" and "target" in stage_lib.staged(config):
+    if not ckpt_lib.finished(config.target.workdir, 0):
+      raise ConfigError(f"config.target.workdir={config.target.workdir!r}: no checkpoint; with "
+                        f"target.source=draft the target is a finished run of this module (train it first)")
+    config = copy.deepcopy(config)      # the target: a finished run of this module, not a stage
+    stage_lib.fill(config, "target", f"run:{paths.resolve(config.target.workdir)}:draft")
+  return stage_lib.prepare(config)
 
 
 def load_model(workdir: str, source: str = "policy") -> Transformer:

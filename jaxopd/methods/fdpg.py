@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopd import options, paths, stages as stage_lib
+from jaxopd import options, paths, stages as stage_lib, tasks
 from jaxopd import rewards
 from jaxopd.data import batched_iterator, group_rows, reviews, suite as suite_lib
 from jaxopd.data.tokenizer import check_tokenizer
@@ -36,6 +36,8 @@ from jaxopd.losses.fdpg import (F_DIVERGENCES, Baseline, LogZ, context_weights, 
 from jaxopd.models import Transformer, heads, table
 from jaxopd.options import one_of, option, positive
 from jaxopd.sampling import SamplingConfig, sample
+
+TASKS = ("reviews", "files")   # the tasks it trains on (jaxopd.tasks)
 
 TARGETS = ("pointwise", "distributional", "rlhf")
 
@@ -313,8 +315,7 @@ def _scfg(c, tok) -> SamplingConfig:
 
 def _check(c) -> Options:
   m = Options.of(c.method)
-  if c.data.task not in ("reviews", "files"):
-    raise ConfigError(f"config.data.task={c.data.task!r}: must be reviews or files (prompt files)")
+  tasks.require(c, TASKS)
   rewards.check_config(c, "gold", "the reviews task's")
   if c.data.task == "files":
     if m.target != "rlhf" or m.reward == "gold":
@@ -435,11 +436,7 @@ def prepare(config, workdir: str):
   With ``config.data.task = "files"`` (your prompts and reward function) no SFT
   stage is trained: policy and base need an ``hf:DIR`` or ``run:WORKDIR`` init."""
   m = _check(config)
-  if config.data.task == "files":
-    table.refuse_stages(config, "sft")
-  else:
-    suite_lib.ensure(config.data)
-    table.fill_stage(config, "sft", stage_lib.run_sft(config, "sft"))
+  config = stage_lib.prepare(config)     # a copy: the fit's lambda and log Z are filled in below
   fit = _fit_target(config, workdir)
   with config.unlocked():
     if m.target == "distributional" and not m.lambdas:

@@ -30,10 +30,10 @@ from jaxopd.losses.grpo import (ADVANTAGES, AGGREGATIONS, CORRECTIONS, DISTILL, 
                                 kept_groups, policy_loss, rollout_correction)
 from jaxopd.models import table
 from jaxopd.options import at_least, one_of, option
-from jaxopd.sampling import SamplingConfig, sample
+from jaxopd.sampling import SamplingConfig, rollout_config, sample
 from jaxopd.tasks import digits as digits_task, reviews
 
-TASKS = ("digits", "reviews", "files")
+TASKS = ("digits", "reviews", "files")   # the tasks it trains on (jaxopd.tasks)
 CHECK = "check"
 GOLD = "gold"
 BUILTIN = {"digits": (CHECK, "the digits task's checker"), "reviews": (GOLD, "the reviews task's gold reward")}
@@ -280,8 +280,7 @@ def make_reset(m):
 
 def _check(c) -> Options:
   m = Options.of(c.method)
-  if c.data.task not in TASKS:
-    raise ConfigError(f"config.data.task={c.data.task!r}: must be one of {TASKS}")
+  tasks.require(c, TASKS)
   if not m.distill and table.built(c, "teacher"):
     raise ConfigError(f"config.models.teacher.init={c.models.teacher.init!r}: only config.method.distill uses a "
                       f"teacher (leave it at none)")
@@ -321,19 +320,12 @@ def _check(c) -> Options:
 
 
 def prepare(config, workdir: str):
-  """The SFT base (``config.sft``; digits: on the easy levels) and, for the distillation variants,
-  the teacher (``config.teacher``: the same recipe, longer; digits: on every level), each a cached
-  stage; with ``task=files`` no stage runs (every role needs a source)."""
+  """The stages ``config.pipeline`` declares: the SFT base (digits: on the easy levels) and, for
+  the distillation variants, the teacher (the same recipe, longer; digits: every level), each
+  cached; with ``task=files`` none (every role needs a source)."""
   del workdir
   _check(config)
-  if config.data.task == "files":
-    table.refuse_stages(config, "sft", "teacher")
-    return config
-  (digits.ensure if config.data.task == "digits" else suite_lib.ensure)(config.data)
-  for name in ("sft", "teacher"):
-    if table.uses_stage(config, name):
-      table.fill_stage(config, name, stages.run_sft(config, name))
-  return config
+  return stages.prepare(config)
 
 
 def build(config) -> Experiment:
@@ -357,7 +349,7 @@ def build(config) -> Experiment:
     probe = [tok.decode(r["prompt"][:int(r["prompt_len"])].tolist(), skip_special_tokens=True)
              for r in train_recs[:2]]
     host_fn = rewards.load(m.reward, tok, probe_prompts=probe)
-  scfg = digits_task.sampling_config(config, tok)
+  scfg = rollout_config(config, tok)
   reward_fn = make_reward(m.reward, scfg.eos_id, host_fn, reward_pad)
   mu = int(m.updates_per_rollout)
   return Experiment(

@@ -18,9 +18,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from jaxopd import options, paths, stages as stage_lib
-from jaxopd.data import digits, traces
-from jaxopd.data.tokenizer import check_tokenizer
+from jaxopd import options, paths, stages as stage_lib, tasks
+from jaxopd.data import traces
 from jaxopd.errors import ConfigError
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import dpo_loss, redi_loss, simpo_loss
@@ -28,6 +27,8 @@ from jaxopd.losses.common import responses
 from jaxopd.models import heads, table
 from jaxopd.options import at_least, one_of, option, positive
 from jaxopd.tasks import digits as digits_task, pairs as pair_task
+
+TASKS = ("reviews", "files", "digits")   # the tasks it trains on (jaxopd.tasks)
 
 
 # The losses by name, each ``fn(lp, n, ref, beta, gamma, alpha) -> [B]`` from the pairs' summed
@@ -103,8 +104,7 @@ def _check(c) -> Options:
   m = Options.of(c.method)
   if LOSS_TABLE[m.loss][1] and not table.built(c, "reference"):
     raise ConfigError("config.models.reference.init='none': loss=dpo needs the reference")
-  if c.data.task not in ("reviews", "files", "digits"):
-    raise ConfigError(f"config.data.task={c.data.task!r}: must be reviews, files or digits")
+  tasks.require(c, TASKS)
   if c.data.task == "digits":
     t = c.get("traces")
     if t is None:
@@ -118,76 +118,17 @@ def _check(c) -> Options:
 
 
 def prepare(config, workdir: str):
-  """The cached stages: on ``digits`` the SFT base, the teacher, its traces and stage 1 (SFT on
-  the positives); otherwise TDPO's (data, SFT base, pairs; none with ``task=files``)."""
+  """The stages ``config.pipeline`` declares: on ``digits`` the SFT base, the teacher, its traces
+  and stage 1 (SFT on the positives); otherwise the preference pipeline's (data, SFT base, pairs;
+  none with ``task=files``). Each is cached."""
   del workdir
   _check(config)
-  if config.data.task != "digits":
-    return stage_lib.prepare_pairs(config)
-  suite = digits.ensure(config.data)
-  base = stage_lib.run_sft(config, "sft")
-  t = config.traces
-  teacher = stage_lib.run_sft(config, "teacher") if t.teacher == "stage:teacher" else t.teacher
-  table.parse_init("teacher", teacher)
-  prompts = digits.prompt_records(suite, "train", config.rollout.prompt_len, config.rollout.max_new_tokens - 1)
-  scfg = digits_task.sampling_config(config, suite.tokenizer, t.temperature)
-  where = stage_lib.run(t.workdir, "traces", _traces_inputs(config, suite), lambda where: traces.write(
-      where, t, lambda: table.load_model(teacher, "teacher")[0], teacher, suite, prompts, scfg, int(t.seed)))
-  lines = traces.load(where)
-  st = traces.statistics(lines, t.pairs_per_prompt)
-  rates = " ".join(f"L{k} {v:.2f}" for k, v in st["positive_rate_per_level"].items())
-  print(f"traces: {st['traces']} ({st['positives']} positive, {st['negatives']} negative, "
-        f"{st['negatives_truncated']} of them cut at the budget); {st['prompts_both']} of {st['prompts']} prompts "
-        f"have both -> {st['pairs']} pairs ({st['prompts_only_positive']} prompts only positive, "
-        f"{st['prompts_only_negative']} only negative: no pair); positive rate per level: {rates}")
-  if table.uses_stage(config, "positives"):
-    node = config.positives
-    s = stage_lib.sft_config(config, "positives")
-    s.models.policy.init = base
-    train_recs = traces.positive_records(lines, suite.tokenizer, s.seq_len)
-    eval_recs, _ = digits.sft_records(suite, "test", s.seq_len, verbose=False)   # the gold answers, every level
-    table.fill_stage(config, "positives", stage_lib.run_sft_on(
-        s, node, train_recs, eval_recs, f"stage 1: SFT on the {len(train_recs)} positive traces", where))
-  return config
-
-
-def _teacher(config) -> str:
-  t = config.traces
-  return stage_lib.sft_init(config, "teacher") if t.teacher == "stage:teacher" else t.teacher
-
-
-def _traces_inputs(config, suite) -> dict:
-  """The inputs of the traces stage (the teacher, its sampling, the prompts)."""
-  t = config.traces
-  scfg = digits_task.sampling_config(config, suite.tokenizer, t.temperature)
-  return traces.settings(_teacher(config), t, scfg, int(t.seed), suite.builder_config.name)
-
-
-def _traces_dir(config, suite) -> str:
-  return stage_lib.directory(config.traces.workdir, "traces", _traces_inputs(config, suite))
-
-
-def _digits_data(config):
-  suite = digits.ensure(config.data, verbose=False)
-  check_tokenizer(config, suite.tokenizer, "the digits task")
-  where = _traces_dir(config, suite)
-  lines = traces.load(where)
-  train_recs = traces.pair_records(lines, suite.tokenizer, config.seq_len, int(config.traces.pairs_per_prompt))
-  print(f"trace pairs: {len(train_recs)} (positive, negative) pairs from {where}")
-  if len(train_recs) < config.batch_size:
-    raise ConfigError(f"config.batch_size={config.batch_size}: the traces give only {len(train_recs)} pairs "
-                      f"(raise config.traces.num_prompts or samples)")
-  evaluate = None
-  if config.eval.num_prompts and config.eval.samples:
-    test = digits.prompt_records(suite, "test", config.rollout.prompt_len, config.rollout.max_new_tokens - 1,
-                                 verbose=False)[:config.eval.num_prompts]
-    evaluate = digits_task.evaluate(config, suite, test)
-  return train_recs, None, evaluate
+  return stage_lib.prepare(config)
 
 
 def build(config) -> Experiment:
   m = _check(config)
-  train_recs, test_recs, evaluate = (_digits_data if config.data.task == "digits" else pair_task.pair_data)(config)
+  train_recs, test_recs, evaluate = pair_task.pair_data(config)   # digits: the traces' pairs
   with_ref = table.built(config, "reference")
   train_data, eval_data = pair_task.pair_batches(train_recs, test_recs, m.share_prompt)
   return Experiment(roles={"policy": True, **({"reference": False} if with_ref else {})},
@@ -201,10 +142,10 @@ def report(config, workdir: str, summary: dict):
   the start) and the trained policy; summary.json (other tasks: no report)."""
   if config.data.task != "digits":
     return
-  where = _traces_dir(config, digits.ensure(config.data, verbose=False))
+  where = stage_lib.traces_dir(config)
   out = {"method": {"alpha": float(config.method.alpha)},
          "traces": traces.statistics(traces.load(where), int(config.traces.pairs_per_prompt)), "after": summary.eval}
-  digits_task.report(config, out, {"sft base": stage_lib.sft_init(config, "sft"), "teacher": _teacher(config),
+  digits_task.report(config, out, {"sft base": stage_lib.sft_init(config, "sft"), "teacher": stage_lib.source(config, config.traces.teacher),
                                    "before": config.models.policy})
   paths.write_json(os.path.join(workdir, "summary.json"), out, indent=2)
   print(f"wrote {os.path.join(workdir, 'summary.json')}")

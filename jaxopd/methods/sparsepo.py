@@ -1,6 +1,6 @@
 """SparsePO (Christopoulou et al., Findings EMNLP 2025; official code
 huawei-noah/HEBO, folder SparsePO) on the preference pipeline (its stages
-:func:`jaxopd.stages.prepare_pairs`, its evaluation and report :mod:`jaxopd.tasks.pairs`). Config:
+the ``pairs`` stage of :mod:`jaxopd.stages`, its evaluation and report :mod:`jaxopd.tasks.pairs`). Config:
 experiments/sparsepo.py.
 
 The step (:func:`make_loss_fn`): token masks from the frozen reference model (:func:`token_weights`:
@@ -13,6 +13,7 @@ gets no gradient through the mask input.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopd import errors, options, paths, stages as stage_lib
+from jaxopd import errors, options, paths, stages as stage_lib, tasks
 from jaxopd.data import batched_iterator, preferences, reviews, suite as suite_lib
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled
@@ -33,6 +34,8 @@ from jaxopd.losses.sparsepo import activation_mask, l1_penalty, sequence_terms, 
 from jaxopd.tasks import pairs as pair_task
 from jaxopd.models import table
 from jaxopd.options import at_least, one_of, option, positive
+
+TASKS = ("reviews", "files")   # the tasks it trains on (jaxopd.tasks)
 
 INITS = ("positive", "uniform", "ones")     # the learned mask's initialisers (MaskHead); the first is the default
 DEFAULT_INIT = INITS[0]
@@ -280,6 +283,7 @@ class Options(options.Options):
 
 def _check(c) -> Options:
   m = Options.of(c.method)
+  tasks.require(c, TASKS)
   if m.mask == "mapo" and "mask" in c.optim.groups:
     raise ConfigError("config.optim.groups.mask: MaPO has no mask model to train (the preset ':mapo' "
                       "drops this group)")
@@ -287,13 +291,15 @@ def _check(c) -> Options:
 
 
 def prepare(config, workdir: str):
-  """TDPO's stages 1-3 (data, SFT base, pairs; cached); policy and reference start from the SFT base,
-  the mask head from its initialiser."""
+  """The stages ``config.pipeline`` declares (data, SFT base, pairs; cached); policy and reference
+  start from the SFT base, the mask head from its initialiser. MaPO (no mask model) drops the
+  default config's ``mask`` optimizer group."""
+  del workdir
   if config.method.mask == "mapo" and "mask" in config.optim.groups:
+    config = copy.deepcopy(config)
     del config.optim.groups["mask"]        # --config.method.mask=mapo on the default config
   _check(config)
-  del workdir
-  return stage_lib.prepare_pairs(config)
+  return stage_lib.prepare(config)
 
 
 def gold_tokens(suite, tokens: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """DPO (Rafailov et al., 2023) and TDPO (Zeng et al., ICML 2024): the preference
 step (its loss table :data:`PAIR_LOSSES`). The pipeline it runs on (data, SFT base,
-sampled pairs labelled by the gold reward) is :func:`jaxopd.stages.prepare_pairs`, its
+sampled pairs labelled by the gold reward) is the ``pairs`` stage of :mod:`jaxopd.stages`, its
 data and report :mod:`jaxopd.tasks.pairs`. Config: experiments/tdpo.py (``:dpo`` for DPO).
 
 The step runs policy and frozen reference (its outputs detached where they are produced) on
@@ -19,7 +19,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxopd import options, stages
+from jaxopd import options, stages, tasks
 from jaxopd.errors import ConfigError
 from jaxopd.options import at_least, one_of, option, positive
 from jaxopd.experiment import Experiment, LossOutput
@@ -27,6 +27,8 @@ from jaxopd.losses import dpo_loss, forward_kl, ipo_loss, tdpo_loss
 from jaxopd.losses.common import responses
 from jaxopd.models.heads import chunked_terms, label_logprob
 from jaxopd.tasks import pairs
+
+TASKS = ("reviews", "files")   # the tasks it trains on (jaxopd.tasks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +131,7 @@ class Options(options.Options):
 
 def _check(c) -> Options:
   m = Options.of(c.method)
+  tasks.require(c, TASKS)
   for f in ("prefs", "eval") if c.data.task == "reviews" else ():
     if c[f].prompt_len + c[f].max_new_tokens > c.model.max_len:
       raise ConfigError(f"config.{f}.max_new_tokens={c[f].max_new_tokens}: prompt_len + max_new_tokens "
@@ -137,11 +140,11 @@ def _check(c) -> Options:
 
 
 def prepare(config, workdir: str):
-  """The preference pipeline's stages (data, SFT base, pairs; each cached) unless ``task=files``
-  (then every role needs an ``hf:DIR`` or ``run:WORKDIR`` init)."""
+  """The stages ``config.pipeline`` declares (data, SFT base, pairs; each cached), none with
+  ``task=files`` (every role then needs an ``hf:DIR`` or ``run:WORKDIR`` init)."""
   del workdir
   _check(config)
-  return stages.prepare_pairs(config)
+  return stages.prepare(config)
 
 
 def build(config) -> Experiment:

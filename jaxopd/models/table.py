@@ -201,29 +201,6 @@ def check_fields(config) -> None:
     parse_init(name, r.init)
 
 
-def uses_stage(config, stage: str) -> list[str]:
-  """The roles whose init is ``stage:<stage>``."""
-  return [n for n, r in config.models.items() if r.init == f"stage:{stage}"]
-
-
-def refuse_stages(config, *stages: str) -> None:
-  """With your own data (``task=files``) no pipeline stage is trained: a role still at
-  ``stage:<stage>`` is a one-line error pointing to ``hf:DIR`` / ``run:WORKDIR``."""
-  for stage in stages:
-    staged = uses_stage(config, stage)
-    if staged:
-      raise ConfigError(f"config.models.{staged[0]}.init='stage:{stage}': with task=files no SFT stage is trained "
-                        f"here; start it from your model (hf:DIR) or a run (run:WORKDIR)")
-
-
-def fill_stage(config, stage: str, init: str) -> list[str]:
-  """Replaces ``stage:<stage>`` by ``init`` (a ``run:`` source) in every role; returns those roles."""
-  names = uses_stage(config, stage)
-  for n in names:
-    config.models[n].init = init
-  return names
-
-
 def _block(config, name: str, block: str) -> ModelConfig:
   try:
     d = {k: v for k, v in dict(config[block]).items() if k not in _NOT_ARCH}

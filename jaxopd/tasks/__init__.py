@@ -1,8 +1,9 @@
 """The tasks behind one protocol. A :class:`Task` gives what a method asks of its data, each a
-function of the config (None where the task has none): SFT records (``sft``), preference
-pairs (``pairs``) and prompts for rollouts (``prompts``), each with the task's evaluation. ``config.data.task`` names the task;
-:func:`get` gives a method the piece it needs, or a one-line error naming the tasks that have it.
-A new task is one module here and one entry of :data:`TASKS`."""
+function of the config (None where the task has none): SFT records (``sft``), preference pairs
+(``pairs``), prompts for rollouts (``prompts``), each with the task's evaluation, and the data
+the pipeline's stages build on (``ensure``). ``config.data.task`` names the task; :func:`get`
+gives a method the piece it needs, or a one-line error naming the tasks that have it. A new task
+is one module here and one entry of :func:`_tasks`."""
 
 from __future__ import annotations
 
@@ -39,19 +40,39 @@ class Task:
   sft: Callable | None = None
   pairs: Callable | None = None
   prompts: Callable | None = None
+  ensure: Callable | None = None   # builds the task's data for the pipeline's stages (None: it has none)
 
 
 def _tasks() -> dict[str, Task]:
+  from jaxopd.data import digits as digits_data, suite
   from jaxopd.tasks import digits, files, reviews, sort
-  return {"reviews": Task(sft=reviews.sft_data, pairs=reviews.pair_data, prompts=reviews.prompts),
-          "digits": Task(sft=digits.sft_data, prompts=digits.prompts),
+  return {"reviews": Task(sft=reviews.sft_data, pairs=reviews.pair_data, prompts=reviews.prompts,
+                          ensure=lambda c: suite.ensure(c.data)),
+          "digits": Task(sft=digits.sft_data, pairs=digits.pair_data, prompts=digits.prompts,
+                         ensure=lambda c: digits_data.ensure(c.data)),
           "files": Task(sft=files.sft_data, pairs=files.pair_data, prompts=files.prompts),
           "sort": Task(sft=sort.sft_data)}
 
 
+def has_stages(config) -> bool:
+  """Whether task ``config.data.task`` has built-in pipeline stages (your files have none)."""
+  t = _tasks().get(config.data.task)
+  return t is not None and t.ensure is not None
+
+
+def ensure(config) -> None:
+  """Builds task ``config.data.task``'s data (if missing) for the pipeline's stages."""
+  _tasks()[config.data.task].ensure(config)
+
+
+def require(config, names: tuple) -> None:
+  """A one-line error unless ``config.data.task`` is one of ``names`` (a method's ``TASKS``)."""
+  if config.data.task not in names:
+    raise ConfigError(f"config.data.task={config.data.task!r}: must be one of {names}")
+
 
 def get(config, piece: str) -> Callable:
-  """Task ``config.data.task``'s ``piece`` (``"sft"``, ``"pairs"``)."""
+  """Task ``config.data.task``'s ``piece`` (``"sft"``, ``"pairs"``, ``"prompts"``)."""
   tasks = _tasks()
   have = tuple(n for n, t in tasks.items() if getattr(t, piece) is not None)
   name = config.data.task

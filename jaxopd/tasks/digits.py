@@ -10,12 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopd import stages
 from jaxopd.data import digits, traces
 from jaxopd.data.tokenizer import check_tokenizer
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled, heldout_nll, pass_at_k, to_host
 from jaxopd.models import table
-from jaxopd.sampling import SamplingConfig
+from jaxopd.sampling import SamplingConfig, rollout_config
 from jaxopd.tasks import Prompts, SftData
 
 
@@ -36,12 +37,27 @@ def sft_data(config, arch) -> SftData:
   return SftData(train, evals, suite.tokenizer.pad_token_id)
 
 
-def sampling_config(c, tok, temperature=None) -> SamplingConfig:
-  """The rollout's sampling settings (``config.rollout``) with ``tok``'s EOS and pad."""
-  eos = tok.eos_token_id
-  return SamplingConfig(max_new_tokens=c.rollout.max_new_tokens, eos_id=eos,
-                        pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
-                        temperature=c.rollout.temperature if temperature is None else temperature)
+def pair_data(config):
+  """``(train_records, None, evaluate)``: (positive, negative) pairs of a teacher's traces (the
+  traces stage, ``config.traces``), up to ``pairs_per_prompt`` per prompt, with pass@k per level."""
+  if "traces" not in config:
+    raise ConfigError("config.traces: the digits task's pairs are a teacher's traces; declare a traces stage "
+                      "(experiments/redi.py:digits)")
+  suite = digits.ensure(config.data, verbose=False)
+  check_tokenizer(config, suite.tokenizer, "the digits task")
+  where = stages.traces_dir(config)
+  train = traces.pair_records(traces.load(where), suite.tokenizer, config.seq_len,
+                              int(config.traces.pairs_per_prompt))
+  print(f"trace pairs: {len(train)} (positive, negative) pairs from {where}")
+  if len(train) < config.batch_size:
+    raise ConfigError(f"config.batch_size={config.batch_size}: the traces give only {len(train)} pairs "
+                      f"(raise config.traces.num_prompts or samples)")
+  evaluate_fn = None
+  if config.eval.num_prompts and config.eval.samples:
+    test = digits.prompt_records(suite, "test", config.rollout.prompt_len, config.rollout.max_new_tokens - 1,
+                                 verbose=False)[:config.eval.num_prompts]
+    evaluate_fn = evaluate(config, suite, test)
+  return train, None, evaluate_fn
 
 
 def prompts(config) -> Prompts:
@@ -93,7 +109,7 @@ def evaluate(config, suite, test_recs):
   """``evaluate(models, step)``: :func:`evaluate_pass_at_k` of the policy on the held-out prompts
   (``sample/...``) and its per-token NLL on the held-out SFT examples of the easy levels
   (``heldout/nll_easy``: forgetting of what the SFT base was trained on)."""
-  scfg = sampling_config(config, suite.tokenizer, config.eval.temperature)
+  scfg = rollout_config(config, suite.tokenizer, config.eval.temperature)
   easy, _ = digits.sft_records(suite, "test", config.seq_len, max_level=config.data.sft_max_level, verbose=False)
 
   def run(models, step):

@@ -35,7 +35,7 @@ def sft_data(config, arch) -> SftData:
 
 def pair_data(config):
   """``(train_records, test_records, evaluate)``: the pairs sampled from the SFT stage and labelled
-  by the gold reward (:func:`jaxopd.stages.prepare_pairs`), with the sampled evaluation."""
+  by the gold reward (the ``pairs`` stage of :mod:`jaxopd.stages`), with the sampled evaluation."""
   suite = suite_lib.ensure(config.data, verbose=False)
   check_tokenizer(config, suite.tokenizer, "the reviews task")
   pc = stages.prefs_config(config)
