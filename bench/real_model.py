@@ -52,7 +52,11 @@ The goals (sampler >= 3x generate, steps >= 0.70 of the peak) are not met. Where
   (36.1-43.4 ms; a convert before each dot) do not gain. The sampler with bfloat16 matmul
   operands, in the ``sample`` workload: 1.61x generate at batch 8 and 1.59x at batch 32 (its
   log-probs differ from the float32 model's: it is GRPO's low-precision sampler case).
-  Timings of one configuration move 10-25% between processes.
+  The peer's library does no better at these dots: the same float32 chain in eager torch (2
+  threads) takes 46.0-49.3 ms against XLA's 43.9-44.4 in one process each. Routing the dots to
+  XNNPACK (``XLA_FLAGS=--xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``)
+  gives 43.9 ms: no gain. 3x generate needs dots about twice as fast as either library runs them
+  on this CPU. Timings of one configuration move 10-25% between processes.
 * DPO: the policy's forward + backward with full logits (TRL's way) takes 4398-4691 ms and the
   reference's forward 1524-1560 ms: 5.9-6.3 s, TRL's step. jaxopd's step is 6.3-7.4 s: the vocabulary
   head in chunks of ``method.chunk`` positions costs 0.2-1.1 s over the full-logits form
@@ -337,7 +341,7 @@ def bench_grpo(path, tok, s, out, tmp):
 def bench_profile(path, tok, s, out, tmp):
   """The parts of the three workloads timed alone (same shapes, same process): the floor of a decode
   step (reading every float32 weight once, at the memory bandwidth a jitted sum over them reaches),
-  its dots alone at batch 8 in float32 and bfloat16, the sampler's decode step at batch 8 in five
+  its dots alone at batch 8 in float32 and bfloat16 (and in eager torch, float32), the sampler's decode step at batch 8 in five
   precisions and its categorical draw alone; the DPO step's policy forward + backward and reference forward (full logits, TRL's
   way) and the trunk's forward; GRPO's rollout (sampling its 64 rows) alone."""
   import jax
@@ -374,7 +378,23 @@ def bench_profile(path, tok, s, out, tmp):
     w = [jnp.asarray(x, dt) for x in ws]
     t = timed(jax.jit(chain), jnp.ones((8, d), jnp.float32), w, warmup=1, repeats=s["repeats"])
     res[f"decode_dots_{dt}_ms"] = 1e3 * t / 16
-  del ws, w
+  # The same float32 chain in the peer's library (eager torch, its matmul threads as generate's).
+  import torch
+  torch.set_num_threads(2)
+  tw = [torch.from_numpy(x) for x in ws]
+
+  def torch_chain(y, tw):
+    for _ in range(16):
+      for j in range(0, len(tw) - 1, 7):
+        q, k, v = y @ tw[j], y @ tw[j + 1], y @ tw[j + 2]
+        y = y + 1e-3 * ((q + k.sum() + v.sum()) @ tw[j + 3])
+        y = y + 1e-3 * (((y @ tw[j + 4]) * (y @ tw[j + 5])) @ tw[j + 6])
+      y = y + 1e-9 * (y @ tw[-1]).sum()
+    return y
+  with torch.inference_mode():
+    res["decode_dots_torch_float32_ms"] = 1e3 * timed(torch_chain, torch.ones(8, d), tw, warmup=1,
+                                                      repeats=s["repeats"]) / 16
+  del ws, w, tw
   # The sampler's decode step at batch 8 in five precisions (compute, weights, matmul operands), and
   # its categorical draw over the vocabulary alone.
   ids, _ = chat_prompts(tok, 8, long=False)

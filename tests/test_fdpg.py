@@ -18,11 +18,12 @@ import optax
 import pytest
 from flax import nnx
 
+from helpers import tiny_models
 from jaxopd import logs
 from jaxopd.errors import ConfigError
 from jaxopd.methods.fdpg import Target, check_sampling, fit_lambdas, init_state, make_loss_fn, make_rollout
 from jaxopd.losses import token_logprobs
-from jaxopd.models import ModelConfig, Transformer
+from jaxopd.models import ModelConfig
 from jaxopd.sampling import SamplingConfig
 
 V, N = 5, 3
@@ -30,12 +31,6 @@ SCFG = SamplingConfig(max_new_tokens=N, eos_id=V + 10, pad_id=0)      # no EOS: 
 CFG = ModelConfig(family="llama", vocab_size=V, d_model=16, n_layers=1, n_heads=2, max_len=8, init_std=0.4)
 SEQS = np.array([[0, *s] for s in itertools.product(range(V), repeat=N)], np.int32)   # [125, 4], prompt = [0]
 MASK = np.concatenate([np.zeros((len(SEQS), 1), np.int32), np.ones((len(SEQS), N), np.int32)], 1)
-
-
-def _models():
-  base = Transformer(CFG, nnx.Rngs(params=0))
-  policy = Transformer(CFG, nnx.Rngs(params=0))     # f-DPG starts from the base model
-  return base, policy
 
 
 def _exact_logp(model) -> np.ndarray:
@@ -69,7 +64,7 @@ def _batch(b):
 def _trainer(target, divergence, eps=0.0, offline=False, lr=3e-3, proposal_every=2):
   """A minimal jitted loop over the same rollout and loss the experiment uses (Adam
   with a short warm-up: the first step has no baseline yet, as in disco)."""
-  base, policy = _models()
+  base, policy = tiny_models(CFG, ("base", "policy"), (0, 0)).values()   # f-DPG starts from the base
   gd, params = nnx.split(policy)
   rollout = make_rollout(target, divergence, SCFG, eps=eps, offline=offline, proposal_every=proposal_every)
   loss_fn = make_loss_fn(divergence, on_policy=not offline)
@@ -238,7 +233,7 @@ def test_on_policy_importance_weight_is_exactly_one():
   forward pass's (as bf16 numerics make it, here by 5% of a sequence's log-prob) leaves the on-policy
   gradient equal to the one with q = the forward log-prob, i.e. -mean((R - b) grad log pi); the
   off-policy loss does reweight by exp(pi - q)."""
-  _, policy = _models()
+  policy = tiny_models(CFG, ("policy",))["policy"]
   gd, params = nnx.split(policy)
   tokens, mask = jnp.asarray(SEQS[:16]), jnp.asarray(MASK[:16])
   exact = jnp.sum(token_logprobs(policy(tokens).logits, tokens) * mask[:, 1:], 1)
@@ -324,7 +319,7 @@ def test_grouped_rollout_prefills_each_context_once_and_draws_what_row_sampling_
   logits), and the k samples of a context differ."""
   from jaxopd.sampling import sample
   target = Target("distributional", feature_ids=((3,),), lambdas=(1.5,))
-  base, policy = _models()
+  base, policy = tiny_models(CFG, ("base", "policy"), (0, 0)).values()   # f-DPG starts from the base
   scfg = SamplingConfig(max_new_tokens=4, eos_id=V + 10, pad_id=0)
   prompt = jnp.asarray(np.repeat([[1, 2, 0], [3, 0, 0], [4, 1, 2]], 4, axis=0), jnp.int32)   # 3 contexts x 4
   batch = {"prompt": prompt, "prompt_len": jnp.asarray(np.repeat([2, 1, 3], 4), jnp.int32),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import tiny_models
 from jaxopd.losses import forward_kl_per_token, sft_loss, token_logprobs
 from jaxopd.models import ModelConfig, Transformer
 from jaxopd.models import heads
@@ -18,14 +19,10 @@ CFG = ModelConfig(family="llama", vocab_size=61, d_model=32, n_layers=2, n_heads
                   tie_embeddings=False)
 
 
-def _models():
-  return Transformer(CFG, nnx.Rngs(params=0)), Transformer(CFG, nnx.Rngs(params=1))
-
-
 @pytest.mark.parametrize("chunk", [4, 5, 64])
 def test_sft_loss_in_chunks_equals_full_logits(chunk):
   from jaxopd.methods import sft
-  pi, _ = _models()
+  pi = tiny_models(CFG, ("policy",))["policy"]
   toks = jax.random.randint(jax.random.key(0), (3, 13), 0, CFG.vocab_size)
   mask = jnp.ones((3, 13), jnp.int32).at[:, :4].set(0)
   seg = jnp.concatenate([jnp.ones((3, 6), jnp.int32), 2 * jnp.ones((3, 7), jnp.int32)], 1)
@@ -49,7 +46,7 @@ def test_sft_loss_in_chunks_equals_full_logits(chunk):
 
 
 def test_chunked_log_probs_and_kl_equal_full_logits_with_no_gradient_into_frozen():
-  pi, ref = _models()
+  pi, ref = tiny_models(CFG, ("policy", "reference")).values()
   toks = jax.random.randint(jax.random.key(1), (2, 11), 0, CFG.vocab_size)
 
   def terms(z, t):

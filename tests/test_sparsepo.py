@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import shared_smoke_stages
+from helpers import shared_smoke_stages, tiny_models
 from test_loss_references import rand_batch
 from jaxopd import errors, stages, train
 from jaxopd.experiment import load_config
@@ -334,7 +334,7 @@ def test_dead_mask_stops_the_run_or_warns_naming_the_step(capsys):
   differs from the reference; the eval's check stops with a one-line TrainingError naming the step. A dead
   independent w_u stops too; a dead w_d alone (the loss is then DPO with token weights) warns."""
   import ml_collections
-  cfg, pol, ref = _models()
+  cfg, (pol, ref) = MODEL, tiny_models(MODEL, ("policy", "reference")).values()
   batch = _batch()
   dead = sparsepo.SparseMask(cfg.n_layers, cfg.d_model, True, nnx.Rngs(params=1))
   _dead(dead.u)
@@ -368,11 +368,7 @@ def test_dead_mask_stops_the_run_or_warns_naming_the_step(capsys):
     evaluate(False)({**models, "mask": indep}, 11)
 
 
-def _models(seed=0):
-  cfg = ModelConfig(vocab_size=23, d_model=16, n_layers=2, n_heads=2, max_len=16)
-  pol = Transformer(cfg, nnx.Rngs(params=seed))
-  ref = Transformer(cfg, nnx.Rngs(params=seed + 1))
-  return cfg, pol, ref
+MODEL = ModelConfig(vocab_size=23, d_model=16, n_layers=2, n_heads=2, max_len=16)
 
 
 def _batch(b=2, t=10, v=23, seed=0):
@@ -388,7 +384,7 @@ def _batch(b=2, t=10, v=23, seed=0):
 def test_step_no_gradient_into_policy_through_the_mask_input(mask, shared):
   """The policy's gradient equals the gradient with the masks fed in as constants; the reference
   (whose states are the mask input) gets no gradient; the learned mask does."""
-  cfg, pol, ref = _models()
+  cfg, (pol, ref) = MODEL, tiny_models(MODEL, ("policy", "reference")).values()
   params = {"policy": pol}         # the trainable modules
   if mask == "learned":
     params["mask"] = sparsepo.SparseMask(cfg.n_layers, cfg.d_model, shared, nnx.Rngs(params=5), "ones")
@@ -431,7 +427,7 @@ def test_step_no_gradient_into_policy_through_the_mask_input(mask, shared):
 def test_mask_of_token_t_plus_1_comes_from_states_at_t():
   """w[:, t] (weight of token t+1) is causal in the tokens up to t: changing token t+1 leaves it,
   changing token t moves it (learned and MaPO)."""
-  cfg, _, ref = _models()
+  cfg, ref = MODEL, tiny_models(MODEL, ("policy", "reference"))["reference"]
   head = sparsepo.SparseMask(cfg.n_layers, cfg.d_model, True, nnx.Rngs(params=3))
   head.u.a[...] = jnp.abs(head.u.a[...])        # positive mixer and biases: no ReLU cuts the weight to 0
   head.u.b[...] = jnp.abs(head.u.b[...]) + 1.0
@@ -453,7 +449,7 @@ def test_mask_of_token_t_plus_1_comes_from_states_at_t():
 
 
 def test_loss_fn_metrics_and_log2_at_start():
-  cfg, pol, _ = _models()
+  cfg, (pol, ref) = MODEL, tiny_models(MODEL, ("policy", "reference")).values()
   ref = Transformer(cfg, nnx.Rngs(params=0))      # the same weights: pi == ref
   params = {"policy": pol, "mask": sparsepo.SparseMask(cfg.n_layers, cfg.d_model, False, nnx.Rngs(params=2))}
   out = sparsepo.make_loss_fn("learned", False, 0.1)({**params, "reference": ref}, _batch(), None)
