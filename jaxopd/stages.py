@@ -6,8 +6,9 @@ finished stage does nothing, a changed input makes a new directory, and ``stage.
 the inputs a product was made from. A stage that trains uses the one trainer on a config module
 of experiments/ (``"sft.py"``, ``"tdpo.py:dpo"``) with the pipeline's model, data, seed and mesh;
 an upstream stage's directory is among its inputs, so a change re-runs what follows it only.
-Methods declare which stages they use (their ``prepare``); a stage's experiment is looked up by
-name in the registry (:func:`jaxopd.methods.get`), so no method imports another.
+A config declares its pipeline (``config.pipeline``: stage blocks, each of a kind in
+:data:`KINDS`); :func:`prepare` runs it. A stage's experiment is looked up by name in the
+registry (:func:`jaxopd.methods.get`), so no method imports another.
 """
 
 from __future__ import annotations

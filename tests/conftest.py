@@ -50,3 +50,19 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   if _OWN_CACHE is not None:
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+def pytest_addoption(parser):
+  parser.addoption("--order", default="", help="reverse, or random:SEED: run the collected tests in another "
+                                               "order (the tests must not depend on the order they run in)")
+
+
+def pytest_collection_modifyitems(config, items):
+  order = config.getoption("--order")
+  if order == "reverse":
+    items.reverse()
+  elif order.startswith("random:"):
+    import random
+    random.Random(int(order.split(":", 1)[1])).shuffle(items)
+  elif order:
+    raise ValueError(f"--order={order!r}: must be reverse or random:SEED")

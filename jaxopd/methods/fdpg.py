@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,7 @@ from flax import nnx
 
 from jaxopd import options, paths, stages as stage_lib, tasks
 from jaxopd import rewards
-from jaxopd.data import batched_iterator, group_rows, reviews, suite as suite_lib
-from jaxopd.data.tokenizer import check_tokenizer
+from jaxopd.data import batched_iterator, group_rows, reviews
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled, distinct_n, self_bleu, to_host, token_entropy
 from jaxopd.experiment import Experiment, LossOutput
@@ -36,6 +35,7 @@ from jaxopd.losses.fdpg import (F_DIVERGENCES, Baseline, LogZ, context_weights, 
 from jaxopd.models import Transformer, heads, table
 from jaxopd.options import one_of, option, positive
 from jaxopd.sampling import SamplingConfig, sample
+from jaxopd.tasks import Prompts
 
 TASKS = ("reviews", "files")   # the tasks it trains on (jaxopd.tasks)
 
@@ -375,28 +375,17 @@ def _word_ids(tok, words: str, field: str, skip_unknown: bool = False) -> tuple:
   return tuple(ids)
 
 
-class Data(NamedTuple):
-  """Where prompts and the tokenizer come from: the reviews suite, or your prompt files."""
-  tokenizer: object
-  suite: object | None         # the reviews suite (None with task=files)
-  files: dict | None           # task=files: split ("train", "test") -> prompt records
-
-
-def load_data(config, verbose: bool = False) -> Data:
-  if config.data.task != "files":
-    suite = suite_lib.ensure(config.data, verbose=verbose)
-    check_tokenizer(config, suite.tokenizer, "the reviews task")
-    return Data(suite.tokenizer, suite, None)
-  default = table.tokenizer_dir(config, "policy") or table.tokenizer_dir(config, "base")
-  tok, train, test = suite_lib.file_records(config.data, "prompt", config.seq_len,
-                                            max_prompt_len=config.rollout.prompt_len, default_tokenizer=default)
-  if not test:
+def load_data(config) -> Prompts:
+  """The task's prompts (:mod:`jaxopd.tasks`: the reviews suite's, or your prompt files), with its
+  held-out ones: the evaluation contexts."""
+  data = tasks.get(config, "prompts")(config)
+  if not data.test:
     raise ConfigError("config.data.files.eval is empty: f-DPG's evaluation scores held-out prompts (its log Z "
                       "is fitted per evaluation context)")
-  return Data(tok, None, {"train": train, "test": test})
+  return data
 
 
-def make_target(c, data: Data, lambdas=None) -> Target:
+def make_target(c, data: Prompts, lambdas=None) -> Target:
   m, tok = c.method, data.tokenizer
   if m.target == "pointwise":
     return Target("pointwise", token_ids=_word_ids(tok, m.words, "config.method.words"))
@@ -405,7 +394,7 @@ def make_target(c, data: Data, lambdas=None) -> Target:
     lam = tuple(float(x) for x in (m.lambdas if lambdas is None else lambdas)) or (0.0,)
     return Target("distributional", feature_ids=(ids,), lambdas=lam)
   if m.reward == "gold":
-    return Target("rlhf", reward_fn=suite_lib.gold_reward_fn(data.suite), beta=float(m.reward_beta))
+    return Target("rlhf", reward_fn=data.gold, beta=float(m.reward_beta))
   if m.reward == rewards.MODEL:
     rdir = table.source_dir(c, "reward")
     rewards.check_model(tok, rdir, table.arch(c, "reward"))
@@ -416,15 +405,12 @@ def make_target(c, data: Data, lambdas=None) -> Target:
   return Target("rlhf", reward_fn=fn, beta=float(m.reward_beta))
 
 
-def _prompts(c, data: Data, split: str, n: int | None = None):
+def _prompts(c, data: Prompts, split: str, n: int | None = None):
   """(prompt [N, P], prompt_len [N]); unconditional: N rows of BOS."""
   if not c.method.conditional:
     n = n or 1
     return np.full((n, 1), data.tokenizer.bos_token_id, np.int32), np.ones((n,), np.int32)
-  if data.files is not None:
-    recs = data.files[split][:n]
-  else:
-    recs = suite_lib.prompt_records(data.suite, split, c.rollout.prompt_len, verbose=False)[:n]
+  recs = (data.train if split == "train" else data.test)[:n]
   return np.stack([r["prompt"] for r in recs]), np.stack([r["prompt_len"] for r in recs])
 
 
@@ -481,7 +467,7 @@ def _fit_target(config, workdir: str) -> dict:
             "conditional": m.conditional, "fit_samples": m.fit_samples, "contexts": _eval_contexts(config),
             "max_new_tokens": config.rollout.max_new_tokens, "seed": config.seed, "reward": m.reward,
             "reward_source": _reward_fingerprint(config),
-            "prompts": config.data.files.eval if config.data.task == "files" else "reviews"}
+            "data": config.data.to_dict()}
   where = stage_lib.run(os.path.join(config.data.data_dir, "fdpg_targets"), "target", inputs,
                         lambda where: paths.write_json(os.path.join(where, "target.json"), _fit(config), indent=2))
   out = {**paths.read_json(os.path.join(where, "target.json")), "stage": where}
@@ -595,7 +581,7 @@ def build(config) -> Experiment:
                     evaluate=make_evaluate(config, data, target), host_fault=getattr(target.reward_fn, "fault", None))
 
 
-def make_evaluate(config, data: Data, target: Target):
+def make_evaluate(config, data: Prompts, target: Target):
   """Held-out samples from the policy, scored against the true target (no eps floor)."""
   e = config.eval
   k = _eval_contexts(config)

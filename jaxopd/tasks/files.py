@@ -32,8 +32,9 @@ def pair_data(config):
 
 
 def prompts(config) -> Prompts:
-  """Your prompt files, encoded to ``config.rollout.prompt_len`` tokens."""
+  """Your prompt files, encoded to ``config.rollout.prompt_len`` tokens (the tokenizer: the first
+  role's, in the config's order, whose directory holds one)."""
+  default = next((d for d in (table.tokenizer_dir(config, n) for n in config.models) if d), "")
   tok, train, test = suite_lib.file_records(config.data, "prompt", config.seq_len,
-                                            max_prompt_len=config.rollout.prompt_len,
-                                            default_tokenizer=table.tokenizer_dir(config))
+                                            max_prompt_len=config.rollout.prompt_len, default_tokenizer=default)
   return Prompts(tok, train, test)

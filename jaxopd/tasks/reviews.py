@@ -48,12 +48,13 @@ def pair_data(config):
 
 
 def prompts(config) -> Prompts:
-  """The suite's train prompts, with the gold reward and (``config.eval.num_prompts``) the sampled
-  evaluation."""
+  """The suite's train and held-out prompts, with the gold reward and (``config.eval.num_prompts``)
+  the sampled evaluation."""
   suite = suite_lib.ensure(config.data, verbose=False)
   check_tokenizer(config, suite.tokenizer, "the reviews task")
   train = suite_lib.prompt_records(suite, "train", config.rollout.prompt_len)
-  return Prompts(suite.tokenizer, train, None, evaluate(config, suite) if config.eval.num_prompts else None,
+  test = suite_lib.prompt_records(suite, "test", config.rollout.prompt_len, verbose=False)
+  return Prompts(suite.tokenizer, train, test, evaluate(config, suite) if config.eval.get("num_prompts") else None,
                  suite_lib.gold_reward_fn(suite))
 
 
