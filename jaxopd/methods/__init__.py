@@ -12,14 +12,16 @@ import importlib
 import types
 from typing import Callable, NamedTuple
 
+from jaxopd import stages
 from jaxopd.errors import ConfigError
 
 NAMES = ("sft", "tdpo", "sparsepo", "fdpg", "distillspec", "aligndistil", "redi", "grpo")
 
 
 class Method(NamedTuple):
-  """A method's hooks. ``build(config) -> Experiment``; ``prepare(config, workdir) -> config`` runs
-  its earlier stages (none: the config as given); ``report(config, workdir, summary)`` writes its
+  """A method's hooks. ``build(config) -> Experiment``; ``prepare(config, workdir) -> config`` checks
+  it and runs the config's pipeline (none: :func:`jaxopd.stages.prepare` alone, which gives the
+  config back when it declares no stage); ``report(config, workdir, summary)`` writes its
   tables and plots (none: nothing); ``module``: the method's module."""
   name: str
   module: types.ModuleType
@@ -28,9 +30,9 @@ class Method(NamedTuple):
   report: Callable
 
 
-def _unchanged(config, workdir):
+def _pipeline(config, workdir):
   del workdir
-  return config
+  return stages.prepare(config)
 
 
 def _no_report(config, workdir, summary):
@@ -42,4 +44,4 @@ def get(name: str) -> Method:
   if name not in NAMES:
     raise ConfigError(f"config.method.name={name!r}: must be one of {NAMES}")
   m = importlib.import_module(f"jaxopd.methods.{name}")
-  return Method(name, m, m.build, getattr(m, "prepare", _unchanged), getattr(m, "report", _no_report))
+  return Method(name, m, m.build, getattr(m, "prepare", _pipeline), getattr(m, "report", _no_report))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopd import options, paths, rewards, stages, tasks
-from jaxopd.data import batched_iterator, digits, suite as suite_lib
+from jaxopd.data import batched_iterator, digits
 from jaxopd.errors import ConfigError
 from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.models import heads
@@ -31,7 +31,6 @@ from jaxopd.losses.grpo import (ADVANTAGES, AGGREGATIONS, CORRECTIONS, DISTILL, 
 from jaxopd.models import table
 from jaxopd.options import at_least, one_of, option
 from jaxopd.sampling import SamplingConfig, rollout_config, sample
-from jaxopd.tasks import digits as digits_task, reviews
 
 TASKS = ("digits", "reviews", "files")   # the tasks it trains on (jaxopd.tasks)
 CHECK = "check"
@@ -365,23 +364,14 @@ def build(config) -> Experiment:
 
 
 def report(config, workdir: str, summary: dict):
-  """Pass@k per level and held-out NLL of the SFT base (before), the teacher (distillation
-  variants) and the trained policy (after), on the digits task; summary.json."""
+  """The task's evaluation (:mod:`jaxopd.tasks`: digits pass@k per level, the reviews gold reward)
+  of the starting policy (before), the teacher (distillation variants) and the trained policy
+  (after); summary.json."""
   out = {"method": {k: config.method[k] for k in ("advantage", "aggregation", "beta_kl", "eps_low", "eps_high",
                                                   "dynamic_sampling", "distill", "lambda_d", "pg")},
          "after": summary.eval}
-  if config.data.task == "reviews" and config.eval.num_prompts:
-    evaluate = reviews.evaluate(config, suite_lib.ensure(config.data, verbose=False))
-    p = config.models.policy
-    if table.parse_init("policy", p.init).kind != "random":
-      out["before"] = evaluate({"policy": table.load_model(p.init, "policy", dtype=p.dtype,
-                                                           param_dtype=p.param_dtype)[0]}, 0)
-    keys = ["sample/reward", "sample/kl_ref", "sample/entropy", "sample/distinct2"]
-    print("\n" + f"{'':<14}" + "".join(f"{k.split('/')[-1]:>12}" for k in keys))
-    for name in ("before", "after"):
-      if name in out:
-        print(f"{name:<14}" + "".join(f"{out[name].get(k, float('nan')):>12.4f}" for k in keys))
-  if config.data.task == "digits":
-    digits_task.report(config, out, {"before": config.models.policy, "teacher": config.models.teacher})
+  task_report = tasks.piece(config, "report")      # the task's before/after table (none for your files)
+  if task_report:
+    task_report(config, out, {"before": config.models.policy, "teacher": config.models.teacher})
   paths.write_json(os.path.join(workdir, "summary.json"), out, indent=2)
   print(f"wrote {os.path.join(workdir, 'summary.json')}")

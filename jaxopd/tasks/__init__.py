@@ -41,15 +41,16 @@ class Task:
   pairs: Callable | None = None
   prompts: Callable | None = None
   ensure: Callable | None = None   # builds the task's data for the pipeline's stages (None: it has none)
+  report: Callable | None = None   # report(config, out, sources): the before/after table of an RL run
 
 
 def _tasks() -> dict[str, Task]:
   from jaxopd.data import digits as digits_data, suite
   from jaxopd.tasks import digits, files, reviews, sort
   return {"reviews": Task(sft=reviews.sft_data, pairs=reviews.pair_data, prompts=reviews.prompts,
-                          ensure=lambda c: suite.ensure(c.data)),
+                          ensure=lambda c: suite.ensure(c.data), report=reviews.report),
           "digits": Task(sft=digits.sft_data, pairs=digits.pair_data, prompts=digits.prompts,
-                         ensure=lambda c: digits_data.ensure(c.data)),
+                         ensure=lambda c: digits_data.ensure(c.data), report=digits.report),
           "files": Task(sft=files.sft_data, pairs=files.pair_data, prompts=files.prompts),
           "sort": Task(sft=sort.sft_data)}
 
@@ -63,6 +64,29 @@ def has_stages(config) -> bool:
 def ensure(config) -> None:
   """Builds task ``config.data.task``'s data (if missing) for the pipeline's stages."""
   _tasks()[config.data.task].ensure(config)
+
+
+def piece(config, name: str) -> Callable | None:
+  """Task ``config.data.task``'s ``name`` piece, or None where it has none."""
+  t = _tasks().get(config.data.task)
+  return getattr(t, name) if t is not None else None
+
+
+def evaluate_sources(config, run, sources: dict, out: dict, keys: list) -> dict:
+  """Adds to ``out`` (which holds ``"after"``) ``run({"policy": model}, 0)`` for the model of each
+  ``sources`` entry (name -> a role block of ``config.models`` or an init string; ``none`` and
+  ``random`` skipped), prints the table of ``keys`` and returns ``out``."""
+  from jaxopd.models import table
+  for name, r in sources.items():
+    r = table.role(init=r) if isinstance(r, str) else r
+    if r.init != table.NONE and table.parse_init(name, r.init).kind != "random":
+      out[name] = run({"policy": table.load_model(r.init, name, dtype=r.dtype, param_dtype=r.param_dtype)[0]}, 0)
+  width = max(14, *(len(n) + 2 for n in out))
+  print("\n" + " " * width + "".join(f"{k.split('/')[-1]:>12}" for k in keys))
+  for name in [*sources, "after"]:
+    if name in out:
+      print(f"{name:<{width}}" + "".join(f"{out[name].get(k, float('nan')):>12.4f}" for k in keys))
+  return out
 
 
 def require(config, names: tuple) -> None:

@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopd import stages
+from jaxopd import stages, tasks
 from jaxopd.data import digits, traces
 from jaxopd.data.tokenizer import check_tokenizer
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled, heldout_nll, pass_at_k, to_host
-from jaxopd.models import table
 from jaxopd.sampling import SamplingConfig, rollout_config
 from jaxopd.tasks import Prompts, SftData
 
@@ -130,17 +129,6 @@ def report(config, out: dict, sources: dict) -> dict:
   suite = digits.ensure(config.data, verbose=False)
   recs = digits.prompt_records(suite, "test", config.rollout.prompt_len, config.rollout.max_new_tokens - 1,
                                verbose=False)[:config.eval.num_prompts]
-  run = evaluate(config, suite, recs)
-  for name, r in sources.items():
-    r = table.role(init=r) if isinstance(r, str) else r
-    if r.init != table.NONE and table.parse_init(name, r.init).kind != "random":
-      model = table.load_model(r.init, name, dtype=r.dtype, param_dtype=r.param_dtype)[0]
-      out[name] = run({"policy": model}, 0)
   ks = sorted(int(k.split("@")[1]) for k in out["after"] if k.startswith("sample/pass@"))
   keys = [f"sample/pass@{k}" for k in ks] + ["sample/greedy", "heldout/nll_easy"]
-  width = max(14, *(len(n) + 2 for n in out))
-  print("\n" + " " * width + "".join(f"{k.split('/')[-1]:>12}" for k in keys))
-  for name in [*sources, "after"]:
-    if name in out:
-      print(f"{name:<{width}}" + "".join(f"{out[name].get(k, float('nan')):>12.4f}" for k in keys))
-  return out
+  return tasks.evaluate_sources(config, evaluate(config, suite, recs), sources, out, keys)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jaxopd import stages
+from jaxopd import stages, tasks
 from jaxopd.data import preferences, suite as suite_lib
 from jaxopd.data.tokenizer import check_tokenizer
 from jaxopd.errors import ConfigError
@@ -74,3 +74,14 @@ def evaluate(config, suite):
     res = evaluate_policy(models["policy"], models.get("reference"), prompt, plen, rng, scfg, reward_fn)
     return {f"sample/{k}": v for k, v in res.items()}
   return run
+
+
+def report(config, out: dict, sources: dict) -> dict:
+  """Adds to ``out`` (which holds ``"after"``) the sampled evaluation, with the gold reward, of each
+  ``sources`` entry (name -> a role block or an init string; ``none`` / ``random`` skipped) and
+  prints the table; nothing without ``config.eval.num_prompts``."""
+  if not config.eval.get("num_prompts"):
+    return out
+  run = evaluate(config, suite_lib.ensure(config.data, verbose=False))
+  keys = ["sample/reward", "sample/kl_ref", "sample/entropy", "sample/distinct2"]
+  return tasks.evaluate_sources(config, run, sources, out, keys)
