@@ -50,11 +50,13 @@ class SamplingConfig:
 
 
 def rollout_config(c, tok, temperature=None) -> SamplingConfig:
-  """The rollout's sampling settings (``c.rollout``) with ``tok``'s EOS and pad (EOS where it has none)."""
-  eos = tok.eos_token_id
-  return SamplingConfig(max_new_tokens=c.rollout.max_new_tokens, eos_id=eos,
+  """The rollout's sampling settings (``c.rollout``: budget, temperature, and ``top_k`` / ``top_p``
+  where it has them) with ``tok``'s EOS and pad (EOS where it has none)."""
+  eos, r = tok.eos_token_id, c.rollout
+  return SamplingConfig(max_new_tokens=r.max_new_tokens, eos_id=eos,
                         pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
-                        temperature=c.rollout.temperature if temperature is None else temperature)
+                        temperature=r.temperature if temperature is None else temperature,
+                        top_k=r.get("top_k", 0), top_p=r.get("top_p", 1.0))
 
 
 class SampleOutput(NamedTuple):

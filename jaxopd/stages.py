@@ -275,26 +275,29 @@ def source(config, init: str) -> str:
   return sft_init(config, init[len("stage:"):]) if init.startswith("stage:") else init
 
 
-def traces_dir(config) -> str:
-  """The directory of traces stage ``config.traces`` (made or not): its teacher, sampling and
-  prompts are its inputs."""
+def _traces_stage(config):
+  """``(teacher, suite, sampling, inputs)`` of traces stage ``config.traces``: its teacher, sampling
+  and prompts are its inputs."""
   t = config.traces
   teacher = source(config, t.teacher)
   suite = digits.ensure(config.data, verbose=False)
   scfg = rollout_config(config, suite.tokenizer, t.temperature)
-  return directory(t.workdir, "traces", traces.settings(teacher, t, scfg, int(t.seed), suite.builder_config.name))
+  return teacher, suite, scfg, traces.settings(teacher, t, scfg, int(t.seed), suite.builder_config.name)
+
+
+def traces_dir(config) -> str:
+  """The directory of traces stage ``config.traces`` (made or not)."""
+  return directory(config.traces.workdir, "traces", _traces_stage(config)[3])
 
 
 def _traces(config, name, filled) -> None:
   """Kind ``traces``: ``config.traces.samples`` answers of the teacher to each of the first
   ``num_prompts`` digits train prompts, labelled by the task's checker."""
   t = config[name]
-  teacher = filled.traces.teacher
+  teacher, suite, scfg, inputs = _traces_stage(filled)
   table.parse_init("teacher", teacher)
-  suite = digits.ensure(config.data)
   prompts = digits.prompt_records(suite, "train", config.rollout.prompt_len, config.rollout.max_new_tokens - 1)
-  scfg = rollout_config(config, suite.tokenizer, t.temperature)
-  where = run(t.workdir, "traces", traces.settings(teacher, t, scfg, int(t.seed), suite.builder_config.name),
+  where = run(t.workdir, "traces", inputs,
               lambda where: traces.write(where, t, lambda: table.load_model(teacher, "teacher")[0], teacher, suite,
                                          prompts, scfg, int(t.seed)))
   st = traces.statistics(traces.load(where), t.pairs_per_prompt)
@@ -341,25 +344,28 @@ KINDS = {
 }
 
 
+def _sources(config):
+  """``(field name, block, key)`` of every field that may name a stage: the roles' inits and the
+  traces' teacher."""
+  out = [(f"config.models.{n}.init", r, "init") for n, r in config.models.items()]
+  return out + ([("config.traces.teacher", config.traces, "teacher")] if "traces" in config else [])
+
+
 def staged(config) -> dict[str, str]:
-  """``{stage: first field naming it}`` over the roles' inits and the traces' teacher."""
-  fields = [(f"config.models.{n}.init", r.init) for n, r in config.models.items()]
-  if "traces" in config:
-    fields.append(("config.traces.teacher", config.traces.teacher))
+  """``{stage: the first field naming it}``."""
   out = {}
-  for field, v in fields:
+  for field, block, key in _sources(config):
+    v = block[key]
     if isinstance(v, str) and v.startswith("stage:"):
-      out.setdefault(v[len("stage:"):], f"{field}={v!r}")
+      out.setdefault(v[len("stage:"):], field)
   return out
 
 
 def fill(config, name: str, init: str) -> None:
-  """Replaces ``stage:NAME`` by ``init`` in ``config``'s roles and the traces' teacher."""
-  for r in config.models.values():
-    if r.init == f"stage:{name}":
-      r.init = init
-  if "traces" in config and config.traces.teacher == f"stage:{name}":
-    config.traces.teacher = init
+  """Replaces ``stage:NAME`` by ``init`` in every field that names it."""
+  for _, block, key in _sources(config):
+    if block[key] == f"stage:{name}":
+      block[key] = init
 
 
 def prepare(config):
@@ -371,10 +377,10 @@ def prepare(config):
   staged_ = staged(config)
   for name, field in staged_.items():
     if name not in pipeline:
-      raise ConfigError(f"{field}: no stage {name!r} in config.pipeline={pipeline}")
+      raise ConfigError(f"{field}='stage:{name}': no stage {name!r} in config.pipeline={pipeline}")
   if staged_ and not tasks.has_stages(config):
     name, field = next(iter(staged_.items()))
-    raise ConfigError(f"{field.split('=')[0]}='stage:{name}': with task={config.data.task} no SFT stage is "
+    raise ConfigError(f"{field}='stage:{name}': with task={config.data.task} no SFT stage is "
                       f"trained here; start it from your model (hf:DIR) or a run (run:WORKDIR)")
   filled = copy.deepcopy(config)
   if not tasks.has_stages(config):

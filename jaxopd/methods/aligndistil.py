@@ -28,7 +28,7 @@ from jaxopd.losses.aligndistil import NEEDS, VARIANTS, sequence_loss, token_term
 from jaxopd.models.heads import chunked_terms
 from jaxopd.models import table
 from jaxopd.options import one_of, option, positive
-from jaxopd.sampling import SamplingConfig, sample
+from jaxopd.sampling import SamplingConfig, rollout_config, sample
 from jaxopd.tasks import pairs as pair_task, reviews
 
 TASKS = ("reviews", "files")   # the tasks it trains on (jaxopd.tasks)
@@ -148,11 +148,6 @@ def prepare(config, workdir: str):
   return stage_lib.prepare(config)
 
 
-def _scfg(c, tok) -> SamplingConfig:
-  return SamplingConfig(max_new_tokens=c.rollout.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                        temperature=c.rollout.temperature)
-
-
 def build(config) -> Experiment:
   m = _check(config)
   evaluate = None
@@ -177,7 +172,7 @@ def build(config) -> Experiment:
     if table.arch(config, n).vocab_size != policy.vocab_size:
       raise ConfigError(f"config.models.{n}: vocab_size={table.arch(config, n).vocab_size} differs from the "
                         f"policy's {policy.vocab_size} (the teacher mixes the models' logits token by token)")
-  rollout = make_rollout(_scfg(config, tok)) if m.data == "on_policy" else None
+  rollout = make_rollout(rollout_config(config, tok)) if m.data == "on_policy" else None
   return Experiment(
       roles=roles(m.variant),
       loss_fn=make_loss_fn(m.variant, m.beta, m.beta2, m.temperature, m.chunk, m.len_norm),

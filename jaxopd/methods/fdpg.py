@@ -34,7 +34,7 @@ from jaxopd.losses.fdpg import (F_DIVERGENCES, Baseline, LogZ, context_weights, 
                                 group_baselines, pseudo_reward, surrogate_loss)
 from jaxopd.models import Transformer, heads, table
 from jaxopd.options import one_of, option, positive
-from jaxopd.sampling import SamplingConfig, sample
+from jaxopd.sampling import SamplingConfig, rollout_config, sample
 from jaxopd.tasks import Prompts
 
 TASKS = ("reviews", "files")   # the tasks it trains on (jaxopd.tasks)
@@ -307,12 +307,6 @@ def prompt_len(c) -> int:
   return c.rollout.prompt_len if c.method.conditional else 1
 
 
-def _scfg(c, tok) -> SamplingConfig:
-  return SamplingConfig(max_new_tokens=c.rollout.max_new_tokens, eos_id=tok.eos_token_id,
-                        pad_id=tok.pad_token_id, temperature=c.rollout.temperature, top_k=c.rollout.top_k,
-                        top_p=c.rollout.top_p)
-
-
 def _check(c) -> Options:
   m = Options.of(c.method)
   tasks.require(c, TASKS)
@@ -484,7 +478,7 @@ def _fit(config) -> dict:
   prompt, plen = _prompts(config, data, "test", k)
   if len(prompt) < k:
     raise ConfigError(f"config.eval.contexts={k}: the held-out prompts are only {len(prompt)}")
-  scfg = _scfg(config, data.tokenizer)
+  scfg = rollout_config(config, data.tokenizer)
   target0 = make_target(config, data, lambdas=(0.0,))
   draw = compiled(_draw_and_score, (scfg, target0), base, reward_model)
 
@@ -550,7 +544,7 @@ def build(config) -> Experiment:
     raise ConfigError(f"config.models.policy: its vocab_size={model_cfg.vocab_size} is smaller than the "
                       f"tokenizer's {len(data.tokenizer)} tokens")
   target = make_target(config, data)
-  scfg = _scfg(config, data.tokenizer)
+  scfg = rollout_config(config, data.tokenizer)
   if m.conditional:
     prompt, plen = _prompts(config, data, "train")
     records = [{"prompt": p, "prompt_len": l, "context": np.int32(i)} for i, (p, l) in enumerate(zip(prompt, plen))]
@@ -589,7 +583,7 @@ def make_evaluate(config, data: Prompts, target: Target):
   per = e.num_samples // k
   prompt, plen = np.repeat(prompt, per, 0), np.repeat(plen, per)
   log_z = np.repeat(np.asarray(e.log_z, np.float32), per)
-  scfg = _scfg(config, data.tokenizer)
+  scfg = rollout_config(config, data.tokenizer)
   rng = jax.random.PRNGKey(config.seed + 1)
 
   def evaluate(models, step):
