@@ -51,12 +51,15 @@ def pair_data(config):
   if len(train) < config.batch_size:
     raise ConfigError(f"config.batch_size={config.batch_size}: the traces give only {len(train)} pairs "
                       f"(raise config.traces.num_prompts or samples)")
-  evaluate_fn = None
-  if config.eval.num_prompts and config.eval.samples:
-    test = digits.prompt_records(suite, "test", config.rollout.prompt_len, config.rollout.max_new_tokens - 1,
-                                 verbose=False)[:config.eval.num_prompts]
-    evaluate_fn = evaluate(config, suite, test)
-  return train, None, evaluate_fn
+  return train, None, _heldout(config, suite)[1]
+
+
+def _heldout(config, suite):
+  """``(records, evaluate)``: the first ``config.eval.num_prompts`` held-out prompts with their
+  answers, and pass@k per level on them (None without ``num_prompts`` and ``samples``)."""
+  test = digits.prompt_records(suite, "test", config.rollout.prompt_len, config.rollout.max_new_tokens - 1,
+                               verbose=False)[:config.eval.num_prompts]
+  return test, evaluate(config, suite, test) if config.eval.num_prompts and config.eval.samples else None
 
 
 def prompts(config) -> Prompts:
@@ -64,11 +67,8 @@ def prompts(config) -> Prompts:
   less the EOS); the evaluation: pass@k per level on ``config.eval.num_prompts`` held-out prompts."""
   suite = digits.ensure(config.data, verbose=False)
   check_tokenizer(config, suite.tokenizer, "the digits task")
-  a_len = config.rollout.max_new_tokens - 1
-  train = digits.prompt_records(suite, "train", config.rollout.prompt_len, a_len)
-  test = digits.prompt_records(suite, "test", config.rollout.prompt_len, a_len)[:config.eval.num_prompts]
-  return Prompts(suite.tokenizer, train, test,
-                 evaluate(config, suite, test) if config.eval.num_prompts and config.eval.samples else None)
+  train = digits.prompt_records(suite, "train", config.rollout.prompt_len, config.rollout.max_new_tokens - 1)
+  return Prompts(suite.tokenizer, train, *_heldout(config, suite))
 
 
 def _eval_draw(scfg, n, model, prompt, plen, answer, alen, rng):
@@ -124,11 +124,9 @@ def report(config, out: dict, sources: dict) -> dict:
   """Adds to ``out`` (which holds ``"after"``, the run's last evaluation) the digits evaluation
   of each ``sources`` entry (name -> a role block of ``config.models``, or an init string;
   ``none`` / ``random`` skipped) and prints the pass@k table; returns ``out``."""
-  if not (config.eval.num_prompts and config.eval.samples):
+  run = _heldout(config, digits.ensure(config.data, verbose=False))[1]
+  if run is None:
     return out
-  suite = digits.ensure(config.data, verbose=False)
-  recs = digits.prompt_records(suite, "test", config.rollout.prompt_len, config.rollout.max_new_tokens - 1,
-                               verbose=False)[:config.eval.num_prompts]
   ks = sorted(int(k.split("@")[1]) for k in out["after"] if k.startswith("sample/pass@"))
   keys = [f"sample/pass@{k}" for k in ks] + ["sample/greedy", "heldout/nll_easy"]
-  return tasks.evaluate_sources(config, evaluate(config, suite, recs), sources, out, keys)
+  return tasks.evaluate_sources(config, run, sources, out, keys)
