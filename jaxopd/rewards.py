@@ -79,13 +79,13 @@ def check_model(policy_tokenizer, reward_dir: str, arch, field: str = "config.mo
 
 def check_config(c, builtin: str, what: str) -> None:
   """``config.method.reward`` against the model table: ``builtin`` (the task's own reward,
-  described by ``what``), ``module:function``, or ``model`` with a ``reward`` role that has a
+  described by ``what``; None: the task has none), ``module:function``, or ``model`` with a ``reward`` role that has a
   source; a reward role that nothing uses is refused too. One-line :class:`ConfigError`s."""
   from jaxopd.models import table
   r = c.method.reward
   if r not in (builtin, MODEL) and not is_function(r):
-    raise ConfigError(f"config.method.reward={r!r}: must be {builtin} ({what}), module:function or "
-                      f"model (the reward role: --config.models.reward.init=hf:DIR)")
+    raise ConfigError(f"config.method.reward={r!r}: must be " + (f"{builtin} ({what}), " if builtin else "") +
+                      "module:function or model (the reward role: --config.models.reward.init=hf:DIR)")
   if r == MODEL and not table.built(c, "reward"):
     raise ConfigError("config.method.reward='model': give the reward model's source, "
                       "--config.models.reward.init=hf:DIR (a *ForSequenceClassification directory)")

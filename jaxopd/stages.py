@@ -17,6 +17,7 @@ import copy
 import datetime
 import hashlib
 import json
+import os
 from typing import Callable, NamedTuple
 
 import ml_collections
@@ -242,10 +243,12 @@ def preference_pipeline(c, smoke: bool = False):
 
 def prefs_config(c):
   """The preference-pair dataset's config (:mod:`jaxopd.data.preferences`) of pipeline ``c``: pairs
-  sampled from its SFT stage (whose directory, and so its inputs, names the dataset)."""
+  sampled from its SFT stage (whose key, a digest of its inputs, names the dataset)."""
   d, p = c.data, c.prefs
+  where = sft_dir(c, "sft")
   return preferences.make_config(
-      policy_workdir=sft_dir(c, "sft"), policy_step=int(c.sft.total_steps), world_seed=d.world_seed,
+      policy_key=os.path.basename(where), policy_workdir=where, policy_step=int(c.sft.total_steps),
+      world_seed=d.world_seed,
       prompts_num_train=d.num_prompts_train, prompts_num_test=d.num_prompts_test,
       prompt_min_words=d.prompt_min_words, prompt_max_words=d.prompt_max_words, num_train=p.num_train,
       num_test=p.num_test, k=p.k, mode=p.mode, bt_temperature=p.bt_temperature, temperature=p.temperature,
@@ -327,19 +330,37 @@ class Kind(NamedTuple):
   """A kind of stage: ``run(config, name, filled)`` makes stage ``config[name]`` (``filled``: the
   config with the earlier stages' inits) and returns its ``run:`` init, or None for data;
   ``after(config, name)``: the stages it builds on; a ``data`` stage always runs (the method
-  reads its product), a model stage only when a role or a later stage uses it."""
+  reads its product), a model stage only when a role or a later stage uses it; ``check(config,
+  name)``: one-line errors for its block, before any stage runs."""
   run: Callable
   after: Callable
   data: bool = False
+  check: Callable = lambda c, n: None
+
+
+def _check_pairs(config, name) -> None:
+  p = config[name]
+  if p.prompt_len + p.max_new_tokens > config.model.max_len:
+    raise ConfigError(f"config.{name}.max_new_tokens={p.max_new_tokens}: prompt_len + max_new_tokens "
+                      f"exceeds config.model.max_len={config.model.max_len}")
+
+
+def _check_traces(config, name) -> None:
+  t = config[name]
+  for f in ("num_prompts", "samples", "pairs_per_prompt"):
+    if t[f] < 1:
+      raise ConfigError(f"config.{name}.{f}={t[f]}: must be >= 1")
+  if t.samples < 2:
+    raise ConfigError(f"config.{name}.samples={t.samples}: a pair needs at least 2 samples per prompt")
 
 
 KINDS = {
     "sft": Kind(lambda c, n, f: run_sft(c, n, c[n].get("model")), lambda c, n: ()),
-    "pairs": Kind(_pairs, lambda c, n: ("sft",), data=True),
+    "pairs": Kind(_pairs, lambda c, n: ("sft",), data=True, check=_check_pairs),
     "dpo": Kind(lambda c, n, f: run_dpo(c, n, "reverse DPO (chosen and rejected swapped)" if c[n].reverse else "DPO"),
                 lambda c, n: ("sft", "prefs")),
     "traces": Kind(_traces, lambda c, n: (c[n].teacher[len("stage:"):],) if c[n].teacher.startswith("stage:") else (),
-                   data=True),
+                   data=True, check=_check_traces),
     "positives": Kind(_positives, lambda c, n: ("sft", "traces")),
 }
 
@@ -393,6 +414,9 @@ def prepare(config):
     if name in need or KINDS[kind].data:
       need.add(name)
       need.update(KINDS[kind].after(config, name))
+  for name in pipeline:
+    if name in need:
+      KINDS[config[name].kind].check(config, name)
   if need:
     tasks.ensure(config)
   for name in pipeline:

@@ -18,11 +18,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_models(cfg, roles, seeds=None) -> dict:
-  """Random models of ``ModelConfig`` ``cfg`` by role, the i-th role's parameters seeded ``seeds[i]``
-  (default ``i``): the loss tests' models."""
+  """Random models by role of ``ModelConfig`` ``cfg`` (or a dict of one per role), the i-th role's
+  parameters seeded ``seeds[i]`` (an int or a PRNG key; default ``i``): the loss tests' models."""
   from jaxopd.models import Transformer
   seeds = range(len(roles)) if seeds is None else seeds
-  return {n: Transformer(cfg, nnx.Rngs(params=s)) for n, s in zip(roles, seeds)}
+  return {n: Transformer(cfg[n] if isinstance(cfg, dict) else cfg, nnx.Rngs(params=s)) for n, s in zip(roles, seeds)}
 
 
 def tiny_config(**overrides):

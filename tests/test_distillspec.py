@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import tiny_config
+from helpers import tiny_config, tiny_models
 from jaxopd import stages, train
 from jaxopd.data import batched_iterator
 from jaxopd.experiment import Experiment, load_config
 from jaxopd import mesh as mesh_lib
 from jaxopd.methods import distillspec as DS
-from jaxopd.models import ModelConfig, Transformer, hf, table
+from jaxopd.models import ModelConfig, hf, table
 from jaxopd.sampling import SamplingConfig, sample
 
 
@@ -42,9 +42,7 @@ def _records(n, seed=0):
   return out
 
 
-def _models(seed=0):
-  a, b = jax.random.split(jax.random.PRNGKey(seed))
-  return {"draft": Transformer(DRAFT, nnx.Rngs(params=a)), "target": Transformer(TARGET, nnx.Rngs(params=b))}
+ARCHS = {"draft": DRAFT, "target": TARGET}
 
 
 def _batch(n=4):
@@ -53,13 +51,13 @@ def _batch(n=4):
 
 
 def _rollout_fn(data, **kw):
-  models = _models()
+  models = tiny_models(ARCHS, ("draft", "target"), jax.random.split(jax.random.PRNGKey(0)))
   return jax.jit(lambda b, k: DS.make_rollout(data, SCFG, **kw)(models, b, k))
 
 
 def test_each_data_source():
   batch, key = _batch(), jax.random.PRNGKey(3)
-  models = _models()
+  models = tiny_models(ARCHS, ("draft", "target"), jax.random.split(jax.random.PRNGKey(0)))
   draw = jax.jit(lambda model, k: sample(model, batch["prompt"], batch["prompt_len"], k, SCFG).tokens,
                  static_argnums=0)
   out = _rollout_fn("fixed")(batch, key)
@@ -89,7 +87,7 @@ def test_loss_is_token_sum_of_divergence_against_numpy_and_zero_at_equal_models(
   """The loss against a NumPy float64 divergence of the two models' logits at temperature 2 (both
   divided by it), with and without classic distillation's T^2 scaling; zero at equal models."""
   from test_loss_references import np_div
-  models = _models()
+  models = tiny_models(ARCHS, ("draft", "target"), jax.random.split(jax.random.PRNGKey(0)))
   batch = _batch()
   p = np.asarray(models["target"](batch["tokens"]).logits[:, :-1])
   q = np.asarray(models["draft"](batch["tokens"]).logits[:, :-1])
@@ -112,7 +110,8 @@ def test_on_policy_tvd_raises_measured_acceptance(tmp_path):
   """A random peaked target and a small random draft; 60 steps of on-policy TVD."""
   from jaxopd.sampling import speculative_sample
   c = tiny_config(total_steps=60, batch_size=16, seq_len=P + N, **{"optim.lr": 1e-2, "optim.warmup_steps": 5})
-  models = _models()      # a random peaked target (init_std 1) and a small draft, as HF dirs
+  # a random peaked target (init_std 1) and a small draft, as HF dirs
+  models = tiny_models(ARCHS, ("draft", "target"), jax.random.split(jax.random.PRNGKey(0)))
   hf.export(models["draft"], DRAFT, str(tmp_path / "draft"))
   hf.export(models["target"], TARGET, str(tmp_path / "target"))
   c.models = ml_collections.ConfigDict({"draft": table.role(init=f"hf:{tmp_path / 'draft'}"),

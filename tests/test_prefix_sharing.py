@@ -174,10 +174,6 @@ def test_grouped_rows_are_refused_with_a_cache_and_splash_names_share_prompt():
     splash.final_hidden(toks, groups=(3, 2))
 
 
-def _models(seed_ref=1):
-  return tiny_models(CFG, ("policy", "reference"), (0, seed_ref))
-
-
 def _loss_and_grads(loss_fn, models, batch):
   gd, params = nnx.split(models["policy"])
 
@@ -204,8 +200,8 @@ def _assert_equal_outputs(a, b, ga, gb):
 def test_preference_losses_and_gradients_equal_in_both_layouts(loss):
   unshared, shared = _batches(_pairs(seed=2))
   fn = tdpo.make_loss_fn(loss, beta=0.5, chunk=4)
-  a, ga = _loss_and_grads(fn, _models(), unshared)
-  b, gb = _loss_and_grads(fn, _models(), shared)
+  a, ga = _loss_and_grads(fn, tiny_models(CFG, ("policy", "reference")), unshared)
+  b, gb = _loss_and_grads(fn, tiny_models(CFG, ("policy", "reference")), shared)
   assert float(a.loss) != pytest.approx(5 * np.log(2), rel=1e-3)   # policy != reference: a real comparison
   _assert_equal_outputs(a, b, ga, gb)
 
@@ -214,8 +210,8 @@ def test_preference_losses_and_gradients_equal_in_both_layouts(loss):
 def test_redi_losses_and_gradients_equal_in_both_layouts(loss):
   unshared, shared = _batches(_pairs(seed=3))
   fn = redi.make_loss_fn(0.8, True, loss, beta=2.0 if loss != "dpo" else 0.1, chunk=4)
-  a, ga = _loss_and_grads(fn, _models(), unshared)
-  b, gb = _loss_and_grads(fn, _models(), shared)
+  a, ga = _loss_and_grads(fn, tiny_models(CFG, ("policy", "reference")), unshared)
+  b, gb = _loss_and_grads(fn, tiny_models(CFG, ("policy", "reference")), shared)
   _assert_equal_outputs(a, b, ga, gb)
 
 

@@ -33,8 +33,7 @@ def _pairs(seed=0, b=4, t=10):
   return {"tokens": tokens, "loss_mask": mask}
 
 
-def _models():
-  return tiny_models(ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, max_len=32), ("policy", "reference"))
+CFG = ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, max_len=32)
 
 
 def np_redi(logits, tokens, mask, alpha):
@@ -48,7 +47,7 @@ def np_redi(logits, tokens, mask, alpha):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.8, 1.0])
 def test_loss_matches_numpy_on_padded_pairs(alpha):
-  models, batch = _models(), _pairs()
+  models, batch = tiny_models(CFG, ("policy", "reference")), _pairs()
   b, _, t = batch["tokens"].shape
   logits = np.asarray(models["policy"](jnp.asarray(batch["tokens"].reshape(b * 2, t))).logits).reshape(b, 2, t, V)
   want, norm = np_redi(logits, batch["tokens"], batch["loss_mask"], alpha)
@@ -66,7 +65,7 @@ def test_loss_matches_numpy_on_padded_pairs(alpha):
 
 def test_alpha_zero_is_token_normalised_sft_on_the_positives():
   """Identity: alpha = 0 equals the SFT loss on y+, normalised per sequence, then the mean over pairs."""
-  models, batch = _models(), _pairs(seed=3)
+  models, batch = tiny_models(CFG, ("policy", "reference")), _pairs(seed=3)
   pos, pos_m = batch["tokens"][:, 0], batch["loss_mask"][:, 0]
   logits = models["policy"](jnp.asarray(pos)).logits
   per_seq = []
@@ -115,7 +114,7 @@ def _np_log_sigmoid(x):
 def test_the_baselines_simpo_and_dpo_match_numpy_on_padded_pairs(loss, beta, gamma):
   """SimPO: -log sigmoid(beta (lp+/|y+| - lp-/|y-|) - gamma), no reference gradient; DPO: -log
   sigmoid(beta ((lp+ - ref+) - (lp- - ref-))) with sums over each response; both in float64 here."""
-  models, batch = _models(), _pairs(seed=5)
+  models, batch = tiny_models(CFG, ("policy", "reference")), _pairs(seed=5)
   b, _, t = batch["tokens"].shape
   run = lambda ms: ms(jnp.asarray(batch["tokens"].reshape(b * 2, t))).logits
   s, n = _np_logps(np.asarray(run(models["policy"])).reshape(b, 2, t, V), batch["tokens"], batch["loss_mask"])

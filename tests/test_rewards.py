@@ -132,3 +132,24 @@ def test_reward_model_mistakes_are_one_line(reward_dirs, tmp_path):
   with pytest.raises(ConfigError, match=r"two/config\.json: id2label has 2 labels: a reward model "
                                         r"\(Qwen2ForSequenceClassification\) has one output"):
     hf.config_from_hf(two)
+
+
+@pytest.mark.parametrize("task,reward,match", [
+    ("reviews", "check", r"config\.method\.reward='check' is the digits task's checker \(config\.data\.task="
+                         r"'reviews'\)"),
+    ("digits", "gold", r"config\.method\.reward='gold' is the reviews task's gold reward \(config\.data\.task="
+                       r"'digits'\)"),
+    ("files", "gold", r"config\.method\.reward='gold' is the reviews task's gold reward"),
+    ("files", "bleu", r"config\.method\.reward='bleu': must be module:function or model \(the reward role"),
+    ("digits", "bleu", r"config\.method\.reward='bleu': must be check \(the digits task's checker\), "
+                       r"module:function or model")])
+def test_a_builtin_reward_belongs_to_its_task(task, reward, match):
+  """The built-in rewards are the tasks' (``jaxopd.tasks.Task.reward``): another task's is refused,
+  and your files have none."""
+  from jaxopd import tasks
+  c = load_config("grpo.py:smoke")
+  c.data.task, c.method.reward = task, reward
+  with pytest.raises(ConfigError, match=match):
+    tasks.check_reward(c)
+  c.method.reward = "jaxopd.tasks.arithmetic:reward"
+  tasks.check_reward(c)

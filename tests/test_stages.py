@@ -153,3 +153,43 @@ def test_pipeline_mistakes_are_one_line(tmp_path, toy_kinds):
   assert toy_kinds == []
   c.models.policy.init = c.models.reference.init = "hf:/somewhere"
   assert stages.prepare(c).models.policy.init == "hf:/somewhere" and toy_kinds == []
+
+
+def test_a_kinds_check_runs_before_any_stage(tmp_path, toy_kinds, monkeypatch):
+  """Each needed stage's block is checked before the first stage runs, so a mistake in a late
+  block costs no training."""
+  def check(config, name):
+    if config[name].get("bad"):
+      raise stages.ConfigError(f"config.{name}.bad: refused")
+  kinds = dict(stages.KINDS)
+  kinds["data"] = kinds["data"]._replace(check=check)
+  monkeypatch.setattr(stages, "KINDS", kinds)
+  c = _declared(tmp_path)
+  c.prefs.bad = True
+  with pytest.raises(stages.ConfigError, match=r"config\.prefs\.bad: refused"):
+    stages.prepare(c)
+  assert toy_kinds == []
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("traces.samples", 1, r"config\.traces\.samples=1: a pair needs at least 2 samples per prompt"),
+    ("traces.pairs_per_prompt", 0, r"config\.traces\.pairs_per_prompt=0: must be >= 1"),
+    ("prefs.max_new_tokens", 4096, r"config\.prefs\.max_new_tokens=4096: prompt_len \+ max_new_tokens exceeds "
+                                   r"config\.model\.max_len")])
+def test_the_real_kinds_check_their_blocks(field, value, match):
+  c = load_config("redi.py:digits" if field.startswith("traces") else "tdpo.py")
+  block, key = field.split(".")
+  c[block][key] = value
+  with pytest.raises(stages.ConfigError, match=match):
+    stages.KINDS[c[block].kind].check(c, block)
+
+
+def test_the_pairs_dataset_is_named_by_the_sft_stage_key_not_its_directory(tmp_path):
+  """Two checkouts (two stage roots) of the same SFT stage name the same pair dataset; a changed
+  SFT input names another."""
+  a, b = load_config("tdpo.py:smoke"), load_config("tdpo.py:smoke")
+  a.sft.workdir, b.sft.workdir = str(tmp_path / "one" / "sft"), str(tmp_path / "two" / "sft")
+  pa, pb = stages.prefs_config(a), stages.prefs_config(b)
+  assert pa.policy_workdir != pb.policy_workdir and pa.name == pb.name
+  b.sft.total_steps += 1
+  assert stages.prefs_config(b).name != pa.name

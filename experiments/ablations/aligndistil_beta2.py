@@ -15,7 +15,7 @@ cannot check this on real data).
    held-out pairs' response tokens (chosen and rejected), the per-token disagreement
    ``d = sum_v |p_dpo - p_rdpo|``, the extrapolation weight ``w = beta2 d + 1e-3`` and the
    coefficient ``c = beta / w`` (jaxopd/losses/aligndistil.py's ``teacher``), against the
-   task's gold reward-bearing tokens (jaxopd/methods/sparsepo.py's ``gold_tokens``).
+   task's gold reward-bearing tokens (jaxopd/tasks/reviews.py's ``gold_tokens``).
    ``coef.md``: AUROC of ``w`` (equivalently of ``d``; ``c``'s is one minus it) and, for
    comparison, of the DPO model's token reward magnitude ``|beta (log p_dpo - log p_ref)|``
    and of ``|log p_dpo - log p_rdpo|`` at the target token; ``c``'s distribution per
@@ -51,11 +51,11 @@ def token_signals(sets, batch: int = 64, spec: str = CONFIG + ":adaptive"):
   signals, the gold flags; numpy ``[n]`` each. Trains any missing stage first (cached)."""
   import jax
   import jax.numpy as jnp
-  from jaxopd.data import suite as suite_lib
   from jaxopd.experiment import load_config
   from jaxopd.losses.aligndistil import FLOOR, token_terms
   from jaxopd.losses.common import response_mask
-  from jaxopd.methods import aligndistil, sparsepo
+  from jaxopd.methods import aligndistil
+  from jaxopd.tasks import reviews as reviews_task
   from jaxopd.tasks import pairs
   from jaxopd.models import table
   from jaxopd.models.heads import chunked_terms
@@ -69,7 +69,7 @@ def token_signals(sets, batch: int = 64, spec: str = CONFIG + ":adaptive"):
   _, test_recs, _ = pairs.pair_data(c)
   tokens = np.stack([r["tokens"] for r in test_recs]).reshape(-1, c.seq_len)
   lmask = np.stack([r["loss_mask"] for r in test_recs]).reshape(-1, c.seq_len)
-  gold = sparsepo.gold_tokens(suite_lib.ensure(c.data, verbose=False), tokens)[:, 1:]
+  gold = reviews_task.gold_tokens(c)(tokens)[:, 1:]
 
   @jax.jit
   def signals(tok):

@@ -46,12 +46,15 @@ class PreferencesConfig(tfds.core.BuilderConfig):
   batch_size: int = 256           # sampler batch (rows = prompts x k)
 
 
-def make_config(**kw) -> PreferencesConfig:
+def make_config(policy_key: str = "", **kw) -> PreferencesConfig:
+  """The dataset's config, named by a digest of its fields; ``policy_key`` (e.g. the SFT stage's
+  ``sft-HASH``, itself a digest of what made the policy) stands for ``policy_workdir`` in the
+  digest, so that the same policy trained in another checkout names the same dataset."""
   if kw.get("mode", "best_worst") not in MODES:
     raise ValueError(f"preferences mode={kw.get('mode')!r}: must be one of {MODES}")
   if kw.get("k", 4) < 2:
     raise ValueError(f"preferences k={kw.get('k')}: need at least 2 samples per prompt")
-  key = json.dumps(kw, sort_keys=True)
+  key = json.dumps({**kw, "policy_workdir": policy_key} if policy_key else kw, sort_keys=True)
   name = f"{kw.get('mode', 'best_worst')}_k{kw.get('k', 4)}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
   return PreferencesConfig(name=name, description=key, **kw)
 

@@ -29,7 +29,7 @@ from jaxopd.models.heads import chunked_terms
 from jaxopd.models import table
 from jaxopd.options import one_of, option, positive
 from jaxopd.sampling import SamplingConfig, rollout_config, sample
-from jaxopd.tasks import pairs as pair_task, reviews
+from jaxopd.tasks import pairs as pair_task
 
 TASKS = ("reviews", "files")   # the tasks it trains on (jaxopd.tasks)
 
@@ -182,18 +182,13 @@ def build(config) -> Experiment:
 
 
 def report(config, workdir: str, summary: dict):
-  """Before (the SFT reference) / after table of the sampled evaluation, and summary.json."""
+  """The task's evaluation of the SFT reference (before), the DPO teacher and the trained policy
+  (after), each with its KL to the reference; summary.json."""
   out = {"variant": config.method.variant, "data": config.method.data, "beta": config.method.beta,
          "beta2": config.method.beta2, "after": summary.eval}
-  if config.data.task == "reviews":
-    models = summary.trainer.models(summary.state, summary.frozen)
-    evaluate = reviews.evaluate(config, suite_lib.ensure(config.data, verbose=False))
-    out["before"] = evaluate({**models, "policy": models["reference"]}, 0)
-    out["dpo"] = evaluate({**models, "policy": models["dpo"]}, 0)
-    keys = ["sample/reward", "sample/kl_ref", "sample/entropy", "sample/distinct2"]
-    print("\n" + f"{'':<26}" + "".join(f"{k.split('/')[-1]:>14}" for k in keys))
-    for name, r in (("sft (before)", out["before"]), ("dpo (teacher)", out["dpo"]),
-                    (f"aligndistil {config.method.variant}", out["after"])):
-      print(f"{name:<26}" + "".join(f"{r.get(k, float('nan')):>14.4f}" for k in keys))
+  task_report = tasks.piece(config, "report")      # the task's before/after table (none for your files)
+  if task_report:
+    task_report(config, out, {"before": config.models.reference, "dpo": config.models.dpo},
+                base={"reference": config.models.reference})
   paths.write_json(os.path.join(workdir, "summary.json"), out, indent=2)
   print(f"wrote {os.path.join(workdir, 'summary.json')}")

@@ -114,14 +114,14 @@ def _check(c) -> Options:
   if e.max_gamma < 1 or any(g < 1 for g in e.sd_gammas):
     raise ConfigError(f"config.eval.sd_gammas={tuple(e.sd_gammas)} / max_gamma={e.max_gamma}: gammas must be >= 1")
   stage_archs = (("config.model", c.model), ("config.target.model", c.target.model))
-  for name, mc in stage_archs if c.data.task == "reviews" else ():   # files: checked on the roles in build()
+  for name, mc in stage_archs if tasks.has_stages(c) else ():   # files: checked on the roles in build()
     if e.prompt_len + e.max_new_tokens + max(e.sd_gammas) + 2 > mc.max_len or c.seq_len > mc.max_len:
       raise ConfigError(f"{name}.max_len={mc.max_len}: too short for eval.prompt_len + eval.max_new_tokens + "
                         f"gamma + 2 and seq_len")
   if c.target.source not in ("policy", "draft"):
     raise ConfigError(f"config.target.source={c.target.source!r}: must be policy (an SFT run) or draft "
                       f"(a run of this module)")
-  if c.data.task == "reviews" and c.model.vocab_size != c.target.model.vocab_size:
+  if tasks.has_stages(c) and c.model.vocab_size != c.target.model.vocab_size:
     raise ConfigError(f"config.model.vocab_size={c.model.vocab_size}: the draft must share the target's "
                       f"vocabulary ({c.target.model.vocab_size})")
   return m
@@ -283,7 +283,7 @@ def build(config) -> Experiment:
   if draft_cfg.vocab_size != target_cfg.vocab_size:
     raise ConfigError(f"config.models.draft: its vocab_size={draft_cfg.vocab_size} differs from the target's "
                       f"{target_cfg.vocab_size}; the draft must share the target's vocabulary")
-  if config.data.task == "reviews" and len(tok) != draft_cfg.vocab_size:
+  if tasks.has_stages(config) and len(tok) != draft_cfg.vocab_size:   # the stages are built on its vocabulary
     raise ConfigError(f"config.models.draft: its vocab_size={draft_cfg.vocab_size} differs from the reviews "
                       f"tokenizer's {len(tok)} tokens")
   if len(tok) > draft_cfg.vocab_size:

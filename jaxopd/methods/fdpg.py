@@ -329,7 +329,7 @@ def _check(c) -> Options:
   if c.seq_len != prompt_len(c) + c.rollout.max_new_tokens:
     raise ConfigError(f"config.seq_len={c.seq_len}: f-DPG's sequences are prompt + response, so it must equal "
                       f"{prompt_len(c)} + config.rollout.max_new_tokens={c.rollout.max_new_tokens}")
-  if c.data.task == "reviews" and c.seq_len > c.model.max_len:   # files: checked on the roles by the trainer
+  if tasks.has_stages(c) and c.seq_len > c.model.max_len:   # the stages' architecture (files: the roles')
     raise ConfigError(f"config.rollout.max_new_tokens={c.rollout.max_new_tokens}: prompt + response exceeds "
                       f"config.model.max_len={c.model.max_len}")
   if _eval_contexts(c) <= 0:

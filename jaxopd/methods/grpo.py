@@ -35,7 +35,6 @@ from jaxopd.sampling import SamplingConfig, rollout_config, sample
 TASKS = ("digits", "reviews", "files")   # the tasks it trains on (jaxopd.tasks)
 CHECK = "check"
 GOLD = "gold"
-BUILTIN = {"digits": (CHECK, "the digits task's checker"), "reviews": (GOLD, "the reviews task's gold reward")}
 SAMPLER_DTYPES = ("", "float32", "bfloat16", "bfloat16_matmul")
 
 
@@ -306,11 +305,7 @@ def _check(c) -> Options:
                                                                                          m.train_groups)):
     raise ConfigError(f"config.method.train_groups={m.train_groups}: must divide batch_size={c.batch_size} so "
                       f"that each microbatch trains on the same share of its groups")
-  for task, (name, what) in BUILTIN.items():
-    if m.reward == name and c.data.task != task:
-      raise ConfigError(f"config.method.reward={name!r} is {what} (config.data.task={c.data.task!r}): use "
-                        f"module:function or model")
-  rewards.check_config(c, *BUILTIN.get(c.data.task, BUILTIN["digits"]))
+  tasks.check_reward(c)
   if c.seq_len != c.rollout.prompt_len + c.rollout.max_new_tokens:
     raise ConfigError(f"config.seq_len={c.seq_len}: sampled sequences are prompt + response, so it must equal "
                       f"config.rollout.prompt_len + config.rollout.max_new_tokens = "

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxopd import errors, options, paths, stages as stage_lib, tasks
-from jaxopd.data import batched_iterator, preferences, reviews, suite as suite_lib
+from jaxopd.data import batched_iterator, preferences, suite as suite_lib
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import compiled
 from jaxopd.experiment import Experiment, LossOutput
@@ -302,29 +302,15 @@ def prepare(config, workdir: str):
   return stage_lib.prepare(config)
 
 
-def gold_tokens(suite, tokens: np.ndarray) -> np.ndarray:
-  """``tokens[..., T]`` -> 1.0 where the token is a word that carries the gold reward of its full text
-  (``reviews.reward_positions``), same shape."""
-  tok = suite.tokenizer
-  special = {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}
-  vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
-  flat = tokens.reshape(-1, tokens.shape[-1])
-  out = np.zeros(flat.shape, np.float32)
-  for r, row in enumerate(flat.tolist()):
-    idx = [i for i, t in enumerate(row) if t not in special]
-    for p in reviews.reward_positions([vocab[row[i]] for i in idx]):
-      out[r, idx[p]] = 1.0
-  return out.reshape(tokens.shape)
-
-
 def build(config) -> Experiment:
   m = _check(config)
   model_cfg = table.arch(config, "policy")
   train_recs, test_recs, sample_eval = pair_task.pair_data(config)
-  suite = None if config.data.task == "files" else suite_lib.ensure(config.data, verbose=False)
-  if suite is not None:     # the gold-reward tokens, for the mask's statistics
-    train_recs = [dict(r, gold=gold_tokens(suite, r["tokens"])) for r in train_recs]
-    test_recs = [dict(r, gold=gold_tokens(suite, r["tokens"])) for r in test_recs]
+  gold_piece = tasks.piece(config, "gold_tokens")
+  if gold_piece:            # the task's reward-bearing tokens, for the mask's statistics
+    gold = gold_piece(config)
+    train_recs = [dict(r, gold=gold(r["tokens"])) for r in train_recs]
+    test_recs = [dict(r, gold=gold(r["tokens"])) for r in test_recs]
   loss_fn = make_loss_fn(m.mask, m.shared, m.beta, m.lambda_u, m.lambda_d, m.chunk)
 
   def init_heads(rng):
@@ -425,7 +411,7 @@ def examples(config, suite, models, n: int, split: str = "test") -> list[dict]:
   recs = recs[:max(1, (n + 1) // 2)]
   tokens = np.stack([r["tokens"] for r in recs]).reshape(-1, config.seq_len)
   lmask = np.stack([r["loss_mask"] for r in recs]).reshape(-1, config.seq_len)
-  gold = gold_tokens(suite, tokens)
+  gold = tasks.piece(config, "gold_tokens")(config)(tokens)
   w_u, w_d, _ = mask_weights(config, models.get("mask"), models["reference"], tokens, lmask)
   vocab = suite.tokenizer.convert_ids_to_tokens(list(range(len(suite.tokenizer))))
   special = {suite.tokenizer.pad_token_id, suite.tokenizer.bos_token_id}
@@ -505,7 +491,7 @@ def report(config, workdir: str, summary: dict):
           f"{ev.get(f'mask/{n}_mean', float('nan')):.3f}, on gold reward-bearing tokens "
           f"{ev.get(f'mask/{n}_gold', float('nan')):.3f} vs others {ev.get(f'mask/{n}_other', float('nan')):.3f}, "
           f"AUROC {ev.get(f'mask/auroc_{n}', float('nan')):.3f}")
-  if config.data.task == "files":
+  if tasks.piece(config, "gold_tokens") is None:    # the examples show the task's reward-bearing tokens
     return
   suite = suite_lib.ensure(config.data, verbose=False)
   models = summary.trainer.models(summary.state, summary.frozen)

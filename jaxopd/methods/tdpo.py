@@ -132,10 +132,10 @@ class Options(options.Options):
 def _check(c) -> Options:
   m = Options.of(c.method)
   tasks.require(c, TASKS)
-  for f in ("prefs", "eval") if c.data.task == "reviews" else ():
-    if c[f].prompt_len + c[f].max_new_tokens > c.model.max_len:
-      raise ConfigError(f"config.{f}.max_new_tokens={c[f].max_new_tokens}: prompt_len + max_new_tokens "
-                        f"exceeds config.model.max_len={c.model.max_len}")
+  e = c.eval      # the sampled evaluation of a built-in task's stages' architecture (files: checked on the roles)
+  if tasks.has_stages(c) and e.prompt_len + e.max_new_tokens > c.model.max_len:
+    raise ConfigError(f"config.eval.max_new_tokens={e.max_new_tokens}: prompt_len + max_new_tokens "
+                      f"exceeds config.model.max_len={c.model.max_len}")
   return m
 
 

@@ -41,18 +41,34 @@ class Task:
   pairs: Callable | None = None
   prompts: Callable | None = None
   ensure: Callable | None = None   # builds the task's data for the pipeline's stages (None: it has none)
-  report: Callable | None = None   # report(config, out, sources): the before/after table of an RL run
+  report: Callable | None = None   # report(config, out, sources, base=None): the before/after table of a run
+  reward: tuple | None = None      # (name, description): the built-in reward ``config.method.reward`` names
+  gold_tokens: Callable | None = None   # gold_tokens(config) -> fn(tokens) -> 1.0 on the reward-bearing tokens
 
 
 def _tasks() -> dict[str, Task]:
   from jaxopd.data import digits as digits_data, suite
   from jaxopd.tasks import digits, files, reviews, sort
   return {"reviews": Task(sft=reviews.sft_data, pairs=reviews.pair_data, prompts=reviews.prompts,
-                          ensure=lambda c: suite.ensure(c.data), report=reviews.report),
+                          ensure=lambda c: suite.ensure(c.data), report=reviews.report,
+                          gold_tokens=reviews.gold_tokens, reward=("gold", "the reviews task's gold reward")),
           "digits": Task(sft=digits.sft_data, pairs=digits.pair_data, prompts=digits.prompts,
-                         ensure=lambda c: digits_data.ensure(c.data), report=digits.report),
+                         ensure=lambda c: digits_data.ensure(c.data), report=digits.report,
+                         reward=("check", "the digits task's checker")),
           "files": Task(sft=files.sft_data, pairs=files.pair_data, prompts=files.prompts),
           "sort": Task(sft=sort.sft_data)}
+
+
+def check_reward(config) -> None:
+  """One-line errors unless ``config.method.reward`` is the task's built-in reward (not another
+  task's), ``module:function`` or ``model`` (:func:`jaxopd.rewards.check_config`)."""
+  from jaxopd import rewards
+  own = piece(config, "reward")
+  for name, t in _tasks().items():
+    if t.reward and config.method.reward == t.reward[0] and t.reward != own:
+      raise ConfigError(f"config.method.reward={t.reward[0]!r} is {t.reward[1]} (config.data.task="
+                        f"{config.data.task!r}): use module:function or model")
+  rewards.check_config(config, *(own or (None, None)))
 
 
 def has_stages(config) -> bool:
@@ -72,15 +88,22 @@ def piece(config, name: str) -> Callable | None:
   return getattr(t, name) if t is not None else None
 
 
-def evaluate_sources(config, run, sources: dict, out: dict, keys: list) -> dict:
-  """Adds to ``out`` (which holds ``"after"``) ``run({"policy": model}, 0)`` for the model of each
-  ``sources`` entry (name -> a role block of ``config.models`` or an init string; ``none`` and
-  ``random`` skipped), prints the table of ``keys`` and returns ``out``."""
+def evaluate_sources(config, run, sources: dict, out: dict, keys: list, base: dict | None = None) -> dict:
+  """Adds to ``out`` (which holds ``"after"``) ``run({**base, "policy": model}, 0)`` for the model
+  of each ``sources`` entry (name -> a role block of ``config.models`` or an init string; ``none``
+  and ``random`` skipped; ``base``: other roles the evaluation reads, e.g. the reference of its KL,
+  given the same way), prints the table of ``keys`` and returns ``out``."""
   from jaxopd.models import table
-  for name, r in sources.items():
+
+  def load(name, r):
     r = table.role(init=r) if isinstance(r, str) else r
     if r.init != table.NONE and table.parse_init(name, r.init).kind != "random":
-      out[name] = run({"policy": table.load_model(r.init, name, dtype=r.dtype, param_dtype=r.param_dtype)[0]}, 0)
+      return table.load_model(r.init, name, dtype=r.dtype, param_dtype=r.param_dtype)[0]
+  base = {n: load(n, r) for n, r in (base or {}).items()}
+  for name, r in sources.items():
+    model = load(name, r)
+    if model is not None:
+      out[name] = run({**base, "policy": model}, 0)
   width = max(14, *(len(n) + 2 for n in out))
   print("\n" + " " * width + "".join(f"{k.split('/')[-1]:>12}" for k in keys))
   for name in [*sources, "after"]:

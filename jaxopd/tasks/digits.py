@@ -120,13 +120,13 @@ def evaluate(config, suite, test_recs):
   return run
 
 
-def report(config, out: dict, sources: dict) -> dict:
+def report(config, out: dict, sources: dict, base: dict | None = None) -> dict:
   """Adds to ``out`` (which holds ``"after"``, the run's last evaluation) the digits evaluation
   of each ``sources`` entry (name -> a role block of ``config.models``, or an init string;
-  ``none`` / ``random`` skipped) and prints the pass@k table; returns ``out``."""
+  ``none`` / ``random`` skipped; ``base``: other roles) and prints the pass@k table; returns ``out``."""
   run = _heldout(config, digits.ensure(config.data, verbose=False))[1]
   if run is None:
     return out
   ks = sorted(int(k.split("@")[1]) for k in out["after"] if k.startswith("sample/pass@"))
   keys = [f"sample/pass@{k}" for k in ks] + ["sample/greedy", "heldout/nll_easy"]
-  return tasks.evaluate_sources(config, run, sources, out, keys)
+  return tasks.evaluate_sources(config, run, sources, out, keys, base)

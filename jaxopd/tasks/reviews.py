@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from jaxopd import stages, tasks
-from jaxopd.data import preferences, suite as suite_lib
+from jaxopd.data import preferences, reviews, suite as suite_lib
 from jaxopd.data.tokenizer import check_tokenizer
 from jaxopd.errors import ConfigError
 from jaxopd.evaluation import evaluate_policy
@@ -76,12 +76,31 @@ def evaluate(config, suite):
   return run
 
 
-def report(config, out: dict, sources: dict) -> dict:
+def report(config, out: dict, sources: dict, base: dict | None = None) -> dict:
   """Adds to ``out`` (which holds ``"after"``) the sampled evaluation, with the gold reward, of each
-  ``sources`` entry (name -> a role block or an init string; ``none`` / ``random`` skipped) and
-  prints the table; nothing without ``config.eval.num_prompts``."""
+  ``sources`` entry (name -> a role block or an init string; ``none`` / ``random`` skipped; ``base``:
+  the other roles, e.g. the reference of the KL) and prints the table; nothing without
+  ``config.eval.num_prompts``."""
   if not config.eval.get("num_prompts"):
     return out
   run = evaluate(config, suite_lib.ensure(config.data, verbose=False))
   keys = ["sample/reward", "sample/kl_ref", "sample/entropy", "sample/distinct2"]
-  return tasks.evaluate_sources(config, run, sources, out, keys)
+  return tasks.evaluate_sources(config, run, sources, out, keys, base)
+
+
+def gold_tokens(config):
+  """``fn(tokens[..., T]) -> [..., T]``: 1.0 where the token is a word that carries the gold reward
+  of its full text (:func:`jaxopd.data.reviews.reward_positions`)."""
+  tok = suite_lib.ensure(config.data, verbose=False).tokenizer
+  special = {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}
+  vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
+
+  def fn(tokens: np.ndarray) -> np.ndarray:
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    out = np.zeros(flat.shape, np.float32)
+    for r, row in enumerate(flat.tolist()):
+      idx = [i for i, t in enumerate(row) if t not in special]
+      for p in reviews.reward_positions([vocab[row[i]] for i in idx]):
+        out[r, idx[p]] = 1.0
+    return out.reshape(tokens.shape)
+  return fn
