@@ -26,15 +26,23 @@ plus attention; the same count divides both sides' times).
 ``profile`` times the parts alone in the same process (below). The last line printed is one
 JSON object.
 
-Measured (2 idle cores, AMD EPYC, float32; one command, 2026-12-07; matmul peak 300-412 GFLOP/s
-measured in the same process on the model's shapes):
+Measured (2 idle cores, AMD EPYC, float32; one command each, 2026-12-07; matmul peak 300-412
+GFLOP/s measured in the same process on the model's shapes):
 
   workload                          jaxopd         peer                  ratio   of the matmul peak
-  sample, batch 8, 128 new          8189 ms        generate 11322 ms     1.38x   0.16 (other runs: 1.32x, 1.32x)
-  sample, batch 32, 128 new         14222 ms       generate 17793 ms     1.25x   0.34 (other runs: 1.21x, 1.20x)
-  the same, bfloat16 matmul operands                                     1.61x (b8), 1.59x (b32)
-  DPO step, 4 pairs of 64 + 96      7363 ms        TRL 6304 ms           0.86x   0.48 vs TRL 0.56
-  GRPO step, 8 x 8, 128 new         58367 ms       TRL 62550 ms          1.07x   0.49 vs TRL 0.45
+  sample, batch 8, 128 new          6308 ms        generate 8584 ms      1.36x   0.16 (other runs: 1.32x, 1.38x)
+  sample, batch 32, 128 new         14696 ms       generate 18061 ms     1.23x   0.34 (other runs: 1.20x, 1.25x)
+  the same, bfloat16 matmul operands                                     1.69x (b8), 1.64x (b32)
+  DPO step, 4 pairs of 64 + 96      7846 ms        TRL 6303 ms           0.80x   0.47 vs TRL 0.58
+    the same, method.chunk = 0      6598 ms                              0.96x   0.56
+  GRPO step, 8 x 8, 128 new         69903 ms       TRL 71183 ms          1.02x   0.43 vs TRL 0.42
+    the same, method.chunk = 0      63384 ms                             1.12x   0.48
+
+``method.chunk = 0`` computes the vocabulary-wide terms at every position at once and keeps them
+for the backward pass, as TRL does, where the default chunk loop recomputes each chunk's logits
+(a second head forward) to keep one chunk alive at a time; it is the faster choice where the
+``[B, T, V]`` logits fit. An earlier run of the same command gave DPO 0.86x and GRPO 1.07x at the
+default chunk (7363 / 6304 ms, 58.4 / 62.6 s).
 
 The goals (sampler >= 3x generate, steps >= 0.70 of the peak) are not met. Where the time goes
 (``--only profile``, same shapes):
@@ -58,10 +66,12 @@ The goals (sampler >= 3x generate, steps >= 0.70 of the peak) are not met. Where
   gives 43.9 ms: no gain. 3x generate needs dots about twice as fast as either library runs them
   on this CPU. Timings of one configuration move 10-25% between processes.
 * DPO: the policy's forward + backward with full logits (TRL's way) takes 4398-4691 ms and the
-  reference's forward 1524-1560 ms: 5.9-6.3 s, TRL's step. jaxopd's step is 6.3-7.4 s: the vocabulary
-  head in chunks of ``method.chunk`` positions costs 0.2-1.1 s over the full-logits form
-  (chunk 64: 6537 ms, 256: 6307 ms, 32: 7032 ms in one process), AdamW over 135M parameters the
-  rest. Both sides run the layers' matmuls at ~0.5 of the peak; 0.7 is not reached by either.
+  reference's forward 1524-1560 ms: 5.9-6.3 s, TRL's step. jaxopd's step is 6.3-7.8 s at the
+  default chunk: the chunk loop's recompute of the head costs 0.6-1.2 s (chunk 64: 6.57-6.60 s,
+  one chunk with its recompute 6.14 s, ``chunk = 0`` 5.91-5.95 s in one process). AdamW with
+  global-norm clipping over the 135M parameters takes 270 ms alone (torch's AdamW 382 ms).
+  Attention as ``dot_product`` instead of einsum: no gain (7.30 vs 7.37 s interleaved). Both
+  sides run the layers' matmuls at ~0.5 of the peak; 0.7 is not reached by either.
 * GRPO: the rollout of the 64 rows alone takes 18.6 s of the 58.4 s step (128 decode steps of
   145 ms at 64 rows); the loss's forward + backward over 64 x 167 tokens in 4 microbatches the
   rest, at ~0.5 of the peak.
@@ -256,10 +266,16 @@ def bench_dpo(path, tok, s, out, tmp):
   with open(data, "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
   seq = s["prompt"] + s["response"] + 2
-  c = jax_config("tdpo.py:dpo", path, seq, s["pairs"], 1, {"data.files.train": data, "method.log_kl": False})
-  st = trainer_step(c, "tdpo")
   tokens = 2 * s["pairs"] * seq          # jaxopd's rows, padded to seq_len (TRL pads to the longest)
-  j = _time_steps(st, s["warmup"], s["repeats"])
+  js = {}
+  for chunk in (64, 0):                  # the default chunk loop; every position at once, no recompute
+    c = jax_config("tdpo.py:dpo", path, seq, s["pairs"], 1, {"data.files.train": data, "method.log_kl": False,
+                                                             "method.chunk": chunk})
+    st = trainer_step(c, "tdpo")
+    js[chunk] = _time_steps(st, s["warmup"], s["repeats"])
+    cfg = st["model_cfg"]
+    del st
+  j = js[64]
   pol, ref = hf_model(path, os.cpu_count() or 2), hf_model(path, os.cpu_count() or 2)
   timer = trl_step_timer()
   args = DPOConfig(output_dir=os.path.join(tmp, "trl_dpo"), per_device_train_batch_size=s["pairs"], max_length=seq,
@@ -275,14 +291,15 @@ def bench_dpo(path, tok, s, out, tmp):
   lens = (len(ex["prompt_ids"]), len(ex["chosen_ids"]), len(ex["rejected_ids"]))
   tr.train()
   h = statistics.median(timer.ts[s["warmup"]:])
-  cfg = st["model_cfg"]
   flops = 4 * forward_flops(cfg, 2 * s["pairs"], seq)       # policy forward + backward, reference forward
   pk = peak(cfg, tokens)
   print(f"DPO step, {s['pairs']} pairs, jaxopd {tokens} tokens (rows of {seq}), TRL prompt/chosen/rejected "
-        f"{lens}: jaxopd {1e3 * j:8.0f} ms, TRL {1e3 * h:8.0f} ms: {h / j:.2f}x; of the matmul peak "
-        f"({pk / 1e9:.0f} GFLOP/s): jaxopd {flops / j / pk:.3f}, TRL {flops / h / pk:.3f}", flush=True)
+        f"{lens}: jaxopd {1e3 * j:8.0f} ms (chunk 64), {1e3 * js[0]:8.0f} ms (chunk 0), TRL {1e3 * h:8.0f} ms: "
+        f"{h / j:.2f}x, {h / js[0]:.2f}x; of the matmul peak ({pk / 1e9:.0f} GFLOP/s): jaxopd {flops / j / pk:.3f}, "
+        f"{flops / js[0] / pk:.3f}, TRL {flops / h / pk:.3f}", flush=True)
   print("  TRL settings off their defaults: " + ", ".join(f"{k}={v!r}" for k, v in sorted(trl_settings(args, pol).items())))
   out["dpo"] = dict(jaxopd_s=j, trl_s=h, ratio=h / j, tokens=tokens, trl_lens=lens, gflop=flops / 1e9,
+                    jaxopd_chunk0_s=js[0], ratio_chunk0=h / js[0], jaxopd_chunk0_fraction_of_peak=flops / js[0] / pk,
                     jaxopd_fraction_of_peak=flops / j / pk, trl_fraction_of_peak=flops / h / pk, peak_gflops=pk / 1e9)
 
 
@@ -297,12 +314,17 @@ def bench_grpo(path, tok, s, out, tmp):
     f.writelines(json.dumps({"prompt": [{"role": "user", "content": q}]}) + "\n" for q in qs)
   plen = max(map(len, ids))
   g, new = s["group"], s["grpo_new"]
-  c = jax_config("grpo.py", path, plen + new, s["prompts"], s["micro"], {
-      "data.files.train": data, "method.reward": "real_model:reward", "method.group_size": g,
-      "method.beta_kl": 0.0, "rollout.prompt_len": plen, "rollout.max_new_tokens": new, "rollout.temperature": 1.0})
-  st = trainer_step(c, "grpo")
-  j = _time_steps(st, s["grpo_warmup"], s["grpo_repeats"])
-  j_len = float(st["metrics"]["response_length/mean"])
+  js, js_len = {}, {}
+  for chunk in (32, 0):                  # the default chunk loop; every position at once, no recompute
+    c = jax_config("grpo.py", path, plen + new, s["prompts"], s["micro"], {
+        "data.files.train": data, "method.reward": "real_model:reward", "method.group_size": g, "method.chunk": chunk,
+        "method.beta_kl": 0.0, "rollout.prompt_len": plen, "rollout.max_new_tokens": new, "rollout.temperature": 1.0})
+    st = trainer_step(c, "grpo")
+    js[chunk] = _time_steps(st, s["grpo_warmup"], s["grpo_repeats"])
+    js_len[chunk] = float(st["metrics"]["response_length/mean"])
+    cfg = st["model_cfg"]
+    del st
+  j, j_len = js[32], js_len[32]
   pol = hf_model(path, os.cpu_count() or 2)
   timer = trl_step_timer()
   n = s["grpo_warmup"] + s["grpo_repeats"]
@@ -321,7 +343,6 @@ def bench_grpo(path, tok, s, out, tmp):
   h = statistics.median(timer.ts[s["grpo_warmup"]:])
   lens = [e["completions/mean_length"] for e in tr.state.log_history if "completions/mean_length" in e]
   h_len = float(np.mean(lens)) if lens else float("nan")
-  cfg = st["model_cfg"]
   rows = s["prompts"] * g
 
   def work(mean_len):    # sampling + the loss's forward + backward over the step's rows
@@ -329,10 +350,13 @@ def bench_grpo(path, tok, s, out, tmp):
     return decode_flops(cfg, s["prompts"], plen, n, g) + 3 * forward_flops(cfg, rows, plen + n)
   pk = peak(cfg, rows * (plen + new) // s["micro"])
   print(f"GRPO step, {s['prompts']} prompts x {g}, prompt {plen}, up to {new} new: jaxopd {1e3 * j:8.0f} ms "
-        f"(mean response {j_len:.1f}), TRL {1e3 * h:8.0f} ms (mean response {h_len:.1f}): {h / j:.2f}x by step; "
-        f"of the matmul peak ({pk / 1e9:.0f} GFLOP/s): jaxopd {work(j_len) / j / pk:.3f}, TRL {work(h_len) / h / pk:.3f}",
-        flush=True)
+        f"(chunk 32; mean response {j_len:.1f}), {1e3 * js[0]:8.0f} ms (chunk 0; {js_len[0]:.1f}), TRL "
+        f"{1e3 * h:8.0f} ms (mean response {h_len:.1f}): {h / j:.2f}x, {h / js[0]:.2f}x by step; of the matmul peak "
+        f"({pk / 1e9:.0f} GFLOP/s): jaxopd {work(j_len) / j / pk:.3f}, {work(js_len[0]) / js[0] / pk:.3f}, "
+        f"TRL {work(h_len) / h / pk:.3f}", flush=True)
   out["grpo"] = dict(jaxopd_s=j, trl_s=h, ratio=h / j, jaxopd_len=j_len, trl_len=h_len, prompt_len=plen,
+                     jaxopd_chunk0_s=js[0], ratio_chunk0=h / js[0], jaxopd_chunk0_len=js_len[0],
+                     jaxopd_chunk0_fraction_of_peak=work(js_len[0]) / js[0] / pk,
                      jaxopd_fraction_of_peak=work(j_len) / j / pk, trl_fraction_of_peak=work(h_len) / h / pk,
                      peak_gflops=pk / 1e9, tokens_per_s_ratio=(h / j) * (j_len + plen) / (h_len + plen))
 

@@ -59,7 +59,7 @@ def get_config(arg: str | None = None):
   c.method.beta2 = 15.0          # the boost (official scripts: 15 on-policy, 10 off-policy)
   c.method.temperature = 1.0     # T of q and of the teacher in the KL
   c.method.len_norm = True       # per-sequence length normalisation (--reward_len_norm)
-  c.method.chunk = 32            # positions per chunk of the vocabulary-wide terms (LM heads inside the loop)
+  c.method.chunk = 32            # positions per chunk of the vocabulary-wide terms (0: all at once, no recompute)
   for v in VARIANTS:
     if args.get(v):
       c.method.variant = v

@@ -70,7 +70,7 @@ def get_config(arg: str | None = None):
   c.method.beta = 0.5            # jsd only: M = beta p + (1 - beta) q (0 -> FKL, 1 -> RKL)
   c.method.temperature = 1.0     # of the divergence (both models' logits / T; TRL's GKD: 1 always) and of
                                  # generated training responses
-  c.method.chunk = 64            # positions per chunk of the vocabulary-wide terms (LM heads inside the loop)
+  c.method.chunk = 64            # positions per chunk of the vocabulary-wide terms (0: all at once, no recompute)
   c.method.t2_scale = False      # multiply the divergence by temperature^2 (classic distillation's scaling)
   c.method.data = "student"      # fixed | teacher | student | mixed
   c.method.mix_lambda = 0.5      # mixed: probability that a microbatch is student-generated

@@ -83,7 +83,7 @@ def get_config(arg: str | None = None):
                                  # a sequence-classification directory run on device; jaxopd/rewards.py)
   c.method.conditional = False   # per-prompt targets (one log Z per training prompt)
   c.method.samples_per_context = 8  # conditional: samples per prompt in a step (batch_size / 8 prompts)
-  c.method.chunk = 64            # positions per chunk of the log-probabilities (LM heads inside the loop)
+  c.method.chunk = 64            # positions per chunk of the log-probabilities (0: all at once, no recompute)
   c.method.offline = False       # sample from a proposal, replaced when the policy is closer
   c.method.proposal_every = 16   # offline: steps between proposal checks (disco's default)
   c.method.baseline_window = 1024  # pseudo-rewards in the moving-average baseline (disco's default)

@@ -99,7 +99,7 @@ def get_config(arg: str | None = None):
   c.method.lambda_d = 0.0        # its weight (RPD); 1 for pure on-policy distillation
   c.method.distill_schedule = "constant"   # constant | cosine (lambda_d (0.5 cos(pi s / S) + 0.5))
   c.method.distill_temperature = 1.0
-  c.method.chunk = 32            # positions per chunk of the vocabulary-wide terms
+  c.method.chunk = 32            # positions per chunk of the vocabulary-wide terms (0: all at once, no recompute)
   c.method.share_prompt = True   # each prompt encoded once for its G samples in the loss's forwards (equal
                                  # results; False: a full row per sample, e.g. for attention=splash)
 

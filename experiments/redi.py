@@ -58,7 +58,7 @@ def get_config(arg: str | None = None):
   c.method.loss = "redi"         # redi | simpo | dpo (the paper's baselines on the same pairs)
   c.method.alpha = 0.8           # redi: weight of the negatives' normalised log-likelihood (1: symmetric, 0: SFT on y+)
   c.method.beta = 2.0            # simpo / dpo: the margin's scale (dpo: e.g. 0.1)
-  c.method.chunk = 64            # positions per chunk of the log-probabilities (LM heads inside the loop)
+  c.method.chunk = 64            # positions per chunk of the log-probabilities (0: all at once, no recompute)
   c.method.gamma = 1.0           # simpo: the target margin
   c.method.share_prompt = False  # one row per pair, the prompt encoded once ([prompt | y+ | y-])
   if args.get("symmetric"):

@@ -45,7 +45,7 @@ def get_config(arg: str | None = None):
   c.eval_batches = 16
   c.checkpoint.every = 500
   c.method.name = "sft"          # jaxopd/methods/sft.py
-  c.method.chunk = 128           # positions per chunk of the loss (the LM head inside the loop: no [B, T, V] logits)
+  c.method.chunk = 128           # positions per chunk of the loss (0: all at once, no recompute)
   c.method.pack = False          # pack several examples per training row (segment ids, per-example positions);
                                  # evaluation stays one example per row
   c.model = suite_lib.default_model(smoke=bool(args.get("smoke")))

@@ -58,7 +58,7 @@ def get_config(arg: str | None = None):
   # all zero when every a_l < 0, e.g. the smoke model) | ones (exactly 1 = TDPO1). A mask zero on every response
   # token stops the run at the next eval (jaxopd/methods/sparsepo.py: check_masks).
   c.method.mask_init = "positive"
-  c.method.chunk = 64            # positions per chunk of the vocabulary-wide terms (LM heads inside the loop)
+  c.method.chunk = 64            # positions per chunk of the vocabulary-wide terms (0: all at once, no recompute)
   c.optim.groups.mask = ml_collections.ConfigDict({"weight_decay": 0.01})  # the mask head's group (learned)
   c.heatmap_examples = 6         # held-out responses drawn in heatmap.png
   c.compare_with = ""            # a finished TDPO/DPO run to put in the report ("" = none)

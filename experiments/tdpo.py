@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
   c.method.beta = 0.1            # inverse temperature of the implicit reward
   c.method.alpha = 0.5           # tdpo2: weight of the KL margin
   c.method.log_kl = True         # dpo: also compute the sequential KL (detached) for the metrics
-  c.method.chunk = 64            # positions per chunk of the vocabulary-wide terms (LM heads inside the loop)
+  c.method.chunk = 64            # positions per chunk of the vocabulary-wide terms (0: all at once, no recompute)
   c.method.swap = False          # train on rejected over chosen (AlignDistil's reverse DPO model)
   c.method.share_prompt = False  # one row per pair, the prompt encoded once ([prompt | chosen | rejected])
 

@@ -125,3 +125,15 @@ def test_unknown_preset_is_an_error(tmp_path):
   with pytest.raises(ValueError, match=r"config preset 'total_steps=3': presets are names only; set the field "
                                        r"with --config.total_steps=3"):
     load_config("sft.py:smoke,total_steps=3")
+
+
+@pytest.mark.parametrize("spec", ["grpo.py", "fdpg.py:rlhf,fkl,conditional", "aligndistil.py"])
+def test_prompt_files_refuse_another_prompt_length(spec):
+  """Prompts for rollouts are encoded to ``config.rollout.prompt_len``: a different
+  ``data.files.max_prompt_len`` is refused, not silently replaced (the files task's prompts)."""
+  from jaxopd import tasks
+  c = load_config(spec)
+  c.data.task, c.data.files.max_prompt_len = "files", c.rollout.prompt_len + 1
+  with pytest.raises(ConfigError, match=rf"^config\.data\.files\.max_prompt_len={c.rollout.prompt_len + 1}: prompts "
+                                        rf"for rollouts are encoded to config\.rollout\.prompt_len="):
+    tasks.get(c, "prompts")(c)

@@ -19,7 +19,7 @@ CFG = ModelConfig(family="llama", vocab_size=61, d_model=32, n_layers=2, n_heads
                   tie_embeddings=False)
 
 
-@pytest.mark.parametrize("chunk", [4, 5, 64])
+@pytest.mark.parametrize("chunk", [0, 4, 5, 64])
 def test_sft_loss_in_chunks_equals_full_logits(chunk):
   from jaxopd.methods import sft
   pi = tiny_models(CFG, ("policy",))["policy"]

@@ -208,7 +208,7 @@ KL_SHAPES = [(2, 7, 11), (3, 10, 29)]  # T-1 = 6 and 9
 
 
 @pytest.mark.parametrize("seed,shape", [(0, KL_SHAPES[0]), (1, KL_SHAPES[1])])
-@pytest.mark.parametrize("chunk", [1, 4, 5, 6, 7, 100, 128])
+@pytest.mark.parametrize("chunk", [0, 1, 4, 5, 6, 7, 100, 128])
 def test_forward_kl_per_token_matches_numpy(seed, shape, chunk):
   pi, ref, _, _ = rand_batch(seed, *shape)
   got = forward_kl_per_token(j(ref), j(pi), chunk=chunk)

@@ -64,3 +64,15 @@ def test_every_method_declares_every_field_of_its_config(name):
   c = load_config(f"{name}.py")
   o = methods.get(name).module.Options.of(c.method)
   assert {f.name for f in dataclasses.fields(o)} == set(c.method.keys())
+
+
+@pytest.mark.parametrize("name", methods.NAMES)
+def test_chunk_zero_is_accepted_and_a_negative_chunk_refused(name):
+  """``method.chunk = 0``: every position at once (:func:`jaxopd.losses.common.map_chunks`)."""
+  c = load_config(f"{name}.py")
+  Options = methods.get(name).module.Options
+  c.method.chunk = 0
+  assert Options.of(c.method).chunk == 0
+  c.method.chunk = -1
+  with pytest.raises(ConfigError, match=r"^config\.method\.chunk=-1: must be >= 0$"):
+    Options.of(c.method)

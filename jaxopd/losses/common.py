@@ -70,7 +70,10 @@ def map_chunks(fn, xs, chunk: int):
   chunk's intermediates (e.g. logits made from hidden states inside ``fn``) exist for one
   chunk at a time in the forward pass and are recomputed in the backward pass. ``T`` need
   not be a multiple of ``chunk``: the last chunk is padded (``fn`` sees zeros there) and
-  the padding cut off."""
+  the padding cut off. ``chunk = 0``: every position at once, no scan and no recompute (the
+  ``[B, T, ...]`` intermediates are kept for the backward pass: faster where they fit)."""
+  if chunk == 0:
+    return fn(xs)
   leaves = jax.tree.leaves(xs)
   b, t = leaves[0].shape[:2]
   chunk = max(1, min(chunk, t))

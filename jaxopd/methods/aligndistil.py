@@ -27,7 +27,7 @@ from jaxopd.losses import response_mask
 from jaxopd.losses.aligndistil import NEEDS, VARIANTS, sequence_loss, token_terms
 from jaxopd.models.heads import chunked_terms
 from jaxopd.models import table
-from jaxopd.options import one_of, option, positive
+from jaxopd.options import at_least, one_of, option, positive
 from jaxopd.sampling import SamplingConfig, rollout_config, sample
 from jaxopd.tasks import pairs as pair_task
 
@@ -119,7 +119,7 @@ class Options(options.Options):
   beta: float = option(positive)
   beta2: float = option(positive)        # the boost of the adaptive teacher
   temperature: float = option(positive)
-  chunk: int = option(positive)
+  chunk: int = option(at_least(0))
   len_norm: bool = option()              # per-sequence length normalisation
 
 
@@ -152,11 +152,12 @@ def build(config) -> Experiment:
   m = _check(config)
   evaluate = None
   if config.data.task == "files":
-    fmt = "prompt" if m.data == "on_policy" else "preference"
-    tok, train_recs, test_recs = suite_lib.file_records(
-        config.data, fmt, config.seq_len, max_prompt_len=config.rollout.prompt_len if m.data == "on_policy" else None,
-        default_tokenizer=table.tokenizer_dir(config))
-    eval_recs = test_recs if m.data == "off_policy" else None    # held-out prompts need a rollout: none
+    if m.data == "on_policy":        # held-out prompts need a rollout: no eval batches
+      p = tasks.get(config, "prompts")(config)
+      tok, train_recs, eval_recs = p.tokenizer, p.train, None
+    else:
+      tok, train_recs, eval_recs = suite_lib.file_records(config.data, "preference", config.seq_len,
+                                                          default_tokenizer=table.tokenizer_dir(config))
   else:
     suite = suite_lib.ensure(config.data, verbose=False)
     tok = suite.tokenizer

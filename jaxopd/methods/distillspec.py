@@ -37,7 +37,7 @@ from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import DIVERGENCES, divergence as divergence_fn
 from jaxopd.models.heads import chunked_terms, label_logprob
 from jaxopd.models import Transformer, table
-from jaxopd.options import one_of, option, positive, within
+from jaxopd.options import at_least, one_of, option, within
 from jaxopd.sampling import SamplingConfig, sample, speculative_sample
 
 TASKS = ("reviews", "files")   # the tasks it trains on (jaxopd.tasks)
@@ -80,7 +80,7 @@ EVAL_MODES = ("spec", "quality")
 class Options(options.Options):
   divergence: str = option(one_of(*DIVERGENCES))
   beta: float = option(within(0, 1))         # jsd's mixture weight
-  chunk: int = option(positive)              # positions per chunk of the vocabulary-wide terms
+  chunk: int = option(at_least(0))          # positions per chunk of the vocabulary-wide terms
   temperature: float = option(lambda v: None if v > 0 else "must be > 0")
   data: str = option(one_of(*DATA_SOURCES))  # the training batches' source
   mix_with: str = option(lambda v: None if v in ("fixed", "teacher") else "must be fixed or teacher")

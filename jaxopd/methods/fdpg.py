@@ -33,7 +33,7 @@ from jaxopd.losses import token_logprobs, response_mask
 from jaxopd.losses.fdpg import (F_DIVERGENCES, Baseline, LogZ, context_weights, divergence_estimates,
                                 group_baselines, pseudo_reward, surrogate_loss)
 from jaxopd.models import Transformer, heads, table
-from jaxopd.options import one_of, option, positive
+from jaxopd.options import at_least, one_of, option, positive
 from jaxopd.sampling import SamplingConfig, rollout_config, sample
 from jaxopd.tasks import Prompts
 
@@ -60,7 +60,7 @@ class Options(options.Options):
   baseline_window: int = option(positive)
   fit_samples: int = option(positive)
   samples_per_context: int = option(positive)
-  chunk: int = option(positive)
+  chunk: int = option(at_least(0))
 
   def __post_init__(self):
     if self.target != "pointwise" and self.eps != -1.0:
@@ -319,9 +319,6 @@ def _check(c) -> Options:
     if not m.conditional:
       raise ConfigError("config.method.conditional=False: with task=files each prompt is a context "
                         "(--config.method.conditional=True)")
-    if c.data.files.max_prompt_len and c.data.files.max_prompt_len != c.rollout.prompt_len:
-      raise ConfigError(f"config.data.files.max_prompt_len={c.data.files.max_prompt_len}: f-DPG's prompt length "
-                        f"is config.rollout.prompt_len={c.rollout.prompt_len} (leave the files field at 0)")
   per_host = c.batch_size // c.grad_accum // jax.process_count()
   if m.conditional and per_host % m.samples_per_context:
     raise ConfigError(f"config.method.samples_per_context={m.samples_per_context}: must divide each host's "

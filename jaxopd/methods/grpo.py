@@ -29,7 +29,7 @@ from jaxopd.losses.grpo import (ADVANTAGES, AGGREGATIONS, CORRECTIONS, DISTILL, 
                                 SCHEDULES, aggregate, distill_per_token, distill_weight, group_advantages, group_std,
                                 kept_groups, policy_loss, rollout_correction)
 from jaxopd.models import table
-from jaxopd.options import at_least, one_of, option
+from jaxopd.options import at_least, one_of, option, positive
 from jaxopd.sampling import SamplingConfig, rollout_config, sample
 
 TASKS = ("digits", "reviews", "files")   # the tasks it trains on (jaxopd.tasks)
@@ -57,8 +57,8 @@ class Options(options.Options):
   reset_kl: float = option(at_least(0))
   lambda_d: float = option(at_least(0))
   rollout_cap: float = option(lambda v: None if v > 1 else "must be > 1 (TIS's truncation, MIS's band [1/cap, cap])")
-  distill_temperature: float = option()
-  chunk: int = option()
+  distill_temperature: float = option(positive)
+  chunk: int = option(at_least(0))
   updates_per_rollout: int = option(at_least(1))
   reward: str = option()   # check | gold | module:function | model (checked against the task in _check)
   pg: bool = option()      # the RL term
@@ -68,8 +68,6 @@ class Options(options.Options):
   share_prompt: bool = option()
 
   def __post_init__(self):
-    if self.distill_temperature <= 0 or self.chunk <= 0:
-      raise ConfigError("config.method.distill_temperature and config.method.chunk must be positive")
     if not self.pg and not self.distill:
       self.refuse("pg", "with no RL term the loss is the distillation term; set config.method.distill "
                   "(reverse_kl, forward_kl or hard_ce)")

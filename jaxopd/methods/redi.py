@@ -25,7 +25,7 @@ from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses import dpo_loss, redi_loss, simpo_loss
 from jaxopd.losses.common import responses
 from jaxopd.models import heads, table
-from jaxopd.options import at_least, one_of, option, positive
+from jaxopd.options import at_least, one_of, option
 from jaxopd.tasks import digits as digits_task, pairs as pair_task
 
 TASKS = ("reviews", "files", "digits")   # the tasks it trains on (jaxopd.tasks)
@@ -45,7 +45,7 @@ LOSSES = tuple(LOSS_TABLE)
 
 @dataclasses.dataclass(frozen=True)
 class Options(options.Options):
-  chunk: int = option(positive)
+  chunk: int = option(at_least(0))
   loss: str = option(one_of(*LOSSES))
   alpha: float = option(at_least(0))
   beta: float = option()

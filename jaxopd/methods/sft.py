@@ -19,12 +19,12 @@ from jaxopd.experiment import Experiment, LossOutput
 from jaxopd.losses.common import sft_mask
 from jaxopd.models import table
 from jaxopd.models.heads import chunked_terms, label_logprob
-from jaxopd.options import option, positive
+from jaxopd.options import at_least, option
 
 
 @dataclasses.dataclass(frozen=True)
 class Options(options.Options):
-  chunk: int = option(positive)   # positions per chunk of the vocabulary-wide terms
+  chunk: int = option(at_least(0))   # positions per chunk of the vocabulary-wide terms
   pack: bool = option()           # pack several examples into a row (segments kept apart)
 
 

@@ -116,7 +116,7 @@ class Options(options.Options):
   loss: str = option(one_of(*LOSSES))
   beta: float = option(positive)
   alpha: float = option(at_least(0))   # tdpo2's weight of the KL margin
-  chunk: int = option(positive)
+  chunk: int = option(at_least(0))
   log_kl: bool = option()              # a loss without the KL also logs it (detached)
   share_prompt: bool = option()        # one row per pair, the prompt encoded once
   swap: bool = option()                # train on rejected over chosen (the reverse-DPO stage)

@@ -1,9 +1,10 @@
 """The tasks behind one protocol. A :class:`Task` gives what a method asks of its data, each a
 function of the config (None where the task has none): SFT records (``sft``), preference pairs
-(``pairs``), prompts for rollouts (``prompts``), each with the task's evaluation, and the data
-the pipeline's stages build on (``ensure``). ``config.data.task`` names the task; :func:`get`
-gives a method the piece it needs, or a one-line error naming the tasks that have it. A new task
-is one module here and one entry of :func:`_tasks`."""
+(``pairs``), prompts for rollouts (``prompts``), each with the task's evaluation; the data the
+pipeline's stages build on (``ensure``), the before/after table (``report``), the built-in
+reward's name (``reward``) and the reward-bearing tokens (``gold_tokens``). ``config.data.task``
+names the task; :func:`get` gives a method the piece it needs, or a one-line error naming the
+tasks that have it. A new task is one module here and one entry of :func:`_tasks`."""
 
 from __future__ import annotations
 

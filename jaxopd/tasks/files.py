@@ -34,6 +34,10 @@ def pair_data(config):
 def prompts(config) -> Prompts:
   """Your prompt files, encoded to ``config.rollout.prompt_len`` tokens (the tokenizer: the first
   role's, in the config's order, whose directory holds one)."""
+  f = config.data.files
+  if f.get("max_prompt_len", 0) and f.max_prompt_len != config.rollout.prompt_len:
+    raise ConfigError(f"config.data.files.max_prompt_len={f.max_prompt_len}: prompts for rollouts are encoded to "
+                      f"config.rollout.prompt_len={config.rollout.prompt_len} (leave the files field at 0)")
   default = next((d for d in (table.tokenizer_dir(config, n) for n in config.models) if d), "")
   tok, train, test = suite_lib.file_records(config.data, "prompt", config.seq_len,
                                             max_prompt_len=config.rollout.prompt_len, default_tokenizer=default)
