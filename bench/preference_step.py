@@ -154,14 +154,14 @@ def synthetic_batch(seed=0):
   return {"tokens": tokens, "loss_mask": mask}
 
 
-def jax_step_time(loss_name, warmup, repeats):
+def jax_step_time(loss_name, warmup, repeats, chunk=128):
   mc = model_cfg()
   roles = {"policy": True, "reference": False}
   c = single_device_config(mc, PAIRS, SEQ, LR, roles)
   if loss_name == "dpo":
-    loss_fn = make_loss_fn("dpo", BETA, log_kl=False)
+    loss_fn = make_loss_fn("dpo", BETA, log_kl=False, chunk=chunk)
   else:
-    loss_fn = make_loss_fn("tdpo2", BETA, ALPHA)
+    loss_fn = make_loss_fn("tdpo2", BETA, ALPHA, chunk=chunk)
 
   local = synthetic_batch()
   exp = Experiment(roles=roles, loss_fn=loss_fn, train_data=lambda shard: iter([local]))
@@ -245,13 +245,14 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--warmup", type=int, default=pick(3, 0))
   ap.add_argument("--repeats", type=int, default=pick(10, 1))
+  ap.add_argument("--chunk", type=int, default=128, help="the loss's chunk (0: every position at once, no recompute)")
   a = ap.parse_args(argv)
   t_start = time.perf_counter()
   snap = _cpu_snapshot()
 
   res, flops = {}, {}
   for name in ("dpo", "tdpo"):
-    med, ts, comp, loss, flops[name] = jax_step_time(name, a.warmup, a.repeats)
+    med, ts, comp, loss, flops[name] = jax_step_time(name, a.warmup, a.repeats, a.chunk)
     res[name] = med
     print(f"jaxopd {name:4s}: {med * 1e3:8.1f} ms median of {a.repeats} (min {min(ts) * 1e3:.1f}, "
           f"max {max(ts) * 1e3:.1f}); compile {comp:.1f} s; loss {loss:.4f}; "
