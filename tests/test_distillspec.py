@@ -43,6 +43,7 @@ def _records(n, seed=0):
 
 
 ARCHS = {"draft": DRAFT, "target": TARGET}
+SEEDS = tuple(jax.random.split(jax.random.PRNGKey(0)))   # the draft's and the target's parameters
 
 
 def _batch(n=4):
@@ -51,13 +52,13 @@ def _batch(n=4):
 
 
 def _rollout_fn(data, **kw):
-  models = tiny_models(ARCHS, ("draft", "target"), jax.random.split(jax.random.PRNGKey(0)))
+  models = tiny_models(ARCHS, tuple(ARCHS), SEEDS)
   return jax.jit(lambda b, k: DS.make_rollout(data, SCFG, **kw)(models, b, k))
 
 
 def test_each_data_source():
   batch, key = _batch(), jax.random.PRNGKey(3)
-  models = tiny_models(ARCHS, ("draft", "target"), jax.random.split(jax.random.PRNGKey(0)))
+  models = tiny_models(ARCHS, tuple(ARCHS), SEEDS)
   draw = jax.jit(lambda model, k: sample(model, batch["prompt"], batch["prompt_len"], k, SCFG).tokens,
                  static_argnums=0)
   out = _rollout_fn("fixed")(batch, key)
@@ -87,7 +88,7 @@ def test_loss_is_token_sum_of_divergence_against_numpy_and_zero_at_equal_models(
   """The loss against a NumPy float64 divergence of the two models' logits at temperature 2 (both
   divided by it), with and without classic distillation's T^2 scaling; zero at equal models."""
   from test_loss_references import np_div
-  models = tiny_models(ARCHS, ("draft", "target"), jax.random.split(jax.random.PRNGKey(0)))
+  models = tiny_models(ARCHS, tuple(ARCHS), SEEDS)
   batch = _batch()
   p = np.asarray(models["target"](batch["tokens"]).logits[:, :-1])
   q = np.asarray(models["draft"](batch["tokens"]).logits[:, :-1])
@@ -111,7 +112,7 @@ def test_on_policy_tvd_raises_measured_acceptance(tmp_path):
   from jaxopd.sampling import speculative_sample
   c = tiny_config(total_steps=60, batch_size=16, seq_len=P + N, **{"optim.lr": 1e-2, "optim.warmup_steps": 5})
   # a random peaked target (init_std 1) and a small draft, as HF dirs
-  models = tiny_models(ARCHS, ("draft", "target"), jax.random.split(jax.random.PRNGKey(0)))
+  models = tiny_models(ARCHS, tuple(ARCHS), SEEDS)
   hf.export(models["draft"], DRAFT, str(tmp_path / "draft"))
   hf.export(models["target"], TARGET, str(tmp_path / "target"))
   c.models = ml_collections.ConfigDict({"draft": table.role(init=f"hf:{tmp_path / 'draft'}"),

@@ -80,7 +80,7 @@ EVAL_MODES = ("spec", "quality")
 class Options(options.Options):
   divergence: str = option(one_of(*DIVERGENCES))
   beta: float = option(within(0, 1))         # jsd's mixture weight
-  chunk: int = option(at_least(0))          # positions per chunk of the vocabulary-wide terms
+  chunk: int = option(at_least(0))           # positions per chunk of the vocabulary-wide terms
   temperature: float = option(lambda v: None if v > 0 else "must be > 0")
   data: str = option(one_of(*DATA_SOURCES))  # the training batches' source
   mix_with: str = option(lambda v: None if v in ("fixed", "teacher") else "must be fixed or teacher")

@@ -24,8 +24,8 @@ from jaxopd.options import at_least, option
 
 @dataclasses.dataclass(frozen=True)
 class Options(options.Options):
-  chunk: int = option(at_least(0))   # positions per chunk of the vocabulary-wide terms
-  pack: bool = option()           # pack several examples into a row (segments kept apart)
+  chunk: int = option(at_least(0))  # positions per chunk of the vocabulary-wide terms (0: all at once)
+  pack: bool = option()             # pack several examples into a row (segments kept apart)
 
 
 def build(config) -> Experiment:

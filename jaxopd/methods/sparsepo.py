@@ -268,7 +268,7 @@ class Options(options.Options):
   lambda_u: float = option(at_least(0))    # L1 penalty on w_u (learned only)
   lambda_d: float = option(at_least(0))    # L1 penalty on w_d (learned only)
   mask_init: str = option(one_of(*INITS))  # the learned mask's initialiser (MaskHead)
-  chunk: int = option(at_least(0))            # positions per chunk of the vocabulary-wide terms
+  chunk: int = option(at_least(0))         # positions per chunk of the vocabulary-wide terms
 
   def __post_init__(self):
     if self.mask == "mapo":

@@ -65,7 +65,7 @@ def check_reward(config) -> None:
   task's), ``module:function`` or ``model`` (:func:`jaxopd.rewards.check_config`)."""
   from jaxopd import rewards
   own = piece(config, "reward")
-  for name, t in _tasks().items():
+  for t in _tasks().values():
     if t.reward and config.method.reward == t.reward[0] and t.reward != own:
       raise ConfigError(f"config.method.reward={t.reward[0]!r} is {t.reward[1]} (config.data.task="
                         f"{config.data.task!r}): use module:function or model")
@@ -93,13 +93,18 @@ def evaluate_sources(config, run, sources: dict, out: dict, keys: list, base: di
   """Adds to ``out`` (which holds ``"after"``) ``run({**base, "policy": model}, 0)`` for the model
   of each ``sources`` entry (name -> a role block of ``config.models`` or an init string; ``none``
   and ``random`` skipped; ``base``: other roles the evaluation reads, e.g. the reference of its KL,
-  given the same way), prints the table of ``keys`` and returns ``out``."""
+  given the same way; a model named twice is loaded once), prints the table of ``keys`` and
+  returns ``out``."""
   from jaxopd.models import table
+  loaded = {}
 
   def load(name, r):
     r = table.role(init=r) if isinstance(r, str) else r
     if r.init != table.NONE and table.parse_init(name, r.init).kind != "random":
-      return table.load_model(r.init, name, dtype=r.dtype, param_dtype=r.param_dtype)[0]
+      key = (r.init, r.dtype, r.param_dtype)
+      if key not in loaded:
+        loaded[key] = table.load_model(r.init, name, dtype=r.dtype, param_dtype=r.param_dtype)[0]
+      return loaded[key]
   base = {n: load(n, r) for n, r in (base or {}).items()}
   for name, r in sources.items():
     model = load(name, r)
